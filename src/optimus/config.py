@@ -1,0 +1,120 @@
+"""One frozen config tree. The CLI is generated from it: every leaf field is a flag
+(``page_size`` -> ``--page-size``), documented by the ``help`` in its field metadata."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+
+
+def _opt(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model: str = _opt("default", "HF model directory, or 'default' for the shipped model")
+    dtype: str = _opt("auto", "auto | bfloat16 | float16 | float32 (auto: bf16 on GPU, fp32 on CPU)")
+    device: str = _opt("auto", "auto | cpu | cuda | cuda:N")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    page_size: int = _opt(16, "KV-cache page size in tokens")
+    memory_fraction: float = _opt(0.85, "fraction of free device memory the KV cache may take")
+    num_pages: int | None = _opt(None, "fixed number of KV pages (overrides memory_fraction)")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    policy: str = _opt("elastic", "chunk policy: ar | fixed:C | elastic")
+    block_size: int | None = _opt(None, "denoising block; defaults to the model's (32 if it has none)")
+    max_running: int = _opt(256, "most requests decoding at once")
+    max_waiting: int = _opt(1024, "most requests queued; more are refused")
+    max_tokens_per_step: int = _opt(4096, "token budget of one step (prefill pieces + chunks)")
+    prefill_chunk: int = _opt(512, "most prompt tokens one request prefills in a step")
+    suffix_window: int = _opt(0, "full-attention models: mask positions after the chunk, computed but not stored")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    profile_path: str | None = _opt(None, "latency profile JSON (default: per device and model in ~/.cache/optimus)")
+    seed: int = _opt(0, "engine seed for requests that give none")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = _opt("127.0.0.1", "address to bind")
+    port: int = _opt(8000, "port to bind")
+    api_key: str | None = _opt(None, "require 'Authorization: Bearer KEY'")
+    served_model_name: str | None = _opt(None, "model id reported by /v1/models (default: directory name)")
+    max_n: int = _opt(8, "cap on the 'n' field")
+    max_tokens_cap: int = _opt(4096, "cap on max_tokens")
+    max_body_bytes: int = _opt(1 << 20, "largest request body accepted")
+    shutdown_timeout: float = _opt(30.0, "seconds to drain on SIGTERM before aborting")
+    watchdog_timeout: float = _opt(60.0, "seconds a step may take before the engine is marked dead")
+
+
+def _leaf_fields(cls) -> list[tuple[str, dataclasses.Field, typing.Any]]:
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        t = hints[f.name]
+        if dataclasses.is_dataclass(t):
+            out.extend(_leaf_fields(t))
+        else:
+            out.append((f.name, f, t))
+    return out
+
+
+def _scalar_type(t):
+    args = [a for a in typing.get_args(t) if a is not type(None)]
+    return args[0] if args else t
+
+
+def add_config_args(parser: argparse.ArgumentParser, cls) -> None:
+    group = parser.add_argument_group(cls.__name__)
+    for name, f, t in _leaf_fields(cls):
+        flag = "--" + name.replace("_", "-")
+        typ = _scalar_type(t)
+        default = f.default if f.default is not dataclasses.MISSING else None
+        help_text = f.metadata.get("help", "")
+        if typ is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        else:
+            group.add_argument(flag, type=typ, default=default, help=f"{help_text} (default: {default})")
+
+
+def config_from_args(cls, args: argparse.Namespace):
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        t = hints[f.name]
+        if dataclasses.is_dataclass(t):
+            kwargs[f.name] = config_from_args(t, args)
+        elif hasattr(args, f.name):
+            kwargs[f.name] = getattr(args, f.name)
+    return cls(**kwargs)
+
+
+def engine_config(**overrides) -> EngineConfig:
+    """Build an EngineConfig from flat keyword overrides (``policy='fixed:8'``, ``num_pages=64``)."""
+    def build(cls):
+        hints = typing.get_type_hints(cls)
+        kw = {}
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(hints[f.name]):
+                kw[f.name] = build(hints[f.name])
+            elif f.name in overrides:
+                kw[f.name] = overrides.pop(f.name)
+        return cls(**kw)
+
+    cfg = build(EngineConfig)
+    if overrides:
+        raise TypeError(f"unknown engine options: {sorted(overrides)}")
+    return cfg

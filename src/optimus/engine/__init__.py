@@ -1,0 +1,1 @@
+"""Continuous-batching engine: requests, scheduler, paged KV cache, model runner, policies."""

@@ -1,0 +1,69 @@
+"""The chunk-policy interface. The scheduler asks a policy once per step for every decoding
+request's chunk size, then reports what the step cost and committed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class RequestView:
+    request_id: str
+    max_chunk: int  # masked positions left in the current block from the cursor (>= 1)
+    block_size: int
+    current_chunk: int | None  # chunk size of an unfinished chunk in progress (sticky), else None
+    policy_override: str | None = None
+
+
+@dataclass(frozen=True)
+class StepView:
+    requests: tuple[RequestView, ...]  # decoding requests that need a chunk this step
+    fixed_tokens: int  # tokens already in this step (prefill pieces, commit groups)
+    token_budget: int  # hard cap on tokens per step
+
+
+@dataclass(frozen=True)
+class StepFeedback:
+    num_tokens: int  # tokens the forward pass processed
+    latency_s: float  # measured wall time of the step
+    chunk_sizes: tuple[int, ...]  # per decoding request, the chunk size it ran
+    committed: tuple[int, ...]  # per decoding request, positions committed this step
+
+
+class ChunkPolicy(Protocol):
+    name: str
+
+    def choose(self, view: StepView) -> list[int]:
+        """Chunk size per request of ``view.requests``, each in [1, max_chunk]."""
+        ...
+
+    def observe(self, feedback: StepFeedback) -> None:
+        """Closed-loop feedback after each step; stateless policies ignore it."""
+        ...
+
+
+def parse_policy_name(name: str) -> tuple[str, int | None]:
+    """'ar' | 'fixed:C' | 'elastic' -> (kind, C). Raises ValueError naming the problem."""
+    if name == "ar":
+        return "ar", 1
+    if name == "elastic":
+        return "elastic", None
+    if name.startswith("fixed:"):
+        try:
+            c = int(name.split(":", 1)[1])
+        except ValueError:
+            raise ValueError(f"policy {name!r}: chunk size must be an integer, as in 'fixed:8'") from None
+        if c < 1:
+            raise ValueError(f"policy {name!r}: chunk size must be >= 1")
+        return "fixed", c
+    raise ValueError(f"unknown policy {name!r}; expected 'ar', 'fixed:C' or 'elastic'")
+
+
+def make_policy(name: str, **kwargs) -> ChunkPolicy:
+    kind, c = parse_policy_name(name)
+    if kind == "elastic":
+        from optimus.engine.policies.elastic import ElasticPolicy
+        return ElasticPolicy(**kwargs)
+    from optimus.engine.policies.fixed import FixedPolicy
+    return FixedPolicy(c, name=name)

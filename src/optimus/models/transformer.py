@@ -1,0 +1,48 @@
+"""The decoder shared by every family. Parameter names follow the HF Llama/Qwen layout;
+families with other layouts (LLaDA) rename on load."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from optimus.models.layers import AttentionBackend, DecoderLayer, RMSNorm, RotaryEmbedding
+from optimus.models.spec import ModelSpec
+
+
+class _Body(nn.Module):
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        arch = spec.arch
+        self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(arch, i) for i in range(arch.num_layers))
+        self.norm = RMSNorm(arch.hidden_size, arch.rms_eps)
+        self.rotary = RotaryEmbedding(arch.head_dim, arch.rope_theta)
+
+
+class DecoderLM(nn.Module):
+    """Token-flattened decoder: every call sees a ragged batch as ``T`` tokens.
+
+    ``forward`` returns final hidden states; ``logits`` applies the LM head to the rows
+    whose logits are needed, so the head never runs on positions nobody reads.
+    """
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        self.model = _Body(spec)
+        self.lm_head = nn.Linear(spec.arch.hidden_size, spec.arch.vocab_size, bias=False)
+        if spec.arch.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                backend: AttentionBackend) -> torch.Tensor:
+        """input_ids, positions [T] -> hidden [T, d]."""
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = self.model.rotary.cos_sin(positions, x.dtype)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, backend)
+        return self.model.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
