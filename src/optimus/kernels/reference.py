@@ -1,0 +1,89 @@
+"""Plain-torch references for the paged-KV kernels; also their CPU execution path.
+
+Layout shared by every kernel in this package:
+  k_cache, v_cache  [num_pages, page_size, Hkv, D]   one per layer
+  slot              page_id * page_size + offset      (-1 = no slot)
+A ragged step of R requests flattens its new tokens to T rows; request r owns rows
+cu_q[r]:cu_q[r+1] and its cached prefix is positions 0..cache_lens[r]-1, read through
+page_table[r]. Row i may attend to the whole cached prefix of its request and to the
+request's new rows j with groups[j] <= groups[i] (groups nondecreasing per request).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def write_kv_reference(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                       slot_mapping: torch.Tensor) -> None:
+    """Store rows k/v [T, Hkv, D] at slot_mapping [T] (rows with slot -1 are skipped). In place."""
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep]
+    page_size = k_cache.shape[1]
+    pages, offsets = slots // page_size, slots % page_size
+    k_cache[pages, offsets] = k[keep].to(k_cache.dtype)
+    v_cache[pages, offsets] = v[keep].to(v_cache.dtype)
+
+
+def gather_cache(cache: torch.Tensor, page_table: torch.Tensor, length: int) -> torch.Tensor:
+    """cache [P, page_size, H, D], page_table [R, max_pages] -> [R, length, H, D].
+
+    Positions past a request's own cache length read whatever page the table names (clamped
+    to page 0 when the entry is negative); callers mask them out.
+    """
+    page_size = cache.shape[1]
+    pos = torch.arange(length, device=cache.device)
+    pages = page_table[:, pos // page_size].long().clamp_min(0)
+    return cache[pages, (pos % page_size).expand_as(pages)]
+
+
+def _pad_rows(x: torch.Tensor, req: torch.Tensor, local: torch.Tensor, num_req: int, width: int,
+              fill: float | int = 0) -> torch.Tensor:
+    """Scatter flat rows x [T, ...] into a padded [R, width, ...] tensor."""
+    out = x.new_full((num_req, width, *x.shape[1:]), fill)
+    out[req, local] = x
+    return out
+
+
+def group_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                              k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor,
+                              cache_lens: torch.Tensor, cu_q: torch.Tensor, groups: torch.Tensor,
+                              scale: float | None = None) -> torch.Tensor:
+    """q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq, D] in q's dtype; softmax in fp32.
+
+    Vectorised over requests by padding every request to the longest chunk and the longest
+    cache of the step, then one masked SDPA call. Cost is R * max_q * (max_cache + max_q).
+    """
+    t, hq, d = q.shape
+    num_req = cu_q.numel() - 1
+    if t == 0 or num_req == 0:
+        return q.new_empty(t, hq, d)
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    dev, cu = q.device, cu_q.long()
+    q_lens = cu[1:] - cu[:-1]
+    max_q, max_c = int(q_lens.max()), int(cache_lens.max())
+    req = torch.searchsorted(cu[1:], torch.arange(t, device=dev), right=True)
+    local = torch.arange(t, device=dev) - cu[req]
+
+    f32 = torch.float32
+    qp = _pad_rows(q.to(f32), req, local, num_req, max_q)
+    kp = _pad_rows(k.to(f32), req, local, num_req, max_q)
+    vp = _pad_rows(v.to(f32), req, local, num_req, max_q)
+    # Padded key rows get the largest group so no real query row can see them.
+    big = torch.iinfo(torch.int32).max
+    gp = _pad_rows(groups.to(torch.int64), req, local, num_req, max_q, fill=big)
+
+    kc = gather_cache(k_cache, page_table, max_c).to(f32)
+    vc = gather_cache(v_cache, page_table, max_c).to(f32)
+    cache_ok = torch.arange(max_c, device=dev)[None, :] < cache_lens.long()[:, None]  # [R, C]
+    new_ok = gp[:, None, :] <= gp[:, :, None]  # [R, Q(query), Q(key)]
+    mask = torch.cat([cache_ok[:, None, :].expand(-1, max_q, -1), new_ok], dim=2)
+
+    keys = torch.cat([kc, kp], dim=1).transpose(1, 2)  # [R, Hkv, C+Q, D]
+    vals = torch.cat([vc, vp], dim=1).transpose(1, 2)
+    out = F.scaled_dot_product_attention(qp.transpose(1, 2), keys, vals, attn_mask=mask[:, None],
+                                         scale=scale, enable_gqa=hq != keys.shape[1])
+    return out.transpose(1, 2)[req, local].to(q.dtype)

@@ -1,0 +1,155 @@
+"""Paged KV write and ragged group attention: reference vs dense loops, Triton vs reference."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from optimus.kernels import group_attention, write_kv
+from optimus.kernels.reference import group_attention_reference
+
+
+@dataclass(frozen=True)
+class Case:
+    """A ragged step plus the dense per-request tensors it was built from."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    page_table: torch.Tensor
+    cache_lens: torch.Tensor
+    cu_q: torch.Tensor
+    groups: torch.Tensor
+    dense_k: list[torch.Tensor]  # per request [cache_len, Hkv, D]
+    dense_v: list[torch.Tensor]
+
+
+def make_case(specs: list[tuple[int, list[int]]], hq: int, hkv: int, d: int, page_size: int,
+              dtype: torch.dtype = torch.float32, seed: int = 0) -> Case:
+    """specs: per request (cache_len, groups of its new rows). Pages are shuffled."""
+    gen = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.randn(*shape, generator=gen).to(dtype)  # noqa: E731
+    need = [math.ceil(c / page_size) for c, _ in specs]
+    num_pages = sum(need) + 3
+    k_cache, v_cache = rand(num_pages, page_size, hkv, d), rand(num_pages, page_size, hkv, d)
+    perm = torch.randperm(num_pages, generator=gen)
+    max_pages = max(need + [1]) + 1
+    page_table = torch.full((len(specs), max_pages), -1, dtype=torch.int32)
+    dense_k, dense_v, used = [], [], 0
+    for r, (c, _) in enumerate(specs):
+        pages = perm[used:used + need[r]]
+        used += need[r]
+        page_table[r, :need[r]] = pages.to(torch.int32)
+        dense_k.append(k_cache[pages].reshape(-1, hkv, d)[:c].clone())
+        dense_v.append(v_cache[pages].reshape(-1, hkv, d)[:c].clone())
+    lens = [len(g) for _, g in specs]
+    t = sum(lens)
+    cu = torch.tensor([0] + lens).cumsum(0).to(torch.int32)
+    groups = torch.tensor([g for _, gs in specs for g in gs], dtype=torch.int32)
+    return Case(rand(t, hq, d), rand(t, hkv, d), rand(t, hkv, d), k_cache, v_cache, page_table,
+                torch.tensor([c for c, _ in specs], dtype=torch.int32), cu, groups, dense_k, dense_v)
+
+
+def dense_loop(case: Case, scale: float | None = None) -> torch.Tensor:
+    """Row-by-row float64 softmax over an explicitly listed key set: the simplest statement."""
+    t, hq, d = case.q.shape
+    rep = hq // case.k.shape[1]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    out = torch.zeros(t, hq, d, dtype=torch.float64)
+    cu = case.cu_q.tolist()
+    for r in range(len(cu) - 1):
+        for i in range(cu[r], cu[r + 1]):
+            seen = [j for j in range(cu[r], cu[r + 1]) if case.groups[j] <= case.groups[i]]
+            keys = torch.cat([case.dense_k[r], case.k[seen]]).double()
+            vals = torch.cat([case.dense_v[r], case.v[seen]]).double()
+            for h in range(hq):
+                s = keys[:, h // rep] @ case.q[i, h].double() * scale
+                out[i, h] = torch.softmax(s, 0) @ vals[:, h // rep]
+    return out
+
+
+def run(case: Case, backend: str, scale: float | None = None) -> torch.Tensor:
+    return group_attention(case.q, case.k, case.v, case.k_cache, case.v_cache, case.page_table,
+                           case.cache_lens, case.cu_q, case.groups, scale=scale, backend=backend)
+
+
+MIXED = [
+    (0, [0, 1, 2, 3, 4]),  # causal prefill, empty cache
+    (5, [0, 0, 1, 1, 1]),  # decode: finished chunk (group 0) + active chunk (group 1)
+    (8, [7]),  # single token
+    (3, [0, 0, 0, 1, 1, 1, 1]),  # block-causal, partial page cache
+]
+
+
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (4, 2), (6, 1)])
+def test_reference_matches_dense_loop(hq: int, hkv: int) -> None:
+    case = make_case(MIXED, hq, hkv, 8, page_size=4, seed=hq + hkv)
+    got = group_attention_reference(case.q, case.k, case.v, case.k_cache, case.v_cache,
+                                    case.page_table, case.cache_lens, case.cu_q, case.groups)
+    torch.testing.assert_close(got.double(), dense_loop(case), atol=1e-5, rtol=1e-5)
+
+
+def test_reference_custom_scale_and_half_precision() -> None:
+    case = make_case(MIXED, 4, 2, 16, page_size=2, dtype=torch.bfloat16, seed=3)
+    got = run(case, "torch", scale=0.3)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.double(), dense_loop(case, scale=0.3), atol=2e-2, rtol=2e-2)
+
+
+def test_group_mask_changes_result() -> None:
+    """Same tokens, different groups: the first row must see more keys when grouped together."""
+    causal = make_case([(2, [0, 1, 2])], 2, 2, 8, page_size=4, seed=5)
+    together = Case(**{**causal.__dict__, "groups": torch.zeros(3, dtype=torch.int32)})
+    a, b = run(causal, "torch"), run(together, "torch")
+    torch.testing.assert_close(a[2], b[2])  # the last row sees everything either way
+    assert not torch.allclose(a[0], b[0])
+    torch.testing.assert_close(b.double(), dense_loop(together), atol=1e-5, rtol=1e-5)
+
+
+def test_write_kv_skips_negative_slots() -> None:
+    gen = torch.Generator().manual_seed(0)
+    k_cache, v_cache = torch.zeros(3, 4, 2, 8), torch.zeros(3, 4, 2, 8)
+    k, v = torch.randn(5, 2, 8, generator=gen), torch.randn(5, 2, 8, generator=gen)
+    slots = torch.tensor([9, -1, 0, 4, -1])
+    write_kv(k, v, k_cache, v_cache, slots)
+    flat_k, flat_v = k_cache.view(12, 2, 8), v_cache.view(12, 2, 8)
+    for row, slot in [(0, 9), (2, 0), (3, 4)]:
+        torch.testing.assert_close(flat_k[slot], k[row])
+        torch.testing.assert_close(flat_v[slot], v[row])
+    untouched = [s for s in range(12) if s not in (9, 0, 4)]
+    assert flat_k[untouched].abs().sum() == 0 and flat_v[untouched].abs().sum() == 0
+
+
+def test_write_then_attend_equals_attending_to_new_rows() -> None:
+    """Storing a group-0 chunk and reading it back as cache gives the same attention."""
+    case = make_case([(4, [0, 0, 0, 1, 1])], 4, 2, 8, page_size=4, seed=7)
+    before = run(case, "torch")
+    # Move the three group-0 rows into the cache at positions 4..6 (page 1 of the request).
+    page = int(case.page_table[0, 0])
+    spare = [p for p in range(case.k_cache.shape[0]) if p not in case.page_table[0].tolist()][0]
+    table = case.page_table.clone()
+    table[0, 1] = spare
+    slots = torch.tensor([spare * 4 + o for o in range(3)] + [-1, -1])
+    k_cache, v_cache = case.k_cache.clone(), case.v_cache.clone()
+    write_kv(case.k, case.v, k_cache, v_cache, slots)
+    after = group_attention(case.q[3:], case.k[3:], case.v[3:], k_cache, v_cache, table,
+                            torch.tensor([7], dtype=torch.int32), torch.tensor([0, 2], dtype=torch.int32),
+                            torch.tensor([1, 1], dtype=torch.int32), backend="torch")
+    assert page != spare
+    torch.testing.assert_close(after, before[3:], atol=1e-5, rtol=1e-5)
+
+
+def test_rejects_bad_shapes() -> None:
+    case = make_case(MIXED, 4, 2, 8, page_size=4)
+    with pytest.raises(ValueError):
+        group_attention(case.q, case.k[:, :1].expand(-1, 3, -1), case.v[:, :1].expand(-1, 3, -1),
+                        case.k_cache, case.v_cache, case.page_table, case.cache_lens, case.cu_q,
+                        case.groups)
+    with pytest.raises(ValueError):
+        run(case, "cuda-magic")
