@@ -59,26 +59,43 @@ def _rope_theta(cfg: dict) -> float:
     return params.get("rope_theta", 10000.0)
 
 
-_LLADA_RENAMES = [
-    (r"^model\.transformer\.wte\.weight$", "model.embed_tokens.weight"),
-    (r"^model\.transformer\.ln_f\.weight$", "model.norm.weight"),
-    (r"^model\.transformer\.ff_out\.weight$", "lm_head.weight"),
-    (r"^model\.transformer\.blocks\.(\d+)\.attn_norm\.weight$", r"model.layers.\1.input_layernorm.weight"),
-    (r"^model\.transformer\.blocks\.(\d+)\.ff_norm\.weight$", r"model.layers.\1.post_attention_layernorm.weight"),
-    (r"^model\.transformer\.blocks\.(\d+)\.(q|k|v)_proj\.weight$", r"model.layers.\1.self_attn.\2_proj.weight"),
-    (r"^model\.transformer\.blocks\.(\d+)\.attn_out\.weight$", r"model.layers.\1.self_attn.o_proj.weight"),
-    (r"^model\.transformer\.blocks\.(\d+)\.ff_proj\.weight$", r"model.layers.\1.mlp.gate_proj.weight"),
-    (r"^model\.transformer\.blocks\.(\d+)\.up_proj\.weight$", r"model.layers.\1.mlp.up_proj.weight"),
-    (r"^model\.transformer\.blocks\.(\d+)\.ff_out\.weight$", r"model.layers.\1.mlp.down_proj.weight"),
+# (checkpoint name, our name); ``{n}`` stands for a layer index.
+_LLADA_NAMES = [
+    ("model.transformer.wte.weight", "model.embed_tokens.weight"),
+    ("model.transformer.ln_f.weight", "model.norm.weight"),
+    ("model.transformer.ff_out.weight", "lm_head.weight"),
+    ("model.transformer.blocks.{n}.attn_norm.weight", "model.layers.{n}.input_layernorm.weight"),
+    ("model.transformer.blocks.{n}.ff_norm.weight", "model.layers.{n}.post_attention_layernorm.weight"),
+    ("model.transformer.blocks.{n}.q_proj.weight", "model.layers.{n}.self_attn.q_proj.weight"),
+    ("model.transformer.blocks.{n}.k_proj.weight", "model.layers.{n}.self_attn.k_proj.weight"),
+    ("model.transformer.blocks.{n}.v_proj.weight", "model.layers.{n}.self_attn.v_proj.weight"),
+    ("model.transformer.blocks.{n}.attn_out.weight", "model.layers.{n}.self_attn.o_proj.weight"),
+    ("model.transformer.blocks.{n}.ff_proj.weight", "model.layers.{n}.mlp.gate_proj.weight"),
+    ("model.transformer.blocks.{n}.up_proj.weight", "model.layers.{n}.mlp.up_proj.weight"),
+    ("model.transformer.blocks.{n}.ff_out.weight", "model.layers.{n}.mlp.down_proj.weight"),
 ]
-_LLADA_COMPILED = [(re.compile(p), r) for p, r in _LLADA_RENAMES]
 
 
-def llada_rename(name: str) -> str | None:
-    for pattern, repl in _LLADA_COMPILED:
-        if pattern.match(name):
-            return pattern.sub(repl, name)
-    return None
+class TemplateRenamer:
+    """Maps names between two layouts given (source, target) templates with a ``{n}`` slot.
+
+    Returns None for a name no template matches, so the loader can name the stray tensor.
+    """
+
+    def __init__(self, pairs: list[tuple[str, str]]) -> None:
+        self._rules = [(re.compile("^" + re.escape(src).replace(r"\{n\}", r"(?P<n>\d+)") + "$"), dst)
+                       for src, dst in pairs]
+
+    def __call__(self, name: str) -> str | None:
+        for pattern, target in self._rules:
+            match = pattern.match(name)
+            if match:
+                return target.format(**match.groupdict())
+        return None
+
+
+llada_rename = TemplateRenamer(_LLADA_NAMES)
+llada_export = TemplateRenamer([(ours, theirs) for theirs, ours in _LLADA_NAMES])
 
 
 def identity_rename(name: str) -> str | None:
@@ -102,12 +119,12 @@ def _llada_spec(cfg: dict) -> ModelSpec:
         tie_embeddings=bool(_get(cfg, "weight_tying", default=False, required=False)),
         max_position=_get(cfg, "max_sequence_length", default=4096),
     )
+    # LLaDA's config names neither bos nor <|eot_id|>: the loader completes them from the tokenizer.
     eos = _get(cfg, "eos_token_id", default=126081)
-    eot = cfg.get("eot_token_id", 126348)
     return ModelSpec("llada", arch, AttentionKind.FULL, logit_shift=False,
                      mask_id=_get(cfg, "mask_token_id", default=126336),
-                     eos_ids=tuple(dict.fromkeys(_ids(eos) + _ids(eot))),
-                     pad_id=cfg.get("pad_token_id", eos), bos_id=cfg.get("bos_token_id", 126080),
+                     eos_ids=tuple(dict.fromkeys(_ids(eos) + _ids(cfg.get("eot_token_id")))),
+                     pad_id=cfg.get("pad_token_id", eos), bos_id=cfg.get("bos_token_id"),
                      block_size=cfg.get("block_size"))
 
 
@@ -143,10 +160,11 @@ class Family:
     name: str
     build_spec: Callable[[dict], ModelSpec]
     rename: Callable[[str], str | None]  # checkpoint tensor name -> our parameter name
+    export: Callable[[str], str | None] = identity_rename  # our parameter name -> checkpoint name
 
 
 FAMILIES: dict[str, Family] = {
-    "llada": Family("llada", _llada_spec, llada_rename),
+    "llada": Family("llada", _llada_spec, llada_rename, llada_export),
     "dream": Family("dream", _dream_spec, identity_rename),
     "sdar": Family("sdar", _sdar_spec, identity_rename),
     "llama": Family("llama", _causal_spec("llama", False, False), identity_rename),
@@ -167,9 +185,20 @@ def family_for(cfg: dict) -> Family:
                       f"architectures={cfg.get('architectures')!r}; known model types: {sorted(FAMILIES)}")
 
 
+def check_token_ids(spec: ModelSpec) -> ModelSpec:
+    """Every special id the spec names must index the embedding table."""
+    vocab = spec.arch.vocab_size
+    named = {"mask_token_id": spec.mask_id, "pad_token_id": spec.pad_id, "bos_token_id": spec.bos_id}
+    named.update({f"eos_token_id[{i}]": t for i, t in enumerate(spec.eos_ids)})
+    for name, token in named.items():
+        if token is not None and not 0 <= token < vocab:
+            raise ConfigError(f"config field {name}={token} is out of range for vocab_size={vocab}")
+    return spec
+
+
 def spec_from_config(cfg: dict) -> ModelSpec:
     try:
-        return family_for(cfg).build_spec(cfg)
+        return check_token_ids(family_for(cfg).build_spec(cfg))
     except ConfigError:
         raise
     except (ValueError, TypeError) as exc:
