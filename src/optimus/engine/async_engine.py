@@ -1,0 +1,190 @@
+"""AsyncEngine: the engine loop in its own thread, bridged to asyncio for the server.
+
+The loop thread owns the :class:`Engine` exclusively; callers talk to it through a command
+queue (add / abort) and receive outputs on per-request asyncio queues. Nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+from optimus.config import EngineConfig
+from optimus.engine.engine import Engine
+from optimus.engine.outputs import RequestOutput
+from optimus.engine.params import SamplingParams
+from optimus.engine.scheduler import QueueFullError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["AsyncEngine", "EngineDeadError", "EngineMetrics", "QueueFullError"]
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop crashed or hung; no request can be served."""
+
+
+@dataclass(frozen=True)
+class EngineMetrics:
+    running: int = 0
+    waiting: int = 0
+    kv_usage: float = 0.0
+    steps: int = 0
+    tokens_computed: int = 0
+    tokens_committed: int = 0
+    chunk_size_counts: dict[int, int] = field(default_factory=dict)
+    last_step_started: float | None = None
+    last_step_latency_s: float = 0.0
+
+
+_FINISH = object()
+
+
+class AsyncEngine:
+    def __init__(self, config: EngineConfig, loaded=None) -> None:
+        self.config = config
+        self._loaded = loaded
+        self.ready = False
+        self.alive = True
+        self.engine: Engine | None = None
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._streams: dict[str, asyncio.Queue] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._admitting = True
+        self._step_started: float | None = None
+
+    # ---- properties the server reads ----------------------------------------------------
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def spec(self):
+        return self.engine.spec
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def model_name(self) -> str:
+        from pathlib import Path
+        return Path(str(self.engine.loaded.path if hasattr(self.engine.loaded, "path") else "model")).name
+
+    # ---- lifecycle ---------------------------------------------------------------------
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.engine = await asyncio.to_thread(Engine, self.config, self._loaded)
+        self._thread = threading.Thread(target=self._run, name="optimus-engine", daemon=True)
+        self._thread.start()
+        self.ready = True
+
+    def stop_admitting(self) -> None:
+        self._admitting = False
+
+    async def drain(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while self._streams and time.monotonic() < deadline and self.alive:
+            await asyncio.sleep(0.05)
+        for rid in list(self._streams):
+            self.abort(rid)
+        while self._streams and self.alive and time.monotonic() < deadline + 5:
+            await asyncio.sleep(0.02)
+
+    async def shutdown(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 5.0)
+
+    def mark_dead(self, why: str) -> None:
+        if self.alive:
+            log.error("engine marked dead: %s", why)
+        self.alive = False
+        for q in self._streams.values():
+            self._loop.call_soon_threadsafe(q.put_nowait, EngineDeadError(why))
+
+    # ---- requests ----------------------------------------------------------------------
+    async def generate(self, request_id: str, prompt_token_ids: list[int],
+                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        if not self.alive:
+            raise EngineDeadError("the engine is not running")
+        if not self._admitting:
+            raise QueueFullError("the server is shutting down and admits no new requests")
+        q: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = q
+        self._commands.put(("add", request_id, list(prompt_token_ids), params))
+        self._wake.set()
+        try:
+            while True:
+                item = await q.get()
+                if item is _FINISH:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finished:
+                    return
+        finally:
+            if self._streams.pop(request_id, None) is not None:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(("abort", request_id))
+        self._wake.set()
+
+    def metrics(self) -> EngineMetrics:
+        if self.engine is None:
+            return EngineMetrics()
+        s = self.engine.stats
+        return EngineMetrics(s.running, s.waiting, s.kv_usage, s.steps, s.tokens_computed, s.tokens_committed,
+                             dict(s.chunk_size_counts), self._step_started, s.last_step_latency_s)
+
+    # ---- the loop thread ---------------------------------------------------------------
+    def _deliver(self, request_id: str, item) -> None:
+        q = self._streams.get(request_id)
+        if q is not None:
+            self._loop.call_soon_threadsafe(q.put_nowait, item)
+
+    def _handle_commands(self) -> None:
+        while True:
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if cmd[0] == "add":
+                _, rid, ids, params = cmd
+                try:
+                    self.engine.add_request(rid, ids, params)
+                except (ValueError, QueueFullError) as exc:
+                    self._deliver(rid, exc)
+            else:
+                out = self.engine.abort(cmd[1])
+                if out is not None:
+                    self._deliver(cmd[1], out)
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping:
+                self._handle_commands()
+                if not self.engine.has_work():
+                    self._wake.wait(0.05)
+                    self._wake.clear()
+                    continue
+                self._step_started = time.monotonic()
+                outputs = self.engine.step()
+                self._step_started = None
+                for out in outputs:
+                    self._deliver(out.request_id, out)
+        except Exception as exc:  # the loop must never die silently
+            log.exception("engine loop crashed")
+            self._step_started = None
+            self._loop.call_soon_threadsafe(self.mark_dead, f"engine loop crashed: {type(exc).__name__}: {exc}")

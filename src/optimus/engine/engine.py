@@ -1,0 +1,259 @@
+"""The synchronous engine: one ``step()`` = schedule, forward, commit, report."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from optimus.config import EngineConfig
+from optimus.engine.decoding import propose, select_commits
+from optimus.engine.kv_cache import KVCacheStorage, PageAllocator, capacity_in_pages
+from optimus.engine.outputs import CommitEvent, RequestOutput
+from optimus.engine.params import SamplingParams
+from optimus.engine.policies import make_policy
+from optimus.engine.request import Geometry, Request, RequestState
+from optimus.engine.runner import ModelRunner
+from optimus.engine.scheduler import RequestWork, Scheduler
+from optimus.engine.stats import EngineStats
+from optimus.models.spec import AttentionKind, ModelSpec
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def make_geometry(spec: ModelSpec, block_size: int, prompt_len: int, max_tokens: int) -> Geometry:
+    causal = spec.attention is AttentionKind.CAUSAL
+    shift = 1 if (spec.logit_shift or causal) else 0
+    if causal:
+        block_size, origin = 1, 0
+    elif spec.attention is AttentionKind.BLOCK_CAUSAL:
+        origin = 0  # SDAR aligns blocks to absolute position 0
+    else:
+        origin = prompt_len  # LLaDA/Dream: blocks start where the answer starts
+    if shift:
+        prefill = prompt_len - 1
+    elif spec.attention is AttentionKind.BLOCK_CAUSAL:
+        prefill = (prompt_len // block_size) * block_size  # the tail shares the first decode block
+    else:
+        prefill = prompt_len
+    end = prompt_len + max_tokens
+    canvas_end = origin + -(-(end - origin) // block_size) * block_size
+    return Geometry(block_size, origin, shift, causal, prefill, prompt_len, canvas_end)
+
+
+class Engine:
+    def __init__(self, config: EngineConfig, loaded=None) -> None:
+        self.config = config
+        self.device = resolve_device(config.model.device)
+        if loaded is None:
+            from optimus.loader import load_model
+            loaded = load_model(config.model.model, dtype=config.model.dtype, device=str(self.device))
+        self.loaded = loaded
+        self.spec: ModelSpec = self.loaded.spec
+        self.tokenizer = self.loaded.tokenizer
+        self.block_size = self._block_size()
+        model = self.loaded.model
+        dtype = next(model.parameters()).dtype
+        cache = config.cache
+        num_pages = cache.num_pages or capacity_in_pages(self.spec.arch, cache.page_size, dtype, self.device,
+                                                         cache.memory_fraction)
+        self.allocator = PageAllocator(num_pages, cache.page_size)
+        self.storage = KVCacheStorage(self.spec.arch, num_pages, cache.page_size, dtype, self.device)
+        self.runner = ModelRunner(model, self.storage, cache.page_size, self.device)
+        self.policy = make_policy(config.scheduler.policy, **self._policy_kwargs())
+        self.scheduler = Scheduler(config.scheduler, self.allocator, self.policy, self.spec.attention)
+        self.stats = EngineStats()
+        self.max_model_len = self.spec.arch.max_position
+        self._requests: dict[str, Request] = {}
+        self._step = 0
+
+    def _block_size(self) -> int:
+        if self.spec.attention is AttentionKind.BLOCK_CAUSAL:
+            return self.spec.block_size
+        return self.config.scheduler.block_size or self.spec.block_size or 32
+
+    def _policy_kwargs(self) -> dict:
+        if not self.config.scheduler.policy.startswith("elastic"):
+            return {}
+        from optimus.engine.policies.setup import elastic_kwargs
+        return elastic_kwargs(self)
+
+    # ---- requests --------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> Request:
+        if not prompt_ids:
+            raise ValueError("prompt is empty: give at least one token")
+        if request_id in self._requests:
+            raise ValueError(f"duplicate request id {request_id!r}")
+        vocab = self.spec.arch.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        geometry = make_geometry(self.spec, self.block_size, len(prompt_ids), params.max_tokens)
+        if geometry.canvas_end > self.max_model_len:
+            raise ValueError(f"prompt ({len(prompt_ids)} tokens) plus max_tokens ({params.max_tokens}) "
+                             f"exceeds the model's context length of {self.max_model_len} tokens")
+        if self.allocator.pages_for(geometry.canvas_end) > self.allocator.num_pages:
+            raise ValueError(f"request needs {geometry.canvas_end} tokens of KV cache; "
+                             f"the cache holds {self.allocator.num_pages * self.allocator.page_size}")
+        if params.seed is None and params.temperature > 0:
+            params = _with_seed(params, self.config.seed + len(self._requests))
+        request = Request(request_id, list(prompt_ids), params, geometry, self.spec.mask_id or 0)
+        self.scheduler.add(request)
+        self._requests[request_id] = request
+        self.stats.prompt_tokens += len(prompt_ids)
+        return request
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        r = self.scheduler.abort(request_id)
+        if r is None:
+            return None
+        r.stats.finish_time = time.monotonic()
+        self._requests.pop(request_id, None)
+        return self._output(r)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ---- the step --------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        plan = self.scheduler.schedule()
+        if not plan.works:
+            return []
+        t0 = time.perf_counter()
+        logits, wants = self.runner.run(plan)
+        touched = {id(w.request): w.request for w in plan.works}
+        for r in touched.values():
+            r.last_committed = 0
+        for want in wants:
+            self._commit(plan.works[want.work_index], want.positions, logits[want.offset:want.offset + len(want.positions)])
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        latency = time.perf_counter() - t0
+        self.scheduler.complete_step(plan, latency)
+        self._record(plan, latency)
+        outputs = []
+        for r in touched.values():
+            out = self._advance(r)
+            if out is not None:
+                outputs.append(out)
+        return outputs
+
+    def _commit(self, work: RequestWork, positions: tuple[int, ...], logits: torch.Tensor) -> None:
+        r = work.request
+        p = r.params
+        start = r.geometry.canvas_start
+        suppress = self._suppressed_ids(r)
+        if suppress:
+            offsets = torch.tensor([q - start for q in positions])
+            early = (offsets < p.min_tokens).to(logits.device)
+            if early.any():
+                logits = logits.clone()
+                logits[early.nonzero().flatten()[:, None], torch.tensor(suppress, device=logits.device)] = float("-inf")
+        tokens, conf = propose(logits, p, r.generator)
+        chosen = select_commits(conf, p).tolist()
+        tokens = tokens.tolist()
+        committed_pos, committed_tok = [], []
+        for i in sorted(chosen):
+            pos = positions[i]
+            r.tokens[pos], r.committed[pos] = tokens[i], True
+            committed_pos.append(pos - start)
+            committed_tok.append(tokens[i])
+        r.last_committed = len(chosen)
+        r.stats.steps += 1
+        r.stats.tokens_committed += len(chosen)
+        c = work.window[1] - work.window[0]
+        r.stats.chunk_sizes[c] = r.stats.chunk_sizes.get(c, 0) + 1
+        r.stats.committed_per_chunk[c] = r.stats.committed_per_chunk.get(c, 0) + len(chosen)
+        r.events.append(CommitEvent(self._step, work.window[0] - start, work.window[1] - start,
+                                    tuple(committed_pos), tuple(committed_tok)))
+
+    def _suppressed_ids(self, r: Request) -> list[int]:
+        if r.params.min_tokens == 0:
+            return []
+        return sorted(set(self.spec.eos_ids) | set(r.params.stop_token_ids))
+
+    def _record(self, plan, latency: float) -> None:
+        s = self.stats
+        self._step += 1
+        s.steps += 1
+        s.last_step_latency_s = latency
+        s.step_latency_sum_s += latency
+        for w in plan.works:
+            s.tokens_computed += w.end - w.start
+            w.request.stats.tokens_computed += w.end - w.start
+            if w.window is not None:
+                c = w.window[1] - w.window[0]
+                s.chunk_size_counts[c] += 1
+                s.committed_per_chunk[c] += w.request.last_committed
+                s.tokens_committed += w.request.last_committed
+        s.running, s.waiting = len(self.scheduler.running), len(self.scheduler.waiting)
+        s.kv_usage = self.allocator.used_pages / self.allocator.num_pages
+
+    # ---- finishing and reporting -----------------------------------------------------
+    def _advance(self, r: Request) -> RequestOutput | None:
+        if r.is_done:
+            return None
+        n = min(r.contiguous_answer_len(), r.params.max_tokens)
+        start = r.geometry.canvas_start
+        answer = r.tokens[start:start + n]
+        reason, keep = self._finish_reason(r, answer)
+        if reason is None and n == r.output_len and not r.events:
+            return None
+        if n > 0 and r.stats.first_token_time is None:
+            r.stats.first_token_time = time.monotonic()
+        r.output_len = keep if reason else n
+        if reason is not None:
+            r.stats.finish_time = time.monotonic()
+            self.scheduler.finish(r, reason)
+            self._requests.pop(r.request_id, None)
+        return self._output(r)
+
+    def _finish_reason(self, r: Request, answer: list[int]) -> tuple[str | None, int]:
+        p = r.params
+        stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else set(self.spec.eos_ids))
+        for i, t in enumerate(answer):
+            if t in stop_ids and i >= p.min_tokens:
+                return "stop", i  # the stop token itself is not part of the answer
+        if p.stop:
+            text = self.tokenizer.decode(answer, skip_special_tokens=p.skip_special_tokens)
+            cut = _first_stop(text, p.stop)
+            if cut is not None:
+                r.done_text = text[:cut]
+                return "stop", len(answer)
+        if len(answer) >= p.max_tokens:
+            return "length", len(answer)
+        return None, len(answer)
+
+    def _output(self, r: Request) -> RequestOutput:
+        start = r.geometry.canvas_start
+        ids = tuple(r.tokens[start:start + r.output_len])
+        text = r.done_text or self.tokenizer.decode(list(ids), skip_special_tokens=r.params.skip_special_tokens)
+        if r.params.stop and not r.done_text and not r.is_done:
+            text = _hold_back_stop_prefix(text, r.params.stop)
+        events, r.events = tuple(r.events), []
+        return RequestOutput(r.request_id, tuple(r.prompt_ids), ids, text, r.is_done, r.finish_reason,
+                             r.stats, events)
+
+
+def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:
+    cuts = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(cuts) if cuts else None
+
+
+def _hold_back_stop_prefix(text: str, stops: tuple[str, ...]) -> str:
+    """Withhold a tail that could still grow into a stop string, so streams never show it."""
+    hold = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:k]):
+                hold = max(hold, k)
+                break
+    return text[:len(text) - hold] if hold else text
+
+
+def _with_seed(params: SamplingParams, seed: int) -> SamplingParams:
+    from dataclasses import replace
+    return replace(params, seed=seed)

@@ -1,0 +1,133 @@
+"""A request's CPU-side state: its tokens, its canvas, its cache cursor and its lifecycle.
+
+Position bookkeeping (all absolute sequence positions):
+- ``tokens`` holds prompt + canvas; uncommitted canvas positions hold the mask id.
+- ``cache_len``: positions ``[0, cache_len)`` have K/V stored in the paged cache.
+- A step runs *rows* ``[cache_len, hi - shift)`` and predicts positions ``[lo, hi)``, where
+  ``shift`` is 1 for models whose row i predicts token i+1 (Dream, causal LMs), else 0.
+- The window is finished once every predicted position is committed; its rows are then
+  stored (the "commit group") in the next step, unless the model is causal, where rows are
+  final as soon as they are computed and are stored in the same step.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from optimus.engine.outputs import CommitEvent, RequestStats
+from optimus.engine.params import SamplingParams
+
+
+class RequestState(str, enum.Enum):
+    WAITING = "waiting"
+    PREFILLING = "prefilling"
+    DECODING = "decoding"
+    FINISHED = "finished"
+    ABORTED = "aborted"
+
+
+_TRANSITIONS = {
+    RequestState.WAITING: {RequestState.PREFILLING, RequestState.DECODING, RequestState.ABORTED},
+    RequestState.PREFILLING: {RequestState.DECODING, RequestState.WAITING, RequestState.ABORTED},
+    RequestState.DECODING: {RequestState.FINISHED, RequestState.WAITING, RequestState.ABORTED},
+    RequestState.FINISHED: set(),
+    RequestState.ABORTED: set(),
+}
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """How a request's canvas is laid out for a given model."""
+
+    block_size: int
+    block_origin: int  # blocks start at origin + k * block_size
+    shift: int  # 1 if row i predicts position i + 1
+    causal: bool  # rows are final when computed (AR models)
+    prefill_len: int  # prompt rows stored by prefill
+    canvas_start: int  # = prompt length
+    canvas_end: int  # block-aligned end of the canvas (>= canvas_start + max_tokens)
+
+    def block_end(self, pos: int) -> int:
+        k = (pos - self.block_origin) // self.block_size + 1
+        return self.block_origin + k * self.block_size
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    geometry: Geometry
+    mask_id: int
+    arrival_time: float = field(default_factory=time.monotonic)
+    state: RequestState = RequestState.WAITING
+    tokens: list[int] = field(default_factory=list)
+    committed: list[bool] = field(default_factory=list)
+    cache_len: int = 0
+    pending_store: tuple[int, int] | None = None  # rows [a, b) to store next step
+    window: tuple[int, int] | None = None  # predicted positions of the last step's window
+    chunk: int = 0  # chunk size of the current window
+    last_committed: int = 0  # positions committed in the latest step (policy feedback)
+    pages: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    output_len: int = 0  # contiguous committed answer tokens reported so far (stop-trimmed)
+    stats: RequestStats = field(default_factory=RequestStats)
+    events: list[CommitEvent] = field(default_factory=list)  # unreported commit events
+    generator: torch.Generator | None = None
+    done_text: str = ""
+
+    def __post_init__(self) -> None:
+        g = self.geometry
+        self.tokens = list(self.prompt_ids) + [self.mask_id] * (g.canvas_end - g.canvas_start)
+        self.committed = [True] * len(self.prompt_ids) + [False] * (g.canvas_end - g.canvas_start)
+        self.stats.arrival_time = self.arrival_time
+        if self.params.seed is not None:
+            self.generator = torch.Generator().manual_seed(self.params.seed)
+
+    # ---- lifecycle -------------------------------------------------------------------
+    def transition(self, new: RequestState) -> None:
+        if new not in _TRANSITIONS[self.state]:
+            raise RuntimeError(f"request {self.request_id}: illegal transition {self.state.value} -> {new.value}")
+        self.state = new
+
+    @property
+    def is_done(self) -> bool:
+        return self.state in (RequestState.FINISHED, RequestState.ABORTED)
+
+    @property
+    def total_len(self) -> int:
+        return len(self.tokens)
+
+    # ---- window geometry ----------------------------------------------------------------
+    def window_start(self) -> int:
+        """First predicted position of the next window."""
+        return max(self.cache_len + self.geometry.shift, self.geometry.canvas_start)
+
+    def max_chunk(self) -> int:
+        lo = self.window_start()
+        return min(self.geometry.block_end(lo), self.geometry.canvas_end) - lo
+
+    def plan_window(self, chunk: int) -> tuple[int, int]:
+        """Predicted positions [lo, hi) for a chunk of ``chunk`` canvas positions."""
+        lo = self.window_start()
+        return lo, lo + max(1, min(chunk, self.max_chunk()))
+
+    def rows_for(self, window: tuple[int, int]) -> tuple[int, int]:
+        return self.cache_len, window[1] - self.geometry.shift
+
+    def window_finished(self, window: tuple[int, int]) -> bool:
+        return all(self.committed[window[0]:window[1]])
+
+    def contiguous_answer_len(self) -> int:
+        """Committed canvas positions from the canvas start, up to the first gap."""
+        start = self.geometry.canvas_start
+        n = 0
+        for c in self.committed[start:]:
+            if not c:
+                break
+            n += 1
+        return n

@@ -1,0 +1,30 @@
+"""Engine-wide statistics, updated once per step."""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass, field
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0
+    tokens_computed: int = 0  # rows run through the model
+    tokens_committed: int = 0
+    prompt_tokens: int = 0
+    generation_tokens: int = 0  # answer tokens reported to callers
+    chunk_size_counts: collections.Counter = field(default_factory=collections.Counter)
+    committed_per_chunk: collections.Counter = field(default_factory=collections.Counter)
+    last_step_latency_s: float = 0.0
+    step_latency_sum_s: float = 0.0
+    running: int = 0
+    waiting: int = 0
+    kv_usage: float = 0.0
+
+    def tau(self) -> dict[int, float]:
+        """Mean tokens committed per step, by chunk size."""
+        return {c: self.committed_per_chunk[c] / n for c, n in sorted(self.chunk_size_counts.items()) if n}
+
+    @property
+    def efficiency(self) -> float:
+        return self.tokens_committed / self.tokens_computed if self.tokens_computed else 0.0
