@@ -42,9 +42,6 @@ class EngineMetrics:
     last_step_latency_s: float = 0.0
 
 
-_FINISH = object()
-
-
 class AsyncEngine:
     def __init__(self, config: EngineConfig, loaded=None) -> None:
         self.config = config
@@ -123,18 +120,20 @@ class AsyncEngine:
         self._streams[request_id] = q
         self._commands.put(("add", request_id, list(prompt_token_ids), params))
         self._wake.set()
+        done = False
         try:
             while True:
                 item = await q.get()
-                if item is _FINISH:
-                    return
                 if isinstance(item, BaseException):
+                    done = True
                     raise item
+                done = item.finished
                 yield item
-                if item.finished:
+                if done:
                     return
         finally:
-            if self._streams.pop(request_id, None) is not None:
+            self._streams.pop(request_id, None)
+            if not done:  # the consumer went away (client disconnect): free the request's pages
                 self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
