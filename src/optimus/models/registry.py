@@ -17,6 +17,10 @@ class ConfigError(ValueError):
     """A checkpoint's config is missing a field, names an unknown architecture, or is out of range."""
 
 
+class UnknownArchitectureError(ConfigError):
+    """config.json names a model_type / architecture no registered family handles."""
+
+
 def _get(cfg: dict, *names: str, default=None, required: bool = True):
     for n in names:
         if n in cfg and cfg[n] is not None:
@@ -181,7 +185,7 @@ def family_for(cfg: dict) -> Family:
     for key in ("llada", "dream", "sdar"):
         if key in archs:
             return FAMILIES[key]
-    raise ConfigError(f"unknown architecture: model_type={cfg.get('model_type')!r}, "
+    raise UnknownArchitectureError(f"unknown architecture: model_type={cfg.get('model_type')!r}, "
                       f"architectures={cfg.get('architectures')!r}; known model types: {sorted(FAMILIES)}")
 
 

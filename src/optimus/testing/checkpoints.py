@@ -21,9 +21,9 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
+from optimus.loader import write_safetensors
 from optimus.models.registry import spec_from_config
 from optimus.models.spec import ModelSpec
 from optimus.models.transformer import DecoderLM
@@ -300,7 +300,9 @@ def _randomize(model: DecoderLM, seed: int) -> None:
         elif name.endswith(".bias"):
             p.copy_(0.1 * torch.randn(p.shape, generator=gen))
         elif "embed_tokens" in name:
-            p.copy_(torch.randn(p.shape, generator=gen))
+            # A tied head reads logits off the embedding: scale it like a projection then.
+            scale = p.shape[-1] ** -0.5 if model.spec.arch.tie_embeddings else 1.0
+            p.copy_(scale * torch.randn(p.shape, generator=gen))
         else:
             p.copy_(torch.randn(p.shape, generator=gen) / p.shape[-1] ** 0.5)
 
@@ -345,24 +347,6 @@ def checkpoint_tensors(family: str, model: DecoderLM) -> dict[str, torch.Tensor]
     if sorted(mapping.values()) != sorted(state):
         raise RuntimeError("hf_tensor_names is out of date with DecoderLM's parameters")
     return {theirs: state[mine].contiguous() for theirs, mine in mapping.items()}
-
-
-def write_safetensors(tensors: dict[str, torch.Tensor], directory: Path, shards: int) -> None:
-    """One ``model.safetensors``, or ``shards`` files plus ``model.safetensors.index.json``."""
-    names = list(tensors)
-    if shards <= 1:
-        save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
-        return
-    per = -(-len(names) // shards)
-    weight_map = {}
-    for s in range(shards):
-        fname = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
-        part = {n: tensors[n] for n in names[s * per:(s + 1) * per]}
-        save_file(part, str(directory / fname), metadata={"format": "pt"})
-        weight_map.update({n: fname for n in part})
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    _write_json(directory / "model.safetensors.index.json",
-                {"metadata": {"total_size": total}, "weight_map": weight_map})
 
 
 def _write_json(path: Path, obj: dict) -> None:
