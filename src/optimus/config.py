@@ -39,10 +39,18 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class RunnerConfig:
+    cuda_graphs: bool = _opt(True, "replay decoding steps from CUDA graphs (GPU only)")
+    graph_max_tokens: int = _opt(2048, "largest step (in tokens) served from a CUDA graph")
+    attention_backend: str = _opt("auto", "auto | torch | triton")
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    runner: RunnerConfig = field(default_factory=RunnerConfig)
     profile_path: str | None = _opt(None, "latency profile JSON (default: per device and model in ~/.cache/optimus)")
     seed: int = _opt(0, "engine seed for requests that give none")
 

@@ -63,13 +63,23 @@ class Engine:
                                                          cache.memory_fraction)
         self.allocator = PageAllocator(num_pages, cache.page_size)
         self.storage = KVCacheStorage(self.spec.arch, num_pages, cache.page_size, dtype, self.device)
-        self.runner = ModelRunner(model, self.storage, cache.page_size, self.device)
+        self.runner = ModelRunner(model, self.storage, cache.page_size, self.device,
+                                  config.runner.attention_backend, self._graphs(model, num_pages))
         self.policy = make_policy(config.scheduler.policy, **self._policy_kwargs())
         self.scheduler = Scheduler(config.scheduler, self.allocator, self.policy, self.spec.attention)
         self.stats = EngineStats()
         self.max_model_len = self.spec.arch.max_position
         self._requests: dict[str, Request] = {}
         self._step = 0
+
+    def _graphs(self, model, num_pages: int):
+        rc = self.config.runner
+        if not (rc.cuda_graphs and self.device.type == "cuda"):
+            return None
+        from optimus.engine.cuda_graphs import GraphedBody
+        max_pages = min(num_pages, -(-self.spec.arch.max_position // self.config.cache.page_size))
+        return GraphedBody(model, self.storage, rc.attention_backend, rc.graph_max_tokens,
+                           self.config.scheduler.max_running, max_pages)
 
     def _block_size(self) -> int:
         if self.spec.attention is AttentionKind.BLOCK_CAUSAL:

@@ -54,9 +54,10 @@ class PagedBackend:
 
 class ModelRunner:
     def __init__(self, model: DecoderLM, storage: KVCacheStorage, page_size: int,
-                 device: torch.device, attention_backend: str = "auto") -> None:
+                 device: torch.device, attention_backend: str = "auto", graphs=None) -> None:
         self.model, self.storage, self.page_size = model, storage, page_size
         self.device, self.attention_backend = device, attention_backend
+        self.graphs = graphs  # optional GraphedBody (CUDA only)
 
     def build(self, plan: StepPlan) -> tuple[StepBatch, list[LogitRequest]]:
         ids, pos, groups, slots, cu, lens, logit_rows, wants = [], [], [], [], [0], [], [], []
@@ -94,12 +95,16 @@ class ModelRunner:
         )
         return batch, wants
 
+    def forward(self, batch: StepBatch) -> torch.Tensor:
+        if self.graphs is not None and self.graphs.fits(batch):
+            return self.graphs.run(batch)
+        return self.model(batch.input_ids, batch.positions, PagedBackend(self.storage, batch, self.attention_backend))
+
     @torch.inference_mode()
     def run(self, plan: StepPlan) -> tuple[torch.Tensor, list[LogitRequest]]:
         """-> (logits [M, V] fp32, which positions each slice serves)."""
         batch, wants = self.build(plan)
-        backend = PagedBackend(self.storage, batch, self.attention_backend)
-        hidden = self.model(batch.input_ids, batch.positions, backend)
+        hidden = self.forward(batch)
         if batch.logit_rows.numel() == 0:
             return hidden.new_zeros((0, self.model.spec.arch.vocab_size), dtype=torch.float32), wants
         return self.model.logits(hidden[batch.logit_rows]).float(), wants
