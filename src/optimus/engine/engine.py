@@ -89,7 +89,7 @@ class Engine:
     def _policy_kwargs(self) -> dict:
         if not self.config.scheduler.policy.startswith("elastic"):
             return {}
-        from optimus.engine.policies.setup import elastic_kwargs
+        from optimus.engine.elastic_setup import elastic_kwargs
         return elastic_kwargs(self)
 
     # ---- requests --------------------------------------------------------------------

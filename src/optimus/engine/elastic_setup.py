@@ -1,0 +1,68 @@
+"""Wires the elastic policy to this device: load the saved latency profile for (device,
+model), or measure a brief one on first start (and say so), plus an optional tau prior."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu-{torch.get_num_threads()}threads"
+
+
+def model_id(engine) -> str:
+    path = Path(str(getattr(engine.loaded, "path", engine.spec.family)))
+    dtype = next(engine.loaded.model.parameters()).dtype
+    return f"{engine.spec.family}-{path.name}-{str(dtype).removeprefix('torch.')}"
+
+
+def _brief_grid(max_running: int, device: torch.device) -> tuple[list[int], list[int]]:
+    batches = [b for b in (1, 4, 16, 64, 256) if b <= max(1, max_running)]
+    if device.type != "cuda":
+        batches = batches[:3]
+    return batches, [1, 4, 16, 32]
+
+
+def load_or_profile(engine):
+    from optimus.engine.latency import LatencyProfile, default_profile_path
+
+    dev = device_name(engine.device)
+    path = Path(engine.config.profile_path) if engine.config.profile_path else default_profile_path(dev, model_id(engine))
+    if path.exists():
+        return LatencyProfile.load(path)
+    from optimus.engine.profiler import profile_latency
+    from optimus.engine.runner_profile import make_step_fn
+
+    batches, chunks = _brief_grid(engine.config.scheduler.max_running, engine.device)
+    log.warning("no latency profile for %s on %s: profiling briefly (%d points), saving to %s",
+                model_id(engine), dev, len(batches) * len(chunks), path)
+    profile = profile_latency(make_step_fn(engine, context=64), batches, chunks, warmup=1, repeats=3,
+                              progress=False)
+    profile = dataclasses.replace(profile, device=dev, model_id=model_id(engine))
+    try:
+        profile.save(path)
+    except OSError as exc:
+        log.warning("could not save the latency profile: %s", exc)
+    return profile
+
+
+def tau_prior_from(path: str | None) -> dict[int, float] | None:
+    """A measured acceptance profile ({"tau": {chunk: mean commits per step}}), if given."""
+    if not path:
+        return None
+    data = json.loads(Path(path).read_text())
+    table = data.get("tau", data)
+    return {int(c): float(v) for c, v in table.items()}
+
+
+def elastic_kwargs(engine) -> dict:
+    return {"profile": load_or_profile(engine)}
