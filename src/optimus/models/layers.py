@@ -43,6 +43,13 @@ class RotaryEmbedding(nn.Module):
         """Recompute the non-persistent buffer, e.g. after the module was built on ``meta``."""
         self.inv_freq = self._inv_freq().to(device)
 
+    def _apply(self, fn, recurse: bool = True):
+        # ``model.to(torch.bfloat16)`` would round inv_freq; RoPE must stay exact fp32.
+        super()._apply(fn, recurse)
+        if self.inv_freq.dtype != torch.float32 and not self.inv_freq.is_meta:
+            self.reset_buffers(self.inv_freq.device)
+        return self
+
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [T] -> cos, sin [T, head_dim] in ``dtype``."""
         freqs = positions.float()[:, None] * self.inv_freq.float()[None, :]
