@@ -14,7 +14,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from optimus.kernels import group_attention, write_kv  # noqa: E402
+from optimus.kernels import group_attention, visible_key_end, write_kv  # noqa: E402
 from optimus.kernels.reference import group_attention_reference  # noqa: E402
 
 
@@ -244,15 +244,29 @@ def test_triton_random_ragged(triton_env, seed) -> None:
     specs = random_specs(seed, 5)
     specs[0] = (specs[0][0], specs[0][1] or [0])  # at least one row in the step
     case = _to(make_case(specs, 4, 2, 16, page_size=4, seed=seed), dev)
-    got = _triton(ga, case, max_q_len=max(len(g) for _, g in specs))
+    got = _triton(ga, case, max_q_len=max(len(g) for _, g in specs),
+                  key_end=visible_key_end(case.cu_q, case.groups))
     torch.testing.assert_close(got, run(case, "torch"), atol=2e-5, rtol=2e-5)
 
 
-def test_visible_key_end(triton_env) -> None:
-    ga, _, _ = triton_env
+def test_stale_nan_in_unused_cache_slots_is_ignored(triton_env) -> None:
+    """Reused pages hold garbage past a request's cache length; it must not leak into outputs."""
+    ga, _, dev = triton_env
+    case = make_case([(5, [0, 1]), (2, [0, 0, 0])], 4, 2, 16, page_size=4, seed=17)
+    want = run(case, "torch")
+    k_cache, v_cache = case.k_cache.clone(), case.v_cache.clone()
+    for r, c in enumerate(case.cache_lens.tolist()):
+        page, start = int(case.page_table[r, c // 4]), c % 4
+        k_cache[page, start:], v_cache[page, start:] = float("nan"), float("inf")
+    poisoned = _to(Case(**{**case.__dict__, "k_cache": k_cache, "v_cache": v_cache}), dev)
+    torch.testing.assert_close(run(poisoned, "torch").cpu(), want)
+    torch.testing.assert_close(_triton(ga, poisoned).cpu(), want, atol=2e-5, rtol=2e-5)
+
+
+def test_visible_key_end() -> None:
     cu = torch.tensor([0, 3, 3, 7], dtype=torch.int32)  # the middle request has no new rows
     groups = torch.tensor([0, 0, 1, 5, 5, 6, 9], dtype=torch.int32)
-    assert ga.visible_key_end(cu, groups).tolist() == [2, 2, 3, 5, 5, 6, 7]
+    assert visible_key_end(cu, groups).tolist() == [2, 2, 3, 5, 5, 6, 7]
 
 
 def test_triton_write_kv(triton_env) -> None:

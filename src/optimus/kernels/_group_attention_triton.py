@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from optimus.kernels.group_attention import visible_key_end
+
 LOG2E = 1.4426950408889634
 
 
@@ -29,13 +31,18 @@ class TileConfig:
 
 
 def choose_config(max_q_len: int, gqa_pad: int, head_dim: int) -> TileConfig:
-    """Hopper heuristic: decode-sized tiles (M <= 64) for short chunks, 128 x 64 for prefill."""
+    """Tile shape from the step's longest chunk; M = BLOCK_Q * GQA_PAD matrix rows.
+
+    Picked from an H100 sweep (benchmarks/results/h100/attention_micro_sweep.json), bf16,
+    D=128, cache 512: short chunks are bound by reading the cache, so the smallest MMA tile
+    (M=16) with 64-key steps wins; at M 64-128, 32-key steps with 4 warps beat 64-key steps
+    and 8 warps (less register pressure, more programs resident per SM).
+    """
     rows = triton.next_power_of_2(max(max_q_len, 1)) * gqa_pad
-    if rows <= 64:
-        block_m = max(16, rows)
-        return TileConfig(max(1, block_m // gqa_pad), 64, 4, 3)
-    block_m = 128 if head_dim <= 128 else 64
-    return TileConfig(max(1, block_m // gqa_pad), 64, 8 if block_m == 128 else 4, 3)
+    if rows <= 16:
+        return TileConfig(max(1, 16 // gqa_pad), 64, 4, 2)
+    block_m = 64 if rows <= 64 or head_dim > 128 else 128
+    return TileConfig(max(1, block_m // gqa_pad), 32, 4, 3)
 
 
 @triton.jit
@@ -56,7 +63,7 @@ def _group_attention_kernel(
         Q, K, V, KC, VC, O, PT, CL, CU, G, KV_END,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
         stride_kcp, stride_kcs, stride_kch, stride_vcp, stride_vcs, stride_vch, stride_pt,
-        page_size, qk_scale,
+        qk_scale, PAGE_SIZE: tl.constexpr,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GQA: tl.constexpr, GQA_PAD: tl.constexpr,
         BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     tile, r, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -84,8 +91,8 @@ def _group_attention_kernel(
         for start in range(0, cache_len, BLOCK_N):
             pos = start + n
             ok = pos < cache_len
-            page = tl.load(PT + r * stride_pt + pos // page_size, mask=ok, other=0).to(tl.int64)
-            off = pos % page_size
+            page = tl.load(PT + r * stride_pt + pos // PAGE_SIZE, mask=ok, other=0).to(tl.int64)
+            off = pos % PAGE_SIZE
             kp = KC + page * stride_kcp + off * stride_kcs + h * stride_kch
             vp = VC + page * stride_vcp + off * stride_vcs + h * stride_vch
             kv_mask = ok[:, None] & d_ok[None, :]
@@ -113,23 +120,11 @@ def _group_attention_kernel(
                  out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
-def visible_key_end(cu_q: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
-    """[T] int32: one past the last new row of the same request with group <= groups[i].
-
-    Sync-free (CUDA-graph safe). Relies on groups being nondecreasing within a request:
-    then (request, group) keys are globally sorted and a right searchsorted finds the end.
-    """
-    t = groups.numel()
-    rows = torch.arange(t, device=groups.device)
-    req = torch.searchsorted(cu_q[1:].long(), rows, right=True)
-    key = req * (1 << 33) + (groups.long() + (1 << 31))
-    return torch.searchsorted(key, key, right=True).to(torch.int32)
-
-
 def group_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor,
                            cache_lens: torch.Tensor, cu_q: torch.Tensor, groups: torch.Tensor,
                            scale: float | None = None, max_q_len: int | None = None,
+                           key_end: torch.Tensor | None = None,
                            config: TileConfig | None = None) -> torch.Tensor:
     t, hq, d = q.shape
     hkv = k.shape[1]
@@ -147,7 +142,7 @@ def group_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     cfg = config or choose_config(max_q_len, gqa_pad, d)
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     cu32 = cu_q.to(torch.int32)
-    kv_end = visible_key_end(cu32, groups)
+    kv_end = visible_key_end(cu32, groups) if key_end is None else key_end.to(torch.int32)
     grid = (triton.cdiv(max_q_len, cfg.block_q), num_req, hkv)
     _group_attention_kernel[grid](
         q, k, v, k_cache, v_cache, out, page_table, cache_lens.to(torch.int32), cu32,
@@ -156,7 +151,7 @@ def group_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), page_table.stride(0),
-        k_cache.shape[1], scale * LOG2E,
+        scale * LOG2E, PAGE_SIZE=k_cache.shape[1],
         HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), GQA=gqa, GQA_PAD=gqa_pad,
         BLOCK_Q=cfg.block_q, BLOCK_N=cfg.block_n,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",

@@ -24,12 +24,14 @@ def group_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor,
                     cache_lens: torch.Tensor, cu_q: torch.Tensor, groups: torch.Tensor,
                     scale: float | None = None, backend: str = "auto",
-                    max_q_len: int | None = None) -> torch.Tensor:
+                    max_q_len: int | None = None, key_end: torch.Tensor | None = None) -> torch.Tensor:
     """q [T, Hq, D], k/v [T, Hkv, D], caches [P, page_size, Hkv, D], page_table [R, max_pages]
     int32, cache_lens [R] int32, cu_q [R+1] int32, groups [T] int32 -> [T, Hq, D].
 
-    ``max_q_len`` (the longest request chunk of the step) sizes the Triton grid; pass it
-    from host-side metadata to avoid a device sync (required under CUDA graph capture).
+    Optional per-step metadata, shared by every layer (compute it once per step):
+    ``max_q_len`` (the longest request chunk) sizes the Triton grid; pass it from host-side
+    metadata to avoid a device sync (required under CUDA graph capture). ``key_end`` is
+    ``visible_key_end(cu_q, groups)``; without it the Triton path recomputes it each call.
     """
     _check(q, k, v, k_cache, v_cache, page_table, cache_lens, cu_q, groups)
     choice = resolve_backend(backend, q)
@@ -39,7 +41,19 @@ def group_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     from optimus.kernels._group_attention_triton import group_attention_triton
 
     return group_attention_triton(q, k, v, k_cache, v_cache, page_table, cache_lens, cu_q, groups,
-                                  scale, max_q_len)
+                                  scale, max_q_len, key_end)
+
+
+def visible_key_end(cu_q: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """[T] int32: one past the last new row of the same request with group <= groups[i].
+
+    Sync-free (CUDA-graph safe). Relies on groups being nondecreasing within a request:
+    then (request, group) keys are globally sorted and a right searchsorted finds the end.
+    """
+    rows = torch.arange(groups.numel(), device=groups.device)
+    req = torch.searchsorted(cu_q[1:].long(), rows, right=True)
+    key = req * (1 << 33) + (groups.long() + (1 << 31))
+    return torch.searchsorted(key, key, right=True).to(torch.int32)
 
 
 def resolve_backend(backend: str, q: torch.Tensor) -> str:

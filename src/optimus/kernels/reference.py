@@ -76,9 +76,12 @@ def group_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     big = torch.iinfo(torch.int32).max
     gp = _pad_rows(groups.to(torch.int64), req, local, num_req, max_q, fill=big)
 
-    kc = gather_cache(k_cache, page_table, max_c).to(f32)
-    vc = gather_cache(v_cache, page_table, max_c).to(f32)
     cache_ok = torch.arange(max_c, device=dev)[None, :] < cache_lens.long()[:, None]  # [R, C]
+    # Zero the slots past each cache length: stale pages may hold NaN/inf, and a masked
+    # score does not stop NaN from propagating through SDPA (NaN + -inf = NaN, 0 * NaN = NaN).
+    live = cache_ok[:, :, None, None]
+    kc = torch.where(live, gather_cache(k_cache, page_table, max_c).to(f32), 0.0)
+    vc = torch.where(live, gather_cache(v_cache, page_table, max_c).to(f32), 0.0)
     new_ok = gp[:, None, :] <= gp[:, :, None]  # [R, Q(query), Q(key)]
     mask = torch.cat([cache_ok[:, None, :].expand(-1, max_q, -1), new_ok], dim=2)
 
