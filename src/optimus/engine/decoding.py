@@ -60,3 +60,34 @@ def select_commits(conf: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     if above.numel() >= 1:
         return above
     return torch.topk(conf, 1).indices
+
+
+class ReplayAcceptance:
+    """Benchmark-only commit rule: commit as many positions as a measured acceptance profile
+    says a chunk of that size commits (sampled from its distribution), most confident first.
+
+    Random-weight models have meaningless confidences; replaying the tokens-per-step that
+    the shipped model achieved per chunk size gives throughput numbers with realistic token
+    efficiency. ``distribution``: chunk size -> list of observed commits per step.
+    """
+
+    def __init__(self, distribution: dict[int, list[int]], seed: int = 0) -> None:
+        if not distribution:
+            raise ValueError("acceptance profile is empty")
+        self.sizes = sorted(distribution)
+        self.distribution = {c: list(v) for c, v in distribution.items()}
+        self.rng = torch.Generator().manual_seed(seed)
+
+    def _draw(self, chunk: int) -> int:
+        size = min(self.sizes, key=lambda c: (abs(c - chunk), c))
+        obs = self.distribution[size]
+        k = obs[int(torch.randint(len(obs), (1,), generator=self.rng))]
+        return max(1, round(k * chunk / size))
+
+    def __call__(self, conf: torch.Tensor, params: SamplingParams, chunk: int) -> torch.Tensor:
+        return torch.topk(conf, min(self._draw(chunk), conf.numel())).indices
+
+
+def params_rule(conf: torch.Tensor, params: SamplingParams, chunk: int) -> torch.Tensor:
+    """The default commit rule: the request's own decoding rule."""
+    return select_commits(conf, params)

@@ -7,7 +7,7 @@ import time
 import torch
 
 from optimus.config import EngineConfig
-from optimus.engine.decoding import propose, select_commits
+from optimus.engine.decoding import params_rule, propose
 from optimus.engine.kv_cache import KVCacheStorage, PageAllocator, capacity_in_pages
 from optimus.engine.outputs import CommitEvent, RequestOutput
 from optimus.engine.params import SamplingParams
@@ -46,8 +46,9 @@ def make_geometry(spec: ModelSpec, block_size: int, prompt_len: int, max_tokens:
 
 
 class Engine:
-    def __init__(self, config: EngineConfig, loaded=None) -> None:
+    def __init__(self, config: EngineConfig, loaded=None, commit_rule=None) -> None:
         self.config = config
+        self.commit_rule = commit_rule or params_rule  # (conf, params, chunk) -> indices
         self.device = resolve_device(config.model.device)
         if loaded is None:
             from optimus.loader import load_model
@@ -71,6 +72,7 @@ class Engine:
         self.max_model_len = self.spec.arch.max_position
         self._requests: dict[str, Request] = {}
         self._step = 0
+        self._host_commit_s = 0.0
 
     def _graphs(self, model, num_pages: int):
         rc = self.config.runner
@@ -129,19 +131,19 @@ class Engine:
 
     # ---- the step --------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        c0 = time.perf_counter()
         plan = self.scheduler.schedule()
         if not plan.works:
             return []
         t0 = time.perf_counter()
-        logits, wants = self.runner.run(plan)
+        schedule_s = t0 - c0
+        hidden, wants = self.runner.run(plan)
         touched = {id(w.request): w.request for w in plan.works}
         for r in touched.values():
             r.last_committed = 0
-        for want in wants:
-            self._commit(plan.works[want.work_index], want.positions, logits[want.offset:want.offset + len(want.positions)])
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        latency = time.perf_counter() - t0
+        self._propose_and_commit(plan, hidden, wants)
+        t1 = time.perf_counter()
+        latency = t1 - t0
         self.scheduler.complete_step(plan, latency)
         self._record(plan, latency)
         outputs = []
@@ -149,21 +151,49 @@ class Engine:
             out = self._advance(r)
             if out is not None:
                 outputs.append(out)
+        post_s = time.perf_counter() - t1
+        self.stats.cpu_time_sum_s += schedule_s + self.runner.last_build_s + self._host_commit_s + post_s
         return outputs
 
-    def _commit(self, work: RequestWork, positions: tuple[int, ...], logits: torch.Tensor) -> None:
-        r = work.request
-        p = r.params
-        start = r.geometry.canvas_start
+    def _propose_and_commit(self, plan, hidden: torch.Tensor, wants) -> None:
+        """Greedy requests share one batched LM-head pass; sampled or constrained ones go alone."""
+        fast = [w for w in wants if self._is_plain_greedy(plan.works[w.work_index].request)]
+        slow = [w for w in wants if w not in fast]
+        h0 = time.perf_counter()
+        if fast:
+            rows = torch.cat([torch.arange(w.offset, w.offset + len(w.positions)) for w in fast]).to(hidden.device)
+            tokens, conf = self.runner.greedy(hidden[rows])
+            h0 = time.perf_counter()
+            i = 0
+            for w in fast:
+                n = len(w.positions)
+                self._commit(plan.works[w.work_index], w.positions, tokens[i:i + n], conf[i:i + n])
+                i += n
+        self._host_commit_s = time.perf_counter() - h0
+        for w in slow:
+            r = plan.works[w.work_index].request
+            logits = self._constrain(r, w.positions, self.runner.logits(hidden[w.offset:w.offset + len(w.positions)]))
+            tokens, conf = propose(logits, r.params, r.generator)
+            self._commit(plan.works[w.work_index], w.positions, tokens.cpu(), conf.cpu())
+
+    def _is_plain_greedy(self, r: Request) -> bool:
+        return r.params.temperature == 0.0 and not self._suppressed_ids(r)
+
+    def _constrain(self, r: Request, positions: tuple[int, ...], logits: torch.Tensor) -> torch.Tensor:
+        """min_tokens: end-of-answer ids are impossible before the answer is long enough."""
         suppress = self._suppressed_ids(r)
-        if suppress:
-            offsets = torch.tensor([q - start for q in positions])
-            early = (offsets < p.min_tokens).to(logits.device)
-            if early.any():
-                logits = logits.clone()
-                logits[early.nonzero().flatten()[:, None], torch.tensor(suppress, device=logits.device)] = float("-inf")
-        tokens, conf = propose(logits, p, r.generator)
-        chosen = select_commits(conf, p).tolist()
+        start = r.geometry.canvas_start
+        early = [i for i, q in enumerate(positions) if q - start < r.params.min_tokens]
+        if suppress and early:
+            logits[torch.tensor(early, device=logits.device)[:, None],
+                   torch.tensor(suppress, device=logits.device)] = float("-inf")
+        return logits
+
+    def _commit(self, work: RequestWork, positions: tuple[int, ...], tokens: torch.Tensor,
+                conf: torch.Tensor) -> None:
+        r = work.request
+        start = r.geometry.canvas_start
+        chosen = self.commit_rule(conf, r.params, work.window[1] - work.window[0]).tolist()
         tokens = tokens.tolist()
         committed_pos, committed_tok = [], []
         for i in sorted(chosen):

@@ -19,8 +19,8 @@ class LLM:
     leaf fields of :class:`optimus.config.EngineConfig`.
     """
 
-    def __init__(self, model: str = "default", loaded=None, **options) -> None:
-        self.engine = Engine(engine_config(model=model, **options), loaded=loaded)
+    def __init__(self, model: str = "default", loaded=None, commit_rule=None, **options) -> None:
+        self.engine = Engine(engine_config(model=model, **options), loaded=loaded, commit_rule=commit_rule)
         self.tokenizer = self.engine.tokenizer
         self._counter = 0
 

@@ -3,6 +3,7 @@ the logits of exactly the rows whose predictions are needed."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -58,6 +59,7 @@ class ModelRunner:
         self.model, self.storage, self.page_size = model, storage, page_size
         self.device, self.attention_backend = device, attention_backend
         self.graphs = graphs  # optional GraphedBody (CUDA only)
+        self.last_build_s = 0.0  # host time spent building the latest batch
 
     def build(self, plan: StepPlan) -> tuple[StepBatch, list[LogitRequest]]:
         ids, pos, groups, slots, cu, lens, logit_rows, wants = [], [], [], [], [0], [], [], []
@@ -102,9 +104,29 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, plan: StepPlan) -> tuple[torch.Tensor, list[LogitRequest]]:
-        """-> (logits [M, V] fp32, which positions each slice serves)."""
+        """-> (final hidden states [M, d] of the rows whose logits are needed, what each serves)."""
+        t0 = time.perf_counter()
         batch, wants = self.build(plan)
+        self.last_build_s = time.perf_counter() - t0
         hidden = self.forward(batch)
-        if batch.logit_rows.numel() == 0:
-            return hidden.new_zeros((0, self.model.spec.arch.vocab_size), dtype=torch.float32), wants
-        return self.model.logits(hidden[batch.logit_rows]).float(), wants
+        return hidden[batch.logit_rows], wants
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.logits(hidden).float()
+
+    @torch.inference_mode()
+    def greedy(self, hidden: torch.Tensor, rows_per_pass: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden [M, d] -> (argmax tokens [M], their softmax probability [M]) on the CPU.
+
+        The LM head runs in slices so the [M, vocab] fp32 logits never exist all at once.
+        """
+        tokens, conf = [], []
+        for h in hidden.split(rows_per_pass):
+            probs = torch.softmax(self.model.logits(h).float(), dim=-1)
+            c, t = probs.max(dim=-1)
+            tokens.append(t)
+            conf.append(c)
+        if not tokens:
+            return torch.zeros(0, dtype=torch.long), torch.zeros(0)
+        return torch.cat(tokens).cpu(), torch.cat(conf).cpu()

@@ -17,6 +17,7 @@ class EngineStats:
     committed_per_chunk: collections.Counter = field(default_factory=collections.Counter)
     last_step_latency_s: float = 0.0
     step_latency_sum_s: float = 0.0
+    cpu_time_sum_s: float = 0.0  # scheduling + batch building + commit bookkeeping (host side)
     running: int = 0
     waiting: int = 0
     kv_usage: float = 0.0

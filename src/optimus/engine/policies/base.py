@@ -10,17 +10,17 @@ from typing import Protocol
 @dataclass(frozen=True)
 class RequestView:
     request_id: str
-    max_chunk: int  # masked positions left in the current block from the cursor (>= 1)
+    max_chunk: int  # positions from the window start to the end of the current block (>= 1)
     block_size: int
-    current_chunk: int | None  # chunk size of an unfinished chunk in progress (sticky), else None
-    policy_override: str | None = None
+    current_chunk: int | None  # the request's latest chunk size (a hint; policies may change it)
+    policy_override: str | None = None  # 'ar' | 'fixed:C' pin this request; 'elastic'/None: the policy decides
 
 
 @dataclass(frozen=True)
 class StepView:
-    requests: tuple[RequestView, ...]  # decoding requests that need a chunk this step
+    requests: tuple[RequestView, ...]  # decoding requests that need a chunk this step, oldest first
     fixed_tokens: int  # tokens already in this step (prefill pieces, commit groups)
-    token_budget: int  # hard cap on tokens per step
+    token_budget: int  # hard cap on tokens per step: fixed_tokens + sum(chunks) <= token_budget
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,14 @@ class ChunkPolicy(Protocol):
         ...
 
 
+def override_chunk(request: RequestView) -> int | None:
+    """The chunk a request's own ``ar``/``fixed:C`` override pins it to (clipped), else None."""
+    if request.policy_override is None:
+        return None
+    kind, c = parse_policy_name(request.policy_override)
+    return None if kind == "elastic" else max(1, min(c, request.max_chunk))
+
+
 def parse_policy_name(name: str) -> tuple[str, int | None]:
     """'ar' | 'fixed:C' | 'elastic' -> (kind, C). Raises ValueError naming the problem."""
     if name == "ar":
@@ -61,9 +69,12 @@ def parse_policy_name(name: str) -> tuple[str, int | None]:
 
 
 def make_policy(name: str, **kwargs) -> ChunkPolicy:
+    """``kwargs`` go to :class:`ElasticPolicy` (profile, tau_prior, ...); fixed policies take none."""
     kind, c = parse_policy_name(name)
     if kind == "elastic":
         from optimus.engine.policies.elastic import ElasticPolicy
         return ElasticPolicy(**kwargs)
+    if kwargs:
+        raise TypeError(f"policy {name!r} takes no options, got {sorted(kwargs)}")
     from optimus.engine.policies.fixed import FixedPolicy
     return FixedPolicy(c, name=name)

@@ -1,0 +1,217 @@
+"""`optimus bench offline`: engine throughput at published 8B shapes on random weights.
+
+Experiments (each writes a section of one JSON file):
+- ``surface``: step latency T(batch, chunk) with a cached context, its fit and knee;
+- ``schedule4``: the DESIGN.md reference schedule: prompt 256, generation 256, block 32,
+  chunk 32, exactly 4 tokens committed per step, at several batch sizes;
+- ``ar``: autoregressive decoding (a causal Llama shape and/or the dLLM at C = 1);
+- ``sweep``: policies x concurrency with token efficiency replayed from a measured
+  acceptance profile (the shipped default model's), labelled as such;
+- ``matmul``: forward pass at 8192 tokens against the card's measured bf16 matrix rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from optimus.bench.shapes import SHAPES, random_model
+from optimus.engine.decoding import ReplayAcceptance
+from optimus.engine.llm import LLM
+from optimus.engine.params import SamplingParams
+
+
+def _llm(shape: str, policy: str, commit_rule=None, **options) -> LLM:
+    loaded = random_model(shape)
+    return LLM(loaded=loaded, policy=policy, commit_rule=commit_rule, device="cuda", **options)
+
+
+def _free(llm) -> None:
+    del llm
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def _prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(100, vocab - 1000) for _ in range(length)] for _ in range(n)]
+
+
+def timed_generate(llm: LLM, batch: int, prompt_len: int, gen_len: int, params: SamplingParams) -> dict:
+    vocab = llm.engine.spec.arch.vocab_size
+    llm.generate(_prompts(min(batch, 2), prompt_len, vocab, seed=1), params)  # warm-up: graphs, Triton
+    prompts = _prompts(batch, prompt_len, vocab)
+    s0 = _snapshot(llm)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    s1 = _snapshot(llm)
+    tokens = sum(len(o.token_ids) for o in outs)
+    steps = s1["steps"] - s0["steps"]
+    return {"batch": batch, "output_tokens": tokens, "wall_s": wall, "output_tok_s": tokens / wall,
+            "steps": steps, "mean_step_ms": 1e3 * (s1["lat"] - s0["lat"]) / max(steps, 1),
+            "cpu_ms_per_step": 1e3 * (s1["cpu"] - s0["cpu"]) / max(steps, 1),
+            "tokens_computed": s1["computed"] - s0["computed"],
+            "tokens_committed": s1["committed"] - s0["committed"]}
+
+
+def _snapshot(llm) -> dict:
+    s = llm.engine.stats
+    return {"steps": s.steps, "lat": s.step_latency_sum_s, "cpu": s.cpu_time_sum_s,
+            "computed": s.tokens_computed, "committed": s.tokens_committed}
+
+
+def run_surface(shape: str, batches, chunks, context: int) -> dict:
+    from optimus.engine.latency import LatencyProfile
+    from optimus.engine.runner_profile import make_step_fn
+
+    llm = _llm(shape, "fixed:32", max_running=max(batches))
+    step = make_step_fn(llm.engine, context=context, repeats=5)
+    points = []
+    for b in batches:
+        for c in chunks:
+            if b * c > 16384:
+                continue
+            step(b, c)  # warm-up / graph capture
+            points.append({"batch": b, "chunk": c, "tokens": b * c, "seconds": step(b, c)})
+            print(f"  surface {shape} batch={b:4d} chunk={c:3d}: {1e3 * points[-1]['seconds']:.2f} ms", flush=True)
+    profile = LatencyProfile.from_pairs([(p["tokens"], p["seconds"]) for p in points])
+    _free(llm)
+    return {"shape": shape, "context": context, "points": points, "knee_tokens": float(profile.knee)}
+
+
+def run_schedule4(shape: str, batches, prompt_len=256, gen_len=256) -> list[dict]:
+    params = SamplingParams(max_tokens=gen_len, rule="topk", tokens_per_step=4, ignore_eos=True)
+    llm = _llm(shape, "fixed:32", max_running=max(batches), block_size=32)
+    rows = []
+    for b in batches:
+        r = timed_generate(llm, b, prompt_len, gen_len, params)
+        r.update(shape=shape, policy="fixed:32", schedule="4 tokens/step")
+        print(f"  schedule4 {shape} batch={b}: {r['output_tok_s']:.0f} tok/s, step {r['mean_step_ms']:.2f} ms, "
+              f"cpu {r['cpu_ms_per_step']:.2f} ms/step", flush=True)
+        rows.append(r)
+    _free(llm)
+    return rows
+
+
+def run_ar(shape: str, batches, prompt_len=256, gen_len=256) -> list[dict]:
+    params = SamplingParams(max_tokens=gen_len, rule="topk", tokens_per_step=1, ignore_eos=True)
+    llm = _llm(shape, "ar", max_running=max(batches))
+    rows = []
+    for b in batches:
+        r = timed_generate(llm, b, prompt_len, gen_len, params)
+        r.update(shape=shape, policy="ar")
+        print(f"  ar {shape} batch={b}: {r['output_tok_s']:.0f} tok/s, step {r['mean_step_ms']:.2f} ms", flush=True)
+        rows.append(r)
+    _free(llm)
+    return rows
+
+
+def run_sweep(shape: str, policies, concurrencies, acceptance: dict[int, list[int]], prompt_len=256,
+              gen_len=256) -> list[dict]:
+    params = SamplingParams(max_tokens=gen_len, ignore_eos=True)
+    rows = []
+    for policy in policies:
+        llm = _llm(shape, policy, commit_rule=ReplayAcceptance(acceptance), max_running=max(concurrencies),
+                   block_size=32)
+        for n in concurrencies:
+            r = timed_generate(llm, n, prompt_len, gen_len, params)
+            r.update(shape=shape, policy=policy, concurrency=n, acceptance="replayed (default model)")
+            print(f"  sweep {shape} {policy:9s} conc={n:4d}: {r['output_tok_s']:.0f} tok/s", flush=True)
+            rows.append(r)
+        _free(llm)
+    return rows
+
+
+def run_matmul(shape: str, tokens: int = 8192) -> dict:
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    torch.cuda.synchronize()
+    mm_tflops = 10 * 2 * 8192 ** 3 / (time.perf_counter() - t0) / 1e12
+    del a, b
+    from optimus.engine.runner_profile import make_step_fn
+
+    llm = _llm(shape, "fixed:32", max_running=64, graph_max_tokens=1024)
+    step = make_step_fn(llm.engine, context=512, repeats=5)
+    step(8, tokens // 8)
+    seconds = step(8, tokens // 8)
+    arch = llm.engine.spec.arch
+    params = sum(p.numel() for n, p in llm.engine.loaded.model.named_parameters() if "embed_tokens" not in n)
+    layers, heads, d = arch.num_layers, arch.num_heads, arch.head_dim
+    q_per_req, kv_len = tokens // 8, 512 + tokens // 8
+    attn = 4 * layers * heads * d * 8 * q_per_req * kv_len
+    flops = 2 * params * tokens + attn
+    _free(llm)
+    return {"shape": shape, "tokens": tokens, "seconds": seconds, "tflops": flops / seconds / 1e12,
+            "matmul_tflops": mm_tflops, "fraction_of_matmul": flops / seconds / 1e12 / mm_tflops}
+
+
+def load_acceptance(path: str) -> dict[int, list[int]]:
+    data = json.loads(Path(path).read_text())
+    dist = data.get("distribution", data)
+    out = {}
+    for c, v in dist.items():
+        if isinstance(v, dict):  # histogram {commits: count}
+            out[int(c)] = [int(k) for k, n in v.items() for _ in range(int(n))]
+        else:
+            out[int(c)] = [int(x) for x in v]
+    return out
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--experiments", default="surface,schedule4,ar,matmul,sweep",
+                   help="comma list of surface, schedule4, ar, sweep, matmul")
+    p.add_argument("--dllm-shape", default="llada-8b", choices=sorted(SHAPES))
+    p.add_argument("--sweep-shape", default="sdar-8b", choices=sorted(SHAPES))
+    p.add_argument("--ar-shapes", default="llama-8b,llada-8b")
+    p.add_argument("--batches", default="1,8,32,128")
+    p.add_argument("--concurrency", default="1,8,32,128,256")
+    p.add_argument("--policies", default="ar,fixed:4,fixed:8,fixed:16,fixed:32,fixed:64,elastic")
+    p.add_argument("--acceptance", default=None, help="acceptance-profile JSON measured on the default model")
+    p.add_argument("--out", required=True, help="JSON file to write (sections are merged into it)")
+
+
+def run(args: argparse.Namespace) -> int:
+    if not torch.cuda.is_available():
+        raise ValueError("bench offline needs a CUDA device")
+    ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
+    out = Path(args.out)
+    result = json.loads(out.read_text()) if out.exists() else {}
+    result["device"] = torch.cuda.get_device_name()
+    result["torch"] = torch.__version__
+    for exp in args.experiments.split(","):
+        t0 = time.perf_counter()
+        print(f"[{exp}]", flush=True)
+        if exp == "surface":
+            result["surface"] = run_surface(args.dllm_shape, [1, 8, 32, 64, 128, 256], [1, 4, 8, 16, 32, 64], 512)
+        elif exp == "schedule4":
+            result["schedule4"] = run_schedule4(args.dllm_shape, ints(args.batches))
+        elif exp == "ar":
+            result["ar"] = [r for s in args.ar_shapes.split(",") for r in run_ar(s, ints(args.batches))]
+        elif exp == "matmul":
+            result["matmul"] = run_matmul(args.dllm_shape)
+        elif exp == "sweep":
+            if not args.acceptance:
+                raise ValueError("the sweep needs --acceptance (a profile measured on the default model)")
+            result["sweep"] = run_sweep(args.sweep_shape, args.policies.split(","), ints(args.concurrency),
+                                        load_acceptance(args.acceptance))
+        else:
+            raise ValueError(f"unknown experiment {exp!r}")
+        result.setdefault("elapsed_s", {})[exp] = time.perf_counter() - t0
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2))
+    return 0

@@ -1,0 +1,235 @@
+"""`elastic`: the saturation-aware chunk controller (control law in docs/policies.md).
+
+Cost model, per decoding request at chunk ``C`` (amortised over the steps of one chunk):
+the chunk costs ``C`` rows every step, and once all its positions are committed it is stored
+by one more forward row per position in the next step. A chunk lasts ``C / tau(C)`` steps, so
+the store adds ``tau(C)`` rows per step on average: ``cost(C) = C + tau(C)`` and the request
+commits ``tau(C)`` per step. ``ar`` (C=1, tau=1) therefore costs 2 rows per committed token in
+this engine: the committed position is computed once as a mask and once more when stored.
+
+Each step the controller maximises predicted committed tokens per second
+``J = sum_r tau(C_r) / T(P + sum_r cost(C_r))`` over the chunk sizes, where ``T`` is the
+profiled latency curve times an online correction and ``P`` the smoothed tokens of the step
+that are not these requests' (prefill pieces, pinned requests). Allocation is greedy by
+marginal efficiency on each request's concave ladder of sizes; requests are ranked oldest
+first, so a plan maps to the same requests step after step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from optimus.engine.latency import LatencyProfile
+from optimus.engine.policies.base import RequestView, StepFeedback, StepView, override_chunk
+from optimus.engine.policies.estimators import LatencyCorrector, TauEstimator, TokenLoad
+
+DEFAULT_CHUNK_SIZES = (1, 2, 4, 8, 16, 32, 64)
+DEFAULT_KNEE = 256  # tokens; used only without a profile, until corrected online
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the controller decided in its latest step (for statistics and logs)."""
+
+    target_positions: int  # the hysteresis state: planned chunk positions of the elastic requests
+    positions: int  # planned chunk positions this step (before clipping to the block ends)
+    predicted_tokens: float  # amortised step tokens, P + sum(cost)
+    predicted_latency_s: float
+    predicted_rate: float  # committed tokens per second
+    retargeted: bool
+
+
+@dataclass(frozen=True)
+class _Ladder:
+    """The sizes on the upper concave hull of (cost, tau) for one planning cap: climbing it
+    one rung at a time is the greedy's order, with strictly falling marginal efficiency."""
+
+    sizes: np.ndarray  # [L] ascending, sizes[0] == 1
+    taus: np.ndarray  # [L]
+    costs: np.ndarray  # [L]
+    variances: np.ndarray  # [L] variance of the request's rows per step (store lumps)
+
+
+def _ladder(cap: int, chunk_sizes: tuple[int, ...], tau: TauEstimator, store_cost: bool) -> _Ladder:
+    sizes = np.array(sorted({c for c in chunk_sizes if c <= cap} | {1, cap}), dtype=float)
+    taus = tau(sizes)
+    costs = sizes + (taus if store_cost else 0.0)
+    variances = store_variance(sizes, taus) if store_cost else np.zeros_like(sizes)
+    hull = [0]
+    for j in range(1, len(sizes)):
+        if taus[j] <= taus[hull[-1]]:
+            continue  # no gain in commits: never worth its rows
+        while len(hull) >= 2:
+            a, b = hull[-2], hull[-1]
+            slope_ab = (taus[b] - taus[a]) / (costs[b] - costs[a])
+            slope_aj = (taus[j] - taus[a]) / (costs[j] - costs[a])
+            if slope_aj < slope_ab:
+                break
+            hull.pop()  # b lies on or under the chord a-j
+        hull.append(j)
+    idx = np.array(hull)
+    return _Ladder(sizes[idx], taus[idx], costs[idx], variances[idx])
+
+
+def store_variance(sizes: np.ndarray, taus: np.ndarray) -> np.ndarray:
+    """A chunk of C lasting C/tau steps is stored (C rows) in a given step with probability
+    tau/C: the rows it adds per step have variance C^2 p (1-p) = tau (C - tau)."""
+    return taus * (sizes - taus)
+
+
+def expected_latency(latency, tokens: np.ndarray, sd: np.ndarray) -> np.ndarray:
+    """E[T(tokens + sd Z)], Z standard normal, by 3-point Gauss-Hermite quadrature: steps
+    whose token count scatters around a knee cost more than the curve at their mean."""
+    h = math.sqrt(3.0) * sd
+    return (4.0 * latency(tokens) + latency(np.maximum(tokens - h, 1.0)) + latency(tokens + h)) / 6.0
+
+
+@dataclass(frozen=True)
+class _Rungs:
+    """All upgrades of all elastic requests in greedy order. Index m of the cumulative arrays
+    is the allocation that applied the first m upgrades (m = 0: everyone at size 1)."""
+
+    request: np.ndarray  # [U] index into the elastic requests
+    size: np.ndarray  # [U] size the request moves up to
+    gain: np.ndarray  # [U+1] cumulative extra committed tokens per step
+    cost: np.ndarray  # [U+1] cumulative amortised tokens
+    var: np.ndarray  # [U+1] cumulative variance of the step's rows
+    positions: np.ndarray  # [U+1] cumulative planned chunk positions
+    actual: np.ndarray  # [U+1] cumulative chunk positions after clipping to max_chunk
+
+
+def _rungs(requests: list[RequestView], ladders: dict[int, _Ladder], caps: list[int]) -> _Rungs:
+    caps_a = np.array(caps)
+    max_chunk = np.array([r.max_chunk for r in requests], dtype=float)
+    parts: list[tuple[np.ndarray, ...]] = []
+    for cap, lad in ladders.items():
+        idx = np.nonzero(caps_a == cap)[0]  # [G] requests sharing this ladder
+        if len(lad.sizes) < 2 or len(idx) == 0:
+            continue
+        rungs = len(lad.sizes) - 1
+        clipped = np.minimum(lad.sizes[None, :], max_chunk[idx, None])  # [G, L]
+        dtau, dcost = np.diff(lad.taus), np.diff(lad.costs)
+        tile = lambda x: np.tile(x, len(idx))  # noqa: E731
+        parts.append((np.repeat(idx, rungs), tile(lad.sizes[1:]), tile(dtau), tile(dcost),
+                      tile(np.diff(lad.variances)), tile(np.diff(lad.sizes)),
+                      np.diff(clipped, axis=1).reshape(-1), tile(dtau / dcost)))
+    if not parts:
+        zero = np.zeros(1)
+        return _Rungs(np.zeros(0, dtype=int), np.zeros(0), zero, zero, zero, zero, zero)
+    req, size, dtau, dcost, dvar, dpos, dact, eff = (np.concatenate(col) for col in zip(*parts))
+    order = np.lexsort((req, -eff))  # best efficiency first; ties: oldest request first
+
+    def cum(x: np.ndarray) -> np.ndarray:
+        return np.concatenate([[0.0], np.cumsum(x[order])])
+
+    return _Rungs(req[order], size[order], cum(dtau), cum(dcost), cum(dvar), cum(dpos), cum(dact))
+
+
+class ElasticPolicy:
+    """Saturation-aware chunk sizes. ``profile``: the device's latency curve (None: a generic
+    knee at DEFAULT_KNEE tokens scaled by the first measured step, corrected online);
+    ``tau_prior``: expected commits per step by chunk size; ``hysteresis``: a new plan must
+    beat the current one by this predicted fraction before it replaces it."""
+
+    def __init__(self, profile: LatencyProfile | None = None, tau_prior: dict[int, float] | None = None,
+                 chunk_sizes: tuple[int, ...] = DEFAULT_CHUNK_SIZES, hysteresis: float = 0.02,
+                 correction_rate: float = 0.03, tau_decay: float = 0.98, load_rate: float = 0.05,
+                 store_cost: bool = True, name: str = "elastic") -> None:
+        if not chunk_sizes or min(chunk_sizes) < 1:
+            raise ValueError("elastic policy needs chunk sizes >= 1")
+        if hysteresis < 0:
+            raise ValueError("hysteresis must be >= 0")
+        self.name = name
+        self.chunk_sizes = tuple(sorted(set(int(c) for c in chunk_sizes) | {1}))
+        self.hysteresis, self.store_cost = hysteresis, store_cost
+        # Without a profile: a generic knee in arbitrary units, rescaled by the first step.
+        self.profile = profile or LatencyProfile.synthetic(1.0, DEFAULT_KNEE, 1.0 / DEFAULT_KNEE)
+        self._rescale = profile is None
+        self.tau = TauEstimator(self.chunk_sizes, tau_prior, decay=tau_decay)
+        self.correction = LatencyCorrector(rate=correction_rate)
+        self.load = TokenLoad(rate=load_rate)
+        self.target: int | None = None  # hysteresis state: planned positions of the elastic requests
+        self.retargets = 0
+        self.last_plan: Plan | None = None
+        self._last: np.ndarray | None = None  # all sizes chosen in the latest step
+
+    # ---- the model the decision reads ----------------------------------------------------
+    def _cost(self, sizes: np.ndarray) -> np.ndarray:
+        return sizes + (self.tau(sizes) if self.store_cost else 0.0)
+
+    def _variance(self, sizes: np.ndarray) -> np.ndarray:
+        return store_variance(sizes, self.tau(sizes)) if self.store_cost else np.zeros_like(sizes)
+
+    def predict_latency(self, tokens: np.ndarray, batch: int) -> np.ndarray:
+        """Corrected latency curve at step token counts ``tokens`` [K]."""
+        return self.profile.predict_many(tokens, batch) * self.correction.factor(tokens)
+
+    # ---- ChunkPolicy ---------------------------------------------------------------------
+    def choose(self, view: StepView) -> list[int]:
+        out = [override_chunk(r) for r in view.requests]
+        elastic = [i for i, c in enumerate(out) if c is None]
+        pinned = np.array([c for c in out if c is not None], dtype=float)
+        if elastic:
+            requests = [view.requests[i] for i in elastic]
+            for i, c in zip(elastic, self._allocate(requests, view, pinned)):
+                out[i] = c
+        self._last = np.array(out, dtype=float)
+        return out
+
+    def observe(self, feedback: StepFeedback) -> None:
+        self.tau.observe(feedback.chunk_sizes, feedback.committed)
+        if feedback.latency_s > 0 and feedback.num_tokens > 0:
+            batch = max(len(feedback.chunk_sizes), 1)
+            if self._rescale:
+                t0 = feedback.latency_s / max(1.0, feedback.num_tokens / DEFAULT_KNEE)
+                self.profile = LatencyProfile.synthetic(t0, DEFAULT_KNEE, t0 / DEFAULT_KNEE)
+                self._rescale = False
+            base = float(self.profile.predict_many(np.array([feedback.num_tokens]), batch)[0])
+            self.correction.observe(feedback.num_tokens, feedback.latency_s, base)
+        if self._last is not None:
+            self.load.observe(feedback.num_tokens, float(np.sum(self._cost(self._last))),
+                              float(np.sum(self._variance(self._last))))
+
+    # ---- the control law -----------------------------------------------------------------
+    def _allocate(self, requests: list[RequestView], view: StepView, pinned: np.ndarray) -> list[int]:
+        top = max(self.chunk_sizes)
+        caps = [max(1, min(r.block_size, top)) for r in requests]  # planning caps ignore block ends
+        ladders = {c: _ladder(c, self.chunk_sizes, self.tau, self.store_cost) for c in set(caps)}
+        rungs = _rungs(requests, ladders, caps)
+        n = len(requests)
+        one = np.ones(1)
+        base_gain = n * float(self.tau(one)[0]) + float(np.sum(self.tau(pinned)))
+        base_cost = self.load.mean + float(np.sum(self._cost(pinned))) + n * float(self._cost(one)[0])
+        base_var = self.load.extra_var + float(np.sum(self._variance(pinned)))
+        tokens = base_cost + rungs.cost
+        batch = len(view.requests)
+        latency = expected_latency(lambda x: self.predict_latency(x, batch), tokens, np.sqrt(base_var + rungs.var))
+        rate = (base_gain + rungs.gain) / latency
+        actual = view.fixed_tokens + float(np.sum(pinned)) + n + rungs.actual
+        feasible = int(np.searchsorted(actual, view.token_budget, side="right")) - 1
+        rate[max(feasible, 0) + 1:] = -np.inf  # the step's real rows must fit the budget
+        best = int(np.argmax(rate))  # first maximum: fewer tokens on ties
+        m, retargeted = self._apply_hysteresis(rungs, rate, best, n)
+        sizes = np.ones(n, dtype=int)
+        np.maximum.at(sizes, rungs.request[:m], rungs.size[:m].astype(int))
+        out = [int(min(s, r.max_chunk)) for s, r in zip(sizes, requests)]
+        self.last_plan = Plan(self.target or 0, int(n + rungs.positions[m]), float(tokens[m]),
+                              float(latency[m]), float(rate[m]), retargeted)
+        return out
+
+    def _apply_hysteresis(self, rungs: _Rungs, rate: np.ndarray, best: int, n: int) -> tuple[int, bool]:
+        """Keep the current target (planned chunk positions) unless the best allocation is
+        predicted to be better by more than ``hysteresis``; returns (upgrades applied, moved)."""
+        if self.target is not None:
+            kept = int(np.searchsorted(n + rungs.positions, self.target, side="right")) - 1
+            kept = min(max(kept, 0), len(rate) - 1)
+            while kept > 0 and not math.isfinite(rate[kept]):
+                kept -= 1  # over the token budget: step down, the target itself is kept
+            if rate[best] <= (1.0 + self.hysteresis) * rate[kept]:
+                return kept, False
+        self.target = int(n + rungs.positions[best])
+        self.retargets += 1
+        return best, True
