@@ -37,8 +37,8 @@ def generate(model: DecoderLM, prompt_ids, *, max_new_tokens: int, temperature: 
              top_k: int = 0, top_p: float = 1.0, stop_ids: tuple[int, ...] = (),
              use_cache: bool = True) -> DecodeResult:
     if model.spec.attention is not AttentionKind.CAUSAL:
-        raise ValueError(f"autoregressive decoding needs a causal LM; {model.spec.family!r} is "
-                         f"{model.spec.attention.value}")
+        raise ValueError(f"autoregressive decoding needs a causal LM; {model.spec.family!r} uses "
+                         f"{model.spec.attention.value} attention")
     if max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be positive")
     call = ModelCall(model)

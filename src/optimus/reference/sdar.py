@@ -132,15 +132,16 @@ def block_diffusion_generate(model: DecoderLM, prompt_ids, *, gen_length: int, b
                              top_p: float = 1.0, remasking_strategy: str = "low_confidence_dynamic",
                              confidence_threshold: float = 0.85, stop_ids: tuple[int, ...] | None = None,
                              mask_id: int | None = None, filtered_confidence: bool = False) -> DecodeResult:
-    block_length = block_length or model.spec.block_size
-    steps = denoising_steps or block_length
+    if model.spec.attention is not AttentionKind.BLOCK_CAUSAL:
+        raise ValueError(f"SDAR block diffusion needs a block-causal model; {model.spec.family!r} uses "
+                         f"{model.spec.attention.value} attention")
     if remasking_strategy not in STRATEGIES:
         raise ValueError(f"remasking_strategy must be one of {STRATEGIES}, got {remasking_strategy!r}")
+    block_length = block_length or model.spec.block_size
+    steps = denoising_steps or block_length
     if not block_length or gen_length <= 0 or steps <= 0:
         raise ValueError(f"block_length={block_length}, gen_length={gen_length} and "
                          f"denoising_steps={steps} must be positive")
-    if model.spec.attention is not AttentionKind.BLOCK_CAUSAL:
-        raise ValueError(f"SDAR block diffusion needs a block-causal model, not {model.spec.family!r}")
     call = ModelCall(model, block_size=block_length)
     clock = Stopwatch(call.device)
     b = _Blocks(call, as_batch(prompt_ids, call.device), gen_length, block_length, call.mask_id(mask_id))
