@@ -140,6 +140,13 @@ def test_missing_file_is_named(fname, tiny_checkpoint):
         load_model(path, device="cpu", progress=False)
 
 
+def test_dream_style_tokenizer_files_load(tiny_checkpoint):
+    path = tiny_checkpoint("dream", tokenizer_format="vocab_merges")
+    loaded = load_model(path, device="cpu", progress=False)
+    assert loaded.spec == load_model(tiny_checkpoint("dream"), device="cpu", progress=False).spec
+    assert loaded.tokenizer.encode("<|mask|>") == [loaded.spec.mask_id]
+
+
 def test_missing_shard_is_named(tiny_checkpoint):
     path = tiny_checkpoint("sdar", shards=2)
     (path / "model-00002-of-00002.safetensors").unlink()

@@ -104,18 +104,48 @@ def test_generation_config_eos_ids(tokenizer_for):
 
 
 def test_missing_tokenizer_json(tmp_path):
-    with pytest.raises(TokenizerError, match="missing file: .*tokenizer.json"):
+    with pytest.raises(TokenizerError, match=r"missing file: .*tokenizer.json \(nor vocab.json"):
         Tokenizer.from_dir(tmp_path)
 
 
 def test_added_token_only_in_config_is_registered(tiny_checkpoint):
     path = tiny_checkpoint("qwen3")
     config = json.loads((path / "tokenizer_config.json").read_text())
-    config["added_tokens_decoder"]["400"] = {"content": "<|extra|>", "special": True}
+    next_id = Tokenizer.from_dir(path).vocab_size
+    config["added_tokens_decoder"][str(next_id)] = {"content": "<|extra|>", "special": True}
     (path / "tokenizer_config.json").write_text(json.dumps(config))
     tok = Tokenizer.from_dir(path)
-    [extra] = tok.encode("<|extra|>")
-    assert tok.id_to_token(extra) == "<|extra|>" and extra in tok.all_special_ids
+    assert tok.encode("a<|extra|>")[1:] == [next_id] and next_id in tok.all_special_ids
+    assert tok.decode(tok.encode("a<|extra|>")) == "a"
+    config["added_tokens_decoder"][str(next_id + 5)] = {"content": "<|gap|>", "special": True}
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(TokenizerError, match=f"puts '<\\|gap\\|>' at id {next_id + 5}"):
+        Tokenizer.from_dir(path)
+
+
+@pytest.mark.parametrize("family", ["dream", "qwen2"])
+def test_vocab_and_merges_without_tokenizer_json(family, tiny_checkpoint):
+    """Dream ships vocab.json + merges.txt (specials only in tokenizer_config): same ids as the
+    tokenizer.json form, and as transformers' own Qwen2 tokenizer over the same files."""
+    files = tiny_checkpoint(family, tokenizer_format="vocab_merges")
+    assert not (files / "tokenizer.json").exists()
+    slow, fast = Tokenizer.from_dir(files), Tokenizer.from_dir(tiny_checkpoint(family))
+    texts = TEXTS + ["I'm 12345 years old!!\n\n  ok", slow.apply_chat_template(CHAT)]
+    for text in texts:
+        assert slow.encode(text) == fast.encode(text)
+        assert slow.decode(slow.encode(text), skip_special_tokens=False) == text
+    assert slow.mask_token_id == fast.mask_token_id and slow.eos_token_ids == fast.eos_token_ids
+    transformers = pytest.importorskip("transformers")
+    reference = transformers.AutoTokenizer.from_pretrained(str(files))
+    for text in texts:
+        assert slow.encode(text) == reference(text, add_special_tokens=False)["input_ids"]
+
+
+def test_vocab_and_merges_need_a_known_class(tiny_checkpoint):
+    path = tiny_checkpoint("qwen3", tokenizer_format="vocab_merges")
+    _edit_tokenizer_config(path, tokenizer_class="GPT2Tokenizer")
+    with pytest.raises(TokenizerError, match="tokenizer_class='GPT2Tokenizer'"):
+        Tokenizer.from_dir(path)
 
 
 # ------------------------------------------------------------------ chat templates

@@ -165,8 +165,9 @@ def _spec_from_dir(root: Path) -> tuple[Family, ModelSpec]:
 
 
 def _tokenizer_from_dir(root: Path) -> Tokenizer:
-    if not (root / "tokenizer.json").is_file():
-        raise MissingFileError(f"missing file: tokenizer.json in {root}")
+    slow_files = (root / "vocab.json").is_file() and (root / "merges.txt").is_file()
+    if not (root / "tokenizer.json").is_file() and not slow_files:
+        raise MissingFileError(f"missing file: tokenizer.json (nor vocab.json + merges.txt) in {root}")
     try:
         return Tokenizer.from_dir(root)
     except TokenizerError as exc:

@@ -19,7 +19,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import jinja2
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from tokenizers import AddedToken
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as _Backend
 
 
@@ -30,6 +30,15 @@ class TokenizerError(ValueError):
 class ChatTemplateError(ValueError):
     """No chat template, or the template failed (including sandbox refusals)."""
 
+
+# Pre-tokenizer split patterns of the byte-level BPE families (Qwen2 splits digits one by one,
+# Llama 3 in groups of up to three).
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+# Slow tokenizer classes whose vocab.json + merges.txt we can rebuild (Dream ships no tokenizer.json).
+_QWEN2_STYLE_CLASSES = ("Qwen2Tokenizer", "Qwen2TokenizerFast", "DreamTokenizer")
 
 # Tokens that end an assistant turn, by the names families give them.
 _END_OF_TURN_NAMES = ("<|eot_id|>", "<|im_end|>", "<|end_of_turn|>", "<end_of_turn>", "<|eot|>")
@@ -130,30 +139,28 @@ class Tokenizer:
 
     @classmethod
     def from_dir(cls, path: str | Path) -> "Tokenizer":
+        """``tokenizer.json``, or else a Qwen2-style ``vocab.json`` + ``merges.txt`` pair."""
         path = Path(path)
-        tok_file = path / "tokenizer.json"
-        if not tok_file.is_file():
-            raise TokenizerError(f"missing file: {tok_file} (only tokenizer.json tokenizers are supported)")
-        try:
-            backend = _Backend.from_file(str(tok_file))
-        except Exception as exc:  # the Rust library raises bare Exception subclasses
-            raise TokenizerError(f"cannot parse {tok_file}: {exc}") from exc
         config = _read_json(path / "tokenizer_config.json")
         generation = _read_json(path / "generation_config.json")
         jinja_file = path / "chat_template.jinja"
         extra = jinja_file.read_text(encoding="utf-8") if jinja_file.is_file() else None
-        return cls(backend, TokenizerSettings.from_dicts(config, generation, extra))
+        return cls(_load_backend(path, config), TokenizerSettings.from_dicts(config, generation, extra))
 
     def _register_added_tokens(self) -> None:
-        """tokenizer_config's added_tokens_decoder and named specials must be special tokens of
-        the backend too (older files list some only in the config)."""
+        """tokenizer_config's added_tokens_decoder and named specials must be tokens of the
+        backend too (vocab.json tokenizers list them only in the config), at the ids it names."""
         known = self._backend.get_added_tokens_decoder()
-        missing = [content for i, (content, special) in sorted(self.settings.added_tokens.items())
-                   if special and (i not in known or known[i].content != content)]
+        added = sorted(self.settings.added_tokens.items())
+        missing = [content for i, (content, _) in added if i not in known or known[i].content != content]
         missing += [t for t in self.settings.special_tokens.values()
                     if self._backend.token_to_id(t) is None and t not in missing]
-        if missing:
-            self._backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
+        specials = {c for _, (c, special) in added if special} | set(self.settings.special_tokens.values())
+        self._backend.add_tokens([AddedToken(t, special=t in specials, normalized=False) for t in missing])
+        for token_id, (content, _) in added:
+            if self._backend.token_to_id(content) != token_id:
+                raise TokenizerError(f"tokenizer_config.json puts {content!r} at id {token_id}, but the "
+                                     f"tokenizer gives it id {self._backend.token_to_id(content)}")
 
     # ------------------------------------------------------------ vocabulary
 
@@ -272,6 +279,37 @@ class Tokenizer:
             except jinja2.exceptions.TemplateSyntaxError as exc:
                 raise ChatTemplateError(f"chat template does not parse: {exc}") from exc
         return self._compiled[source]
+
+
+def _load_backend(path: Path, config: Mapping[str, Any]) -> _Backend:
+    tok_file = path / "tokenizer.json"
+    if tok_file.is_file():
+        try:
+            return _Backend.from_file(str(tok_file))
+        except Exception as exc:  # the Rust library raises bare Exception subclasses
+            raise TokenizerError(f"cannot parse {tok_file}: {exc}") from exc
+    vocab, merges = path / "vocab.json", path / "merges.txt"
+    if not (vocab.is_file() and merges.is_file()):
+        raise TokenizerError(f"missing file: {tok_file} (nor vocab.json + merges.txt)")
+    cls = str(config.get("tokenizer_class", ""))
+    if cls not in _QWEN2_STYLE_CLASSES:
+        raise TokenizerError(f"missing file: {tok_file}; vocab.json + merges.txt are only understood for "
+                             f"{', '.join(_QWEN2_STYLE_CLASSES)}, not tokenizer_class={cls!r}")
+    return qwen2_style_backend(vocab, merges)
+
+
+def qwen2_style_backend(vocab_file: Path, merges_file: Path) -> _Backend:
+    """Byte-level BPE as Qwen2's tokenizer defines it: NFC, the Qwen2 split, byte mapping."""
+    vocab = json.loads(vocab_file.read_text(encoding="utf-8"))
+    lines = merges_file.read_text(encoding="utf-8").splitlines()
+    merges = [tuple(line.split(" ")) for line in lines if line and not line.startswith("#version")]
+    backend = _Backend(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+    backend.normalizer = normalizers.NFC()
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    backend.decoder = decoders.ByteLevel()
+    return backend
 
 
 def _read_json(path: Path) -> dict:

@@ -21,12 +21,13 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 from optimus.loader import write_safetensors
 from optimus.models.registry import spec_from_config
 from optimus.models.spec import ModelSpec
 from optimus.models.transformer import DecoderLM
+from optimus.tokenizer import LLAMA3_SPLIT, QWEN2_SPLIT
 
 TINY_VOCAB = 384  # model vocab (embedding rows); the tokenizer uses the first ~330 ids
 _NUM_MERGES = 64
@@ -68,6 +69,7 @@ class TinyFamily:
     specials: tuple[str, ...]
     roles: dict[str, str]  # bos/eos/pad/mask/eot -> token string (absent role: none)
     chat_template: str
+    split: str = QWEN2_SPLIT  # pre-tokenizer pattern (the merges are shared by all families)
     bos_post_processor: bool = False  # tokenizer.json prepends bos when add_special_tokens
     tie_embeddings: bool = False
     extra_tokenizer_config: dict = field(default_factory=dict)
@@ -81,7 +83,7 @@ FAMILIES: dict[str, TinyFamily] = {
         "llada", ("<|startoftext|>", "<|endoftext|>", "<|mdm_mask|>") + _LLAMA3_SPECIALS,
         {"bos": "<|startoftext|>", "eos": "<|endoftext|>", "pad": "<|endoftext|>",
          "mask": "<|mdm_mask|>", "eot": "<|eot_id|>"},
-        LLAMA3_TEMPLATE, bos_post_processor=True),
+        LLAMA3_TEMPLATE, split=LLAMA3_SPLIT, bos_post_processor=True),
     "dream": TinyFamily(
         "dream", _CHATML_SPECIALS + ("<|beginoftext|>", "<|mask|>"),
         {"bos": "<|beginoftext|>", "eos": "<|endoftext|>", "pad": "<|endoftext|>",
@@ -94,7 +96,7 @@ FAMILIES: dict[str, TinyFamily] = {
     "llama": TinyFamily(
         "llama", ("<|begin_of_text|>", "<|end_of_text|>") + _LLAMA3_SPECIALS,
         {"bos": "<|begin_of_text|>", "eos": "<|eot_id|>", "eot": "<|eot_id|>"},
-        LLAMA3_TEMPLATE, bos_post_processor=True),
+        LLAMA3_TEMPLATE, split=LLAMA3_SPLIT, bos_post_processor=True),
     "qwen2": TinyFamily(
         "qwen2", _CHATML_SPECIALS,
         {"eos": "<|im_end|>", "pad": "<|endoftext|>", "eot": "<|im_end|>"}, CHATML_SYSTEM_TEMPLATE),
@@ -160,10 +162,13 @@ def role_ids(family: str) -> dict[str, int]:
 
 def build_tokenizer(family: str) -> Tokenizer:
     vocab, merges = _base_vocab()
-    tok = Tokenizer(models.BPE(vocab=dict(vocab), merges=list(merges)))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
     fam = FAMILIES[family]
+    tok = Tokenizer(models.BPE(vocab=dict(vocab), merges=list(merges)))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(fam.split), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in fam.specials])
     if fam.bos_post_processor:
         bos = fam.roles["bos"]
@@ -172,6 +177,20 @@ def build_tokenizer(family: str) -> Tokenizer:
     else:
         tok.post_processor = processors.ByteLevel(trim_offsets=False)
     return tok
+
+
+def write_tokenizer(family: str, directory: Path, fmt: str = "json") -> None:
+    """``fmt="json"``: tokenizer.json. ``fmt="vocab_merges"``: vocab.json + merges.txt with the
+    special tokens only in tokenizer_config.json (Dream's layout; Qwen2-style families only)."""
+    if fmt == "json":
+        build_tokenizer(family).save(str(directory / "tokenizer.json"))
+        return
+    if fmt != "vocab_merges" or FAMILIES[family].split != QWEN2_SPLIT:
+        raise ValueError(f"tokenizer format {fmt!r} is not available for {family}")
+    vocab, merges = _base_vocab()
+    _write_json(directory / "vocab.json", vocab)
+    lines = ["#version: 0.2"] + [f"{a} {b}" for a, b in merges]
+    (directory / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 def _tokenizer_config(family: str) -> dict:
@@ -354,8 +373,11 @@ def _write_json(path: Path, obj: dict) -> None:
 
 
 def make_tiny_checkpoint(directory: str | Path, family: str, *, shards: int = 1, dtype: str = "float32",
-                         seed: int = 0, **config_overrides) -> Path:
-    """Write a complete tiny HF-style checkpoint directory for ``family`` and return its path."""
+                         seed: int = 0, tokenizer_format: str = "json", **config_overrides) -> Path:
+    """Write a complete tiny HF-style checkpoint directory for ``family`` and return its path.
+
+    ``tokenizer_format="vocab_merges"`` writes Dream's vocab.json + merges.txt instead of
+    tokenizer.json (ChatML families only)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config = tiny_config(family, **config_overrides)
@@ -364,6 +386,9 @@ def make_tiny_checkpoint(directory: str | Path, family: str, *, shards: int = 1,
     write_safetensors(checkpoint_tensors(family, model), directory, shards)
     _write_json(directory / "config.json", config)
     _write_json(directory / "generation_config.json", _generation_config(family, config))
-    build_tokenizer(family).save(str(directory / "tokenizer.json"))
-    _write_json(directory / "tokenizer_config.json", _tokenizer_config(family))
+    write_tokenizer(family, directory, tokenizer_format)
+    tok_config = _tokenizer_config(family)
+    if tokenizer_format == "vocab_merges":
+        tok_config["tokenizer_class"] = "Qwen2Tokenizer"
+    _write_json(directory / "tokenizer_config.json", tok_config)
     return directory
