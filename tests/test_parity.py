@@ -37,9 +37,7 @@ def hf_reference(model: torch.nn.Module, spec: ModelSpec):
         tie_word_embeddings=arch.tie_embeddings, attention_bias=arch.qkv_bias, hidden_act="silu")
     config._attn_implementation = "eager"
     hf = getattr(transformers, f"{name}ForCausalLM")(config).eval()
-    if name == "Qwen2":  # Qwen2 always has q/k/v biases
-        assert arch.qkv_bias
-    hf.load_state_dict(model.state_dict(), strict=True)
+    hf.load_state_dict(model.state_dict(), strict=True)  # same names: our layout is HF Llama/Qwen
     return hf
 
 
