@@ -116,6 +116,9 @@ class Scheduler:
             a, b = r.pending_store
             if not self._ensure_pages(r, b):
                 continue
+            # The stored rows count as cached from here on, so the next window (and the
+            # policy's view of it) starts after them.
+            r.cache_len, r.pending_store = b, None
             out[r.request_id] = RequestWork(r, a, b, b, [0] * (b - a), None)
         return out
 
@@ -138,14 +141,16 @@ class Scheduler:
         return chunks
 
     def _decode_work(self, r: Request, store: RequestWork | None, chunk: int) -> RequestWork:
-        if store is not None:
-            r.cache_len, r.pending_store = store.store_end, None
         start = store.start if store is not None else r.cache_len
         window = r.plan_window(chunk)
         rows_lo, rows_hi = r.rows_for(window)
+        if self.attention is AttentionKind.FULL and self.config.suffix_window:
+            # Mask positions after the chunk: computed (context for the chunk), never stored
+            # and never committed from; only full-attention models were trained to use them.
+            rows_hi = min(rows_hi + self.config.suffix_window, r.geometry.canvas_end)
         groups = ([0] * (rows_lo - start)) + [1] * (rows_hi - rows_lo)
         store_end = rows_lo
-        if self.attention is AttentionKind.CAUSAL and self._ensure_pages(r, rows_hi):
+        if self.attention is AttentionKind.CAUSAL and self._ensure_pages(r, rows_hi, preempt=False):
             store_end = rows_hi  # causal rows are final as soon as they are computed
             groups = list(range(start, rows_hi))
         r.window, r.chunk = window, window[1] - window[0]
@@ -173,7 +178,7 @@ class Scheduler:
             n = self._piece_len(r, target - r.cache_len, budget)
             if n <= 0:
                 continue
-            if not self._ensure_pages(r, r.cache_len + n):
+            if not self._ensure_pages(r, r.cache_len + n, preempt=False):
                 break
             a, b = r.cache_len, r.cache_len + n
             works.append(RequestWork(r, a, b, b, self._prefill_groups(r, a, b), None))
@@ -201,13 +206,18 @@ class Scheduler:
             n = self._piece_len(r, target, budget)
             if n <= 0:
                 continue
-            self._ensure_pages(r, n)
+            self._ensure_pages(r, n, preempt=False)
             works.append(RequestWork(r, 0, n, n, self._prefill_groups(r, 0, n), None))
             budget -= n
 
-    def _ensure_pages(self, r: Request, num_tokens: int) -> bool:
-        """Grow r's pages to ``num_tokens``, preempting the newest other requests if short."""
+    def _ensure_pages(self, r: Request, num_tokens: int, preempt: bool = True) -> bool:
+        """Grow r's pages to ``num_tokens``, preempting the newest other requests if short.
+
+        Only the store phase (before any work of the step exists) may preempt: a victim
+        must never already own rows in the step being planned."""
         while not self.allocator.ensure(r.pages, num_tokens):
+            if not preempt:
+                return False
             victim = next((v for v in reversed(self.running) if v is not r and v.pages), None)
             if victim is None:
                 return False
@@ -245,6 +255,6 @@ class Scheduler:
             chunk_sizes.append(w.window[1] - w.window[0])
             committed.append(r.last_committed)
             if r.window_finished(w.window) and w.store_end < w.end:
-                r.pending_store = (r.cache_len, w.end)
+                r.pending_store = (r.cache_len, w.window[1] - r.geometry.shift)
         if chunk_sizes:
             self.policy.observe(StepFeedback(plan.num_tokens, latency_s, tuple(chunk_sizes), tuple(committed)))
