@@ -29,16 +29,34 @@ def _prepare(args) -> None:
     print(json.dumps(prepare(cfg)))
 
 
+def _train_with_fallback(cfg):
+    """flex_attention under torch.compile is the fast path; if it fails to build on this
+    torch/GPU, fall back to compiled dense-mask SDPA, then to eager, rather than lose the run."""
+    import sys
+    from optimus.train.loop import Trainer
+    attempts = [cfg, replace(cfg, attention="mask"), replace(cfg, attention="mask", compile=False)]
+    for i, attempt in enumerate(dict.fromkeys(attempts)):
+        try:
+            trainer = Trainer(attempt)
+            return trainer, {**trainer.train(), "attention": attempt.attention, "compiled": attempt.compile}
+        except Exception as exc:  # noqa: BLE001 - any build failure moves to the next fallback
+            if attempt == attempts[-1]:
+                raise
+            print(f"training with attention={attempt.attention} compile={attempt.compile} failed: "
+                  f"{type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+    raise RuntimeError("unreachable")
+
+
 def _fit(args) -> None:
-    from optimus.train.loop import TrainConfig, Trainer
+    from optimus.train.loop import TrainConfig
     shape = replace(PRESETS[args.preset], vocab_size=args.vocab_size, max_position=args.seq_len)
     cfg = TrainConfig(data_dir=Path(args.data), out_dir=Path(args.out), shape=shape, seq_len=args.seq_len,
                       batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup, max_steps=args.steps,
                       train_seconds=args.seconds, device=args.device, compile=not args.no_compile,
-                      attention=args.attention, log_every=args.log_every,
+                      attention=args.attention, log_every=args.log_every, val_every=args.val_every,
+                      text_fraction=args.text_fraction,
                       max_shard_bytes=args.shard_mb * 2**20 if args.shard_mb else None)
-    trainer = Trainer(cfg)
-    summary = trainer.train()
+    trainer, summary = _train_with_fallback(cfg)
     summary["heldout_text_loss"] = trainer.heldout_loss("text_val")
     summary["params"] = sum(p.numel() for p in trainer.model.parameters())
     print(json.dumps(summary), flush=True)
@@ -66,6 +84,8 @@ def main(argv: list[str] | None = None) -> None:
     f.add_argument("--no-compile", action="store_true")
     f.add_argument("--attention", choices=("flex", "mask"), default="flex")
     f.add_argument("--log-every", type=int, default=50)
+    f.add_argument("--val-every", type=int, default=0)
+    f.add_argument("--text-fraction", type=float, default=0.3)
     f.add_argument("--shard-mb", type=int, default=0, help="split weights into shards of this size")
     for q in (p, f):
         q.add_argument("--vocab-size", type=int, default=8192)

@@ -1,8 +1,7 @@
 """Write a trained ``DecoderLM`` as an ordinary HF directory of model_type ``sdar``.
 
 The directory loads through the project's loader like any SDAR checkpoint: Qwen3 field names,
-``block_size``, ``mask_token_id``; weights in bf16 safetensors (tied embeddings are stored under
-both names so loaders need not know about tying).
+``block_size``, ``mask_token_id``; weights in bf16 safetensors (the tied LM head is not stored).
 """
 
 from __future__ import annotations
@@ -24,7 +23,7 @@ from optimus.models.transformer import DecoderLM
 class ModelShape:
     vocab_size: int = 8192
     hidden_size: int = 384
-    num_layers: int = 10
+    num_layers: int = 12
     num_heads: int = 6
     num_kv_heads: int = 2
     head_dim: int = 64
@@ -66,7 +65,10 @@ def build_model(config: dict) -> DecoderLM:
 
 
 def bf16_state(model: DecoderLM) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu", torch.bfloat16).clone().contiguous() for k, v in model.state_dict().items()}
+    """bf16 copies of the parameters; a tied head is not written (HF style, the loader re-ties)."""
+    tied = model.spec.arch.tie_embeddings
+    return {k: v.detach().to("cpu", torch.bfloat16).clone().contiguous() for k, v in model.state_dict().items()
+            if not (tied and k == "lm_head.weight")}
 
 
 def save_weights(state: dict[str, torch.Tensor], out_dir: Path, max_shard_bytes: int | None = None) -> list[str]:

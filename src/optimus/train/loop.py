@@ -35,6 +35,7 @@ class TrainConfig:
     max_steps: int = 10**9
     train_seconds: float = float("inf")  # the schedule ends at whichever limit comes first
     log_every: int = 50
+    val_every: int = 0  # steps between held-out text losses in the log (0: only at the end)
     seed: int = 0
     device: str = "cuda"
     compile: bool = True
@@ -137,6 +138,10 @@ class Trainer:
             elapsed = time.perf_counter() - start
             if step % cfg.log_every == 0 or step == 1:
                 self._record(step, elapsed, loss, gnorm)
+            if cfg.val_every and step % cfg.val_every == 0:
+                row = {"step": step, "seconds": round(elapsed, 2), "heldout_text_loss": self.heldout_loss()}
+                self.log.append(row)
+                print(json.dumps(row), flush=True)
         return {"steps": step, "seconds": elapsed, "tokens": step * cfg.batch_size * cfg.seq_len}
 
     def _record(self, step: int, elapsed: float, loss: torch.Tensor, gnorm: torch.Tensor) -> None:
