@@ -263,6 +263,18 @@ def test_stale_nan_in_unused_cache_slots_is_ignored(triton_env) -> None:
     torch.testing.assert_close(_triton(ga, poisoned).cpu(), want, atol=2e-5, rtol=2e-5)
 
 
+def test_tile_configs_are_valid_triton_shapes(triton_env) -> None:
+    """tl.arange needs powers of two; tl.dot needs M >= 16 rows (BLOCK_Q x padded GQA)."""
+    ga = triton_env[0]
+    for max_q in (1, 3, 4, 17, 32, 100, 1024):
+        for gqa_pad in (1, 2, 4, 8, 32):
+            for parallel in (1, 8, 64, 4096):
+                cfg = ga.choose_config(max_q, gqa_pad, 128, parallel)
+                m = cfg.block_q * gqa_pad
+                assert cfg.block_q & (cfg.block_q - 1) == 0 and cfg.block_n & (cfg.block_n - 1) == 0
+                assert 16 <= m <= max(128, gqa_pad), (max_q, gqa_pad, parallel, cfg)
+
+
 def test_visible_key_end() -> None:
     cu = torch.tensor([0, 3, 3, 7], dtype=torch.int32)  # the middle request has no new rows
     groups = torch.tensor([0, 0, 1, 5, 5, 6, 9], dtype=torch.int32)

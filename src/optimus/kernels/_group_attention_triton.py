@@ -10,6 +10,7 @@ to the tile (groups are nondecreasing, so the visible new keys are a prefix of t
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -30,19 +31,33 @@ class TileConfig:
     num_stages: int
 
 
-def choose_config(max_q_len: int, gqa_pad: int, head_dim: int) -> TileConfig:
+def choose_config(max_q_len: int, gqa_pad: int, head_dim: int, parallel: int,
+                  min_programs: int = 100) -> TileConfig:
     """Tile shape from the step's longest chunk; M = BLOCK_Q * GQA_PAD matrix rows.
 
-    Picked from an H100 sweep (benchmarks/results/h100/attention_micro_sweep.json), bf16,
-    D=128, cache 512: short chunks are bound by reading the cache, so the smallest MMA tile
-    (M=16) with 64-key steps wins; at M 64-128, 32-key steps with 4 warps beat 64-key steps
-    and 8 warps (less register pressure, more programs resident per SM).
+    ``parallel`` = requests x KV heads. Picked from H100 sweeps
+    (benchmarks/results/h100/attention_micro*.json; bf16, D=128, cache 512, prefill 1024):
+    short chunks are bound by reading the cache, so the smallest MMA tile (M=16) with 64-key
+    steps wins; at M 64-128, 32-key steps with 4 warps beat 64-key steps and 8 warps. When
+    the grid would not fill the GPU (fewer than ``min_programs``, about 3/4 of the SMs), M
+    is halved: at batch 1-8 with chunk 32 this took 23-24 us down to 15-19 us.
     """
     rows = triton.next_power_of_2(max(max_q_len, 1)) * gqa_pad
-    if rows <= 16:
-        return TileConfig(max(1, 16 // gqa_pad), 64, 4, 2)
-    block_m = 64 if rows <= 64 or head_dim > 128 else 128
-    return TileConfig(max(1, block_m // gqa_pad), 32, 4, 3)
+    block_m = 16 if rows <= 16 else (64 if rows <= 64 or head_dim > 128 else 128)
+    while block_m > 16 and parallel * triton.cdiv(max_q_len, max(1, block_m // gqa_pad)) < min_programs:
+        block_m //= 2
+    block_q = max(1, block_m // gqa_pad)
+    if block_m <= 32:
+        return TileConfig(block_q, 64, 4, 2)
+    return TileConfig(block_q, 32, 4, 3)
+
+
+@functools.lru_cache(maxsize=None)
+def _min_programs(device: torch.device) -> int:
+    """About 3/4 of the streaming multiprocessors (100 on an H100's 132); 100 off CUDA."""
+    if device.type != "cuda":
+        return 100
+    return max(1, 3 * torch.cuda.get_device_properties(device).multi_processor_count // 4)
 
 
 @triton.jit
@@ -139,7 +154,7 @@ def group_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         max_q_len = int((cu_q[1:] - cu_q[:-1]).max())  # host sync; pass it to avoid
     gqa = hq // hkv
     gqa_pad = triton.next_power_of_2(gqa)
-    cfg = config or choose_config(max_q_len, gqa_pad, d)
+    cfg = config or choose_config(max_q_len, gqa_pad, d, num_req * hkv, _min_programs(q.device))
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     cu32 = cu_q.to(torch.int32)
     kv_end = visible_key_end(cu32, groups) if key_end is None else key_end.to(torch.int32)
