@@ -338,3 +338,34 @@ def test_sweep_launches_each_policy_and_plots(tmp_path):
 def test_sweep_config_requires_slos():
     with pytest.raises(ValueError):
         SweepConfig(("ar",), (1.0,), SLO())
+
+
+def test_sweep_against_real_servers_on_a_tiny_checkpoint(tmp_path):
+    """An `optimus serve` subprocess on a tiny SDAR checkpoint: health wait, streamed requests,
+    the server's own dLLM counters, and a clean stop (one policy: each start costs seconds)."""
+    from optimus.bench.serve import load_tokenizer
+    from optimus.bench.server_process import ServerLaunch, served
+    from optimus.testing.checkpoints import make_tiny_checkpoint
+
+    ckpt = str(make_tiny_checkpoint(tmp_path / "ckpt", "sdar"))
+    tok = load_tokenizer(None, ckpt)
+    reqs = sample_requests(DatasetSpec("random", 3, input_len=8, output_len=6), tok)
+    cfg = SweepConfig(("ar",), (50.0,), SLO(ttft_ms=60_000))
+
+    def launch(policy):
+        return served(ServerLaunch(ckpt, policy, ("--num-pages", "64", "--log-level", "warning"),
+                                   startup_timeout_s=120, log_dir=tmp_path))
+
+    def bench(url, rate):
+        opts = RequestOptions(ckpt.rsplit("/", 1)[-1], ignore_eos=True)
+        bench_cfg = ServeBenchConfig(url, opts, LoadSpec(rate), cfg.slo, progress=False)
+        return asyncio.run(benchmark(bench_cfg, reqs, lambda t: len(tok.encode(t))))
+
+    sweep = run_sweep(cfg, launch, bench, log=lambda line: None)
+    for policy, res in sweep["policies"].items():
+        run = res["runs"][0]
+        assert run["completed"] == 3 and run["total_output_tokens"] == 18, (policy, run)
+        assert run["dllm"]["tokens_committed"] >= 18 and run["dllm"]["steps"] > 0
+        assert res["capacity"] == 50.0
+    shares = sweep["policies"]["ar"]["runs"][0]["dllm"]["chunk_size_share"]
+    assert shares == {"1": 1.0}  # policy ar: every request-step ran a chunk of 1
