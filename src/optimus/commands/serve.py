@@ -1,0 +1,22 @@
+"""``optimus serve``: the OpenAI-compatible HTTP server over the async engine."""
+
+from __future__ import annotations
+
+import argparse
+
+from optimus.config import EngineConfig, ServerConfig, add_config_args, config_from_args
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_args(parser, EngineConfig)
+    add_config_args(parser, ServerConfig)
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                        help="server log level (default: info)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from optimus.engine.async_engine import AsyncEngine
+    from optimus.server.runner import run_server
+
+    engine = AsyncEngine(config_from_args(EngineConfig, args))
+    return run_server(engine, config_from_args(ServerConfig, args), log_level=args.log_level)

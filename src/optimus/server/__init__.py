@@ -1,0 +1,1 @@
+"""OpenAI-compatible HTTP server over the async engine (``optimus serve``)."""

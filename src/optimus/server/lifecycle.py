@@ -1,0 +1,117 @@
+"""The life of one serving process: load the model in the background (health 503 meanwhile),
+watch for hung steps, drain on shutdown.
+
+Phases: loading -> ready -> draining, or -> dead (engine loop died, or a step exceeded the
+watchdog timeout: sticky, the process needs a restart) or failed (the model did not load)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import weakref
+from collections.abc import Callable
+
+from optimus.config import ServerConfig
+from optimus.server.errors import APIError, unavailable
+
+log = logging.getLogger("optimus.server")
+
+_REFUSALS = {  # phase -> (message, code, Retry-After seconds)
+    "loading": ("the model is still loading", "model_loading", 5),
+    "draining": ("the server is shutting down", "shutting_down", 5),
+    "dead": ("the engine is not running", "engine_dead", 10),
+    "failed": ("the model failed to load", "engine_failed", 60),
+}
+
+
+class Lifecycle:
+    def __init__(self, engine, config: ServerConfig, on_fatal: Callable[[], None] | None = None) -> None:
+        self.engine = engine
+        self.config = config
+        self.on_fatal = on_fatal  # called when the model fails to load (the runner exits)
+        self.draining = False
+        self.load_error: str | None = None
+        self.hung = False
+        self._tasks: list[asyncio.Task] = []
+        self._live: weakref.WeakSet = weakref.WeakSet()  # in-flight Generations
+
+    @property
+    def phase(self) -> str:
+        if self.load_error is not None:
+            return "failed"
+        ready = bool(self.engine.ready)
+        if self.hung or (ready and not self.engine.alive):
+            return "dead"
+        if self.draining:
+            return "draining"
+        return "ready" if ready else "loading"
+
+    def admission_error(self) -> APIError | None:
+        phase = self.phase
+        if phase == "ready":
+            return None
+        message, code, retry_after = _REFUSALS[phase]
+        return unavailable(message, code=code, retry_after=retry_after)
+
+    def track(self, generation) -> None:
+        self._live.add(generation)
+
+    async def startup(self) -> None:
+        self._tasks = [asyncio.create_task(self._load(), name="optimus-load"),
+                       asyncio.create_task(self._watch(), name="optimus-watchdog")]
+
+    async def drain(self, timeout: float | None = None) -> None:
+        """Refuse new requests, let running ones finish for ``timeout`` s, abort the rest."""
+        self.draining = True
+        timeout = self.config.shutdown_timeout if timeout is None else timeout
+        if not self.engine.ready:
+            return
+        log.info("draining: waiting up to %.1fs for running requests", timeout)
+        self.engine.stop_admitting()
+        await self.engine.drain(timeout)
+        log.info("drained")
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        try:
+            await self.engine.shutdown()
+        except Exception:
+            log.exception("engine shutdown failed")
+
+    async def _load(self) -> None:
+        try:
+            await self.engine.start()
+            log.info("engine ready")
+        except Exception as exc:
+            log.exception("model failed to load")
+            self.load_error = str(exc) or type(exc).__name__
+            if self.on_fatal is not None:
+                self.on_fatal()
+
+    async def _watch(self) -> None:
+        timeout = self.config.watchdog_timeout
+        period = max(0.01, min(1.0, timeout / 4))
+        while not self.hung:
+            await asyncio.sleep(period)
+            if not self.engine.ready:
+                continue
+            try:
+                started = self.engine.metrics().last_step_started
+            except Exception:
+                continue
+            if started is not None and time.monotonic() - started > timeout:
+                self._fire(time.monotonic() - started)
+
+    def _fire(self, stalled: float) -> None:
+        from optimus.engine.async_engine import EngineDeadError
+
+        self.hung = True
+        message = f"a step has run for {stalled:.1f}s, over the watchdog timeout of {self.config.watchdog_timeout}s"
+        log.error("watchdog: %s; marking the engine dead", message)
+        mark_dead = getattr(self.engine, "mark_dead", None)
+        if mark_dead is not None:  # fails the engine's own streams too
+            mark_dead(message)
+        for generation in list(self._live):
+            generation.fail(EngineDeadError(message))

@@ -1,0 +1,81 @@
+"""``/v1/completions`` and ``/v1/chat/completions``: validate, plan the engine requests
+(one per prompt and choice), then answer in one JSON body or as an SSE stream."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
+
+from optimus.server.connection import ClientDisconnected, cancel_on_disconnect
+from optimus.server.errors import bad_request
+from optimus.server.generation import Choice, Generation
+from optimus.server.prompts import COMPLETION_DEFAULT_MAX_TOKENS, chat_prompt, completion_prompts, resolve_max_tokens
+from optimus.server.protocol import ChatCompletionRequest, CompletionRequest, _Generation
+from optimus.server.responses import ResponseMeta, completion_body
+from optimus.server.state import ServerState
+from optimus.server.streaming import event_stream
+
+router = APIRouter()
+
+MAX_ENGINE_REQUESTS_PER_CALL = 256  # prompts x n of one call
+_CLIENT_CLOSED = 499  # nginx's code; nobody reads it, the client is gone
+
+
+@router.post("/v1/completions")
+async def create_completion(body: CompletionRequest, request: Request) -> Response:
+    state: ServerState = request.app.state.optimus
+    state.admit(body.model)
+    body.reject_unsupported()
+    state.check_n(body.n)
+    prompts = completion_prompts(body.prompt, state.engine.tokenizer, state.limits())
+    return await _respond(state, request, body, prompts, chat=False, default_max=COMPLETION_DEFAULT_MAX_TOKENS)
+
+
+@router.post("/v1/chat/completions")
+async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
+    state: ServerState = request.app.state.optimus
+    state.admit(body.model)
+    body.reject_unsupported()
+    state.check_n(body.n)
+    prompts = [chat_prompt(body.chat(), state.engine.tokenizer, state.limits())]
+    return await _respond(state, request, body, prompts, chat=True, default_max=None)
+
+
+def _plan(body: _Generation, prompts: list[list[int]], state: ServerState, meta: ResponseMeta,
+          default_max: int | None) -> list[Choice]:
+    if len(prompts) * body.n > MAX_ENGINE_REQUESTS_PER_CALL:
+        raise bad_request(f"prompt: {len(prompts)} prompts x n={body.n} exceeds "
+                          f"{MAX_ENGINE_REQUESTS_PER_CALL} completions per request", "prompt")
+    choices = []
+    for p, ids in enumerate(prompts):
+        max_tokens = resolve_max_tokens(body.requested_max_tokens(), len(ids), state.limits(), default_max)
+        for sample in range(body.n):
+            index = p * body.n + sample
+            choices.append(Choice(index=index, request_id=f"{meta.id}-{index}", prompt_ids=tuple(ids),
+                                  params=body.sampling_params(max_tokens, choice=sample)))
+    return choices
+
+
+async def _respond(state: ServerState, request: Request, body: _Generation, prompts: list[list[int]],
+                   *, chat: bool, default_max: int | None) -> Response:
+    meta = ResponseMeta(model=state.model_id, chat=chat)
+    generation = Generation(state.engine, _plan(body, prompts, state, meta, default_max), state.metrics)
+    state.lifecycle.track(generation)
+    prompt_tokens = sum(len(p) for p in prompts)
+    streaming = False
+    try:
+        await cancel_on_disconnect(request, generation.start())
+        if body.stream:
+            stream = event_stream(meta, generation, prompt_tokens, body.include_usage)
+            streaming = True  # from here the stream (or its background task) closes the generation
+            return StreamingResponse(stream, media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                                     background=BackgroundTask(generation.close))
+        outputs = await cancel_on_disconnect(request, generation.final_outputs())
+        return JSONResponse(completion_body(meta, outputs, prompt_tokens))
+    except ClientDisconnected:
+        return Response(status_code=_CLIENT_CLOSED)
+    finally:
+        if not streaming:
+            generation.close()
