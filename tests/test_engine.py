@@ -6,18 +6,13 @@ import pytest
 
 from optimus.engine.llm import LLM
 from optimus.engine.params import SamplingParams
-from optimus.testing.checkpoints import build_tokenizer, make_tiny_model
+from optimus.testing.engine import tiny_loaded
 
 
-class _Loaded:
-    def __init__(self, family, **overrides):
-        self.model, self.spec = make_tiny_model(family, **overrides)
-        self.tokenizer = build_tokenizer(family)
-        self.path = f"tiny-{family}"
 
 
 def _llm(family, policy, **kw):
-    return LLM(loaded=_Loaded(family), policy=policy, device="cpu", num_pages=kw.pop("num_pages", 256),
+    return LLM(loaded=tiny_loaded(family), policy=policy, device="cpu", num_pages=kw.pop("num_pages", 256),
                page_size=4, block_size=kw.pop("block_size", 8), **kw)
 
 

@@ -17,16 +17,11 @@ from optimus.engine.params import SamplingParams
 from optimus.models.dense import dense_forward
 from optimus.reference import ar as ref_ar
 from optimus.reference import sdar as ref_sdar
-from optimus.testing.checkpoints import build_tokenizer, make_tiny_model
+from optimus.testing.engine import tiny_loaded
 
 PROMPTS = [[5, 9, 13], [3] * 11, list(range(20, 37)), [7]]
 
 
-class _Loaded:
-    def __init__(self, family, **kw):
-        self.model, self.spec = make_tiny_model(family, **kw)
-        self.tokenizer = build_tokenizer(family)
-        self.path = f"tiny-{family}"
 
 
 def _engine_answers(loaded, policy, params, **opts):
@@ -36,7 +31,7 @@ def _engine_answers(loaded, policy, params, **opts):
 
 @pytest.mark.parametrize("threshold", [0.9, 0.05])
 def test_block_causal_full_chunk_equals_sdar_reference(threshold):
-    loaded = _Loaded("sdar")
+    loaded = tiny_loaded("sdar")
     block = loaded.spec.block_size
     gen = 2 * block + 3
     params = SamplingParams(max_tokens=gen, threshold=threshold, ignore_eos=True)
@@ -49,7 +44,7 @@ def test_block_causal_full_chunk_equals_sdar_reference(threshold):
 
 
 def test_causal_ar_equals_greedy_autoregressive():
-    loaded = _Loaded("llama")
+    loaded = tiny_loaded("llama")
     params = SamplingParams(max_tokens=9, ignore_eos=True)
     got = _engine_answers(loaded, "ar", params)
     for prompt, answer in zip(PROMPTS, got):
@@ -81,7 +76,7 @@ def _naive_prefix_block_decode(model, spec, prompt, gen, block, threshold):
 
 
 def test_full_attention_full_chunk_equals_prefix_block_decode():
-    loaded = _Loaded("llada")
+    loaded = tiny_loaded("llada")
     block, gen = 8, 16
     params = SamplingParams(max_tokens=gen, threshold=0.2, ignore_eos=True)
     got = _engine_answers(loaded, f"fixed:{block}", params, block_size=block)
@@ -90,7 +85,7 @@ def test_full_attention_full_chunk_equals_prefix_block_decode():
 
 
 def test_suffix_window_runs_and_changes_only_context():
-    loaded = _Loaded("llada")
+    loaded = tiny_loaded("llada")
     params = SamplingParams(max_tokens=16, threshold=0.2, ignore_eos=True)
     base = _engine_answers(loaded, "fixed:8", params, block_size=8)
     wide = _engine_answers(loaded, "fixed:8", params, block_size=8, suffix_window=8)

@@ -8,6 +8,7 @@ import torch
 
 from optimus.config import EngineConfig
 from optimus.engine.decoding import params_rule, propose
+from optimus.engine.detokenizer import IncrementalDetokenizer
 from optimus.engine.kv_cache import KVCacheStorage, PageAllocator, capacity_in_pages
 from optimus.engine.outputs import CommitEvent, RequestOutput
 from optimus.engine.params import SamplingParams
@@ -73,6 +74,7 @@ class Engine:
         self._requests: dict[str, Request] = {}
         self._step = 0
         self._host_commit_s = 0.0
+        self.stream_text = True  # detokenize every output (servers); offline use turns it off
 
     def _graphs(self, model, num_pages: int):
         rc = self.config.runner
@@ -254,11 +256,12 @@ class Engine:
     def _finish_reason(self, r: Request, answer: list[int]) -> tuple[str | None, int]:
         p = r.params
         stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else set(self.spec.eos_ids))
-        for i, t in enumerate(answer):
-            if t in stop_ids and i >= p.min_tokens:
+        for i in range(max(r.stop_scanned, p.min_tokens), len(answer)):
+            if answer[i] in stop_ids:
                 return "stop", i  # the stop token itself is not part of the answer
+        r.stop_scanned = len(answer)
         if p.stop:
-            text = self.tokenizer.decode(answer, skip_special_tokens=p.skip_special_tokens)
+            text = self._text(r, answer)
             cut = _first_stop(text, p.stop)
             if cut is not None:
                 r.done_text = text[:cut]
@@ -267,10 +270,22 @@ class Engine:
             return "length", len(answer)
         return None, len(answer)
 
+    def _text(self, r: Request, ids: list[int]) -> str:
+        if r.detokenizer is None:
+            r.detokenizer = IncrementalDetokenizer(self.tokenizer, r.params.skip_special_tokens)
+        return r.detokenizer.finish(ids) if r.is_done else r.detokenizer.update(ids)
+
     def _output(self, r: Request) -> RequestOutput:
         start = r.geometry.canvas_start
         ids = tuple(r.tokens[start:start + r.output_len])
-        text = r.done_text or self.tokenizer.decode(list(ids), skip_special_tokens=r.params.skip_special_tokens)
+        if r.done_text:
+            text = r.done_text
+        elif not r.is_done and not self.stream_text:
+            text = ""  # offline callers read text once, when the request finishes
+        elif r.is_done and r.detokenizer is None:
+            text = self.tokenizer.decode(list(ids), skip_special_tokens=r.params.skip_special_tokens)
+        else:
+            text = self._text(r, list(ids))
         if r.params.stop and not r.done_text and not r.is_done:
             text = _hold_back_stop_prefix(text, r.params.stop)
         events, r.events = tuple(r.events), []

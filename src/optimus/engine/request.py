@@ -79,6 +79,9 @@ class Request:
     events: list[CommitEvent] = field(default_factory=list)  # unreported commit events
     generator: torch.Generator | None = None
     done_text: str = ""
+    frontier: int = 0  # contiguous committed answer positions (only grows)
+    stop_scanned: int = 0  # answer positions already checked for stop token ids
+    detokenizer: object | None = None  # IncrementalDetokenizer, set by the engine
 
     def __post_init__(self) -> None:
         g = self.geometry
@@ -123,11 +126,11 @@ class Request:
         return all(self.committed[window[0]:window[1]])
 
     def contiguous_answer_len(self) -> int:
-        """Committed canvas positions from the canvas start, up to the first gap."""
-        start = self.geometry.canvas_start
-        n = 0
-        for c in self.committed[start:]:
-            if not c:
-                break
+        """Committed canvas positions from the canvas start, up to the first gap.
+        Amortised O(1): commits are never undone, so the frontier only moves forward."""
+        start, committed = self.geometry.canvas_start, self.committed
+        n, limit = self.frontier, len(committed) - start
+        while n < limit and committed[start + n]:
             n += 1
+        self.frontier = n
         return n

@@ -10,7 +10,7 @@ import torch
 
 from optimus.engine.kv_cache import KVCacheStorage
 from optimus.engine.scheduler import StepPlan
-from optimus.kernels import group_attention, write_kv
+from optimus.kernels import group_attention, visible_key_end, write_kv
 from optimus.models.transformer import DecoderLM
 
 
@@ -43,12 +43,15 @@ class PagedBackend:
 
     def __init__(self, storage: KVCacheStorage, batch: StepBatch, attention_backend: str) -> None:
         self.storage, self.batch, self.attention_backend = storage, batch, attention_backend
+        self._key_end: torch.Tensor | None = None  # per-step metadata shared by every layer
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         b = self.batch
+        if self._key_end is None and q.is_cuda:
+            self._key_end = visible_key_end(b.cu_q, b.groups)
         k_cache, v_cache = self.storage.keys[layer], self.storage.values[layer]
         out = group_attention(q, k, v, k_cache, v_cache, b.page_table, b.cache_lens, b.cu_q, b.groups,
-                              backend=self.attention_backend, max_q_len=b.max_q_len)
+                              backend=self.attention_backend, max_q_len=b.max_q_len, key_end=self._key_end)
         write_kv(k, v, k_cache, v_cache, b.slots)  # after attention: cache_lens exclude these rows
         return out
 

@@ -136,7 +136,7 @@ class ElasticPolicy:
 
     def __init__(self, profile: LatencyProfile | None = None, tau_prior: dict[int, float] | None = None,
                  chunk_sizes: tuple[int, ...] = DEFAULT_CHUNK_SIZES, hysteresis: float = 0.02,
-                 correction_rate: float = 0.03, tau_decay: float = 0.98, load_rate: float = 0.05,
+                 tau_decay: float = 0.98, load_rate: float = 0.05,
                  store_cost: bool = True, name: str = "elastic") -> None:
         if not chunk_sizes or min(chunk_sizes) < 1:
             raise ValueError("elastic policy needs chunk sizes >= 1")
@@ -149,7 +149,7 @@ class ElasticPolicy:
         self.profile = profile or LatencyProfile.synthetic(1.0, DEFAULT_KNEE, 1.0 / DEFAULT_KNEE)
         self._rescale = profile is None
         self.tau = TauEstimator(self.chunk_sizes, tau_prior, decay=tau_decay)
-        self.correction = LatencyCorrector(rate=correction_rate)
+        self.correction = LatencyCorrector(self.profile.knee)
         self.load = TokenLoad(rate=load_rate)
         self.target: int | None = None  # hysteresis state: planned positions of the elastic requests
         self.retargets = 0
@@ -165,7 +165,7 @@ class ElasticPolicy:
 
     def predict_latency(self, tokens: np.ndarray, batch: int) -> np.ndarray:
         """Corrected latency curve at step token counts ``tokens`` [K]."""
-        return self.profile.predict_many(tokens, batch) * self.correction.factor(tokens)
+        return self.correction(self.profile.predict_many, tokens, batch)
 
     # ---- ChunkPolicy ---------------------------------------------------------------------
     def choose(self, view: StepView) -> list[int]:
@@ -187,8 +187,7 @@ class ElasticPolicy:
                 t0 = feedback.latency_s / max(1.0, feedback.num_tokens / DEFAULT_KNEE)
                 self.profile = LatencyProfile.synthetic(t0, DEFAULT_KNEE, t0 / DEFAULT_KNEE)
                 self._rescale = False
-            base = float(self.profile.predict_many(np.array([feedback.num_tokens]), batch)[0])
-            self.correction.observe(feedback.num_tokens, feedback.latency_s, base)
+            self.correction.observe(self.profile.predict_many, feedback.num_tokens, batch, feedback.latency_s)
         if self._last is not None:
             self.load.observe(feedback.num_tokens, float(np.sum(self._cost(self._last))),
                               float(np.sum(self._variance(self._last))))

@@ -2,8 +2,9 @@
 
 - :class:`TauEstimator`: tokens committed per step ``tau(C)`` for each chunk size, a decayed
   running mean seeded by a prior, made monotone non-decreasing in ``C`` and kept in ``[1, C]``.
-- :class:`LatencyCorrector`: a multiplicative correction ``T_real(n) / T_profile(n)`` learned
-  from measured step latencies, piecewise linear in ``log2(n)`` over power-of-two anchors.
+- :class:`LatencyCorrector`: a scale and a token-axis stretch of the profiled curve, learned
+  from measured step latencies.
+- :class:`TokenLoad`: the step tokens the policy does not size (mean and unexplained spread).
 
 Both move by bounded amounts per step; that is what lets the controller's decisions settle.
 """
@@ -11,6 +12,7 @@ Both move by bounded amounts per step; that is what lets the controller's decisi
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import numpy as np
 
@@ -72,41 +74,112 @@ class TauEstimator:
         return {int(c): float(t) for c, t in zip(sizes, taus)}
 
 
+Predict = Callable[[np.ndarray, int], np.ndarray]  # (token counts [K], batch) -> seconds [K]
+
+
 class LatencyCorrector:
-    """``log(T_real / T_profile)`` as a piecewise-linear function of ``log2(n)`` with anchors at
-    ``n = 1, 2, 4, ..., 2**max_log2``. Each measurement moves the two anchors around its ``n``
-    by ``rate`` times its share of the residual (normalised least mean squares), with the
-    residual clipped to ``+-max_step`` (a stall or a compile cannot throw the model) and every
-    anchor clipped to ``+-max_log`` (the profile is never overruled by more than ``e**max_log``).
+    """The profile corrected by a scale ``s`` and a stretch ``k`` of its token axis:
+    ``T(n) = s * T_profile(n / k)``. A profile measured with other cache lengths or on a busier
+    device is mostly off by these two: ``s`` moves the whole curve, ``k`` moves the knee.
+
+    Fitted to the last ``window`` measured steps every ``refit_every`` steps: a grid search
+    over ``log k`` (a local gradient is zero on the flat part, so it could never find a knee
+    that sits elsewhere), ``log s`` in closed form per ``k``, least squares on ``log T``. The
+    stretch moves only when the data refute it, to the nearest stretch they do not refute, by
+    at most ``max_step`` per refit: noise within ``tie_sigmas`` cannot move it.
     """
 
-    def __init__(self, rate: float = 0.03, max_step: float = math.log(2.0), max_log: float = math.log(4.0),
-                 max_log2: int = 17) -> None:
-        if not 0.0 < rate <= 1.0:
-            raise ValueError("latency correction rate must be in (0, 1]")
-        self.rate, self.max_step, self.max_log = rate, max_step, max_log
-        self.log_ratio = np.zeros(max_log2 + 1)
+    def __init__(self, knee: float, window: int = 256, refit_every: int = 16, min_points: int = 32,
+                 max_log: float = math.log(8.0), max_step: float = math.log(1.25), grid: int = 97,
+                 tie_sigmas: float = 3.0) -> None:
+        if window < min_points or refit_every < 1:
+            raise ValueError("latency correction needs window >= min_points and refit_every >= 1")
+        self.tie_sigmas = tie_sigmas
+        self.knee = knee  # the profile's knee in tokens (inf: none)
+        self._bounds = (-max_log, max_log)  # exploration stays strictly inside (refuted stretches)
+        self.window, self.refit_every, self.min_points = window, refit_every, min_points
+        self.max_step = max_step
+        self.grid = np.linspace(-max_log, max_log, grid)
+        self.log_scale = 0.0
+        self.log_stretch = 0.0
+        self._points: list[tuple[float, int, float]] = []  # (tokens, batch, log seconds)
+        self._since_fit = 0
 
-    def _bracket(self, n: float) -> tuple[int, float]:
-        x = min(max(math.log2(max(n, 1.0)), 0.0), len(self.log_ratio) - 1.0)
-        k = min(int(x), len(self.log_ratio) - 2)
-        return k, x - k
+    @property
+    def scale(self) -> float:
+        return math.exp(self.log_scale)
 
-    def factor(self, n: np.ndarray) -> np.ndarray:
-        """Multiplicative correction for step token counts ``n`` [K]."""
-        x = np.clip(np.log2(np.maximum(np.asarray(n, dtype=float), 1.0)), 0.0, len(self.log_ratio) - 1.0)
-        return np.exp(np.interp(x, np.arange(len(self.log_ratio)), self.log_ratio))
+    @property
+    def stretch(self) -> float:
+        return math.exp(self.log_stretch)
 
-    def observe(self, n: int, measured_s: float, predicted_s: float) -> None:
-        if not (measured_s > 0 and predicted_s > 0):
+    def __call__(self, predict: Predict, n: np.ndarray, batch: int) -> np.ndarray:
+        """Corrected latency at token counts ``n`` [K] with ``batch`` requests."""
+        return self.scale * predict(np.asarray(n, dtype=float) / self.stretch, batch)
+
+    def observe(self, predict: Predict, n: int, batch: int, measured_s: float) -> None:
+        if not measured_s > 0:
             return
-        k, w = self._bracket(n)
-        current = (1 - w) * self.log_ratio[k] + w * self.log_ratio[k + 1]
-        residual = float(np.clip(math.log(measured_s / predicted_s) - current, -self.max_step, self.max_step))
-        norm = (1 - w) ** 2 + w ** 2  # NLMS: the interpolated value moves by rate * residual
-        self.log_ratio[k] += self.rate * residual * (1 - w) / norm
-        self.log_ratio[k + 1] += self.rate * residual * w / norm
-        np.clip(self.log_ratio, -self.max_log, self.max_log, out=self.log_ratio)
+        self._points.append((float(max(n, 1)), int(batch), math.log(measured_s)))
+        del self._points[:-self.window]
+        self._since_fit += 1
+        if self._since_fit >= self.refit_every and len(self._points) >= self.min_points:
+            self._since_fit = 0
+            self._refit(predict)
+
+    def _refit(self, predict: Predict) -> None:
+        n = np.array([p[0] for p in self._points])
+        batch = np.array([p[1] for p in self._points])
+        log_t = np.array([p[2] for p in self._points])
+        stretches = np.exp(self.grid)
+        log_pred = np.empty((len(self.grid), len(n)))  # [G, W]
+        for b in np.unique(batch):
+            idx = np.nonzero(batch == b)[0]
+            x = (n[idx][None, :] / stretches[:, None]).reshape(-1)
+            log_pred[:, idx] = np.log(np.maximum(predict(x, int(b)), 1e-12)).reshape(len(self.grid), -1)
+        resid = log_t[None, :] - log_pred
+        log_s = resid.mean(axis=1)  # [G] best scale per stretch
+        sse = ((resid - log_s[:, None]) ** 2).mean(axis=1)
+        # Stretches the data cannot tell from the best fit (total squared error within
+        # ``tie_sigmas**2`` residual variances of it) tie.
+        var = max(float(sse.min()), 1e-6)
+        ties = self.grid[len(n) * (sse - sse.min()) <= self.tie_sigmas ** 2 * var]
+        self.log_stretch += self._step(float(ties.min()), float(ties.max()), n)
+        log_pred_now = np.log(np.maximum(self._predict_points(predict, n, batch), 1e-12))
+        self.log_scale = float(np.mean(log_t - log_pred_now))
+
+    def _step(self, lo: float, hi: float, n: np.ndarray) -> float:
+        """Move of ``log k`` given the tied range ``[lo, hi]`` and the window's token counts.
+
+        Refuted (outside the range): move toward it, up to ``max_step``. Fitting, but at an
+        edge that the data do pin while the other side stays open and the steps reach the
+        modelled knee: explore one ``max_step`` into the open side (flat data at the knee
+        say only that the knee is at least here; sloped data that it is at most here).
+        Otherwise stay: noise inside the range moves nothing. A stretch once refuted bounds
+        later explorations (the bound relaxes slowly), so exploring cannot become a cycle.
+        """
+        cur, tol, big = self.log_stretch, self.grid[1] - self.grid[0], self.max_step
+        relax = big / 256  # a refuted exploration is not retried for ~256 refits
+        self._bounds = (self._bounds[0] - relax, self._bounds[1] + relax)
+        if cur < lo - tol / 2:
+            self._bounds = (max(self._bounds[0], cur), self._bounds[1])  # refutes cur and below
+            return min(big, hi - cur)
+        if cur > hi + tol / 2:
+            self._bounds = (self._bounds[0], min(self._bounds[1], cur))  # refutes cur and above
+            return -min(big, cur - lo)
+        knee = self.knee * self.stretch
+        if cur - lo <= tol and hi - cur >= big and n.max() >= 0.8 * knee and cur + big < self._bounds[1]:
+            return big
+        if hi - cur <= tol and cur - lo >= big and n.min() <= 1.25 * knee and cur - big > self._bounds[0]:
+            return -big
+        return 0.0
+
+    def _predict_points(self, predict: Predict, n: np.ndarray, batch: np.ndarray) -> np.ndarray:
+        out = np.empty(len(n))
+        for b in np.unique(batch):
+            idx = np.nonzero(batch == b)[0]
+            out[idx] = predict(n[idx] / self.stretch, int(b))
+        return out
 
 
 class TokenLoad:
