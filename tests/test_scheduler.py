@@ -42,7 +42,7 @@ class FakeRunner:
             if w.window is None:
                 continue
             masked = [p for p in range(*w.window) if not r.committed[p]]
-            for p in self.rng.sample(masked, self.rng.randint(1, len(masked))) if masked else []:
+            for p in (self.rng.sample(masked, self.rng.randint(1, len(masked))) if masked else []):
                 r.committed[p], r.tokens[p] = True, 7
                 r.last_committed += 1
 

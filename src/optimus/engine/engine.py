@@ -240,7 +240,7 @@ class Engine:
             return None
         n = min(r.contiguous_answer_len(), r.params.max_tokens)
         start = r.geometry.canvas_start
-        answer = r.tokens[start:start + n]
+        answer = r.tokens[start:start + n].tolist()
         reason, keep = self._finish_reason(r, answer)
         if reason is None and n == r.output_len and not r.events:
             return None
@@ -277,7 +277,7 @@ class Engine:
 
     def _output(self, r: Request) -> RequestOutput:
         start = r.geometry.canvas_start
-        ids = tuple(r.tokens[start:start + r.output_len])
+        ids = tuple(r.tokens[start:start + r.output_len].tolist())
         if r.done_text:
             text = r.done_text
         elif not r.is_done and not self.stream_text:

@@ -16,6 +16,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from optimus.engine.outputs import CommitEvent, RequestStats
@@ -65,8 +66,8 @@ class Request:
     mask_id: int
     arrival_time: float = field(default_factory=time.monotonic)
     state: RequestState = RequestState.WAITING
-    tokens: list[int] = field(default_factory=list)
-    committed: list[bool] = field(default_factory=list)
+    tokens: np.ndarray = field(default=None)  # [total] int64
+    committed: np.ndarray = field(default=None)  # [total] bool
     cache_len: int = 0
     pending_store: tuple[int, int] | None = None  # rows [a, b) to store next step
     window: tuple[int, int] | None = None  # predicted positions of the last step's window
@@ -85,8 +86,10 @@ class Request:
 
     def __post_init__(self) -> None:
         g = self.geometry
-        self.tokens = list(self.prompt_ids) + [self.mask_id] * (g.canvas_end - g.canvas_start)
-        self.committed = [True] * len(self.prompt_ids) + [False] * (g.canvas_end - g.canvas_start)
+        self.tokens = np.full(g.canvas_end, self.mask_id, dtype=np.int64)
+        self.tokens[:g.canvas_start] = self.prompt_ids
+        self.committed = np.zeros(g.canvas_end, dtype=bool)
+        self.committed[:g.canvas_start] = True
         self.stats.arrival_time = self.arrival_time
         if self.params.seed is not None:
             self.generator = torch.Generator().manual_seed(self.params.seed)
@@ -123,14 +126,13 @@ class Request:
         return self.cache_len, window[1] - self.geometry.shift
 
     def window_finished(self, window: tuple[int, int]) -> bool:
-        return all(self.committed[window[0]:window[1]])
+        return bool(self.committed[window[0]:window[1]].all())
 
     def contiguous_answer_len(self) -> int:
         """Committed canvas positions from the canvas start, up to the first gap.
         Amortised O(1): commits are never undone, so the frontier only moves forward."""
-        start, committed = self.geometry.canvas_start, self.committed
-        n, limit = self.frontier, len(committed) - start
-        while n < limit and committed[start + n]:
-            n += 1
-        self.frontier = n
-        return n
+        start = self.geometry.canvas_start
+        rest = self.committed[start + self.frontier:]
+        gap = int(np.argmin(rest)) if rest.size else 0
+        self.frontier += rest.size if (rest.size and rest[gap]) else gap
+        return self.frontier
