@@ -123,6 +123,15 @@ def test_chat(client, http):
     assert chunks[-1].choices[0].finish_reason == "length"
 
 
+def test_chat_stream_with_several_choices(client):
+    chunks = list(client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], n=2,
+                                                 max_tokens=3, stream=True, extra_body={"ignore_eos": True}))
+    for index in (0, 1):
+        mine = [c.choices[0] for c in chunks if c.choices[0].index == index]
+        assert mine[0].delta.role == "assistant" and mine[-1].finish_reason == "length"
+        assert all(c.finish_reason is None for c in mine[:-1])
+
+
 def _stop_candidate(text: str) -> str | None:
     """A short printable piece whose first occurrence is not at the very start."""
     for k in range(1, len(text) - 1):
