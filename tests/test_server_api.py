@@ -265,12 +265,75 @@ def test_auth(server):
     assert_envelope(httpx.get(server.url + "/v1/models"), 401)
     assert httpx.get(server.url + "/health").status_code == 200
     assert httpx.get(server.url + "/metrics").status_code == 200
+    assert httpx.get(server.url + "/").headers["content-type"].startswith("text/html")
+    assert_envelope(httpx.post(server.url + "/ui/generate", json={"prompt": "hi", "max_tokens": 2}), 401)
+    with httpx.stream("POST", server.url + "/ui/generate", json={"prompt": "hi", "max_tokens": 2},
+                      headers={"Authorization": f"Bearer {API_KEY}"}) as r:
+        assert r.status_code == 200 and "data: " in r.read().decode()
 
 
 def test_routing_errors(http):
     assert_envelope(http.get("/no/such/route"), 404)
     assert_envelope(http.put("/v1/completions", json={}), 405)
 
+
+# ---------------------------------------------------------------- disconnects
+
+def _stream_then_hang_up(url: str, body: dict, got_first: threading.Event) -> None:
+    with httpx.stream("POST", url + "/v1/completions", json=body,
+                      headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                got_first.set()
+                return  # leaving the block closes the connection mid-stream
+
+
+def _post_then_time_out(url: str, body: dict) -> None:
+    try:
+        httpx.post(url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=0.3)
+    except httpx.TimeoutException:
+        return
+    raise AssertionError("a long request finished within 0.3 s: the disconnect test proves nothing")
+
+
+def test_disconnected_clients_are_aborted(server, http):
+    before = http.get("/metrics").text
+    events = [threading.Event() for _ in range(6)]
+    threads = [threading.Thread(target=_stream_then_hang_up,
+                                args=(server.url, _completion(stream=True, **LONG), e)) for e in events]
+    threads += [threading.Thread(target=_post_then_time_out, args=(server.url, _completion(**LONG)))
+                for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert all(e.is_set() for e in events)
+
+    t0 = time.monotonic()
+    fresh = http.post("/v1/completions", json=_completion(max_tokens=4, ignore_eos=True))
+    assert fresh.status_code == 200 and fresh.json()["choices"][0]["finish_reason"] == "length"
+    assert time.monotonic() - t0 < 10
+
+    aborted = lambda text: metric(text, "optimus_requests_finished_total", '{finish_reason="abort"}')  # noqa: E731
+    deadline = time.monotonic() + 10
+    while True:
+        after = http.get("/metrics").text
+        idle = all(metric(after, m) == 0 for m in ("optimus_num_requests_running", "optimus_num_requests_waiting",
+                                                  "optimus_kv_cache_usage_ratio"))
+        if (idle and aborted(after) - aborted(before) == 8) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert aborted(after) - aborted(before) == 8
+    steps = metric(after, "optimus_engine_steps_total")
+    time.sleep(0.5)
+    assert metric(http.get("/metrics").text, "optimus_engine_steps_total") == steps, "engine still decoding"
+    for name in ("optimus_num_requests_running", "optimus_num_requests_waiting", "optimus_kv_cache_usage_ratio"):
+        assert metric(after, name) == 0, f"{name} leaked:\n" + "\n".join(
+            line for line in after.splitlines() if line.startswith(name))
+
+
+# ---------------------------------------------------------------- fuzz (last: a crash it finds
+# kills the engine, which would fail every later test too)
 
 _junk = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(),  # NaN/Infinity too
                   st.text(max_size=8), st.lists(st.integers(-3, 500), max_size=4),
@@ -327,58 +390,3 @@ def test_fuzz_never_500(http, request):
         events = sse_events(raw.splitlines())
         assert events[-1] == "[DONE]", raw
         assert not any(isinstance(e, dict) and "error" in e for e in events), raw
-
-
-# ---------------------------------------------------------------- disconnects
-
-def _stream_then_hang_up(url: str, body: dict, got_first: threading.Event) -> None:
-    with httpx.stream("POST", url + "/v1/completions", json=body,
-                      headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60) as r:
-        for line in r.iter_lines():
-            if line.startswith("data: {"):
-                got_first.set()
-                return  # leaving the block closes the connection mid-stream
-
-
-def _post_then_time_out(url: str, body: dict) -> None:
-    try:
-        httpx.post(url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=0.3)
-    except httpx.TimeoutException:
-        return
-    raise AssertionError("a long request finished within 0.3 s: the disconnect test proves nothing")
-
-
-def test_disconnected_clients_are_aborted(server, http):
-    before = http.get("/metrics").text
-    events = [threading.Event() for _ in range(6)]
-    threads = [threading.Thread(target=_stream_then_hang_up,
-                                args=(server.url, _completion(stream=True, **LONG), e)) for e in events]
-    threads += [threading.Thread(target=_post_then_time_out, args=(server.url, _completion(**LONG)))
-                for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert all(e.is_set() for e in events)
-
-    t0 = time.monotonic()
-    fresh = http.post("/v1/completions", json=_completion(max_tokens=4, ignore_eos=True))
-    assert fresh.status_code == 200 and fresh.json()["choices"][0]["finish_reason"] == "length"
-    assert time.monotonic() - t0 < 10
-
-    aborted = lambda text: metric(text, "optimus_requests_finished_total", '{finish_reason="abort"}')  # noqa: E731
-    deadline = time.monotonic() + 10
-    while True:
-        after = http.get("/metrics").text
-        idle = all(metric(after, m) == 0 for m in ("optimus_num_requests_running", "optimus_num_requests_waiting",
-                                                  "optimus_kv_cache_usage_ratio"))
-        if (idle and aborted(after) - aborted(before) == 8) or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
-    assert aborted(after) - aborted(before) == 8
-    steps = metric(after, "optimus_engine_steps_total")
-    time.sleep(0.5)
-    assert metric(http.get("/metrics").text, "optimus_engine_steps_total") == steps, "engine still decoding"
-    for name in ("optimus_num_requests_running", "optimus_num_requests_waiting", "optimus_kv_cache_usage_ratio"):
-        assert metric(after, name) == 0, f"{name} leaked:\n" + "\n".join(
-            line for line in after.splitlines() if line.startswith(name))

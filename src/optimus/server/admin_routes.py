@@ -1,22 +1,18 @@
-"""Health, version, models, metrics, tokenizer endpoints and the optional web page."""
+"""Health, version, models, metrics and tokenizer endpoints."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from fastapi import APIRouter, Request
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import JSONResponse, Response
 
 from optimus import __version__
-from optimus.server.errors import APIError, bad_request
+from optimus.server.errors import bad_request
 from optimus.server.metrics import CONTENT_TYPE
 from optimus.server.prompts import render_chat
-from optimus.server.protocol import DetokenizeRequest, TokenizeRequest
+from optimus.server.protocol import DetokenizeRequest, TokenizeRequest, chat_dicts
 from optimus.server.state import ServerState
 
 router = APIRouter()
-
-STATIC_DIR = Path(__file__).parent / "static"
 
 
 def _state(request: Request) -> ServerState:
@@ -58,8 +54,7 @@ async def tokenize(body: TokenizeRequest, request: Request) -> dict:
         raise bad_request("give exactly one of 'prompt' and 'messages'", "prompt")
     tokenizer = state.engine.tokenizer
     if body.messages is not None:
-        messages = [{"role": m.role, "content": m.text(i)} for i, m in enumerate(body.messages)]
-        text = render_chat(messages, tokenizer, add_generation_prompt=body.add_generation_prompt)
+        text = render_chat(chat_dicts(body.messages), tokenizer, add_generation_prompt=body.add_generation_prompt)
     else:
         text = body.prompt
     ids = list(tokenizer.encode(text))
@@ -76,10 +71,3 @@ async def detokenize(body: DetokenizeRequest, request: Request) -> dict:
         raise bad_request(f"tokens: token id {bad} is outside the vocabulary [0, {vocab})", "tokens")
     return {"prompt": state.engine.tokenizer.decode(body.tokens, skip_special_tokens=False)}
 
-
-@router.get("/", include_in_schema=False)
-async def index() -> Response:
-    page = STATIC_DIR / "index.html"
-    if not page.is_file():
-        raise APIError(404, "no web page is installed; the API lives under /v1")
-    return FileResponse(page)

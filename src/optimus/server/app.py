@@ -6,7 +6,6 @@ from collections.abc import Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-from fastapi.staticfiles import StaticFiles
 
 from optimus import __version__
 from optimus.config import ServerConfig
@@ -16,6 +15,7 @@ from optimus.server.lifecycle import Lifecycle
 from optimus.server.metrics import ServerMetrics
 from optimus.server.middleware import ApiKeyAuth, BodyLimit
 from optimus.server.state import ServerState
+from optimus.server.ui import make_ui_router
 
 
 def build_app(engine, config: ServerConfig | None = None,
@@ -38,8 +38,7 @@ def build_app(engine, config: ServerConfig | None = None,
     install_error_handlers(app)
     app.include_router(openai_routes.router)
     app.include_router(admin_routes.router)
-    if admin_routes.STATIC_DIR.is_dir():
-        app.mount("/static", StaticFiles(directory=admin_routes.STATIC_DIR), name="static")
+    app.include_router(make_ui_router(lambda: engine))  # the web page: GET /, /ui/*
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
     if config.api_key:
         app.add_middleware(ApiKeyAuth, api_key=config.api_key)  # added last: runs first

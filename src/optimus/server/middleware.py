@@ -10,12 +10,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from optimus.server.errors import APIError
 
-PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
+PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize", "/ui/generate")
 
 
 class ApiKeyAuth:
-    """Require ``Authorization: Bearer KEY`` on the API routes; health, version and metrics stay
-    open for probes and scrapers. The key is compared in constant time."""
+    """Require ``Authorization: Bearer KEY`` on the routes that generate or tokenize; health,
+    version, metrics and the web page's static parts stay open for probes, scrapers and browsers.
+    The key is compared in constant time."""
 
     def __init__(self, app: ASGIApp, api_key: str) -> None:
         self.app = app

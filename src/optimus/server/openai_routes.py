@@ -11,7 +11,7 @@ from optimus.server.connection import ClientDisconnected, cancel_on_disconnect
 from optimus.server.errors import bad_request
 from optimus.server.generation import Choice, Generation
 from optimus.server.prompts import COMPLETION_DEFAULT_MAX_TOKENS, chat_prompt, completion_prompts, resolve_max_tokens
-from optimus.server.protocol import ChatCompletionRequest, CompletionRequest, _Generation
+from optimus.server.protocol import ChatCompletionRequest, CompletionRequest, GenerationRequest
 from optimus.server.responses import ResponseMeta, completion_body
 from optimus.server.state import ServerState
 from optimus.server.streaming import event_stream
@@ -42,7 +42,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     return await _respond(state, request, body, prompts, chat=True, default_max=None)
 
 
-def _plan(body: _Generation, prompts: list[list[int]], state: ServerState, meta: ResponseMeta,
+def _plan(body: GenerationRequest, prompts: list[list[int]], state: ServerState, meta: ResponseMeta,
           default_max: int | None) -> list[Choice]:
     if len(prompts) * body.n > MAX_ENGINE_REQUESTS_PER_CALL:
         raise bad_request(f"prompt: {len(prompts)} prompts x n={body.n} exceeds "
@@ -57,7 +57,7 @@ def _plan(body: _Generation, prompts: list[list[int]], state: ServerState, meta:
     return choices
 
 
-async def _respond(state: ServerState, request: Request, body: _Generation, prompts: list[list[int]],
+async def _respond(state: ServerState, request: Request, body: GenerationRequest, prompts: list[list[int]],
                    *, chat: bool, default_max: int | None) -> Response:
     meta = ResponseMeta(model=state.model_id, chat=chat)
     generation = Generation(state.engine, _plan(body, prompts, state, meta, default_max), state.metrics)

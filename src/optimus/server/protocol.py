@@ -25,7 +25,7 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
-class _Generation(_Strict):
+class GenerationRequest(_Strict):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
     model: str | None = None
@@ -94,7 +94,7 @@ class _Generation(_Strict):
             raise _param_error(str(exc)) from None
 
 
-class CompletionRequest(_Generation):
+class CompletionRequest(GenerationRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool = False
     logprobs: int | None = None
@@ -141,7 +141,7 @@ class ChatMessage(_Strict):
         return "".join(part.text for part in self.content)
 
 
-class ChatCompletionRequest(_Generation):
+class ChatCompletionRequest(GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
@@ -174,7 +174,18 @@ class ChatCompletionRequest(_Generation):
                                                   "supported; only {'type': 'text'}")
 
     def chat(self) -> list[dict[str, str]]:
-        return [{"role": m.role, "content": m.text(i)} for i, m in enumerate(self.messages)]
+        return chat_dicts(self.messages)
+
+
+def chat_dicts(messages: list[ChatMessage]) -> list[dict[str, str]]:
+    """Messages as the chat template reads them (``name`` kept for templates that use it)."""
+    out = []
+    for i, m in enumerate(messages):
+        turn = {"role": m.role, "content": m.text(i)}
+        if m.name is not None:
+            turn["name"] = m.name
+        out.append(turn)
+    return out
 
 
 class TokenizeRequest(_Strict):
