@@ -256,13 +256,3 @@ def default_profile_path(device_name: str, model_id: str) -> Path:
     digest = hashlib.sha1(f"{device_name}\0{model_id}".encode()).hexdigest()[:10]
     name = f"{_slug(device_name)}__{_slug(os.path.basename(model_id.rstrip('/')) or model_id)}-{digest}.json"
     return cache_dir() / "profiles" / name
-
-
-def device_name(device) -> str:
-    """A stable human-readable name for a torch device (the GPU model, or 'cpu')."""
-    import torch
-
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return "cpu"

@@ -91,12 +91,12 @@ class LatencyCorrector:
 
     def __init__(self, knee: float, window: int = 256, refit_every: int = 16, min_points: int = 32,
                  max_log: float = math.log(8.0), max_step: float = math.log(1.25), grid: int = 97,
-                 tie_sigmas: float = 3.0) -> None:
+                 tie_sigmas: float = 4.0) -> None:
         if window < min_points or refit_every < 1:
             raise ValueError("latency correction needs window >= min_points and refit_every >= 1")
         self.tie_sigmas = tie_sigmas
         self.knee = knee  # the profile's knee in tokens (inf: none)
-        self._bounds = (-max_log, max_log)  # exploration stays strictly inside (refuted stretches)
+        self._floor, self._ceiling = -max_log, max_log  # exploration stays inside: refuted lately
         self.window, self.refit_every, self.min_points = window, refit_every, min_points
         self.max_step = max_step
         self.grid = np.linspace(-max_log, max_log, grid)
@@ -151,26 +151,27 @@ class LatencyCorrector:
     def _step(self, lo: float, hi: float, n: np.ndarray) -> float:
         """Move of ``log k`` given the tied range ``[lo, hi]`` and the window's token counts.
 
-        Refuted (outside the range): move toward it, up to ``max_step``. Fitting, but at an
-        edge that the data do pin while the other side stays open and the steps reach the
-        modelled knee: explore one ``max_step`` into the open side (flat data at the knee
-        say only that the knee is at least here; sloped data that it is at most here).
-        Otherwise stay: noise inside the range moves nothing. A stretch once refuted bounds
-        later explorations (the bound relaxes slowly), so exploring cannot become a cycle.
+        Refuted (outside the range): move to its nearest edge, at most ``max_step``. Fitting,
+        pinned on one side, open on the other, and the steps reach the modelled knee: flat
+        data there say only that the real knee is at least here, sloped data only that it is
+        at most here (a line through the origin fits any nearer knee), and the only way to
+        find it is to go and look: explore one ``max_step`` to the open side. Otherwise stay:
+        noise inside the range moves nothing. A refuted stretch bounds later explorations
+        (the bounds relax slowly), so exploring cannot become a cycle.
         """
         cur, tol, big = self.log_stretch, self.grid[1] - self.grid[0], self.max_step
-        relax = big / 256  # a refuted exploration is not retried for ~256 refits
-        self._bounds = (self._bounds[0] - relax, self._bounds[1] + relax)
+        relax = big / 1024  # a refuted exploration may be retried after ~1000 refits
+        self._floor, self._ceiling = self._floor - relax, self._ceiling + relax
         if cur < lo - tol / 2:
-            self._bounds = (max(self._bounds[0], cur), self._bounds[1])  # refutes cur and below
-            return min(big, hi - cur)
+            self._floor = max(self._floor, cur)  # cur and below are refuted
+            return min(big, lo - cur)
         if cur > hi + tol / 2:
-            self._bounds = (self._bounds[0], min(self._bounds[1], cur))  # refutes cur and above
-            return -min(big, cur - lo)
+            self._ceiling = min(self._ceiling, cur)  # cur and above are refuted
+            return -min(big, cur - hi)
         knee = self.knee * self.stretch
-        if cur - lo <= tol and hi - cur >= big and n.max() >= 0.8 * knee and cur + big < self._bounds[1]:
+        if cur - lo <= tol and hi - cur >= big and n.max() >= 0.8 * knee and cur + big < self._ceiling:
             return big
-        if hi - cur <= tol and cur - lo >= big and n.min() <= 1.25 * knee and cur - big > self._bounds[0]:
+        if hi - cur <= tol and cur - lo >= big and n.min() <= 1.25 * knee and cur - big > self._floor:
             return -big
         return 0.0
 

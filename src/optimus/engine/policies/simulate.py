@@ -41,6 +41,8 @@ class TauTable:
 
     def schedule(self, c: int, rng: random.Random) -> list[int]:
         """Commits per step that finish a chunk of ``c`` positions."""
+        if c == 1:
+            return [1]
         mean_steps = c / self(c)
         steps = math.floor(mean_steps) + int(rng.random() < mean_steps - math.floor(mean_steps))
         steps = min(max(steps, 1), c)
@@ -149,15 +151,16 @@ class Simulator:
         """One step; returns (tokens, seconds, committed)."""
         decoding = [r for r in self.requests if r.prefill == 0]
         fixed = sum(r.pending_store for r in decoding) + sum(r.prefill for r in self.requests)
-        views = tuple(RequestView(r.request_id, r.max_chunk(), r.block, r.chunk or r.last_chunk or None)
-                      for r in decoding)
+        caps = [r.max_chunk() for r in decoding]
+        views = tuple(RequestView(r.request_id, cap, r.block, r.chunk or r.last_chunk or None)
+                      for r, cap in zip(decoding, caps))
         chosen = self.policy.choose(StepView(views, fixed, max(self.config.token_budget, len(views))))
         tokens = fixed
-        for r, c in zip(decoding, chosen):
+        for r, c, cap in zip(decoding, chosen, caps):
             if r.chunk == 0:
-                r.chunk = max(1, min(int(c), r.max_chunk()))
+                r.chunk = max(1, min(int(c), cap))
                 if record is not None:
-                    record.append((r.request_id, r.chunk, r.max_chunk(), r.last_chunk))
+                    record.append((r.request_id, r.chunk, cap, r.last_chunk))
                 r.schedule = self.tau.schedule(r.chunk, self.rng)
             tokens += r.chunk
         seconds = self.device.step_seconds(tokens, self.rng)

@@ -1,0 +1,76 @@
+"""``optimus profile``: measure this device's step-latency curve for a model, fit its knee and
+save the profile where the engine looks for it (keyed by device and model)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+
+from optimus.engine.profiler import DEFAULT_BATCHES, DEFAULT_CHUNKS, QUICK_BATCHES, QUICK_CHUNKS
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
+    return values
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="default", help="HF model directory, or 'default' for the shipped model")
+    parser.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU) | bfloat16 | float16 | float32")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--batches", type=_ints, default=None,
+                        help=f"requests per step to measure (default {','.join(map(str, DEFAULT_BATCHES))})")
+    parser.add_argument("--chunks", type=_ints, default=None,
+                        help=f"chunk sizes to measure (default {','.join(map(str, DEFAULT_CHUNKS))})")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"a small grid ({len(QUICK_BATCHES)} x {len(QUICK_CHUNKS)} points) for a first look")
+    parser.add_argument("--context", type=int, default=512, help="cached positions per request in each step")
+    parser.add_argument("--max-tokens", type=int, default=8192, help="skip grid steps with more tokens than this")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed runs per grid point")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per grid point (the median is kept)")
+    parser.add_argument("--out", default=None, help="output JSON (default: the engine's per-device, per-model path)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _engine(args: argparse.Namespace, page_size: int = 16):
+    """An engine with a fixed policy (no profile needed) and only the pages one synthetic
+    request's context takes: the profiling batch shares those pages read-only."""
+    from optimus.config import engine_config
+    from optimus.engine.engine import Engine
+
+    pages = math.ceil(args.context / page_size) + 1
+    return Engine(engine_config(model=args.model, dtype=args.dtype, device=args.device, policy="fixed:1",
+                                page_size=page_size, num_pages=pages))
+
+
+def run(args: argparse.Namespace) -> int:
+    from optimus.engine.elastic_setup import device_name, model_id
+    from optimus.engine.latency import default_profile_path
+    from optimus.engine.profiler import profile_latency
+    from optimus.engine.runner_profile import make_step_fn
+
+    if args.context < 1 or args.max_tokens < 1 or args.warmup < 0 or args.repeats < 1:
+        raise ValueError("--context, --max-tokens and --repeats must be >= 1, --warmup >= 0")
+    batches = args.batches or (QUICK_BATCHES if args.quick else DEFAULT_BATCHES)
+    chunks = args.chunks or (QUICK_CHUNKS if args.quick else DEFAULT_CHUNKS)
+    engine = _engine(args)
+    dev, mid = device_name(engine.device), model_id(engine)
+    step = make_step_fn(engine, context=args.context, repeats=1)
+    profile = profile_latency(step, batches, chunks, warmup=args.warmup, repeats=args.repeats,
+                              progress=not args.no_progress, max_tokens=args.max_tokens)
+    profile = dataclasses.replace(profile, device=dev, model_id=mid)
+    path = profile.save(args.out or default_profile_path(dev, mid))
+    fit = profile.fit
+    print(f"device {dev}, model {mid}: {len(profile.points)} points")
+    print(f"flat {fit.t0 * 1e3:.2f} ms up to the knee N* = {profile.knee:.0f} tokens, "
+          f"then {fit.b * 1e6:.2f} us per token")
+    for p in profile.points:
+        print(f"  {p.batch:>4} x {p.tokens // p.batch:<3} = {p.tokens:>6} tokens  {p.seconds * 1e3:9.3f} ms")
+    print(f"saved {path}")
+    return 0
