@@ -90,3 +90,49 @@ def group_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     out = F.scaled_dot_product_attention(qp.transpose(1, 2), keys, vals, attn_mask=mask[:, None],
                                          scale=scale, enable_gqa=hq != keys.shape[1])
     return out.transpose(1, 2)[req, local].to(q.dtype)
+
+
+# ---- fused decoder-layer elementwise ops (see fused.py). Each states the numerics its Triton
+# kernel reproduces: fp32 arithmetic, rounded to the storage dtype exactly where the HF
+# Llama/Qwen torch code rounds.
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                       residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, d] (+ residual [T, d]) -> (weight * rmsnorm(h), h) with h = x + residual, or x.
+
+    h is rounded to its dtype before the norm (as ``x = x + block(x)`` is in torch); the
+    normalised row is computed in fp32 and cast back to h's dtype before the weight.
+    """
+    h = x if residual is None else residual + x
+    h32 = h.float()
+    normed = h32 * torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * normed.to(h.dtype), h
+
+
+def rotary_qk_reference(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
+                        inv_freq: torch.Tensor, q_norm: torch.Tensor | None = None,
+                        k_norm: torch.Tensor | None = None, eps: float = 1e-6,
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [T, Hq, D], k [T, Hkv, D], positions [T], inv_freq [D/2] fp32 -> rotated (q, k).
+
+    Half-split rotary with angles ``positions.float() * inv_freq`` and the rotation done in
+    fp32, rounded once to the input dtype. With ``q_norm``/``k_norm`` ([D] weights) each head
+    row is first RMS-normalised (Qwen3's q/k norm) and rounded like ``rms_norm_reference``.
+    """
+    angles = positions.float()[:, None] * inv_freq.float()[None, :]
+    cos, sin = angles.cos()[:, None, :], angles.sin()[:, None, :]
+
+    def rotate(x: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+        if weight is not None:
+            x = rms_norm_reference(x, weight, eps)[0].to(x.dtype)
+        x1, x2 = x.float().chunk(2, dim=-1)
+        out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        return out.to(x.dtype)
+
+    return rotate(q, q_norm), rotate(k, k_norm)
+
+
+def silu_mul_reference(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up [T, 2I] (gate first) -> silu(gate) * up [T, I]; each op rounded to the dtype."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up

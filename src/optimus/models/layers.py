@@ -1,13 +1,20 @@
-"""Layers shared by every family: RMSNorm, rotary embedding, gated MLP, attention block."""
+"""Layers shared by every family: RMSNorm, rotary embedding, gated MLP, attention block.
+
+The elementwise work runs through ``LayerOps``: ``TorchOps`` (the HF numerics) or ``FusedOps``
+(one Triton kernel per op). Input projections can be merged into one matmul per block
+(``fuse_projections``) without changing parameter names.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 from torch import nn
 import torch.nn.functional as F
 
+from optimus.kernels import fused
 from optimus.models.spec import ArchConfig
 
 
@@ -67,28 +74,183 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos[:, None, :] + _rotate_half(x) * sin[:, None, :]
 
 
-class GatedMLP(nn.Module):
+# ---------------------------------------------------------------- layer ops
+# The elementwise work of a layer sits behind one small interface so the same module code runs
+# either as plain torch (the HF numerics the parity tests check) or as fused kernels.
+
+class LayerOps(Protocol):
+    def add_norm(self, x: torch.Tensor, residual: torch.Tensor | None,
+                 norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (norm(h), h) with h = residual + x (x itself when residual is None)."""
+        ...
+
+    def rotary(self, q: torch.Tensor, k: torch.Tensor, q_norm: RMSNorm | None,
+               k_norm: RMSNorm | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """q [T, Hq, D], k [T, Hkv, D] -> rotated (q, k), after the per-head norms if any."""
+        ...
+
+    def silu_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class TorchOps:
+    """Plain torch, op for op the HF Llama/Qwen code (rounding after every op)."""
+
+    cos: torch.Tensor  # [T, D] in the activation dtype, shared by every layer of a forward
+    sin: torch.Tensor
+
+    def add_norm(self, x, residual, norm):
+        h = x if residual is None else residual + x
+        return norm(h), h
+
+    def rotary(self, q, k, q_norm, k_norm):
+        if q_norm is not None:
+            q, k = q_norm(q), k_norm(k)
+        return apply_rotary(q, self.cos, self.sin), apply_rotary(k, self.cos, self.sin)
+
+    def silu_mul(self, gate, up):
+        return F.silu(gate) * up
+
+
+@dataclass(frozen=True)
+class FusedOps:
+    """One kernel per op (kernels/fused.py); rotary angles are computed in-kernel in fp32."""
+
+    positions: torch.Tensor  # [T]
+    inv_freq: torch.Tensor  # [D/2] fp32
+    backend: str = "triton"
+
+    def add_norm(self, x, residual, norm):
+        return fused.rms_norm(x, norm.weight, norm.eps, residual, self.backend)
+
+    def rotary(self, q, k, q_norm, k_norm):
+        qk = None if q_norm is None else fused.QKNorm(q_norm.weight, k_norm.weight, q_norm.eps)
+        return fused.rotary_qk(q, k, self.positions, self.inv_freq, qk, self.backend)
+
+    def silu_mul(self, gate, up):
+        return fused.silu_mul_split(gate, up, self.backend)
+
+
+KERNEL_MODES = ("auto", "torch", "triton")
+
+
+def layer_ops(mode: str, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding) -> LayerOps:
+    """The ops for one forward. ``auto``: fused kernels for CUDA inference, torch otherwise
+    (under autograd too: the kernels have no backward). ``triton`` forces the kernels (on
+    CPU they need TRITON_INTERPRET=1); ``torch`` forces the reference numerics."""
+    if mode not in KERNEL_MODES:
+        raise ValueError(f"unknown kernel mode {mode!r}; expected one of {KERNEL_MODES}")
+    fused_ok = not torch.is_grad_enabled() and x.is_cuda and fused.triton_available()
+    if mode == "triton" or (mode == "auto" and fused_ok):
+        return FusedOps(positions, rotary.inv_freq)
+    return TorchOps(*rotary.cos_sin(positions, x.dtype))
+
+
+# ---------------------------------------------------------------- merged projections
+
+class MergedProjections(nn.Module):
+    """A block whose input Linears (named in ``MERGED``, same input) can run as one matmul.
+
+    ``fuse_projections`` concatenates their weights (and biases) into the non-persistent
+    buffers ``merged_weight``/``merged_bias`` and makes each Linear's parameter a view of
+    them: names and state_dict stay as loaded and memory is not doubled. Invariant used in
+    forward: the merged matmul runs only while every parameter still aliases its slice (an
+    ``assign=True`` load replaces them; then the separate Linears run and the buffers go).
+    """
+
+    MERGED: tuple[str, ...] = ()
+
+    def _init_merged(self) -> None:
+        self.register_buffer("merged_weight", None, persistent=False)
+        self.register_buffer("merged_bias", None, persistent=False)
+
+    def _linears(self) -> list[nn.Linear]:
+        return [getattr(self, name) for name in self.MERGED]
+
+    @torch.no_grad()
+    def fuse_projections(self) -> None:
+        linears = self._linears()
+        self.merged_weight = _merge_param(linears, "weight")
+        self.merged_bias = _merge_param(linears, "bias")
+
+    def _merged_intact(self) -> bool:
+        if self.merged_weight is None:
+            return False
+        ok = all(_aliases(self.merged_weight, [lin.weight for lin in self._linears()]))
+        if self.merged_bias is not None:
+            ok = ok and all(_aliases(self.merged_bias, [lin.bias for lin in self._linears()]))
+        if not ok:
+            self.merged_weight = self.merged_bias = None
+        return ok
+
+    def _project(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """x [T, d] -> one [T, out_i] per merged Linear (column views when merged)."""
+        linears = self._linears()
+        if not self._merged_intact():
+            return [lin(x) for lin in linears]
+        y = F.linear(x, self.merged_weight, self.merged_bias)
+        return list(y.split([lin.out_features for lin in linears], dim=-1))
+
+    def _apply(self, fn, recurse: bool = True):
+        # A dtype/device move re-allocates each parameter on its own: alias them again.
+        was_fused = self.merged_weight is not None
+        super()._apply(fn, recurse)
+        if was_fused and not self._merged_intact():
+            self.fuse_projections()
+        return self
+
+
+def _merge_param(linears: list[nn.Linear], name: str) -> torch.Tensor | None:
+    parts = [getattr(lin, name) for lin in linears]
+    if any(p is None for p in parts):
+        return None
+    merged = torch.cat([p.detach() for p in parts])
+    for lin, part, view in zip(linears, parts, merged.split([p.shape[0] for p in parts])):
+        setattr(lin, name, nn.Parameter(view, requires_grad=part.requires_grad))
+    return merged
+
+
+def _aliases(merged: torch.Tensor, parts: list[torch.Tensor]) -> list[bool]:
+    """Whether each part is the slice of ``merged`` that follows the previous ones."""
+    ptr, step = merged.data_ptr(), merged.element_size()
+    out = []
+    for p in parts:
+        out.append(p.data_ptr() == ptr and p.dtype == merged.dtype)
+        ptr += p.numel() * step
+    return out
+
+
+# ---------------------------------------------------------------- blocks
+
+class GatedMLP(MergedProjections):
+    MERGED = ("gate_proj", "up_proj")
+
     def __init__(self, hidden: int, inner: int) -> None:
         super().__init__()
         self.gate_proj = nn.Linear(hidden, inner, bias=False)
         self.up_proj = nn.Linear(hidden, inner, bias=False)
         self.down_proj = nn.Linear(inner, hidden, bias=False)
+        self._init_merged()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x: torch.Tensor, ops: LayerOps) -> torch.Tensor:
+        gate, up = self._project(x)
+        return self.down_proj(ops.silu_mul(gate, up))
 
 
 class AttentionBackend(Protocol):
     """The one attention entry point. Kernels and cache layouts live behind it.
 
     q [T, Hq, D], k/v [T, Hkv, D] are the step's new tokens after rotary embedding;
-    the backend adds whatever cached context applies and returns [T, Hq, D].
+    the backend adds whatever cached context applies and returns [T, Hq, D]. With merged
+    projections v (and on the torch path q/k norms' inputs) are row-strided views.
     """
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor: ...
 
 
-class SelfAttention(nn.Module):
+class SelfAttention(MergedProjections):
+    MERGED = ("q_proj", "k_proj", "v_proj")
+
     def __init__(self, arch: ArchConfig, layer: int) -> None:
         super().__init__()
         self.layer = layer
@@ -103,16 +265,15 @@ class SelfAttention(nn.Module):
             self.k_norm = RMSNorm(arch.head_dim, arch.rms_eps)
         else:
             self.q_norm = self.k_norm = None
+        self._init_merged()
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                backend: AttentionBackend) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ops: LayerOps, backend: AttentionBackend) -> torch.Tensor:
         t = x.shape[0]
-        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k, v = self._project(x)
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        q, k = ops.rotary(q, k, self.q_norm, self.k_norm)
         out = backend.attend(self.layer, q, k, v)
         return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
 
@@ -125,6 +286,15 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_eps)
         self.mlp = GatedMLP(arch.hidden_size, arch.intermediate_size)
 
-    def forward(self, x, cos, sin, backend: AttentionBackend) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, backend)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, ops: LayerOps,
+                backend: AttentionBackend) -> tuple[torch.Tensor, torch.Tensor]:
+        """Residual-stream form: x is the previous block's output not yet added to the stream
+        (the embeddings, with residual None, for layer 0). Returns (this MLP's output, the
+        stream before it), so each norm is one add+norm. Same sums as x + attn, x + mlp."""
+        h, residual = ops.add_norm(x, residual, self.input_layernorm)
+        h, residual = ops.add_norm(self.self_attn(h, ops, backend), residual, self.post_attention_layernorm)
+        return self.mlp(h, ops), residual
+
+    def fuse_projections(self) -> None:
+        self.self_attn.fuse_projections()
+        self.mlp.fuse_projections()

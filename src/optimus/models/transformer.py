@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from optimus.models.layers import AttentionBackend, DecoderLayer, RMSNorm, RotaryEmbedding
+from optimus.models.layers import AttentionBackend, DecoderLayer, RMSNorm, RotaryEmbedding, layer_ops
 from optimus.models.spec import ModelSpec
 
 
@@ -25,6 +25,8 @@ class DecoderLM(nn.Module):
 
     ``forward`` returns final hidden states; ``logits`` applies the LM head to the rows
     whose logits are needed, so the head never runs on positions nobody reads.
+    ``kernels`` picks the elementwise ops per forward (layers.layer_ops): "auto" (fused
+    Triton kernels for CUDA inference), "torch" or "triton".
     """
 
     def __init__(self, spec: ModelSpec) -> None:
@@ -34,15 +36,24 @@ class DecoderLM(nn.Module):
         self.lm_head = nn.Linear(spec.arch.hidden_size, spec.arch.vocab_size, bias=False)
         if spec.arch.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self.kernels = "auto"
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 backend: AttentionBackend) -> torch.Tensor:
         """input_ids, positions [T] -> hidden [T, d]."""
         x = self.model.embed_tokens(input_ids)
-        cos, sin = self.model.rotary.cos_sin(positions, x.dtype)
+        ops = layer_ops(self.kernels, x, positions, self.model.rotary)
+        residual = None
         for layer in self.model.layers:
-            x = layer(x, cos, sin, backend)
-        return self.model.norm(x)
+            x, residual = layer(x, residual, ops, backend)
+        return ops.add_norm(x, residual, self.model.norm)[0]
+
+    def fuse_projections(self) -> "DecoderLM":
+        """Run q/k/v and gate/up as one matmul each (weights become views of one buffer per
+        block; names, state_dict and memory unchanged). Call once after loading."""
+        for layer in self.model.layers:
+            layer.fuse_projections()
+        return self
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
