@@ -315,7 +315,7 @@ def test_disconnected_clients_are_aborted(server, http):
     assert time.monotonic() - t0 < 10
 
     aborted = lambda text: metric(text, "optimus_requests_finished_total", '{finish_reason="abort"}')  # noqa: E731
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 5
     while True:
         after = http.get("/metrics").text
         idle = all(metric(after, m) == 0 for m in ("optimus_num_requests_running", "optimus_num_requests_waiting",
