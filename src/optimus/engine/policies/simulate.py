@@ -17,7 +17,8 @@ import itertools
 import math
 import random
 from dataclasses import dataclass, field
-from typing import Callable
+from collections import Counter
+from typing import Callable, NamedTuple
 
 import numpy as np
 
@@ -93,43 +94,56 @@ class SimConfig:
     seed: int = 0
 
 
+class ChunkChoice(NamedTuple):
+    request: str
+    size: int
+    max_chunk: int
+    block_start: bool  # the chunk starts a block: nothing but the policy limits its size
+
+
 @dataclass(frozen=True)
 class SimResult:
     committed: int  # tokens committed after warmup
     seconds: float  # simulated time after warmup
     steps: int
     mean_step_tokens: float
-    chunk_choices: tuple[tuple[str, int, int, int], ...]  # (request, size, max_chunk, previous size)
+    chunk_choices: tuple[ChunkChoice, ...]  # every chunk started after warmup, in order
 
     @property
     def throughput(self) -> float:
         return self.committed / self.seconds if self.seconds > 0 else 0.0
 
+    def _free_changes(self) -> list[tuple[str, int]]:
+        """(request, +1/-1) for each block-start size that differs from the same request's
+        previous block-start size (block ends cannot force those)."""
+        last: dict[str, int] = {}
+        out = []
+        for ch in self.chunk_choices:
+            if not ch.block_start:
+                continue
+            if ch.request in last and ch.size != last[ch.request]:
+                out.append((ch.request, 1 if ch.size > last[ch.request] else -1))
+            last[ch.request] = ch.size
+        return out
+
     def switch_rate(self) -> float:
-        """Fraction of a request's chunk starts whose size differs from its previous chunk's
-        although that size was still possible (block ends that force a smaller chunk excluded)."""
-        relevant = [(c, prev) for _, c, cap, prev in self.chunk_choices if prev and cap >= prev]
-        return sum(c != prev for c, prev in relevant) / len(relevant) if relevant else 0.0
+        """Fraction of block-start choices that change the request's size."""
+        starts = sum(ch.block_start for ch in self.chunk_choices)
+        return len(self._free_changes()) / starts if starts else 0.0
 
     def reversal_rate(self) -> float:
-        """Flip-flops: fraction of a request's unforced size changes that undo the direction
-        of its previous change (up then down, or down then up)."""
-        last_dir: dict[str, int] = {}
-        changes = reversals = 0
-        for rid, c, cap, prev in self.chunk_choices:
-            if not prev or cap < prev or c == prev:
-                continue
-            direction = 1 if c > prev else -1
-            changes += 1
-            reversals += last_dir.get(rid, direction) != direction
-            last_dir[rid] = direction
-        return reversals / changes if changes else 0.0
+        """Flip-flops: fraction of size changes that undo the direction of the request's
+        previous change (up then down, or down then up)."""
+        changes = self._free_changes()
+        direction: dict[str, int] = {}
+        reversals = 0
+        for rid, d in changes:
+            reversals += direction.get(rid, d) != d
+            direction[rid] = d
+        return reversals / len(changes) if changes else 0.0
 
     def size_histogram(self) -> dict[int, int]:
-        out: dict[int, int] = {}
-        for _, c, _, _ in self.chunk_choices:
-            out[c] = out.get(c, 0) + 1
-        return dict(sorted(out.items()))
+        return dict(sorted(Counter(ch.size for ch in self.chunk_choices).items()))
 
 
 class Simulator:
@@ -160,7 +174,7 @@ class Simulator:
             if r.chunk == 0:
                 r.chunk = max(1, min(int(c), cap))
                 if record is not None:
-                    record.append((r.request_id, r.chunk, cap, r.last_chunk))
+                    record.append(ChunkChoice(r.request_id, r.chunk, cap, r.pos % r.block == 0))
                 r.schedule = self.tau.schedule(r.chunk, self.rng)
             tokens += r.chunk
         seconds = self.device.step_seconds(tokens, self.rng)
