@@ -92,3 +92,16 @@ def test_abort_frees_pages():
         out = llm.engine.abort(f"r{i}")
         assert out.finished and out.finish_reason == "abort"
     assert llm.engine.allocator.used_pages == 0 and not llm.engine.has_work()
+
+
+def test_extreme_temperature_and_min_tokens_do_not_break_the_engine():
+    llm = _llm("sdar", "fixed:4")
+    params = [SamplingParams(max_tokens=6, temperature=1e-300, ignore_eos=True),
+              SamplingParams(max_tokens=6, min_tokens=3, temperature=0.7, seed=1),
+              SamplingParams(max_tokens=6, min_tokens=6)]
+    outs = llm.generate(_prompts(3), params)
+    assert all(o.finished for o in outs)
+    assert len(outs[0].token_ids) == 6
+    eos = set(llm.engine.spec.eos_ids)
+    assert not eos & set(outs[2].token_ids[:6])
+    assert llm.engine.stats.running == 0 and llm.engine.stats.kv_usage == 0.0

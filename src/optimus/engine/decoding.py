@@ -10,12 +10,15 @@ import torch
 
 from optimus.engine.params import SamplingParams
 
+# Below this temperature, logits / T overflows; such requests decode greedily.
+GREEDY_TEMPERATURE = 1e-5
+
 
 def propose(logits: torch.Tensor, params: SamplingParams,
             generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [n, V] -> (tokens [n], confidence [n]), both on logits' device."""
     logits = logits.float()
-    if params.temperature == 0.0:
+    if params.temperature <= GREEDY_TEMPERATURE:
         probs = torch.softmax(logits, dim=-1)
         conf, tokens = probs.max(dim=-1)
         return tokens, conf

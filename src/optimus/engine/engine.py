@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
 import torch
 
 from optimus.config import EngineConfig
-from optimus.engine.decoding import params_rule, propose
+from optimus.engine.decoding import GREEDY_TEMPERATURE, params_rule, propose
 from optimus.engine.detokenizer import IncrementalDetokenizer
 from optimus.engine.kv_cache import KVCacheStorage, PageAllocator, capacity_in_pages
 from optimus.engine.outputs import CommitEvent, RequestOutput
@@ -18,6 +19,8 @@ from optimus.engine.runner import ModelRunner
 from optimus.engine.scheduler import RequestWork, Scheduler
 from optimus.engine.stats import EngineStats
 from optimus.models.spec import AttentionKind, ModelSpec
+
+log = logging.getLogger(__name__)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -74,6 +77,7 @@ class Engine:
         self._requests: dict[str, Request] = {}
         self._step = 0
         self._host_commit_s = 0.0
+        self._failed: list[Request] = []  # aborted mid-step; reported at the end of the step
         self.stream_text = True  # detokenize every output (servers); offline use turns it off
 
     def _graphs(self, model, num_pages: int):
@@ -126,12 +130,14 @@ class Engine:
             return None
         r.stats.finish_time = time.monotonic()
         self._requests.pop(request_id, None)
+        self._refresh_gauges()
         return self._output(r)
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
     # ---- the step --------------------------------------------------------------------
+    @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
         c0 = time.perf_counter()
         plan = self.scheduler.schedule()
@@ -148,13 +154,15 @@ class Engine:
         latency = t1 - t0
         self.scheduler.complete_step(plan, latency)
         self._record(plan, latency)
-        outputs = []
+        outputs = [self._output(r) for r in self._failed]
+        self._failed = []
         for r in touched.values():
             out = self._advance(r)
             if out is not None:
                 outputs.append(out)
         post_s = time.perf_counter() - t1
         self.stats.cpu_time_sum_s += schedule_s + self.runner.last_build_s + self._host_commit_s + post_s
+        self._refresh_gauges()
         return outputs
 
     def _propose_and_commit(self, plan, hidden: torch.Tensor, wants) -> None:
@@ -174,12 +182,20 @@ class Engine:
         self._host_commit_s = time.perf_counter() - h0
         for w in slow:
             r = plan.works[w.work_index].request
-            logits = self._constrain(r, w.positions, self.runner.logits(hidden[w.offset:w.offset + len(w.positions)]))
-            tokens, conf = propose(logits, r.params, r.generator)
+            try:
+                logits = self._constrain(r, w.positions,
+                                         self.runner.logits(hidden[w.offset:w.offset + len(w.positions)]))
+                tokens, conf = propose(logits, r.params, r.generator)
+            except RuntimeError as exc:  # one request's numerics must never stop the engine
+                log.error("request %s failed while sampling: %s; aborting it", r.request_id, exc)
+                self.scheduler.abort(r.request_id)
+                self._requests.pop(r.request_id, None)
+                self._failed.append(r)
+                continue
             self._commit(plan.works[w.work_index], w.positions, tokens.cpu(), conf.cpu())
 
     def _is_plain_greedy(self, r: Request) -> bool:
-        return r.params.temperature == 0.0 and not self._suppressed_ids(r)
+        return r.params.temperature <= GREEDY_TEMPERATURE and not self._suppressed_ids(r)
 
     def _constrain(self, r: Request, positions: tuple[int, ...], logits: torch.Tensor) -> torch.Tensor:
         """min_tokens: end-of-answer ids are impossible before the answer is long enough."""
@@ -231,6 +247,10 @@ class Engine:
                 s.chunk_size_counts[c] += 1
                 s.committed_per_chunk[c] += w.request.last_committed
                 s.tokens_committed += w.request.last_committed
+        self._refresh_gauges()
+
+    def _refresh_gauges(self) -> None:
+        s = self.stats
         s.running, s.waiting = len(self.scheduler.running), len(self.scheduler.waiting)
         s.kv_usage = self.allocator.used_pages / self.allocator.num_pages
 
