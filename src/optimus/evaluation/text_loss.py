@@ -13,7 +13,7 @@ from optimus.train.pack import load_rows
 
 
 @torch.no_grad()
-def heldout_text_loss(loaded, rows_path: Path, max_rows: int = 64, batch: int = 8, seed: int = 1234) -> float:
+def heldout_text_loss(loaded, rows_path: Path, max_rows: int = 32, batch: int = 8, seed: int = 1234) -> float:
     """Mean cross entropy (nats) per masked token over packed held-out rows."""
     spec, model = loaded.spec, loaded.model
     seq_len = min(spec.arch.max_position, 512)
