@@ -219,6 +219,15 @@ def test_text_dataset_falls_back_to_builtin_lines(tmp_path):
     assert all(any(r.prompt in line for line in BUILTIN_LINES) for r in reqs)
 
 
+def test_tasks_dataset_asks_heldout_task_questions():
+    from optimus.evaluation.tasks import TASKS
+
+    reqs = sample_requests(DatasetSpec("tasks", 2 * len(TASKS), output_len=32), CharTokenizer())
+    assert len(reqs) == 2 * len(TASKS) and all(r.expected_output_len == 32 for r in reqs)
+    assert all(r.prompt and r.prompt_len == len(r.prompt) for r in reqs)
+    assert len({r.prompt for r in reqs}) > len(TASKS)  # varied questions, not one per task
+
+
 # ---- prometheus -----------------------------------------------------------------------------
 def test_prometheus_parse_and_dllm_summary():
     before = parse_prometheus('optimus_engine_steps_total 10.0\noptimus_tokens_committed_total 20\n'

@@ -9,6 +9,9 @@ the output length to ask for).
   Nothing is downloaded; the prompt text is random tokens as in ``random``.
 - ``text``: passages of the project's own training text (``data_cache/extracted``, written by
   ``scripts/data/fetch.sh``), else a few built-in public-domain lines.
+- ``tasks``: held-out questions of the project's checkable chat tasks
+  (:mod:`optimus.evaluation.tasks`, the default model's instruction data), round-robin over the
+  tasks; meant for ``--endpoint /v1/chat/completions``.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Protocol, Sequence
 
-DATASETS = ("random", "sharegpt-like", "text")
+DATASETS = ("random", "sharegpt-like", "text", "tasks")
 
 # Means published for ShareGPT (vLLM paper, fig. 11); sigmas are our choice of spread
 # (log-space standard deviation), giving medians of about 0.6x (input) and 0.7x (output) the mean.
@@ -93,6 +96,8 @@ def sample_requests(spec: DatasetSpec, tokenizer: TokenCounter) -> list[SampleRe
     if spec.name == "sharegpt-like":
         return [_random_prompt(rng, tokenizer, *sharegpt_lengths(rng, spec.length_scale))
                 for _ in range(spec.num_prompts)]
+    if spec.name == "tasks":
+        return _task_requests(spec, tokenizer, rng)
     return _text_requests(spec, tokenizer, rng)
 
 
@@ -139,6 +144,14 @@ def _text_requests(spec: DatasetSpec, tok: TokenCounter, rng: random.Random) -> 
     return [SampleRequest(p, len(tok.encode(p)), spec.output_len) for p in picks]
 
 
+def _task_requests(spec: DatasetSpec, tok: TokenCounter, rng: random.Random) -> list[SampleRequest]:
+    from optimus.evaluation.tasks import TASKS
+
+    names = sorted(TASKS)
+    questions = [TASKS[names[i % len(names)]].sample(rng, "heldout").question for i in range(spec.num_prompts)]
+    return [SampleRequest(q, len(tok.encode(q)), spec.output_len) for q in questions]
+
+
 def _documents(text_dir: Path) -> Iterator[str]:
     if text_dir.is_dir():
         from optimus.train.corpus import documents  # the training mixture's readers and cleaning
@@ -157,7 +170,8 @@ def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--dataset", choices=DATASETS, default="random", help="prompt source (default: random)")
     g.add_argument("--num-prompts", type=int, default=100, help="requests to send (default: 100)")
     g.add_argument("--input-len", type=int, default=128, help="random/text: prompt tokens (default: 128)")
-    g.add_argument("--output-len", type=int, default=128, help="random/text: max_tokens per request (default: 128)")
+    g.add_argument("--output-len", type=int, default=128,
+                   help="random/text/tasks: max_tokens per request (default: 128)")
     g.add_argument("--range-ratio", type=float, default=0.0,
                    help="random: lengths uniform in [len*(1-r), len*(1+r)] (default: 0)")
     g.add_argument("--length-scale", type=float, default=1.0,
