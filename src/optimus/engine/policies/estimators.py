@@ -168,10 +168,12 @@ class LatencyCorrector:
         if cur > hi + tol / 2:
             self._ceiling = min(self._ceiling, cur)  # cur and above are refuted
             return -min(big, cur - hi)
+        if len(n) < self.window:
+            return 0.0  # explore only on a full window: the tie range is reliable then
         knee = self.knee * self.stretch
-        if cur - lo <= tol and hi - cur >= big and n.max() >= 0.8 * knee and cur + big < self._ceiling:
+        if cur - lo < big and hi - cur >= big and n.max() >= 0.8 * knee and cur + big < self._ceiling:
             return big
-        if hi - cur <= tol and cur - lo >= big and n.min() <= 1.25 * knee and cur - big > self._floor:
+        if hi - cur < big and cur - lo >= big and n.min() <= 1.25 * knee and cur - big > self._floor:
             return -big
         return 0.0
 
