@@ -184,9 +184,12 @@ class MergedProjections(nn.Module):
         return ok
 
     def _project(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """x [T, d] -> one [T, out_i] per merged Linear (column views when merged)."""
+        """x [T, d] -> one [T, out_i] per merged Linear (column views when merged).
+
+        Under autograd the separate Linears run: the merged buffer carries no gradient."""
         linears = self._linears()
-        if not self._merged_intact():
+        training = torch.is_grad_enabled() and linears[0].weight.requires_grad
+        if training or not self._merged_intact():
             return [lin(x) for lin in linears]
         y = F.linear(x, self.merged_weight, self.merged_bias)
         return list(y.split([lin.out_features for lin in linears], dim=-1))
