@@ -188,9 +188,10 @@ class ElasticPolicy:
                 self.profile = LatencyProfile.synthetic(t0, DEFAULT_KNEE, t0 / DEFAULT_KNEE)
                 self._rescale = False
             self.correction.observe(self.profile.predict_many, feedback.num_tokens, batch, feedback.latency_s)
-        if self._last is not None:
+        if self._last is not None:  # this step's own choice (consumed: never reused stale)
             self.load.observe(feedback.num_tokens, float(np.sum(self._cost(self._last))),
                               float(np.sum(self._variance(self._last))))
+            self._last = None
 
     # ---- the control law -----------------------------------------------------------------
     def _allocate(self, requests: list[RequestView], view: StepView, pinned: np.ndarray) -> list[int]:
