@@ -58,6 +58,7 @@ class Engine:
             from optimus.loader import load_model
             loaded = load_model(config.model.model, dtype=config.model.dtype, device=str(self.device))
         self.loaded = loaded
+        loaded.model.fuse_projections()  # q/k/v and gate/up as one matmul each (views, no copy)
         self.spec: ModelSpec = self.loaded.spec
         self.tokenizer = self.loaded.tokenizer
         self.block_size = self._block_size()

@@ -118,9 +118,16 @@ class Request:
         return min(self.geometry.block_end(lo), self.geometry.canvas_end) - lo
 
     def plan_window(self, chunk: int) -> tuple[int, int]:
-        """Predicted positions [lo, hi) for a chunk of ``chunk`` canvas positions."""
+        """Predicted positions [lo, hi) for a chunk of ``chunk`` canvas positions, stretched
+        if needed so it holds at least one masked position (a chunk smaller than what an
+        earlier, larger chunk already committed must not waste a step)."""
         lo = self.window_start()
-        return lo, lo + max(1, min(chunk, self.max_chunk()))
+        end = lo + self.max_chunk()
+        hi = lo + max(1, min(chunk, end - lo))
+        open_ = np.flatnonzero(~self.committed[lo:end])
+        if open_.size and lo + open_[0] >= hi:
+            hi = lo + int(open_[0]) + 1
+        return lo, hi
 
     def rows_for(self, window: tuple[int, int]) -> tuple[int, int]:
         return self.cache_len, window[1] - self.geometry.shift

@@ -154,6 +154,7 @@ class Scheduler:
             store_end = rows_hi  # causal rows are final as soon as they are computed
             groups = list(range(start, rows_hi))
         r.window, r.chunk = window, window[1] - window[0]
+        r.stats.chunk_history.append(r.chunk)
         return RequestWork(r, start, rows_hi, store_end, groups, window)
 
     def _prefill_groups(self, r: Request, start: int, end: int) -> list[int]:

@@ -8,9 +8,10 @@ commits ``tau(C)`` per step. ``ar`` (C=1, tau=1) therefore costs 2 rows per comm
 this engine: the committed position is computed once as a mask and once more when stored.
 
 Each step the controller maximises predicted committed tokens per second
-``J = sum_r tau(C_r) / T(P + sum_r cost(C_r))`` over the chunk sizes, where ``T`` is the
-profiled latency curve times an online correction and ``P`` the smoothed tokens of the step
-that are not these requests' (prefill pieces, pinned requests). Allocation is greedy by
+``J = sum_r tau(C_r) / T(sum_r cost(C_r))`` over the chunk sizes, where ``T`` is the profiled
+latency curve with an online correction and ``cost`` also carries ``pi * tau(C)``: the rows
+the step runs for others (prefill pieces, pinned requests), measured per committed token,
+because every answer token brings its share of prompt to prefill. Allocation is greedy by
 marginal efficiency on each request's concave ladder of sizes; requests are ranked oldest
 first, so a plan maps to the same requests step after step.
 """
@@ -53,10 +54,11 @@ class _Ladder:
     variances: np.ndarray  # [L] variance of the request's rows per step (store lumps)
 
 
-def _ladder(cap: int, chunk_sizes: tuple[int, ...], tau: TauEstimator, store_cost: bool) -> _Ladder:
+def _ladder(cap: int, chunk_sizes: tuple[int, ...], tau: TauEstimator, rows_per_commit: float,
+            store_cost: bool) -> _Ladder:
     sizes = np.array(sorted({c for c in chunk_sizes if c <= cap} | {1, cap}), dtype=float)
     taus = tau(sizes)
-    costs = sizes + (taus if store_cost else 0.0)
+    costs = sizes + rows_per_commit * taus
     variances = store_variance(sizes, taus) if store_cost else np.zeros_like(sizes)
     hull = [0]
     for j in range(1, len(sizes)):
@@ -157,8 +159,16 @@ class ElasticPolicy:
         self._last: np.ndarray | None = None  # all sizes chosen in the latest step
 
     # ---- the model the decision reads ----------------------------------------------------
-    def _cost(self, sizes: np.ndarray) -> np.ndarray:
+    def _rows(self, sizes: np.ndarray) -> np.ndarray:
+        """Rows per step a request at each size runs itself: its chunk and its store."""
         return sizes + (self.tau(sizes) if self.store_cost else 0.0)
+
+    def _cost(self, sizes: np.ndarray) -> np.ndarray:
+        """... plus its share of the load that comes with each committed token (prefill)."""
+        return sizes + self._rows_per_commit() * self.tau(sizes)
+
+    def _rows_per_commit(self) -> float:
+        return (1.0 if self.store_cost else 0.0) + self.load.per_commit
 
     def _variance(self, sizes: np.ndarray) -> np.ndarray:
         return store_variance(sizes, self.tau(sizes)) if self.store_cost else np.zeros_like(sizes)
@@ -189,20 +199,21 @@ class ElasticPolicy:
                 self._rescale = False
             self.correction.observe(self.profile.predict_many, feedback.num_tokens, batch, feedback.latency_s)
         if self._last is not None:  # this step's own choice (consumed: never reused stale)
-            self.load.observe(feedback.num_tokens, float(np.sum(self._cost(self._last))),
-                              float(np.sum(self._variance(self._last))))
+            self.load.observe(feedback.num_tokens, float(np.sum(self._rows(self._last))),
+                              float(np.sum(self._variance(self._last))), sum(feedback.committed))
             self._last = None
 
     # ---- the control law -----------------------------------------------------------------
     def _allocate(self, requests: list[RequestView], view: StepView, pinned: np.ndarray) -> list[int]:
         top = max(self.chunk_sizes)
         caps = [max(1, min(r.block_size, top)) for r in requests]  # planning caps ignore block ends
-        ladders = {c: _ladder(c, self.chunk_sizes, self.tau, self.store_cost) for c in set(caps)}
+        per_commit = self._rows_per_commit()
+        ladders = {c: _ladder(c, self.chunk_sizes, self.tau, per_commit, self.store_cost) for c in set(caps)}
         rungs = _rungs(requests, ladders, caps)
         n = len(requests)
         one = np.ones(1)
         base_gain = n * float(self.tau(one)[0]) + float(np.sum(self.tau(pinned)))
-        base_cost = self.load.mean + float(np.sum(self._cost(pinned))) + n * float(self._cost(one)[0])
+        base_cost = float(np.sum(self._cost(pinned))) + n * float(self._cost(one)[0])
         base_var = self.load.extra_var + float(np.sum(self._variance(pinned)))
         tokens = base_cost + rungs.cost
         batch = len(view.requests)

@@ -186,24 +186,33 @@ class LatencyCorrector:
 
 
 class TokenLoad:
-    """Tokens per step beyond the amortised cost of the requests the policy sizes: their
-    smoothed mean (prefill pieces, pinned requests) and the variance of the step's token count
-    that the store model does not explain. EWMA with rate ``rate`` for both."""
+    """Rows per step beyond the chunk and store rows of the requests the policy sizes
+    (prefill pieces, pinned requests), modelled as a number of rows *per committed token*:
+    every answer token brings its share of prompt to prefill, so this load grows with the
+    commit rate rather than staying fixed per step. Also the variance of the step's rows that
+    the store model does not explain. EWMAs with rate ``rate``."""
 
     def __init__(self, rate: float = 0.05) -> None:
         if not 0.0 < rate <= 1.0:
             raise ValueError("token load rate must be in (0, 1]")
         self.rate = rate
-        self.mean = 0.0
-        self._var = 0.0  # of (step tokens - amortised own cost)
-        self._model_var = 0.0  # the part the store model predicts
+        self._rows = 0.0  # mean extra rows per step
+        self._commits = 0.0  # mean committed tokens per step (all decoding requests)
+        self._var = 0.0  # of the extra rows
+        self._model_var = 0.0  # the part of it the store model predicts
+
+    @property
+    def per_commit(self) -> float:
+        return self._rows / max(self._commits, 1.0)
 
     @property
     def extra_var(self) -> float:
         return max(0.0, self._var - self._model_var)
 
-    def observe(self, num_tokens: int, own_cost: float, own_var: float) -> None:
-        residual = max(0.0, num_tokens - own_cost) - self.mean
-        self.mean += self.rate * residual
+    def observe(self, num_tokens: int, own_rows: float, own_var: float, committed: int) -> None:
+        extra = max(0.0, num_tokens - own_rows)
+        residual = extra - self._rows
+        self._rows += self.rate * residual
+        self._commits += self.rate * (committed - self._commits)
         self._var += self.rate * (residual * residual - self._var)
         self._model_var += self.rate * (own_var - self._model_var)
