@@ -17,6 +17,7 @@ import gc
 import json
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,15 +28,45 @@ from optimus.engine.llm import LLM
 from optimus.engine.params import SamplingParams
 
 
+@dataclass(frozen=True)
+class Target:
+    """Where the benchmark runs. ``tiny`` shrinks every shape (a CPU smoke run of the code)."""
+
+    device: str = "cuda"
+    tiny: bool = False
+
+    def overrides(self, shape: str) -> dict:
+        if not self.tiny:
+            return {}
+        if shape.startswith("llada"):
+            return dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=4, mlp_hidden_size=128,
+                        embedding_size=4096, vocab_size=4096, mask_token_id=4000, eos_token_id=4001,
+                        pad_token_id=4001)
+        return dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                    head_dim=16, intermediate_size=128, vocab_size=4096, mask_token_id=4000, eos_token_id=4001)
+
+
+TARGET = Target()
+
+
+def _sync() -> None:
+    if TARGET.device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
 def _llm(shape: str, policy: str, commit_rule=None, **options) -> LLM:
-    loaded = random_model(shape)
-    return LLM(loaded=loaded, policy=policy, commit_rule=commit_rule, device="cuda", **options)
+    dtype = torch.bfloat16 if TARGET.device.startswith("cuda") else torch.float32
+    loaded = random_model(shape, device=TARGET.device, dtype=dtype, **TARGET.overrides(shape))
+    if TARGET.tiny:
+        options.setdefault("num_pages", 4096)
+    return LLM(loaded=loaded, policy=policy, commit_rule=commit_rule, device=TARGET.device, **options)
 
 
 def _free(llm) -> None:
     del llm
     gc.collect()
-    torch.cuda.empty_cache()
+    if TARGET.device.startswith("cuda"):
+        torch.cuda.empty_cache()
 
 
 def _prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
@@ -48,10 +79,10 @@ def timed_generate(llm: LLM, batch: int, prompt_len: int, gen_len: int, params: 
     llm.generate(_prompts(min(batch, 2), prompt_len, vocab, seed=1), params)  # warm-up: graphs, Triton
     prompts = _prompts(batch, prompt_len, vocab)
     s0 = _snapshot(llm)
-    torch.cuda.synchronize()
+    _sync()
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params)
-    torch.cuda.synchronize()
+    _sync()
     wall = time.perf_counter() - t0
     s1 = _snapshot(llm)
     tokens = sum(len(o.token_ids) for o in outs)
@@ -69,7 +100,7 @@ def _snapshot(llm) -> dict:
             "computed": s.tokens_computed, "committed": s.tokens_committed}
 
 
-def run_surface(shape: str, batches, chunks, context: int) -> dict:
+def run_surface(shape: str, batches, chunks, context: int, profile_out: str | None = None) -> dict:
     from optimus.engine.latency import LatencyProfile
     from optimus.engine.runner_profile import make_step_fn
 
@@ -83,7 +114,12 @@ def run_surface(shape: str, batches, chunks, context: int) -> dict:
             step(b, c)  # warm-up / graph capture
             points.append({"batch": b, "chunk": c, "tokens": b * c, "seconds": step(b, c)})
             print(f"  surface {shape} batch={b:4d} chunk={c:3d}: {1e3 * points[-1]['seconds']:.2f} ms", flush=True)
-    profile = LatencyProfile.from_pairs([(p["tokens"], p["seconds"]) for p in points])
+    from optimus.engine.elastic_setup import device_name, model_id
+
+    profile = LatencyProfile.from_pairs([(p["tokens"], p["seconds"], p["batch"]) for p in points],
+                                        device=device_name(llm.engine.device), model_id=model_id(llm.engine))
+    if profile_out:
+        profile.save(profile_out)
     _free(llm)
     return {"shape": shape, "context": context, "points": points, "knee_tokens": float(profile.knee)}
 
@@ -116,12 +152,12 @@ def run_ar(shape: str, batches, prompt_len=256, gen_len=256) -> list[dict]:
 
 
 def run_sweep(shape: str, policies, concurrencies, acceptance: dict[int, list[int]], prompt_len=256,
-              gen_len=256) -> list[dict]:
+              gen_len=256, profile_path: str | None = None) -> list[dict]:
     params = SamplingParams(max_tokens=gen_len, ignore_eos=True)
     rows = []
     for policy in policies:
         llm = _llm(shape, policy, commit_rule=ReplayAcceptance(acceptance), max_running=max(concurrencies),
-                   block_size=32)
+                   block_size=32, profile_path=profile_path)
         for n in concurrencies:
             r = timed_generate(llm, n, prompt_len, gen_len, params)
             r.update(shape=shape, policy=policy, concurrency=n, acceptance="replayed (default model)")
@@ -182,36 +218,48 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--concurrency", default="1,8,32,128,256")
     p.add_argument("--policies", default="ar,fixed:4,fixed:8,fixed:16,fixed:32,fixed:64,elastic")
     p.add_argument("--acceptance", default=None, help="acceptance-profile JSON measured on the default model")
+    p.add_argument("--profile", default=None,
+                   help="latency-profile JSON: written by the surface experiment, read by elastic in the sweep")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--tiny", action="store_true", help="shrink the shapes (smoke-test the code, e.g. on CPU)")
     p.add_argument("--out", required=True, help="JSON file to write (sections are merged into it)")
 
 
 def run(args: argparse.Namespace) -> int:
-    if not torch.cuda.is_available():
-        raise ValueError("bench offline needs a CUDA device")
+    global TARGET
+    TARGET = Target(device=args.device, tiny=args.tiny)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("bench offline needs a CUDA device (or --device cpu --tiny for a smoke run)")
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
     out = Path(args.out)
     result = json.loads(out.read_text()) if out.exists() else {}
-    result["device"] = torch.cuda.get_device_name()
+    result["device"] = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu (tiny smoke run)"
     result["torch"] = torch.__version__
     for exp in args.experiments.split(","):
         t0 = time.perf_counter()
         print(f"[{exp}]", flush=True)
         if exp == "surface":
-            result["surface"] = run_surface(args.dllm_shape, [1, 8, 32, 64, 128, 256], [1, 4, 8, 16, 32, 64], 512)
+            result["surface"] = run_surface(args.sweep_shape, [1, 8, 32, 64, 128, 256], [1, 4, 8, 16, 32], 512,
+                                            args.profile)
         elif exp == "schedule4":
             result["schedule4"] = run_schedule4(args.dllm_shape, ints(args.batches))
         elif exp == "ar":
             result["ar"] = [r for s in args.ar_shapes.split(",") for r in run_ar(s, ints(args.batches))]
         elif exp == "matmul":
+            if not args.device.startswith("cuda"):
+                raise ValueError("the matmul experiment measures a CUDA card")
             result["matmul"] = run_matmul(args.dllm_shape)
         elif exp == "sweep":
             if not args.acceptance:
                 raise ValueError("the sweep needs --acceptance (a profile measured on the default model)")
             result["sweep"] = run_sweep(args.sweep_shape, args.policies.split(","), ints(args.concurrency),
-                                        load_acceptance(args.acceptance))
+                                        load_acceptance(args.acceptance), profile_path=args.profile)
         else:
             raise ValueError(f"unknown experiment {exp!r}")
         result.setdefault("elapsed_s", {})[exp] = time.perf_counter() - t0
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2))
+    from optimus.bench.offline_plots import plot_offline
+    for png in plot_offline(out, out.parent):
+        print(f"wrote {png}")
     return 0

@@ -9,7 +9,7 @@ from typing import Callable
 
 import torch
 
-from optimus.engine.runner import PagedBackend, StepBatch
+from optimus.engine.runner import StepBatch
 
 
 def synthetic_batch(batch: int, chunk: int, context: int, page_size: int, num_pages: int,
@@ -45,7 +45,7 @@ def make_step_fn(engine, context: int = 256, repeats: int = 3) -> Callable[[int,
         for _ in range(repeats):
             _sync(runner.device)
             t0 = time.perf_counter()
-            hidden = runner.model(b.input_ids, b.positions, PagedBackend(runner.storage, b, runner.attention_backend))
+            hidden = runner.forward(b)  # the engine's path: CUDA graph when the step fits one
             runner.model.logits(hidden[b.logit_rows])
             _sync(runner.device)
             times.append(time.perf_counter() - t0)
