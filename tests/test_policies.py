@@ -93,8 +93,9 @@ def test_elastic_gives_the_larger_chunks_to_the_oldest_requests():
 
 def test_ar_costs_two_rows_per_token_and_ladders_are_concave():
     p = elastic()
-    assert float(p._cost(np.array([1.0]))[0]) == 2.0  # the mask row now, the stored row next step
-    lad = _ladder(32, p.chunk_sizes, p.tau, store_cost=True)
+    assert float(p._rows(np.array([1.0]))[0]) == 2.0  # the mask row now, the stored row next step
+    assert float(p._cost(np.array([1.0]))[0]) == 2.0  # no prefill load seen yet
+    lad = _ladder(32, p.chunk_sizes, p.tau, p._rows_per_commit(), store_cost=True)
     eff = np.diff(lad.taus) / np.diff(lad.costs)
     assert lad.sizes[0] == 1 and np.all(np.diff(eff) < 0)
 
@@ -198,6 +199,17 @@ def test_elastic_recovers_from_a_wrong_profile():
     for wrong in (LatencyProfile.synthetic(DEVICE.t0, DEVICE.knee / 2, DEVICE.slope * 2),  # knee too near
                   LatencyProfile.synthetic(3 * DEVICE.t0, DEVICE.knee, 3 * DEVICE.slope)):  # 3x too slow
         assert simulate(elastic(tau_prior=None, profile=wrong), cfg, device=DEVICE).throughput >= 0.95 * right
+
+
+def test_elastic_accounts_for_prefill_that_comes_with_every_answer():
+    # 256-token prompts for 128-token answers: two prefill rows per committed token.
+    for load in (8, 96):
+        cfg = SimConfig(num_requests=load, prompt_len=256, steps=200, warmup_steps=200)
+        p = elastic(tau_prior=None)
+        got = simulate(p, cfg, device=DEVICE).throughput
+        assert p.load.per_commit == pytest.approx(2.0, rel=0.25)
+        best = max(simulate(make_policy(f"fixed:{c}"), cfg, device=DEVICE).throughput for c in (2, 4, 8, 16, 32))
+        assert got >= 0.95 * best, (load, got, best)
 
 
 def test_elastic_matches_or_beats_every_fixed_size_across_load():

@@ -203,15 +203,14 @@ class TokenLoad:
 
     @property
     def per_commit(self) -> float:
-        return self._rows / max(self._commits, 1.0)
+        return max(0.0, self._rows) / max(self._commits, 1.0)
 
     @property
     def extra_var(self) -> float:
         return max(0.0, self._var - self._model_var)
 
     def observe(self, num_tokens: int, own_rows: float, own_var: float, committed: int) -> None:
-        extra = max(0.0, num_tokens - own_rows)
-        residual = extra - self._rows
+        residual = (num_tokens - own_rows) - self._rows  # unclipped: store lumps average out
         self._rows += self.rate * residual
         self._commits += self.rate * (committed - self._commits)
         self._var += self.rate * (residual * residual - self._var)
