@@ -7,6 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
+# Distinct markers and dashes keep coinciding lines (e.g. several policies at 100%) visible.
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "h")
+DASHES = ("-", "--", "-.", ":", "-", "--", "-.", ":")
 
 
 def plot_sweep(sweep: dict, out_dir: Path) -> list[Path]:
@@ -20,28 +23,31 @@ def plot_sweep(sweep: dict, out_dir: Path) -> list[Path]:
 
 
 def _series(sweep: dict):
-    """(policy, colour, rates, runs, capacity) per policy, in sweep order."""
+    """(policy, style, rates, runs, capacity) per policy, in sweep order; style holds the
+    line's colour, marker and dashes."""
     for i, (policy, res) in enumerate(sweep["policies"].items()):
         runs = res["runs"]
-        yield policy, PALETTE[i % len(PALETTE)], [r["request_rate"] for r in runs], runs, res["capacity"]
+        style = {"color": PALETTE[i % len(PALETTE)], "marker": MARKERS[i % len(MARKERS)],
+                 "linestyle": DASHES[i % len(DASHES)], "markersize": 8 - i % 4, "linewidth": 1.6}
+        yield policy, style, [r["request_rate"] for r in runs], runs, res["capacity"]
 
 
-def _mark_capacity(ax, rates, values, cap, colour) -> None:
+def _mark_capacity(ax, rates, values, cap, style) -> None:
     if cap is None:
         return
-    ax.axvline(cap, color=colour, linestyle=":", linewidth=1)
-    ax.plot([cap], [values[rates.index(cap)]], marker="*", markersize=14, color=colour,
-            markeredgecolor="black", linestyle="none")
+    ax.axvline(cap, color=style["color"], linestyle=":", linewidth=1)
+    ax.plot([cap], [values[rates.index(cap)]], marker="*", markersize=16, color=style["color"],
+            markeredgecolor="black", linestyle="none", alpha=0.8)
 
 
 def _throughput(sweep: dict, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for policy, colour, rates, runs, cap in _series(sweep):
+    for policy, style, rates, runs, cap in _series(sweep):
         y = [r["output_throughput"] for r in runs]
-        ax.plot(rates, y, marker="o", color=colour, label=_label(policy, cap))
-        _mark_capacity(ax, rates, y, cap, colour)
+        ax.plot(rates, y, label=_label(policy, cap), **style)
+        _mark_capacity(ax, rates, y, cap, style)
     _finish(ax, "output throughput (tok/s)", "Throughput vs request rate (star = capacity under SLO)")
     return _save(fig, path)
 
@@ -52,10 +58,10 @@ def _latency(sweep: dict, path: Path) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     slo = sweep.get("slo_ms", {})
     for ax, metric, title in ((axes[0], "ttft", "p99 TTFT"), (axes[1], "tpot", "p99 TPOT")):
-        for policy, colour, rates, runs, cap in _series(sweep):
+        for policy, style, rates, runs, cap in _series(sweep):
             y = [r[f"p99_{metric}_ms"] for r in runs]
-            ax.plot(rates, y, marker="o", color=colour, label=_label(policy, cap))
-            _mark_capacity(ax, rates, y, cap, colour)
+            ax.plot(rates, y, label=_label(policy, cap), **style)
+            _mark_capacity(ax, rates, y, cap, style)
         if metric in slo:
             ax.axhline(slo[metric], color="black", linestyle="--", linewidth=1, label=f"SLO {slo[metric]:g} ms")
         ax.set_yscale("log")
@@ -67,10 +73,10 @@ def _attainment(sweep: dict, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for policy, colour, rates, runs, cap in _series(sweep):
+    for policy, style, rates, runs, cap in _series(sweep):
         y = [100.0 * (r["slo_attainment"] or 0.0) for r in runs]
-        ax.plot(rates, y, marker="o", color=colour, label=_label(policy, cap))
-        _mark_capacity(ax, rates, y, cap, colour)
+        ax.plot(rates, y, label=_label(policy, cap), **style)
+        _mark_capacity(ax, rates, y, cap, style)
     target = 100.0 * sweep.get("attainment_target", 0.9)
     ax.axhline(target, color="black", linestyle="--", linewidth=1, label=f"{target:g}% target")
     ax.set_ylim(-3, 103)
