@@ -9,9 +9,9 @@ import torch
 
 from optimus.models.dense import attention_mask, dense_forward
 from optimus.models.spec import AttentionKind
-from optimus.train.attention import MaskBackend
+from optimus.train.attention import DenseMasks, FlexMasks, TrainBackend
 from optimus.train.checkpoint import ModelShape, build_model, hf_config
-from optimus.train.objective import dense_mask, noise
+from optimus.train.objective import SEG_STRIDE, chunk_segments, dense_mask, dense_segment_mask, noise
 from optimus.train.pack import CLEAN_FLAG
 
 SHAPE = ModelShape(vocab_size=64, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16,
@@ -38,7 +38,7 @@ def test_concat_forward_matches_separate_passes():
     batch = noise(clean, mask_id=3, block=blk, eps=0.3, generator=torch.Generator().manual_seed(1))
     ids = torch.cat([batch.noisy, batch.clean], 1)
     pos = torch.arange(l).repeat(2).expand(2, 2 * l)
-    hidden = model(ids.reshape(-1), pos.reshape(-1), MaskBackend(2, l, blk, "cpu")).view(2, 2 * l, -1)
+    hidden = model(ids.reshape(-1), pos.reshape(-1), TrainBackend(dense_mask(l, blk), 2)).view(2, 2 * l, -1)
     joint = model.logits(hidden)
     p = torch.arange(l).expand(2, l)
     ref_clean, _ = dense_forward(model, clean, p, attention_mask(AttentionKind.BLOCK_CAUSAL, p, p, blk))
@@ -48,6 +48,43 @@ def test_concat_forward_matches_separate_passes():
         q = torch.arange(seq.shape[1]).expand(2, -1)
         ref, _ = dense_forward(model, seq, q, attention_mask(AttentionKind.BLOCK_CAUSAL, q, q, blk))
         torch.testing.assert_close(joint[:, b * blk:(b + 1) * blk], ref[:, b * blk:], atol=1e-4, rtol=1e-4)
+
+
+def test_chunk_segments_follow_decoding_chunks():
+    seg = chunk_segments(256, 64, 32, chunk_mix=0.5, generator=torch.Generator().manual_seed(0))
+    assert (seg[:, 1:] >= seg[:, :-1]).all()  # segments are contiguous runs
+    assert (seg[:, ::32] // SEG_STRIDE == torch.arange(2)).all() and (seg[:, 32] > seg[:, 31]).all()
+    blocks = seg.view(256, 2, 32)
+    cut = blocks[..., -1] != blocks[..., 0]
+    assert 0.2 < cut.float().mean() < 0.5  # chunk_mix of the blocks, less those with o + C >= 32
+    for row in blocks[cut][:50]:
+        sizes = torch.unique_consecutive(row, return_counts=True)[1].tolist()
+        assert sum(sizes) == 32
+        middle = sizes[1:-1]  # head + first chunk, then chunks of C, the last one cut at the block end
+        if middle:
+            assert len(set(middle)) == 1 and sizes[0] >= middle[0] and sizes[-1] <= middle[0]
+
+
+def test_segment_objective_matches_chunked_decoding():
+    """Each noisy segment over [clean earlier segments, itself] and a segment-causal clean
+    stream: what a chunked decoder computes with a cache of committed chunks."""
+    model, l = _model(), 16
+    seg = chunk_segments(2, l, 4, chunk_mix=1.0, generator=torch.Generator().manual_seed(3))
+    clean = torch.randint(4, 64, (2, l))
+    batch = noise(clean, 3, 4, 0.3, torch.Generator().manual_seed(1), seg)
+    ids, pos = torch.cat([batch.noisy, batch.clean], 1), torch.arange(l).repeat(2).expand(2, 2 * l)
+    joint = model.logits(model(ids.reshape(-1), pos.reshape(-1), TrainBackend(dense_segment_mask(seg), 2)).view(2, 2 * l, -1))
+    for r in range(2):
+        causal = (seg[r][None, :] <= seg[r][:, None])[None]
+        ref, _ = dense_forward(model, clean[r:r + 1], torch.arange(l)[None], causal)
+        torch.testing.assert_close(joint[r:r + 1, l:], ref, atol=1e-4, rtol=1e-4)
+        for s_id in seg[r].unique():
+            lo, hi = [int(x) for x in (seg[r] == s_id).nonzero().flatten()[[0, -1]]]
+            seq = torch.cat([clean[r, :lo], batch.noisy[r, lo:hi + 1]])[None]
+            q = seg[r, :hi + 1]
+            m = (q[None, :] <= q[:, None])[None]
+            out, _ = dense_forward(model, seq, torch.arange(hi + 1)[None], m)
+            torch.testing.assert_close(joint[r, lo:hi + 1], out[0, lo:], atol=1e-4, rtol=1e-4)
 
 
 def test_noise_respects_clean_flag_and_block_ratio():
@@ -74,7 +111,7 @@ def test_prepare_fit_and_load(tmp_path):
     assert meta["rows"]["chat_train"] > 0 and meta["rows"]["text_train"] > 0 and meta["rows"]["text_val"] > 0
     main(["fit", "--data", str(data), "--out", str(out), "--preset", "tiny", "--vocab-size", "400",
           "--seq-len", "128", "--batch-size", "4", "--steps", "3", "--device", "cpu", "--no-compile",
-          "--attention", "mask", "--log-every", "1"])
+          "--attention", "mask", "--log-every", "1", "--chunk-mix", "0.5"])
     log = json.loads((out / "train_log.json").read_text())
     assert len(log["log"]) == 3 and all(np.isfinite(r["loss"]) for r in log["log"])
     assert np.isfinite(log["summary"]["heldout_text_loss"])

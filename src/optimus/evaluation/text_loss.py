@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from optimus.train.attention import MaskBackend
+from optimus.train.attention import DenseMasks, TrainBackend
 from optimus.train.objective import masked_ce, noise
 from optimus.train.pack import load_rows
 
@@ -25,7 +25,8 @@ def heldout_text_loss(loaded, rows_path: Path, max_rows: int = 32, batch: int = 
         b = noise(chunk, spec.mask_id, spec.block_size, 1e-3, gen)
         ids = torch.cat([b.noisy, b.clean], 1).to(device)
         pos = torch.arange(seq_len, device=device).repeat(2).expand(len(chunk), -1)
-        hidden = model(ids.reshape(-1), pos.reshape(-1), MaskBackend(len(chunk), seq_len, spec.block_size, device))
+        mask = DenseMasks(len(chunk), seq_len, spec.block_size, device).static
+        hidden = model(ids.reshape(-1), pos.reshape(-1), TrainBackend(mask, len(chunk)))
         logits = model.logits(hidden.view(len(chunk), 2 * seq_len, -1)[:, :seq_len]).cpu()
         s, n = masked_ce(logits, b)
         total, count = total + float(s), count + int(n)

@@ -54,7 +54,7 @@ def _fit(args) -> None:
                       batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup, max_steps=args.steps,
                       train_seconds=args.seconds, device=args.device, compile=not args.no_compile,
                       attention=args.attention, log_every=args.log_every, val_every=args.val_every,
-                      text_fraction=args.text_fraction,
+                      text_fraction=args.text_fraction, chunk_mix=args.chunk_mix,
                       max_shard_bytes=args.shard_mb * 2**20 if args.shard_mb else None)
     trainer, summary = _train_with_fallback(cfg)
     summary["heldout_text_loss"] = trainer.heldout_loss("text_val")
@@ -86,6 +86,8 @@ def main(argv: list[str] | None = None) -> None:
     f.add_argument("--log-every", type=int, default=50)
     f.add_argument("--val-every", type=int, default=0)
     f.add_argument("--text-fraction", type=float, default=0.3)
+    f.add_argument("--chunk-mix", type=float, default=0.0,
+                   help="share of blocks trained as decoding chunks (robust chunked decoding)")
     f.add_argument("--shard-mb", type=int, default=0, help="split weights into shards of this size")
     for q in (p, f):
         q.add_argument("--vocab-size", type=int, default=8192)

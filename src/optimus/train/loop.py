@@ -13,8 +13,8 @@ import numpy as np
 import torch
 
 from optimus.train import checkpoint
-from optimus.train.attention import FlexBackend, MaskBackend
-from optimus.train.objective import NoisedBatch, masked_ce, noise, weighted_loss
+from optimus.train.attention import DenseMasks, FlexMasks, TrainBackend
+from optimus.train.objective import NoisedBatch, chunk_segments, masked_ce, noise, weighted_loss
 from optimus.train.pack import load_rows
 
 
@@ -32,6 +32,7 @@ class TrainConfig:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     eps: float = 1e-3  # lower bound of the per-block mask ratio
+    chunk_mix: float = 0.0  # share of blocks cut into decoding-like chunks (objective.chunk_segments)
     max_steps: int = 10**9
     train_seconds: float = float("inf")  # the schedule ends at whichever limit comes first
     log_every: int = 50
@@ -97,8 +98,8 @@ class Trainer:
         self.mask_id, self.block = self.hf_config["mask_token_id"], cfg.shape.block_size
         self.sampler = RowSampler(cfg, self.device)
         self.opt = self._optimizer()
-        backend_cls = FlexBackend if cfg.attention == "flex" else MaskBackend
-        self.backend = backend_cls(cfg.batch_size, cfg.seq_len, self.block, self.device)
+        masks_cls = FlexMasks if cfg.attention == "flex" else DenseMasks
+        self.masks = masks_cls(cfg.batch_size, cfg.seq_len, self.block, self.device)
         self.step_fn = torch.compile(self._loss) if cfg.compile else self._loss
         self.log: list[dict] = []
 
@@ -117,10 +118,10 @@ class Trainer:
             hidden = self.model(ids.reshape(-1), pos.reshape(-1), backend).view(b, 2 * l, -1)
             return self.model.logits(hidden[:, :l])
 
-    def _loss(self, clean, noisy, masked, weight, noisable) -> torch.Tensor:
+    def _loss(self, clean, noisy, masked, weight, noisable, mask) -> torch.Tensor:
         # Tensors, not the dataclass, so torch.compile guards stay simple.
         batch = NoisedBatch(clean, noisy, masked, weight, noisable)
-        return weighted_loss(self._hidden_noisy(batch, self.backend), batch)
+        return weighted_loss(self._hidden_noisy(batch, TrainBackend(mask, clean.shape[0])), batch)
 
     def train(self) -> dict:
         cfg, start = self.cfg, time.perf_counter()
@@ -128,8 +129,12 @@ class Trainer:
         while step < cfg.max_steps and elapsed < cfg.train_seconds:
             for group in self.opt.param_groups:
                 group["lr"] = cfg.lr * lr_factor(cfg, step, elapsed)
-            batch = noise(self.sampler.next(), self.mask_id, self.block, cfg.eps, self.sampler.gen)
-            loss = self.step_fn(batch.clean, batch.noisy, batch.masked, batch.weight, batch.noisable)
+            rows = self.sampler.next()
+            seg = (chunk_segments(len(rows), cfg.seq_len, self.block, cfg.chunk_mix, self.sampler.gen, self.device)
+                   if cfg.chunk_mix > 0 else None)
+            batch = noise(rows, self.mask_id, self.block, cfg.eps, self.sampler.gen, seg)
+            loss = self.step_fn(batch.clean, batch.noisy, batch.masked, batch.weight, batch.noisable,
+                                self.masks.make(seg))
             loss.backward()
             gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
             self.opt.step()
@@ -161,8 +166,8 @@ class Trainer:
         total, count = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
         for chunk in rows.split(self.cfg.batch_size):
             batch = noise(chunk, self.mask_id, self.block, self.cfg.eps, gen)
-            backend = MaskBackend(len(chunk), self.cfg.seq_len, self.block, self.device)
-            s, n = masked_ce(self._hidden_noisy(batch, backend), batch)
+            mask = DenseMasks(len(chunk), self.cfg.seq_len, self.block, self.device).static
+            s, n = masked_ce(self._hidden_noisy(batch, TrainBackend(mask, len(chunk))), batch)
             total, count = total + s, count + n
         return float(total / count.clamp(min=1))
 

@@ -10,6 +10,10 @@ at positions ``0..L-1``) under a mask that lets
 
 The loss is the cross entropy on the masked noisy positions weighted by ``1 / t_b``, summed
 and divided by the number of noisable tokens (an unbiased estimate of the NELBO per token).
+
+Chunk-robust variant (``chunk_mix > 0``): the unit of noising and attention is a *segment*,
+not the block. A block either stays one segment (plain SDAR) or is cut the way chunked
+decoding walks it (``chunk_segments``) with ``C`` in {1, 2, 4, 8, 16, 32}. Segment ids are ``block * SEG_STRIDE + local``: non-decreasing along a row, new at every block start.
 """
 
 from __future__ import annotations
@@ -31,6 +35,39 @@ class NoisedBatch:
     noisable: torch.Tensor  # [B, L] bool: positions that could have been masked
 
 
+SEG_STRIDE = 64  # > the most segments one block can hold (block + 1)
+CHUNK_SIZES = (1, 2, 4, 8, 16, 32)
+
+
+def block_segments(batch: int, length: int, block: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """One segment per block: [B, L] ids (the plain SDAR objective)."""
+    return (torch.arange(length, device=device) // block * SEG_STRIDE).expand(batch, length).contiguous()
+
+
+def chunk_segments(batch: int, length: int, block: int, chunk_mix: float,
+                   generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
+    """[B, L] segment ids: a ``chunk_mix`` share of (row, block) pairs cut the way the engine
+    walks a block at chunk size C (see module doc); the rest whole blocks.
+
+    The engine's first group in a block is the uncached head ``[block start, o)`` (the prompt
+    tail; ``o = 0`` in later blocks) together with the first chunk, then chunks of C follow:
+    segments ``[0, o + C)``, ``[o + C, o + 2C)``, ... cut at the block end.
+    """
+    nb = length // block
+    shape = (batch, nb, 1)
+    sizes = torch.tensor(CHUNK_SIZES, device=device)
+    c = sizes[torch.randint(len(CHUNK_SIZES), shape, device=device, generator=generator)]
+    head = torch.randint(block, shape, device=device, generator=generator)
+    head = torch.where(torch.rand(shape, device=device, generator=generator) < 0.5, torch.zeros_like(head), head)
+    j = torch.arange(block, device=device).view(1, 1, block)
+    first_end = head + c
+    local = torch.where(j < first_end, torch.zeros_like(j), 1 + torch.div(j - first_end, c, rounding_mode="floor"))
+    cut = torch.rand(shape, device=device, generator=generator) < chunk_mix
+    local = torch.where(cut, local, torch.zeros_like(local))
+    blocks = torch.arange(nb, device=device).view(1, nb, 1) * SEG_STRIDE
+    return (blocks + local).reshape(batch, length)
+
+
 def split_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Packed uint16-as-int rows [B, L] -> (token ids, noisable bool)."""
     rows = rows.long()
@@ -38,11 +75,13 @@ def split_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def noise(rows: torch.Tensor, mask_id: int, block: int, eps: float,
-          generator: torch.Generator | None = None) -> NoisedBatch:
+          generator: torch.Generator | None = None, segments: torch.Tensor | None = None) -> NoisedBatch:
+    """Mask each segment (default: each block) at its own ratio t ~ U(eps, 1)."""
     ids, noisable = split_rows(rows)
     b, l = ids.shape
-    t = torch.rand(b, l // block, 1, device=ids.device, generator=generator) * (1 - eps) + eps
-    t = t.expand(-1, -1, block).reshape(b, l)
+    seg = block_segments(b, l, block, ids.device) if segments is None else segments
+    per_seg = torch.rand(b, (l // block) * SEG_STRIDE, device=ids.device, generator=generator) * (1 - eps) + eps
+    t = per_seg.gather(1, seg)
     masked = (torch.rand(b, l, device=ids.device, generator=generator) < t) & noisable
     noisy = torch.where(masked, torch.full_like(ids, mask_id), ids)
     return NoisedBatch(ids, noisy, masked, 1.0 / t, noisable)
@@ -50,9 +89,13 @@ def noise(rows: torch.Tensor, mask_id: int, block: int, eps: float,
 
 def visible(q_idx: torch.Tensor, k_idx: torch.Tensor, length: int, block: int) -> torch.Tensor:
     """May concatenated position q_idx attend to k_idx (both in [0, 2L))? Broadcasts."""
+    return visible_segments(q_idx, k_idx, length, (q_idx % length) // block, (k_idx % length) // block)
+
+
+def visible_segments(q_idx: torch.Tensor, k_idx: torch.Tensor, length: int,
+                     qb: torch.Tensor, kb: torch.Tensor) -> torch.Tensor:
+    """As ``visible`` with the segment ids of the query and key rows given (qb, kb)."""
     q_noisy, k_noisy = q_idx < length, k_idx < length
-    qb = (q_idx % length) // block
-    kb = (k_idx % length) // block
     noisy_q = q_noisy & ((k_noisy & (kb == qb)) | (~k_noisy & (kb < qb)))
     clean_q = ~q_noisy & ~k_noisy & (kb <= qb)
     return noisy_q | clean_q
@@ -62,6 +105,14 @@ def dense_mask(length: int, block: int, device: torch.device | str = "cpu") -> t
     """Boolean [2L, 2L] attention mask (True = attend) for SDPA."""
     idx = torch.arange(2 * length, device=device)
     return visible(idx[:, None], idx[None, :], length, block)
+
+
+def dense_segment_mask(segments: torch.Tensor) -> torch.Tensor:
+    """Boolean [B, 1, 2L, 2L] mask for per-row segment ids [B, L]."""
+    b, l = segments.shape
+    idx = torch.arange(2 * l, device=segments.device)
+    seg2 = segments.repeat(1, 2)  # [B, 2L]: both halves share the row's segments
+    return visible_segments(idx[None, :, None], idx[None, None, :], l, seg2[:, :, None], seg2[:, None, :])[:, None]
 
 
 def weighted_loss(logits: torch.Tensor, batch: NoisedBatch) -> torch.Tensor:
