@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from optimus.train.objective import dense_mask, dense_segment_mask, visible_segments
+from optimus.train.objective import block_segments, dense_mask, dense_segment_mask, visible_segments
 
 
 def _heads_first(x: torch.Tensor, batch: int) -> torch.Tensor:
@@ -50,12 +50,15 @@ class FlexMasks:
     def __init__(self, batch: int, length: int, block: int, device) -> None:
         from torch.nn.attention.flex_attention import create_block_mask
         self._create, self.length, self.batch, self.device = create_block_mask, length, batch, device
-        self.seg = torch.zeros(batch, 2 * length, dtype=torch.long, device=device)
-        self.seg.copy_((torch.arange(length, device=device) // block * 64).repeat(2).expand(batch, -1))
-        self.static = self._build()
+        self.block_seg = block_segments(batch, length, block, device).repeat(1, 2)  # [B, 2L]
+        self.seg = self.block_seg.clone()
+        seg = self.seg
 
-    def _mask_mod(self, b, h, q_idx, kv_idx):
-        return visible_segments(q_idx, kv_idx, self.length, self.seg[b, q_idx], self.seg[b, kv_idx])
+        def mask_mod(b, h, q_idx, kv_idx):  # a plain function: create_block_mask rejects methods
+            return visible_segments(q_idx, kv_idx, length, seg[b, q_idx], seg[b, kv_idx])
+
+        self._mask_mod = mask_mod
+        self.static = self._build()
 
     def _build(self):
         n = 2 * self.length
@@ -66,6 +69,7 @@ class FlexMasks:
 
     def make(self, segments: torch.Tensor | None):
         if segments is None:
+            self.seg.copy_(self.block_seg)
             return self.static
         self.seg.copy_(segments.repeat(1, 2))
         return self._build()
