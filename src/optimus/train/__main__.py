@@ -33,14 +33,17 @@ def _train_with_fallback(cfg):
     """flex_attention under torch.compile is the fast path; if it fails to build on this
     torch/GPU, fall back to compiled dense-mask SDPA, then to eager, rather than lose the run."""
     import sys
+    import time
     from optimus.train.loop import Trainer
     attempts = [cfg, replace(cfg, attention="mask"), replace(cfg, attention="mask", compile=False)]
-    for i, attempt in enumerate(dict.fromkeys(attempts)):
+    deadline = time.monotonic() + cfg.train_seconds  # fallbacks share one wall-clock budget
+    for attempt in dict.fromkeys(attempts):
         try:
+            attempt = replace(attempt, train_seconds=max(1.0, deadline - time.monotonic()))
             trainer = Trainer(attempt)
             return trainer, {**trainer.train(), "attention": attempt.attention, "compiled": attempt.compile}
         except Exception as exc:  # noqa: BLE001 - any build failure moves to the next fallback
-            if attempt == attempts[-1]:
+            if attempt.compile is False and attempt.attention == "mask":
                 raise
             print(f"training with attention={attempt.attention} compile={attempt.compile} failed: "
                   f"{type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
