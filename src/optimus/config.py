@@ -53,6 +53,7 @@ class EngineConfig:
     runner: RunnerConfig = field(default_factory=RunnerConfig)
     profile_path: str | None = _opt(None, "latency profile JSON (default: per device and model in ~/.cache/optimus)")
     seed: int = _opt(0, "engine seed for requests that give none")
+    acceptance_profile: str | None = _opt(None, "tau-per-chunk JSON (optimus eval) seeding the elastic policy")
 
 
 @dataclass(frozen=True)

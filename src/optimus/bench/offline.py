@@ -198,7 +198,7 @@ def run_matmul(shape: str, tokens: int = 8192) -> dict:
 
 def load_acceptance(path: str) -> dict[int, list[int]]:
     data = json.loads(Path(path).read_text())
-    dist = data.get("distribution", data)
+    dist = data.get("distribution") or data.get("histograms") or data  # ours, or `optimus eval`'s tau profile
     out = {}
     for c, v in dist.items():
         if isinstance(v, dict):  # histogram {commits: count}

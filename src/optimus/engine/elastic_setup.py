@@ -55,14 +55,19 @@ def load_or_profile(engine):
     return profile
 
 
-def tau_prior_from(path: str | None) -> dict[int, float] | None:
-    """A measured acceptance profile ({"tau": {chunk: mean commits per step}}), if given."""
-    if not path:
+def tau_prior_from(path: str | Path | None) -> dict[int, float] | None:
+    """A measured acceptance profile ({"tau_per_chunk": {chunk: mean commits per step}}, as
+    `optimus eval` writes it), if there is one."""
+    if not path or not Path(path).exists():
         return None
     data = json.loads(Path(path).read_text())
-    table = data.get("tau", data)
+    table = data.get("tau_per_chunk") or data.get("tau") or data
     return {int(c): float(v) for c, v in table.items()}
 
 
 def elastic_kwargs(engine) -> dict:
-    return {"profile": load_or_profile(engine)}
+    """The device's latency profile, and a tau prior: the config's acceptance profile, else
+    the one shipped beside the model (``tau_profile.json``), else none (learned online)."""
+    model_dir = Path(str(getattr(engine.loaded, "path", "")))
+    prior = tau_prior_from(engine.config.acceptance_profile) or tau_prior_from(model_dir / "tau_profile.json")
+    return {"profile": load_or_profile(engine), "tau_prior": prior}
