@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -9,6 +11,9 @@ import pytest
 import torch
 
 from optimus.testing import FAMILIES, make_tiny_checkpoint, make_tiny_model
+
+# Latency profiles the engine measures on first start go to a throwaway cache, not ~/.cache.
+os.environ.setdefault("OPTIMUS_CACHE", tempfile.mkdtemp(prefix="optimus-test-cache-"))
 
 ALL_FAMILIES = tuple(FAMILIES)
 DIFFUSION_FAMILIES = ("llada", "dream", "sdar")
