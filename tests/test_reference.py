@@ -242,13 +242,28 @@ def test_sdar_sequential_commits_left_to_right_from_the_prompt_tail(sdar_model):
     assert result.stats.steps == 1 + 3 + 5 and result.stats.tokens == 6
 
 
-def test_sdar_never_recommits_the_prompt_tail(sdar_model):
+def test_sdar_never_recommits_a_position(sdar_model, monkeypatch):
+    """Quotas that exceed the masks left (the prompt tail shares the first decode block) must
+    not spill onto the tail or onto tokens committed earlier in the block."""
+    mask_id = sdar_model.spec.mask_id
     prompt = torch.tensor([[5, 6, 7, 8, 9]])
-    for strategy in ("low_confidence_static", "low_confidence_dynamic"):
-        # steps=2: quotas [2, 2] but the first decode block only has 3 masks
-        result = sdar.block_diffusion_generate(sdar_model, prompt, gen_length=3, denoising_steps=2,
+    for strategy, steps in (("low_confidence_static", 2), ("low_confidence_dynamic", 2), ("low_confidence_static", 1)):
+        seen = _inputs_seen(monkeypatch)
+        # steps=2: quotas [2, 2] (steps=1: [4]) but the first decode block only has 3 masks
+        result = sdar.block_diffusion_generate(sdar_model, prompt, gen_length=7, denoising_steps=steps,
                                                remasking_strategy=strategy, confidence_threshold=0.99)
-        assert torch.equal(result.sequence[:, :5], prompt) and result.stats.tokens == 3
+        assert torch.equal(result.sequence[:, :5], prompt) and result.stats.tokens == 7
+        groups, current = [], []  # denoising inputs of each decode block, ending with its store
+        for ids in seen[1:]:
+            current.append(ids[0])
+            if not bool((ids == mask_id).any()):
+                groups, current = groups + [current], []
+        assert len(groups) == 2 and not current
+        for group in groups:
+            for before, after in zip(group, group[1:]):
+                kept = before != mask_id
+                assert torch.equal(after[kept], before[kept])
+        monkeypatch.undo()
 
 
 def test_sdar_stops_after_the_block_holding_a_stop_id(sdar_model):

@@ -13,6 +13,8 @@ and padding neither attends nor is attended to. Everything runs in the logits' d
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.distributions as dists
 import torch.nn.functional as F
@@ -80,6 +82,19 @@ def _positions_and_mask(attention_mask: torch.Tensor | None, total: int):
     return positions, real[:, None, :] & real[:, :, None]
 
 
+@dataclass(frozen=True)
+class _Options:
+    alg: str
+    temperature: float
+    top_p: float | None
+    top_k: int | None
+    alg_temp: float | None
+    mask_id: int
+
+    def sample(self, logits: torch.Tensor, alg: str = "maskgit_plus") -> tuple[torch.Tensor, torch.Tensor]:
+        return sample_tokens(logits, self.temperature, self.top_p, self.top_k, alg)
+
+
 @torch.no_grad()
 def diffusion_generate(model: DecoderLM, prompt_ids, *, max_new_tokens: int, steps: int,
                        alg: str = "maskgit_plus", temperature: float = 0.0, top_p: float | None = None,
@@ -90,52 +105,53 @@ def diffusion_generate(model: DecoderLM, prompt_ids, *, max_new_tokens: int, ste
     if max_new_tokens <= 0 or steps <= 0:
         raise ValueError(f"max_new_tokens={max_new_tokens} and steps={steps} must be positive")
     call = ModelCall(model)
-    mask_id = call.mask_id(mask_id)
+    opts = _Options(alg, temperature, top_p, top_k, alg_temp, call.mask_id(mask_id))
     prompt = as_batch(prompt_ids, call.device)
     clock = Stopwatch(call.device)
-    x = F.pad(prompt, (0, max_new_tokens), value=mask_id)
+    x = F.pad(prompt, (0, max_new_tokens), value=opts.mask_id)
     if attention_mask is not None:
         attention_mask = attention_mask.to(call.device)
     positions, mask = _positions_and_mask(attention_mask, x.shape[1])
     timesteps = torch.linspace(1, eps, steps + 1, device=x.device)
     committed = 0
     for i in range(steps):
-        mask_index = x == mask_id
+        mask_index = x == opts.mask_id
         logits = shift_logits(call(x, mask=mask, positions=positions)[0])
         t, s = timesteps[i], timesteps[i + 1]
-        before = int(mask_index.sum())
+        last = i == steps - 1
         if alg == "origin":
-            _reveal(x, logits, mask_index, 1 - s / t if i < steps - 1 else 1, temperature, top_p, top_k, mask_id)
+            _reveal(x, logits, mask_index, 1 if last else 1 - s / t, opts)
         else:
-            _commit_ranked(x, logits, mask_index, i == steps - 1, t, s, alg, temperature, top_p, top_k,
-                           alg_temp, mask_id)
-        committed += before - int((x == mask_id).sum())
+            _commit_ranked(x, logits, mask_index, None if last else 1 - s / t, opts)
+        committed += int(mask_index.sum()) - int((x == opts.mask_id).sum())
     return DecodeResult(x, prompt.shape[1], DecodeStats(call.forwards, committed, clock.elapsed()))
 
 
-def _reveal(x, logits, mask_index, p_transfer, temperature, top_p, top_k, mask_id) -> None:
+def _reveal(x: torch.Tensor, logits: torch.Tensor, mask_index: torch.Tensor, p_transfer, opts: _Options) -> None:
     """``origin``: each mask independently becomes a sampled token with probability p_transfer."""
-    x0 = torch.zeros_like(x[mask_index]) + mask_id
+    x0 = torch.zeros_like(x[mask_index]) + opts.mask_id
     reveal = torch.rand(*x0.shape, device=x.device) < p_transfer
-    _, x0[reveal] = sample_tokens(logits[mask_index][reveal], temperature, top_p, top_k)
+    _, x0[reveal] = opts.sample(logits[mask_index][reveal])
     x[mask_index] = x0.clone()
 
 
-def _commit_ranked(x, logits, mask_index, last, t, s, alg, temperature, top_p, top_k, alg_temp, mask_id) -> None:
-    """Commit the ``int(n_masked * (1 - s / t))`` most confident masks (all on the last step)."""
-    confidence, x0 = sample_tokens(logits[mask_index], temperature, top_p, top_k, alg)
+def _commit_ranked(x: torch.Tensor, logits: torch.Tensor, mask_index: torch.Tensor,
+                   fraction: torch.Tensor | None, opts: _Options) -> None:
+    """Commit the ``int(n_masked * fraction)`` most confident masks; all of them when
+    ``fraction`` is None (the last step). x [B, T], logits [B, T, V] (already shifted)."""
+    confidence, x0 = opts.sample(logits[mask_index], opts.alg)
     n_masked = mask_index.sum() / mask_index.shape[0]  # a float32 tensor, as published
-    count = int(n_masked) if last else int(n_masked * (1 - s / t))
+    count = int(n_masked) if fraction is None else int(n_masked * fraction)
     if count <= 0:
         return
     full_confidence = torch.full_like(x, -torch.inf, dtype=logits.dtype)
     full_confidence[mask_index] = confidence
-    if alg_temp is None or alg_temp == 0:
+    if opts.alg_temp is None or opts.alg_temp == 0:
         _, picked = torch.topk(full_confidence, count)
     else:
-        weights = F.softmax(full_confidence / alg_temp, dim=-1)
+        weights = F.softmax(full_confidence / opts.alg_temp, dim=-1)
         picked = torch.multinomial(weights, num_samples=count)
-    proposal = torch.zeros_like(x) + mask_id
+    proposal = torch.zeros_like(x) + opts.mask_id
     proposal[mask_index] = x0.clone()
     rows = torch.arange(x.shape[0], device=x.device)[:, None].expand_as(picked)
     x[rows, picked] = proposal[rows, picked]
