@@ -38,9 +38,12 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_model(args.model, device=args.device, progress=False)
     spec = EvalSpec(tasks, tuple(c for c in args.configs.split(",") if c), args.limit, args.max_tokens,
                     args.threshold, args.device)
-    result = run_eval(loaded, spec, Path(args.heldout_text) if args.heldout_text else None)
-    for path, payload in ((args.out, result), (args.tau_profile, tau_profile(result))):
-        if path:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            Path(path).write_text(json.dumps(payload, indent=1) + "\n")
+
+    def save(result: dict) -> None:
+        for path, payload in ((args.out, result), (args.tau_profile, tau_profile(result))):
+            if path:
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+                Path(path).write_text(json.dumps(payload, indent=1) + "\n")
+
+    save(run_eval(loaded, spec, Path(args.heldout_text) if args.heldout_text else None, save=save))
     return 0

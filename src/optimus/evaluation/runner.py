@@ -49,7 +49,8 @@ def run_config(loaded, name: str, examples: list[Example], prompts: list[list[in
                         for ex, txt in list(zip(examples, texts))[:3]]}
 
 
-def run_eval(loaded, spec: EvalSpec, heldout_rows: Path | None = None, log=print) -> dict:
+def run_eval(loaded, spec: EvalSpec, heldout_rows: Path | None = None, log=print, save=None) -> dict:
+    """``save(result)`` is called after every configuration, so a late failure keeps the rest."""
     examples = [ex for task in spec.tasks for ex in heldout_set(task, spec.limit)]
     prompts = _prompts(loaded, examples)
     result = {"model": str(loaded.path), "limit": spec.limit, "threshold": spec.threshold,
@@ -59,6 +60,8 @@ def run_eval(loaded, spec: EvalSpec, heldout_rows: Path | None = None, log=print
         r = result["configs"][name]
         log(f"{name:>10}: accuracy {r['accuracy']:.3f}  tau {r['tau']['mean']:.2f}  ({r['seconds']:.1f}s)  "
             + " ".join(f"{t}={s['accuracy']:.2f}" for t, s in r["tasks"].items()))
+        if save is not None:
+            save(result)
     if heldout_rows is not None and heldout_rows.exists():
         from optimus.evaluation.text_loss import heldout_text_loss
         result["heldout_text_loss"] = heldout_text_loss(loaded, heldout_rows)
@@ -76,4 +79,20 @@ def tau_profile(result: dict) -> dict:
             profile[c] = r["tau"]["per_chunk"].get(c, r["tau"]["mean"])
             hist[c] = r["tau"]["per_chunk_histogram"].get(c, r["tau"]["histogram"])
     return {"model": result["model"], "threshold": result["threshold"], "tau_per_chunk": profile,
+            "histograms": hist}
+
+
+def merge_profiles(profiles: Sequence[dict], model: str) -> dict:
+    """Step-weighted merge of several ``tau_profile`` results (e.g. arithmetic and other tasks)."""
+    sums, steps, hist = {}, {}, {}
+    for p in profiles:
+        for c, h in p["histograms"].items():
+            n = sum(h.values())
+            steps[c] = steps.get(c, 0) + n
+            sums[c] = sums.get(c, 0.0) + p["tau_per_chunk"][c] * n
+            merged = hist.setdefault(c, {})
+            for k, v in h.items():
+                merged[k] = merged.get(k, 0) + v
+    return {"model": model, "threshold": profiles[0]["threshold"],
+            "tau_per_chunk": {c: round(sums[c] / steps[c], 4) for c in sorted(sums, key=int) if steps[c]},
             "histograms": hist}
