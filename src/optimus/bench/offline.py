@@ -74,10 +74,15 @@ def _prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
     return [[rng.randrange(100, vocab - 1000) for _ in range(length)] for _ in range(n)]
 
 
-def timed_generate(llm: LLM, batch: int, prompt_len: int, gen_len: int, params: SamplingParams) -> dict:
+def timed_generate(llm: LLM, batch: int, prompt_len: int, gen_len: int, params: SamplingParams,
+                   full_warmup: bool = False) -> dict:
+    """Time one batch. The warm-up (other prompts) compiles Triton kernels and captures CUDA
+    graphs; ``full_warmup`` runs the whole workload once first, so every bucket the timed
+    run meets is already captured (policies with varied chunk sizes meet more buckets)."""
     vocab = llm.engine.spec.arch.vocab_size
-    llm.generate(_prompts(min(batch, 2), prompt_len, vocab, seed=1), params)  # warm-up: graphs, Triton
+    llm.generate(_prompts(batch if full_warmup else min(batch, 2), prompt_len, vocab, seed=1), params)
     prompts = _prompts(batch, prompt_len, vocab)
+    chunks0 = dict(llm.engine.stats.chunk_size_counts)
     s0 = _snapshot(llm)
     _sync()
     t0 = time.perf_counter()
@@ -91,7 +96,9 @@ def timed_generate(llm: LLM, batch: int, prompt_len: int, gen_len: int, params: 
             "steps": steps, "mean_step_ms": 1e3 * (s1["lat"] - s0["lat"]) / max(steps, 1),
             "cpu_ms_per_step": 1e3 * (s1["cpu"] - s0["cpu"]) / max(steps, 1),
             "tokens_computed": s1["computed"] - s0["computed"],
-            "tokens_committed": s1["committed"] - s0["committed"]}
+            "tokens_committed": s1["committed"] - s0["committed"],
+            "chunk_sizes": {c: n - chunks0.get(c, 0) for c, n in sorted(llm.engine.stats.chunk_size_counts.items())
+                            if n - chunks0.get(c, 0)}}
 
 
 def _snapshot(llm) -> dict:
@@ -152,17 +159,19 @@ def run_ar(shape: str, batches, prompt_len=256, gen_len=256) -> list[dict]:
 
 
 def run_sweep(shape: str, policies, concurrencies, acceptance: dict[int, list[int]], prompt_len=256,
-              gen_len=256, profile_path: str | None = None) -> list[dict]:
+              gen_len=256, profile_path: str | None = None, on_row=None) -> list[dict]:
     params = SamplingParams(max_tokens=gen_len, ignore_eos=True)
     rows = []
     for policy in policies:
         llm = _llm(shape, policy, commit_rule=ReplayAcceptance(acceptance), max_running=max(concurrencies),
                    block_size=32, profile_path=profile_path)
         for n in concurrencies:
-            r = timed_generate(llm, n, prompt_len, gen_len, params)
+            r = timed_generate(llm, n, prompt_len, gen_len, params, full_warmup=True)
             r.update(shape=shape, policy=policy, concurrency=n, acceptance="replayed (default model)")
             print(f"  sweep {shape} {policy:9s} conc={n:4d}: {r['output_tok_s']:.0f} tok/s", flush=True)
             rows.append(r)
+            if on_row:
+                on_row(rows)
         _free(llm)
     return rows
 
@@ -252,8 +261,13 @@ def run(args: argparse.Namespace) -> int:
         elif exp == "sweep":
             if not args.acceptance:
                 raise ValueError("the sweep needs --acceptance (a profile measured on the default model)")
+            def save_partial(rows):
+                result["sweep"] = rows
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_text(json.dumps(result, indent=2))
             result["sweep"] = run_sweep(args.sweep_shape, args.policies.split(","), ints(args.concurrency),
-                                        load_acceptance(args.acceptance), profile_path=args.profile)
+                                        load_acceptance(args.acceptance), profile_path=args.profile,
+                                        on_row=save_partial)
         else:
             raise ValueError(f"unknown experiment {exp!r}")
         result.setdefault("elapsed_s", {})[exp] = time.perf_counter() - t0
