@@ -62,8 +62,7 @@ def _llm(shape: str, policy: str, commit_rule=None, **options) -> LLM:
     return LLM(loaded=loaded, policy=policy, commit_rule=commit_rule, device=TARGET.device, **options)
 
 
-def _free(llm) -> None:
-    del llm
+def _free_memory() -> None:
     gc.collect()
     if TARGET.device.startswith("cuda"):
         torch.cuda.empty_cache()
@@ -127,7 +126,8 @@ def run_surface(shape: str, batches, chunks, context: int, profile_out: str | No
                                         device=device_name(llm.engine.device), model_id=model_id(llm.engine))
     if profile_out:
         profile.save(profile_out)
-    _free(llm)
+    del llm
+    _free_memory()
     return {"shape": shape, "context": context, "points": points, "knee_tokens": float(profile.knee)}
 
 
@@ -141,7 +141,8 @@ def run_schedule4(shape: str, batches, prompt_len=256, gen_len=256) -> list[dict
         print(f"  schedule4 {shape} batch={b}: {r['output_tok_s']:.0f} tok/s, step {r['mean_step_ms']:.2f} ms, "
               f"cpu {r['cpu_ms_per_step']:.2f} ms/step", flush=True)
         rows.append(r)
-    _free(llm)
+    del llm
+    _free_memory()
     return rows
 
 
@@ -154,7 +155,8 @@ def run_ar(shape: str, batches, prompt_len=256, gen_len=256) -> list[dict]:
         r.update(shape=shape, policy="ar")
         print(f"  ar {shape} batch={b}: {r['output_tok_s']:.0f} tok/s, step {r['mean_step_ms']:.2f} ms", flush=True)
         rows.append(r)
-    _free(llm)
+    del llm
+    _free_memory()
     return rows
 
 
@@ -172,7 +174,8 @@ def run_sweep(shape: str, policies, concurrencies, acceptance: dict[int, list[in
             rows.append(r)
             if on_row:
                 on_row(rows)
-        _free(llm)
+        del llm  # the model must be gone before the next policy's 8B copy is built
+        _free_memory()
     return rows
 
 
@@ -200,7 +203,8 @@ def run_matmul(shape: str, tokens: int = 8192) -> dict:
     q_per_req, kv_len = tokens // 8, 512 + tokens // 8
     attn = 4 * layers * heads * d * 8 * q_per_req * kv_len
     flops = 2 * params * tokens + attn
-    _free(llm)
+    del llm
+    _free_memory()
     return {"shape": shape, "tokens": tokens, "seconds": seconds, "tflops": flops / seconds / 1e12,
             "matmul_tflops": mm_tflops, "fraction_of_matmul": flops / seconds / 1e12 / mm_tflops}
 
