@@ -161,12 +161,14 @@ def run_ar(shape: str, batches, prompt_len=256, gen_len=256) -> list[dict]:
 
 
 def run_sweep(shape: str, policies, concurrencies, acceptance: dict[int, list[int]], prompt_len=256,
-              gen_len=256, profile_path: str | None = None, on_row=None) -> list[dict]:
+              gen_len=256, profile_path: str | None = None, on_row=None,
+              acceptance_path: str | None = None) -> list[dict]:
+    """``acceptance_path`` (the same measured profile the commits replay) seeds elastic's tau."""
     params = SamplingParams(max_tokens=gen_len, ignore_eos=True)
     rows = []
     for policy in policies:
         llm = _llm(shape, policy, commit_rule=ReplayAcceptance(acceptance), max_running=max(concurrencies),
-                   block_size=32, profile_path=profile_path)
+                   block_size=32, profile_path=profile_path, acceptance_profile=acceptance_path)
         for n in concurrencies:
             r = timed_generate(llm, n, prompt_len, gen_len, params, full_warmup=True)
             r.update(shape=shape, policy=policy, concurrency=n, acceptance="replayed (default model)")
@@ -271,7 +273,7 @@ def run(args: argparse.Namespace) -> int:
                 out.write_text(json.dumps(result, indent=2))
             result["sweep"] = run_sweep(args.sweep_shape, args.policies.split(","), ints(args.concurrency),
                                         load_acceptance(args.acceptance), profile_path=args.profile,
-                                        on_row=save_partial)
+                                        on_row=save_partial, acceptance_path=args.acceptance)
         else:
             raise ValueError(f"unknown experiment {exp!r}")
         result.setdefault("elapsed_s", {})[exp] = time.perf_counter() - t0

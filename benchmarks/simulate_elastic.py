@@ -1,0 +1,49 @@
+"""Closed-loop simulation of every policy on a *measured* device profile and a *measured*
+acceptance profile (CPU only, seconds): what the H100 sweep would give with warm buckets.
+
+  PYTHONPATH=src python benchmarks/simulate_elastic.py \
+      --profile benchmarks/results/h100/profile_sdar8b_h100.json \
+      --acceptance benchmarks/results/default_model/acceptance.json \
+      --out benchmarks/results/h100/elastic_simulation.json
+"""
+
+import argparse
+import json
+from collections import Counter
+
+from optimus.engine.latency import LatencyProfile
+from optimus.engine.policies.elastic import ElasticPolicy
+from optimus.engine.policies.fixed import FixedPolicy
+from optimus.engine.policies.simulate import KneeDevice, TauTable, sweep
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--profile", required=True)
+    p.add_argument("--acceptance", required=True)
+    p.add_argument("--loads", default="1,4,16,64,128,256")
+    p.add_argument("--out", required=True)
+    args = p.parse_args()
+    profile = LatencyProfile.load(args.profile)
+    tau = {int(k): v for k, v in json.load(open(args.acceptance))["tau_per_chunk"].items()}
+    fit = profile.fit
+    device = KneeDevice(t0=fit.t0, knee=fit.knee, slope=fit.b, noise=0.05)
+    policies = {f"fixed:{c}": (lambda c=c: FixedPolicy(c)) for c in (1, 2, 4, 8, 16, 32)}
+    policies["elastic (tau prior)"] = lambda: ElasticPolicy(profile=profile, tau_prior=tau)
+    policies["elastic (online tau only)"] = lambda: ElasticPolicy(profile=profile)
+    loads = tuple(int(x) for x in args.loads.split(","))
+    res = sweep(policies, loads, tau=TauTable(tau), device=device, gen_len=256, prompt_len=256,
+                steps=300, warmup_steps=100)
+    table = {name: {n: round(r[n].committed / r[n].seconds, 1) for n in loads} for name, r in res.items()}
+    chunks = {name: {n: dict(Counter(c.size for c in r[n].chunk_choices).most_common(3)) for n in loads}
+              for name, r in res.items() if name.startswith("elastic")}
+    for n in loads:
+        best = max(v[n] for k, v in table.items() if k.startswith("fixed"))
+        row = "  ".join(f"{k}={v[n]:.0f}" for k, v in table.items())
+        print(f"load {n:4d}: {row}  | best fixed {best:.0f}")
+    json.dump({"device_profile": args.profile, "acceptance": args.acceptance, "tau": tau,
+               "throughput_tok_s": table, "elastic_chunk_choices": chunks}, open(args.out, "w"), indent=2)
+
+
+if __name__ == "__main__":
+    main()
