@@ -61,8 +61,11 @@ def tau_prior_from(path: str | Path | None) -> dict[int, float] | None:
     if not path or not Path(path).exists():
         return None
     data = json.loads(Path(path).read_text())
-    table = data.get("tau_per_chunk") or data.get("tau") or data
-    return {int(c): float(v) for c, v in table.items()}
+    if "tau_per_chunk" in data:
+        return {int(c): float(v) for c, v in data["tau_per_chunk"].items()}
+    if "distribution" in data:  # chunk -> observed commits per step
+        return {int(c): sum(v) / len(v) for c, v in data["distribution"].items() if v}
+    raise ValueError(f"{path}: no 'tau_per_chunk' or 'distribution' table in this acceptance profile")
 
 
 def elastic_kwargs(engine) -> dict:
