@@ -16,10 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
-from optimus.kernels.group_attention import triton_available
+from optimus.kernels.group_attention import BACKENDS, resolve_backend as _resolve
 from optimus.kernels.reference import rms_norm_reference, rotary_qk_reference, silu_mul_reference
 
-BACKENDS = ("auto", "torch", "triton")
 __all__ = ["BACKENDS", "QKNorm", "rms_norm", "rotary_qk", "silu_mul", "silu_mul_split", "triton_available"]
 
 
@@ -86,14 +85,6 @@ def silu_mul_split(gate: torch.Tensor, up: torch.Tensor, backend: str = "auto") 
     from optimus.kernels._fused_triton import silu_mul_triton
 
     return silu_mul_triton(_unit_stride(gate), _unit_stride(up))
-
-
-def _resolve(backend: str, x: torch.Tensor) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown fused-kernel backend {backend!r}; expected one of {BACKENDS}")
-    if backend == "auto":
-        return "triton" if x.is_cuda and triton_available() else "torch"
-    return backend
 
 
 def _unit_stride(x: torch.Tensor) -> torch.Tensor:

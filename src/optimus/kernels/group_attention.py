@@ -57,8 +57,9 @@ def visible_key_end(cu_q: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
 
 
 def resolve_backend(backend: str, q: torch.Tensor) -> str:
+    """'auto' -> Triton for CUDA tensors (when Triton imports), torch otherwise."""
     if backend not in BACKENDS:
-        raise ValueError(f"unknown attention backend {backend!r}; expected one of {BACKENDS}")
+        raise ValueError(f"unknown kernel backend {backend!r}; expected one of {BACKENDS}")
     if backend == "auto":
         return "triton" if q.is_cuda and triton_available() else "torch"
     return backend
