@@ -21,11 +21,11 @@ from optimus.bench.client import RequestOptions, RequestResult
 from optimus.bench.datasets import (
     BUILTIN_LINES, SHAREGPT_MEAN, DatasetSpec, SampleRequest, sample_requests, sharegpt_lengths,
 )
-from optimus.bench.metrics import SLO, compute_metrics
+from optimus.bench.metrics import SLO, compute_metrics, request_latencies_ms
 from optimus.bench.prometheus import counter_deltas, dllm_summary, parse_prometheus
 from optimus.bench.serve import LoadSpec, ServeBenchConfig, benchmark
 from optimus.bench.server_process import free_port
-from optimus.bench.sweep import SweepConfig, capacity, run_sweep
+from optimus.bench.sweep import SweepConfig, capacity, rejudge, run_sweep
 
 
 # ---- a fake server with known timings ----------------------------------------------------
@@ -144,6 +144,16 @@ def test_compute_metrics_matches_hand_arithmetic():
     # good: #1 (ttft 100, tpot 100) and #3 (ttft 200, tpot counted as 0); #2 misses ttft; #4 failed
     assert m["request_goodput"] == pytest.approx(1.0)
     assert m["slo_attainment"] == pytest.approx(0.5)
+
+
+def test_stored_latencies_judge_slos_like_the_live_metrics():
+    results = [RequestResult(True, 1, 5, ttft=0.1, itl=[0.05] * 4, latency=0.5),
+               RequestResult(True, 1, 3, ttft=0.3, itl=[0.2] * 2, latency=0.7),
+               RequestResult(True, 1, 1, ttft=0.2, latency=0.2), RequestResult(False, 1, 0)]
+    lat = request_latencies_ms(results)
+    assert lat["ok"] == [True, True, True, False] and lat["tpot_ms"][:3] == [100.0, 200.0, 0.0]
+    for slo in (SLO(ttft_ms=250, tpot_ms=150), SLO(ttft_ms=400), SLO(e2el_ms=300), SLO(tpot_ms=50)):
+        assert slo.attainment(lat) == compute_metrics(results, 1.0, slo)["slo_attainment"]
 
 
 def test_metrics_without_slo_report_no_goodput():
@@ -331,13 +341,18 @@ def test_sweep_launches_each_policy_and_plots(tmp_path):
         limit = 2.0 if url.endswith("fast") else 1.0
         att = 1.0 if rate <= limit else 0.4
         return {"request_rate": rate, "output_throughput": 10 * min(rate, limit), "slo_attainment": att,
-                "p99_ttft_ms": 100 * rate, "p99_tpot_ms": 10 * rate, "completed": 4, "dllm": {"tau": 2.0}}
+                "p99_ttft_ms": 100 * rate, "p99_tpot_ms": 10 * rate, "completed": 4, "dllm": {"tau": 2.0},
+                "request_latencies_ms": {"ok": [True] * 4, "ttft_ms": [100 * rate] * 4,
+                                         "tpot_ms": [10 * rate] * 4, "e2el_ms": [500 * rate] * 4}}
 
     cfg = SweepConfig(("slow", "fast"), (4.0, 1.0, 2.0), SLO(ttft_ms=250, tpot_ms=30))
     sweep = run_sweep(cfg, launch, bench, log=lambda line: None)
     assert launched == ["slow", "fast"]
     assert [r["request_rate"] for r in sweep["policies"]["fast"]["runs"]] == [1.0, 2.0, 4.0]
     assert sweep["policies"]["fast"]["capacity"] == 2.0 and sweep["policies"]["slow"]["capacity"] == 1.0
+    looser = rejudge(sweep, SLO(ttft_ms=450), 0.9)  # judged again from the stored latencies
+    assert looser["policies"]["slow"]["capacity"] == 4.0 and looser["slo_ms"] == {"ttft": 450.0}
+    assert sweep["policies"]["slow"]["capacity"] == 1.0  # the original is left alone
     paths = plot_sweep(sweep, tmp_path)
     assert [p.name for p in paths] == ["throughput_vs_rate.png", "p99_latency_vs_rate.png",
                                        "slo_attainment_vs_rate.png"]

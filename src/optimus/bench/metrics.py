@@ -49,16 +49,32 @@ class SLO:
         return {m: v for m in SLO_METRICS if (v := getattr(self, f"{m}_ms")) is not None}
 
     def met(self, r: RequestResult) -> bool:
-        if not r.success:
-            return False
-        observed = {"ttft": r.ttft, "tpot": tpot(r) or 0.0, "e2el": r.latency}
-        return all(observed[m] * 1000.0 <= limit for m, limit in self.as_dict().items())
+        return r.success and self.met_ms({"ttft": r.ttft * 1e3, "tpot": (tpot(r) or 0.0) * 1e3, "e2el": r.latency * 1e3})
+
+    def met_ms(self, observed: dict[str, float]) -> bool:
+        """``observed``: one successful request's latencies in ms, keyed like :data:`SLO_METRICS`."""
+        return all(observed[m] <= limit for m, limit in self.as_dict().items())
+
+    def attainment(self, latencies: dict[str, list]) -> float:
+        """Share of requests within the SLOs, from :func:`request_latencies_ms` lists."""
+        ok = latencies["ok"]
+        good = sum(self.met_ms({m: latencies[f"{m}_ms"][i] for m in SLO_METRICS}) for i in range(len(ok)) if ok[i])
+        return good / len(ok) if ok else 0.0
 
 
 def tpot(r: RequestResult) -> float | None:
     if r.output_tokens < 2:
         return None
     return (r.latency - r.ttft) / (r.output_tokens - 1)
+
+
+def request_latencies_ms(results: Sequence[RequestResult]) -> dict[str, list]:
+    """Per request: success, TTFT, TPOT (0 below two tokens, as when judging SLOs) and E2EL in
+    ms; enough to judge any other SLO later (``SLO.attainment``)."""
+    return {"ok": [r.success for r in results],
+            "ttft_ms": [round(r.ttft * 1e3, 3) for r in results],
+            "tpot_ms": [round((tpot(r) or 0.0) * 1e3, 3) for r in results],
+            "e2el_ms": [round(r.latency * 1e3, 3) for r in results]}
 
 
 def compute_metrics(results: Sequence[RequestResult], duration_s: float, slo: SLO = SLO(),

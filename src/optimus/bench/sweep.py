@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import json
 import shlex
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,8 @@ from optimus.bench.serve import add_load_arguments, benchmark, config_from_args,
 SUMMARY_KEYS = ("completed", "failed", "duration", "request_throughput", "output_throughput",
                 "total_token_throughput", "request_goodput", "slo_attainment", "mean_ttft_ms", "median_ttft_ms",
                 "p99_ttft_ms", "mean_tpot_ms", "median_tpot_ms", "p99_tpot_ms", "mean_itl_ms", "p99_itl_ms",
-                "mean_e2el_ms", "median_e2el_ms", "p99_e2el_ms", "total_output_tokens", "dllm")
+                "mean_e2el_ms", "median_e2el_ms", "p99_e2el_ms", "total_output_tokens", "dllm",
+                "request_latencies_ms")
 
 Launcher = Callable[[str], ContextManager[str]]  # policy -> context yielding the server's base URL
 Bench = Callable[[str, float], dict]  # (base URL, request rate) -> bench serve result
@@ -68,6 +70,16 @@ def run_sweep(cfg: SweepConfig, launch: Launcher, bench: Bench, log: Callable[[s
             "rates": sorted(cfg.rates), "policies": results}
 
 
+def rejudge(sweep: dict, slo: SLO, attainment: float) -> dict:
+    """The same runs judged against other SLOs: attainment per run and capacity per policy are
+    recomputed from the stored per-request latencies."""
+    policies = {}
+    for policy, res in sweep["policies"].items():
+        runs = [{**run, "slo_attainment": slo.attainment(run["request_latencies_ms"])} for run in res["runs"]]
+        policies[policy] = {"runs": runs, "capacity": capacity(runs, attainment)}
+    return {**sweep, "slo_ms": slo.as_dict(), "attainment_target": attainment, "policies": policies}
+
+
 def _progress_line(policy: str, run: dict) -> str:
     return (f"[{policy:>9}] rate {run['request_rate']:6.2f} req/s: {run['output_throughput']:8.1f} tok/s, "
             f"p99 TTFT {run['p99_ttft_ms']:8.0f} ms, p99 TPOT {run['p99_tpot_ms']:7.1f} ms, "
@@ -86,12 +98,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--server-args", default="", help="more `optimus serve` flags, one quoted string")
     parser.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to wait for /health")
     parser.add_argument("--out-dir", required=True, help="sweep.json, the PNGs and server logs go here")
+    parser.add_argument("--rejudge", default=None, metavar="SWEEP_JSON",
+                        help="run nothing: judge a saved sweep against --slo and re-plot it into --out-dir")
     add_dataset_arguments(parser)
     add_load_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    from optimus.bench.plots import plot_sweep
     from optimus.bench.server_process import ServerLaunch, served
 
     out_dir = Path(args.out_dir)
@@ -99,8 +112,14 @@ def run(args: argparse.Namespace) -> int:
     cfg = SweepConfig(tuple(p.strip() for p in args.policies.split(",") if p.strip()),
                       tuple(float(r) for r in args.rates.split(",") if r.strip()),
                       SLO.parse([args.slo]), args.attainment)
+    if args.rejudge:
+        sweep = rejudge(json.loads(Path(args.rejudge).read_text()), cfg.slo, cfg.attainment)
+        sweep["rejudged_by"] = "optimus " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        return _save(sweep, out_dir)
     tokenizer = load_tokenizer(args.tokenizer, args.model)
     requests = sample_requests(dataset_spec_from_args(args), tokenizer)
+    # SIGTERM unwinds like Ctrl-C, so the `with served(...)` blocks stop their servers
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
 
     def launch(policy: str):
         return served(ServerLaunch(args.model, policy, tuple(shlex.split(args.server_args)),
@@ -114,6 +133,12 @@ def run(args: argparse.Namespace) -> int:
     sweep = run_sweep(cfg, launch, bench)
     sweep["command"] = "optimus " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     sweep["dataset"] = vars(dataset_spec_from_args(args))
+    return _save(sweep, out_dir)
+
+
+def _save(sweep: dict, out_dir: Path) -> int:
+    from optimus.bench.plots import plot_sweep
+
     (out_dir / "sweep.json").write_text(json.dumps(sweep, indent=1))
     for path in plot_sweep(sweep, out_dir):
         print(f"wrote {path}")
