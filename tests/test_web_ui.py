@@ -5,6 +5,7 @@ stream, the gauges, and the page itself driven in headless Chromium over the Dev
 from __future__ import annotations
 
 import base64
+import fcntl
 import io
 import json
 import os
@@ -128,6 +129,8 @@ class DevTools:
     def __init__(self, user_dir: Path) -> None:
         to_browser_r, self._to_browser = os.pipe()
         self._from_browser, from_browser_w = os.pipe()
+        # the child's ends move above fd 4 first, so the shell's 3/4 redirections cannot clobber them
+        to_browser_r, from_browser_w = (_above_4(fd) for fd in (to_browser_r, from_browser_w))
         script = f'exec "$0" "$@" 3<&{to_browser_r} 4>&{from_browser_w} {to_browser_r}<&- {from_browser_w}>&-'
         self.proc = subprocess.Popen(["bash", "-c", script, CHROMIUM, *CHROMIUM_FLAGS,
                                       f"--user-data-dir={user_dir}", "about:blank"],
@@ -191,6 +194,12 @@ class DevTools:
             self.proc.kill()
             self.proc.wait()
         os.close(self._to_browser)
+
+
+def _above_4(fd: int) -> int:
+    high = fcntl.fcntl(fd, fcntl.F_DUPFD, 10)
+    os.close(fd)
+    return high
 
 
 def _wait_for(check, timeout: float, what: str):

@@ -55,7 +55,7 @@ class CanvasView {
       cell.className = cell.className.replace("masked", "committed");
       cell.classList.add("fresh");
       cell.style.backgroundColor = colour;
-      cell.textContent = visible(ev.tokens[j]);
+      cell.textContent = clip(visible(ev.tokens[j]), 9);
       cell.title = `position ${p}: ${JSON.stringify(ev.tokens[j])} (step ${ev.step}, chunk [${lo}, ${hi}))`;
     });
     this.logStep(ev, colour, lo, hi);
@@ -78,6 +78,10 @@ class CanvasView {
   maskedCount() {
     return this.cells.filter((c) => c.classList.contains("masked")).length;
   }
+}
+
+function clip(text, n) {
+  return text.length > n ? `${text.slice(0, n - 1)}…` : text;
 }
 
 function visible(token) {
