@@ -128,3 +128,11 @@ def test_extreme_temperature_and_min_tokens_do_not_break_the_engine():
     eos = set(llm.engine.spec.eos_ids)
     assert not eos & set(outs[2].token_ids[:6])
     assert llm.engine.stats.running == 0 and llm.engine.stats.kv_usage == 0.0
+
+
+def test_per_request_policy_override():
+    llm = _llm("sdar", "elastic")
+    outs = llm.generate(_prompts(2), [SamplingParams(max_tokens=12, ignore_eos=True, policy="fixed:2"),
+                                      SamplingParams(max_tokens=12, ignore_eos=True, policy="ar")])
+    assert set(outs[0].stats.chunk_history) <= {1, 2} and 2 in outs[0].stats.chunk_history
+    assert set(outs[1].stats.chunk_history) == {1}

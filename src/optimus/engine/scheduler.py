@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from optimus.config import SchedulerConfig
 from optimus.engine.kv_cache import PageAllocator
-from optimus.engine.policies import ChunkPolicy, RequestView, StepFeedback, StepView, parse_policy_name
+from optimus.engine.policies import ChunkPolicy, RequestView, StepFeedback, StepView
 from optimus.engine.request import Request, RequestState
 from optimus.models.spec import AttentionKind
 
@@ -127,11 +127,8 @@ class Scheduler:
         views = []
         for r in decoders:
             if self.attention is AttentionKind.CAUSAL:
-                chunks[r.request_id] = 1
-            elif r.params.policy is not None and r.params.policy != self.policy.name \
-                    and parse_policy_name(r.params.policy)[0] != "elastic":
-                chunks[r.request_id] = min(parse_policy_name(r.params.policy)[1], r.max_chunk())
-            else:
+                chunks[r.request_id] = 1  # a causal LM predicts one position per step
+            else:  # policies honour per-request overrides themselves (and count them as load)
                 views.append(RequestView(r.request_id, r.max_chunk(), r.geometry.block_size,
                                          r.chunk or None, r.params.policy))
         if views:
