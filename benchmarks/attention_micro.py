@@ -19,6 +19,8 @@ import math
 from dataclasses import asdict, dataclass
 
 import torch
+
+from gpu_timing import time_graph_ms
 import torch.nn.functional as F
 
 from optimus.kernels import group_attention, visible_key_end, write_kv
@@ -106,31 +108,6 @@ def time_ms(fn) -> float:
     """Eager median per call (includes Python and launch overhead when the GPU work is short)."""
     from triton.testing import do_bench
     return float(do_bench(fn, warmup=10, rep=40, return_mode="median"))
-
-
-def time_graph_ms(fn, calls: int = 20, rounds: int = 5, replays: int = 5) -> float:
-    """Per-call GPU time: ``calls`` back-to-back calls captured in one CUDA graph, replayed;
-    median over ``rounds`` of ``replays`` replays."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn(), fn()  # compile and warm up outside the capture
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    graph.replay()
-    times = []
-    for _ in range(rounds):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(replays):
-            graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / (replays * calls))
-    return sorted(times)[len(times) // 2]
 
 
 def sweep_configs(gqa_pad: int):

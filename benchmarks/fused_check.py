@@ -21,6 +21,8 @@ import time
 
 import torch
 
+from gpu_timing import time_graph_ms
+
 from optimus.engine.kv_cache import KVCacheStorage
 from optimus.engine.runner import PagedBackend, StepBatch
 from optimus.kernels import fused
@@ -159,30 +161,6 @@ def count_kernels(fn) -> int | None:
         return None
 
 
-def time_graph_ms(fn, calls: int = 10, replays: int = 10, rounds: int = 5) -> float:
-    """Per-call GPU time: ``calls`` calls captured in one CUDA graph, median over rounds."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn(), fn()  # compile and warm up outside the capture
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    graph.replay()
-    times = []
-    for _ in range(rounds):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(replays):
-            graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / (replays * calls))
-    return sorted(times)[len(times) // 2]
-
-
 VARIANTS = (("unfused", "torch", False), ("ops", "triton", False), ("fused", "triton", True))
 
 
@@ -202,7 +180,7 @@ def time_layers(arch: ArchConfig, dev: str) -> list[dict]:
             assert isinstance(ops, FusedOps) == (mode == "triton")
             backend = PagedBackend(storage, batch, "auto")
             fn = lambda: layer(x, res, ops, backend)  # noqa: E731
-            results[rows][f"{name}_ms"] = time_graph_ms(fn)
+            results[rows][f"{name}_ms"] = time_graph_ms(fn, calls=10, replays=10)
             results[rows][f"{name}_kernels"] = count_kernels(fn)
     for row in results.values():
         row["speedup"] = row["unfused_ms"] / row["fused_ms"]

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,14 +22,11 @@ from pathlib import Path
 
 import httpx
 
+from optimus.bench.server_process import free_port
+from optimus.engine.async_engine import EngineMetrics
+
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ServerProcess:
@@ -139,18 +135,6 @@ class ByteTokenizer:
         return turns + ("<assistant>" if add_generation_prompt else "")
 
 
-@dataclass(frozen=True)
-class FakeMetrics:
-    running: int = 0
-    waiting: int = 0
-    kv_usage: float = 0.0
-    steps: int = 0
-    tokens_computed: int = 0
-    tokens_committed: int = 0
-    chunk_size_counts: dict = field(default_factory=dict)
-    last_step_started: float | None = None
-
-
 class FakeEngine:
     """Emits ``max_tokens`` copies of 'a', one per ``token_delay`` s. Knobs: ``hang`` makes
     metrics report a step that started long ago; ``fail_after`` raises after that many outputs."""
@@ -207,9 +191,9 @@ class FakeEngine:
     def mark_dead(self, why: str) -> None:
         self.alive = False
 
-    def metrics(self) -> FakeMetrics:
+    def metrics(self) -> EngineMetrics:
         started = time.monotonic() - 3600 if self.hang else None
-        return FakeMetrics(running=len(self.live), last_step_started=started)
+        return EngineMetrics(running=len(self.live), last_step_started=started)
 
 
 # ---------------------------------------------------------------- harness

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 
+import numpy as np
 import torch
 
 from optimus.config import EngineConfig
@@ -168,12 +169,17 @@ class Engine:
 
     def _propose_and_commit(self, plan, hidden: torch.Tensor, wants) -> None:
         """Greedy requests share one batched LM-head pass; sampled or constrained ones go alone."""
-        fast = [w for w in wants if self._is_plain_greedy(plan.works[w.work_index].request)]
-        slow = [w for w in wants if w not in fast]
+        fast, slow = [], []
+        for w in wants:
+            (fast if self._is_plain_greedy(plan.works[w.work_index].request) else slow).append(w)
         h0 = time.perf_counter()
         if fast:
-            rows = torch.cat([torch.arange(w.offset, w.offset + len(w.positions)) for w in fast]).to(hidden.device)
-            tokens, conf = self.runner.greedy(hidden[rows])
+            if not slow:  # the common case: every logit row is greedy, no gather needed
+                rows = hidden
+            else:
+                index = np.concatenate([np.arange(w.offset, w.offset + len(w.positions)) for w in fast])
+                rows = hidden[torch.from_numpy(index).to(hidden.device)]
+            tokens, conf = self.runner.greedy(rows)
             h0 = time.perf_counter()
             i = 0
             for w in fast:
@@ -248,7 +254,6 @@ class Engine:
                 s.chunk_size_counts[c] += 1
                 s.committed_per_chunk[c] += w.request.last_committed
                 s.tokens_committed += w.request.last_committed
-        self._refresh_gauges()
 
     def _refresh_gauges(self) -> None:
         s = self.stats
