@@ -47,7 +47,7 @@ def make_geometry(spec: ModelSpec, block_size: int, prompt_len: int, max_tokens:
         prefill = prompt_len
     end = prompt_len + max_tokens
     canvas_end = origin + -(-(end - origin) // block_size) * block_size
-    return Geometry(block_size, origin, shift, causal, prefill, prompt_len, canvas_end)
+    return Geometry(block_size, origin, shift, prefill, prompt_len, canvas_end)
 
 
 class Engine:

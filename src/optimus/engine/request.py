@@ -47,7 +47,6 @@ class Geometry:
     block_size: int
     block_origin: int  # blocks start at origin + k * block_size
     shift: int  # 1 if row i predicts position i + 1
-    causal: bool  # rows are final when computed (AR models)
     prefill_len: int  # prompt rows stored by prefill
     canvas_start: int  # = prompt length
     canvas_end: int  # block-aligned end of the canvas (>= canvas_start + max_tokens)
@@ -70,7 +69,6 @@ class Request:
     committed: np.ndarray = field(default=None)  # [total] bool
     cache_len: int = 0
     pending_store: tuple[int, int] | None = None  # rows [a, b) to store next step
-    window: tuple[int, int] | None = None  # predicted positions of the last step's window
     chunk: int = 0  # chunk size of the current window
     last_committed: int = 0  # positions committed in the latest step (policy feedback)
     pages: list[int] = field(default_factory=list)
@@ -103,10 +101,6 @@ class Request:
     @property
     def is_done(self) -> bool:
         return self.state in (RequestState.FINISHED, RequestState.ABORTED)
-
-    @property
-    def total_len(self) -> int:
-        return len(self.tokens)
 
     # ---- window geometry ----------------------------------------------------------------
     def window_start(self) -> int:

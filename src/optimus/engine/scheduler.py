@@ -150,7 +150,7 @@ class Scheduler:
         if self.attention is AttentionKind.CAUSAL and self._ensure_pages(r, rows_hi, preempt=False):
             store_end = rows_hi  # causal rows are final as soon as they are computed
             groups = list(range(start, rows_hi))
-        r.window, r.chunk = window, window[1] - window[0]
+        r.chunk = window[1] - window[0]
         r.stats.chunk_history.append(r.chunk)
         return RequestWork(r, start, rows_hi, store_end, groups, window)
 
@@ -229,7 +229,7 @@ class Scheduler:
             self._recompute_len[r.request_id] = r.pending_store[1]
             r.pending_store = None
         self.allocator.free(r.pages)
-        r.pages, r.cache_len, r.window = [], 0, None
+        r.pages, r.cache_len = [], 0
         r.stats.preemptions += 1
         self.running.remove(r)
         r.transition(RequestState.WAITING)
