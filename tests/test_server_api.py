@@ -16,21 +16,22 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from optimus.testing import make_tiny_checkpoint
-from test_server_support import ServerProcess, serve_argv, sse_events
+from test_server_support import ServerProcess, harness_argv, sse_events
 
 API_KEY = "test-secret-key"
 MODEL = "tiny"
 PROMPT = "the quick brown fox"
-LONG = {"max_tokens": 230, "ignore_eos": True, "policy": "ar"}  # ~230 steps: seconds on CPU
+LONG = {"max_tokens": 230, "ignore_eos": True, "policy": "ar"}  # 230 steps: at least 0.7 s at STEP_DELAY
+STEP_DELAY = 0.003  # every engine step takes at least this long, however fast the machine
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     model = make_tiny_checkpoint(root / "sdar", "sdar")
-    argv = serve_argv(model, "--policy", "fixed:4", "--num-pages", "256", "--api-key", API_KEY,
-                      "--served-model-name", MODEL, "--max-n", "4", "--max-tokens-cap", "240",
-                      "--max-body-bytes", "65536", "--log-level", "warning")
+    argv = harness_argv(model, 0.0, "--policy", "fixed:4", "--num-pages", "256", "--api-key", API_KEY,
+                        "--served-model-name", MODEL, "--max-n", "4", "--max-tokens-cap", "240",
+                        "--max-body-bytes", "65536", "--log-level", "warning", step_delay=STEP_DELAY)
     with ServerProcess(argv, root / "server.log", api_key=API_KEY) as proc:
         proc.wait_healthy()
         yield proc

@@ -1,5 +1,6 @@
 """A real server process over the real engine through its life: health 503 while the model loads,
-an overload burst against a tiny queue, SIGTERM drain then abort, exit code 0."""
+an overload burst against a tiny queue, SIGTERM drain then abort, exit code 0; and the plain
+``optimus serve`` command from start to a clean exit."""
 
 from __future__ import annotations
 
@@ -11,11 +12,13 @@ import httpx
 import pytest
 
 from optimus.testing import make_tiny_checkpoint
-from test_server_support import ServerProcess, harness_argv, sse_events
+from test_server_support import ServerProcess, harness_argv, serve_argv, sse_events
 
 PROMPT = "the quick brown fox"
 STARTUP_DELAY = 2.0
 SHUTDOWN_TIMEOUT = 0.8
+# Every step takes at least this long, so the drain window below holds at most ~80 steps on any machine.
+STEP_DELAY = 0.01
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +26,8 @@ def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("lifecycle")
     model = make_tiny_checkpoint(root / "sdar", "sdar")
     argv = harness_argv(model, STARTUP_DELAY, "--policy", "fixed:4", "--num-pages", "128", "--max-running", "2",
-                        "--max-waiting", "8", "--shutdown-timeout", str(SHUTDOWN_TIMEOUT), "--log-level", "info")
+                        "--max-waiting", "8", "--shutdown-timeout", str(SHUTDOWN_TIMEOUT), "--log-level", "info",
+                        step_delay=STEP_DELAY)
     with ServerProcess(argv, root / "server.log") as proc:
         yield proc
     assert "Traceback" not in proc.log(), proc.log()
@@ -87,7 +91,7 @@ def test_sigterm_drains_then_aborts_and_exits_cleanly(server):
     out: dict = {}
     started = threading.Event()
     # 'short' needs 10 steps: it finishes inside the drain window. The seven long ones need ~230
-    # steps each through 2 running slots (~800 steps, seconds): the window cannot hold them.
+    # steps each through 2 running slots (~800 steps, over 8 s at STEP_DELAY): the window cannot hold them.
     threads = [threading.Thread(target=_stream, args=(server.url, _body(10, policy="ar"), out, "short", started))]
     threads += [threading.Thread(target=_stream, args=(server.url, _body(230, policy="ar"), out, f"long{i}"))
                 for i in range(7)]
@@ -117,3 +121,14 @@ def test_sigterm_drains_then_aborts_and_exits_cleanly(server):
     print("long requests finished with", reasons)
     assert "draining" in server.log()
 
+
+
+def test_optimus_serve_command_answers_and_exits_cleanly(tmp_path):
+    model = make_tiny_checkpoint(tmp_path / "sdar", "sdar")
+    with ServerProcess(serve_argv(model, "--policy", "fixed:4", "--num-pages", "64"), tmp_path / "serve.log") as server:
+        server.wait_healthy()
+        r = httpx.post(server.url + "/v1/completions", json=_body(6), timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 6, r.text
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(30) == 0, server.log()
+    assert "Traceback" not in server.log(), server.log()

@@ -2,9 +2,10 @@
 
 - ``ServerProcess``: a real ``optimus serve`` (or this file's harness) in a subprocess on a
   free port, with its log captured.
-- Harness (``python tests/test_server_support.py --startup-delay S [serve flags]``): the real
-  server over the real engine, whose ``start()`` first sleeps S seconds, so tests can watch
-  health answer 503 while the model "loads".
+- Harness (``python tests/test_server_support.py --startup-delay S --step-delay D [serve flags]``):
+  the real server over the real engine, whose ``start()`` first sleeps S seconds, so tests can
+  watch health answer 503 while the model "loads", and whose every step takes at least D seconds,
+  so how many steps fit in a time window does not depend on how fast the machine is.
 - ``FakeEngine``: an in-process stand-in following the AsyncEngine contract, for what a real
   engine cannot be made to do on demand (hang a step, fail mid-stream).
 """
@@ -92,8 +93,8 @@ def serve_argv(model_dir: Path, *flags: str) -> list[str]:
     return ["-m", "optimus.cli", "serve", "--model", str(model_dir), "--device", "cpu", *flags]
 
 
-def harness_argv(model_dir: Path, startup_delay: float, *flags: str) -> list[str]:
-    return [str(Path(__file__).resolve()), "--startup-delay", str(startup_delay),
+def harness_argv(model_dir: Path, startup_delay: float, *flags: str, step_delay: float = 0.0) -> list[str]:
+    return [str(Path(__file__).resolve()), "--startup-delay", str(startup_delay), "--step-delay", str(step_delay),
             "--model", str(model_dir), "--device", "cpu", *flags]
 
 
@@ -198,16 +199,26 @@ class FakeEngine:
 
 # ---------------------------------------------------------------- harness
 
-class _DelayedStart:
-    """Wraps an engine; ``start()`` sleeps first (the model takes that long to 'load')."""
+class _SlowedEngine:
+    """Wraps an AsyncEngine: ``start()`` sleeps ``startup_delay`` first (the model takes that long
+    to 'load'), then every engine step sleeps ``step_delay`` before it runs."""
 
-    def __init__(self, engine, delay: float) -> None:
+    def __init__(self, engine, startup_delay: float, step_delay: float) -> None:
         self._engine = engine
-        self._delay = delay
+        self._startup_delay = startup_delay
+        self._step_delay = step_delay
 
     async def start(self) -> None:
-        await asyncio.sleep(self._delay)
+        await asyncio.sleep(self._startup_delay)
         await self._engine.start()
+        if self._step_delay > 0:
+            inner, step = self._engine.engine, self._engine.engine.step
+
+            def slow_step():
+                time.sleep(self._step_delay)  # the engine loop runs steps in its own thread
+                return step()
+
+            inner.step = slow_step
 
     def __getattr__(self, name):
         return getattr(self._engine, name)
@@ -224,9 +235,10 @@ def _harness_main(argv: list[str]) -> int:
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--startup-delay", type=float, default=0.0)
+    parser.add_argument("--step-delay", type=float, default=0.0)
     add_arguments(parser)
     args = parser.parse_args(argv)
-    engine = _DelayedStart(AsyncEngine(config_from_args(EngineConfig, args)), args.startup_delay)
+    engine = _SlowedEngine(AsyncEngine(config_from_args(EngineConfig, args)), args.startup_delay, args.step_delay)
     return run_server(engine, config_from_args(ServerConfig, args), log_level=args.log_level)
 
 
