@@ -238,6 +238,19 @@ def test_tasks_dataset_asks_heldout_task_questions():
     assert len({r.prompt for r in reqs}) > len(TASKS)  # varied questions, not one per task
 
 
+def test_mixed_dataset_is_half_prose_half_chat_rendered_tasks(tmp_path):
+    class ChatChars(CharTokenizer):
+        def apply_chat_template(self, messages):
+            return f"<user>{messages[0]['content']}<assistant>"
+
+    reqs = sample_requests(DatasetSpec("mixed", 9, input_len=30, output_len=6, text_dir=str(tmp_path)), ChatChars())
+    chats = [r for r in reqs if r.prompt.startswith("<user>") and r.prompt.endswith("<assistant>")]
+    assert len(reqs) == 9 and len(chats) == 4 and all(r.expected_output_len == 6 for r in reqs)
+    assert all(any(r.prompt in line for line in BUILTIN_LINES) for r in reqs if r not in chats)
+    with pytest.raises(ValueError, match="chat template"):
+        sample_requests(DatasetSpec("mixed", 4, text_dir=str(tmp_path)), CharTokenizer())
+
+
 # ---- prometheus -----------------------------------------------------------------------------
 def test_prometheus_parse_and_dllm_summary():
     before = parse_prometheus('optimus_engine_steps_total 10.0\noptimus_tokens_committed_total 20\n'

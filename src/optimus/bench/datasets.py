@@ -12,6 +12,9 @@ the output length to ask for).
 - ``tasks``: held-out questions of the project's checkable chat tasks
   (:mod:`optimus.evaluation.tasks`, the default model's instruction data), round-robin over the
   tasks; meant for ``--endpoint /v1/chat/completions``.
+- ``mixed``: half ``text`` passages, half ``tasks`` questions already rendered with the
+  tokenizer's chat template, shuffled, for ``/v1/completions``: a load in which some requests
+  are confident answers and others hesitant prose (what per-request chunk sizes are for).
 """
 
 from __future__ import annotations
@@ -19,11 +22,11 @@ from __future__ import annotations
 import argparse
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator, Protocol, Sequence
 
-DATASETS = ("random", "sharegpt-like", "text", "tasks")
+DATASETS = ("random", "sharegpt-like", "text", "tasks", "mixed")
 
 # Means published for ShareGPT (vLLM paper, fig. 11); sigmas are our choice of spread
 # (log-space standard deviation), giving medians of about 0.6x (input) and 0.7x (output) the mean.
@@ -98,6 +101,8 @@ def sample_requests(spec: DatasetSpec, tokenizer: TokenCounter) -> list[SampleRe
                 for _ in range(spec.num_prompts)]
     if spec.name == "tasks":
         return _task_requests(spec, tokenizer, rng)
+    if spec.name == "mixed":
+        return _mixed_requests(spec, tokenizer, rng)
     return _text_requests(spec, tokenizer, rng)
 
 
@@ -150,6 +155,18 @@ def _task_requests(spec: DatasetSpec, tok: TokenCounter, rng: random.Random) -> 
     names = sorted(TASKS)
     questions = [TASKS[names[i % len(names)]].sample(rng, "heldout").question for i in range(spec.num_prompts)]
     return [SampleRequest(q, len(tok.encode(q)), spec.output_len) for q in questions]
+
+
+def _mixed_requests(spec: DatasetSpec, tok: TokenCounter, rng: random.Random) -> list[SampleRequest]:
+    if not hasattr(tok, "apply_chat_template"):
+        raise ValueError("the mixed dataset renders task questions with a chat template: "
+                         "the tokenizer has none")
+    text = _text_requests(replace(spec, num_prompts=(spec.num_prompts + 1) // 2), tok, rng)
+    tasks = _task_requests(replace(spec, num_prompts=spec.num_prompts - len(text)), tok, rng)
+    chats = [tok.apply_chat_template([{"role": "user", "content": r.prompt}]) for r in tasks]
+    out = text + [SampleRequest(p, len(tok.encode(p)), spec.output_len) for p in chats]
+    rng.shuffle(out)
+    return out
 
 
 def _documents(text_dir: Path) -> Iterator[str]:

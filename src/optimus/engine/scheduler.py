@@ -238,7 +238,7 @@ class Scheduler:
     # ---- after the forward pass --------------------------------------------------------
     def complete_step(self, plan: StepPlan, latency_s: float) -> None:
         """Advance cache cursors and hand the policy its feedback."""
-        chunk_sizes, committed = [], []
+        chunk_sizes, committed, ids = [], [], []
         for w in plan.works:
             r = w.request
             if r.is_done:
@@ -252,7 +252,9 @@ class Scheduler:
                 continue
             chunk_sizes.append(w.window[1] - w.window[0])
             committed.append(r.last_committed)
+            ids.append(r.request_id)
             if r.window_finished(w.window) and w.store_end < w.end:
                 r.pending_store = (r.cache_len, w.window[1] - r.geometry.shift)
         if chunk_sizes:
-            self.policy.observe(StepFeedback(plan.num_tokens, latency_s, tuple(chunk_sizes), tuple(committed)))
+            self.policy.observe(StepFeedback(plan.num_tokens, latency_s, tuple(chunk_sizes), tuple(committed),
+                                             tuple(ids)))

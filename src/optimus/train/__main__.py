@@ -58,7 +58,8 @@ def _fit(args) -> None:
                       train_seconds=args.seconds, device=args.device, compile=not args.no_compile,
                       attention=args.attention, log_every=args.log_every, val_every=args.val_every,
                       text_fraction=args.text_fraction, chunk_mix=args.chunk_mix,
-                      max_shard_bytes=args.shard_mb * 2**20 if args.shard_mb else None)
+                      max_shard_bytes=args.shard_mb * 2**20 if args.shard_mb else None,
+                      init_dir=Path(args.init) if args.init else None)
     trainer, summary = _train_with_fallback(cfg)
     summary["heldout_text_loss"] = trainer.heldout_loss("text_val")
     summary["params"] = sum(p.numel() for p in trainer.model.parameters())
@@ -91,6 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     f.add_argument("--text-fraction", type=float, default=0.3)
     f.add_argument("--chunk-mix", type=float, default=0.0,
                    help="share of blocks trained as decoding chunks (robust chunked decoding)")
+    f.add_argument("--init", default=None, help="fine-tune: start from this HF directory's weights")
     f.add_argument("--shard-mb", type=int, default=0, help="split weights into shards of this size")
     for q in (p, f):
         q.add_argument("--vocab-size", type=int, default=8192)

@@ -90,6 +90,24 @@ def save_weights(state: dict[str, torch.Tensor], out_dir: Path, max_shard_bytes:
     return names
 
 
+def load_weights(model: DecoderLM, src_dir: Path) -> None:
+    """Copy an HF directory's weights (this module's layout, one file or shards) into ``model``;
+    every parameter must be present with its shape (a tied head is re-tied, not read)."""
+    state: dict[str, torch.Tensor] = {}
+    for path in sorted(Path(src_dir).glob("model*.safetensors")):
+        state.update(load_file(str(path)))
+    expected = bf16_state(model)
+    if set(state) != set(expected):
+        raise ValueError(f"{src_dir}: tensors differ from the model: missing {sorted(set(expected) - set(state))}, "
+                         f"unexpected {sorted(set(state) - set(expected))}")
+    with torch.no_grad():
+        params = dict(model.named_parameters()) | dict(model.named_buffers())
+        for name, t in state.items():
+            if params[name].shape != t.shape:
+                raise ValueError(f"{src_dir}: {name} has shape {tuple(t.shape)}, the model {tuple(params[name].shape)}")
+            params[name].copy_(t)
+
+
 def merge_shards(src_dir: Path, out_dir: Path) -> None:
     state: dict[str, torch.Tensor] = {}
     for path in sorted(src_dir.glob("model-*.safetensors")):

@@ -42,6 +42,7 @@ class TrainConfig:
     compile: bool = True
     attention: str = "flex"  # "flex" (GPU) or "mask" (dense SDPA)
     max_shard_bytes: int | None = None
+    init_dir: Path | None = None  # start from this HF directory's weights (fine-tuning) instead of random
 
 
 class RowSampler:
@@ -93,7 +94,10 @@ class Trainer:
         assert meta["vocab_size"] <= cfg.shape.vocab_size
         torch.manual_seed(cfg.seed)
         self.model = checkpoint.build_model(self.hf_config)
-        init_weights(self.model, cfg.shape.num_layers)
+        if cfg.init_dir is None:
+            init_weights(self.model, cfg.shape.num_layers)
+        else:
+            checkpoint.load_weights(self.model, cfg.init_dir)
         self.model.to(self.device)
         self.mask_id, self.block = self.hf_config["mask_token_id"], cfg.shape.block_size
         self.sampler = RowSampler(cfg, self.device)
@@ -114,7 +118,8 @@ class Trainer:
         b, l = batch.clean.shape
         ids = torch.cat([batch.noisy, batch.clean], dim=1)  # [B, 2L]
         pos = torch.arange(l, device=ids.device).repeat(2).expand(b, 2 * l)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+        # bf16 autocast on CPU too: its bf16 matmuls run ~2.8x the fp32 rate on AVX512-BF16 cores.
+        with torch.autocast(self.device.type, dtype=torch.bfloat16):
             hidden = self.model(ids.reshape(-1), pos.reshape(-1), backend).view(b, 2 * l, -1)
             return self.model.logits(hidden[:, :l])
 

@@ -29,6 +29,7 @@ class StepFeedback:
     latency_s: float  # measured wall time of the step
     chunk_sizes: tuple[int, ...]  # per decoding request, the chunk size it ran
     committed: tuple[int, ...]  # per decoding request, positions committed this step
+    request_ids: tuple[str, ...]  # per decoding request, its id (same order)
 
 
 class ChunkPolicy(Protocol):

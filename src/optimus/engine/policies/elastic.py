@@ -14,6 +14,11 @@ the step runs for others (prefill pieces, pinned requests), measured per committ
 because every answer token brings its share of prompt to prefill. Allocation is greedy by
 marginal efficiency on each request's concave ladder of sizes; requests are ranked oldest
 first, so a plan maps to the same requests step after step.
+
+Requests differ: a confident answer commits most of a large chunk at once, prose continued by
+a small model barely more than one token whatever the chunk. Each request therefore plans on
+its own curve ``1 + r (tau(C) - 1)``, ``r`` measured from its own commits
+(:class:`RequestConfidence`), so one step can run some requests at 1 and others at 32.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import numpy as np
 
 from optimus.engine.latency import LatencyProfile
 from optimus.engine.policies.base import RequestView, StepFeedback, StepView, override_chunk
-from optimus.engine.policies.estimators import LatencyCorrector, TauEstimator, TokenLoad
+from optimus.engine.policies.estimators import LatencyCorrector, RequestConfidence, TauEstimator, TokenLoad
 
 DEFAULT_CHUNK_SIZES = (1, 2, 4, 8, 16, 32, 64)
 DEFAULT_KNEE = 256  # tokens; used only without a profile, until corrected online
@@ -54,8 +59,9 @@ class _Ladder:
     variances: np.ndarray  # [L] variance of the request's rows per step (store lumps)
 
 
-def _ladder(cap: int, chunk_sizes: tuple[int, ...], tau: TauEstimator, rows_per_commit: float,
+def _ladder(cap: int, chunk_sizes: tuple[int, ...], tau, rows_per_commit: float,
             store_cost: bool) -> _Ladder:
+    """``tau``: sizes [K] -> expected commits per step [K] (the request's own curve)."""
     sizes = np.array(sorted({c for c in chunk_sizes if c <= cap} | {1, cap}), dtype=float)
     taus = tau(sizes)
     costs = sizes + rows_per_commit * taus
@@ -103,13 +109,16 @@ class _Rungs:
     actual: np.ndarray  # [U+1] cumulative chunk positions after clipping to max_chunk
 
 
-def _rungs(requests: list[RequestView], ladders: dict[int, _Ladder], caps: list[int]) -> _Rungs:
-    caps_a = np.array(caps)
+def _rungs(requests: list[RequestView], ladders: dict, keys: list) -> _Rungs:
+    """``keys[i]``: the key in ``ladders`` of request i's ladder."""
+    groups: dict = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(key, []).append(i)
     max_chunk = np.array([r.max_chunk for r in requests], dtype=float)
     parts: list[tuple[np.ndarray, ...]] = []
-    for cap, lad in ladders.items():
-        idx = np.nonzero(caps_a == cap)[0]  # [G] requests sharing this ladder
-        if len(lad.sizes) < 2 or len(idx) == 0:
+    for key, members in groups.items():
+        lad, idx = ladders[key], np.array(members)  # [G] requests sharing this ladder
+        if len(lad.sizes) < 2:
             continue
         rungs = len(lad.sizes) - 1
         clipped = np.minimum(lad.sizes[None, :], max_chunk[idx, None])  # [G, L]
@@ -134,12 +143,13 @@ class ElasticPolicy:
     """Saturation-aware chunk sizes. ``profile``: the device's latency curve (None: a generic
     knee at DEFAULT_KNEE tokens scaled by the first measured step, corrected online);
     ``tau_prior``: expected commits per step by chunk size; ``hysteresis``: a new plan must
-    beat the current one by this predicted fraction before it replaces it."""
+    beat the current one by this predicted fraction before it replaces it; ``per_request``:
+    plan each request on its own measured confidence (False: everyone on the shared curve)."""
 
     def __init__(self, profile: LatencyProfile | None = None, tau_prior: dict[int, float] | None = None,
                  chunk_sizes: tuple[int, ...] = DEFAULT_CHUNK_SIZES, hysteresis: float = 0.02,
                  tau_decay: float = 0.98, load_rate: float = 0.05,
-                 store_cost: bool = True, name: str = "elastic") -> None:
+                 store_cost: bool = True, per_request: bool = True, name: str = "elastic") -> None:
         if not chunk_sizes or min(chunk_sizes) < 1:
             raise ValueError("elastic policy needs chunk sizes >= 1")
         if hysteresis < 0:
@@ -153,15 +163,20 @@ class ElasticPolicy:
         self.tau = TauEstimator(self.chunk_sizes, tau_prior, decay=tau_decay)
         self.correction = LatencyCorrector(self.profile.knee)
         self.load = TokenLoad(rate=load_rate)
+        self.confidence = RequestConfidence() if per_request else None
         self.target: int | None = None  # hysteresis state: planned positions of the elastic requests
         self.retargets = 0
         self.last_plan: Plan | None = None
-        self._last: np.ndarray | None = None  # all sizes chosen in the latest step
+        self._last: tuple[np.ndarray, np.ndarray] | None = None  # latest step: (sizes, confidence levels)
 
     # ---- the model the decision reads ----------------------------------------------------
-    def _rows(self, sizes: np.ndarray) -> np.ndarray:
+    def _tau(self, sizes: np.ndarray, levels: np.ndarray | float = 1.0) -> np.ndarray:
+        """Expected commits per step at ``sizes`` of requests at confidence ``levels``."""
+        return np.clip(1.0 + levels * (self.tau(sizes) - 1.0), 1.0, np.maximum(sizes, 1.0))
+
+    def _rows(self, sizes: np.ndarray, levels: np.ndarray | float = 1.0) -> np.ndarray:
         """Rows per step a request at each size runs itself: its chunk and its store."""
-        return sizes + (self.tau(sizes) if self.store_cost else 0.0)
+        return sizes + (self._tau(sizes, levels) if self.store_cost else 0.0)
 
     def _cost(self, sizes: np.ndarray) -> np.ndarray:
         """... plus its share of the load that comes with each committed token (prefill)."""
@@ -170,8 +185,11 @@ class ElasticPolicy:
     def _rows_per_commit(self) -> float:
         return (1.0 if self.store_cost else 0.0) + self.load.per_commit
 
-    def _variance(self, sizes: np.ndarray) -> np.ndarray:
-        return store_variance(sizes, self.tau(sizes)) if self.store_cost else np.zeros_like(sizes)
+    def _variance(self, sizes: np.ndarray, levels: np.ndarray | float = 1.0) -> np.ndarray:
+        return store_variance(sizes, self._tau(sizes, levels)) if self.store_cost else np.zeros_like(sizes)
+
+    def _level(self, request: RequestView) -> float:
+        return 1.0 if self.confidence is None else self.confidence.level(request.request_id)
 
     def predict_latency(self, tokens: np.ndarray, batch: int) -> np.ndarray:
         """Corrected latency curve at step token counts ``tokens`` [K]."""
@@ -179,18 +197,28 @@ class ElasticPolicy:
 
     # ---- ChunkPolicy ---------------------------------------------------------------------
     def choose(self, view: StepView) -> list[int]:
+        if self.confidence is not None:
+            self.confidence.retain(r.request_id for r in view.requests)
         out = [override_chunk(r) for r in view.requests]
+        levels = [1.0 if c is not None else self._level(r) for c, r in zip(out, view.requests)]
         elastic = [i for i, c in enumerate(out) if c is None]
         pinned = np.array([c for c in out if c is not None], dtype=float)
         if elastic:
-            requests = [view.requests[i] for i in elastic]
-            for i, c in zip(elastic, self._allocate(requests, view, pinned)):
+            for i, c in zip(elastic, self._allocate(view, elastic, [levels[i] for i in elastic], pinned)):
                 out[i] = c
-        self._last = np.array(out, dtype=float)
+        self._last = np.array(out, dtype=float), np.array(levels)
         return out
 
     def observe(self, feedback: StepFeedback) -> None:
-        self.tau.observe(feedback.chunk_sizes, feedback.committed)
+        if self.confidence is None:
+            self.tau.observe(feedback.chunk_sizes, feedback.committed)
+        else:
+            sizes = np.array(feedback.chunk_sizes, dtype=float)
+            levels = np.array([self.confidence.level(rid) for rid in feedback.request_ids])
+            self.confidence.observe(feedback.request_ids, feedback.chunk_sizes, feedback.committed, self.tau(sizes))
+            # Rescaled to the shared curve, weighted by level (TauEstimator): parked requests add nothing.
+            excess = np.array(feedback.committed, dtype=float) - 1.0
+            self.tau.observe(feedback.chunk_sizes, 1.0 + excess / np.maximum(levels, 1e-9), levels)
         if feedback.latency_s > 0 and feedback.num_tokens > 0:
             batch = max(len(feedback.chunk_sizes), 1)
             if self._rescale:
@@ -199,17 +227,21 @@ class ElasticPolicy:
                 self._rescale = False
             self.correction.observe(self.profile.predict_many, feedback.num_tokens, batch, feedback.latency_s)
         if self._last is not None:  # this step's own choice (consumed: never reused stale)
-            self.load.observe(feedback.num_tokens, float(np.sum(self._rows(self._last))),
-                              float(np.sum(self._variance(self._last))), sum(feedback.committed))
+            sizes, levels = self._last
+            self.load.observe(feedback.num_tokens, float(np.sum(self._rows(sizes, levels))),
+                              float(np.sum(self._variance(sizes, levels))), sum(feedback.committed))
             self._last = None
 
     # ---- the control law -----------------------------------------------------------------
-    def _allocate(self, requests: list[RequestView], view: StepView, pinned: np.ndarray) -> list[int]:
+    def _allocate(self, view: StepView, elastic: list[int], levels: list[float], pinned: np.ndarray) -> list[int]:
+        requests = [view.requests[i] for i in elastic]
         top = max(self.chunk_sizes)
-        caps = [max(1, min(r.block_size, top)) for r in requests]  # planning caps ignore block ends
+        # Planning caps ignore block ends; one ladder per (cap, confidence level).
+        keys = [(max(1, min(r.block_size, top)), level) for r, level in zip(requests, levels)]
         per_commit = self._rows_per_commit()
-        ladders = {c: _ladder(c, self.chunk_sizes, self.tau, per_commit, self.store_cost) for c in set(caps)}
-        rungs = _rungs(requests, ladders, caps)
+        ladders = {key: _ladder(key[0], self.chunk_sizes, lambda c, lv=key[1]: self._tau(c, lv), per_commit,
+                                self.store_cost) for key in set(keys)}
+        rungs = _rungs(requests, ladders, keys)
         n = len(requests)
         one = np.ones(1)
         base_gain = n * float(self.tau(one)[0]) + float(np.sum(self.tau(pinned)))

@@ -5,6 +5,7 @@
 - :class:`LatencyCorrector`: a scale and a token-axis stretch of the profiled curve, learned
   from measured step latencies.
 - :class:`TokenLoad`: the step tokens the policy does not size (mean and unexplained spread).
+- :class:`RequestConfidence`: how each request's own commits compare with the shared ``tau``.
 
 Both move by bounded amounts per step; that is what lets the controller's decisions settle.
 """
@@ -26,41 +27,55 @@ def default_tau_prior(c: int) -> float:
 
 
 class TauEstimator:
-    """Per chunk size ``C``: ``S = g*S + sum(committed)``, ``W = g*W + count`` once per step in
-    which ``C`` ran (``g = decay``); the prior enters as ``prior_weight`` pseudo-observations.
-    Sizes that do not run keep their estimate (no drift without evidence)."""
+    """Per chunk size ``C``: a decayed weighted mean of commits per step. A step in which ``C``
+    ran does ``S = g*S + sum(w*k)``, ``W = g*W + sum(w)`` (``g = decay``); the prior enters as
+    ``prior_weight`` permanent pseudo-observations. A size that does not run keeps its
+    estimate in the short run, but its evidence fades by ``idle_decay`` per step, so a curve
+    that once collapsed (say to 1 under a burst of hesitant requests) returns to the prior
+    over a few hundred steps and large chunks get tried again.
+
+    Observations are a request's commits rescaled to the shared curve (``1 + (k - 1) / L``,
+    weight ``L``, for a request at confidence ``L``; see :class:`RequestConfidence`): the
+    weighted mean is then ``1 + sum(k - 1) / sum(L)``, the rank-one factor model in which
+    hesitant requests barely move the curve the confident ones define."""
 
     def __init__(self, sizes: tuple[int, ...], prior: dict[int, float] | None = None,
-                 prior_weight: float = 8.0, decay: float = 0.98) -> None:
-        if not 0.0 < decay <= 1.0 or prior_weight <= 0:
-            raise ValueError("tau estimator needs decay in (0, 1] and prior_weight > 0")
-        self.decay = decay
+                 prior_weight: float = 8.0, decay: float = 0.98, idle_decay: float = 0.998) -> None:
+        if not 0.0 < decay <= 1.0 or not 0.0 < idle_decay <= 1.0 or prior_weight <= 0:
+            raise ValueError("tau estimator needs decay and idle_decay in (0, 1] and prior_weight > 0")
+        self.decay, self.idle_decay = decay, idle_decay
         prior = dict(prior) if prior else {c: default_tau_prior(c) for c in sizes}
         prior.setdefault(1, 1.0)
-        self._sum = {int(c): prior_weight * float(t) for c, t in prior.items()}
-        self._weight = {int(c): prior_weight for c in prior}
+        self._prior = {int(c): (prior_weight * float(t), prior_weight) for c, t in prior.items()}
+        self._data = {c: (0.0, 0.0) for c in self._prior}  # size -> (S, W) of observations
         self._table: tuple[np.ndarray, np.ndarray] | None = None
 
-    def observe(self, chunk_sizes: tuple[int, ...], committed: tuple[int, ...]) -> None:
-        step: dict[int, list[int]] = {}
-        for c, k in zip(chunk_sizes, committed):
-            if c >= 1:
-                step.setdefault(int(c), []).append(min(int(k), int(c)))
-        for c, ks in step.items():
-            self._sum[c] = self.decay * self._sum.get(c, 0.0) + sum(ks)
-            self._weight[c] = self.decay * self._weight.get(c, 0.0) + len(ks)
-        if step:
-            self._table = None
+    def observe(self, chunk_sizes, committed, weights=None) -> None:
+        """``committed``: commits per request (floats allowed); ``weights``: per request (default 1)."""
+        weights = weights if weights is not None else [1.0] * len(chunk_sizes)
+        step: dict[int, tuple[float, float]] = {}
+        for c, k, w in zip(chunk_sizes, committed, weights):
+            if c >= 1 and w > 0:
+                s, n = step.get(int(c), (0.0, 0.0))
+                step[int(c)] = (s + w * min(float(k), float(c)), n + w)
+        for c in set(self._data) | set(step):
+            s, n = self._data.get(c, (0.0, 0.0))
+            if c in step:
+                self._data[c] = (self.decay * s + step[c][0], self.decay * n + step[c][1])
+            elif n > 0:
+                self._data[c] = (self.idle_decay * s, self.idle_decay * n)
+        self._table = None
 
     @property
     def table(self) -> tuple[np.ndarray, np.ndarray]:
         """Sizes [K] ascending and their monotone estimates [K], each in [1, size]."""
         if self._table is None:
-            sizes = np.array(sorted(self._sum), dtype=float)
-            means = np.array([self._sum[int(c)] / self._weight[int(c)] for c in sizes])
-            weights = np.array([self._weight[int(c)] for c in sizes])
+            sizes = np.array(sorted(self._data), dtype=float)
+            sums = np.array([self._prior.get(int(c), (0.0, 0.0))[0] + self._data[int(c)][0] for c in sizes])
+            weights = np.array([self._prior.get(int(c), (0.0, 0.0))[1] + self._data[int(c)][1] for c in sizes])
+            means = np.where(weights > 0, sums / np.maximum(weights, 1e-12), 1.0)
             # A pooled value never exceeds the smallest size of its pool, so [1, C] still holds.
-            self._table = sizes, _isotonic(np.clip(means, 1.0, sizes), weights)
+            self._table = sizes, _isotonic(np.clip(means, 1.0, sizes), np.maximum(weights, 1e-12))
         return self._table
 
     def __call__(self, c: np.ndarray | int) -> np.ndarray:
@@ -215,3 +230,60 @@ class TokenLoad:
         self._commits += self.rate * (committed - self._commits)
         self._var += self.rate * (residual * residual - self._var)
         self._model_var += self.rate * (own_var - self._model_var)
+
+
+CONFIDENCE_LEVELS = tuple(2.0 ** k for k in range(-8, 3))  # 1/256 ... 4, factors of two
+
+
+class RequestConfidence:
+    """Per request, ``r = (w0 + S) / (w0 + E)``: ``S`` its decayed excess commits
+    (``committed - 1``) and ``E`` the excess the shared estimate expected (``tau(C) - 1``), over
+    its steps with ``C > 1`` (a chunk of one always commits one: no evidence). The request plans
+    on its own curve ``1 + L (tau(C) - 1)``, ``L`` one of :data:`CONFIDENCE_LEVELS` (so the
+    planner builds one ladder per level), starting at 1 (the shared curve).
+
+    ``L`` moves only when ``r`` leaves ``[L / band, L * band]``, to the level nearest ``r`` on
+    a log scale: a Schmitt trigger per request, so the commit noise of a homogeneous population
+    does not move anyone. No level is 0: prose that commits 1.05 tokens per step at C = 32
+    still gains its 5% from a large chunk when the step is free anyway (low load).
+
+    Every step of the request decays ``S`` and ``E`` (by ``decay``) whether or not it brings
+    evidence, so a request parked at ``C = 1`` drifts back toward ``r = 1`` and retries a
+    larger chunk now and then (tens of steps apart): text that turns confident is found again.
+    Entries of requests that leave are dropped."""
+
+    def __init__(self, prior_weight: float = 4.0, decay: float = 0.95, band: float = 2.0) -> None:
+        if prior_weight <= 0 or not 0.0 < decay <= 1.0 or band <= 1.0:
+            raise ValueError("request confidence needs prior_weight > 0, decay in (0, 1] and band > 1")
+        self.prior_weight, self.decay, self.band = prior_weight, decay, band
+        self._excess: dict[str, tuple[float, float]] = {}  # request -> (S, E)
+        self._level: dict[str, float] = {}
+
+    def observe(self, request_ids: tuple[str, ...], chunk_sizes: tuple[int, ...], committed: tuple[int, ...],
+                expected: np.ndarray) -> None:
+        """``expected``: the shared ``tau`` at each request's chunk size (same order)."""
+        for rid, c, k, t in zip(request_ids, chunk_sizes, committed, expected):
+            s, e = self._excess.get(rid, (0.0, 0.0))
+            s, e = self.decay * s, self.decay * e
+            if c > 1:
+                s, e = s + min(k, c) - 1, e + max(float(t) - 1.0, 0.0)
+            self._excess[rid] = (s, e)
+            self._level[rid] = self._move(self._level.get(rid, 1.0), self.ratio(rid))
+
+    def ratio(self, request_id: str) -> float:
+        s, e = self._excess.get(request_id, (0.0, 0.0))
+        return (self.prior_weight + s) / (self.prior_weight + e)
+
+    def level(self, request_id: str) -> float:
+        return self._level.get(request_id, 1.0)
+
+    def _move(self, level: float, r: float) -> float:
+        if level / self.band <= r <= level * self.band:
+            return level
+        return min(CONFIDENCE_LEVELS, key=lambda v: abs(math.log(v / r)))
+
+    def retain(self, request_ids) -> None:
+        """Forget every request not in ``request_ids`` (they finished or left)."""
+        keep = set(request_ids)
+        self._excess = {rid: v for rid, v in self._excess.items() if rid in keep}
+        self._level = {rid: v for rid, v in self._level.items() if rid in keep}

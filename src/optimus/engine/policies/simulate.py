@@ -6,7 +6,9 @@ position in the next step. A chunk runs to completion at the size it started wit
 is still asked every step, as the engine asks it). Load is held constant: a finished request is
 replaced at once by a new one, appended last (the engine's admission order).
 
-The commit model reproduces a table ``tau(C)`` exactly in expectation: a chunk of ``C``
+Each request draws its commit table from the given tables (one table: a homogeneous
+population; several: a mix, e.g. confident answers and hesitant prose). The commit model
+reproduces a table ``tau(C)`` exactly in expectation: a chunk of ``C``
 positions takes ``C / tau(C)`` steps on average (rounded up or down at random), and its
 commits are split at random among those steps, at least one per step.
 """
@@ -76,6 +78,7 @@ class _SimRequest:
     last_chunk: int = 0
     pending_store: int = 0  # rows of the chunk finished last step, stored this step
     prefill: int = 0  # prompt tokens still to prefill (one piece, before decoding)
+    tau: "TauTable | None" = None  # this request's commit table
 
     def max_chunk(self) -> int:
         block_end = (self.pos // self.block + 1) * self.block
@@ -147,9 +150,12 @@ class SimResult:
 
 
 class Simulator:
-    def __init__(self, policy: ChunkPolicy, config: SimConfig, tau: TauTable, device: KneeDevice) -> None:
-        self.policy, self.config, self.tau, self.device = policy, config, tau, device
+    def __init__(self, policy: ChunkPolicy, config: SimConfig, tau: TauTable | tuple[TauTable, ...],
+                 device: KneeDevice) -> None:
+        self.policy, self.config, self.device = policy, config, device
+        self.tables = tau if isinstance(tau, tuple) else (tau,)
         self.rng = random.Random(config.seed)
+        self.table_rng = random.Random(f"tables-{config.seed}")
         self._ids = itertools.count()
         blocks = max(1, config.gen_len // config.block_size)
         # Staggered start (random block offsets) so requests do not finish in lockstep.
@@ -159,7 +165,11 @@ class Simulator:
     def _new(self, pos: int = 0, prefill: bool = True) -> _SimRequest:
         c = self.config
         return _SimRequest(f"r{next(self._ids)}", c.gen_len, c.block_size, pos=pos,
-                           prefill=c.prompt_len if prefill else 0)
+                           prefill=c.prompt_len if prefill else 0, tau=self._table())
+
+    def _table(self) -> TauTable:
+        # Its own stream: every policy meets the same sequence of request kinds.
+        return self.tables[0] if len(self.tables) == 1 else self.table_rng.choice(self.tables)
 
     def step(self, record: list | None) -> tuple[int, float, int]:
         """One step; returns (tokens, seconds, committed)."""
@@ -175,14 +185,15 @@ class Simulator:
                 r.chunk = max(1, min(int(c), cap))
                 if record is not None:
                     record.append(ChunkChoice(r.request_id, r.chunk, cap, r.pos % r.block == 0))
-                r.schedule = self.tau.schedule(r.chunk, self.rng)
+                r.schedule = r.tau.schedule(r.chunk, self.rng)
             tokens += r.chunk
         seconds = self.device.step_seconds(tokens, self.rng)
         sizes = tuple(r.chunk for r in decoding)
         committed = [self._advance(r) for r in decoding]
         for r in self.requests:
             r.prefill = 0  # one piece per prompt: it decodes from the next step on
-        self.policy.observe(StepFeedback(tokens, seconds, sizes, tuple(committed)))
+        self.policy.observe(StepFeedback(tokens, seconds, sizes, tuple(committed),
+                                         tuple(r.request_id for r in decoding)))
         self.requests = [r for r in self.requests if r.pos < r.gen_len]
         self.requests += [self._new() for _ in range(self.config.num_requests - len(self.requests))]
         return tokens, seconds, sum(committed)
@@ -206,7 +217,7 @@ class Simulator:
         return SimResult(int(totals[2]), float(totals[1]), c.steps, float(totals[0]) / c.steps, tuple(record))
 
 
-def simulate(policy: ChunkPolicy, config: SimConfig, tau: TauTable | None = None,
+def simulate(policy: ChunkPolicy, config: SimConfig, tau: TauTable | tuple[TauTable, ...] | None = None,
              device: KneeDevice | None = None) -> SimResult:
     return Simulator(policy, config, tau or TauTable(CONCAVE_TAU), device or KneeDevice()).run()
 
