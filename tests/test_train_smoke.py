@@ -118,6 +118,14 @@ def test_prepare_fit_and_load(tmp_path):
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["model_type"] == "sdar" and cfg["block_size"] == 32
     _assert_loads(out)
+    # Fine-tuning starts from those weights exactly (zero steps: the written weights are the input's).
+    tuned = tmp_path / "tuned"
+    main(["fit", "--data", str(data), "--out", str(tuned), "--init", str(out), "--preset", "tiny",
+          "--vocab-size", "400", "--seq-len", "128", "--batch-size", "4", "--steps", "0", "--device", "cpu",
+          "--no-compile", "--attention", "mask"])
+    from safetensors.torch import load_file
+    before, after = load_file(str(out / "model.safetensors")), load_file(str(tuned / "model.safetensors"))
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
 def _assert_loads(path):

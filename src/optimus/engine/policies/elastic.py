@@ -17,7 +17,7 @@ first, so a plan maps to the same requests step after step.
 
 Requests differ: a confident answer commits most of a large chunk at once, prose continued by
 a small model barely more than one token whatever the chunk. Each request therefore plans on
-its own curve ``1 + r (tau(C) - 1)``, ``r`` measured from its own commits
+its own curve ``1 + L (tau(C) - 1)``, its level ``L`` measured from its own commits
 (:class:`RequestConfidence`), so one step can run some requests at 1 and others at 32.
 """
 
@@ -216,7 +216,7 @@ class ElasticPolicy:
             sizes = np.array(feedback.chunk_sizes, dtype=float)
             levels = np.array([self.confidence.level(rid) for rid in feedback.request_ids])
             self.confidence.observe(feedback.request_ids, feedback.chunk_sizes, feedback.committed, self.tau(sizes))
-            # Rescaled to the shared curve, weighted by level (TauEstimator): parked requests add nothing.
+            # Rescaled to the shared curve, weighted by level (TauEstimator): hesitant requests weigh little.
             excess = np.array(feedback.committed, dtype=float) - 1.0
             self.tau.observe(feedback.chunk_sizes, 1.0 + excess / np.maximum(levels, 1e-9), levels)
         if feedback.latency_s > 0 and feedback.num_tokens > 0:
