@@ -3,7 +3,7 @@ acceptance profile (CPU only, seconds): what the H100 sweep would give with warm
 
   PYTHONPATH=src python benchmarks/simulate_elastic.py \
       --profile benchmarks/results/h100/profile_sdar8b_h100.json \
-      --acceptance benchmarks/results/default_model/acceptance.json \
+      --acceptance benchmarks/results/default_model/acceptance_v1.json \
       --out benchmarks/results/h100/elastic_simulation.json
 """
 
