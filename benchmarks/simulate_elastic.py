@@ -34,7 +34,7 @@ def main() -> None:
     loads = tuple(int(x) for x in args.loads.split(","))
     res = sweep(policies, loads, tau=TauTable(tau), device=device, gen_len=256, prompt_len=256,
                 steps=300, warmup_steps=100)
-    table = {name: {n: round(r[n].committed / r[n].seconds, 1) for n in loads} for name, r in res.items()}
+    table = {name: {n: round(r[n].throughput, 1) for n in loads} for name, r in res.items()}
     chunks = {name: {n: dict(Counter(c.size for c in r[n].chunk_choices).most_common(3)) for n in loads}
               for name, r in res.items() if name.startswith("elastic")}
     for n in loads:

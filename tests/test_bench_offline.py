@@ -21,3 +21,17 @@ def test_bench_offline_tiny_smoke(tmp_path):
     ar = next(r for r in data["sweep"] if r["policy"] == "ar" and r["concurrency"] == 1)
     assert ar["steps"] >= 256  # one token per step
     assert (tmp_path / "policy_sweep.png").stat().st_size > 0
+
+
+def test_bench_acceptance_measures_commits_per_chunk_on_the_default_model(tmp_path):
+    out = tmp_path / "acceptance.json"
+    rc = main(["bench", "acceptance", "--model", "default", "--tasks", "add3,copy", "--per-task", "2",
+               "--max-tokens", "16", "--out", str(out)])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    tau = {int(c): t for c, t in data["tau_per_chunk"].items()}
+    assert sorted(tau) == [1, 2, 4, 8, 16, 32] and tau[1] == 1.0
+    assert all(1.0 <= t <= c for c, t in tau.items())
+    assert tau[32] > 2.0  # the shipped model commits several answer tokens per step at a full block
+    steps = {int(c): sum(h.values()) for c, h in data["histograms"].items()}
+    assert all(sum(int(k) * n for k, n in data["histograms"][str(c)].items()) / steps[c] == tau[c] for c in tau)

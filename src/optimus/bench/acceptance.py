@@ -14,6 +14,7 @@ from pathlib import Path
 
 from optimus.engine.llm import LLM
 from optimus.engine.params import SamplingParams
+from optimus.engine.policies.fixed import FixedPolicy
 
 CHUNKS = (1, 2, 4, 8, 16, 32)
 
@@ -29,7 +30,7 @@ def prompts_for(llm: LLM, tasks: list[str], per_task: int) -> list[list[int]]:
 def measure(llm: LLM, prompts: list[list[int]], chunk: int, params: SamplingParams) -> collections.Counter:
     """Commits per decode step at ``fixed:chunk`` (every step of every request)."""
     engine = llm.engine
-    engine.scheduler.policy = _Fixed(chunk)
+    engine.scheduler.policy = FixedPolicy(chunk)
     for i, p in enumerate(prompts):
         engine.add_request(f"acc-{chunk}-{i}", p, params)
     hist: collections.Counter = collections.Counter()
@@ -38,17 +39,6 @@ def measure(llm: LLM, prompts: list[list[int]], chunk: int, params: SamplingPara
             for e in out.events:
                 hist[len(e.positions)] += 1
     return hist
-
-
-class _Fixed:
-    def __init__(self, c: int) -> None:
-        self.c, self.name = c, f"fixed:{c}"
-
-    def choose(self, view):
-        return [min(self.c, r.max_chunk) for r in view.requests]
-
-    def observe(self, feedback):
-        pass
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -46,26 +46,28 @@ class Target:
                     head_dim=16, intermediate_size=128, vocab_size=4096, mask_token_id=4000, eos_token_id=4001)
 
 
-TARGET = Target()
+    @property
+    def cuda(self) -> bool:
+        return self.device.startswith("cuda")
+
+    def llm(self, shape: str, policy: str, commit_rule=None, **options) -> LLM:
+        """An engine over random weights at ``shape`` (bf16 on CUDA, fp32 elsewhere)."""
+        dtype = torch.bfloat16 if self.cuda else torch.float32
+        loaded = random_model(shape, device=self.device, dtype=dtype, **self.overrides(shape))
+        if self.tiny:
+            options.setdefault("num_pages", 4096)
+        return LLM(loaded=loaded, policy=policy, commit_rule=commit_rule, device=self.device, **options)
+
+    def free_memory(self) -> None:
+        """After ``del llm``: the 8B copy must be gone before the next one is built."""
+        gc.collect()
+        if self.cuda:
+            torch.cuda.empty_cache()
 
 
-def _sync() -> None:
-    if TARGET.device.startswith("cuda"):
+def _sync(llm: LLM) -> None:
+    if llm.engine.device.type == "cuda":
         torch.cuda.synchronize()
-
-
-def _llm(shape: str, policy: str, commit_rule=None, **options) -> LLM:
-    dtype = torch.bfloat16 if TARGET.device.startswith("cuda") else torch.float32
-    loaded = random_model(shape, device=TARGET.device, dtype=dtype, **TARGET.overrides(shape))
-    if TARGET.tiny:
-        options.setdefault("num_pages", 4096)
-    return LLM(loaded=loaded, policy=policy, commit_rule=commit_rule, device=TARGET.device, **options)
-
-
-def _free_memory() -> None:
-    gc.collect()
-    if TARGET.device.startswith("cuda"):
-        torch.cuda.empty_cache()
 
 
 def _prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
@@ -83,10 +85,10 @@ def timed_generate(llm: LLM, batch: int, prompt_len: int, gen_len: int, params: 
     prompts = _prompts(batch, prompt_len, vocab)
     chunks0 = dict(llm.engine.stats.chunk_size_counts)
     s0 = _snapshot(llm)
-    _sync()
+    _sync(llm)
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params)
-    _sync()
+    _sync(llm)
     wall = time.perf_counter() - t0
     s1 = _snapshot(llm)
     tokens = sum(len(o.token_ids) for o in outs)
@@ -106,11 +108,11 @@ def _snapshot(llm) -> dict:
             "computed": s.tokens_computed, "committed": s.tokens_committed}
 
 
-def run_surface(shape: str, batches, chunks, context: int, profile_out: str | None = None) -> dict:
+def run_surface(target: Target, shape: str, batches, chunks, context: int, profile_out: str | None = None) -> dict:
     from optimus.engine.latency import LatencyProfile
     from optimus.engine.runner_profile import make_step_fn
 
-    llm = _llm(shape, "fixed:32", max_running=max(batches))
+    llm = target.llm(shape, "fixed:32", max_running=max(batches))
     step = make_step_fn(llm.engine, context=context, repeats=5)
     points = []
     for b in batches:
@@ -127,13 +129,13 @@ def run_surface(shape: str, batches, chunks, context: int, profile_out: str | No
     if profile_out:
         profile.save(profile_out)
     del llm
-    _free_memory()
+    target.free_memory()
     return {"shape": shape, "context": context, "points": points, "knee_tokens": float(profile.knee)}
 
 
-def run_schedule4(shape: str, batches, prompt_len=256, gen_len=256) -> list[dict]:
+def run_schedule4(target: Target, shape: str, batches, prompt_len=256, gen_len=256) -> list[dict]:
     params = SamplingParams(max_tokens=gen_len, rule="topk", tokens_per_step=4, ignore_eos=True)
-    llm = _llm(shape, "fixed:32", max_running=max(batches), block_size=32)
+    llm = target.llm(shape, "fixed:32", max_running=max(batches), block_size=32)
     rows = []
     for b in batches:
         r = timed_generate(llm, b, prompt_len, gen_len, params)
@@ -142,13 +144,13 @@ def run_schedule4(shape: str, batches, prompt_len=256, gen_len=256) -> list[dict
               f"cpu {r['cpu_ms_per_step']:.2f} ms/step", flush=True)
         rows.append(r)
     del llm
-    _free_memory()
+    target.free_memory()
     return rows
 
 
-def run_ar(shape: str, batches, prompt_len=256, gen_len=256) -> list[dict]:
+def run_ar(target: Target, shape: str, batches, prompt_len=256, gen_len=256) -> list[dict]:
     params = SamplingParams(max_tokens=gen_len, rule="topk", tokens_per_step=1, ignore_eos=True)
-    llm = _llm(shape, "ar", max_running=max(batches))
+    llm = target.llm(shape, "ar", max_running=max(batches))
     rows = []
     for b in batches:
         r = timed_generate(llm, b, prompt_len, gen_len, params)
@@ -156,18 +158,18 @@ def run_ar(shape: str, batches, prompt_len=256, gen_len=256) -> list[dict]:
         print(f"  ar {shape} batch={b}: {r['output_tok_s']:.0f} tok/s, step {r['mean_step_ms']:.2f} ms", flush=True)
         rows.append(r)
     del llm
-    _free_memory()
+    target.free_memory()
     return rows
 
 
-def run_sweep(shape: str, policies, concurrencies, acceptance: dict[int, list[int]], prompt_len=256,
+def run_sweep(target: Target, shape: str, policies, concurrencies, acceptance: dict[int, list[int]], prompt_len=256,
               gen_len=256, profile_path: str | None = None, on_row=None,
               acceptance_path: str | None = None) -> list[dict]:
     """``acceptance_path`` (the same measured profile the commits replay) seeds elastic's tau."""
     params = SamplingParams(max_tokens=gen_len, ignore_eos=True)
     rows = []
     for policy in policies:
-        llm = _llm(shape, policy, commit_rule=ReplayAcceptance(acceptance), max_running=max(concurrencies),
+        llm = target.llm(shape, policy, commit_rule=ReplayAcceptance(acceptance), max_running=max(concurrencies),
                    block_size=32, profile_path=profile_path, acceptance_profile=acceptance_path)
         for n in concurrencies:
             r = timed_generate(llm, n, prompt_len, gen_len, params, full_warmup=True)
@@ -176,12 +178,12 @@ def run_sweep(shape: str, policies, concurrencies, acceptance: dict[int, list[in
             rows.append(r)
             if on_row:
                 on_row(rows)
-        del llm  # the model must be gone before the next policy's 8B copy is built
-        _free_memory()
+        del llm
+        target.free_memory()
     return rows
 
 
-def run_matmul(shape: str, tokens: int = 8192) -> dict:
+def run_matmul(target: Target, shape: str, tokens: int = 8192) -> dict:
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     for _ in range(3):
@@ -195,7 +197,7 @@ def run_matmul(shape: str, tokens: int = 8192) -> dict:
     del a, b
     from optimus.engine.runner_profile import make_step_fn
 
-    llm = _llm(shape, "fixed:32", max_running=64, graph_max_tokens=1024)
+    llm = target.llm(shape, "fixed:32", max_running=64, graph_max_tokens=1024)
     step = make_step_fn(llm.engine, context=512, repeats=5)
     step(8, tokens // 8)
     seconds = step(8, tokens // 8)
@@ -206,7 +208,7 @@ def run_matmul(shape: str, tokens: int = 8192) -> dict:
     attn = 4 * layers * heads * d * 8 * q_per_req * kv_len
     flops = 2 * params * tokens + attn
     del llm
-    _free_memory()
+    target.free_memory()
     return {"shape": shape, "tokens": tokens, "seconds": seconds, "tflops": flops / seconds / 1e12,
             "matmul_tflops": mm_tflops, "fraction_of_matmul": flops / seconds / 1e12 / mm_tflops}
 
@@ -241,29 +243,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    global TARGET
-    TARGET = Target(device=args.device, tiny=args.tiny)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
+    target = Target(device=args.device, tiny=args.tiny)
+    if target.cuda and not torch.cuda.is_available():
         raise ValueError("bench offline needs a CUDA device (or --device cpu --tiny for a smoke run)")
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
     out = Path(args.out)
     result = json.loads(out.read_text()) if out.exists() else {}
-    result["device"] = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu (tiny smoke run)"
+    result["device"] = torch.cuda.get_device_name() if target.cuda else "cpu (tiny smoke run)"
     result["torch"] = torch.__version__
     for exp in args.experiments.split(","):
         t0 = time.perf_counter()
         print(f"[{exp}]", flush=True)
         if exp == "surface":
-            result["surface"] = run_surface(args.sweep_shape, [1, 8, 32, 64, 128, 256], [1, 4, 8, 16, 32], 512,
+            result["surface"] = run_surface(target, args.sweep_shape, [1, 8, 32, 64, 128, 256], [1, 4, 8, 16, 32], 512,
                                             args.profile)
         elif exp == "schedule4":
-            result["schedule4"] = run_schedule4(args.dllm_shape, ints(args.batches))
+            result["schedule4"] = run_schedule4(target, args.dllm_shape, ints(args.batches))
         elif exp == "ar":
-            result["ar"] = [r for s in args.ar_shapes.split(",") for r in run_ar(s, ints(args.batches))]
+            result["ar"] = [r for s in args.ar_shapes.split(",") for r in run_ar(target, s, ints(args.batches))]
         elif exp == "matmul":
-            if not args.device.startswith("cuda"):
+            if not target.cuda:
                 raise ValueError("the matmul experiment measures a CUDA card")
-            result["matmul"] = run_matmul(args.dllm_shape)
+            result["matmul"] = run_matmul(target, args.dllm_shape)
         elif exp == "sweep":
             if not args.acceptance:
                 raise ValueError("the sweep needs --acceptance (a profile measured on the default model)")
@@ -271,7 +272,7 @@ def run(args: argparse.Namespace) -> int:
                 result["sweep"] = rows
                 out.parent.mkdir(parents=True, exist_ok=True)
                 out.write_text(json.dumps(result, indent=2))
-            result["sweep"] = run_sweep(args.sweep_shape, args.policies.split(","), ints(args.concurrency),
+            result["sweep"] = run_sweep(target, args.sweep_shape, args.policies.split(","), ints(args.concurrency),
                                         load_acceptance(args.acceptance), profile_path=args.profile,
                                         on_row=save_partial, acceptance_path=args.acceptance)
         else:
