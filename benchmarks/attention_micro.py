@@ -5,8 +5,10 @@ group) are what SDPA can express on dense tensors, so both compute the same thin
 reads K/V through a shuffled page table, SDPA reads a dense [B, H, cache+C, D] tensor.
 Causal prefill (cache 0, group = position) is compared with SDPA's is_causal. Times are
 per call from CUDA-graph replays (what the engine runs; launch overhead excluded), with
-eager do_bench medians alongside. Also checks the kernel against the torch reference on
-ragged batches.
+eager do_bench medians alongside. Where the default config splits the cached keys (small
+grids: batch 1-8 decode), the config picked with split-KV off is timed too ("unsplit ms"),
+so one run shows what split-KV buys. Also checks the kernel against the torch reference
+on ragged batches.
 
   PYTHONPATH=src python benchmarks/attention_micro.py --out results.json [--sweep]
 """
@@ -16,7 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -110,8 +112,16 @@ def time_ms(fn) -> float:
     return float(do_bench(fn, warmup=10, rep=40, return_mode="median"))
 
 
-def sweep_configs(gqa_pad: int):
-    from optimus.kernels._group_attention_triton import TileConfig
+def default_config(step: Step, split_kv: bool = True):
+    """The tile config the wrapper picks for this step; split_kv=False: the pre-split-KV pick."""
+    from optimus.kernels._group_attention_triton import default_config as pick
+    return pick(step.cu_q.numel() - 1, step.q.shape[1], step.k.shape[1], step.q.shape[2],
+                step.max_q_len, step.q.device, split_kv)
+
+
+def sweep_configs(gqa_pad: int, default):
+    """Candidate tiles (unsplit), then the default tile with each split count if it splits."""
+    from optimus.kernels._group_attention_triton import MAX_SPLITS, TileConfig
     seen = []
     for m, n, warps, stages in [(16, 64, 4, 2), (16, 128, 4, 2), (32, 64, 4, 3), (64, 32, 4, 3),
                                 (64, 64, 4, 3), (128, 32, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3),
@@ -120,7 +130,16 @@ def sweep_configs(gqa_pad: int):
             cfg = TileConfig(m // gqa_pad, n, warps, stages)
             if cfg not in seen:
                 seen.append(cfg)
+    if default.num_splits > 1:  # only small grids: splitting a full grid just adds a combine
+        for splits in (1, 2, 4, 8, MAX_SPLITS):
+            if replace(default, num_splits=splits) not in seen:
+                seen.append(replace(default, num_splits=splits))
     return seen
+
+
+def config_name(cfg, gqa_pad: int) -> str:
+    name = f"{cfg.block_q}x{gqa_pad}_n{cfg.block_n}_w{cfg.num_warps}_s{cfg.num_stages}"
+    return name + (f"_split{cfg.num_splits}" if cfg.num_splits > 1 else "")
 
 
 def bench_case(model: str, batch: int, chunk: int, cache: int, page_size: int, sweep: bool) -> dict:
@@ -143,10 +162,17 @@ def bench_case(model: str, batch: int, chunk: int, cache: int, page_size: int, s
     pairs = batch * (chunk * (chunk + 1) // 2 if causal else chunk * (cache + chunk))
     row["ours_tflops"] = 4 * pairs * hq * d / row["ours_ms"] / 1e9
     row["speedup_vs_sdpa"] = row["sdpa_flash_ms"] / row["ours_ms"]
+    gqa_pad = 1 << (hq // hkv - 1).bit_length()
+    cfg = default_config(step)
+    row["config"], row["num_splits"] = config_name(cfg, gqa_pad), cfg.num_splits
+    if cfg.num_splits > 1:  # the config picked with split-KV off: the "before"
+        unsplit = default_config(step, split_kv=False)
+        row["unsplit_config"] = config_name(unsplit, gqa_pad)
+        row["ours_unsplit_ms"] = time_graph_ms(lambda: step.attend(config=unsplit))
+        row["split_speedup"] = row["ours_unsplit_ms"] / row["ours_ms"]
     if sweep:
-        gqa_pad = 1 << (hq // hkv - 1).bit_length()
-        timings = {f"{c.block_q}x{gqa_pad}_n{c.block_n}_w{c.num_warps}_s{c.num_stages}":
-                   time_graph_ms(lambda c=c: step.attend(config=c)) for c in sweep_configs(gqa_pad)}
+        timings = {config_name(c, gqa_pad): time_graph_ms(lambda c=c: step.attend(config=c))
+                   for c in sweep_configs(gqa_pad, cfg)}
         best = min(timings, key=timings.get)
         row["sweep"], row["best_config"], row["best_ms"] = timings, best, timings[best]
     return row
@@ -191,20 +217,24 @@ def main() -> None:
               f"max_err={c['max_abs_err_vs_reference']:.2e} {'ok' if c['ok'] else 'FAIL'}")
     rows = []
     print(f"{'kind':7s} {'model':9s} {'B':>4s} {'C':>5s} {'ours ms':>9s} {'sdpa ms':>9s} {'speedup':>8s} "
-          f"{'KV GB/s':>8s} {'TFLOP/s':>8s} {'err':>8s}  best sweep config (ms)")
+          f"{'splits':>6s} {'unsplit ms':>10s} {'KV GB/s':>8s} {'TFLOP/s':>8s} {'err':>8s}  "
+          "best sweep config (ms)")
     cases = [(m, b, c, args.cache) for m in SHAPES for b in (1, 8, 32, 128) for c in (1, 4, 32)]
     cases += [(m, b, args.prefill, 0) for m in SHAPES for b in (1, 4)]
     for model, batch, chunk, cache in cases:
         r = bench_case(model, batch, chunk, cache, args.page_size, args.sweep)
         rows.append(r)
+        unsplit = f"{r['ours_unsplit_ms']:10.4f}" if "ours_unsplit_ms" in r else f"{'-':>10s}"
         print(f"{r['kind']:7s} {model:9s} {batch:4d} {chunk:5d} {r['ours_ms']:9.4f} {r['sdpa_flash_ms']:9.4f} "
-              f"{r['speedup_vs_sdpa']:8.2f} {r['ours_kv_GBps']:8.0f} {r['ours_tflops']:8.1f} "
+              f"{r['speedup_vs_sdpa']:8.2f} {r['num_splits']:6d} {unsplit} "
+              f"{r['ours_kv_GBps']:8.0f} {r['ours_tflops']:8.1f} "
               f"{r['max_abs_err_vs_sdpa']:8.1e}  "
               f"{r.get('best_config', '')} {r.get('best_ms', 0):.4f}")
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
             "page_size": args.page_size, "cache": args.cache, "dtype": "bfloat16",
             "timing": "*_ms: per call from CUDA-graph replays; *_eager_ms: triton do_bench median; "
-                      "ours = the group_attention wrapper with per-step metadata precomputed"}
+                      "ours = the group_attention wrapper with per-step metadata precomputed; "
+                      "ours_unsplit_ms = the config picked with split-KV off (only where ours splits)"}
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "ragged_checks": checks, "cases": rows}, f, indent=1)
 

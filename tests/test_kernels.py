@@ -249,9 +249,11 @@ def test_triton_random_ragged(triton_env, seed) -> None:
     torch.testing.assert_close(got, run(case, "torch"), atol=2e-5, rtol=2e-5)
 
 
-def test_stale_nan_in_unused_cache_slots_is_ignored(triton_env) -> None:
+@pytest.mark.parametrize("splits", [1, 4])
+def test_stale_nan_in_unused_cache_slots_is_ignored(triton_env, splits) -> None:
     """Reused pages hold garbage past a request's cache length; it must not leak into outputs."""
     ga, _, dev = triton_env
+    cfg = ga.TileConfig(block_q=4, block_n=16, num_warps=4, num_stages=1, num_splits=splits)
     case = make_case([(5, [0, 1]), (2, [0, 0, 0])], 4, 2, 16, page_size=4, seed=17)
     want = run(case, "torch")
     k_cache, v_cache = case.k_cache.clone(), case.v_cache.clone()
@@ -260,7 +262,7 @@ def test_stale_nan_in_unused_cache_slots_is_ignored(triton_env) -> None:
         k_cache[page, start:], v_cache[page, start:] = float("nan"), float("inf")
     poisoned = _to(Case(**{**case.__dict__, "k_cache": k_cache, "v_cache": v_cache}), dev)
     torch.testing.assert_close(run(poisoned, "torch").cpu(), want)
-    torch.testing.assert_close(_triton(ga, poisoned).cpu(), want, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(_triton(ga, poisoned, config=cfg).cpu(), want, atol=2e-5, rtol=2e-5)
 
 
 def test_tile_configs_are_valid_triton_shapes(triton_env) -> None:
@@ -271,8 +273,92 @@ def test_tile_configs_are_valid_triton_shapes(triton_env) -> None:
             for parallel in (1, 8, 64, 4096):
                 cfg = ga.choose_config(max_q, gqa_pad, 128, parallel)
                 m = cfg.block_q * gqa_pad
-                assert cfg.block_q & (cfg.block_q - 1) == 0 and cfg.block_n & (cfg.block_n - 1) == 0
+                for size in (cfg.block_q, cfg.block_n, cfg.num_splits):
+                    assert size & (size - 1) == 0, (max_q, gqa_pad, parallel, cfg)
                 assert 16 <= m <= max(128, gqa_pad), (max_q, gqa_pad, parallel, cfg)
+                assert 1 <= cfg.num_splits <= ga.MAX_SPLITS
+
+
+# ---- split-KV (flash-decoding): several programs per (query tile, KV head), then a combine.
+
+# Cache lengths around the split boundaries with block_n=16: 0; shorter than the number of
+# splits (3, 5); not BLOCK_N multiples (21, 37, 70), so some splits are partial or empty.
+SPLIT_SPECS = [
+    (0, list(range(6))),  # no cache: every split but the last is empty
+    (3, [0, 0, 1]),
+    (70, [4] * 3 + [5] * 6),  # decode step, 70 = 4 full 16-key steps + 6
+    (21, []),  # a request with no rows this step
+    (37, [2] * 17 + [3] * 5),  # several query tiles (block_q 4)
+    (5, [9]),
+]
+
+
+@pytest.mark.parametrize("splits", [1, 2, 4, 8])
+@pytest.mark.parametrize("hq,hkv", [(4, 2), (4, 4)])  # GQA, MHA
+def test_triton_split_kv_matches_reference(triton_env, splits, hq, hkv) -> None:
+    ga, _, dev = triton_env
+    case = _to(make_case(SPLIT_SPECS, hq, hkv, 16, page_size=4, seed=splits + hq * hkv), dev)
+    cfg = ga.TileConfig(block_q=4, block_n=16, num_warps=4, num_stages=1, num_splits=splits)
+    got = _triton(ga, case, config=cfg, max_q_len=22)
+    torch.testing.assert_close(got, run(case, "torch"), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("seed,splits", [(2, 2), (3, 8)])
+def test_triton_split_kv_random_ragged(triton_env, seed, splits) -> None:
+    ga, _, dev = triton_env
+    specs = random_specs(seed, 4) + [(0, [0])]  # at least one row in the step
+    case = _to(make_case(specs, 6, 2, 8, page_size=4, seed=seed), dev)  # GQA 3 (padded)
+    cfg = ga.TileConfig(block_q=2, block_n=16, num_warps=4, num_stages=1, num_splits=splits)
+    got = _triton(ga, case, config=cfg, key_end=visible_key_end(case.cu_q, case.groups))
+    torch.testing.assert_close(got, run(case, "torch"), atol=2e-5, rtol=2e-5)
+
+
+def test_triton_split_kv_half_precision(triton_env) -> None:
+    """fp16 in, fp32 partials, one rounding at the combine: as close as the unsplit kernel."""
+    ga, _, dev = triton_env
+    case = _to(make_case(SPLIT_SPECS, 6, 2, 24, page_size=4, dtype=torch.float16, seed=19), dev)
+    cfg = ga.TileConfig(block_q=4, block_n=16, num_warps=4, num_stages=1, num_splits=4)
+    got = _triton(ga, case, config=cfg)
+    assert got.dtype == torch.float16
+    torch.testing.assert_close(got.float(), run(case, "torch").float(), atol=2e-3, rtol=2e-3)
+
+
+def test_split_kv_same_config_any_cache_length(triton_env) -> None:
+    """One config (as in one CUDA graph) stays right as the device-side cache lengths change."""
+    ga, _, dev = triton_env
+    case = _to(make_case([(45, [0, 0, 1]), (30, [1, 2])], 4, 2, 16, page_size=4, seed=23), dev)
+    cfg = ga.TileConfig(block_q=4, block_n=16, num_warps=4, num_stages=1, num_splits=4)
+    for lens in ([45, 30], [0, 17], [2, 1]):
+        step = Case(**{**case.__dict__, "cache_lens": torch.tensor(lens, dtype=torch.int32, device=dev)})
+        torch.testing.assert_close(_triton(ga, step, config=cfg, max_q_len=3), run(step, "torch"),
+                                   atol=2e-5, rtol=2e-5)
+
+
+def test_split_heuristic(triton_env) -> None:
+    """Batch 1 (grid far below ~100 programs even at M=16) splits; large grids do not."""
+    ga = triton_env[0]
+    cases = {"llama decode": (1, 4, 8),  # (max_q_len, padded GQA, requests x KV heads)
+             "sdar chunk 4": (4, 4, 8), "sdar chunk 32": (32, 4, 8), "llada chunk 32": (32, 1, 32)}
+    for name, (max_q, gqa_pad, parallel) in cases.items():
+        cfg = ga.choose_config(max_q, gqa_pad, 128, parallel)
+        programs = -(-max_q // cfg.block_q) * parallel
+        rows = cfg.block_q * gqa_pad
+        assert cfg.num_splits > 1 and programs * cfg.num_splits >= 100, (name, cfg)
+        assert programs * rows * cfg.num_splits <= ga.MAX_PARTIAL_ROWS, (name, cfg)
+        assert rows >= min(16 * -(-max_q * gqa_pad // 16), 64), (name, cfg)  # no halving
+    for max_q, gqa_pad, parallel in ((1, 4, 128 * 8), (32, 1, 32 * 32), (1024, 4, 8), (32, 4, 64)):
+        assert ga.choose_config(max_q, gqa_pad, 128, parallel).num_splits == 1
+    assert ga.choose_config(1, 32, 128, parallel=1).num_splits == ga.MAX_SPLITS
+    assert ga.choose_config(32, 4, 128, 8, split_kv=False) == ga.TileConfig(4, 64, 4, 2)  # before
+    assert ga.choose_splits(100, 16, min_programs=100) == 2  # aims at 2 programs per SM-ish
+    assert ga.choose_splits(16, 64, min_programs=100) == 8  # partial-row cap (8192)
+
+
+def test_split_kv_rejects_non_power_of_two(triton_env) -> None:
+    ga, _, dev = triton_env
+    case = _to(make_case([(5, [0])], 2, 2, 8, page_size=4), dev)
+    with pytest.raises(ValueError, match="power of two"):
+        _triton(ga, case, config=ga.TileConfig(4, 16, 4, 1, num_splits=3))
 
 
 def test_visible_key_end() -> None:

@@ -15,7 +15,8 @@ def _opt(default, help: str, **kw):
 
 @dataclass(frozen=True)
 class ModelConfig:
-    model: str = _opt("default", "HF model directory, or 'default' for the shipped model")
+    model: str = _opt("default", "HF model directory, 'default' for the shipped model, or random:SHAPE / "
+                                 "random-tiny:SHAPE for random weights at a published shape (benchmarks only)")
     dtype: str = _opt("auto", "auto | bfloat16 | float16 | float32 (auto: bf16 on GPU, fp32 on CPU)")
     device: str = _opt("auto", "auto | cpu | cuda | cuda:N")
 
@@ -54,6 +55,11 @@ class EngineConfig:
     profile_path: str | None = _opt(None, "latency profile JSON (default: per device and model in ~/.cache/optimus)")
     seed: int = _opt(0, "engine seed for requests that give none")
     acceptance_profile: str | None = _opt(None, "tau-per-chunk JSON (optimus eval) seeding the elastic policy")
+    replay_acceptance: str | None = _opt(
+        None, "benchmarks only: commit per step as many positions (most confident first) as this measured "
+              "acceptance profile (bench acceptance JSON) says a chunk of that size commits, instead of the "
+              "requests' decoding rule; for random-weight models, whose confidences mean nothing. Also seeds "
+              "elastic's tau prior unless --acceptance-profile is given")
 
 
 @dataclass(frozen=True)

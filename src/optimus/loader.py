@@ -4,6 +4,10 @@ Only safetensors are read, never pickle. The module is built on the ``meta`` dev
 tensor is read straight to the target device and cast to the target dtype as it is read, so the
 peak memory is the model in its final dtype plus one tensor: no full fp32 copy ever exists.
 Every bad input raises a :class:`LoadError` subclass whose message names the problem.
+
+``random:<shape>`` (and ``random-tiny:<shape>``) stand for no directory: they build random
+weights at a published shape (:mod:`optimus.models.shapes`) for benchmarks, see
+:func:`load_random_model`.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import json
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, ClassVar, Iterator
 
 import torch
 from safetensors import safe_open
@@ -21,6 +25,7 @@ from tqdm.auto import tqdm
 
 from optimus.models.registry import ConfigError, Family, UnknownArchitectureError as _UnknownArch
 from optimus.models.registry import check_token_ids, family_for, spec_from_config
+from optimus.models.shapes import SHAPES, random_decoder, shape_config
 from optimus.models.spec import ModelSpec
 from optimus.models.transformer import DecoderLM
 from optimus.tokenizer import Tokenizer, TokenizerError
@@ -58,6 +63,10 @@ class ShapeMismatchError(LoadError):
     pass
 
 
+class UnknownShapeError(LoadError):
+    """``random:<shape>`` names no shape of :data:`optimus.models.shapes.SHAPES`."""
+
+
 @dataclass(frozen=True)
 class LoadedModel:
     model: DecoderLM  # eval mode, on its target device and dtype
@@ -81,9 +90,13 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "auto", device: str 
                progress: bool = True) -> LoadedModel:
     """Load config, tokenizer, generation config and weights from an HF model directory.
 
-    ``path="default"`` loads the project's default model. ``dtype="auto"`` is bf16 on CUDA and
-    fp32 on CPU; ``device="auto"`` is CUDA when available.
+    ``path="default"`` loads the project's default model; ``random:<shape>`` builds random
+    weights (:func:`load_random_model`). ``dtype="auto"`` is bf16 on CUDA and fp32 on CPU;
+    ``device="auto"`` is CUDA when available.
     """
+    random_name = RandomModelName.parse(path)
+    if random_name is not None:
+        return load_random_model(random_name, dtype, device)
     root = resolve_model_path(path)
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
@@ -93,6 +106,77 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "auto", device: str 
     generation_config = _read_json(root / "generation_config.json", required=False)
     model = _build_model(spec, family, _weight_files(root), dtype, device, progress)
     return LoadedModel(model, spec, tokenizer, generation_config, root)
+
+
+@dataclass(frozen=True)
+class RandomModelName:
+    """``random:<shape>``: random weights at a published shape (``random:sdar-8b``), to time the
+    engine where no checkpoint exists. ``random-tiny:<shape>``: the same family and attention
+    shrunk to 2 layers of width 64 (tests and CPU smoke runs)."""
+
+    shape: str
+    tiny: bool = False
+
+    PREFIX: ClassVar[str] = "random:"
+    TINY_PREFIX: ClassVar[str] = "random-tiny:"
+
+    @classmethod
+    def parse(cls, name: str | Path) -> "RandomModelName | None":
+        """The random-model name ``name`` spells, or None if it names a directory."""
+        text = str(name)
+        for prefix, tiny in ((cls.PREFIX, False), (cls.TINY_PREFIX, True)):
+            if text.startswith(prefix):
+                return cls(text[len(prefix):], tiny)
+        return None
+
+    def __str__(self) -> str:
+        return (self.TINY_PREFIX if self.tiny else self.PREFIX) + self.shape
+
+
+def load_random_model(name: RandomModelName, dtype: str | torch.dtype = "auto",
+                      device: str | torch.device = "auto", seed: int = 0) -> LoadedModel:
+    """Random weights at ``name``'s shape, with the default model's tokenizer (the HTTP API
+    needs one; every shape's vocabulary holds its ids, and its mask and end ids lie past them).
+
+    Random confidences mean nothing: serve such a model with a replayed acceptance profile
+    (``EngineConfig.replay_acceptance``). Greedy decoding proposes only ids the tokenizer shows
+    as text (:func:`_propose_only_text`), so outputs run to ``max_tokens`` and stream text.
+    """
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    if name.shape not in SHAPES:
+        raise UnknownShapeError(f"unknown model shape {name.shape!r} in {str(name)!r}; use random:SHAPE or "
+                                f"random-tiny:SHAPE with SHAPE one of {', '.join(sorted(SHAPES))}")
+    spec = spec_from_config(shape_config(name.shape, name.tiny))
+    tokenizer = _tokenizer_from_dir(resolve_model_path("default"))
+    _check_tokenizer_fits(spec, tokenizer, str(name))
+    model = random_decoder(spec, device, dtype, seed)
+    _propose_only_text(model, tokenizer)
+    return LoadedModel(_finish(model, device), spec, tokenizer, {}, Path(str(name)))
+
+
+def _check_tokenizer_fits(spec: ModelSpec, tokenizer: Tokenizer, name: str) -> None:
+    """Every id the tokenizer gives must be a token of the model, and none may be the mask
+    (a prompt token equal to the mask id would read as an uncommitted position)."""
+    if tokenizer.vocab_size > spec.arch.vocab_size:
+        raise ConfigFieldError(f"{name}: the tokenizer has {tokenizer.vocab_size} ids, more than the model's "
+                               f"vocabulary of {spec.arch.vocab_size}")
+    if spec.mask_id is not None and spec.mask_id < tokenizer.vocab_size:
+        raise ConfigFieldError(f"{name}: mask id {spec.mask_id} is a token of the tokenizer")
+
+
+@torch.no_grad()
+def _propose_only_text(model: DecoderLM, tokenizer: Tokenizer) -> None:
+    """Zero the LM-head rows of every id the tokenizer cannot show as text: ids past its
+    vocabulary and its special tokens. Their logits are then exactly 0, below the largest of
+    thousands of random logits, so greedy decoding never proposes them: every committed token
+    streams text (benchmark clients time text frames, not tokens) and no end token ever comes.
+    The head keeps its full size, so a step costs what it costs the real model. Sampled
+    requests can still draw such ids; they decode to nothing. (A tied head would zero those
+    ids' input embeddings too: harmless, the mask is the only one of them ever fed.)"""
+    head = model.lm_head.weight
+    head[tokenizer.vocab_size:] = 0
+    head[list(tokenizer.all_special_ids)] = 0
 
 
 def resolve_model_path(path: str | Path) -> Path:

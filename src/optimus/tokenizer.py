@@ -168,6 +168,12 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self._backend.get_vocab_size(with_added_tokens=True)
 
+    @cached_property
+    def _id_bound(self) -> int:
+        """One past the largest id the tokenizer has (ids below it that it lacks are skipped
+        by the backend; ids outside ``[0, bound)`` would not even convert)."""
+        return max(self._backend.get_vocab(with_added_tokens=True).values(), default=-1) + 1
+
     def token_to_id(self, token: str) -> int | None:
         return self._backend.token_to_id(token)
 
@@ -233,7 +239,10 @@ class Tokenizer:
         return ids
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
-        text = self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        """Ids the tokenizer does not have decode to nothing: a model's vocabulary can be larger
+        than its tokenizer's (padded embedding rows, random-weight models at a published shape)."""
+        bound = self._id_bound
+        text = self._backend.decode([i for i in ids if 0 <= i < bound], skip_special_tokens=skip_special_tokens)
         if self.settings.clean_up_tokenization_spaces:
             for old, new in _CLEANUPS:
                 text = text.replace(old, new)

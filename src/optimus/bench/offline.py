@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from optimus.bench.shapes import SHAPES, random_model
-from optimus.engine.decoding import ReplayAcceptance
+from optimus.engine.decoding import ReplayAcceptance, load_acceptance
 from optimus.engine.llm import LLM
 from optimus.engine.params import SamplingParams
 
@@ -35,17 +35,6 @@ class Target:
     device: str = "cuda"
     tiny: bool = False
 
-    def overrides(self, shape: str) -> dict:
-        if not self.tiny:
-            return {}
-        if shape.startswith("llada"):
-            return dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=4, mlp_hidden_size=128,
-                        embedding_size=4096, vocab_size=4096, mask_token_id=4000, eos_token_id=4001,
-                        pad_token_id=4001)
-        return dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                    head_dim=16, intermediate_size=128, vocab_size=4096, mask_token_id=4000, eos_token_id=4001)
-
-
     @property
     def cuda(self) -> bool:
         return self.device.startswith("cuda")
@@ -53,7 +42,7 @@ class Target:
     def llm(self, shape: str, policy: str, commit_rule=None, **options) -> LLM:
         """An engine over random weights at ``shape`` (bf16 on CUDA, fp32 elsewhere)."""
         dtype = torch.bfloat16 if self.cuda else torch.float32
-        loaded = random_model(shape, device=self.device, dtype=dtype, **self.overrides(shape))
+        loaded = random_model(shape, device=self.device, dtype=dtype, tiny=self.tiny)
         if self.tiny:
             options.setdefault("num_pages", 4096)
         return LLM(loaded=loaded, policy=policy, commit_rule=commit_rule, device=self.device, **options)
@@ -211,18 +200,6 @@ def run_matmul(target: Target, shape: str, tokens: int = 8192) -> dict:
     target.free_memory()
     return {"shape": shape, "tokens": tokens, "seconds": seconds, "tflops": flops / seconds / 1e12,
             "matmul_tflops": mm_tflops, "fraction_of_matmul": flops / seconds / 1e12 / mm_tflops}
-
-
-def load_acceptance(path: str) -> dict[int, list[int]]:
-    data = json.loads(Path(path).read_text())
-    dist = data.get("distribution") or data.get("histograms") or data  # ours, or `optimus eval`'s tau profile
-    out = {}
-    for c, v in dist.items():
-        if isinstance(v, dict):  # histogram {commits: count}
-            out[int(c)] = [int(k) for k, n in v.items() for _ in range(int(n))]
-        else:
-            out[int(c)] = [int(x) for x in v]
-    return out
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

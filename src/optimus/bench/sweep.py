@@ -46,17 +46,15 @@ class SweepConfig:
             raise ValueError("rates must be > 0")
 
 
-def capacity(self) -> float | None:
-        return capacity(self.runs, 0.9)
-
-
 def capacity(runs: Sequence[dict], attainment: float) -> float | None:
     """Highest rate whose run kept at least ``attainment`` of its requests within the SLOs."""
     ok = [r["request_rate"] for r in runs if (r.get("slo_attainment") or 0.0) >= attainment]
     return max(ok) if ok else None
 
 
-def run_sweep(cfg: SweepConfig, launch: Launcher, bench: Bench, log: Callable[[str], None] = print) -> dict:
+def run_sweep(cfg: SweepConfig, launch: Launcher, bench: Bench, log: Callable[[str], None] = print,
+              on_policy: Callable[[dict], None] | None = None) -> dict:
+    """``on_policy`` receives the sweep so far after each policy (a cut-off run keeps those)."""
     results: dict[str, dict] = {}
     for policy in cfg.policies:
         runs = []
@@ -66,8 +64,14 @@ def run_sweep(cfg: SweepConfig, launch: Launcher, bench: Bench, log: Callable[[s
                 runs.append({"request_rate": rate, **{k: full.get(k) for k in SUMMARY_KEYS}})
                 log(_progress_line(policy, runs[-1]))
         results[policy] = {"runs": runs, "capacity": capacity(runs, cfg.attainment)}
+        if on_policy is not None:
+            on_policy(_sweep_dict(cfg, results))
+    return _sweep_dict(cfg, results)
+
+
+def _sweep_dict(cfg: SweepConfig, results: dict[str, dict]) -> dict:
     return {"slo_ms": cfg.slo.as_dict(), "attainment_target": cfg.attainment,
-            "rates": sorted(cfg.rates), "policies": results}
+            "rates": sorted(cfg.rates), "policies": dict(results)}
 
 
 def rejudge(sweep: dict, slo: SLO, attainment: float) -> dict:
@@ -88,7 +92,9 @@ def _progress_line(policy: str, run: dict) -> str:
 
 # ---- command line --------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="default", help="model directory, or 'default' (default: default)")
+    parser.add_argument("--model", default="default",
+                        help="model directory, 'default', or random:SHAPE (random weights at a published shape: "
+                             "pass --replay-acceptance in --server-args; see docs/benchmarks.md) (default: default)")
     parser.add_argument("--policies", default="ar,fixed:4,fixed:8,fixed:32,elastic",
                         help="comma-separated chunk policies (default: ar,fixed:4,fixed:8,fixed:32,elastic)")
     parser.add_argument("--rates", default="0.5,1,2,4", help="comma-separated request rates, req/s")
@@ -130,10 +136,14 @@ def run(args: argparse.Namespace) -> int:
         bench_cfg = config_from_args(args, base_url, model, rate, cfg.slo)
         return asyncio.run(benchmark(bench_cfg, requests, lambda text: len(tokenizer.encode(text))))
 
-    sweep = run_sweep(cfg, launch, bench)
-    sweep["command"] = "optimus " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    sweep["dataset"] = vars(dataset_spec_from_args(args))
-    return _save(sweep, out_dir)
+    provenance = {"command": "optimus " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+                  "dataset": vars(dataset_spec_from_args(args))}
+
+    def save_partial(sweep: dict) -> None:  # plots come once, at the end
+        (out_dir / "sweep.json").write_text(json.dumps({**sweep, **provenance, "partial": True}, indent=1))
+
+    sweep = run_sweep(cfg, launch, bench, on_policy=save_partial)
+    return _save({**sweep, **provenance}, out_dir)
 
 
 def _save(sweep: dict, out_dir: Path) -> int:

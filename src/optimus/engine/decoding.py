@@ -6,9 +6,19 @@ top-k/top-p filtering (SDAR's convention). Every rule commits at least one posit
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
 import torch
 
 from optimus.engine.params import SamplingParams
+
+if TYPE_CHECKING:
+    from optimus.config import EngineConfig
+
+# (confidences of the chunk's masked positions, the request's params, chunk size) -> indices to commit
+CommitRule = Callable[[torch.Tensor, SamplingParams, int], torch.Tensor]
 
 # Below this temperature, logits / T overflows; such requests decode greedily.
 GREEDY_TEMPERATURE = 1e-5
@@ -65,6 +75,29 @@ def select_commits(conf: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return torch.topk(conf, 1).indices
 
 
+def load_acceptance(path: str | Path) -> dict[int, list[int]]:
+    """Observed commits per step for each chunk size, from a measured acceptance profile:
+    ``histograms`` ({chunk: {commits: steps}}, as ``optimus bench acceptance`` writes it), or a
+    ``distribution`` ({chunk: [commits, ...]}), or a bare distribution mapping."""
+    data = json.loads(Path(path).read_text())
+    try:
+        table = data.get("distribution") or data.get("histograms") or data
+        out = {int(c): _observations(v) for c, v in table.items()}
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: not an acceptance profile (need 'histograms' or 'distribution': "
+                         f"chunk size -> commits per step)") from exc
+    empty = sorted(c for c, obs in out.items() if not obs)
+    if not out or empty:
+        raise ValueError(f"{path}: acceptance profile has no observations" + (f" for chunk {empty}" if empty else ""))
+    return out
+
+
+def _observations(v) -> list[int]:
+    if isinstance(v, dict):  # histogram {commits: count}
+        return [int(k) for k, n in v.items() for _ in range(int(n))]
+    return [int(x) for x in v]
+
+
 class ReplayAcceptance:
     """Benchmark-only commit rule: commit as many positions as a measured acceptance profile
     says a chunk of that size commits (sampled from its distribution), most confident first.
@@ -94,3 +127,11 @@ class ReplayAcceptance:
 def params_rule(conf: torch.Tensor, params: SamplingParams, chunk: int) -> torch.Tensor:
     """The default commit rule: the request's own decoding rule."""
     return select_commits(conf, params)
+
+
+def commit_rule_for(config: "EngineConfig") -> CommitRule:
+    """The engine's commit rule: the requests' own (the default), or, when the config names a
+    ``replay_acceptance`` profile (benchmarks of random-weight models), that profile replayed."""
+    if config.replay_acceptance:
+        return ReplayAcceptance(load_acceptance(config.replay_acceptance), seed=config.seed)
+    return params_rule

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from optimus.engine.decoding import load_acceptance
+
 log = logging.getLogger(__name__)
 
 
@@ -56,21 +58,24 @@ def load_or_profile(engine):
 
 
 def tau_prior_from(path: str | Path | None) -> dict[int, float] | None:
-    """A measured acceptance profile ({"tau_per_chunk": {chunk: mean commits per step}}, as
-    `optimus eval` writes it), if there is one."""
+    """Mean commits per step per chunk size from a measured acceptance profile, if there is
+    one: its ``tau_per_chunk`` table (as `optimus eval` writes it), else the means of its
+    observations (``histograms`` or ``distribution``, see :func:`load_acceptance`)."""
     if not path or not Path(path).exists():
         return None
     data = json.loads(Path(path).read_text())
     if "tau_per_chunk" in data:
         return {int(c): float(v) for c, v in data["tau_per_chunk"].items()}
-    if "distribution" in data:  # chunk -> observed commits per step
-        return {int(c): sum(v) / len(v) for c, v in data["distribution"].items() if v}
-    raise ValueError(f"{path}: no 'tau_per_chunk' or 'distribution' table in this acceptance profile")
+    return {c: sum(obs) / len(obs) for c, obs in load_acceptance(path).items()}
 
 
 def elastic_kwargs(engine) -> dict:
     """The device's latency profile, and a tau prior: the config's acceptance profile, else
-    the one shipped beside the model (``tau_profile.json``), else none (learned online)."""
+    the profile whose commits the engine replays (``replay_acceptance``: the tau elastic will
+    actually see), else the one shipped beside the model (``tau_profile.json``), else none
+    (learned online)."""
+    config = engine.config
     model_dir = Path(str(getattr(engine.loaded, "path", "")))
-    prior = tau_prior_from(engine.config.acceptance_profile) or tau_prior_from(model_dir / "tau_profile.json")
+    prior = (tau_prior_from(config.acceptance_profile) or tau_prior_from(config.replay_acceptance)
+             or tau_prior_from(model_dir / "tau_profile.json"))
     return {"profile": load_or_profile(engine), "tau_prior": prior}

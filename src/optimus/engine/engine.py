@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from optimus.config import EngineConfig
-from optimus.engine.decoding import GREEDY_TEMPERATURE, params_rule, propose
+from optimus.engine.decoding import GREEDY_TEMPERATURE, commit_rule_for, propose
 from optimus.engine.detokenizer import IncrementalDetokenizer
 from optimus.engine.kv_cache import KVCacheStorage, PageAllocator, capacity_in_pages
 from optimus.engine.outputs import CommitEvent, RequestOutput
@@ -53,7 +53,7 @@ def make_geometry(spec: ModelSpec, block_size: int, prompt_len: int, max_tokens:
 class Engine:
     def __init__(self, config: EngineConfig, loaded=None, commit_rule=None) -> None:
         self.config = config
-        self.commit_rule = commit_rule or params_rule  # (conf, params, chunk) -> indices
+        self.commit_rule = commit_rule or commit_rule_for(config)  # (conf, params, chunk) -> indices
         self.device = resolve_device(config.model.device)
         if loaded is None:
             from optimus.loader import load_model
@@ -120,7 +120,7 @@ class Engine:
                              f"the cache holds {self.allocator.num_pages * self.allocator.page_size}")
         if params.seed is None and params.temperature > 0:
             params = _with_seed(params, self.config.seed + len(self._requests))
-        request = Request(request_id, list(prompt_ids), params, geometry, self.spec.mask_id or 0)
+        request = Request(request_id, tuple(prompt_ids), params, geometry, self.spec.mask_id or 0)
         self.scheduler.add(request)
         self._requests[request_id] = request
         self.stats.prompt_tokens += len(prompt_ids)
@@ -181,10 +181,10 @@ class Engine:
                 rows = hidden[torch.from_numpy(index).to(hidden.device)]
             tokens, conf = self.runner.greedy(rows)
             h0 = time.perf_counter()
-            i = 0
+            token_list, i = tokens.tolist(), 0
             for w in fast:
                 n = len(w.positions)
-                self._commit(plan.works[w.work_index], w.positions, tokens[i:i + n], conf[i:i + n])
+                self._commit(plan.works[w.work_index], w.positions, token_list[i:i + n], conf[i:i + n])
                 i += n
         self._host_commit_s = time.perf_counter() - h0
         for w in slow:
@@ -199,7 +199,7 @@ class Engine:
                 self._requests.pop(r.request_id, None)
                 self._failed.append(r)
                 continue
-            self._commit(plan.works[w.work_index], w.positions, tokens.cpu(), conf.cpu())
+            self._commit(plan.works[w.work_index], w.positions, tokens.tolist(), conf.cpu())
 
     def _is_plain_greedy(self, r: Request) -> bool:
         return r.params.temperature <= GREEDY_TEMPERATURE and not self._suppressed_ids(r)
@@ -214,12 +214,14 @@ class Engine:
                    torch.tensor(suppress, device=logits.device)] = float("-inf")
         return logits
 
-    def _commit(self, work: RequestWork, positions: tuple[int, ...], tokens: torch.Tensor,
+    def _commit(self, work: RequestWork, positions: tuple[int, ...], tokens: list[int],
                 conf: torch.Tensor) -> None:
         r = work.request
         start = r.geometry.canvas_start
-        chosen = self.commit_rule(conf, r.params, work.window[1] - work.window[0]).tolist()
-        tokens = tokens.tolist()
+        if len(positions) == 1:
+            chosen = [0]  # every rule commits at least one position: no choice to make
+        else:
+            chosen = self.commit_rule(conf, r.params, work.window[1] - work.window[0]).tolist()
         committed_pos, committed_tok = [], []
         for i in sorted(chosen):
             pos = positions[i]
@@ -265,9 +267,7 @@ class Engine:
         if r.is_done:
             return None
         n = min(r.contiguous_answer_len(), r.params.max_tokens)
-        start = r.geometry.canvas_start
-        answer = r.tokens[start:start + n].tolist()
-        reason, keep = self._finish_reason(r, answer)
+        reason, keep = self._finish_reason(r, n)
         if reason is None and n == r.output_len and not r.events:
             return None
         if n > 0 and r.stats.first_token_time is None:
@@ -279,22 +279,28 @@ class Engine:
             self._requests.pop(r.request_id, None)
         return self._output(r)
 
-    def _finish_reason(self, r: Request, answer: list[int]) -> tuple[str | None, int]:
+    def _finish_reason(self, r: Request, n: int) -> tuple[str | None, int]:
+        """Over the contiguous answer of ``n`` tokens -> (reason or None, tokens to keep).
+        Only the tokens not scanned before are read (stop ids), so a step costs O(new)."""
         p = r.params
+        start = r.geometry.canvas_start
         stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else set(self.spec.eos_ids))
-        for i in range(max(r.stop_scanned, p.min_tokens), len(answer)):
-            if answer[i] in stop_ids:
-                return "stop", i  # the stop token itself is not part of the answer
-        r.stop_scanned = len(answer)
+        first = max(r.stop_scanned, p.min_tokens)
+        if stop_ids and first < n:
+            new = r.tokens[start + first:start + n].tolist()
+            for i, token in enumerate(new, first):
+                if token in stop_ids:
+                    return "stop", i  # the stop token itself is not part of the answer
+        r.stop_scanned = max(r.stop_scanned, n)
         if p.stop:
-            text = self._text(r, answer)
+            text = self._text(r, r.tokens[start:start + n].tolist())
             cut = _first_stop(text, p.stop)
             if cut is not None:
                 r.done_text = text[:cut]
-                return "stop", len(answer)
-        if len(answer) >= p.max_tokens:
-            return "length", len(answer)
-        return None, len(answer)
+                return "stop", n
+        if n >= p.max_tokens:
+            return "length", n
+        return None, n
 
     def _text(self, r: Request, ids: list[int]) -> str:
         if r.detokenizer is None:
@@ -315,7 +321,7 @@ class Engine:
         if r.params.stop and not r.done_text and not r.is_done:
             text = _hold_back_stop_prefix(text, r.params.stop)
         events, r.events = tuple(r.events), []
-        return RequestOutput(r.request_id, tuple(r.prompt_ids), ids, text, r.is_done, r.finish_reason,
+        return RequestOutput(r.request_id, r.prompt_ids, ids, text, r.is_done, r.finish_reason,
                              r.stats, events)
 
 

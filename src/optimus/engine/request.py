@@ -59,7 +59,7 @@ class Geometry:
 @dataclass
 class Request:
     request_id: str
-    prompt_ids: list[int]
+    prompt_ids: tuple[int, ...]
     params: SamplingParams
     geometry: Geometry
     mask_id: int
@@ -100,7 +100,7 @@ class Request:
 
     @property
     def is_done(self) -> bool:
-        return self.state in (RequestState.FINISHED, RequestState.ABORTED)
+        return self.state is RequestState.FINISHED or self.state is RequestState.ABORTED
 
     # ---- window geometry ----------------------------------------------------------------
     def window_start(self) -> int:
@@ -118,6 +118,8 @@ class Request:
         lo = self.window_start()
         end = lo + self.max_chunk()
         hi = lo + max(1, min(chunk, end - lo))
+        if hi >= end or not self.committed[lo]:
+            return lo, hi  # the window already holds a masked position (or all there is)
         open_ = np.flatnonzero(~self.committed[lo:end])
         if open_.size and lo + open_[0] >= hi:
             hi = lo + int(open_[0]) + 1

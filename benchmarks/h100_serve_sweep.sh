@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The 8B-shape serving sweep (issue 7) in one device command (run from the repo root):
+#   OUT=/some/dir bash benchmarks/h100_serve_sweep.sh
+# `optimus bench sweep` starts `optimus serve --model random:sdar-8b` (random bf16 weights at
+# the SDAR-8B shape) once per policy and loads it over HTTP at each request rate. Random weights
+# have meaningless confidences, so each server commits per step what the measured acceptance
+# profile of the shipped default model says (--replay-acceptance; it also seeds elastic's tau)
+# and elastic plans on the committed H100 latency profile (--profile-path). Results are
+# throughput and latency of the serving stack with replayed token efficiency, not accuracy.
+#
+# Server packages the GPU image may lack (fastapi, uvicorn, ...) travel as wheels in .whl/
+# (gitignored; carry it), installed into a scratch folder only if an import fails.
+#
+# MODEL, EXTRA_SERVER_ARGS, POLICIES, RATES and PROMPTS override the defaults, e.g. a CPU smoke
+# run of this script: MODEL=random-tiny:sdar-8b EXTRA_SERVER_ARGS="--device cpu --num-pages 256"
+# POLICIES=fixed:8 RATES=50 PROMPTS=4 OUT=/tmp/smoke bash benchmarks/h100_serve_sweep.sh
+#
+# Time budget (~8 min on an H100; estimate from the offline H100 numbers, docs/gpu.md: a step
+# costs ~7.5 ms up to ~256 tokens and ~25 us per token beyond; fixed:8 peaks near 10,000 output
+# tok/s at 256 requests, ar near 4,700): 96 requests of 256 prompt + 256 output tokens at
+# 12/24/36/48 req/s. Each rate offers 96 / rate seconds of arrivals (8, 4, 2.7, 2 s) plus the
+# drain; a fluid model of the offline curves gives ~45 s of load for ar (saturated from
+# 24 req/s at ~2,500 tok/s with 96 requests in flight), ~25-30 s for each chunked policy, plus
+# one unmeasured warm-up request per rate, plus 20-40 s per server start (8B random init,
+# Triton compiles on the first start; CUDA graphs are captured lazily, inside the runs).
+# About 60-75 s per policy, 6-7 min in all. The policies run most-important first and
+# sweep.json is rewritten after each one, so a run cut off by `timeout` keeps what finished.
+set -o pipefail
+OUT=${OUT:?set OUT}
+MODEL=${MODEL:-random:sdar-8b}
+ACCEPTANCE=${ACCEPTANCE:-benchmarks/results/default_model/acceptance_v1.json}
+PROFILE=${PROFILE:-benchmarks/results/h100/profile_sdar8b_h100.json}
+POLICIES=${POLICIES:-elastic,fixed:8,ar,fixed:4,fixed:16,fixed:32}
+RATES=${RATES:-12,24,36,48}
+PROMPTS=${PROMPTS:-96}
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1 PYTHONPATH=src
+SERVER_STACK="import fastapi, uvicorn, prometheus_client, httpx"
+if ! "$PY" -c "$SERVER_STACK" 2>/dev/null; then
+  timeout 120 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/optimus-site .whl/*.whl || exit 1
+  export PYTHONPATH=src:/tmp/optimus-site
+fi
+timeout 60 "$PY" -c "$SERVER_STACK, torch; print('torch', torch.__version__, 'fastapi', fastapi.__version__)" || exit 1
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+timeout 510 "$PY" -m optimus.cli bench sweep --model "$MODEL" --policies "$POLICIES" --rates "$RATES" \
+  --dataset random --input-len 256 --output-len 256 --num-prompts "$PROMPTS" --ignore-eos --warmup 1 \
+  --slo ttft:2000,tpot:50 --startup-timeout 180 --disable-tqdm \
+  --server-args "--replay-acceptance $ACCEPTANCE --profile-path $PROFILE --log-level warning $EXTRA_SERVER_ARGS" \
+  --out-dir "$OUT" 2>&1 | tee "$OUT/sweep.log"
+# At most 8 files come back from $OUT: one archive for the per-policy server logs.
+tar czf "$OUT/server_logs.tar.gz" -C "$OUT" logs && rm -r "$OUT/logs"

@@ -1,0 +1,79 @@
+"""Published model shapes, and random-weight models built at them straight on the device.
+
+A shape is a ``config.json`` dict (no checkpoint exists for it here). Random weights make
+confidences meaningless: such models exist to time the engine, never to judge outputs, so
+their runs use fixed commit schedules or a replayed acceptance profile.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from optimus.models.registry import spec_from_config
+from optimus.models.spec import ModelSpec
+from optimus.models.transformer import DecoderLM
+
+SHAPES: dict[str, dict] = {
+    # LLaDA-8B: MHA, full attention, untied head, vocab 126464.
+    "llada-8b": dict(model_type="llada", d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32,
+                     mlp_hidden_size=12288, embedding_size=126464, vocab_size=126464, rope_theta=500000.0,
+                     rms_norm_eps=1e-5, mask_token_id=126336, eos_token_id=126081, pad_token_id=126081,
+                     max_sequence_length=4096),
+    # SDAR-8B-Chat-b32: Qwen3 layout, GQA 32/8, block-causal.
+    "sdar-8b": dict(model_type="sdar", hidden_size=4096, num_hidden_layers=36, num_attention_heads=32,
+                    num_key_value_heads=8, head_dim=128, intermediate_size=12288, vocab_size=151936,
+                    rope_theta=1000000.0, rms_norm_eps=1e-6, block_size=32, mask_token_id=151669,
+                    eos_token_id=151645, max_position_embeddings=4096),
+    # Llama-3-8B: the autoregressive baseline.
+    "llama-8b": dict(model_type="llama", hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                     num_key_value_heads=8, intermediate_size=14336, vocab_size=128256, rope_theta=500000.0,
+                     rms_norm_eps=1e-5, eos_token_id=128001, max_position_embeddings=4096),
+}
+
+# Tiny shapes keep each family's layout and attention but shrink it to milliseconds on a CPU.
+# Their vocabulary is larger than the default model's tokenizer (8192 ids) and their mask/eos
+# ids lie past it, as at the full shapes, so a tiny model can serve that tokenizer's ids.
+TINY_VOCAB = 9216
+
+
+def tiny_overrides(shape: str) -> dict:
+    """Config overrides that shrink ``shape`` (2 layers, width 64)."""
+    if SHAPES[shape]["model_type"] == "llada":
+        return dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=4, mlp_hidden_size=128,
+                    embedding_size=TINY_VOCAB, vocab_size=TINY_VOCAB, mask_token_id=TINY_VOCAB - 100,
+                    eos_token_id=TINY_VOCAB - 99, pad_token_id=TINY_VOCAB - 99)
+    return dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                intermediate_size=128, vocab_size=TINY_VOCAB, mask_token_id=TINY_VOCAB - 100,
+                eos_token_id=TINY_VOCAB - 99)
+
+
+def shape_config(shape: str, tiny: bool = False) -> dict:
+    """The config.json dict of a named shape; ``tiny`` shrinks it (tests, CPU smoke runs)."""
+    if shape not in SHAPES:
+        raise ValueError(f"unknown model shape {shape!r}; known shapes: {', '.join(sorted(SHAPES))}")
+    return {**SHAPES[shape], **(tiny_overrides(shape) if tiny else {})}
+
+
+@torch.no_grad()
+def random_decoder(spec: ModelSpec, device: str | torch.device, dtype: torch.dtype, seed: int = 0) -> DecoderLM:
+    """A :class:`DecoderLM` with N(0, 0.02) weights and unit norms, built in ``dtype`` on
+    ``device`` (never a full fp32 copy: an 8B model takes its 16 GB of bf16 and no more)."""
+    with torch.device("meta"):
+        model = DecoderLM(spec)
+    model = model.to(dtype).to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            p.fill_(1.0)
+        else:
+            p.normal_(0.0, 0.02, generator=gen)
+    for module in model.modules():  # non-persistent buffers (RoPE's fp32 inv_freq) are not parameters
+        if hasattr(module, "reset_buffers"):
+            module.reset_buffers(device)
+    return model.eval()
+
+
+def random_shape_model(shape: str, device: str | torch.device, dtype: torch.dtype, tiny: bool = False,
+                       seed: int = 0, **overrides) -> DecoderLM:
+    """``random_decoder`` at a named shape (plus config ``overrides``)."""
+    return random_decoder(spec_from_config({**shape_config(shape, tiny), **overrides}), device, dtype, seed)
