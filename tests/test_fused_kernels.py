@@ -285,3 +285,12 @@ def test_rotary_angle_reduction_constants() -> None:
     # Few mantissa bits: n * hi exact for |n| < 2^16, n * mid for |n| < 2^13 (in fp32).
     assert (hi * 2**5).is_integer() and hi * 2**5 < 2**8
     assert (mid * 2**20).is_integer() and mid * 2**20 < 2**11
+
+
+def test_every_exported_name_exists() -> None:
+    """layer_ops calls fused.triton_available() on CUDA only; a missing export must fail here,
+    on CPU, not first on the GPU."""
+    from optimus.kernels import fused
+
+    missing = [name for name in fused.__all__ if not hasattr(fused, name)]
+    assert not missing, f"optimus.kernels.fused.__all__ names missing attributes: {missing}"

@@ -42,7 +42,9 @@ class SchedulerConfig:
 @dataclass(frozen=True)
 class RunnerConfig:
     cuda_graphs: bool = _opt(True, "replay decoding steps from CUDA graphs (GPU only)")
-    graph_max_tokens: int = _opt(2048, "largest step (in tokens) served from a CUDA graph")
+    graph_max_tokens: int = _opt(512, "largest step (in tokens) served from a CUDA graph; larger steps run "
+                                      "eagerly (their GPU time hides the launches, and they are not padded "
+                                      "to a power-of-two bucket)")
     attention_backend: str = _opt("auto", "auto | torch | triton")
 
 

@@ -77,27 +77,24 @@ class HostStaging:
     def upload(self, arrays, dtype) -> list[torch.Tensor]:
         """-> one device tensor per array (same shapes), views of one packed upload."""
         arrays = [np.asarray(a) for a in arrays]
-        sizes = [a.size for a in arrays]
-        total = max(sum(sizes), 1)
+        # Each array starts on a 16-element boundary: kernels (Triton specialises on 16-byte
+        # alignment) see the same pointer alignment as for separately allocated tensors.
+        starts = np.zeros(len(arrays) + 1, np.int64)
+        np.cumsum([-(-a.size // 16) * 16 for a in arrays], out=starts[1:])
+        total = max(int(starts[-1]), 1)
         key = np.dtype(dtype)
         if key in self._copied:
             self._copied[key].synchronize()
         buf = self._buffer(key, total)
         host = buf.numpy()
-        offset = 0
-        for a, n in zip(arrays, sizes):
-            host[offset:offset + n] = a.reshape(-1)
-            offset += n
+        for a, lo in zip(arrays, starts):
+            host[lo:lo + a.size] = a.reshape(-1)
         packed = buf[:total].to(self.device, non_blocking=self.pin)
         if self.pin:
             self._copied.setdefault(key, torch.cuda.Event()).record()
         else:
             packed = packed.clone()  # the CPU "upload" must not alias the reused buffer
-        out, offset = [], 0
-        for a, n in zip(arrays, sizes):
-            out.append(packed[offset:offset + n].view(a.shape))
-            offset += n
-        return out
+        return [packed[lo:lo + a.size].view(a.shape) for a, lo in zip(arrays, starts)]
 
     def _buffer(self, dtype: np.dtype, size: int) -> torch.Tensor:
         buf = self._buffers.get(dtype)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from optimus.kernels.group_attention import BACKENDS, resolve_backend as _resolve
+from optimus.kernels.group_attention import BACKENDS, resolve_backend as _resolve, triton_available
 from optimus.kernels.reference import rms_norm_reference, rotary_qk_reference, silu_mul_reference
 
 __all__ = ["BACKENDS", "QKNorm", "rms_norm", "rotary_qk", "silu_mul", "silu_mul_split", "triton_available"]
