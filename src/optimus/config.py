@@ -37,6 +37,8 @@ class SchedulerConfig:
     max_tokens_per_step: int = _opt(4096, "token budget of one step (prefill pieces + chunks)")
     prefill_chunk: int = _opt(512, "most prompt tokens one request prefills in a step")
     suffix_window: int = _opt(0, "full-attention models: mask positions after the chunk, computed but not stored")
+    elastic_per_request: bool = _opt(True, "elastic: plan each request on its own measured confidence level "
+                                           "(off: one shared tau curve for every request)")
 
 
 @dataclass(frozen=True)

@@ -158,8 +158,12 @@ def run_sweep(target: Target, shape: str, policies, concurrencies, acceptance: d
     params = SamplingParams(max_tokens=gen_len, ignore_eos=True)
     rows = []
     for policy in policies:
-        llm = target.llm(shape, policy, commit_rule=ReplayAcceptance(acceptance), max_running=max(concurrencies),
-                   block_size=32, profile_path=profile_path, acceptance_profile=acceptance_path)
+        # "elastic-shared": elastic planning every request on the shared tau curve (no
+        # per-request confidence levels), the variant that fits i.i.d. replayed commits.
+        engine_policy, per_request = ("elastic", False) if policy == "elastic-shared" else (policy, True)
+        llm = target.llm(shape, engine_policy, commit_rule=ReplayAcceptance(acceptance),
+                         max_running=max(concurrencies), block_size=32, profile_path=profile_path,
+                         acceptance_profile=acceptance_path, elastic_per_request=per_request)
         for n in concurrencies:
             r = timed_generate(llm, n, prompt_len, gen_len, params, full_warmup=True)
             r.update(shape=shape, policy=policy, concurrency=n, acceptance="replayed (default model)")
@@ -210,7 +214,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ar-shapes", default="llama-8b,llada-8b")
     p.add_argument("--batches", default="1,8,32,128")
     p.add_argument("--concurrency", default="1,8,32,128,256")
-    p.add_argument("--policies", default="ar,fixed:4,fixed:8,fixed:16,fixed:32,fixed:64,elastic")
+    p.add_argument("--policies", default="ar,fixed:4,fixed:8,fixed:16,fixed:32,fixed:64,elastic",
+                   help="comma list of ar, fixed:C, elastic, elastic-shared (elastic on one shared tau curve)")
     p.add_argument("--acceptance", default=None, help="acceptance-profile JSON measured on the default model")
     p.add_argument("--profile", default=None,
                    help="latency-profile JSON: written by the surface experiment, read by elastic in the sweep")

@@ -78,4 +78,5 @@ def elastic_kwargs(engine) -> dict:
     model_dir = Path(str(getattr(engine.loaded, "path", "")))
     prior = (tau_prior_from(config.acceptance_profile) or tau_prior_from(config.replay_acceptance)
              or tau_prior_from(model_dir / "tau_profile.json"))
-    return {"profile": load_or_profile(engine), "tau_prior": prior}
+    return {"profile": load_or_profile(engine), "tau_prior": prior,
+            "per_request": config.scheduler.elastic_per_request}
