@@ -31,8 +31,8 @@ MODEL=${MODEL:-random:sdar-8b}
 ACCEPTANCE=${ACCEPTANCE:-benchmarks/results/default_model/acceptance_v1.json}
 PROFILE=${PROFILE:-benchmarks/results/h100/profile_sdar8b_h100.json}
 POLICIES=${POLICIES:-elastic,fixed:8,ar,fixed:4,fixed:16,fixed:32}
-RATES=${RATES:-12,24,36,48}
-PROMPTS=${PROMPTS:-96}
+RATES=${RATES:-32,48,64,96}
+PROMPTS=${PROMPTS:-256}
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 PYTHONPATH=src
 SERVER_STACK="import fastapi, uvicorn, prometheus_client, httpx"
