@@ -287,3 +287,29 @@ def test_elastic_plans_each_request_on_its_own_confidence_in_a_mixed_population(
     assert all(total["elastic"] > total[name] for name in fixed), total
     sizes = [ch.size for ch in results["elastic"][16].chunk_choices if ch.block_start]
     assert min(sizes) == 1 and max(sizes) >= 16  # one step holds both kinds
+
+
+def test_block_tails_do_not_read_as_hesitancy():
+    """A window late in its block holds few masked positions; committing all of them is full
+    confidence, not a shortfall against tau(C). With the open-position counts the request keeps
+    its level; judged against the whole window it would be demoted."""
+    def run(with_open: bool) -> float:
+        p = elastic()
+        for _ in range(40):
+            p.choose(view(1))
+            open_ = (2,) if with_open else ()
+            p.observe(StepFeedback(16, 0.01, (16,), (2,), ("r0",), open_))
+        return p.confidence.level("r0")
+
+    assert run(with_open=True) == 1.0
+    assert run(with_open=False) < 1.0
+
+
+def test_latency_free_steps_teach_no_latency():
+    """Engine steps that captured a CUDA graph report latency 0: the curve must not move."""
+    p = elastic()
+    before = (p.correction.scale, p.correction.stretch)
+    for _ in range(200):
+        out = p.choose(view(8))
+        p.observe(StepFeedback(8 * 16, 0.0, tuple(out), (8,) * 8, tuple(f"r{i}" for i in range(8))))
+    assert (p.correction.scale, p.correction.stretch) == before

@@ -8,6 +8,7 @@ needs no logit-row count. Graphs are captured lazily on first use and share one 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +47,8 @@ class GraphedBody:
         self.page_table = torch.zeros((r, max_pages), dtype=torch.int32, device=dev)
         self.graphs: dict[tuple[int, int, int], _Graph] = {}
         self.pool = None
+        self.captured_last = False  # did the latest run capture a new graph (a one-time cost)?
+        self.capture_s = 0.0  # host seconds spent capturing, in total
 
     def fits(self, batch: StepBatch) -> bool:
         return (batch.input_ids.numel() <= self.max_tokens and batch.cu_q.numel() - 1 < self.max_requests
@@ -102,10 +105,14 @@ class GraphedBody:
         key = self.key(batch)
         self._load(batch, key)
         g = self.graphs.get(key)
+        self.captured_last = g is None
         if g is None:
             # Capture with all-padding metadata so warm-up writes nothing, then replay for real.
+            t0 = time.perf_counter()
             self.slots.fill_(-1)
             g = self.graphs[key] = self._capture(key)
             self._load(batch, key)
+            torch.cuda.synchronize()
+            self.capture_s += time.perf_counter() - t0
         g.graph.replay()
         return g.hidden[:batch.input_ids.numel()]

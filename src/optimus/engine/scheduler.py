@@ -12,6 +12,8 @@ import collections
 import time
 from dataclasses import dataclass
 
+import numpy as np
+
 from optimus.config import SchedulerConfig
 from optimus.engine.kv_cache import PageAllocator
 from optimus.engine.policies import ChunkPolicy, RequestView, StepFeedback, StepView
@@ -238,7 +240,7 @@ class Scheduler:
     # ---- after the forward pass --------------------------------------------------------
     def complete_step(self, plan: StepPlan, latency_s: float) -> None:
         """Advance cache cursors and hand the policy its feedback."""
-        chunk_sizes, committed, ids = [], [], []
+        chunk_sizes, committed, ids, open_positions = [], [], [], []
         for w in plan.works:
             r = w.request
             if r.is_done:
@@ -250,11 +252,13 @@ class Scheduler:
                     self._recompute_len.pop(r.request_id, None)
                     r.transition(RequestState.DECODING)
                 continue
-            chunk_sizes.append(w.window[1] - w.window[0])
+            lo, hi = w.window
+            chunk_sizes.append(hi - lo)
             committed.append(r.last_committed)
             ids.append(r.request_id)
+            open_positions.append(r.last_committed + int(np.count_nonzero(~r.committed[lo:hi])))
             if r.window_finished(w.window) and w.store_end < w.end:
                 r.pending_store = (r.cache_len, w.window[1] - r.geometry.shift)
         if chunk_sizes:
             self.policy.observe(StepFeedback(plan.num_tokens, latency_s, tuple(chunk_sizes), tuple(committed),
-                                             tuple(ids)))
+                                             tuple(ids), tuple(open_positions)))

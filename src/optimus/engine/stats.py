@@ -18,6 +18,7 @@ class EngineStats:
     last_step_latency_s: float = 0.0
     step_latency_sum_s: float = 0.0
     cpu_time_sum_s: float = 0.0  # scheduling + batch building + commit bookkeeping (host side)
+    graph_capture_s: float = 0.0  # one-time CUDA-graph captures, inside the step latencies above
     running: int = 0
     waiting: int = 0
     kv_usage: float = 0.0

@@ -26,10 +26,13 @@ class StepView:
 @dataclass(frozen=True)
 class StepFeedback:
     num_tokens: int  # tokens the forward pass processed
-    latency_s: float  # measured wall time of the step
+    latency_s: float  # measured wall time of the step cycle; 0 = no latency evidence
     chunk_sizes: tuple[int, ...]  # per decoding request, the chunk size it ran
     committed: tuple[int, ...]  # per decoding request, positions committed this step
     request_ids: tuple[str, ...]  # per decoding request, its id (same order)
+    # Per decoding request, the still-masked positions its window held (<= chunk size; a
+    # window late in a block holds fewer). Empty when unknown: then every position counts.
+    open_positions: tuple[int, ...] = ()
 
 
 class ChunkPolicy(Protocol):

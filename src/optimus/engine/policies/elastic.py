@@ -215,7 +215,14 @@ class ElasticPolicy:
         else:
             sizes = np.array(feedback.chunk_sizes, dtype=float)
             levels = np.array([self.confidence.level(rid) for rid in feedback.request_ids])
-            self.confidence.observe(feedback.request_ids, feedback.chunk_sizes, feedback.committed, self.tau(sizes))
+            # A window holding m masked positions can commit at most m: judge each request
+            # against min(tau(C), m) over min(C, m) positions, or block tails read as hesitancy.
+            expected, judged = self.tau(sizes), feedback.chunk_sizes
+            if feedback.open_positions:
+                open_ = np.array(feedback.open_positions, dtype=float)
+                expected = np.minimum(expected, open_)
+                judged = tuple(min(c, m) for c, m in zip(feedback.chunk_sizes, feedback.open_positions))
+            self.confidence.observe(feedback.request_ids, judged, feedback.committed, expected)
             # Rescaled to the shared curve, weighted by level (TauEstimator): hesitant requests weigh little.
             excess = np.array(feedback.committed, dtype=float) - 1.0
             self.tau.observe(feedback.chunk_sizes, 1.0 + excess / np.maximum(levels, 1e-9), levels)
