@@ -120,7 +120,7 @@ def default_config(step: Step, split_kv: bool = True):
 
 
 def sweep_configs(gqa_pad: int, default):
-    """Candidate tiles (unsplit), then the default tile with each split count if it splits."""
+    """Candidate tiles (unsplit), then the default tile at several split counts."""
     from optimus.kernels._group_attention_triton import MAX_SPLITS, TileConfig
     seen = []
     for m, n, warps, stages in [(16, 64, 4, 2), (16, 128, 4, 2), (32, 64, 4, 3), (64, 32, 4, 3),
@@ -130,10 +130,11 @@ def sweep_configs(gqa_pad: int, default):
             cfg = TileConfig(m // gqa_pad, n, warps, stages)
             if cfg not in seen:
                 seen.append(cfg)
-    if default.num_splits > 1:  # only small grids: splitting a full grid just adds a combine
-        for splits in (1, 2, 4, 8, MAX_SPLITS):
-            if replace(default, num_splits=splits) not in seen:
-                seen.append(replace(default, num_splits=splits))
+    # The default tile at each split count (2 and 4 only where the default does not split:
+    # does a grid that already fills the GPU gain from shorter key ranges?).
+    for splits in (1, 2, 4, 8, MAX_SPLITS) if default.num_splits > 1 else (2, 4):
+        if replace(default, num_splits=splits) not in seen:
+            seen.append(replace(default, num_splits=splits))
     return seen
 
 
