@@ -26,7 +26,7 @@ class StepView:
 @dataclass(frozen=True)
 class StepFeedback:
     num_tokens: int  # tokens the forward pass processed
-    latency_s: float  # measured wall time of the step cycle; 0 = no latency evidence
+    latency_s: float  # measured wall time of the step; 0 = no latency evidence
     chunk_sizes: tuple[int, ...]  # per decoding request, the chunk size it ran
     committed: tuple[int, ...]  # per decoding request, positions committed this step
     request_ids: tuple[str, ...]  # per decoding request, its id (same order)
