@@ -172,9 +172,8 @@ class Engine:
         """What the policy learns a step costs: batch building, forward and commits; 0 (no
         latency evidence) for a step that captured a CUDA graph, a one-time cost.
 
-        Adding the scheduling and reporting around the step (the whole cycle) was tried on the
-        H100 serving sweep and gave elastic smaller steps and less throughput (81-92% of the
-        best fixed size against 91-96%, one run each): not used."""
+        The whole cycle (adding scheduling and reporting) was tried and served worse on the
+        H100 (docs/benchmarks.md), so the policy's curve stays the step's own cost."""
         return 0.0 if self.runner.captured_last else step_s
 
     def _propose_and_commit(self, plan, hidden: torch.Tensor, wants) -> None:
