@@ -47,7 +47,6 @@ class GraphedBody:
         self.page_table = torch.zeros((r, max_pages), dtype=torch.int32, device=dev)
         self.graphs: dict[tuple[int, int, int], _Graph] = {}
         self.pool = None
-        self.captured_last = False  # did the latest run capture a new graph (a one-time cost)?
         self.capture_s = 0.0  # host seconds spent capturing, in total
 
     def fits(self, batch: StepBatch) -> bool:
@@ -105,7 +104,6 @@ class GraphedBody:
         key = self.key(batch)
         self._load(batch, key)
         g = self.graphs.get(key)
-        self.captured_last = g is None
         if g is None:
             # Capture with all-padding metadata so warm-up writes nothing, then replay for real.
             t0 = time.perf_counter()

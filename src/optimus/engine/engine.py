@@ -147,6 +147,7 @@ class Engine:
             return []
         t0 = time.perf_counter()
         schedule_s = t0 - c0
+        capture0 = self.runner.capture_s
         hidden, wants = self.runner.run(plan)
         touched = {id(w.request): w.request for w in plan.works}
         for r in touched.values():
@@ -154,7 +155,11 @@ class Engine:
         self._propose_and_commit(plan, hidden, wants)
         t1 = time.perf_counter()
         latency = t1 - t0
-        self.scheduler.complete_step(plan, self._policy_latency(latency))
+        # A step that captured a CUDA graph paid a one-time cost: the policy learns no latency
+        # from it (0 = no evidence). The whole cycle (scheduling, reporting) served worse on
+        # the H100 (docs/benchmarks.md), so the policy's curve stays the step's own cost.
+        captured = self.runner.capture_s > capture0
+        self.scheduler.complete_step(plan, 0.0 if captured else latency)
         self._record(plan, latency)
         outputs = [self._output(r) for r in self._failed]
         self._failed = []
@@ -167,14 +172,6 @@ class Engine:
         self.stats.graph_capture_s = self.runner.capture_s
         self._refresh_gauges()
         return outputs
-
-    def _policy_latency(self, step_s: float) -> float:
-        """What the policy learns a step costs: batch building, forward and commits; 0 (no
-        latency evidence) for a step that captured a CUDA graph, a one-time cost.
-
-        The whole cycle (adding scheduling and reporting) was tried and served worse on the
-        H100 (docs/benchmarks.md), so the policy's curve stays the step's own cost."""
-        return 0.0 if self.runner.captured_last else step_s
 
     def _propose_and_commit(self, plan, hidden: torch.Tensor, wants) -> None:
         """Greedy requests share one batched LM-head pass; sampled or constrained ones go alone."""

@@ -155,19 +155,13 @@ class ModelRunner:
         return batch, wants
 
     @property
-    def captured_last(self) -> bool:
-        """Whether the latest forward captured a CUDA graph (its time is a one-time cost)."""
-        return self.graphs is not None and self.graphs.captured_last
-
-    @property
     def capture_s(self) -> float:
+        """Host seconds spent capturing CUDA graphs so far (a one-time cost per bucket)."""
         return self.graphs.capture_s if self.graphs is not None else 0.0
 
     def forward(self, batch: StepBatch) -> torch.Tensor:
-        if self.graphs is not None:
-            self.graphs.captured_last = False
-            if self.graphs.fits(batch):
-                return self.graphs.run(batch)
+        if self.graphs is not None and self.graphs.fits(batch):
+            return self.graphs.run(batch)
         return self.model(batch.input_ids, batch.positions, PagedBackend(self.storage, batch, self.attention_backend))
 
     @torch.inference_mode()
