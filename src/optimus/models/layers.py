@@ -1,7 +1,7 @@
 """Layers shared by every family: RMSNorm, rotary embedding, gated MLP, attention block.
 
-The elementwise work runs through ``LayerOps``: ``TorchOps`` (the HF numerics) or ``FusedOps``
-(one Triton kernel per op). Input projections can be merged into one matmul per block
+The elementwise work and the linears run through ``LayerOps``: ``TorchOps`` (the HF numerics)
+or ``FusedOps`` (one Triton kernel per op; weight-streaming linears for steps of few rows). Input projections can be merged into one matmul per block
 (``fuse_projections``) without changing parameter names.
 """
 
@@ -14,7 +14,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from optimus.kernels import fused
+from optimus.kernels import fused, skinny_linear
 from optimus.models.spec import ArchConfig
 
 
@@ -91,6 +91,10 @@ class LayerOps(Protocol):
 
     def silu_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor: ...
 
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x [T, K] @ weight [N, K]^T (+ bias) -> [T, N]."""
+        ...
+
 
 @dataclass(frozen=True)
 class TorchOps:
@@ -111,6 +115,9 @@ class TorchOps:
     def silu_mul(self, gate, up):
         return F.silu(gate) * up
 
+    def linear(self, x, weight, bias):
+        return F.linear(x, weight, bias)
+
 
 @dataclass(frozen=True)
 class FusedOps:
@@ -129,6 +136,10 @@ class FusedOps:
 
     def silu_mul(self, gate, up):
         return fused.silu_mul_split(gate, up, self.backend)
+
+    def linear(self, x, weight, bias):
+        # "auto", not self.backend: the weight-streaming kernel only pays on a GPU.
+        return skinny_linear.linear(x, weight, bias, "auto")
 
 
 KERNEL_MODES = ("auto", "torch", "triton")
@@ -183,7 +194,7 @@ class MergedProjections(nn.Module):
             self.merged_weight = self.merged_bias = None
         return ok
 
-    def _project(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def _project(self, x: torch.Tensor, ops: LayerOps) -> list[torch.Tensor]:
         """x [T, d] -> one [T, out_i] per merged Linear (column views when merged).
 
         Under autograd the separate Linears run: the merged buffer carries no gradient."""
@@ -191,7 +202,7 @@ class MergedProjections(nn.Module):
         training = torch.is_grad_enabled() and linears[0].weight.requires_grad
         if training or not self._merged_intact():
             return [lin(x) for lin in linears]
-        y = F.linear(x, self.merged_weight, self.merged_bias)
+        y = ops.linear(x, self.merged_weight, self.merged_bias)
         return list(y.split([lin.out_features for lin in linears], dim=-1))
 
     def _apply(self, fn, recurse: bool = True):
@@ -236,8 +247,8 @@ class GatedMLP(MergedProjections):
         self._init_merged()
 
     def forward(self, x: torch.Tensor, ops: LayerOps) -> torch.Tensor:
-        gate, up = self._project(x)
-        return self.down_proj(ops.silu_mul(gate, up))
+        gate, up = self._project(x, ops)
+        return ops.linear(ops.silu_mul(gate, up), self.down_proj.weight, None)
 
 
 class AttentionBackend(Protocol):
@@ -272,13 +283,13 @@ class SelfAttention(MergedProjections):
 
     def forward(self, x: torch.Tensor, ops: LayerOps, backend: AttentionBackend) -> torch.Tensor:
         t = x.shape[0]
-        q, k, v = self._project(x)
+        q, k, v = self._project(x, ops)
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
         q, k = ops.rotary(q, k, self.q_norm, self.k_norm)
         out = backend.attend(self.layer, q, k, v)
-        return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
+        return ops.linear(out.reshape(t, self.num_heads * self.head_dim), self.o_proj.weight, None)
 
 
 class DecoderLayer(nn.Module):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from optimus.kernels import skinny_linear
 from optimus.models.layers import AttentionBackend, DecoderLayer, RMSNorm, RotaryEmbedding, layer_ops
 from optimus.models.spec import ModelSpec
 
@@ -56,4 +57,6 @@ class DecoderLM(nn.Module):
         return self
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
+        # Few rows (batch-1 decoding) on a GPU: the weight-streaming kernel; else F.linear.
+        backend = "torch" if self.kernels == "torch" else "auto"
+        return skinny_linear.linear(hidden, self.lm_head.weight, self.lm_head.bias, backend)
