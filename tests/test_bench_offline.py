@@ -11,7 +11,8 @@ def test_bench_offline_tiny_smoke(tmp_path):
     out = tmp_path / "offline.json"
     rc = main(["bench", "offline", "--device", "cpu", "--tiny", "--experiments", "schedule4,sweep",
                "--batches", "2", "--concurrency", "1,3", "--policies", "ar,fixed:8,elastic,elastic-shared",
-               "--acceptance", str(acc), "--profile", str(tmp_path / "profile.json"), "--out", str(out)])
+               "--acceptance", str(acc), "--profile", str(tmp_path / "profile.json"), "--out", str(out),
+               "--repeats", "3"])
     assert rc == 0
     data = json.loads(out.read_text())
     row = data["schedule4"][0]
@@ -20,6 +21,9 @@ def test_bench_offline_tiny_smoke(tmp_path):
     assert {r["policy"] for r in data["sweep"]} == {"ar", "fixed:8", "elastic", "elastic-shared"}
     ar = next(r for r in data["sweep"] if r["policy"] == "ar" and r["concurrency"] == 1)
     assert ar["steps"] >= 256  # one token per step
+    for r in data["sweep"]:  # each point: the median of three timed runs
+        runs = sorted(r["output_tok_s_runs"])
+        assert len(runs) == 3 and r["output_tok_s"] == runs[1]
     assert (tmp_path / "policy_sweep.png").stat().st_size > 0
 
 
@@ -35,3 +39,8 @@ def test_bench_acceptance_measures_commits_per_chunk_on_the_default_model(tmp_pa
     assert tau[32] > 2.0  # the shipped model commits several answer tokens per step at a full block
     steps = {int(c): sum(h.values()) for c, h in data["histograms"].items()}
     assert all(sum(int(k) * n for k, n in data["histograms"][str(c)].items()) / steps[c] == tau[c] for c in tau)
+    # by_open splits the same steps by the masked positions m their window held: k <= m <= C.
+    assert data["by_open"]["1"] == {"1": {"1": steps[1]}}
+    for c, per in data["by_open"].items():
+        assert sum(n for h in per.values() for n in h.values()) == steps[int(c)]
+        assert all(1 <= int(k) <= int(m) <= int(c) for m, h in per.items() for k in h)

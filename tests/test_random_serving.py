@@ -16,7 +16,7 @@ import torch
 from optimus.config import engine_config
 from optimus.engine.decoding import ReplayAcceptance, commit_rule_for, load_acceptance, params_rule
 from optimus.engine.detokenizer import IncrementalDetokenizer
-from optimus.engine.elastic_setup import elastic_kwargs
+from optimus.engine.elastic_setup import elastic_kwargs, tau_prior_from
 from optimus.engine.latency import LatencyProfile
 from optimus.engine.llm import LLM
 from optimus.engine.params import SamplingParams
@@ -106,8 +106,8 @@ def test_load_acceptance_reads_histograms_and_distributions(tmp_path):
     hist = _write(tmp_path / "h.json", {"tau_per_chunk": {"4": 2.5}, "histograms": {"4": {"2": 1, "3": 2}}})
     dist = _write(tmp_path / "d.json", {"distribution": {"8": [5, 7]}})
     bare = _write(tmp_path / "b.json", {"16": [9]})
-    assert load_acceptance(hist) == {4: [2, 3, 3]}
-    assert load_acceptance(dist) == {8: [5, 7]} and load_acceptance(bare) == {16: [9]}
+    assert load_acceptance(hist).by_chunk == {4: [2, 3, 3]} and load_acceptance(hist).by_open == {}
+    assert load_acceptance(dist).by_chunk == {8: [5, 7]} and load_acceptance(bare).by_chunk == {16: [9]}
     with pytest.raises(ValueError, match="not an acceptance profile"):
         load_acceptance(_write(tmp_path / "tau.json", {"model": "x", "tau_per_chunk": {"4": 2.5}}))
     with pytest.raises(ValueError, match="no observations for chunk \\[8\\]"):
@@ -116,14 +116,41 @@ def test_load_acceptance_reads_histograms_and_distributions(tmp_path):
 
 def test_the_committed_acceptance_profile_loads():
     path = Path(__file__).resolve().parents[1] / "benchmarks/results/default_model/acceptance_v1.json"
-    dist = load_acceptance(path)
-    assert sorted(dist) == [1, 2, 4, 8, 16, 32] and set(dist[1]) == {1}
+    profile = load_acceptance(path)
+    assert sorted(profile.by_chunk) == [1, 2, 4, 8, 16, 32] and set(profile.by_chunk[1]) == {1}
+
+
+def test_replay_draws_from_the_steps_with_as_many_masked_positions(tmp_path):
+    """A full 32-window commits what full windows committed; a window with 4 left commits what
+    4-left windows did; an unseen count takes the nearest one, rescaled."""
+    path = _write(tmp_path / "p.json", {"histograms": {"32": {"1": 1, "30": 1}},
+                                        "by_open": {"32": {"32": {"30": 1}, "4": {"1": 1}}}})
+    profile = load_acceptance(path)
+    assert profile.by_open == {32: {32: [30], 4: [1]}}
+    rule, params = ReplayAcceptance(profile), SamplingParams()
+    assert len(rule(torch.rand(32), params, 32)) == 30
+    assert len(rule(torch.rand(4), params, 32)) == 1
+    assert len(rule(torch.rand(8), params, 32)) == 2  # nearest seen: 4 masked -> 1 commit, x 8/4
+    iid = ReplayAcceptance(load_acceptance(_write(tmp_path / "iid.json", {"histograms": {"32": {"30": 1}}})))
+    assert len(iid(torch.rand(4), params, 32)) == 4  # without by_open: 30 drawn, clipped to 4 left
+
+
+def test_window_tau_is_commits_per_step_of_a_window_that_starts_full(tmp_path):
+    """Full window of 4: commits 2, then the 2 left clear in one step: 4 commits over 2 steps.
+    elastic's prior reads it from a profile with by_open (what the replay will show)."""
+    data = {"tau_per_chunk": {"4": 3.0}, "histograms": {"4": {"2": 2, "3": 1, "1": 1}},
+            "by_open": {"4": {"4": {"2": 1}, "3": {"3": 1}, "2": {"2": 1}, "1": {"1": 1}}}}
+    path = _write(tmp_path / "p.json", data)
+    assert load_acceptance(path).window_tau() == {4: 2.0}
+    assert tau_prior_from(path) == {4: 2.0}
+    del data["by_open"]
+    assert tau_prior_from(_write(tmp_path / "q.json", data)) == {4: 3.0}
 
 
 def test_replay_acceptance_option_picks_the_commit_rule(four_per_step):
     assert commit_rule_for(engine_config()) is params_rule
     rule = commit_rule_for(engine_config(replay_acceptance=str(four_per_step)))
-    assert isinstance(rule, ReplayAcceptance) and rule.distribution == {8: [4]}
+    assert isinstance(rule, ReplayAcceptance) and rule.acceptance.by_chunk == {8: [4]}
 
 
 def test_replay_acceptance_seeds_elastics_tau_prior(tmp_path):

@@ -1,7 +1,11 @@
 """`optimus bench acceptance`: measure the acceptance profile of a model — how many positions
 each step commits, per chunk size — on held-out task prompts, for benchmarks to replay.
 
-Output JSON: ``tau_per_chunk`` {C: mean commits per step} and ``histograms`` {C: {k: steps}}.
+Output JSON: ``tau_per_chunk`` {C: mean commits per step}, ``histograms`` {C: {k: steps}} and
+``by_open`` {C: {m: {k: steps}}}, the same steps split by the masked positions m the window
+held. A replay must draw from ``by_open``: a chunk's late steps commit few because few
+positions are left, and drawing those small counts for a full window would charge large
+chunks twice (engine/decoding.py, ReplayAcceptance).
 """
 
 from __future__ import annotations
@@ -28,17 +32,22 @@ def prompts_for(llm: LLM, tasks: list[str], per_task: int) -> list[list[int]]:
 
 
 def measure(llm: LLM, prompts: list[list[int]], chunk: int, params: SamplingParams) -> collections.Counter:
-    """Commits per decode step at ``fixed:chunk`` (every step of every request)."""
+    """(masked positions in the window, commits) per decode step at ``fixed:chunk``, over
+    every step of every request."""
     engine = llm.engine
     engine.scheduler.policy = FixedPolicy(chunk)
     for i, p in enumerate(prompts):
         engine.add_request(f"acc-{chunk}-{i}", p, params)
-    hist: collections.Counter = collections.Counter()
+    steps: collections.Counter = collections.Counter()
+    committed: dict[str, set[int]] = collections.defaultdict(set)  # canvas offsets, per request
     while engine.has_work():
         for out in engine.step():
+            done = committed[out.request_id]
             for e in out.events:
-                hist[len(e.positions)] += 1
-    return hist
+                masked = sum(1 for q in range(e.chunk_start, e.chunk_end) if q not in done)
+                steps[masked, len(e.positions)] += 1
+                done.update(e.positions)
+    return steps
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -56,10 +65,17 @@ def run(args: argparse.Namespace) -> int:
     prompts = prompts_for(llm, args.tasks.split(","), args.per_task)
     params = SamplingParams(max_tokens=args.max_tokens, threshold=args.threshold)
     result = {"model": str(llm.engine.loaded.path), "tasks": args.tasks, "prompts": len(prompts),
-              "threshold": args.threshold, "max_tokens": args.max_tokens, "tau_per_chunk": {}, "histograms": {}}
+              "threshold": args.threshold, "max_tokens": args.max_tokens, "tau_per_chunk": {}, "histograms": {},
+              "by_open": {}}
     for c in CHUNKS:
         t0 = time.perf_counter()
-        hist = measure(llm, prompts, c, params)
+        pairs = measure(llm, prompts, c, params)
+        hist: collections.Counter = collections.Counter()
+        by_open: dict[int, dict[str, int]] = collections.defaultdict(dict)
+        for (masked, k), n in sorted(pairs.items()):
+            hist[k] += n
+            by_open[masked][str(k)] = n
+        result["by_open"][str(c)] = {str(m): h for m, h in sorted(by_open.items())}
         steps = sum(hist.values())
         result["tau_per_chunk"][str(c)] = sum(k * n for k, n in hist.items()) / max(steps, 1)
         result["histograms"][str(c)] = {str(k): n for k, n in sorted(hist.items())}

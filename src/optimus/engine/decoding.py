@@ -7,6 +7,7 @@ top-k/top-p filtering (SDAR's convention). Every rule commits at least one posit
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -75,21 +76,59 @@ def select_commits(conf: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return torch.topk(conf, 1).indices
 
 
-def load_acceptance(path: str | Path) -> dict[int, list[int]]:
-    """Observed commits per step for each chunk size, from a measured acceptance profile:
-    ``histograms`` ({chunk: {commits: steps}}, as ``optimus bench acceptance`` writes it), or a
-    ``distribution`` ({chunk: [commits, ...]}), or a bare distribution mapping."""
+@dataclass(frozen=True)
+class Acceptance:
+    """A measured acceptance profile. ``by_chunk``: chunk size -> commits of every observed
+    step; ``by_open``: chunk size -> masked positions the window held -> commits of those
+    steps (empty when the profile predates it)."""
+
+    by_chunk: dict[int, list[int]]
+    by_open: dict[int, dict[int, list[int]]] = field(default_factory=dict)
+
+    def nearest_chunk(self, chunk: int) -> int:
+        return min(self.by_chunk, key=lambda c: (abs(c - chunk), c))
+
+    def commits_given_masked(self, chunk: int, masked: int) -> list[int] | None:
+        """Observed commits of steps whose window (chunk size nearest ``chunk``) held the
+        nearest observed masked count to ``masked``, rescaled to ``masked`` and clipped to
+        [1, masked]; None without ``by_open``."""
+        table = self.by_open.get(self.nearest_chunk(chunk))
+        if not table:
+            return None
+        seen = min(table, key=lambda m: (abs(m - masked), -m))
+        return [min(masked, max(1, round(k * masked / seen))) for k in table[seen]]
+
+    def window_tau(self) -> dict[int, float]:
+        """Mean commits per step over the life of a window that starts with all C positions
+        masked, under the conditional replay (C / expected steps to clear it): what a
+        benchmark replaying ``by_open`` on long answers shows. Needs ``by_open``."""
+        tau = {}
+        for c in sorted(self.by_open):
+            steps = [0.0]  # steps[m]: expected steps to clear a window with m masked positions
+            for m in range(1, c + 1):
+                obs = self.commits_given_masked(c, m)
+                steps.append(1.0 + sum(steps[m - k] for k in obs) / len(obs))
+            tau[c] = c / steps[c]
+        return tau
+
+
+def load_acceptance(path: str | Path) -> Acceptance:
+    """A measured acceptance profile: ``histograms`` ({chunk: {commits: steps}}, as ``optimus
+    bench acceptance`` writes it, with ``by_open`` beside it), or a ``distribution`` ({chunk:
+    [commits, ...]}), or a bare distribution mapping."""
     data = json.loads(Path(path).read_text())
     try:
         table = data.get("distribution") or data.get("histograms") or data
-        out = {int(c): _observations(v) for c, v in table.items()}
+        by_chunk = {int(c): _observations(v) for c, v in table.items()}
+        by_open = {int(c): {int(m): _observations(h) for m, h in per.items()}
+                   for c, per in data.get("by_open", {}).items()}
     except (AttributeError, TypeError, ValueError) as exc:
         raise ValueError(f"{path}: not an acceptance profile (need 'histograms' or 'distribution': "
                          f"chunk size -> commits per step)") from exc
-    empty = sorted(c for c, obs in out.items() if not obs)
-    if not out or empty:
+    empty = sorted(c for c, obs in by_chunk.items() if not obs)
+    if not by_chunk or empty:
         raise ValueError(f"{path}: acceptance profile has no observations" + (f" for chunk {empty}" if empty else ""))
-    return out
+    return Acceptance(by_chunk, {c: per for c, per in by_open.items() if per})
 
 
 def _observations(v) -> list[int]:
@@ -104,24 +143,29 @@ class ReplayAcceptance:
 
     Random-weight models have meaningless confidences; replaying the tokens-per-step that
     the shipped model achieved per chunk size gives throughput numbers with realistic token
-    efficiency. ``distribution``: chunk size -> list of observed commits per step.
+    efficiency. With ``by_open`` the draw is conditioned on the masked positions m left in
+    the window: drawing a chunk's late-step counts (few, because few were left) for a full
+    window would charge large chunks twice. Without it, draws are i.i.d. per chunk size.
     """
 
-    def __init__(self, distribution: dict[int, list[int]], seed: int = 0) -> None:
-        if not distribution:
+    def __init__(self, acceptance: Acceptance, seed: int = 0) -> None:
+        if not acceptance.by_chunk:
             raise ValueError("acceptance profile is empty")
-        self.sizes = sorted(distribution)
-        self.distribution = {c: list(v) for c, v in distribution.items()}
+        self.acceptance = acceptance
         self.rng = torch.Generator().manual_seed(seed)
 
-    def _draw(self, chunk: int) -> int:
-        size = min(self.sizes, key=lambda c: (abs(c - chunk), c))
-        obs = self.distribution[size]
-        k = obs[int(torch.randint(len(obs), (1,), generator=self.rng))]
-        return max(1, round(k * chunk / size))
+    def _sample(self, obs: list[int]) -> int:
+        return obs[int(torch.randint(len(obs), (1,), generator=self.rng))]
+
+    def _draw(self, chunk: int, masked: int) -> int:
+        conditional = self.acceptance.commits_given_masked(chunk, masked)
+        if conditional is not None:
+            return self._sample(conditional)
+        size = self.acceptance.nearest_chunk(chunk)
+        return max(1, round(self._sample(self.acceptance.by_chunk[size]) * chunk / size))
 
     def __call__(self, conf: torch.Tensor, params: SamplingParams, chunk: int) -> torch.Tensor:
-        return torch.topk(conf, min(self._draw(chunk), conf.numel())).indices
+        return torch.topk(conf, min(self._draw(chunk, conf.numel()), conf.numel())).indices
 
 
 def params_rule(conf: torch.Tensor, params: SamplingParams, chunk: int) -> torch.Tensor:

@@ -59,14 +59,17 @@ def load_or_profile(engine):
 
 def tau_prior_from(path: str | Path | None) -> dict[int, float] | None:
     """Mean commits per step per chunk size from a measured acceptance profile, if there is
-    one: its ``tau_per_chunk`` table (as `optimus eval` writes it), else the means of its
-    observations (``histograms`` or ``distribution``, see :func:`load_acceptance`)."""
+    one: with ``by_open`` (a profile a benchmark replays), the commits per step of a window
+    that starts full under that replay; else its ``tau_per_chunk`` table (as `optimus eval`
+    writes it); else the means of its observations (see :func:`load_acceptance`)."""
     if not path or not Path(path).exists():
         return None
     data = json.loads(Path(path).read_text())
+    if data.get("by_open"):
+        return load_acceptance(path).window_tau()
     if "tau_per_chunk" in data:
         return {int(c): float(v) for c, v in data["tau_per_chunk"].items()}
-    return {c: sum(obs) / len(obs) for c, obs in load_acceptance(path).items()}
+    return {c: sum(obs) / len(obs) for c, obs in load_acceptance(path).by_chunk.items()}
 
 
 def elastic_kwargs(engine) -> dict:

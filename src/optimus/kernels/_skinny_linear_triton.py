@@ -35,8 +35,8 @@ def default_config(n: int, k: int) -> SkinnyConfig:
 
 @triton.jit
 def _skinny_linear_kernel(X, W, B, Y, M, N, K, stride_xm, stride_wn, stride_ym,
-                          HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
-                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                          HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Y[m, n] = sum_k X[m, k] * W[n, k] (+ B[n]) for the BLOCK_N columns of this program."""
     pid = tl.program_id(0)
     rm = tl.arange(0, BLOCK_M)
@@ -55,7 +55,7 @@ def _skinny_linear_kernel(X, W, B, Y, M, N, K, stride_xm, stride_wn, stride_ym,
             k_ok = (k0 + rk) < K
             x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
             w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-        acc = tl.dot(x, tl.trans(w), acc)
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
     if HAS_BIAS:
@@ -77,7 +77,9 @@ def skinny_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     grid = (triton.cdiv(n, cfg.block_n),)
     _skinny_linear_kernel[grid](x, weight, bias if bias is not None else weight, y, m, n, k,
                                 x.stride(0), weight.stride(0), y.stride(0),
-                                HAS_BIAS=bias is not None, EVEN_K=k % block_k == 0, BLOCK_M=BLOCK_M,
+                                HAS_BIAS=bias is not None, EVEN_K=k % block_k == 0,
+                                # fp32 stays fp32 (no TF32 rounding of the inputs), like F.linear
+                                PRECISION="ieee" if x.dtype == torch.float32 else "tf32", BLOCK_M=BLOCK_M,
                                 BLOCK_N=cfg.block_n, BLOCK_K=block_k,
                                 num_stages=cfg.num_stages, num_warps=cfg.num_warps)
     return y

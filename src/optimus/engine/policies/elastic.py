@@ -92,7 +92,8 @@ def expected_latency(latency, tokens: np.ndarray, sd: np.ndarray) -> np.ndarray:
     """E[T(tokens + sd Z)], Z standard normal, by 3-point Gauss-Hermite quadrature: steps
     whose token count scatters around a knee cost more than the curve at their mean."""
     h = math.sqrt(3.0) * sd
-    return (4.0 * latency(tokens) + latency(np.maximum(tokens - h, 1.0)) + latency(tokens + h)) / 6.0
+    mid, low, high = np.split(latency(np.concatenate([tokens, np.maximum(tokens - h, 1.0), tokens + h])), 3)
+    return (4.0 * mid + low + high) / 6.0
 
 
 @dataclass(frozen=True)
@@ -115,28 +116,26 @@ def _rungs(requests: list[RequestView], ladders: dict, keys: list) -> _Rungs:
     for i, key in enumerate(keys):
         groups.setdefault(key, []).append(i)
     max_chunk = np.array([r.max_chunk for r in requests], dtype=float)
-    parts: list[tuple[np.ndarray, ...]] = []
+    owners, rungs, actual = [], [], []
     for key, members in groups.items():
         lad, idx = ladders[key], np.array(members)  # [G] requests sharing this ladder
         if len(lad.sizes) < 2:
             continue
-        rungs = len(lad.sizes) - 1
-        clipped = np.minimum(lad.sizes[None, :], max_chunk[idx, None])  # [G, L]
         dtau, dcost = np.diff(lad.taus), np.diff(lad.costs)
-        tile = lambda x: np.tile(x, len(idx))  # noqa: E731
-        parts.append((np.repeat(idx, rungs), tile(lad.sizes[1:]), tile(dtau), tile(dcost),
-                      tile(np.diff(lad.variances)), tile(np.diff(lad.sizes)),
-                      np.diff(clipped, axis=1).reshape(-1), tile(dtau / dcost)))
-    if not parts:
+        # [L-1, 6] per rung: size, d tau, d cost, d variance, d positions, efficiency
+        per_rung = np.stack([lad.sizes[1:], dtau, dcost, np.diff(lad.variances), np.diff(lad.sizes), dtau / dcost], 1)
+        owners.append(np.repeat(idx, len(per_rung)))
+        rungs.append(np.tile(per_rung, (len(idx), 1)))
+        clipped = np.minimum(lad.sizes[None, :], max_chunk[idx, None])  # [G, L]
+        actual.append(np.diff(clipped, axis=1).reshape(-1))
+    if not rungs:
         zero = np.zeros(1)
         return _Rungs(np.zeros(0, dtype=int), np.zeros(0), zero, zero, zero, zero, zero)
-    req, size, dtau, dcost, dvar, dpos, dact, eff = (np.concatenate(col) for col in zip(*parts))
-    order = np.lexsort((req, -eff))  # best efficiency first; ties: oldest request first
-
-    def cum(x: np.ndarray) -> np.ndarray:
-        return np.concatenate([[0.0], np.cumsum(x[order])])
-
-    return _Rungs(req[order], size[order], cum(dtau), cum(dcost), cum(dvar), cum(dpos), cum(dact))
+    req, table, act = np.concatenate(owners), np.concatenate(rungs), np.concatenate(actual)
+    order = np.lexsort((req, -table[:, 5]))  # best efficiency first; ties: oldest request first
+    sums = np.zeros((len(order) + 1, 5))
+    np.cumsum(np.column_stack([table[order, 1:5], act[order]]), axis=0, out=sums[1:])
+    return _Rungs(req[order], table[order, 0], sums[:, 0], sums[:, 1], sums[:, 2], sums[:, 3], sums[:, 4])
 
 
 class ElasticPolicy:
@@ -235,8 +234,10 @@ class ElasticPolicy:
             self.correction.observe(self.profile.predict_many, feedback.num_tokens, batch, feedback.latency_s)
         if self._last is not None:  # this step's own choice (consumed: never reused stale)
             sizes, levels = self._last
-            self.load.observe(feedback.num_tokens, float(np.sum(self._rows(sizes, levels))),
-                              float(np.sum(self._variance(sizes, levels))), sum(feedback.committed))
+            taus = self._tau(sizes, levels)
+            rows = sizes + taus if self.store_cost else sizes
+            var = store_variance(sizes, taus) if self.store_cost else np.zeros_like(sizes)
+            self.load.observe(feedback.num_tokens, float(np.sum(rows)), float(np.sum(var)), sum(feedback.committed))
             self._last = None
 
     # ---- the control law -----------------------------------------------------------------
@@ -250,10 +251,12 @@ class ElasticPolicy:
                                 self.store_cost) for key in set(keys)}
         rungs = _rungs(requests, ladders, keys)
         n = len(requests)
-        one = np.ones(1)
-        base_gain = n * float(self.tau(one)[0]) + float(np.sum(self.tau(pinned)))
-        base_cost = float(np.sum(self._cost(pinned))) + n * float(self._cost(one)[0])
-        base_var = self.load.extra_var + float(np.sum(self._variance(pinned)))
+        # Everyone at size 1 (tau(1) = 1: one commit, 1 + per_commit rows), plus the pinned.
+        base_gain, base_cost, base_var = float(n), n * (1.0 + per_commit), self.load.extra_var
+        if pinned.size:
+            base_gain += float(np.sum(self.tau(pinned)))
+            base_cost += float(np.sum(self._cost(pinned)))
+            base_var += float(np.sum(self._variance(pinned)))
         tokens = base_cost + rungs.cost
         batch = len(view.requests)
         latency = expected_latency(lambda x: self.predict_latency(x, batch), tokens, np.sqrt(base_var + rungs.var))
