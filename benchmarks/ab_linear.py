@@ -46,7 +46,8 @@ def main() -> None:
         llms = {}
         for name, limit in variants.items():
             with kernel_rows(limit):
-                llms[name] = target.llm(shape, policy, max_running=max(batches), block_size=32)
+                llms[name] = target.llm(shape, policy, max_running=max(batches), block_size=32,
+                                        num_pages=1024)  # two engines share the card: a fixed KV cache each
         for b in batches:
             rates = {name: [] for name in variants}
             for _ in range(args.rounds):
