@@ -7,6 +7,7 @@ top-k/top-p filtering (SDAR's convention). Every rule commits at least one posit
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -88,15 +89,20 @@ class Acceptance:
     def nearest_chunk(self, chunk: int) -> int:
         return min(self.by_chunk, key=lambda c: (abs(c - chunk), c))
 
-    def commits_given_masked(self, chunk: int, masked: int) -> list[int] | None:
-        """Observed commits of steps whose window (chunk size nearest ``chunk``) held the
-        nearest observed masked count to ``masked``, rescaled to ``masked`` and clipped to
-        [1, masked]; None without ``by_open``."""
+    def masked_bucket(self, chunk: int, masked: int) -> tuple[list[int], int] | None:
+        """(observed commits, their masked count) of the steps whose window (chunk size
+        nearest ``chunk``) held the observed masked count nearest ``masked``; None without
+        ``by_open``. A draw k from it stands for ``rescale(k, masked, seen)`` commits."""
         table = self.by_open.get(self.nearest_chunk(chunk))
         if not table:
             return None
         seen = min(table, key=lambda m: (abs(m - masked), -m))
-        return [min(masked, max(1, round(k * masked / seen))) for k in table[seen]]
+        return table[seen], seen
+
+    def commits_given_masked(self, chunk: int, masked: int) -> list[int] | None:
+        """The commits a window with ``masked`` masked positions may draw (see masked_bucket)."""
+        bucket = self.masked_bucket(chunk, masked)
+        return None if bucket is None else [rescale(k, masked, bucket[1]) for k in bucket[0]]
 
     def window_tau(self) -> dict[int, float]:
         """Mean commits per step over the life of a window that starts with all C positions
@@ -110,6 +116,11 @@ class Acceptance:
                 steps.append(1.0 + sum(steps[m - k] for k in obs) / len(obs))
             tau[c] = c / steps[c]
         return tau
+
+
+def rescale(commits: int, masked: int, seen: int) -> int:
+    """Commits observed with ``seen`` masked positions, carried over to ``masked`` of them."""
+    return min(masked, max(1, round(commits * masked / seen)))
 
 
 def load_acceptance(path: str | Path) -> Acceptance:
@@ -152,17 +163,19 @@ class ReplayAcceptance:
         if not acceptance.by_chunk:
             raise ValueError("acceptance profile is empty")
         self.acceptance = acceptance
-        self.rng = torch.Generator().manual_seed(seed)
-
-    def _sample(self, obs: list[int]) -> int:
-        return obs[int(torch.randint(len(obs), (1,), generator=self.rng))]
+        self.rng = random.Random(seed)
+        self._buckets: dict[tuple[int, int], tuple[list[int], int] | None] = {}
 
     def _draw(self, chunk: int, masked: int) -> int:
-        conditional = self.acceptance.commits_given_masked(chunk, masked)
-        if conditional is not None:
-            return self._sample(conditional)
+        # One draw per request per step at 256 requests: sample first, rescale the one sample.
+        key = (chunk, masked)
+        if key not in self._buckets:
+            self._buckets[key] = self.acceptance.masked_bucket(chunk, masked)
+        bucket = self._buckets[key]
+        if bucket is not None:
+            return rescale(self.rng.choice(bucket[0]), masked, bucket[1])
         size = self.acceptance.nearest_chunk(chunk)
-        return max(1, round(self._sample(self.acceptance.by_chunk[size]) * chunk / size))
+        return max(1, round(self.rng.choice(self.acceptance.by_chunk[size]) * chunk / size))
 
     def __call__(self, conf: torch.Tensor, params: SamplingParams, chunk: int) -> torch.Tensor:
         return torch.topk(conf, min(self._draw(chunk, conf.numel()), conf.numel())).indices
