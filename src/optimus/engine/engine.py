@@ -149,6 +149,9 @@ class Engine:
         schedule_s = t0 - c0
         capture0 = self.runner.capture_s
         hidden, wants = self.runner.run(plan)
+        f0 = time.perf_counter()
+        self.scheduler.flush_feedback()  # the previous step's learning, while the GPU runs this one
+        learn_s = time.perf_counter() - f0
         touched = {id(w.request): w.request for w in plan.works}
         for r in touched.values():
             r.last_committed = 0
@@ -168,7 +171,7 @@ class Engine:
             if out is not None:
                 outputs.append(out)
         post_s = time.perf_counter() - t1
-        self.stats.cpu_time_sum_s += schedule_s + self.runner.last_build_s + self._host_commit_s + post_s
+        self.stats.cpu_time_sum_s += schedule_s + self.runner.last_build_s + learn_s + self._host_commit_s + post_s
         self.stats.graph_capture_s = self.runner.capture_s
         self._refresh_gauges()
         return outputs

@@ -53,6 +53,7 @@ class Scheduler:
         self.config = config
         self.allocator = allocator
         self.policy = policy
+        self._feedback: StepFeedback | None = None  # completed, not yet observed (complete_step)
         self.attention = attention
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []  # admission order (oldest first)
@@ -239,7 +240,9 @@ class Scheduler:
 
     # ---- after the forward pass --------------------------------------------------------
     def complete_step(self, plan: StepPlan, latency_s: float) -> None:
-        """Advance cache cursors and hand the policy its feedback."""
+        """Advance cache cursors and queue the policy's feedback. The policy reads it at
+        :meth:`flush_feedback`, which the engine calls once the next step's forward is
+        launched: learning then overlaps the GPU, and choose(N+1) sees feedback up to N-1."""
         chunk_sizes, committed, ids, open_positions = [], [], [], []
         for w in plan.works:
             r = w.request
@@ -260,5 +263,12 @@ class Scheduler:
             if r.window_finished(w.window) and w.store_end < w.end:
                 r.pending_store = (r.cache_len, w.window[1] - r.geometry.shift)
         if chunk_sizes:
-            self.policy.observe(StepFeedback(plan.num_tokens, latency_s, tuple(chunk_sizes), tuple(committed),
-                                             tuple(ids), tuple(open_positions)))
+            self.flush_feedback()  # never drop an unread step
+            self._feedback = StepFeedback(plan.num_tokens, latency_s, tuple(chunk_sizes), tuple(committed),
+                                          tuple(ids), tuple(open_positions))
+
+    def flush_feedback(self) -> None:
+        """Hand the policy the latest completed step's feedback, if it has not had it."""
+        if self._feedback is not None:
+            feedback, self._feedback = self._feedback, None
+            self.policy.observe(feedback)

@@ -23,6 +23,7 @@ its own curve ``1 + L (tau(C) - 1)``, its level ``L`` measured from its own comm
 
 from __future__ import annotations
 
+import collections
 import math
 from dataclasses import dataclass
 
@@ -166,7 +167,9 @@ class ElasticPolicy:
         self.target: int | None = None  # hysteresis state: planned positions of the elastic requests
         self.retargets = 0
         self.last_plan: Plan | None = None
-        self._last: tuple[np.ndarray, np.ndarray] | None = None  # latest step: (sizes, confidence levels)
+        # Choices not yet observed, oldest first: (request ids, sizes, confidence levels). The
+        # engine observes step N after choosing step N+1, so two may be pending.
+        self._choices: collections.deque[tuple[frozenset, np.ndarray, np.ndarray]] = collections.deque(maxlen=4)
 
     # ---- the model the decision reads ----------------------------------------------------
     def _tau(self, sizes: np.ndarray, levels: np.ndarray | float = 1.0) -> np.ndarray:
@@ -205,7 +208,8 @@ class ElasticPolicy:
         if elastic:
             for i, c in zip(elastic, self._allocate(view, elastic, [levels[i] for i in elastic], pinned)):
                 out[i] = c
-        self._last = np.array(out, dtype=float), np.array(levels)
+        self._choices.append((frozenset(r.request_id for r in view.requests), np.array(out, dtype=float),
+                              np.array(levels)))
         return out
 
     def observe(self, feedback: StepFeedback) -> None:
@@ -232,13 +236,23 @@ class ElasticPolicy:
                 self.profile = LatencyProfile.synthetic(t0, DEFAULT_KNEE, t0 / DEFAULT_KNEE)
                 self._rescale = False
             self.correction.observe(self.profile.predict_many, feedback.num_tokens, batch, feedback.latency_s)
-        if self._last is not None:  # this step's own choice (consumed: never reused stale)
-            sizes, levels = self._last
+        choice = self._own_choice(feedback)
+        if choice is not None:
+            sizes, levels = choice
             taus = self._tau(sizes, levels)
             rows = sizes + taus if self.store_cost else sizes
             var = store_variance(sizes, taus) if self.store_cost else np.zeros_like(sizes)
             self.load.observe(feedback.num_tokens, float(np.sum(rows)), float(np.sum(var)), sum(feedback.committed))
-            self._last = None
+
+    def _own_choice(self, feedback: StepFeedback) -> tuple[np.ndarray, np.ndarray] | None:
+        """The choice that produced this feedback: the oldest pending one whose requests cover
+        the feedback's (older ones belonged to steps that reported nothing; consumed, never reused)."""
+        ids = set(feedback.request_ids)
+        while self._choices:
+            requests, sizes, levels = self._choices.popleft()
+            if ids <= requests:
+                return sizes, levels
+        return None
 
     # ---- the control law -----------------------------------------------------------------
     def _allocate(self, view: StepView, elastic: list[int], levels: list[float], pinned: np.ndarray) -> list[int]:
