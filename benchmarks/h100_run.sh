@@ -12,8 +12,8 @@ OUT=${OUT:?set OUT}
 ACCEPTANCE=${ACCEPTANCE:-benchmarks/results/default_model/acceptance_by_open.json}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 timeout 45 python benchmarks/gpu_check.py /tmp/gpu_check.json 2>&1 | tail -8
-timeout 260 python -m optimus.cli bench offline --experiments surface,sweep \
-  --policies ar,fixed:4,fixed:8,fixed:16,fixed:32,elastic --concurrency 1,16,64,256 \
+timeout 300 python -m optimus.cli bench offline --experiments surface,sweep --repeats 3 \
+  --policies fixed:8,fixed:16,fixed:32,elastic,fixed:4,ar --concurrency 1,16,64,256 \
   --acceptance "$ACCEPTANCE" --profile "$OUT/profile.json" --out "$OUT/offline.json" 2>&1 | grep -v -i warn
 timeout 100 python -m optimus.cli bench offline --experiments schedule4,ar --batches 1,8,32 \
   --ar-shapes llama-8b --out "$OUT/offline.json" 2>&1 | grep -v -i warn
@@ -25,3 +25,5 @@ fi
 timeout 70 python benchmarks/step_profile.py --out "$OUT/step_profile.json" 2>&1 | grep -v -i warn
 timeout 45 python benchmarks/attention_micro.py --out "$OUT/attention_micro.json" 2>&1 | tail -30
 timeout 40 python -m optimus.cli bench offline --experiments matmul --out /tmp/matmul.json 2>&1 | grep -v -i warn
+timeout 60 python benchmarks/skinny_micro.py --rows 1,8 --out "$OUT/skinny_micro.json" 2>&1 | grep -v -i warn
+# In-engine A/B of the skinny linear (its own call: ~3 min): python benchmarks/ab_linear.py --out ab_linear.json
