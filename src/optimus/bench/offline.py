@@ -144,7 +144,7 @@ def run_schedule4(target: Target, shape: str, batches, prompt_len=256, gen_len=2
     llm = target.llm(shape, "fixed:32", max_running=max(batches), block_size=32)
     rows = []
     for b in batches:
-        r = timed_generate(llm, b, prompt_len, gen_len, params)
+        r = timed_generate(llm, b, prompt_len, gen_len, params, full_warmup=True)
         r.update(shape=shape, policy="fixed:32", schedule="4 tokens/step")
         print(f"  schedule4 {shape} batch={b}: {r['output_tok_s']:.0f} tok/s, step {r['mean_step_ms']:.2f} ms, "
               f"cpu {r['cpu_ms_per_step']:.2f} ms/step", flush=True)
@@ -159,7 +159,7 @@ def run_ar(target: Target, shape: str, batches, prompt_len=256, gen_len=256) -> 
     llm = target.llm(shape, "ar", max_running=max(batches))
     rows = []
     for b in batches:
-        r = timed_generate(llm, b, prompt_len, gen_len, params)
+        r = timed_generate(llm, b, prompt_len, gen_len, params, full_warmup=True)
         r.update(shape=shape, policy="ar")
         print(f"  ar {shape} batch={b}: {r['output_tok_s']:.0f} tok/s, step {r['mean_step_ms']:.2f} ms", flush=True)
         rows.append(r)
