@@ -32,10 +32,13 @@ def main(out_path: str) -> int:
         ref = outputs(family, policy=policy, cuda_graphs=False, attention_backend="torch")
         tri = outputs(family, policy=policy, cuda_graphs=False, attention_backend="triton")
         gra = outputs(family, policy=policy, cuda_graphs=True, attention_backend="triton")
-        same_tri, same_graph = ref == tri, ref == gra
-        ok &= same_tri and same_graph
-        report[f"{family}/{policy}"] = {"triton_equals_torch": same_tri, "graph_equals_torch": same_graph}
-        print(family, policy, "triton==torch", same_tri, "graph==torch", same_graph, flush=True)
+        pre = outputs(family, policy=policy, cuda_graphs=True, graph_precapture=True, attention_backend="triton")
+        same_tri, same_graph, same_pre = ref == tri, ref == gra, ref == pre
+        ok &= same_tri and same_graph and same_pre
+        report[f"{family}/{policy}"] = {"triton_equals_torch": same_tri, "graph_equals_torch": same_graph,
+                                        "precaptured_graph_equals_torch": same_pre}
+        print(family, policy, "triton==torch", same_tri, "graph==torch", same_graph, "precaptured==torch",
+              same_pre, flush=True)
     with open(out_path, "w") as f:
         json.dump(report, f, indent=2)
     return 0 if ok else 1

@@ -45,6 +45,8 @@ class Target:
         loaded = random_model(shape, device=self.device, dtype=dtype, tiny=self.tiny)
         if self.tiny:
             options.setdefault("num_pages", 4096)
+        if self.cuda:  # every decoding bucket captured before any timing starts
+            options.setdefault("graph_precapture", True)
         return LLM(loaded=loaded, policy=policy, commit_rule=commit_rule, device=self.device, **options)
 
     def free_memory(self) -> None:

@@ -3,7 +3,8 @@
 A step's tensors are copied into static buffers padded to the bucket: padded requests own
 no rows (``cu_q`` repeats), padded rows belong to no request, are never stored (slot -1)
 and are never read. The LM head runs eagerly on the gathered rows only, so the graph key
-needs no logit-row count. Graphs are captured lazily on first use and share one pool.
+needs no logit-row count. Graphs are captured lazily on first use, or all decode buckets at
+start-up (``precapture``), and share one pool.
 """
 
 from __future__ import annotations
@@ -16,6 +17,26 @@ import torch
 from optimus.engine.kv_cache import KVCacheStorage
 from optimus.engine.runner import PagedBackend, StepBatch
 from optimus.models.transformer import DecoderLM
+
+
+def step_key(tokens: int, requests: int, max_q_len: int) -> tuple[int, int, int]:
+    """The graph bucket of a step: (tokens, requests, longest request), each a power of two."""
+    return _bucket(tokens, 8), _bucket(requests), _bucket(max_q_len)
+
+
+def decode_keys(max_tokens: int, max_requests: int, max_rows_per_request: int) -> list[tuple[int, int, int]]:
+    """Exactly the buckets a step of at most ``max_tokens`` rows, ``max_requests`` requests
+    and ``max_rows_per_request`` rows per request can fall in, largest first. R requests whose
+    longest has Q rows run between R + Q - 1 and R * Q rows."""
+    keys = set()
+    for r in range(1, max_requests + 1):
+        for q in range(1, max_rows_per_request + 1):
+            lo, hi = r + q - 1, min(r * q, max_tokens)
+            t = _bucket(lo, 8)
+            while lo <= hi and t <= _bucket(hi, 8):
+                keys.add((t, _bucket(r), _bucket(q)))
+                t *= 2
+    return sorted(keys, reverse=True)
 
 
 def _bucket(n: int, smallest: int = 1) -> int:
@@ -36,6 +57,7 @@ class GraphedBody:
                  max_tokens: int, max_requests: int, max_pages: int) -> None:
         self.model, self.storage, self.attention_backend = model, storage, attention_backend
         self.max_tokens, self.max_requests = _bucket(max_tokens, 8), _bucket(max_requests + 1)
+        self.request_limit = max_requests
         dev = next(model.parameters()).device
         t, r = self.max_tokens, self.max_requests
         self.input_ids = torch.zeros(t, dtype=torch.long, device=dev)
@@ -54,7 +76,10 @@ class GraphedBody:
                 and batch.page_table.shape[1] <= self.page_table.shape[1])
 
     def key(self, batch: StepBatch) -> tuple[int, int, int]:
-        return (_bucket(batch.input_ids.numel(), 8), _bucket(batch.cu_q.numel() - 1), _bucket(batch.max_q_len))
+        return step_key(batch.input_ids.numel(), batch.cu_q.numel() - 1, batch.max_q_len)
+
+    def decode_keys(self, max_rows_per_request: int) -> list[tuple[int, int, int]]:
+        return decode_keys(self.max_tokens, self.request_limit, max_rows_per_request)
 
     def _load(self, batch: StepBatch, key: tuple[int, int, int]) -> None:
         t, r = batch.input_ids.numel(), batch.cu_q.numel() - 1
@@ -97,6 +122,23 @@ class GraphedBody:
             hidden = self._body(static)
         self.pool = graph.pool()
         return _Graph(graph, hidden)
+
+    @torch.inference_mode()
+    def precapture(self, keys, progress=None) -> int:
+        """Capture the graphs of ``keys`` now (largest first, so the shared pool is sized by
+        the first): steps that later meet them replay at once instead of stalling on a
+        capture and its Triton compiles. Returns how many were captured."""
+        new = [k for k in keys if k not in self.graphs]
+        t0 = time.perf_counter()
+        self.slots.fill_(-1)
+        self.cu_q.zero_()  # all-padding metadata: no request owns a row, nothing is written
+        for key in new:
+            self.graphs[key] = self._capture(key)
+            if progress is not None:
+                progress(key)
+        torch.cuda.synchronize()
+        self.capture_s += time.perf_counter() - t0
+        return len(new)
 
     @torch.inference_mode()
     def run(self, batch: StepBatch) -> torch.Tensor:

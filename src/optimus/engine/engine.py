@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from optimus.config import EngineConfig
 from optimus.engine.decoding import GREEDY_TEMPERATURE, commit_rule_for, propose
@@ -88,8 +89,17 @@ class Engine:
             return None
         from optimus.engine.cuda_graphs import GraphedBody
         max_pages = min(num_pages, -(-self.spec.arch.max_position // self.config.cache.page_size))
-        return GraphedBody(model, self.storage, rc.attention_backend, rc.graph_max_tokens,
-                           self.config.scheduler.max_running, max_pages)
+        graphs = GraphedBody(model, self.storage, rc.attention_backend, rc.graph_max_tokens,
+                             self.config.scheduler.max_running, max_pages)
+        if rc.graph_precapture:
+            # A decoding request runs at most a stored block plus a window (two blocks of rows);
+            # a causal one, its one new token.
+            causal = self.spec.attention is AttentionKind.CAUSAL
+            keys = graphs.decode_keys(1 if causal else 2 * self._block_size())
+            log.info("capturing %d CUDA graphs", len(keys))
+            with tqdm(total=len(keys), desc="CUDA graphs", unit="graph", leave=False) as bar:
+                graphs.precapture(keys, progress=lambda key: bar.update())
+        return graphs
 
     def _block_size(self) -> int:
         if self.spec.attention is AttentionKind.BLOCK_CAUSAL:
