@@ -44,3 +44,12 @@ def test_bench_acceptance_measures_commits_per_chunk_on_the_default_model(tmp_pa
     for c, per in data["by_open"].items():
         assert sum(n for h in per.values() for n in h.values()) == steps[int(c)]
         assert all(1 <= int(k) <= int(m) <= int(c) for m, h in per.items() for k in h)
+
+
+def test_sweep_policies_share_one_engine_and_elastic_shared_plans_on_the_shared_curve(tmp_path):
+    from optimus.bench.offline import Target, _policy
+
+    llm = Target(device="cpu", tiny=True).llm("sdar-8b", "fixed:32", max_running=4, block_size=32)
+    assert _policy(llm, "elastic").confidence is not None
+    assert _policy(llm, "elastic-shared").confidence is None
+    assert _policy(llm, "fixed:8").chunk == 8

@@ -98,14 +98,9 @@ def timed_generate(llm: LLM, batch: int, prompt_len: int, gen_len: int, params: 
                             if n - chunks0.get(c, 0)}}
 
 
-def median_run(llm: LLM, batch: int, prompt_len: int, gen_len: int, params: SamplingParams,
-               repeats: int) -> dict:
-    """The run with the median throughput of ``repeats`` (one full warm-up first); every
-    run's rate is kept under ``output_tok_s_runs``."""
-    runs = [timed_generate(llm, batch, prompt_len, gen_len, params, full_warmup=True, warmup=i == 0, seed=i)
-            for i in range(max(repeats, 1))]
-    ranked = sorted(runs, key=lambda r: r["output_tok_s"])
-    row = dict(ranked[(len(ranked) - 1) // 2])
+def _median(runs: list[dict]) -> dict:
+    """The run with the median throughput; every run's rate kept under ``output_tok_s_runs``."""
+    row = dict(sorted(runs, key=lambda r: r["output_tok_s"])[(len(runs) - 1) // 2])
     row["output_tok_s_runs"] = [r["output_tok_s"] for r in runs]
     return row
 
@@ -173,30 +168,50 @@ def run_ar(target: Target, shape: str, batches, prompt_len=256, gen_len=256) -> 
 def run_sweep(target: Target, shape: str, policies, concurrencies, acceptance: Acceptance, prompt_len=256,
               gen_len=256, profile_path: str | None = None, on_row=None,
               acceptance_path: str | None = None, repeats: int = 1) -> list[dict]:
-    """``acceptance_path`` (the same measured profile the commits replay) seeds elastic's tau.
-    Each point is the median of ``repeats`` timed runs (other prompts each) after one full
-    warm-up: single runs of one policy spread by up to 30% on the H100 (docs/gpu.md)."""
+    """Every policy on ONE engine (the same weights, graphs and replay), swapped in between
+    runs and interleaved round by round, so clock and neighbour drift hit every policy alike:
+    back-to-back runs of one policy spread by up to 30% on the H100 (docs/gpu.md). Each point
+    is the median of ``repeats`` timed runs after one warm-up run per policy and concurrency.
+    Each policy object lives through the whole sweep (elastic keeps what it learned, as in a
+    server). ``acceptance_path`` (the profile the commits replay) seeds elastic's tau."""
     params = SamplingParams(max_tokens=gen_len, ignore_eos=True)
+    llm = target.llm(shape, "fixed:32", commit_rule=ReplayAcceptance(acceptance), max_running=max(concurrencies),
+                     block_size=32, profile_path=profile_path, acceptance_profile=acceptance_path)
+    controllers = {name: _policy(llm, name) for name in policies}
     rows = []
-    for policy in policies:
-        # "elastic-shared": elastic planning every request on the shared tau curve (no
-        # per-request confidence levels), the variant that fits i.i.d. replayed commits.
-        engine_policy, per_request = ("elastic", False) if policy == "elastic-shared" else (policy, True)
-        llm = target.llm(shape, engine_policy, commit_rule=ReplayAcceptance(acceptance),
-                         max_running=max(concurrencies), block_size=32, profile_path=profile_path,
-                         acceptance_profile=acceptance_path, elastic_per_request=per_request)
-        for n in concurrencies:
-            r = median_run(llm, n, prompt_len, gen_len, params, repeats)
-            r.update(shape=shape, policy=policy, concurrency=n, acceptance="replayed (default model)")
-            print(f"  sweep {shape} {policy:9s} conc={n:4d}: {r['output_tok_s']:.0f} tok/s "
-                  f"({r['output_tok_s_excl_capture']:.0f} without {r['graph_capture_s']:.2f} s of graph "
-                  f"captures), {r['steps']} steps, cpu {r['cpu_ms_per_step']:.2f} ms/step", flush=True)
+    for n in concurrencies:
+        runs: dict[str, list[dict]] = {name: [] for name in policies}
+        for i in range(max(repeats, 1)):
+            for name, policy in controllers.items():
+                llm.engine.scheduler.flush_feedback()  # the last step's feedback is the old policy's
+                llm.engine.scheduler.policy = llm.engine.policy = policy
+                runs[name].append(timed_generate(llm, n, prompt_len, gen_len, params, full_warmup=True,
+                                                 warmup=i == 0, seed=i))
+        for name in policies:
+            r = _median(runs[name])
+            r.update(shape=shape, policy=name, concurrency=n, acceptance="replayed (default model)")
+            print(f"  sweep {shape} {name:9s} conc={n:4d}: {r['output_tok_s']:.0f} tok/s "
+                  f"(runs {', '.join(f'{x:.0f}' for x in r['output_tok_s_runs'])}; {r['graph_capture_s']:.2f} s "
+                  f"of graph captures), {r['steps']} steps, cpu {r['cpu_ms_per_step']:.2f} ms/step", flush=True)
             rows.append(r)
-            if on_row:
-                on_row(rows)
-        del llm
-        target.free_memory()
+        if on_row:
+            on_row(rows)
+    del llm, controllers
+    target.free_memory()
     return rows
+
+
+def _policy(llm: LLM, name: str):
+    """A fresh policy for ``llm``'s engine. "elastic-shared": elastic planning every request on
+    the shared tau curve (no per-request confidence levels)."""
+    from optimus.engine.elastic_setup import elastic_kwargs
+    from optimus.engine.policies import make_policy
+
+    if not name.startswith("elastic"):
+        return make_policy(name)
+    kwargs = elastic_kwargs(llm.engine)
+    kwargs["per_request"] = name != "elastic-shared"
+    return make_policy("elastic", **kwargs)
 
 
 def run_matmul(target: Target, shape: str, tokens: int = 8192) -> dict:
