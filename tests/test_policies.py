@@ -313,3 +313,19 @@ def test_latency_free_steps_teach_no_latency():
         out = p.choose(view(8))
         p.observe(StepFeedback(8 * 16, 0.0, tuple(out), (8,) * 8, tuple(f"r{i}" for i in range(8))))
     assert (p.correction.scale, p.correction.stretch) == before
+
+
+def test_elastic_amortises_per_step_host_overhead_with_larger_steps():
+    """Host time around every step (scheduling, serving) is a fixed cost per step: past the
+    knee, where the curve alone makes small chunks cheapest per token, a large overhead makes
+    fewer, larger steps pay. It is learned from StepFeedback.overhead_s (an average)."""
+    p = elastic(per_request=False)
+    for _ in range(200):
+        p.observe(StepFeedback(64, 0.0, (1,), (1,), ("r0",), (), overhead_s=0.040))
+    assert p.overhead_s == pytest.approx(0.040, rel=1e-3)
+    busy = view(96)
+    plain = elastic(per_request=False)
+    assert sum(p.choose(busy)) > sum(plain.choose(busy))
+    idle = StepFeedback(64, 0.0, (1,), (1,), ("r0",), ())  # overhead 0 = unknown: no evidence
+    p.observe(idle)
+    assert p.overhead_s == pytest.approx(0.040, rel=1e-3)

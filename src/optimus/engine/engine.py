@@ -24,6 +24,8 @@ from optimus.models.spec import AttentionKind, ModelSpec
 
 log = logging.getLogger(__name__)
 
+MAX_STEP_GAP_S = 1.0  # a longer gap between steps is the engine waiting for work, not overhead
+
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
@@ -80,6 +82,7 @@ class Engine:
         self._requests: dict[str, Request] = {}
         self._step = 0
         self._host_commit_s = 0.0
+        self._last_step_end: float | None = None  # perf_counter at the end of the latest step
         self._failed: list[Request] = []  # aborted mid-step; reported at the end of the step
         self.stream_text = True  # detokenize every output (servers); offline use turns it off
 
@@ -154,9 +157,14 @@ class Engine:
         c0 = time.perf_counter()
         plan = self.scheduler.schedule()
         if not plan.works:
+            self._last_step_end = None  # idle: the next gap is waiting, not overhead
             return []
         t0 = time.perf_counter()
         schedule_s = t0 - c0
+        # Host time between the previous step's end and this forward (reporting it, serving,
+        # scheduling this one), when the steps ran back to back.
+        overhead = 0.0 if self._last_step_end is None else t0 - self._last_step_end
+        overhead = overhead if overhead < MAX_STEP_GAP_S else 0.0
         capture0 = self.runner.capture_s
         hidden, wants = self.runner.run(plan)
         f0 = time.perf_counter()
@@ -172,7 +180,8 @@ class Engine:
         # from it (0 = no evidence). The whole cycle (scheduling, reporting) served worse on
         # the H100 (docs/benchmarks.md), so the policy's curve stays the step's own cost.
         captured = self.runner.capture_s > capture0
-        self.scheduler.complete_step(plan, 0.0 if captured else latency)
+        self.scheduler.complete_step(plan, 0.0 if captured else latency, overhead)
+        self._last_step_end = t1
         self._record(plan, latency)
         outputs = [self._output(r) for r in self._failed]
         self._failed = []

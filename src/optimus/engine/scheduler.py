@@ -239,7 +239,7 @@ class Scheduler:
         self.waiting.appendleft(r)
 
     # ---- after the forward pass --------------------------------------------------------
-    def complete_step(self, plan: StepPlan, latency_s: float) -> None:
+    def complete_step(self, plan: StepPlan, latency_s: float, overhead_s: float = 0.0) -> None:
         """Advance cache cursors and queue the policy's feedback. The policy reads it at
         :meth:`flush_feedback`, which the engine calls once the next step's forward is
         launched: learning then overlaps the GPU, and choose(N+1) sees feedback up to N-1."""
@@ -265,7 +265,7 @@ class Scheduler:
         if chunk_sizes:
             self.flush_feedback()  # never drop an unread step
             self._feedback = StepFeedback(plan.num_tokens, latency_s, tuple(chunk_sizes), tuple(committed),
-                                          tuple(ids), tuple(open_positions))
+                                          tuple(ids), tuple(open_positions), overhead_s)
 
     def flush_feedback(self) -> None:
         """Hand the policy the latest completed step's feedback, if it has not had it."""

@@ -33,6 +33,10 @@ class StepFeedback:
     # Per decoding request, the still-masked positions its window held (<= chunk size; a
     # window late in a block holds fewer). Empty when unknown: then every position counts.
     open_positions: tuple[int, ...] = ()
+    # Host time since the previous step ended, spent scheduling this one and reporting the
+    # last (serving, streaming): a cost every step pays on top of its forward. 0 = unknown
+    # (the engine was idle in between).
+    overhead_s: float = 0.0
 
 
 class ChunkPolicy(Protocol):

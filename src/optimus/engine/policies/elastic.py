@@ -8,8 +8,9 @@ commits ``tau(C)`` per step. ``ar`` (C=1, tau=1) therefore costs 2 rows per comm
 this engine: the committed position is computed once as a mask and once more when stored.
 
 Each step the controller maximises predicted committed tokens per second
-``J = sum_r tau(C_r) / T(sum_r cost(C_r))`` over the chunk sizes, where ``T`` is the profiled
-latency curve with an online correction and ``cost`` also carries ``pi * tau(C)``: the rows
+``J = sum_r tau(C_r) / (H + T(sum_r cost(C_r)))`` over the chunk sizes, where ``T`` is the
+profiled latency curve with an online correction, ``H`` the host time every step pays around
+its forward (scheduling, reporting, serving; measured), and ``cost`` also carries ``pi * tau(C)``: the rows
 the step runs for others (prefill pieces, pinned requests), measured per committed token,
 because every answer token brings its share of prompt to prefill. Allocation is greedy by
 marginal efficiency on each request's concave ladder of sizes; requests are ranked oldest
@@ -163,6 +164,8 @@ class ElasticPolicy:
         self.tau = TauEstimator(self.chunk_sizes, tau_prior, decay=tau_decay)
         self.correction = LatencyCorrector(self.profile.knee)
         self.load = TokenLoad(rate=load_rate)
+        self.overhead_s = 0.0  # per-step host time outside the forward (StepFeedback.overhead_s), EMA
+        self._overhead_rate = load_rate
         self.confidence = RequestConfidence() if per_request else None
         self.target: int | None = None  # hysteresis state: planned positions of the elastic requests
         self.retargets = 0
@@ -229,6 +232,8 @@ class ElasticPolicy:
             # Rescaled to the shared curve, weighted by level (TauEstimator): hesitant requests weigh little.
             excess = np.array(feedback.committed, dtype=float) - 1.0
             self.tau.observe(feedback.chunk_sizes, 1.0 + excess / np.maximum(levels, 1e-9), levels)
+        if feedback.overhead_s > 0:
+            self.overhead_s += self._overhead_rate * (feedback.overhead_s - self.overhead_s)
         if feedback.latency_s > 0 and feedback.num_tokens > 0:
             batch = max(len(feedback.chunk_sizes), 1)
             if self._rescale:
@@ -273,7 +278,9 @@ class ElasticPolicy:
             base_var += float(np.sum(self._variance(pinned)))
         tokens = base_cost + rungs.cost
         batch = len(view.requests)
-        latency = expected_latency(lambda x: self.predict_latency(x, batch), tokens, np.sqrt(base_var + rungs.var))
+        # Every step also pays the host's time around it: fewer, larger steps amortise it.
+        latency = self.overhead_s + expected_latency(lambda x: self.predict_latency(x, batch), tokens,
+                                                     np.sqrt(base_var + rungs.var))
         rate = (base_gain + rungs.gain) / latency
         actual = view.fixed_tokens + float(np.sum(pinned)) + n + rungs.actual
         feasible = int(np.searchsorted(actual, view.token_budget, side="right")) - 1
