@@ -246,3 +246,17 @@ def test_sweep_hands_over_each_finished_policy():
     final = run_sweep(cfg, launch, bench, log=lambda line: None, on_policy=seen.append)
     assert [list(s["policies"]) for s in seen] == [["elastic"], ["elastic", "ar"]]
     assert seen[-1] == final and seen[0]["policies"]["elastic"]["capacity"] == 2.0
+
+
+def test_replay_reseed_repeats_the_draws(tmp_path):
+    """Common random numbers: after reseed(s) the same calls commit the same counts."""
+    path = _write(tmp_path / "p.json", {"histograms": {"8": {"1": 1, "4": 1, "8": 1}}})
+    rule, params = ReplayAcceptance(load_acceptance(path)), SamplingParams()
+
+    def counts():
+        return [len(rule(torch.rand(8), params, 8)) for _ in range(40)]
+
+    rule.reseed(5)
+    first = counts()
+    rule.reseed(5)
+    assert counts() == first and len(set(first)) == 3

@@ -166,6 +166,11 @@ class ReplayAcceptance:
         self.rng = random.Random(seed)
         self._buckets: dict[tuple[int, int], tuple[list[int], int] | None] = {}
 
+    def reseed(self, seed: int) -> None:
+        """Restart the draws: benchmark runs of different policies that choose alike then
+        draw alike (common random numbers), instead of each getting its own luck."""
+        self.rng.seed(seed)
+
     def _draw(self, chunk: int, masked: int) -> int:
         # One draw per request per step at 256 requests: sample first, rescale the one sample.
         key = (chunk, masked)
