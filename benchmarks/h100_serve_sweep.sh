@@ -5,7 +5,8 @@
 # the SDAR-8B shape) once per policy and loads it over HTTP at each request rate. Random weights
 # have meaningless confidences, so each server commits per step what the measured acceptance
 # profile of the shipped default model says (--replay-acceptance; it also seeds elastic's tau)
-# and elastic plans on the committed H100 latency profile (--profile-path). Results are
+# and elastic plans on the committed H100 latency profile (--profile-path). Every server
+# captures its CUDA graphs at start-up (--graph-precapture), so no run pays them. Results are
 # throughput and latency of the serving stack with replayed token efficiency, not accuracy.
 #
 # Server packages the GPU image may lack (fastapi, uvicorn, ...) travel as wheels in .whl/
@@ -47,7 +48,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 timeout 510 "$PY" -m optimus.cli bench sweep --model "$MODEL" --policies "$POLICIES" --rates "$RATES" \
   --dataset random --input-len 256 --output-len 256 --num-prompts "$PROMPTS" --ignore-eos --warmup 1 \
   --slo ttft:2000,tpot:50 --startup-timeout 180 --disable-tqdm \
-  --server-args "--replay-acceptance $ACCEPTANCE --profile-path $PROFILE --log-level warning $EXTRA_SERVER_ARGS" \
+  --server-args "--replay-acceptance $ACCEPTANCE --profile-path $PROFILE --graph-precapture --log-level warning $EXTRA_SERVER_ARGS" \
   --out-dir "$OUT" 2>&1 | tee "$OUT/sweep.log"
 # At most 8 files come back from $OUT: one archive for the per-policy server logs.
 tar czf "$OUT/server_logs.tar.gz" -C "$OUT" logs && rm -r "$OUT/logs"
