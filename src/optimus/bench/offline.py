@@ -70,7 +70,9 @@ def timed_generate(llm: LLM, batch: int, prompt_len: int, gen_len: int, params: 
                    full_warmup: bool = False, warmup: bool = True, seed: int = 0) -> dict:
     """Time one batch. The warm-up (other prompts) compiles Triton kernels and captures CUDA
     graphs; ``full_warmup`` runs the whole workload once first, so every bucket the timed
-    run meets is already captured (policies with varied chunk sizes meet more buckets)."""
+    run meets is already captured (policies with varied chunk sizes meet more buckets).
+    ``seed`` picks the prompts and re-seeds a replayed acceptance, so run i of every policy
+    draws the same commits."""
     vocab = llm.engine.spec.arch.vocab_size
     if warmup:
         llm.generate(_prompts(batch if full_warmup else min(batch, 2), prompt_len, vocab, seed=1000), params)
@@ -186,8 +188,7 @@ def run_sweep(target: Target, shape: str, policies, concurrencies, acceptance: A
         runs: dict[str, list[dict]] = {name: [] for name in policies}
         for i in range(max(repeats, 1)):
             for name, policy in controllers.items():
-                llm.engine.scheduler.flush_feedback()  # the last step's feedback is the old policy's
-                llm.engine.scheduler.policy = llm.engine.policy = policy
+                llm.engine.use_policy(policy)
                 runs[name].append(timed_generate(llm, n, prompt_len, gen_len, params, full_warmup=True,
                                                  warmup=i == 0, seed=i))
         for name in policies:

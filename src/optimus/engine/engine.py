@@ -161,10 +161,7 @@ class Engine:
             return []
         t0 = time.perf_counter()
         schedule_s = t0 - c0
-        # Host time between the previous step's end and this forward (reporting it, serving,
-        # scheduling this one), when the steps ran back to back.
-        overhead = 0.0 if self._last_step_end is None else t0 - self._last_step_end
-        overhead = overhead if overhead < MAX_STEP_GAP_S else 0.0
+        overhead = self._overhead_before(t0)
         capture0 = self.runner.capture_s
         hidden, wants = self.runner.run(plan)
         f0 = time.perf_counter()
@@ -177,8 +174,8 @@ class Engine:
         t1 = time.perf_counter()
         latency = t1 - t0
         # A step that captured a CUDA graph paid a one-time cost: the policy learns no latency
-        # from it (0 = no evidence). The whole cycle (scheduling, reporting) served worse on
-        # the H100 (docs/benchmarks.md), so the policy's curve stays the step's own cost.
+        # from it (0 = no evidence). The host time around the step goes separately, as a cost
+        # per step (folding it into the latency curve served worse: docs/benchmarks.md).
         captured = self.runner.capture_s > capture0
         self.scheduler.complete_step(plan, 0.0 if captured else latency, overhead)
         self._last_step_end = t1
@@ -194,6 +191,19 @@ class Engine:
         self.stats.graph_capture_s = self.runner.capture_s
         self._refresh_gauges()
         return outputs
+
+    def use_policy(self, policy) -> None:
+        """Swap the chunk policy between steps (benchmarks interleave policies on one engine);
+        the last step's feedback goes to the policy that chose it."""
+        self.scheduler.flush_feedback()
+        self.scheduler.policy = self.policy = policy
+
+    def _overhead_before(self, t0: float) -> float:
+        """Host time from the previous step's end to this forward (reporting it, serving,
+        scheduling this one) when the steps ran back to back; 0 after idling."""
+        if self._last_step_end is None or t0 - self._last_step_end >= MAX_STEP_GAP_S:
+            return 0.0
+        return t0 - self._last_step_end
 
     def _propose_and_commit(self, plan, hidden: torch.Tensor, wants) -> None:
         """Greedy requests share one batched LM-head pass; sampled or constrained ones go alone."""
