@@ -13,7 +13,7 @@ import statistics
 import torch
 
 from optimus.bench.offline import Target, timed_generate
-from optimus.engine.decoding import ReplayAcceptance, load_acceptance
+from optimus.engine.acceptance import ReplayAcceptance, load_acceptance
 from optimus.engine.params import SamplingParams
 
 ACCEPTANCE = "benchmarks/results/default_model/acceptance_by_open.json"

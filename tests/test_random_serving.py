@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from optimus.config import engine_config
-from optimus.engine.decoding import ReplayAcceptance, commit_rule_for, load_acceptance, params_rule
+from optimus.engine.acceptance import ReplayAcceptance, load_acceptance
+from optimus.engine.decoding import commit_rule_for, params_rule
 from optimus.engine.detokenizer import IncrementalDetokenizer
 from optimus.engine.elastic_setup import elastic_kwargs, tau_prior_from
 from optimus.engine.latency import LatencyProfile

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from optimus.bench.shapes import SHAPES, random_model
-from optimus.engine.decoding import Acceptance, ReplayAcceptance, load_acceptance
+from optimus.engine.acceptance import Acceptance, ReplayAcceptance, load_acceptance
 from optimus.engine.llm import LLM
 from optimus.engine.params import SamplingParams
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from optimus.engine.decoding import load_acceptance
+from optimus.engine.acceptance import load_acceptance
 
 log = logging.getLogger(__name__)
 
