@@ -5,7 +5,7 @@ Output JSON: ``tau_per_chunk`` {C: mean commits per step}, ``histograms`` {C: {k
 ``by_open`` {C: {m: {k: steps}}}, the same steps split by the masked positions m the window
 held. A replay must draw from ``by_open``: a chunk's late steps commit few because few
 positions are left, and drawing those small counts for a full window would charge large
-chunks twice (engine/decoding.py, ReplayAcceptance).
+chunks twice (engine/acceptance.py, ReplayAcceptance).
 """
 
 from __future__ import annotations

@@ -148,11 +148,8 @@ class GraphedBody:
         g = self.graphs.get(key)
         if g is None:
             # Capture with all-padding metadata so warm-up writes nothing, then replay for real.
-            t0 = time.perf_counter()
-            self.slots.fill_(-1)
-            g = self.graphs[key] = self._capture(key)
+            self.precapture([key])
             self._load(batch, key)
-            torch.cuda.synchronize()
-            self.capture_s += time.perf_counter() - t0
+            g = self.graphs[key]
         g.graph.replay()
         return g.hidden[:batch.input_ids.numel()]

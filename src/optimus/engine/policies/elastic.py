@@ -165,7 +165,6 @@ class ElasticPolicy:
         self.correction = LatencyCorrector(self.profile.knee)
         self.load = TokenLoad(rate=load_rate)
         self.overhead_s = 0.0  # per-step host time outside the forward (StepFeedback.overhead_s), EMA
-        self._overhead_rate = load_rate
         self.confidence = RequestConfidence() if per_request else None
         self.target: int | None = None  # hysteresis state: planned positions of the elastic requests
         self.retargets = 0
@@ -179,9 +178,13 @@ class ElasticPolicy:
         """Expected commits per step at ``sizes`` of requests at confidence ``levels``."""
         return np.clip(1.0 + levels * (self.tau(sizes) - 1.0), 1.0, np.maximum(sizes, 1.0))
 
-    def _rows(self, sizes: np.ndarray, levels: np.ndarray | float = 1.0) -> np.ndarray:
-        """Rows per step a request at each size runs itself: its chunk and its store."""
-        return sizes + (self._tau(sizes, levels) if self.store_cost else 0.0)
+    def _own_rows(self, sizes: np.ndarray, levels: np.ndarray) -> tuple[float, float]:
+        """Rows per step requests at these sizes run themselves (chunk and store), and the
+        variance of those rows (store lumps): the step's load the plan accounts for."""
+        if not self.store_cost:
+            return float(np.sum(sizes)), 0.0
+        taus = self._tau(sizes, levels)
+        return float(np.sum(sizes + taus)), float(np.sum(store_variance(sizes, taus)))
 
     def _cost(self, sizes: np.ndarray) -> np.ndarray:
         """... plus its share of the load that comes with each committed token (prefill)."""
@@ -233,7 +236,7 @@ class ElasticPolicy:
             excess = np.array(feedback.committed, dtype=float) - 1.0
             self.tau.observe(feedback.chunk_sizes, 1.0 + excess / np.maximum(levels, 1e-9), levels)
         if feedback.overhead_s > 0:
-            self.overhead_s += self._overhead_rate * (feedback.overhead_s - self.overhead_s)
+            self.overhead_s += self.load.rate * (feedback.overhead_s - self.overhead_s)
         if feedback.latency_s > 0 and feedback.num_tokens > 0:
             batch = max(len(feedback.chunk_sizes), 1)
             if self._rescale:
@@ -243,11 +246,8 @@ class ElasticPolicy:
             self.correction.observe(self.profile.predict_many, feedback.num_tokens, batch, feedback.latency_s)
         choice = self._own_choice(feedback)
         if choice is not None:
-            sizes, levels = choice
-            taus = self._tau(sizes, levels)
-            rows = sizes + taus if self.store_cost else sizes
-            var = store_variance(sizes, taus) if self.store_cost else np.zeros_like(sizes)
-            self.load.observe(feedback.num_tokens, float(np.sum(rows)), float(np.sum(var)), sum(feedback.committed))
+            rows, var = self._own_rows(*choice)
+            self.load.observe(feedback.num_tokens, rows, var, sum(feedback.committed))
 
     def _own_choice(self, feedback: StepFeedback) -> tuple[np.ndarray, np.ndarray] | None:
         """The choice that produced this feedback: the oldest pending one whose requests cover
