@@ -93,7 +93,7 @@ def test_elastic_gives_the_larger_chunks_to_the_oldest_requests():
 
 def test_ar_costs_two_rows_per_token_and_ladders_are_concave():
     p = elastic()
-    assert float(p._rows(np.array([1.0]))[0]) == 2.0  # the mask row now, the stored row next step
+    assert p._own_rows(np.array([1.0]), np.array([1.0]))[0] == 2.0  # the mask row now, the stored row next step
     assert float(p._cost(np.array([1.0]))[0]) == 2.0  # no prefill load seen yet
     lad = _ladder(32, p.chunk_sizes, p.tau, p._rows_per_commit(), store_cost=True)
     eff = np.diff(lad.taus) / np.diff(lad.costs)
