@@ -100,3 +100,49 @@ def test_falls_back_to_torch_outside_its_contract(case, monkeypatch) -> None:
 def test_torch_backend_is_f_linear() -> None:
     x, w, b = torch.randn(2, 8), torch.randn(5, 8), torch.randn(5)
     assert torch.equal(skinny_linear.linear(x, w, b, backend="torch"), F.linear(x, w, b))
+
+
+@pytest.mark.parametrize("m,inner,n,block_k", [(1, 64, 48, 32), (5, 72, 40, 32), (16, 24, 20, 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gated_input_matches_silu_mul_then_linear(kernel_env, m, inner, n, block_k, dtype) -> None:
+    """The down projection with silu(gate) * up formed in the kernel: gate and up are the two
+    halves of one gate_up output; silu is rounded to the dtype first, as torch does."""
+    mod, dev = kernel_env
+    g = torch.Generator().manual_seed(m + inner + n)
+    gate_up = (2 * torch.randn(m, 2 * inner, generator=g)).to(dev, dtype)
+    gate, up = gate_up.chunk(2, dim=-1)
+    w = (torch.randn(n, inner, generator=g) / inner ** 0.5).to(dev, dtype)
+    cfg = mod.SkinnyConfig(block_n=16, block_k=block_k, num_stages=2)
+    got = mod.skinny_linear_triton(gate, w, None, cfg, up=up)
+    want = F.linear((F.silu(gate) * up).float(), w.float())
+    torch.testing.assert_close(got.float(), want, atol=TOL[dtype], rtol=TOL[dtype])
+    wrong = F.linear((gate * up).float(), w.float())  # the check can tell the activation apart
+    assert not torch.allclose(got.float(), wrong, atol=TOL[dtype], rtol=TOL[dtype])
+
+
+def test_silu_mul_linear_fuses_only_halves_of_one_layout(kernel_env, monkeypatch) -> None:
+    """Fused when gate/up share a layout and the kernel applies; the two-op path otherwise,
+    with the same result either way."""
+    mod, dev = kernel_env
+    gate_up = torch.randn(3, 64).to(dev)
+    gate, up = gate_up.chunk(2, dim=-1)
+    w = torch.randn(8, 32).to(dev)
+    assert skinny_linear.silu_mul_linear_applies(gate, up, w, backend="triton")
+    assert not skinny_linear.silu_mul_linear_applies(gate, up.contiguous(), w, backend="triton")
+    assert not skinny_linear.silu_mul_linear_applies(gate, up, w, backend="torch")
+    monkeypatch.setattr(skinny_linear, "FUSE_SILU", False)
+    assert not skinny_linear.silu_mul_linear_applies(gate, up, w, backend="triton")
+    two_ops = skinny_linear.silu_mul_linear(gate, up, w, backend="triton")
+    monkeypatch.setattr(skinny_linear, "FUSE_SILU", True)
+    fused = skinny_linear.silu_mul_linear(gate, up, w, backend="triton")
+    torch.testing.assert_close(fused, two_ops, atol=1e-5, rtol=1e-5)
+
+
+def test_pdl_launch_options_go_together() -> None:
+    """The PDL prologue and the launch attribute are on or off together; never off CUDA."""
+    from optimus.kernels import pdl
+
+    assert pdl.launch_options(torch.device("cpu")) == {"PDL": False}
+    if torch.cuda.is_available():
+        opts = pdl.launch_options(torch.device("cuda"))
+        assert opts["PDL"] == opts.get("launch_pdl", False) == pdl.launch_pdl(torch.device("cuda"))
