@@ -25,7 +25,7 @@ import torch
 from gpu_timing import time_graph_ms
 import torch.nn.functional as F
 
-from optimus.kernels import group_attention, pdl, visible_key_end, write_kv
+from optimus.kernels import group_attention, visible_key_end, write_kv
 from optimus.kernels.reference import group_attention_reference
 
 SHAPES = {"llada-8b": (32, 32, 128), "sdar-8b": (32, 8, 128)}  # (Hq, Hkv, D)
@@ -106,17 +106,6 @@ def sdpa_flash(q, k, v, causal: bool = False):
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=q.shape[1] != k.shape[1])
 
 
-def time_with_pdl(fn) -> float:
-    """Graph time with programmatic dependent launch, as the engine runs it: back-to-back
-    calls then overlap one call's launch with the previous one's tail. Not the comparison
-    with SDPA (which has no PDL): ``ours_ms`` is timed without it."""
-    pdl.ENABLED = True
-    try:
-        return time_graph_ms(fn)
-    finally:
-        pdl.ENABLED = False
-
-
 def time_ms(fn) -> float:
     """Eager median per call (includes Python and launch overhead when the GPU work is short)."""
     from triton.testing import do_bench
@@ -167,7 +156,6 @@ def bench_case(model: str, batch: int, chunk: int, cache: int, page_size: int, s
     row = {"kind": "prefill" if causal else "decode", "model": model, "batch": batch, "chunk": chunk,
            "cache": cache, "max_abs_err_vs_sdpa": float((ours.float() - ref.float()).abs().max()),
            "ours_ms": time_graph_ms(lambda: step.attend()),
-           "ours_pdl_ms": time_with_pdl(lambda: step.attend()),
            "sdpa_flash_ms": time_graph_ms(lambda: sdpa_flash(q, k, v, causal)),
            "ours_eager_ms": time_ms(lambda: step.attend()),
            "sdpa_flash_eager_ms": time_ms(lambda: sdpa_flash(q, k, v, causal))}
@@ -225,7 +213,6 @@ def main() -> None:
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("attention_micro needs a CUDA device")
-    pdl.ENABLED = False  # kernel against kernel; time_with_pdl adds the engine's launch mode
     checks = ragged_checks(args.page_size)
     for c in checks:
         print(f"ragged {c['model']:9s} {c['dtype']:15s} rows={c['rows']:4d} "
@@ -249,8 +236,7 @@ def main() -> None:
             "page_size": args.page_size, "cache": args.cache, "dtype": "bfloat16",
             "timing": "*_ms: per call from CUDA-graph replays; *_eager_ms: triton do_bench median; "
                       "ours = the group_attention wrapper with per-step metadata precomputed; "
-                      "ours_unsplit_ms = the config picked with split-KV off (only where ours splits); "
-                      "all ours without PDL except ours_pdl_ms (20 back-to-back calls with PDL)"}
+                      "ours_unsplit_ms = the config picked with split-KV off (only where ours splits)"}
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "ragged_checks": checks, "cases": rows}, f, indent=1)
 

@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from optimus.kernels.group_attention import resolve_backend
 
 MAX_ROWS = 16  # one tl.dot tile of rows; above this the matmul is no longer a weight stream
-FUSE_SILU = True  # silu_mul_linear forms its input in the kernel (an A/B switch, like MAX_ROWS)
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -29,26 +28,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
     x = x if x.stride(-1) == 1 else x.contiguous()
     return skinny_linear_triton(x, weight, bias)
-
-
-def silu_mul_linear_applies(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor,
-                            backend: str = "auto") -> bool:
-    """Whether ``silu_mul_linear`` runs as one kernel: gate and up [M, K] share a layout
-    (two halves of one gate_up matmul) and the skinny kernel applies to them."""
-    return (FUSE_SILU and up.shape == gate.shape and up.dtype == gate.dtype
-            and up.stride() == gate.stride() and gate.stride(-1) == 1
-            and _kernel_applies(gate, weight, None) and resolve_backend(backend, gate) == "triton")
-
-
-def silu_mul_linear(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor,
-                    backend: str = "auto") -> torch.Tensor:
-    """(silu(gate) * up) @ weight^T -> [M, N], silu rounded to the dtype before the product
-    (torch's rounding). One kernel when ``silu_mul_linear_applies``, else two ops."""
-    if not silu_mul_linear_applies(gate, up, weight, backend):
-        return linear(torch.nn.functional.silu(gate) * up, weight, None, backend)
-    from optimus.kernels._skinny_linear_triton import skinny_linear_triton
-
-    return skinny_linear_triton(gate, weight, None, up=up)
 
 
 def _kernel_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:

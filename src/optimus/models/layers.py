@@ -89,9 +89,7 @@ class LayerOps(Protocol):
         """q [T, Hq, D], k [T, Hkv, D] -> rotated (q, k), after the per-head norms if any."""
         ...
 
-    def silu_mul_linear(self, gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """(silu(gate) * up) [T, I] @ weight [N, I]^T -> [T, N] (the MLP's down projection)."""
-        ...
+    def silu_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor: ...
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """x [T, K] @ weight [N, K]^T (+ bias) -> [T, N]."""
@@ -114,8 +112,8 @@ class TorchOps:
             q, k = q_norm(q), k_norm(k)
         return apply_rotary(q, self.cos, self.sin), apply_rotary(k, self.cos, self.sin)
 
-    def silu_mul_linear(self, gate, up, weight):
-        return F.linear(F.silu(gate) * up, weight)
+    def silu_mul(self, gate, up):
+        return F.silu(gate) * up
 
     def linear(self, x, weight, bias):
         return F.linear(x, weight, bias)
@@ -136,10 +134,8 @@ class FusedOps:
         qk = None if q_norm is None else fused.QKNorm(q_norm.weight, k_norm.weight, q_norm.eps)
         return fused.rotary_qk(q, k, self.positions, self.inv_freq, qk, self.backend)
 
-    def silu_mul_linear(self, gate, up, weight):
-        if skinny_linear.silu_mul_linear_applies(gate, up, weight):  # one kernel for both
-            return skinny_linear.silu_mul_linear(gate, up, weight)
-        return self.linear(fused.silu_mul_split(gate, up, self.backend), weight, None)
+    def silu_mul(self, gate, up):
+        return fused.silu_mul_split(gate, up, self.backend)
 
     def linear(self, x, weight, bias):
         # "auto", not self.backend: the weight-streaming kernel only pays on a GPU.
@@ -184,9 +180,6 @@ class MergedProjections(nn.Module):
 
     @torch.no_grad()
     def fuse_projections(self) -> None:
-        """Idempotent: a model shared by several engines is merged once."""
-        if self._merged_intact():
-            return
         linears = self._linears()
         self.merged_weight = _merge_param(linears, "weight")
         self.merged_bias = _merge_param(linears, "bias")
@@ -255,7 +248,7 @@ class GatedMLP(MergedProjections):
 
     def forward(self, x: torch.Tensor, ops: LayerOps) -> torch.Tensor:
         gate, up = self._project(x, ops)
-        return ops.silu_mul_linear(gate, up, self.down_proj.weight)
+        return ops.linear(ops.silu_mul(gate, up), self.down_proj.weight, None)
 
 
 class AttentionBackend(Protocol):
