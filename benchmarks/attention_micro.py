@@ -124,7 +124,8 @@ def sweep_configs(gqa_pad: int, default):
     from optimus.kernels._group_attention_triton import MAX_SPLITS, TileConfig
     seen = []
     for m, n, warps, stages in [(16, 64, 4, 2), (16, 128, 4, 2), (32, 64, 4, 2), (32, 64, 4, 3),
-                                (32, 32, 4, 3), (64, 32, 4, 3),
+                                (32, 64, 4, 4), (32, 64, 8, 3), (32, 128, 4, 2), (32, 128, 8, 2),
+                                (32, 32, 4, 3), (64, 32, 4, 3), (64, 64, 4, 4), (64, 128, 8, 2),
                                 (64, 64, 4, 3), (128, 32, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3),
                                 (128, 128, 8, 2)]:
         if m >= gqa_pad:
@@ -210,6 +211,8 @@ def main() -> None:
     parser.add_argument("--cache", type=int, default=512)
     parser.add_argument("--prefill", type=int, default=1024, help="causal prefill length per request")
     parser.add_argument("--sweep", action="store_true", help="also time candidate tile configs")
+    parser.add_argument("--only", default="", help="comma-separated MODEL:BATCH:CHUNK decode cases "
+                        "(e.g. llada-8b:8:32); default: every case")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("attention_micro needs a CUDA device")
@@ -223,6 +226,9 @@ def main() -> None:
           "best sweep config (ms)")
     cases = [(m, b, c, args.cache) for m in SHAPES for b in (1, 8, 32, 128) for c in (1, 4, 32)]
     cases += [(m, b, args.prefill, 0) for m in SHAPES for b in (1, 4)]
+    if args.only:
+        picked = [c.split(":") for c in args.only.split(",")]
+        cases = [(m, int(b), int(c), args.cache) for m, b, c in picked]
     for model, batch, chunk, cache in cases:
         r = bench_case(model, batch, chunk, cache, args.page_size, args.sweep)
         rows.append(r)

@@ -59,6 +59,9 @@ class _Ladder:
     taus: np.ndarray  # [L]
     costs: np.ndarray  # [L]
     variances: np.ndarray  # [L] variance of the request's rows per step (store lumps)
+    # [L-1, 6] per rung (step from size j to j+1): size, d tau, d cost, d variance,
+    # d positions, efficiency d tau / d cost
+    rungs: np.ndarray
 
 
 def _ladder(cap: int, chunk_sizes: tuple[int, ...], tau, rows_per_commit: float,
@@ -81,7 +84,10 @@ def _ladder(cap: int, chunk_sizes: tuple[int, ...], tau, rows_per_commit: float,
             hull.pop()  # b lies on or under the chord a-j
         hull.append(j)
     idx = np.array(hull)
-    return _Ladder(sizes[idx], taus[idx], costs[idx], variances[idx])
+    sizes, taus, costs, variances = sizes[idx], taus[idx], costs[idx], variances[idx]
+    dtau, dcost = np.diff(taus), np.diff(costs)
+    rungs = np.stack([sizes[1:], dtau, dcost, np.diff(variances), np.diff(sizes), dtau / dcost], 1)
+    return _Ladder(sizes, taus, costs, variances, rungs)
 
 
 def store_variance(sizes: np.ndarray, taus: np.ndarray) -> np.ndarray:
@@ -94,8 +100,9 @@ def expected_latency(latency, tokens: np.ndarray, sd: np.ndarray) -> np.ndarray:
     """E[T(tokens + sd Z)], Z standard normal, by 3-point Gauss-Hermite quadrature: steps
     whose token count scatters around a knee cost more than the curve at their mean."""
     h = math.sqrt(3.0) * sd
-    mid, low, high = np.split(latency(np.concatenate([tokens, np.maximum(tokens - h, 1.0), tokens + h])), 3)
-    return (4.0 * mid + low + high) / 6.0
+    k = len(tokens)
+    t = latency(np.concatenate([tokens, np.maximum(tokens - h, 1.0), tokens + h]))
+    return (4.0 * t[:k] + t[k:2 * k] + t[2 * k:]) / 6.0
 
 
 @dataclass(frozen=True)
@@ -118,23 +125,26 @@ def _rungs(requests: list[RequestView], ladders: dict, keys: list) -> _Rungs:
     for i, key in enumerate(keys):
         groups.setdefault(key, []).append(i)
     max_chunk = np.array([r.max_chunk for r in requests], dtype=float)
-    owners, rungs, actual = [], [], []
+    owners, rungs, actual, group_sizes = [], [], [], []
     for key, members in groups.items():
         lad, idx = ladders[key], np.array(members)  # [G] requests sharing this ladder
         if len(lad.sizes) < 2:
             continue
-        dtau, dcost = np.diff(lad.taus), np.diff(lad.costs)
-        # [L-1, 6] per rung: size, d tau, d cost, d variance, d positions, efficiency
-        per_rung = np.stack([lad.sizes[1:], dtau, dcost, np.diff(lad.variances), np.diff(lad.sizes), dtau / dcost], 1)
-        owners.append(np.repeat(idx, len(per_rung)))
-        rungs.append(np.tile(per_rung, (len(idx), 1)))
+        group_sizes.append(len(idx))
+        owners.append(np.repeat(idx, len(lad.rungs)))  # member-major: [G * (L-1)]
+        rungs.append(np.tile(lad.rungs, (len(idx), 1)))
         clipped = np.minimum(lad.sizes[None, :], max_chunk[idx, None])  # [G, L]
         actual.append(np.diff(clipped, axis=1).reshape(-1))
     if not rungs:
         zero = np.zeros(1)
         return _Rungs(np.zeros(0, dtype=int), np.zeros(0), zero, zero, zero, zero, zero)
     req, table, act = np.concatenate(owners), np.concatenate(rungs), np.concatenate(actual)
-    order = np.lexsort((req, -table[:, 5]))  # best efficiency first; ties: oldest request first
+    if len(rungs) == 1:
+        # One ladder (one request, or all at one level): its efficiency strictly falls rung
+        # by rung, so the greedy order is rung-major over the members, oldest first.
+        order = np.arange(len(req)).reshape(group_sizes[0], -1).T.reshape(-1)
+    else:
+        order = np.lexsort((req, -table[:, 5]))  # best efficiency first; ties: oldest request first
     sums = np.zeros((len(order) + 1, 5))
     np.cumsum(np.column_stack([table[order, 1:5], act[order]]), axis=0, out=sums[1:])
     return _Rungs(req[order], table[order, 0], sums[:, 0], sums[:, 1], sums[:, 2], sums[:, 3], sums[:, 4])
@@ -172,6 +182,11 @@ class ElasticPolicy:
         # Choices not yet observed, oldest first: (request ids, sizes, confidence levels). The
         # engine observes step N after choosing step N+1, so two may be pending.
         self._choices: collections.deque[tuple[frozenset, np.ndarray, np.ndarray]] = collections.deque(maxlen=4)
+        # Ladders by (planning cap, level), valid until the next observe changes tau or pi;
+        # observe rebuilds those of the requests it saw (the engine runs it while the GPU
+        # computes the step), so choose, which the next step waits for, mostly looks them up.
+        self._ladders: dict[tuple[int, float], _Ladder] = {}
+        self._caps: dict[str, int] = {}  # planning cap of each request of the latest choice
 
     # ---- the model the decision reads ----------------------------------------------------
     def _tau(self, sizes: np.ndarray, levels: np.ndarray | float = 1.0) -> np.ndarray:
@@ -197,7 +212,10 @@ class ElasticPolicy:
         return store_variance(sizes, self._tau(sizes, levels)) if self.store_cost else np.zeros_like(sizes)
 
     def _level(self, request: RequestView) -> float:
-        return 1.0 if self.confidence is None else self.confidence.level(request.request_id)
+        return self._level_of(request.request_id)
+
+    def _level_of(self, request_id: str) -> float:
+        return 1.0 if self.confidence is None else self.confidence.level(request_id)
 
     def predict_latency(self, tokens: np.ndarray, batch: int) -> np.ndarray:
         """Corrected latency curve at step token counts ``tokens`` [K]."""
@@ -248,6 +266,17 @@ class ElasticPolicy:
         if choice is not None:
             rows, var = self._own_rows(*choice)
             self.load.observe(feedback.num_tokens, rows, var, sum(feedback.committed))
+        self._ladders = {}  # tau and pi moved: rebuild, first for the requests likely next
+        for rid, cap in self._caps.items():
+            self._ladder_for((cap, self._level_of(rid)))
+
+    def _ladder_for(self, key: tuple[int, float]) -> _Ladder:
+        lad = self._ladders.get(key)
+        if lad is None:
+            cap, level = key
+            lad = self._ladders[key] = _ladder(cap, self.chunk_sizes, lambda c: self._tau(c, level),
+                                               self._rows_per_commit(), self.store_cost)
+        return lad
 
     def _own_choice(self, feedback: StepFeedback) -> tuple[np.ndarray, np.ndarray] | None:
         """The choice that produced this feedback: the oldest pending one whose requests cover
@@ -265,10 +294,9 @@ class ElasticPolicy:
         top = max(self.chunk_sizes)
         # Planning caps ignore block ends; one ladder per (cap, confidence level).
         keys = [(max(1, min(r.block_size, top)), level) for r, level in zip(requests, levels)]
+        self._caps = {r.request_id: key[0] for r, key in zip(requests, keys)}
         per_commit = self._rows_per_commit()
-        ladders = {key: _ladder(key[0], self.chunk_sizes, lambda c, lv=key[1]: self._tau(c, lv), per_commit,
-                                self.store_cost) for key in set(keys)}
-        rungs = _rungs(requests, ladders, keys)
+        rungs = _rungs(requests, {key: self._ladder_for(key) for key in set(keys)}, keys)
         n = len(requests)
         # Everyone at size 1 (tau(1) = 1: one commit, 1 + per_commit rows), plus the pinned.
         base_gain, base_cost, base_var = float(n), n * (1.0 + per_commit), self.load.extra_var
