@@ -48,7 +48,10 @@ def choose_config(max_q_len: int, gqa_pad: int, head_dim: int, parallel: int,
     ``parallel`` = requests x KV heads. Picked from H100 sweeps
     (benchmarks/results/h100/attention_micro*.json; bf16, D=128, cache 512, prefill 1024):
     short chunks are bound by reading the cache, so the smallest MMA tile (M=16) with 64-key
-    steps wins; at M 64-128, 32-key steps with 4 warps beat 64-key steps and 8 warps. When
+    steps wins; at M 64-128, 32-key steps with 4 warps beat 64-key steps and 8 warps. Rows
+    17-32 take M=32 with 128-key steps rather than half-empty M=64 tiles: LLaDA-8B chunk 32
+    at batch 8 / 32 / 128 ran 34.5 / 121.6 / 448 us against 36.7 / 121.2 / 451 (SDPA 34.5 /
+    127 / 525; session5/attention_targeted.json). When
     the grid would not fill the GPU (fewer than ``min_programs``, about 3/4 of the SMs), M
     is halved: at batch 1-8 with chunk 32 this took 23-24 us down to 15-19 us. When even
     M=16 leaves the grid too small (batch 1-8 decode), the cache is split instead
@@ -56,7 +59,7 @@ def choose_config(max_q_len: int, gqa_pad: int, head_dim: int, parallel: int,
     kernel before split-KV, kept for comparisons).
     """
     rows = triton.next_power_of_2(max(max_q_len, 1)) * gqa_pad
-    block_m = 16 if rows <= 16 else (64 if rows <= 64 or head_dim > 128 else 128)
+    block_m = 16 if rows <= 16 else 32 if rows <= 32 else (64 if rows <= 64 or head_dim > 128 else 128)
     if split_kv and _programs(max_q_len, gqa_pad, parallel, 16) < min_programs:
         return _split_config(max_q_len, gqa_pad, parallel, min(max(rows, 16), block_m, 64),
                              min_programs)
@@ -72,6 +75,8 @@ def _programs(max_q_len: int, gqa_pad: int, parallel: int, block_m: int) -> int:
 
 def _tile(block_m: int, gqa_pad: int, num_splits: int = 1) -> TileConfig:
     block_q = max(1, block_m // gqa_pad)
+    if block_m == 32 and num_splits == 1:
+        return TileConfig(block_q, 128, 4, 2)
     if block_m <= 32:
         return TileConfig(block_q, 64, 4, 2, num_splits)
     return TileConfig(block_q, 32, 4, 3, num_splits)
