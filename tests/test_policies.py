@@ -354,9 +354,29 @@ def test_one_ladder_greedy_order_equals_the_general_sort():
     path sorts into (falling efficiency, oldest request first)."""
     p = elastic()
     lad = p._ladder_for((32, 1.0))
-    requests = [RequestView(f"r{i}", m, 32, None) for i, m in enumerate((32, 5, 17))]
-    one = _rungs(requests, {"a": lad}, ["a"] * 3)
+    one = _rungs({"a": lad}, ["a"] * 3)
     # The same ladder under two keys sends the same requests through the general sort.
-    two = _rungs(requests, {"a": lad, "b": lad}, ["a", "b", "a"])
-    for name in ("request", "size", "gain", "cost", "var", "positions", "actual"):
+    two = _rungs({"a": lad, "b": lad}, ["a", "b", "a"])
+    for name in ("request", "size", "size_before", "gain", "cost", "var", "positions"):
         np.testing.assert_array_equal(getattr(one, name), getattr(two, name))
+    max_chunk = np.array([32.0, 5.0, 17.0])
+    np.testing.assert_array_equal(one.actual(max_chunk), two.actual(max_chunk))
+
+
+def test_cached_curve_gives_the_choice_of_a_fresh_policy_state():
+    """choose looks up the curve observe built; a copy of the policy that must build it from
+    scratch (empty caches) chooses the same sizes, step after step."""
+    import copy
+
+    p = elastic()
+    rng = random.Random(5)
+    ids = [f"r{i}" for i in range(5)]
+    for step in range(60):
+        view = StepView(tuple(RequestView(r, rng.randint(1, 32), 32, None) for r in ids), 8, 100)
+        fresh = copy.deepcopy(p)
+        fresh._ladders, fresh._curves = {}, {}
+        out = p.choose(view)
+        assert fresh.choose(view) == out
+        p.observe(StepFeedback(sum(out) + 20, 0.01, tuple(out), tuple(rng.randint(1, c) for c in out),
+                               tuple(ids), tuple(out)))
+    assert p._curves, "observe should have rebuilt the latest choice's curve"

@@ -112,42 +112,58 @@ class _Rungs:
 
     request: np.ndarray  # [U] index into the elastic requests
     size: np.ndarray  # [U] size the request moves up to
+    size_before: np.ndarray  # [U] size it moves up from
     gain: np.ndarray  # [U+1] cumulative extra committed tokens per step
     cost: np.ndarray  # [U+1] cumulative amortised tokens
     var: np.ndarray  # [U+1] cumulative variance of the step's rows
     positions: np.ndarray  # [U+1] cumulative planned chunk positions
-    actual: np.ndarray  # [U+1] cumulative chunk positions after clipping to max_chunk
+
+    def actual(self, max_chunk: np.ndarray) -> np.ndarray:
+        """[U+1] cumulative chunk positions after clipping each request to ``max_chunk`` [R]."""
+        cap = max_chunk[self.request]
+        out = np.zeros(len(self.request) + 1)
+        np.cumsum(np.minimum(self.size, cap) - np.minimum(self.size_before, cap), out=out[1:])
+        return out
 
 
-def _rungs(requests: list[RequestView], ladders: dict, keys: list) -> _Rungs:
-    """``keys[i]``: the key in ``ladders`` of request i's ladder."""
+def _rungs(ladders: dict, keys: list) -> _Rungs:
+    """``keys[i]``: the key in ``ladders`` of elastic request i's ladder."""
     groups: dict = {}
     for i, key in enumerate(keys):
         groups.setdefault(key, []).append(i)
-    max_chunk = np.array([r.max_chunk for r in requests], dtype=float)
-    owners, rungs, actual, group_sizes = [], [], [], []
+    owners, rungs, group_sizes = [], [], []
     for key, members in groups.items():
-        lad, idx = ladders[key], np.array(members)  # [G] requests sharing this ladder
+        lad = ladders[key]
         if len(lad.sizes) < 2:
             continue
-        group_sizes.append(len(idx))
-        owners.append(np.repeat(idx, len(lad.rungs)))  # member-major: [G * (L-1)]
-        rungs.append(np.tile(lad.rungs, (len(idx), 1)))
-        clipped = np.minimum(lad.sizes[None, :], max_chunk[idx, None])  # [G, L]
-        actual.append(np.diff(clipped, axis=1).reshape(-1))
+        group_sizes.append(len(members))
+        owners.append(np.repeat(members, len(lad.rungs)))  # member-major: [G * (L-1)]
+        rungs.append(np.tile(np.column_stack([lad.rungs, lad.sizes[:-1]]), (len(members), 1)))
     if not rungs:
         zero = np.zeros(1)
-        return _Rungs(np.zeros(0, dtype=int), np.zeros(0), zero, zero, zero, zero, zero)
-    req, table, act = np.concatenate(owners), np.concatenate(rungs), np.concatenate(actual)
+        return _Rungs(np.zeros(0, dtype=int), np.zeros(0), np.zeros(0), zero, zero, zero, zero)
+    req, table = np.concatenate(owners), np.concatenate(rungs)
     if len(rungs) == 1:
         # One ladder (one request, or all at one level): its efficiency strictly falls rung
         # by rung, so the greedy order is rung-major over the members, oldest first.
         order = np.arange(len(req)).reshape(group_sizes[0], -1).T.reshape(-1)
     else:
         order = np.lexsort((req, -table[:, 5]))  # best efficiency first; ties: oldest request first
-    sums = np.zeros((len(order) + 1, 5))
-    np.cumsum(np.column_stack([table[order, 1:5], act[order]]), axis=0, out=sums[1:])
-    return _Rungs(req[order], table[order, 0], sums[:, 0], sums[:, 1], sums[:, 2], sums[:, 3], sums[:, 4])
+    sums = np.zeros((len(order) + 1, 4))
+    np.cumsum(table[order, 1:5], axis=0, out=sums[1:])
+    return _Rungs(req[order], table[order, 0], table[order, 6], sums[:, 0], sums[:, 1], sums[:, 2], sums[:, 3])
+
+
+@dataclass(frozen=True)
+class _Curve:
+    """The predicted rate of every allocation along the rungs, before the step's budget
+    and hysteresis: what a step's requests, levels and pinned sizes imply under the
+    policy's current estimates (so it can be built in observe and looked up in choose)."""
+
+    rungs: _Rungs
+    tokens: np.ndarray  # [U+1] amortised step tokens
+    latency: np.ndarray  # [U+1] predicted seconds, host overhead included
+    rate: np.ndarray  # [U+1] committed tokens per second
 
 
 class ElasticPolicy:
@@ -182,11 +198,13 @@ class ElasticPolicy:
         # Choices not yet observed, oldest first: (request ids, sizes, confidence levels). The
         # engine observes step N after choosing step N+1, so two may be pending.
         self._choices: collections.deque[tuple[frozenset, np.ndarray, np.ndarray]] = collections.deque(maxlen=4)
-        # Ladders by (planning cap, level), valid until the next observe changes tau or pi;
-        # observe rebuilds those of the requests it saw (the engine runs it while the GPU
-        # computes the step), so choose, which the next step waits for, mostly looks them up.
+        # Ladders by (planning cap, level) and rate curves by (ladder keys, pinned sizes,
+        # batch): valid until the next observe moves the estimates. Observe rebuilds the curve
+        # of the latest choice's requests (the engine runs it while the GPU computes a step),
+        # so choose, which the next step waits for, mostly looks it up.
         self._ladders: dict[tuple[int, float], _Ladder] = {}
-        self._caps: dict[str, int] = {}  # planning cap of each request of the latest choice
+        self._curves: dict[tuple, _Curve] = {}
+        self._latest: tuple | None = None  # (request ids, caps, pinned, batch) of the latest choice
 
     # ---- the model the decision reads ----------------------------------------------------
     def _tau(self, sizes: np.ndarray, levels: np.ndarray | float = 1.0) -> np.ndarray:
@@ -266,9 +284,35 @@ class ElasticPolicy:
         if choice is not None:
             rows, var = self._own_rows(*choice)
             self.load.observe(feedback.num_tokens, rows, var, sum(feedback.committed))
-        self._ladders = {}  # tau and pi moved: rebuild, first for the requests likely next
-        for rid, cap in self._caps.items():
-            self._ladder_for((cap, self._level_of(rid)))
+        self._ladders, self._curves = {}, {}  # the estimates moved: rebuild what is likely next
+        if self._latest is not None:
+            ids, caps, pinned, batch = self._latest
+            self._curve_for(tuple(zip(caps, map(self._level_of, ids))), pinned, batch)
+
+    def _curve_for(self, keys: tuple, pinned: tuple, batch: int) -> _Curve:
+        signature = (keys, pinned, batch)
+        curve = self._curves.get(signature)
+        if curve is None:
+            curve = self._curves[signature] = self._build_curve(keys, np.array(pinned, dtype=float), batch)
+        return curve
+
+    def _build_curve(self, keys: tuple, pinned: np.ndarray, batch: int) -> _Curve:
+        """Predicted rate of every allocation along the greedy's rungs; ``keys``: each
+        elastic request's (planning cap, level); ``batch``: all requests of the step."""
+        per_commit = self._rows_per_commit()
+        rungs = _rungs({key: self._ladder_for(key) for key in set(keys)}, list(keys))
+        n = len(keys)
+        # Everyone at size 1 (tau(1) = 1: one commit, 1 + per_commit rows), plus the pinned.
+        base_gain, base_cost, base_var = float(n), n * (1.0 + per_commit), self.load.extra_var
+        if pinned.size:
+            base_gain += float(np.sum(self.tau(pinned)))
+            base_cost += float(np.sum(self._cost(pinned)))
+            base_var += float(np.sum(self._variance(pinned)))
+        tokens = base_cost + rungs.cost
+        # Every step also pays the host's time around it: fewer, larger steps amortise it.
+        latency = self.overhead_s + expected_latency(lambda x: self.predict_latency(x, batch), tokens,
+                                                     np.sqrt(base_var + rungs.var))
+        return _Curve(rungs, tokens, latency, (base_gain + rungs.gain) / latency)
 
     def _ladder_for(self, key: tuple[int, float]) -> _Ladder:
         lad = self._ladders.get(key)
@@ -293,33 +337,26 @@ class ElasticPolicy:
         requests = [view.requests[i] for i in elastic]
         top = max(self.chunk_sizes)
         # Planning caps ignore block ends; one ladder per (cap, confidence level).
-        keys = [(max(1, min(r.block_size, top)), level) for r, level in zip(requests, levels)]
-        self._caps = {r.request_id: key[0] for r, key in zip(requests, keys)}
-        per_commit = self._rows_per_commit()
-        rungs = _rungs(requests, {key: self._ladder_for(key) for key in set(keys)}, keys)
-        n = len(requests)
-        # Everyone at size 1 (tau(1) = 1: one commit, 1 + per_commit rows), plus the pinned.
-        base_gain, base_cost, base_var = float(n), n * (1.0 + per_commit), self.load.extra_var
-        if pinned.size:
-            base_gain += float(np.sum(self.tau(pinned)))
-            base_cost += float(np.sum(self._cost(pinned)))
-            base_var += float(np.sum(self._variance(pinned)))
-        tokens = base_cost + rungs.cost
-        batch = len(view.requests)
-        # Every step also pays the host's time around it: fewer, larger steps amortise it.
-        latency = self.overhead_s + expected_latency(lambda x: self.predict_latency(x, batch), tokens,
-                                                     np.sqrt(base_var + rungs.var))
-        rate = (base_gain + rungs.gain) / latency
-        actual = view.fixed_tokens + float(np.sum(pinned)) + n + rungs.actual
-        feasible = int(np.searchsorted(actual, view.token_budget, side="right")) - 1
-        rate[max(feasible, 0) + 1:] = -np.inf  # the step's real rows must fit the budget
+        caps = tuple(max(1, min(r.block_size, top)) for r in requests)
+        pinned_sizes, batch = tuple(pinned.tolist()), len(view.requests)
+        self._latest = (tuple(r.request_id for r in requests), caps, pinned_sizes, batch)
+        curve = self._curve_for(tuple(zip(caps, levels)), pinned_sizes, batch)
+        rungs, rate, n = curve.rungs, curve.rate, len(requests)
+        fixed = view.fixed_tokens + float(np.sum(pinned)) + n
+        if fixed + rungs.positions[-1] > view.token_budget:
+            # The budget may bind: cut where the step's real rows (chunks clipped to the
+            # block ends, never more than planned) pass it.
+            actual = fixed + rungs.actual(np.array([r.max_chunk for r in requests], dtype=float))
+            feasible = int(np.searchsorted(actual, view.token_budget, side="right")) - 1
+            rate = rate.copy()
+            rate[max(feasible, 0) + 1:] = -np.inf
         best = int(np.argmax(rate))  # first maximum: fewer tokens on ties
         m, retargeted = self._apply_hysteresis(rungs, rate, best, n)
         sizes = np.ones(n, dtype=int)
         np.maximum.at(sizes, rungs.request[:m], rungs.size[:m].astype(int))
         out = [int(min(s, r.max_chunk)) for s, r in zip(sizes, requests)]
-        self.last_plan = Plan(self.target or 0, int(n + rungs.positions[m]), float(tokens[m]),
-                              float(latency[m]), float(rate[m]), retargeted)
+        self.last_plan = Plan(self.target or 0, int(n + rungs.positions[m]), float(curve.tokens[m]),
+                              float(curve.latency[m]), float(rate[m]), retargeted)
         return out
 
     def _apply_hysteresis(self, rungs: _Rungs, rate: np.ndarray, best: int, n: int) -> tuple[int, bool]:
