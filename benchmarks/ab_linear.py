@@ -1,8 +1,7 @@
-"""A/B of the skinny-linear kernel inside the engine (GPU): one engine per variant over the
-same random 8B weights shape, each built and run with its own kernel choice for steps of
-<= 16 rows: the persistent grid (the default), one program per column tile (session 4's
-kernel), or F.linear (cuBLAS) everywhere. Timed runs alternate the variants round by round
-so clock and neighbour drift hit all alike, and the median of each is reported.
+"""A/B of the skinny-linear kernel inside the engine (GPU): two engines over the same random
+8B weights shape, one built and run with the Triton kernel for steps of <= 16 rows, one with
+F.linear everywhere; timed runs alternate A, B, A, B, ... so clock and neighbour drift hit
+both alike, and the median of each side is reported.
 
   PYTHONPATH=src python benchmarks/ab_linear.py --out ab_linear.json [--rounds 3]
 """
@@ -18,25 +17,20 @@ import torch
 
 from optimus.bench.offline import Target, timed_generate
 from optimus.engine.params import SamplingParams
-from optimus.kernels import _skinny_linear_triton, skinny_linear
+from optimus.kernels import skinny_linear
 
-CASES = (("llama-8b", "ar", 1, (1, 8)),)  # larger steps (> 16 rows) never reach the kernel
-
-
-VARIANTS = {"persistent": (skinny_linear.MAX_ROWS, True), "tile_grid": (skinny_linear.MAX_ROWS, False),
-            "cublas": (0, False)}
+CASES = (("llama-8b", "ar", 1, (1, 8, 32)), ("llada-8b", "fixed:32", 4, (1, 8)))
 
 
 @contextlib.contextmanager
-def kernel_choice(limit: int, persistent: bool):
-    """The largest step that uses the kernel (0 = never) and its grid; graphs captured inside
-    keep them."""
-    saved = skinny_linear.MAX_ROWS, _skinny_linear_triton.PERSISTENT
-    skinny_linear.MAX_ROWS, _skinny_linear_triton.PERSISTENT = limit, persistent
+def kernel_rows(limit: int):
+    """The largest step that uses the kernel (0 = never); graphs captured inside keep it."""
+    saved = skinny_linear.MAX_ROWS
+    skinny_linear.MAX_ROWS = limit
     try:
         yield
     finally:
-        skinny_linear.MAX_ROWS, _skinny_linear_triton.PERSISTENT = saved
+        skinny_linear.MAX_ROWS = saved
 
 
 def main() -> None:
@@ -46,27 +40,28 @@ def main() -> None:
     ap.add_argument("--gen", type=int, default=128)
     args = ap.parse_args()
     target, rows = Target(), []
-    variants = VARIANTS
+    variants = {"triton": skinny_linear.MAX_ROWS, "cublas": 0}
     for shape, policy, per_step, batches in CASES:
         params = SamplingParams(max_tokens=args.gen, rule="topk", tokens_per_step=per_step, ignore_eos=True)
         llms = {}
-        for name, choice in variants.items():
-            with kernel_choice(*choice):
+        for name, limit in variants.items():
+            with kernel_rows(limit):
                 llms[name] = target.llm(shape, policy, max_running=max(batches), block_size=32,
-                                        num_pages=1024)  # engines share the card: a fixed KV cache each
+                                        num_pages=1024)  # two engines share the card: a fixed KV cache each
         for b in batches:
             rates = {name: [] for name in variants}
             for _ in range(args.rounds):
-                for name, choice in variants.items():
-                    with kernel_choice(*choice):
+                for name, limit in variants.items():
+                    with kernel_rows(limit):
                         r = timed_generate(llms[name], b, 256, args.gen, params)
                     rates[name].append(r["output_tok_s"])
             row = {"shape": shape, "policy": policy, "tokens_per_step": per_step, "batch": b,
                    **{f"{n}_tok_s": statistics.median(v) for n, v in rates.items()},
                    **{f"{n}_runs": v for n, v in rates.items()}}
+            row["speedup"] = row["triton_tok_s"] / row["cublas_tok_s"]
             rows.append(row)
-            print(f"{shape} {policy} batch {b}: " + ", ".join(f"{n} {row[f'{n}_tok_s']:.1f}" for n in variants)
-                  + f" tok/s (runs {rates})", flush=True)
+            print(f"{shape} {policy} batch {b}: triton {row['triton_tok_s']:.0f} vs cuBLAS "
+                  f"{row['cublas_tok_s']:.0f} tok/s (x{row['speedup']:.3f}; runs {rates})", flush=True)
         del llms
         target.free_memory()
         with open(args.out, "w") as f:

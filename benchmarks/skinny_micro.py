@@ -18,8 +18,6 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from dataclasses import replace
-
 from optimus.kernels._skinny_linear_triton import SkinnyConfig, default_config, skinny_linear_triton
 
 # (name, N, K): the merged projections and LM heads of Llama-3-8B and LLaDA-8B.
@@ -31,9 +29,6 @@ SHAPES = [
 ]
 SWEEP = [SkinnyConfig(bn, bk, st, nw) for bn, bk, st, nw in
          itertools.product((16, 32, 64), (128, 256, 512), (3, 4, 6), (4, 8))]
-# Persistent grids: (block_n, programs per SM) at the default 256-wide K blocks, 4 stages.
-PERSISTENT_SWEEP = [SkinnyConfig(bn, programs_per_sm=p) for bn, p in
-                    ((16, 1), (16, 2), (16, 3), (16, 4), (32, 1), (32, 2), (32, 3))]
 
 
 def time_us(fn) -> float:
@@ -45,8 +40,6 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--rows", default="1,8,16")
-    ap.add_argument("--persistent-sweep", action="store_true",
-                    help="also time persistent grids (programs per SM x column tile) at the first row count")
     args = ap.parse_args()
     dev, dtype = torch.device("cuda"), torch.bfloat16
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
@@ -76,25 +69,15 @@ def main() -> None:
                    "cublas_us": time_us(lambda: F.linear(x, w)),
                    "triton_us": time_us(lambda: skinny_linear_triton(x, w, None)),
                    "default_config": default_config(n, k).__dict__}
-            # The default tile as one program per column tile (the kernel before the persistent grid).
-            tile_grid = replace(default_config(n, k), programs_per_sm=0)
-            row["tile_grid_us"] = time_us(lambda: skinny_linear_triton(x, w, None, tile_grid))
-            if args.persistent_sweep and m == int(args.rows.split(",")[0]):
-                row["persistent_sweep_us"] = {f"n{c.block_n}_p{c.programs_per_sm}": time_us(
-                    lambda c=c: skinny_linear_triton(x, w, None, c)) for c in PERSISTENT_SWEEP}
             if best is not None:
                 row["best_sweep_us"] = time_us(lambda: skinny_linear_triton(x, w, None, best[0]))
                 row["best_sweep_config"] = best[0].__dict__
-            for key in ("cublas", "triton", "tile_grid", "best_sweep"):
+            for key in ("cublas", "triton", "best_sweep"):
                 if f"{key}_us" in row:
                     row[f"{key}_tb_s"] = gb / row[f"{key}_us"] * 1e3
             result["cases"].append(row)
             print(f"{name:14s} rows {m:2d}: cuBLAS {row['cublas_us']:7.1f} us ({row['cublas_tb_s']:.2f} TB/s)  "
-                  f"triton {row['triton_us']:7.1f} us ({row['triton_tb_s']:.2f} TB/s)  "
-                  f"tile grid {row['tile_grid_us']:7.1f} us  err {err:.2e}", flush=True)
-            if "persistent_sweep_us" in row:
-                print("    persistent: " + ", ".join(f"{k} {v:.1f}" for k, v in row["persistent_sweep_us"].items()),
-                      flush=True)
+                  f"triton {row['triton_us']:7.1f} us ({row['triton_tb_s']:.2f} TB/s)  err {err:.2e}", flush=True)
         del w
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)

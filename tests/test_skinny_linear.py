@@ -41,10 +41,7 @@ TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
     (7, 64, 256, 32, 128, True),
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("per_sm", [0, 1], ids=["tile_grid", "persistent"])
-def test_triton_matches_linear(kernel_env, m, n, k, block_n, block_k, bias, dtype, per_sm) -> None:
-    """per_sm=1: a persistent grid smaller than the tile count (2 programs under the
-    interpreter, 132 on an H100), so programs walk several tiles in one flat loop."""
+def test_triton_matches_linear(kernel_env, m, n, k, block_n, block_k, bias, dtype) -> None:
     mod, dev = kernel_env
     if dev == "cpu" and dtype == torch.bfloat16:
         pytest.skip("Triton's interpreter computes tl.dot on bf16 operands wrongly; bf16 is "
@@ -53,7 +50,7 @@ def test_triton_matches_linear(kernel_env, m, n, k, block_n, block_k, bias, dtyp
     x = torch.randn(m, k, generator=g).to(dev, dtype)
     w = (torch.randn(n, k, generator=g) / k ** 0.5).to(dev, dtype)
     b = torch.randn(n, generator=g).to(dev, dtype) if bias else None
-    cfg = mod.SkinnyConfig(block_n=block_n, block_k=block_k, num_stages=2, programs_per_sm=per_sm)
+    cfg = mod.SkinnyConfig(block_n=block_n, block_k=block_k, num_stages=2)
     got = mod.skinny_linear_triton(x, w, b, cfg)
     want = F.linear(x.float(), w.float(), None if b is None else b.float())
     assert got.shape == (m, n) and got.dtype == dtype
@@ -69,17 +66,6 @@ def test_row_strided_input(kernel_env) -> None:
     x = wide[:, 16:80]
     got = skinny_linear.linear(x, w, backend="triton")
     torch.testing.assert_close(got, F.linear(x, w), atol=1e-5, rtol=1e-5)
-
-
-def test_persistent_grid_covers_many_tiles_per_program(kernel_env) -> None:
-    """More column tiles than programs (each program stores 3-4 tiles), ragged N and K."""
-    mod, dev = kernel_env
-    g = torch.Generator().manual_seed(11)
-    tiles = 3 * mod._num_sms(torch.device(dev)) + 1
-    x = torch.randn(2, 40, generator=g).to(dev)
-    w = torch.randn(16 * tiles + 5, 40, generator=g).to(dev)
-    cfg = mod.SkinnyConfig(block_n=16, block_k=16, num_stages=2, programs_per_sm=1)
-    torch.testing.assert_close(mod.skinny_linear_triton(x, w, None, cfg), F.linear(x, w), atol=1e-5, rtol=1e-5)
 
 
 def test_zero_rows(kernel_env) -> None:

@@ -9,7 +9,6 @@ the software pipeline (num_stages) supplies the memory parallelism.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -25,22 +24,13 @@ class SkinnyConfig:
     block_k: int = 256
     num_stages: int = 4
     num_warps: int = 4
-    # > 0: a persistent grid of this many programs per SM, each walking its column tiles
-    # and their K blocks as one flat pipelined loop (no wave tail, no pipeline refill per
-    # tile); 0: one program per column tile.
-    programs_per_sm: int = 0
-
-
-PERSISTENT = True  # default_config's choice (an A/B switch, like skinny_linear.MAX_ROWS)
 
 
 def default_config(n: int, k: int) -> SkinnyConfig:
     """Tiles for an [*, k] x [n, k]^T product on one GPU (H100 sweep, docs/gpu.md).
 
     Narrow outputs take narrow column tiles so the grid still covers the SMs."""
-    block_n = 16 if n <= 8192 else 32
-    # Resident programs per SM at 4 stages: 64 KB of shared memory each at 16 columns, 96 KB at 32.
-    return SkinnyConfig(block_n=block_n, programs_per_sm=(3 if block_n == 16 else 2) if PERSISTENT else 0)
+    return SkinnyConfig(block_n=16 if n <= 8192 else 32)
 
 
 @triton.jit
@@ -74,51 +64,6 @@ def _skinny_linear_kernel(X, W, B, Y, M, N, K, stride_xm, stride_wn, stride_ym,
     tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-@triton.jit
-def _skinny_linear_persistent_kernel(X, W, B, Y, M, N, K, stride_xm, stride_wn, stride_ym, num_programs,
-                                     HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
-                                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The same product; program p owns column tiles p, p + P, p + 2P, ... (P = num_programs)
-    and walks (tile, K block) pairs as ONE loop, so the software pipeline already loads the
-    next tile's first blocks while the current tile finishes, and stores each tile once its
-    last K block is in."""
-    pid = tl.program_id(0)
-    k_iters = tl.cdiv(K, BLOCK_K)
-    my_tiles = tl.cdiv(tl.cdiv(N, BLOCK_N) - pid, num_programs)
-    rm = tl.arange(0, BLOCK_M)
-    rk = tl.arange(0, BLOCK_K)
-    m_ok = rm < M
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for i in range(0, my_tiles * k_iters):
-        t = i // k_iters
-        kb = i - t * k_iters
-        rn = (pid + t * num_programs) * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = rn < N
-        cols = kb * BLOCK_K + rk
-        x_ptrs = X + rm[:, None] * stride_xm + cols[None, :]
-        w_ptrs = W + rn[:, None].to(tl.int64) * stride_wn + cols[None, :]
-        if EVEN_K:
-            x = tl.load(x_ptrs, mask=m_ok[:, None], other=0.0)
-            w = tl.load(w_ptrs, mask=n_ok[:, None], other=0.0)
-        else:
-            k_ok = cols < K
-            x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-        acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
-        if kb == k_iters - 1:
-            if HAS_BIAS:
-                acc += tl.load(B + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-            tl.store(Y + rm[:, None] * stride_ym + rn[None, :], acc.to(Y.dtype.element_ty),
-                     mask=m_ok[:, None] & n_ok[None, :])
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
-    """SMs of a CUDA device; 2 elsewhere (the interpreter), so small tests still loop over tiles."""
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
-
-
 def skinny_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                          config: SkinnyConfig | None = None) -> torch.Tensor:
     """x [M <= 16, K] (unit last stride), weight [N, K] contiguous, bias [N] -> [M, N]."""
@@ -129,21 +74,12 @@ def skinny_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     if m == 0:
         return y
     block_k = min(cfg.block_k, max(16, triton.next_power_of_2(k)))
-    tiles = triton.cdiv(n, cfg.block_n)
-    precision = "ieee" if x.dtype == torch.float32 else "tf32"  # fp32 stays fp32, like F.linear
-    if cfg.programs_per_sm > 0:
-        programs = min(tiles, cfg.programs_per_sm * _num_sms(x.device))
-        _skinny_linear_persistent_kernel[(programs,)](
-            x, weight, bias if bias is not None else weight, y, m, n, k,
-            x.stride(0), weight.stride(0), y.stride(0), programs,
-            HAS_BIAS=bias is not None, EVEN_K=k % block_k == 0, PRECISION=precision, BLOCK_M=BLOCK_M,
-            BLOCK_N=cfg.block_n, BLOCK_K=block_k, num_stages=cfg.num_stages, num_warps=cfg.num_warps)
-        return y
-    grid = (tiles,)
+    grid = (triton.cdiv(n, cfg.block_n),)
     _skinny_linear_kernel[grid](x, weight, bias if bias is not None else weight, y, m, n, k,
                                 x.stride(0), weight.stride(0), y.stride(0),
                                 HAS_BIAS=bias is not None, EVEN_K=k % block_k == 0,
-                                PRECISION=precision, BLOCK_M=BLOCK_M,
+                                # fp32 stays fp32 (no TF32 rounding of the inputs), like F.linear
+                                PRECISION="ieee" if x.dtype == torch.float32 else "tf32", BLOCK_M=BLOCK_M,
                                 BLOCK_N=cfg.block_n, BLOCK_K=block_k,
                                 num_stages=cfg.num_stages, num_warps=cfg.num_warps)
     return y
