@@ -8,6 +8,7 @@ import torch
 
 from optimus.engine.llm import LLM
 from optimus.engine.params import SamplingParams
+from optimus.kernels import pdl
 from optimus.testing.engine import tiny_loaded
 
 
@@ -25,7 +26,7 @@ def outputs(family, **opts):
 
 
 def main(out_path: str) -> int:
-    report = {}
+    report = {"device": torch.cuda.get_device_name(), "pdl": pdl.launch_pdl(torch.device("cuda"))}
     ok = True
     for family, policy in [("sdar", "fixed:8"), ("sdar", "fixed:3"), ("llada", "fixed:4"), ("dream", "fixed:4"),
                            ("llama", "ar")]:
@@ -33,12 +34,14 @@ def main(out_path: str) -> int:
         tri = outputs(family, policy=policy, cuda_graphs=False, attention_backend="triton")
         gra = outputs(family, policy=policy, cuda_graphs=True, attention_backend="triton")
         pre = outputs(family, policy=policy, cuda_graphs=True, graph_precapture=True, attention_backend="triton")
-        same_tri, same_graph, same_pre = ref == tri, ref == gra, ref == pre
-        ok &= same_tri and same_graph and same_pre
-        report[f"{family}/{policy}"] = {"triton_equals_torch": same_tri, "graph_equals_torch": same_graph,
-                                        "precaptured_graph_equals_torch": same_pre}
-        print(family, policy, "triton==torch", same_tri, "graph==torch", same_graph, "precaptured==torch",
-              same_pre, flush=True)
+        pdl.ENABLED = False  # the same graphs with every kernel launched the ordinary way
+        no_pdl = outputs(family, policy=policy, cuda_graphs=True, graph_precapture=True, attention_backend="triton")
+        pdl.ENABLED = True
+        checks = {"triton_equals_torch": ref == tri, "graph_equals_torch": ref == gra,
+                  "precaptured_graph_equals_torch": ref == pre, "pdl_equals_no_pdl": pre == no_pdl}
+        ok &= all(checks.values())
+        report[f"{family}/{policy}"] = checks
+        print(family, policy, *(f"{k}={v}" for k, v in checks.items()), flush=True)
     with open(out_path, "w") as f:
         json.dump(report, f, indent=2)
     return 0 if ok else 1

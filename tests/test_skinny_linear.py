@@ -100,3 +100,13 @@ def test_falls_back_to_torch_outside_its_contract(case, monkeypatch) -> None:
 def test_torch_backend_is_f_linear() -> None:
     x, w, b = torch.randn(2, 8), torch.randn(5, 8), torch.randn(5)
     assert torch.equal(skinny_linear.linear(x, w, b, backend="torch"), F.linear(x, w, b))
+
+
+def test_pdl_launch_options_go_together() -> None:
+    """The PDL prologue and the launch attribute are on or off together; never off CUDA."""
+    from optimus.kernels import pdl
+
+    assert pdl.launch_options(torch.device("cpu")) == {"PDL": False}
+    if torch.cuda.is_available():
+        opts = pdl.launch_options(torch.device("cuda"))
+        assert opts["PDL"] == opts.get("launch_pdl", False) == pdl.launch_pdl(torch.device("cuda"))

@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from optimus.kernels.pdl import launch_options, wait_and_release
+
 # 2*pi split so that n * HI is exact for |n| < 2**16 and n * MID for |n| < 2**13 (few
 # mantissa bits each); LO carries the rest. Used to reduce rotary angles to [-pi, pi].
 _HI = 6.28125
@@ -24,8 +26,9 @@ _INV_TWO_PI = tl.constexpr(1 / (2 * math.pi))
 
 @triton.jit
 def _rms_norm_kernel(X, R, W, Y, H, stride_x, stride_r, stride_y, stride_h, n_cols, eps,
-                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
     """One program per row. H is the new residual (x + r); without R, H aliases X."""
+    wait_and_release(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     ok = cols < n_cols
@@ -53,7 +56,7 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float,
     block = triton.next_power_of_2(d)
     _rms_norm_kernel[(t,)](x, r, weight, y, h, x.stride(0), r.stride(0), y.stride(0), h.stride(0),
                            d, eps, HAS_RESIDUAL=residual is not None, BLOCK=block,
-                           num_warps=min(16, max(1, block // 256)))
+                           num_warps=min(16, max(1, block // 256)), **launch_options(x.device))
     return y, h
 
 
@@ -96,8 +99,9 @@ def _rotary_qk_kernel(Q, K, QO, KO, P, INV, QW, KW,
                       stride_qot, stride_qoh, stride_kot, stride_koh, eps,
                       HQ: tl.constexpr, HQ_BLOCK: tl.constexpr, HK: tl.constexpr,
                       HK_BLOCK: tl.constexpr, HALF: tl.constexpr, HALF_BLOCK: tl.constexpr,
-                      HAS_NORM: tl.constexpr):
+                      HAS_NORM: tl.constexpr, PDL: tl.constexpr):
     """One program per token: the angles are computed once and shared by all q and k heads."""
+    wait_and_release(PDL)
     t = tl.program_id(0).to(tl.int64)
     j = tl.arange(0, HALF_BLOCK)
     j_ok = j < HALF
@@ -129,13 +133,15 @@ def rotary_qk_triton(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, 
         q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1), eps,
         HQ=hq, HQ_BLOCK=triton.next_power_of_2(hq), HK=hk, HK_BLOCK=triton.next_power_of_2(hk),
         HALF=half, HALF_BLOCK=triton.next_power_of_2(half), HAS_NORM=has_norm,
-        num_warps=4 if hq * d >= 2048 else 2)
+        num_warps=4 if hq * d >= 2048 else 2, **launch_options(q.device))
     return q_out, k_out
 
 
 @triton.jit
-def _silu_mul_kernel(G, U, Y, stride_g, stride_u, stride_y, n_cols, BLOCK: tl.constexpr):
+def _silu_mul_kernel(G, U, Y, stride_g, stride_u, stride_y, n_cols, BLOCK: tl.constexpr,
+                     PDL: tl.constexpr):
     """Grid (rows, column blocks). y = silu(g) * u with silu rounded first, as torch does."""
+    wait_and_release(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < n_cols
@@ -152,5 +158,6 @@ def silu_mul_triton(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         return y
     block = min(1024, triton.next_power_of_2(inner))
     _silu_mul_kernel[(t, triton.cdiv(inner, block))](gate, up, y, gate.stride(0), up.stride(0),
-                                                      y.stride(0), inner, BLOCK=block, num_warps=4)
+                                                      y.stride(0), inner, BLOCK=block, num_warps=4,
+                                                      **launch_options(gate.device))
     return y

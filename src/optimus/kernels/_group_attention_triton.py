@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from optimus.kernels.group_attention import visible_key_end
+from optimus.kernels.pdl import launch_options, wait_and_release
 
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 16
@@ -156,12 +157,13 @@ def _group_attention_kernel(
         qk_scale, num_q_heads, PAGE_SIZE: tl.constexpr,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GQA: tl.constexpr, GQA_PAD: tl.constexpr,
         BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-        DOT_PRECISION: tl.constexpr):
+        DOT_PRECISION: tl.constexpr, PDL: tl.constexpr):
     """Grid (query tiles, requests, KV heads * NUM_SPLITS), axis 2 = h * NUM_SPLITS + split.
 
     NUM_SPLITS == 1: normalised rows go to O. Otherwise M_PART/L_PART [T, Hq, NUM_SPLITS]
     and ACC_PART [T, Hq, NUM_SPLITS, HEAD_DIM] (contiguous fp32) get this split's partials.
     """
+    wait_and_release(PDL)
     tile, r, pid2 = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     h = pid2 // NUM_SPLITS
     split = pid2 % NUM_SPLITS
@@ -243,13 +245,14 @@ def _group_attention_kernel(
 @triton.jit
 def _combine_splits_kernel(M_PART, L_PART, ACC_PART, O, stride_ot, stride_oh, num_q_heads,
                            HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                           NUM_SPLITS: tl.constexpr):
+                           NUM_SPLITS: tl.constexpr, PDL: tl.constexpr):
     """Grid (T, Hq): out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s, M = max_s m_s.
 
     m is in log2 units (the main kernel scales scores by log2 e). Empty splits carry
     m = -1e30, l = 0, so they weigh 0 unless every split is empty; then l sums to 0 and the
     row is written as 0 rather than 0/0 (cannot happen for a real row, which sees itself).
     """
+    wait_and_release(PDL)
     t, hd = tl.program_id(0), tl.program_id(1)
     part = (t * num_q_heads + hd).to(tl.int64) * NUM_SPLITS + tl.arange(0, NUM_SPLITS)
     d = tl.arange(0, BLOCK_D)
@@ -311,9 +314,10 @@ def group_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         HEAD_DIM=d, BLOCK_D=block_d, GQA=gqa, GQA_PAD=gqa_pad,
         BLOCK_Q=cfg.block_q, BLOCK_N=cfg.block_n, NUM_SPLITS=splits,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_options(q.device))
     if splits > 1:
         _combine_splits_kernel[(t, hq)](*parts, out, out.stride(0), out.stride(1), hq,
                                         HEAD_DIM=d, BLOCK_D=block_d, NUM_SPLITS=splits,
-                                        num_warps=2 if splits * block_d <= 1024 else 4)
+                                        num_warps=2 if splits * block_d <= 1024 else 4,
+                                        **launch_options(q.device))
     return out

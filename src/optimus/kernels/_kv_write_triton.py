@@ -6,11 +6,15 @@ import torch
 import triton
 import triton.language as tl
 
+from optimus.kernels.pdl import launch_options, wait_and_release
+
 
 @triton.jit
 def _write_kv_kernel(K, V, KC, VC, SLOT, stride_kt, stride_kh, stride_vt, stride_vh,
                      stride_kcp, stride_kcs, stride_kch, stride_vcp, stride_vcs, stride_vch,
-                     page_size, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr):
+                     page_size, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
+                     PDL: tl.constexpr):
+    wait_and_release(PDL)
     t = tl.program_id(0)
     slot = tl.load(SLOT + t).to(tl.int64)
     if slot >= 0:
@@ -38,4 +42,4 @@ def write_kv_triton(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_c
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         k_cache.shape[1], HEADS=heads, HEAD_DIM=dim, BLOCK=triton.next_power_of_2(heads * dim),
-        num_warps=4)
+        num_warps=4, **launch_options(k.device))

@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from optimus.kernels.pdl import launch_options, wait_and_release
+
 BLOCK_M = 16  # the smallest tl.dot M; rows beyond M are masked to zero and never stored
 
 
@@ -36,7 +38,8 @@ def default_config(n: int, k: int) -> SkinnyConfig:
 @triton.jit
 def _skinny_linear_kernel(X, W, B, Y, M, N, K, stride_xm, stride_wn, stride_ym,
                           HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          PDL: tl.constexpr):
     """Y[m, n] = sum_k X[m, k] * W[n, k] (+ B[n]) for the BLOCK_N columns of this program."""
     pid = tl.program_id(0)
     rm = tl.arange(0, BLOCK_M)
@@ -44,6 +47,7 @@ def _skinny_linear_kernel(X, W, B, Y, M, N, K, stride_xm, stride_wn, stride_ym,
     rk = tl.arange(0, BLOCK_K)
     m_ok = rm < M
     n_ok = rn < N
+    wait_and_release(PDL)
     x_ptrs = X + rm[:, None] * stride_xm + rk[None, :]
     w_ptrs = W + rn[:, None].to(tl.int64) * stride_wn + rk[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -81,5 +85,5 @@ def skinny_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
                                 # fp32 stays fp32 (no TF32 rounding of the inputs), like F.linear
                                 PRECISION="ieee" if x.dtype == torch.float32 else "tf32", BLOCK_M=BLOCK_M,
                                 BLOCK_N=cfg.block_n, BLOCK_K=block_k,
-                                num_stages=cfg.num_stages, num_warps=cfg.num_warps)
+                                num_stages=cfg.num_stages, num_warps=cfg.num_warps, **launch_options(x.device))
     return y

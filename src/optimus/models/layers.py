@@ -180,6 +180,9 @@ class MergedProjections(nn.Module):
 
     @torch.no_grad()
     def fuse_projections(self) -> None:
+        """Idempotent: a model shared by several engines is merged once."""
+        if self._merged_intact():
+            return
         linears = self._linears()
         self.merged_weight = _merge_param(linears, "weight")
         self.merged_bias = _merge_param(linears, "bias")
