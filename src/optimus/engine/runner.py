@@ -14,6 +14,7 @@ import torch
 from optimus.engine.kv_cache import KVCacheStorage
 from optimus.engine.scheduler import StepPlan
 from optimus.kernels import group_attention, visible_key_end, write_kv
+from optimus.kernels.greedy import argmax_prob
 from optimus.models.transformer import DecoderLM
 
 
@@ -184,9 +185,9 @@ class ModelRunner:
         The LM head runs in slices so the [M, vocab] fp32 logits never exist all at once.
         """
         tokens, conf = [], []
+        backend = "torch" if self.model.kernels == "torch" else "auto"
         for h in hidden.split(rows_per_pass):
-            probs = torch.softmax(self.model.logits(h).float(), dim=-1)
-            c, t = probs.max(dim=-1)
+            t, c = argmax_prob(self.model.logits(h), backend)  # softmax(fp32), then max
             tokens.append(t)
             conf.append(c)
         if not tokens:
