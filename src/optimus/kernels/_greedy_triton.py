@@ -10,7 +10,7 @@ from optimus.kernels.pdl import launch_options, wait_and_release
 
 BLOCK = 1024  # logits per program per iteration
 MAX_SPLITS = 64  # programs per row (a power of two: the merge reads them as one tile)
-_FLOOR = -3.0e38  # a finite "minus infinity": exp(FLOOR - FLOOR) is 1, never nan
+_FLOOR = tl.constexpr(-3.0e38)  # a finite "minus infinity": exp(FLOOR - FLOOR) is 1, never nan
 
 
 @triton.jit
