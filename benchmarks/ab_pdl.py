@@ -2,9 +2,10 @@
 of the random 8B weights, each captured with its own launch mode; timed runs alternate the
 variants round by round so clock and neighbour drift hit all alike; medians are reported.
 
-Variants:
-  no_pdl      every Triton kernel launched the ordinary way (session 4's engine)
-  pdl         every Triton kernel launched with programmatic dependent launch (the default)
+Variants (launch mode, greedy pick):
+  no_pdl      every Triton kernel launched the ordinary way, torch softmax + max (session 4's engine)
+  pdl         every Triton kernel launched with programmatic dependent launch, torch greedy pick
+  pdl_greedy  PDL and the split Triton greedy pick (kernels/greedy.py): the default
 
   PYTHONPATH=src python benchmarks/ab_pdl.py --out ab_pdl.json [--rounds 3] [--tiny: a CPU smoke run]
 """
@@ -22,21 +23,23 @@ from optimus.bench.offline import timed_generate
 from optimus.bench.shapes import random_model
 from optimus.engine.llm import LLM
 from optimus.engine.params import SamplingParams
-from optimus.kernels import pdl
+from optimus.engine import runner
+from optimus.kernels import greedy, pdl
 
 CASES = (("llama-8b", "ar", 1, (1, 8)), ("llada-8b", "fixed:32", 4, (1,)))
-VARIANTS = {"no_pdl": False, "pdl": True}  # pdl.ENABLED
+VARIANTS = {"no_pdl": (False, "torch"), "pdl": (True, "torch"), "pdl_greedy": (True, "auto")}
 
 
 @contextlib.contextmanager
-def switches(use_pdl: bool):
-    """The launch mode of what runs (and is captured) inside; restored on exit."""
-    saved = pdl.ENABLED
+def switches(use_pdl: bool, greedy_backend: str):
+    """The launch mode and greedy backend of what runs (and is captured) inside; restored on exit."""
+    saved = pdl.ENABLED, runner.argmax_prob
     pdl.ENABLED = use_pdl
+    runner.argmax_prob = lambda logits, backend="auto": greedy.argmax_prob(logits, greedy_backend)
     try:
         yield
     finally:
-        pdl.ENABLED = saved
+        pdl.ENABLED, runner.argmax_prob = saved
 
 
 def main() -> None:
@@ -57,14 +60,14 @@ def main() -> None:
         pages = max(batches) * (256 + args.gen + 64) // 16 + 64
         llms = {}
         for name in names:
-            with switches(VARIANTS[name]):
+            with switches(*VARIANTS[name]):
                 llms[name] = LLM(loaded=loaded, policy=policy, device=device, max_running=max(batches),
                                  block_size=32, num_pages=pages, graph_precapture=not args.tiny)
         for b in batches:
             rates = {name: [] for name in names}
             for _ in range(args.rounds):
                 for name in names:
-                    with switches(VARIANTS[name]):
+                    with switches(*VARIANTS[name]):
                         rates[name].append(timed_generate(llms[name], b, 256, args.gen, params)["output_tok_s"])
             row = {"shape": shape, "policy": policy, "tokens_per_step": per_step, "batch": b,
                    **{f"{n}_tok_s": statistics.median(v) for n, v in rates.items()},
@@ -77,7 +80,7 @@ def main() -> None:
             torch.cuda.empty_cache()
         with open(args.out, "w") as f:
             json.dump({"device": torch.cuda.get_device_name() if not args.tiny else "cpu (tiny)", "torch": torch.__version__,
-                       "pdl_by_variant": {n: VARIANTS[n] for n in names}, "rows": rows}, f, indent=1)
+                       "variants": {n: VARIANTS[n] for n in names}, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":
