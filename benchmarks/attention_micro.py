@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -26,7 +26,6 @@ from gpu_timing import time_graph_ms
 import torch.nn.functional as F
 
 from optimus.kernels import group_attention, visible_key_end, write_kv
-from optimus.kernels.reference import group_attention_reference
 
 SHAPES = {"llada-8b": (32, 32, 128), "sdar-8b": (32, 8, 128)}  # (Hq, Hkv, D)
 

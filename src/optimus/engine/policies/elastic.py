@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from optimus.engine.latency import LatencyProfile
-from optimus.engine.policies.base import RequestView, StepFeedback, StepView, override_chunk
+from optimus.engine.policies.base import StepFeedback, StepView, override_chunk
 from optimus.engine.policies.estimators import LatencyCorrector, RequestConfidence, TauEstimator, TokenLoad
 
 DEFAULT_CHUNK_SIZES = (1, 2, 4, 8, 16, 32, 64)
@@ -59,8 +59,8 @@ class _Ladder:
     taus: np.ndarray  # [L]
     costs: np.ndarray  # [L]
     variances: np.ndarray  # [L] variance of the request's rows per step (store lumps)
-    # [L-1, 6] per rung (step from size j to j+1): size, d tau, d cost, d variance,
-    # d positions, efficiency d tau / d cost
+    # [L-1, 7] per rung (step from size j to j+1): size j+1, d tau, d cost, d variance,
+    # d positions, efficiency d tau / d cost, size j
     rungs: np.ndarray
 
 
@@ -86,7 +86,7 @@ def _ladder(cap: int, chunk_sizes: tuple[int, ...], tau, rows_per_commit: float,
     idx = np.array(hull)
     sizes, taus, costs, variances = sizes[idx], taus[idx], costs[idx], variances[idx]
     dtau, dcost = np.diff(taus), np.diff(costs)
-    rungs = np.stack([sizes[1:], dtau, dcost, np.diff(variances), np.diff(sizes), dtau / dcost], 1)
+    rungs = np.stack([sizes[1:], dtau, dcost, np.diff(variances), np.diff(sizes), dtau / dcost, sizes[:-1]], 1)
     return _Ladder(sizes, taus, costs, variances, rungs)
 
 
@@ -138,7 +138,7 @@ def _rungs(ladders: dict, keys: list) -> _Rungs:
             continue
         group_sizes.append(len(members))
         owners.append(np.repeat(members, len(lad.rungs)))  # member-major: [G * (L-1)]
-        rungs.append(np.tile(np.column_stack([lad.rungs, lad.sizes[:-1]]), (len(members), 1)))
+        rungs.append(np.tile(lad.rungs, (len(members), 1)))
     if not rungs:
         zero = np.zeros(1)
         return _Rungs(np.zeros(0, dtype=int), np.zeros(0), np.zeros(0), zero, zero, zero, zero)
@@ -229,9 +229,6 @@ class ElasticPolicy:
     def _variance(self, sizes: np.ndarray, levels: np.ndarray | float = 1.0) -> np.ndarray:
         return store_variance(sizes, self._tau(sizes, levels)) if self.store_cost else np.zeros_like(sizes)
 
-    def _level(self, request: RequestView) -> float:
-        return self._level_of(request.request_id)
-
     def _level_of(self, request_id: str) -> float:
         return 1.0 if self.confidence is None else self.confidence.level(request_id)
 
@@ -244,7 +241,7 @@ class ElasticPolicy:
         if self.confidence is not None:
             self.confidence.retain(r.request_id for r in view.requests)
         out = [override_chunk(r) for r in view.requests]
-        levels = [1.0 if c is not None else self._level(r) for c, r in zip(out, view.requests)]
+        levels = [1.0 if c is not None else self._level_of(r.request_id) for c, r in zip(out, view.requests)]
         elastic = [i for i, c in enumerate(out) if c is None]
         pinned = np.array([c for c in out if c is not None], dtype=float)
         if elastic:
