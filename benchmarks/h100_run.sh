@@ -26,4 +26,4 @@ timeout 70 python benchmarks/step_profile.py --out "$OUT/step_profile.json" 2>&1
 timeout 45 python benchmarks/attention_micro.py --out "$OUT/attention_micro.json" 2>&1 | tail -30
 timeout 40 python -m optimus.cli bench offline --experiments matmul --out /tmp/matmul.json 2>&1 | grep -v -i warn
 timeout 60 python benchmarks/skinny_micro.py --rows 1,8 --out "$OUT/skinny_micro.json" 2>&1 | grep -v -i warn
-# In-engine A/B of the skinny linear (its own call: ~3 min): python benchmarks/ab_linear.py --out ab_linear.json; python benchmarks/ab_pdl.py --out ab_pdl.json
+# In-engine A/B of the kernel options (its own call: ~3 min): python benchmarks/ab_kernels.py --out ab_kernels.json

@@ -10,13 +10,33 @@ from typing import Callable
 import pytest
 import torch
 
-from optimus.testing import FAMILIES, make_tiny_checkpoint, make_tiny_model
+# Without CUDA the Triton kernels run in Triton's interpreter, which must be chosen before
+# Triton is first imported (its own library functions are decorated at import time).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from optimus.testing import FAMILIES, make_tiny_checkpoint, make_tiny_model  # noqa: E402
 
 # Latency profiles the engine measures on first start go to a throwaway cache, not ~/.cache.
 os.environ.setdefault("OPTIMUS_CACHE", tempfile.mkdtemp(prefix="optimus-test-cache-"))
 
 ALL_FAMILIES = tuple(FAMILIES)
 DIFFUSION_FAMILIES = ("llada", "dream", "sdar")
+
+
+@pytest.fixture(scope="session")
+def triton_device() -> str:
+    """Where the Triton kernel tests run: "cuda", or "cpu" under Triton's interpreter (slow:
+    tests keep their shapes tiny there)."""
+    triton = pytest.importorskip("triton", reason="Triton is not installed")
+    if torch.cuda.is_available():
+        return "cuda"
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if not isinstance(triton.language.standard.zeros, InterpretedFunction):
+        pytest.skip("no CUDA, and Triton was imported before TRITON_INTERPRET=1 was set, so its "
+                    "interpreter cannot run")
+    return "cpu"
 
 
 @pytest.fixture(autouse=True)

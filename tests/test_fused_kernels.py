@@ -4,22 +4,15 @@ references, the fused decoder path vs the torch path, and merged q/k/v and gate/
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
 
-# Without CUDA the Triton kernels run in Triton's interpreter, which must be chosen before
-# Triton is first imported (see tests/test_kernels.py).
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from optimus.kernels import fused  # noqa: E402
-from optimus.kernels.reference import rms_norm_reference, rotary_qk_reference, silu_mul_reference  # noqa: E402
-from optimus.models.dense import dense_forward  # noqa: E402
-from optimus.models.layers import (  # noqa: E402
-    FusedOps, RMSNorm, RotaryEmbedding, TorchOps, apply_rotary, layer_ops)
-from optimus.testing import make_tiny_model  # noqa: E402
+from optimus.kernels import fused
+from optimus.kernels.reference import rms_norm_reference, rotary_qk_reference, silu_mul_reference
+from optimus.models.dense import dense_forward
+from optimus.models.layers import FusedOps, RMSNorm, RotaryEmbedding, TorchOps, apply_rotary, layer_ops
+from optimus.testing import make_tiny_model
 
 # Triton vs reference: fp32 op order only; half precision: at most a rounding step apart.
 TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -30,16 +23,8 @@ def _rand(*shape, seed: int, dtype=torch.float32, scale: float = 1.0) -> torch.T
 
 
 @pytest.fixture(scope="module")
-def device() -> str:
-    triton = pytest.importorskip("triton", reason="Triton is not installed")
-    if torch.cuda.is_available():
-        return "cuda"
-    from triton.runtime.interpreter import InterpretedFunction
-
-    if not isinstance(triton.language.standard.zeros, InterpretedFunction):
-        pytest.skip("no CUDA, and Triton was imported before TRITON_INTERPRET=1 was set; "
-                    "run this test file on its own")
-    return "cpu"
+def device(triton_device) -> str:
+    return triton_device
 
 
 # ---- references against the torch ops the model has always used

@@ -2,32 +2,18 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-# The interpreter must be chosen before Triton is first imported (see test_kernels.py).
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from optimus.kernels.greedy import argmax_prob, argmax_prob_reference  # noqa: E402
+from optimus.kernels.greedy import argmax_prob, argmax_prob_reference
 
 
 @pytest.fixture(scope="module")
-def kernel_env():
+def kernel_env(triton_device):
     """(kernel module, device)."""
-    triton = pytest.importorskip("triton", reason="Triton is not installed")
     from optimus.kernels import _greedy_triton
 
-    if torch.cuda.is_available():
-        return _greedy_triton, "cuda"
-    from triton.runtime.interpreter import InterpretedFunction
-
-    if not isinstance(triton.language.standard.zeros, InterpretedFunction):
-        pytest.skip("no CUDA, and Triton was imported before TRITON_INTERPRET=1 was set, so its "
-                    "interpreter cannot run; run this test file on its own")
-    return _greedy_triton, "cpu"
+    return _greedy_triton, triton_device
 
 
 @pytest.mark.parametrize("rows,vocab,splits", [(1, 3000, None), (3, 5000, 4), (2, 777, 8), (5, 64, 2)])

@@ -3,19 +3,13 @@
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import pytest
 import torch
 
-# Without CUDA the Triton kernels run in Triton's interpreter, which must be chosen before
-# Triton is first imported (its own library functions are decorated at import time).
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from optimus.kernels import group_attention, visible_key_end, write_kv  # noqa: E402
-from optimus.kernels.reference import group_attention_reference  # noqa: E402
+from optimus.kernels import group_attention, visible_key_end, write_kv
+from optimus.kernels.reference import group_attention_reference
 
 
 @dataclass(frozen=True)
@@ -163,19 +157,11 @@ def test_rejects_bad_shapes() -> None:
 # ---- Triton kernels: on CUDA when present, else the Triton interpreter on CPU (slow: tiny shapes).
 
 @pytest.fixture(scope="module")
-def triton_env():
+def triton_env(triton_device):
     """(group-attention module, kv-write module, device)."""
-    triton = pytest.importorskip("triton", reason="Triton is not installed")
     from optimus.kernels import _group_attention_triton, _kv_write_triton
 
-    if torch.cuda.is_available():
-        return _group_attention_triton, _kv_write_triton, "cuda"
-    from triton.runtime.interpreter import InterpretedFunction
-
-    if not isinstance(triton.language.standard.zeros, InterpretedFunction):
-        pytest.skip("no CUDA, and Triton was imported before TRITON_INTERPRET=1 was set, so its "
-                    "interpreter cannot run; run this test file on its own")
-    return _group_attention_triton, _kv_write_triton, "cpu"
+    return _group_attention_triton, _kv_write_triton, triton_device
 
 
 def _to(case: Case, device: str) -> Case:

@@ -2,33 +2,19 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-# The interpreter must be chosen before Triton is first imported (see test_kernels.py).
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from optimus.kernels import skinny_linear  # noqa: E402
+from optimus.kernels import skinny_linear
 
 
 @pytest.fixture(scope="module")
-def kernel_env():
+def kernel_env(triton_device):
     """(kernel module, device)."""
-    triton = pytest.importorskip("triton", reason="Triton is not installed")
     from optimus.kernels import _skinny_linear_triton
 
-    if torch.cuda.is_available():
-        return _skinny_linear_triton, "cuda"
-    from triton.runtime.interpreter import InterpretedFunction
-
-    if not isinstance(triton.language.standard.zeros, InterpretedFunction):
-        pytest.skip("no CUDA, and Triton was imported before TRITON_INTERPRET=1 was set, so its "
-                    "interpreter cannot run; run this test file on its own")
-    return _skinny_linear_triton, "cpu"
+    return _skinny_linear_triton, triton_device
 
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}

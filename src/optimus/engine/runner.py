@@ -14,7 +14,6 @@ import torch
 from optimus.engine.kv_cache import KVCacheStorage
 from optimus.engine.scheduler import StepPlan
 from optimus.kernels import group_attention, visible_key_end, write_kv
-from optimus.kernels.greedy import argmax_prob
 from optimus.models.transformer import DecoderLM
 
 
@@ -185,9 +184,8 @@ class ModelRunner:
         The LM head runs in slices so the [M, vocab] fp32 logits never exist all at once.
         """
         tokens, conf = [], []
-        backend = "torch" if self.model.kernels == "torch" else "auto"
         for h in hidden.split(rows_per_pass):
-            t, c = argmax_prob(self.model.logits(h), backend)  # softmax(fp32), then max
+            t, c = self.model.greedy(h)
             tokens.append(t)
             conf.append(c)
         if not tokens:

@@ -1,8 +1,9 @@
 """Layers shared by every family: RMSNorm, rotary embedding, gated MLP, attention block.
 
 The elementwise work and the linears run through ``LayerOps``: ``TorchOps`` (the HF numerics)
-or ``FusedOps`` (one Triton kernel per op; weight-streaming linears for steps of few rows). Input projections can be merged into one matmul per block
-(``fuse_projections``) without changing parameter names.
+or ``FusedOps`` (one Triton kernel per op; weight-streaming linears for steps of few rows).
+Input projections can be merged into one matmul per block (``fuse_projections``) without
+changing parameter names.
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from optimus.kernels import skinny_linear
+from optimus.kernels.greedy import argmax_prob
 from optimus.models.layers import AttentionBackend, DecoderLayer, RMSNorm, RotaryEmbedding, layer_ops
 from optimus.models.spec import ModelSpec
 
@@ -58,5 +59,14 @@ class DecoderLM(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # Few rows (batch-1 decoding) on a GPU: the weight-streaming kernel; else F.linear.
-        backend = "torch" if self.kernels == "torch" else "auto"
-        return skinny_linear.linear(hidden, self.lm_head.weight, self.lm_head.bias, backend)
+        return skinny_linear.linear(hidden, self.lm_head.weight, self.lm_head.bias, self._head_backend)
+
+    def greedy(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden [M, d] -> (argmax tokens [M], their softmax probability [M] fp32)."""
+        return argmax_prob(self.logits(hidden), self._head_backend)
+
+    @property
+    def _head_backend(self) -> str:
+        """The LM head's kernels: the torch reference when the model is pinned to torch ops,
+        else whatever suits the device."""
+        return "torch" if self.kernels == "torch" else "auto"

@@ -1,13 +1,15 @@
-"""In-engine A/B of programmatic dependent launch (GPU): one engine per variant over ONE copy
-of the random 8B weights, each captured with its own launch mode; timed runs alternate the
-variants round by round so clock and neighbour drift hit all alike; medians are reported.
+"""In-engine A/B of the decode-step kernel options (GPU): one engine per variant over ONE copy
+of the random 8B weights, each built and captured with its own options; timed runs alternate
+the variants round by round so clock and neighbour drift hit all alike; medians are reported.
 
-Variants (launch mode, greedy pick):
-  no_pdl      every Triton kernel launched the ordinary way, torch softmax + max (session 4's engine)
-  pdl         every Triton kernel launched with programmatic dependent launch, torch greedy pick
-  pdl_greedy  PDL and the split Triton greedy pick (kernels/greedy.py): the default
+Variants, each adding one option to the one before:
+  cublas      F.linear for every projection and the LM head, torch softmax + max
+  skinny      the weight-streaming linear for steps of <= 16 rows (session 4's engine)
+  pdl         every Triton kernel launched with programmatic dependent launch
+  pdl_greedy  PDL and the split Triton greedy pick (kernels/greedy.py): the engine's default
 
-  PYTHONPATH=src python benchmarks/ab_pdl.py --out ab_pdl.json [--rounds 3] [--tiny: a CPU smoke run]
+  PYTHONPATH=src python benchmarks/ab_kernels.py --out ab_kernels.json [--variants skinny,pdl]
+      [--rounds 3] [--tiny: a CPU smoke run of the script]
 """
 
 from __future__ import annotations
@@ -23,23 +25,28 @@ from optimus.bench.offline import timed_generate
 from optimus.bench.shapes import random_model
 from optimus.engine.llm import LLM
 from optimus.engine.params import SamplingParams
-from optimus.engine import runner
-from optimus.kernels import greedy, pdl
+from optimus.kernels import greedy, pdl, skinny_linear
+from optimus.models import transformer
 
 CASES = (("llama-8b", "ar", 1, (1, 8)), ("llada-8b", "fixed:32", 4, (1,)))
-VARIANTS = {"no_pdl": (False, "torch"), "pdl": (True, "torch"), "pdl_greedy": (True, "auto")}
+VARIANTS = {  # (largest step on the skinny kernel, PDL, greedy backend)
+    "cublas": (0, False, "torch"),
+    "skinny": (skinny_linear.MAX_ROWS, False, "torch"),
+    "pdl": (skinny_linear.MAX_ROWS, True, "torch"),
+    "pdl_greedy": (skinny_linear.MAX_ROWS, True, "auto"),
+}
 
 
 @contextlib.contextmanager
-def switches(use_pdl: bool, greedy_backend: str):
-    """The launch mode and greedy backend of what runs (and is captured) inside; restored on exit."""
-    saved = pdl.ENABLED, runner.argmax_prob
-    pdl.ENABLED = use_pdl
-    runner.argmax_prob = lambda logits, backend="auto": greedy.argmax_prob(logits, greedy_backend)
+def switches(max_rows: int, use_pdl: bool, greedy_backend: str):
+    """The kernel options of what runs (and is captured) inside; restored on exit."""
+    saved = skinny_linear.MAX_ROWS, pdl.ENABLED, transformer.argmax_prob
+    skinny_linear.MAX_ROWS, pdl.ENABLED = max_rows, use_pdl
+    transformer.argmax_prob = lambda logits, backend="auto": greedy.argmax_prob(logits, greedy_backend)
     try:
         yield
     finally:
-        pdl.ENABLED, runner.argmax_prob = saved
+        skinny_linear.MAX_ROWS, pdl.ENABLED, transformer.argmax_prob = saved
 
 
 def main() -> None:
