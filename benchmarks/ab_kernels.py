@@ -1,4 +1,4 @@
-"""In-engine A/B of the decode-step kernel options (GPU): one engine per variant over ONE copy
+"""In-engine A/B of the decode-step options (GPU): one engine per variant over ONE copy
 of the random 8B weights, each built and captured with its own options; timed runs alternate
 the variants round by round so clock and neighbour drift hit all alike; medians are reported.
 
@@ -6,7 +6,9 @@ Variants, each adding one option to the one before:
   cublas      F.linear for every projection and the LM head, torch softmax + max
   skinny      the weight-streaming linear for steps of <= 16 rows (session 4's engine)
   pdl         every Triton kernel launched with programmatic dependent launch
-  pdl_greedy  PDL and the split Triton greedy pick (kernels/greedy.py): the engine's default
+  pdl_greedy  PDL and the split Triton greedy pick (kernels/greedy.py)
+  overlap     and causal steps launched before the previous step's tokens are read
+              (runner.overlap): the engine's default
 
   PYTHONPATH=src python benchmarks/ab_kernels.py --out ab_kernels.json [--variants skinny,pdl]
       [--rounds 3] [--tiny: a CPU smoke run of the script]
@@ -29,11 +31,12 @@ from optimus.kernels import greedy, pdl, skinny_linear
 from optimus.models import transformer
 
 CASES = (("llama-8b", "ar", 1, (1, 8)), ("llada-8b", "fixed:32", 4, (1,)))
-VARIANTS = {  # (largest step on the skinny kernel, PDL, greedy backend)
-    "cublas": (0, False, "torch"),
-    "skinny": (skinny_linear.MAX_ROWS, False, "torch"),
-    "pdl": (skinny_linear.MAX_ROWS, True, "torch"),
-    "pdl_greedy": (skinny_linear.MAX_ROWS, True, "auto"),
+VARIANTS = {  # (largest step on the skinny kernel, PDL, greedy backend), overlap
+    "cublas": ((0, False, "torch"), False),
+    "skinny": ((skinny_linear.MAX_ROWS, False, "torch"), False),
+    "pdl": ((skinny_linear.MAX_ROWS, True, "torch"), False),
+    "pdl_greedy": ((skinny_linear.MAX_ROWS, True, "auto"), False),
+    "overlap": ((skinny_linear.MAX_ROWS, True, "auto"), True),
 }
 
 
@@ -67,18 +70,24 @@ def main() -> None:
         pages = max(batches) * (256 + args.gen + 64) // 16 + 64
         llms = {}
         for name in names:
-            with switches(*VARIANTS[name]):
+            kernels, overlap = VARIANTS[name]
+            with switches(*kernels):
                 llms[name] = LLM(loaded=loaded, policy=policy, device=device, max_running=max(batches),
-                                 block_size=32, num_pages=pages, graph_precapture=not args.tiny)
+                                 block_size=32, num_pages=pages, graph_precapture=not args.tiny,
+                                 overlap=overlap)
         for b in batches:
             rates = {name: [] for name in names}
+            cpu = {name: [] for name in names}
             for _ in range(args.rounds):
                 for name in names:
-                    with switches(*VARIANTS[name]):
-                        rates[name].append(timed_generate(llms[name], b, 256, args.gen, params)["output_tok_s"])
+                    with switches(*VARIANTS[name][0]):
+                        run = timed_generate(llms[name], b, 256, args.gen, params)
+                    rates[name].append(run["output_tok_s"])
+                    cpu[name].append(run["cpu_ms_per_step"])
             row = {"shape": shape, "policy": policy, "tokens_per_step": per_step, "batch": b,
                    **{f"{n}_tok_s": statistics.median(v) for n, v in rates.items()},
-                   **{f"{n}_runs": v for n, v in rates.items()}}
+                   **{f"{n}_runs": v for n, v in rates.items()},
+                   **{f"{n}_cpu_ms_per_step": statistics.median(v) for n, v in cpu.items()}}
             rows.append(row)
             print(f"{shape} {policy} batch {b}: " + ", ".join(
                 f"{n} {row[f'{n}_tok_s']:.1f}" for n in names) + " tok/s", flush=True)

@@ -1,5 +1,6 @@
 """GPU correctness checks for the engine path: CUDA-graph replay and the Triton kernel must
-give the same tokens as eager torch attention on a tiny model (run on the device machine)."""
+give the same tokens as eager torch attention on a tiny model, and overlapped steps (the
+default) the same as synchronous ones (run on the device machine)."""
 
 import json
 import sys
@@ -37,7 +38,9 @@ def main(out_path: str) -> int:
         pdl.ENABLED = False  # the same graphs with every kernel launched the ordinary way
         no_pdl = outputs(family, policy=policy, cuda_graphs=True, graph_precapture=True, attention_backend="triton")
         pdl.ENABLED = True
-        checks = {"triton_equals_torch": ref == tri, "graph_equals_torch": ref == gra,
+        sync = outputs(family, policy=policy, cuda_graphs=True, graph_precapture=True, attention_backend="triton",
+                       overlap=False)
+        checks = {"overlap_equals_sync": pre == sync, "triton_equals_torch": ref == tri, "graph_equals_torch": ref == gra,
                   "precaptured_graph_equals_torch": ref == pre, "pdl_equals_no_pdl": pre == no_pdl}
         ok &= all(checks.values())
         report[f"{family}/{policy}"] = checks

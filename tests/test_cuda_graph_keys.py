@@ -19,8 +19,8 @@ def _decode_step_keys(family: str, policy: str) -> list[tuple[int, int, int]]:
     runner, seen = llm.engine.runner, []
     build = runner.build
 
-    def recording_build(plan):
-        batch, wants = build(plan)
+    def recording_build(plan, feed=None):
+        batch, wants = build(plan, feed)
         if all(w.window is not None for w in plan.works) and batch.input_ids.numel() <= MAX_TOKENS:
             seen.append(step_key(batch.input_ids.numel(), batch.cu_q.numel() - 1, batch.max_q_len))
         return batch, wants

@@ -48,6 +48,8 @@ class RunnerConfig:
                                       "eagerly (their GPU time hides the launches, and they are not padded "
                                       "to a power-of-two bucket)")
     attention_backend: str = _opt("auto", "auto | torch | triton")
+    overlap: bool = _opt(True, "causal greedy decoding: launch each step before reading the previous "
+                               "step's tokens (they feed it on the device), hiding host work behind the GPU")
     graph_precapture: bool = _opt(False, "capture the CUDA graph of every decoding bucket at start-up (~10 s "
                                          "more at 8B and a cold Triton cache's compiles) instead of on first "
                                          "use, so no step stalls on a capture while serving or timing")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -17,8 +18,8 @@ from optimus.engine.outputs import CommitEvent, RequestOutput
 from optimus.engine.params import SamplingParams
 from optimus.engine.policies import make_policy
 from optimus.engine.request import Geometry, Request, RequestState
-from optimus.engine.runner import ModelRunner
-from optimus.engine.scheduler import RequestWork, Scheduler
+from optimus.engine.runner import GreedyPick, LogitRequest, ModelRunner
+from optimus.engine.scheduler import RequestWork, Scheduler, StepPlan
 from optimus.engine.stats import EngineStats
 from optimus.models.spec import AttentionKind, ModelSpec
 
@@ -53,6 +54,21 @@ def make_geometry(spec: ModelSpec, block_size: int, prompt_len: int, max_tokens:
     return Geometry(block_size, origin, shift, prefill, prompt_len, canvas_end)
 
 
+@dataclass
+class InFlight:
+    """A launched step: its plan, the hidden rows its logits need, and (when every logit
+    row is greedy) the picks already queued on the device."""
+
+    plan: StepPlan
+    hidden: torch.Tensor  # [M, d]
+    wants: list[LogitRequest]
+    pick: GreedyPick | None
+    t_launch: float  # perf_counter when the host started building it
+    overhead: float  # host time between the previous step's end and this launch
+    captured: bool  # its launch captured a CUDA graph (a one-time cost)
+    assumed: bool = False  # its commits were assumed at launch (overlap); tokens read later
+
+
 class Engine:
     def __init__(self, config: EngineConfig, loaded=None, commit_rule=None) -> None:
         self.config = config
@@ -84,6 +100,7 @@ class Engine:
         self._host_commit_s = 0.0
         self._last_step_end: float | None = None  # perf_counter at the end of the latest step
         self._failed: list[Request] = []  # aborted mid-step; reported at the end of the step
+        self._in_flight: InFlight | None = None  # launched, commits assumed, tokens not read yet
         self.stream_text = True  # detokenize every output (servers); offline use turns it off
 
     def _graphs(self, model, num_pages: int):
@@ -149,35 +166,88 @@ class Engine:
         return self._output(r)
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self._in_flight is not None or self.scheduler.has_work()
 
     # ---- the step --------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
+        """Schedule, launch and complete one step; report what changed.
+
+        Overlap (causal greedy decoding, ``runner.overlap``): a step whose commits do not
+        depend on its tokens' values is only launched here. Its commits are assumed at once
+        (one token per request), the next step is planned from them and launched with its
+        input tokens read on the device, and only then does the host wait for, commit and
+        report the earlier step; the host's work hides behind the GPU's. Outputs therefore
+        lag the GPU by one step.
+        """
         c0 = time.perf_counter()
         plan = self.scheduler.schedule()
+        previous, self._in_flight = self._in_flight, None
         if not plan.works:
-            self._last_step_end = None  # idle: the next gap is waiting, not overhead
-            return []
+            if previous is None:
+                self._last_step_end = None  # idle: the next gap is waiting, not overhead
+                return []
+            return self._complete(previous)
         t0 = time.perf_counter()
         schedule_s = t0 - c0
+        flight = self._launch(plan, previous)
+        outputs = self._complete(previous) if previous is not None else []
+        if flight.pick is not None and self._may_overlap():
+            self._assume_commits(flight)
+            self._in_flight = flight
+        else:
+            outputs += self._complete(flight)
+        self.stats.cpu_time_sum_s += schedule_s
+        return outputs
+
+    def _launch(self, plan, previous: InFlight | None) -> InFlight:
+        t0 = time.perf_counter()
         overhead = self._overhead_before(t0)
         capture0 = self.runner.capture_s
-        hidden, wants = self.runner.run(plan)
+        feed = previous.pick.feed(previous.wants, previous.plan) if previous is not None else None
+        hidden, wants = self.runner.run(plan, feed)
+        pick = None
+        if all(self._is_plain_greedy(plan.works[w.work_index].request) for w in wants):
+            pick = self.runner.greedy(hidden)  # every logit row is greedy: one batched pass
         f0 = time.perf_counter()
         self.scheduler.flush_feedback()  # the previous step's learning, while the GPU runs this one
-        learn_s = time.perf_counter() - f0
-        touched = {id(w.request): w.request for w in plan.works}
+        self.stats.cpu_time_sum_s += self.runner.last_build_s + time.perf_counter() - f0
+        return InFlight(plan, hidden, wants, pick, t0, overhead, captured=self.runner.capture_s > capture0)
+
+    def _may_overlap(self) -> bool:
+        """Whether a greedy step's commits are known before its tokens are: a causal model
+        commits exactly the one position each decoding request predicts."""
+        return self.config.runner.overlap and self.spec.attention is AttentionKind.CAUSAL
+
+    def _assume_commits(self, flight: InFlight) -> None:
+        """Mark the in-flight step's positions committed (tokens still on the device) and
+        advance the cache cursors, so the next step can be planned before they are read."""
+        for w in flight.wants:
+            r = flight.plan.works[w.work_index].request
+            if r.is_done:
+                continue  # finished by the step before: this row is dropped when read
+            r.committed[list(w.positions)] = True
+            r.last_committed = len(w.positions)
+        # Its latency is unknown yet: no evidence for the policy (a causal model has no choice).
+        self.scheduler.complete_step(flight.plan, 0.0)
+        flight.assumed = True
+
+    def _complete(self, flight: InFlight) -> list[RequestOutput]:
+        """Commit a launched step's tokens (waiting for them), then finish and report."""
+        plan = flight.plan
+        touched = {id(w.request): w.request for w in plan.works if not w.request.is_done}
         for r in touched.values():
             r.last_committed = 0
-        self._propose_and_commit(plan, hidden, wants)
+        self._propose_and_commit(flight)
         t1 = time.perf_counter()
-        latency = t1 - t0
-        # A step that captured a CUDA graph paid a one-time cost: the policy learns no latency
-        # from it (0 = no evidence). The host time around the step goes separately, as a cost
-        # per step (folding it into the latency curve served worse: docs/benchmarks.md).
-        captured = self.runner.capture_s > capture0
-        self.scheduler.complete_step(plan, 0.0 if captured else latency, overhead)
+        # A step in flight behind another ran on the GPU from the other's end, not its launch.
+        latency = t1 - max(flight.t_launch, self._last_step_end or 0.0) if flight.assumed else t1 - flight.t_launch
+        if not flight.assumed:
+            # A step that captured a CUDA graph paid a one-time cost: the policy learns no
+            # latency from it (0 = no evidence). The host time around the step goes
+            # separately, as a cost per step (folding it into the latency curve served
+            # worse: docs/benchmarks.md).
+            self.scheduler.complete_step(plan, 0.0 if flight.captured else latency, flight.overhead)
         self._last_step_end = t1
         self._record(plan, latency)
         outputs = [self._output(r) for r in self._failed]
@@ -186,8 +256,7 @@ class Engine:
             out = self._advance(r)
             if out is not None:
                 outputs.append(out)
-        post_s = time.perf_counter() - t1
-        self.stats.cpu_time_sum_s += schedule_s + self.runner.last_build_s + learn_s + self._host_commit_s + post_s
+        self.stats.cpu_time_sum_s += self._host_commit_s + time.perf_counter() - t1
         self.stats.graph_capture_s = self.runner.capture_s
         self._refresh_gauges()
         return outputs
@@ -205,25 +274,28 @@ class Engine:
             return 0.0
         return t0 - self._last_step_end
 
-    def _propose_and_commit(self, plan, hidden: torch.Tensor, wants) -> None:
+    def _propose_and_commit(self, flight: InFlight) -> None:
         """Greedy requests share one batched LM-head pass; sampled or constrained ones go alone."""
+        plan, hidden, wants = flight.plan, flight.hidden, flight.wants
         fast, slow = [], []
         for w in wants:
-            (fast if self._is_plain_greedy(plan.works[w.work_index].request) else slow).append(w)
+            r = plan.works[w.work_index].request
+            if not r.is_done:  # finished or aborted while the step was in flight: drop its rows
+                (fast if self._is_plain_greedy(r) else slow).append(w)
         h0 = time.perf_counter()
         if fast:
-            if not slow:  # the common case: every logit row is greedy, no gather needed
-                rows = hidden
+            if flight.pick is not None:  # every logit row is greedy: picked at launch, in row order
+                tokens, conf = flight.pick.read()
+                fast = [(w, w.offset) for w in fast]
             else:
                 index = np.concatenate([np.arange(w.offset, w.offset + len(w.positions)) for w in fast])
-                rows = hidden[torch.from_numpy(index).to(hidden.device)]
-            tokens, conf = self.runner.greedy(rows)
+                tokens, conf = self.runner.greedy(hidden[torch.from_numpy(index).to(hidden.device)]).read()
+                fast = list(zip(fast, np.cumsum([0] + [len(w.positions) for w in fast])[:-1].tolist()))
             h0 = time.perf_counter()
-            token_list, i = tokens.tolist(), 0
-            for w in fast:
+            token_list = tokens.tolist()
+            for w, i in fast:
                 n = len(w.positions)
                 self._commit(plan.works[w.work_index], w.positions, token_list[i:i + n], conf[i:i + n])
-                i += n
         self._host_commit_s = time.perf_counter() - h0
         for w in slow:
             r = plan.works[w.work_index].request

@@ -33,6 +33,45 @@ class StepBatch:
 
 
 @dataclass(frozen=True)
+class TokenFeed:
+    """Input tokens that exist only on the device: the greedy picks of a step whose results
+    the host has not read yet. ``sources[request_id] = (position, index)``: the token of that
+    position is ``tokens[index]``."""
+
+    tokens: torch.Tensor  # [M] int64, on the model's device
+    sources: dict[str, tuple[int, int]]
+
+
+class GreedyPick:
+    """A step's greedy tokens: on the device at once (a :class:`TokenFeed` for the next
+    step), on the host after :meth:`read`, which waits for this step's copy only."""
+
+    def __init__(self, tokens: torch.Tensor, conf: torch.Tensor) -> None:
+        self.tokens = tokens  # [M] int64 on the device
+        self._ready = None
+        if tokens.is_cuda:
+            # Asynchronous copies into pinned memory, then one event: the host can launch
+            # the next step before it waits for these.
+            tokens, conf = tokens.to("cpu", non_blocking=True), conf.to("cpu", non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+        self._host = (tokens, conf)
+
+    def read(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (tokens [M] int64, softmax probabilities [M] fp32), on the CPU."""
+        if self._ready is not None:
+            self._ready.synchronize()
+            self._ready = None
+        return self._host
+
+    def feed(self, wants: list[LogitRequest], plan: StepPlan) -> TokenFeed:
+        """The picks of single-position wants, as next-step inputs (causal decoding)."""
+        sources = {plan.works[w.work_index].request.request_id: (w.positions[0], w.offset)
+                   for w in wants if len(w.positions) == 1}
+        return TokenFeed(self.tokens, sources)
+
+
+@dataclass(frozen=True)
 class LogitRequest:
     """Which predicted positions of a work item the rows of ``logits[offset:offset+n]`` serve."""
 
@@ -115,8 +154,9 @@ class ModelRunner:
         self.last_build_s = 0.0  # host time spent building the latest batch
         self.staging = HostStaging(device)
 
-    def build(self, plan: StepPlan) -> tuple[StepBatch, list[LogitRequest]]:
-        """Vectorised over rows: per-request Python work is O(1) numpy calls, not O(rows)."""
+    def build(self, plan: StepPlan, feed: TokenFeed | None = None) -> tuple[StepBatch, list[LogitRequest]]:
+        """Vectorised over rows: per-request Python work is O(1) numpy calls, not O(rows).
+        A work whose first row is a position in ``feed`` reads that row's token from it."""
         works, ps = plan.works, self.page_size
         n = len(works)
         lens = np.fromiter((w.end - w.start for w in works), np.int64, n)
@@ -134,20 +174,27 @@ class ModelRunner:
         slots = np.where(pos < store_ends[row_req], page * ps + pos % ps, -1)
         ids = np.concatenate([w.request.tokens[w.start:w.end] for w in works])
         groups = np.fromiter(itertools.chain.from_iterable(w.groups for w in works), np.int32, int(cu[-1]))
-        wants, logit_rows = [], []
+        wants, logit_rows, fed_rows, fed_from = [], [], [], []
         offset = 0
         for i, w in enumerate(works):
             if w.window is None:
                 continue
             r = w.request
+            source = feed.sources.get(r.request_id) if feed is not None else None
+            if source is not None and source[0] == w.start:
+                fed_rows.append(cu[i])
+                fed_from.append(source[1])
             lo, hi = w.window
             masked = np.flatnonzero(~r.committed[lo:hi]) + lo
             if masked.size:
                 wants.append(LogitRequest(i, tuple(masked.tolist()), offset))
                 logit_rows.append(cu[i] + masked - r.geometry.shift - w.start)
                 offset += masked.size
-        rows64 = (ids, pos, slots, np.concatenate(logit_rows) if logit_rows else np.zeros(0, np.int64))
-        ids_d, pos_d, slots_d, logit_d = self.staging.upload(rows64, np.int64)
+        rows64 = (ids, pos, slots, np.concatenate(logit_rows) if logit_rows else np.zeros(0, np.int64),
+                  np.array(fed_rows, np.int64), np.array(fed_from, np.int64))
+        ids_d, pos_d, slots_d, logit_d, fed_rows_d, fed_from_d = self.staging.upload(rows64, np.int64)
+        if fed_rows:
+            ids_d[fed_rows_d] = feed.tokens[fed_from_d]
         groups_d, cu_d, lens_d, table_d = self.staging.upload((groups, cu, starts, table), np.int32)
         batch = StepBatch(input_ids=ids_d, positions=pos_d, groups=groups_d, slots=slots_d, cu_q=cu_d,
                           cache_lens=lens_d, page_table=table_d, logit_rows=logit_d,
@@ -165,10 +212,10 @@ class ModelRunner:
         return self.model(batch.input_ids, batch.positions, PagedBackend(self.storage, batch, self.attention_backend))
 
     @torch.inference_mode()
-    def run(self, plan: StepPlan) -> tuple[torch.Tensor, list[LogitRequest]]:
+    def run(self, plan: StepPlan, feed: TokenFeed | None = None) -> tuple[torch.Tensor, list[LogitRequest]]:
         """-> (final hidden states [M, d] of the rows whose logits are needed, what each serves)."""
         t0 = time.perf_counter()
-        batch, wants = self.build(plan)
+        batch, wants = self.build(plan, feed)
         self.last_build_s = time.perf_counter() - t0
         hidden = self.forward(batch)
         return hidden[batch.logit_rows], wants
@@ -178,21 +225,15 @@ class ModelRunner:
         return self.model.logits(hidden).float()
 
     @torch.inference_mode()
-    def greedy(self, hidden: torch.Tensor, rows_per_pass: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-        """hidden [M, d] -> (argmax tokens [M], their softmax probability [M]) on the CPU.
+    def greedy(self, hidden: torch.Tensor, rows_per_pass: int = 1024) -> GreedyPick:
+        """hidden [M, d] -> the argmax tokens [M] and their softmax probabilities [M].
 
         The LM head runs in slices so the [M, vocab] fp32 logits never exist all at once.
         """
-        tokens, conf = [], []
-        for h in hidden.split(rows_per_pass):
-            t, c = self.model.greedy(h)
-            tokens.append(t)
-            conf.append(c)
-        if not tokens:
-            return torch.zeros(0, dtype=torch.long), torch.zeros(0)
-        if not hidden.is_cuda:
-            return torch.cat(tokens), torch.cat(conf)
-        # Two asynchronous copies into pinned memory and one wait, not two blocking copies.
-        tokens, conf = (torch.cat(x).to("cpu", non_blocking=True) for x in (tokens, conf))
-        torch.cuda.current_stream().synchronize()
-        return tokens, conf
+        if hidden.shape[0] == 0:
+            return GreedyPick(torch.zeros(0, dtype=torch.long, device=hidden.device),
+                              torch.zeros(0, device=hidden.device))
+        picks = [self.model.greedy(h) for h in hidden.split(rows_per_pass)]
+        if len(picks) == 1:
+            return GreedyPick(*picks[0])
+        return GreedyPick(torch.cat([t for t, _ in picks]), torch.cat([c for _, c in picks]))

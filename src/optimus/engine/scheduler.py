@@ -97,7 +97,9 @@ class Scheduler:
     def schedule(self) -> StepPlan:
         budget = self.config.max_tokens_per_step
         works: list[RequestWork] = []
-        decoders = [r for r in self.running if r.state is RequestState.DECODING]
+        # A request with no position left to predict only awaits its in-flight step's tokens.
+        decoders = [r for r in self.running
+                    if r.state is RequestState.DECODING and r.window_start() < r.geometry.canvas_end]
         store_works = self._plan_stores(decoders)
         fixed = sum(w.store_end - w.start for w in store_works.values())
         chunks = self._choose_chunks(decoders, fixed, budget)
