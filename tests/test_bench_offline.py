@@ -1,7 +1,10 @@
 """The offline benchmark's code path, shrunk to tiny shapes on the CPU (no timing asserted)."""
 
+import gc
 import json
+import weakref
 
+from optimus.bench import offline
 from optimus.cli import main
 
 
@@ -53,3 +56,24 @@ def test_sweep_policies_share_one_engine_and_elastic_shared_plans_on_the_shared_
     assert _policy(llm, "elastic").confidence is not None
     assert _policy(llm, "elastic-shared").confidence is None
     assert _policy(llm, "fixed:8").chunk == 8
+
+
+def test_surface_frees_its_engine_before_releasing_memory(monkeypatch):
+    """An experiment's engine (and its KV cache) must be gone when it empties the allocator's
+    cache, or the next engine sizes its cache from what is left (the sweep then preempted)."""
+    engines, alive_at_release = [], []
+    make = offline.Target.llm
+
+    def recording_llm(self, *args, **kwargs):
+        llm = make(self, *args, **kwargs)
+        engines.append(weakref.ref(llm.engine))
+        return llm
+
+    def recording_free(self):
+        gc.collect()
+        alive_at_release.extend(ref() is not None for ref in engines)
+
+    monkeypatch.setattr(offline.Target, "llm", recording_llm)
+    monkeypatch.setattr(offline.Target, "free_memory", recording_free)
+    offline.run_surface(offline.Target("cpu", tiny=True), "sdar-8b", batches=(1,), chunks=(4,), context=16)
+    assert alive_at_release == [False]

@@ -97,6 +97,7 @@ def timed_generate(llm: LLM, batch: int, prompt_len: int, gen_len: int, params: 
             "graph_capture_s": capture, "output_tok_s_excl_capture": tokens / max(wall - capture, 1e-9),
             "steps": steps, "mean_step_ms": 1e3 * (s1["lat"] - s0["lat"]) / max(steps, 1),
             "cpu_ms_per_step": 1e3 * (s1["cpu"] - s0["cpu"]) / max(steps, 1),
+            "preemptions": sum(o.stats.preemptions for o in outs), "kv_pages": llm.engine.allocator.num_pages,
             "tokens_computed": s1["computed"] - s0["computed"],
             "tokens_committed": s1["committed"] - s0["committed"],
             "chunk_sizes": {c: n - chunks0.get(c, 0) for c, n in sorted(llm.engine.stats.chunk_size_counts.items())
@@ -138,7 +139,7 @@ def run_surface(target: Target, shape: str, batches, chunks, context: int, profi
                                         device=device_name(llm.engine.device), model_id=model_id(llm.engine))
     if profile_out:
         profile.save(profile_out)
-    del llm
+    del llm, step  # the step function holds the engine: its KV cache would shrink the next engine's
     target.free_memory()
     return {"shape": shape, "context": context, "points": points, "knee_tokens": float(profile.knee)}
 
@@ -198,7 +199,8 @@ def run_sweep(target: Target, shape: str, policies, concurrencies, acceptance: A
             r.update(shape=shape, policy=name, concurrency=n, acceptance="replayed (default model)")
             print(f"  sweep {shape} {name:9s} conc={n:4d}: {r['output_tok_s']:.0f} tok/s "
                   f"(runs {', '.join(f'{x:.0f}' for x in r['output_tok_s_runs'])}; {r['graph_capture_s']:.2f} s "
-                  f"of graph captures), {r['steps']} steps, cpu {r['cpu_ms_per_step']:.2f} ms/step", flush=True)
+                  f"of graph captures), {r['steps']} steps, {r['preemptions']} preemptions, cpu {r['cpu_ms_per_step']:.2f} ms/step",
+                  flush=True)
             rows.append(r)
         if on_row:
             on_row(rows)

@@ -70,9 +70,12 @@ def bytes_per_page(arch: ArchConfig, page_size: int, dtype: torch.dtype) -> int:
 
 def capacity_in_pages(arch: ArchConfig, page_size: int, dtype: torch.dtype, device: torch.device,
                       memory_fraction: float, cpu_budget_bytes: int = 1 << 30) -> int:
-    """Pages that fit in ``memory_fraction`` of the free device memory (a fixed budget on CPU)."""
+    """Pages that fit in ``memory_fraction`` of the free device memory (a fixed budget on CPU).
+    Memory torch's allocator holds but no tensor uses counts as free: it would serve the cache
+    (an engine freed earlier in the process leaves its cache there until ``empty_cache``)."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
+        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
         budget = int(free * memory_fraction)
     else:
         budget = int(cpu_budget_bytes * memory_fraction)
