@@ -240,8 +240,10 @@ class Engine:
             r.last_committed = 0
         self._propose_and_commit(flight)
         t1 = time.perf_counter()
-        # A step in flight behind another ran on the GPU from the other's end, not its launch.
-        latency = t1 - max(flight.t_launch, self._last_step_end or 0.0) if flight.assumed else t1 - flight.t_launch
+        start = flight.t_launch
+        if flight.assumed:  # queued behind another step: it ran on the GPU from that one's end
+            start = max(start, self._last_step_end or 0.0)
+        latency = t1 - start
         if not flight.assumed:
             # A step that captured a CUDA graph paid a one-time cost: the policy learns no
             # latency from it (0 = no evidence). The host time around the step goes
@@ -284,16 +286,16 @@ class Engine:
                 (fast if self._is_plain_greedy(r) else slow).append(w)
         h0 = time.perf_counter()
         if fast:
-            if flight.pick is not None:  # every logit row is greedy: picked at launch, in row order
+            if flight.pick is not None:  # every logit row was picked at launch, in row order
                 tokens, conf = flight.pick.read()
-                fast = [(w, w.offset) for w in fast]
-            else:
+                first = [w.offset for w in fast]
+            else:  # greedy rows among sampled ones: gather them, pick them now
                 index = np.concatenate([np.arange(w.offset, w.offset + len(w.positions)) for w in fast])
                 tokens, conf = self.runner.greedy(hidden[torch.from_numpy(index).to(hidden.device)]).read()
-                fast = list(zip(fast, np.cumsum([0] + [len(w.positions) for w in fast])[:-1].tolist()))
+                first = np.cumsum([0] + [len(w.positions) for w in fast])[:-1].tolist()
             h0 = time.perf_counter()
             token_list = tokens.tolist()
-            for w, i in fast:
+            for w, i in zip(fast, first):
                 n = len(w.positions)
                 self._commit(plan.works[w.work_index], w.positions, token_list[i:i + n], conf[i:i + n])
         self._host_commit_s = time.perf_counter() - h0
