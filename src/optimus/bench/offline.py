@@ -246,7 +246,7 @@ def run_matmul(target: Target, shape: str, tokens: int = 8192) -> dict:
     q_per_req, kv_len = tokens // 8, 512 + tokens // 8
     attn = 4 * layers * heads * d * 8 * q_per_req * kv_len
     flops = 2 * params * tokens + attn
-    del llm
+    del llm, step  # as in run_surface: the step function holds the engine
     target.free_memory()
     return {"shape": shape, "tokens": tokens, "seconds": seconds, "tflops": flops / seconds / 1e12,
             "matmul_tflops": mm_tflops, "fraction_of_matmul": flops / seconds / 1e12 / mm_tflops}
