@@ -76,6 +76,13 @@ class ServerConfig:
     host: str = _opt("127.0.0.1", "address to bind")
     port: int = _opt(8000, "port to bind")
     api_key: str | None = _opt(None, "require 'Authorization: Bearer KEY'")
+    allowed_hosts: tuple[str, ...] = _opt(
+        (), "Host names answered besides localhost, 127.0.0.1 and [::1] (any port; '.example.com' also "
+            "matches subdomains; '*' turns the Host check off). The check is on when bound to loopback "
+            "or when this is given")
+    allowed_origins: tuple[str, ...] = _opt(
+        (), "origins (scheme://host[:port]) whose pages may call the server, besides those of the "
+            "allowed hosts; '*' allows any")
     served_model_name: str | None = _opt(None, "model id reported by /v1/models (default: directory name)")
     max_n: int = _opt(8, "cap on the 'n' field")
     max_tokens_cap: int = _opt(4096, "cap on max_tokens")
@@ -96,6 +103,18 @@ def _leaf_fields(cls) -> list[tuple[str, dataclasses.Field, typing.Any]]:
     return out
 
 
+def _item_type(t):
+    """``tuple[X, ...]`` (a list flag) -> X; None for any other type."""
+    args = typing.get_args(t)
+    return args[0] if typing.get_origin(t) is tuple and len(args) == 2 and args[1] is Ellipsis else None
+
+
+def _list_value(values, item_type) -> tuple:
+    """A list flag takes space- or comma-separated items and may be repeated:
+    ``--x a b,c --x d`` -> ('a', 'b', 'c', 'd'). A tuple, so the config stays hashable."""
+    return tuple(item_type(part.strip()) for value in values for part in str(value).split(",") if part.strip())
+
+
 def _scalar_type(t):
     args = [a for a in typing.get_args(t) if a is not type(None)]
     return args[0] if args else t
@@ -108,7 +127,11 @@ def add_config_args(parser: argparse.ArgumentParser, cls) -> None:
         typ = _scalar_type(t)
         default = f.default if f.default is not dataclasses.MISSING else None
         help_text = f.metadata.get("help", "")
-        if typ is bool:
+        if _item_type(t) is not None:  # default None: config_from_args then keeps the field's default
+            group.add_argument(flag, nargs="+", action="extend", default=None,
+                               metavar=name.upper().removesuffix("S"),
+                               help=f"{help_text} (space- or comma-separated, repeatable; default: none)")
+        elif typ is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
         else:
             group.add_argument(flag, type=typ, default=default, help=f"{help_text} (default: {default})")
@@ -121,6 +144,9 @@ def config_from_args(cls, args: argparse.Namespace):
         t = hints[f.name]
         if dataclasses.is_dataclass(t):
             kwargs[f.name] = config_from_args(t, args)
+        elif _item_type(t) is not None:
+            if getattr(args, f.name, None) is not None:
+                kwargs[f.name] = _list_value(getattr(args, f.name), _item_type(t))
         elif hasattr(args, f.name):
             kwargs[f.name] = getattr(args, f.name)
     return cls(**kwargs)

@@ -14,6 +14,7 @@ from optimus.server.errors import install_error_handlers
 from optimus.server.lifecycle import Lifecycle
 from optimus.server.metrics import ServerMetrics
 from optimus.server.middleware import ApiKeyAuth, BodyLimit
+from optimus.server.origin import HostOriginGuard, OriginPolicy
 from optimus.server.state import ServerState
 from optimus.server.ui import make_ui_router
 
@@ -39,7 +40,10 @@ def build_app(engine, config: ServerConfig | None = None,
     app.include_router(openai_routes.router)
     app.include_router(admin_routes.router)
     app.include_router(make_ui_router(lambda: engine))  # the web page: GET /, /ui/*
+    # built here, not by add_middleware (which builds lazily), so a bad entry fails at start-up
+    origin_policy = OriginPolicy.build(config.host, config.allowed_hosts, config.allowed_origins)
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
     if config.api_key:
-        app.add_middleware(ApiKeyAuth, api_key=config.api_key)  # added last: runs first
+        app.add_middleware(ApiKeyAuth, api_key=config.api_key)  # runs before BodyLimit
+    app.add_middleware(HostOriginGuard, policy=origin_policy)  # added last: runs first
     return app

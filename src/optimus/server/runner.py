@@ -12,6 +12,7 @@ import uvicorn
 
 from optimus.config import ServerConfig
 from optimus.server.app import build_app
+from optimus.server.origin import is_loopback
 
 log = logging.getLogger("optimus.server")
 
@@ -55,6 +56,9 @@ class DrainingServer(uvicorn.Server):
 def run_server(engine, config: ServerConfig, log_level: str = "info") -> int:
     """Serve ``engine`` until a signal; returns the process exit code."""
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
+    if not config.api_key and not is_loopback(config.host):
+        log.warning("listening on %s:%d with no --api-key: anyone who can reach this port can use the model",
+                    config.host, config.port)
     uv_config = uvicorn.Config(None, host=config.host, port=config.port, log_level=log_level,
                                timeout_graceful_shutdown=int(_FINISH_AFTER_DRAIN_S), lifespan="on")
     server = DrainingServer(uv_config)
