@@ -148,12 +148,50 @@ def test_chunked_prefill_interleaves_with_decoding():
     assert runner.steps_with_prefill_and_decode >= 5  # the short request kept decoding
 
 
-def test_queue_bound():
-    spec, alloc, sched = _make("sdar", max_waiting=2)
-    sched.add(_request("a", spec, 4, 4))
-    sched.add(_request("b", spec, 4, 4))
+def test_queue_bound_counts_only_requests_that_cannot_start():
+    spec, alloc, sched = _make("sdar", max_waiting=2, max_running=3)
+    for name in "abcde":  # 3 free running slots + 2 waiting places
+        sched.add(_request(name, spec, 4, 4))
     with pytest.raises(QueueFullError):
-        sched.add(_request("c", spec, 4, 4))
+        sched.add(_request("f", spec, 4, 4))
+    sched.schedule()  # a, b, c start running: the free slots are taken
+    assert len(sched.running) == 3 and len(sched.waiting) == 2
+    with pytest.raises(QueueFullError):
+        sched.add(_request("g", spec, 4, 4))
+    sched.abort("a")  # a running slot frees up: one more may queue for it
+    sched.add(_request("h", spec, 4, 4))
+    with pytest.raises(QueueFullError):
+        sched.add(_request("i", spec, 4, 4))
+
+
+def _grouped(rid, spec, group):
+    r = _request(rid, spec, 4, 8)
+    r.group = group
+    return r
+
+
+def test_one_callers_fan_out_does_not_starve_another_caller():
+    spec, alloc, sched = _make("sdar", max_running=4, max_waiting=64)
+    for i in range(12):
+        sched.add(_grouped(f"fan-{i}", spec, "fan"))
+    sched.schedule()
+    assert {r.group for r in sched.running} == {"fan"} and len(sched.running) == 4
+    sched.add(_grouped("single", spec, "single"))  # arrives behind eight waiting fan-out requests
+    sched.abort(sched.running[0].request_id)
+    sched.schedule()
+    assert "single" in {r.request_id for r in sched.running}  # the freed slot went to the other caller
+    assert [r.request_id for r in sched.waiting][:2] == ["fan-4", "fan-5"]  # the fan-out keeps its order
+
+
+def test_ungrouped_requests_are_admitted_first_come_first_served():
+    spec, alloc, sched = _make("sdar", max_running=2, max_waiting=64)
+    for i in range(5):
+        sched.add(_request(f"r{i}", spec, 4, 4))
+    sched.schedule()
+    assert [r.request_id for r in sched.running] == ["r0", "r1"]
+    sched.abort(sched.running[0].request_id)
+    sched.schedule()
+    assert [r.request_id for r in sched.running] == ["r1", "r2"]
 
 
 def test_illegal_transition_is_refused():

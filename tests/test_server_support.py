@@ -158,7 +158,7 @@ class FakeEngine:
         await asyncio.sleep(self.start_delay)
         self.ready = True
 
-    async def generate(self, request_id, prompt_token_ids, params):
+    async def generate(self, request_id, prompt_token_ids, params, group=None):
         from optimus.engine.outputs import RequestOutput, RequestStats
 
         self.live.add(request_id)

@@ -90,7 +90,8 @@ def test_engine_errors_map_to_statuses():
 
 
 def _app(engine: FakeEngine, **config) -> TestClient:
-    return TestClient(build_app(engine, ServerConfig(**config)), raise_server_exceptions=False)
+    return TestClient(build_app(engine, ServerConfig(**config)), base_url="http://127.0.0.1",
+                      raise_server_exceptions=False)
 
 
 def _wait(predicate, timeout: float = 5.0) -> None:
@@ -119,7 +120,7 @@ def test_failed_model_load_is_fatal():
 
     fatal = []
     app = build_app(Broken(), ServerConfig(), on_fatal=lambda: fatal.append(True))
-    with TestClient(app, raise_server_exceptions=False) as client:
+    with TestClient(app, base_url="http://127.0.0.1", raise_server_exceptions=False) as client:
         _wait(lambda: fatal == [True])
         assert client.get("/health").json() == {"status": "failed"}
         r = client.post("/v1/completions", json={"prompt": "hi"})

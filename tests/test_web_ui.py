@@ -14,19 +14,19 @@ import shutil
 import subprocess
 import threading
 import time
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 import uvicorn
-from fastapi import FastAPI
 
 from optimus.bench.server_process import free_port
 from optimus.config import engine_config
 from optimus.engine.async_engine import AsyncEngine
-from optimus.server.ui import STATIC_DIR, make_ui_router
+from optimus.config import ServerConfig
+from optimus.server.app import build_app
+from optimus.server.ui import STATIC_DIR
 from optimus.testing.checkpoints import make_tiny_checkpoint
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -39,15 +39,7 @@ CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
 def server(tmp_path_factory):
     ckpt = make_tiny_checkpoint(tmp_path_factory.mktemp("ui") / "sdar", "sdar")
     engine = AsyncEngine(engine_config(model=str(ckpt), policy="fixed:4", num_pages=64))
-
-    @asynccontextmanager
-    async def lifespan(app):
-        await engine.start()
-        yield
-        await engine.shutdown()
-
-    app = FastAPI(lifespan=lifespan)
-    app.include_router(make_ui_router(lambda: engine))
+    app = build_app(engine, ServerConfig())  # the page's routes check requests as the API does
     port = free_port()
     uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
     thread = threading.Thread(target=uv.run, daemon=True)
@@ -112,8 +104,9 @@ def test_gauges_report_engine_counters(server):
 
 def test_bad_requests_are_refused(server):
     assert httpx.post(server + "/ui/generate", json={"prompt": "x", "policy": "bogus"}).status_code == 400
-    assert httpx.post(server + "/ui/generate", json={"prompt": "x", "max_tokens": 0}).status_code == 422
-    assert httpx.post(server + "/ui/generate", json={"prompt": ""}).status_code == 422
+    # The API's error handlers: schema violations are 400s in the OpenAI envelope, never 422.
+    assert httpx.post(server + "/ui/generate", json={"prompt": "x", "max_tokens": 0}).status_code == 400
+    assert httpx.post(server + "/ui/generate", json={"prompt": ""}).status_code == 400
 
 
 def test_policy_override_reaches_the_engine(server):
@@ -241,6 +234,7 @@ def test_page_in_headless_chromium_streams_and_colours_the_canvas(server, tmp_pa
             chunk: document.querySelectorAll('#canvas .cell.in-chunk').length,
             answer: document.querySelector('.msg.assistant').textContent})""")
         assert dom["committed"] >= 32 and dom["steps"] == state["steps"] > 0 and 1 <= dom["chunk"] <= 4
+        assert dom["masked"] == 0 and state["committed"] <= 32  # done: no mask left, answer tokens only
         assert "steps" in dom["answer"]  # the stats line under the answer
         _wait_for(lambda: browser.eval(tab, "document.getElementById('g-tps').textContent !== '–'"), 10,
                   "tokens-per-step gauge")
@@ -255,3 +249,102 @@ def test_page_in_headless_chromium_streams_and_colours_the_canvas(server, tmp_pa
     assert pixels[..., :3].std() > 20, "blank screenshot"
     assert len(np.unique(pixels[..., :3].reshape(-1, 3), axis=0)) > 50
     assert _has_colour(pixels, (238, 160, 160)) > 100  # cells of the first step: hsl(0 70% 78%)
+
+
+@pytest.fixture(scope="module")
+def keyed_server(tmp_path_factory):
+    """A second server that requires an API key."""
+    ckpt = make_tiny_checkpoint(tmp_path_factory.mktemp("ui-key") / "sdar", "sdar")
+    engine = AsyncEngine(engine_config(model=str(ckpt), policy="fixed:4", num_pages=64))
+    app = build_app(engine, ServerConfig(api_key="sesame"))
+    port = free_port()
+    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not (uv.started and engine.ready):
+        assert time.monotonic() < deadline, "the keyed UI server did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    uv.should_exit = True
+    thread.join(10)
+
+
+def _open_page(browser: DevTools, url: str) -> str:
+    tab = browser.open(url + "/")
+    _wait_for(lambda: browser.eval(tab, "document.readyState === 'complete' && !!window.optimusUI"), 30, "page load")
+    return tab
+
+
+def _send(browser: DevTools, tab: str, prompt: str, max_tokens: int) -> dict:
+    """Type a prompt, send it, and wait until the page reports the answer or an error."""
+    browser.eval(tab, f"""
+        document.getElementById('prompt').value = {json.dumps(prompt)};
+        document.getElementById('max-tokens').value = '{max_tokens}';
+        document.getElementById('send').click();""")
+    return _wait_for(lambda: browser.eval(tab, "(u => (u.done || u.error) && u)(window.optimusUI)"), 120,
+                     "answer or error")
+
+
+# A canvas of 8 over a 6-token request whose answer is 2 tokens: end-of-text fills positions
+# 2-5 and position 4-5 commit in a later step; 6-7 (past max_tokens) are never decoded.
+SCRIPTED_FRAMES = [
+    {"type": "start", "request_id": "ui-x", "prompt_tokens": 3, "max_tokens": 6, "canvas": 8,
+     "block_size": 4, "block_phase": 0},
+    {"type": "commit", "step": 1, "chunk": [0, 4], "positions": [0, 1, 2, 3],
+     "tokens": ["a", "b", "<eos>", "<eos>"], "t": 0.01},
+    {"type": "text", "text": "ab", "n": 2},
+    {"type": "commit", "step": 2, "chunk": [4, 8], "positions": [4, 5], "tokens": ["<eos>", "<eos>"], "t": 0.02},
+    {"type": "done", "finish_reason": "stop", "text": "ab", "elapsed_s": 0.03, "steps": 2,
+     "tokens_committed": 6, "tokens_computed": 8, "tokens_per_step": 3.0, "chunk_sizes": {"4": 2}},
+]
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian chromium is not installed (apt-get install -y chromium)")
+def test_page_counts_only_answer_tokens_and_clears_the_masks_when_done(server, tmp_path):
+    sse = "".join(f"data: {json.dumps(frame)}\n\n" for frame in SCRIPTED_FRAMES)
+    browser = DevTools(tmp_path / "profile")
+    try:
+        tab = _open_page(browser, server)
+        # The page reads /ui/generate through fetch: serve it this scripted stream instead.
+        browser.eval(tab, f"""(() => {{
+            const real = window.fetch;
+            window.fetch = (url, opts) => url === '/ui/generate'
+              ? Promise.resolve(new Response({json.dumps(sse)},
+                  {{status: 200, headers: {{'Content-Type': 'text/event-stream'}}}}))
+              : real(url, opts);
+        }})()""")
+        state = _send(browser, tab, "scripted", 6)
+        assert state["error"] is None, state["error"]
+        dom = browser.eval(tab, """({
+            masked: document.querySelectorAll('#canvas .cell.masked').length,
+            after: document.querySelectorAll('#canvas .cell.after-answer').length,
+            status: document.getElementById('canvas-status').textContent,
+            meta: document.querySelector('.msg.assistant .meta').textContent})""")
+    finally:
+        browser.close()
+    assert state["committed"] == 2 and state["afterAnswer"] == 4  # the padding is not answer
+    assert dom["masked"] == 0 and dom["after"] == 6
+    assert dom["status"].startswith("2 committed · 0 masked · 2 steps"), dom["status"]
+    assert "2 tokens in 2 steps (1.00 per step)" in dom["meta"], dom["meta"]
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian chromium is not installed (apt-get install -y chromium)")
+def test_page_asks_for_the_api_key_on_401(keyed_server, tmp_path):
+    browser = DevTools(tmp_path / "profile")
+    try:
+        tab = _open_page(browser, keyed_server)
+        state = _send(browser, tab, "hello", 8)
+        opened = browser.eval(tab, """({
+            open: document.getElementById('api-key-box').open,
+            focused: document.activeElement && document.activeElement.id,
+            shown: document.querySelector('.msg.error').textContent})""")
+        assert "needs an API key" in state["error"] and "{" not in state["error"]
+        assert opened == {"open": True, "focused": "api-key", "shown": state["error"]}
+        browser.eval(tab, "document.getElementById('api-key').value = 'wrong'")
+        assert "did not accept" in _send(browser, tab, "hello", 8)["error"]
+        browser.eval(tab, "document.getElementById('api-key').value = 'sesame'")
+        state = _send(browser, tab, "hello", 8)
+    finally:
+        browser.close()
+    assert state["error"] is None and state["done"]

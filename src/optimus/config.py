@@ -86,6 +86,8 @@ class ServerConfig:
     served_model_name: str | None = _opt(None, "model id reported by /v1/models (default: directory name)")
     max_n: int = _opt(8, "cap on the 'n' field")
     max_tokens_cap: int = _opt(4096, "cap on max_tokens")
+    max_call_tokens: int = _opt(65536, "most tokens one API call may ask to generate (prompts x n x "
+                                       "max_tokens); a larger ask is a 400, an omitted max_tokens shrinks to fit")
     max_body_bytes: int = _opt(1 << 20, "largest request body accepted")
     shutdown_timeout: float = _opt(30.0, "seconds to drain on SIGTERM before aborting")
     watchdog_timeout: float = _opt(60.0, "seconds a step may take before the engine is marked dead")

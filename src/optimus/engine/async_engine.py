@@ -22,11 +22,18 @@ from optimus.engine.scheduler import QueueFullError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["AsyncEngine", "EngineDeadError", "EngineMetrics", "QueueFullError"]
+__all__ = ["AsyncEngine", "EngineDeadError", "EngineMetrics", "QueueFullError", "RequestFailedError"]
+
+# An engine whose steps keep failing after recovery cannot serve: give up after this many in a row.
+MAX_CONSECUTIVE_FAILED_STEPS = 3
 
 
 class EngineDeadError(RuntimeError):
     """The engine loop crashed or hung; no request can be served."""
+
+
+class RequestFailedError(RuntimeError):
+    """This request ended with an internal error (the log has it); the engine serves on."""
 
 
 @dataclass(frozen=True)
@@ -46,6 +53,7 @@ class AsyncEngine:
     def __init__(self, config: EngineConfig, loaded=None) -> None:
         self.config = config
         self._loaded = loaded
+        self.on_dead = None  # called (on the event loop) once the engine cannot continue
         self.ready = False
         self.alive = True
         self.engine: Engine | None = None
@@ -103,22 +111,34 @@ class AsyncEngine:
             await asyncio.to_thread(self._thread.join, 5.0)
 
     def mark_dead(self, why: str) -> None:
-        if self.alive:
+        """No request can be served any more: fail every stream (clients see a generic
+        message; ``why`` goes to the log) and tell ``on_dead`` (the server exits non-zero)."""
+        first = self.alive
+        if first:
             log.error("engine marked dead: %s", why)
         self.alive = False
         for q in self._streams.values():
-            self._loop.call_soon_threadsafe(q.put_nowait, EngineDeadError(why))
+            self._loop.call_soon_threadsafe(q.put_nowait, EngineDeadError("the engine stopped"))
+        if first and self.on_dead is not None:
+            self._loop.call_soon_threadsafe(self.on_dead)
 
     # ---- requests ----------------------------------------------------------------------
-    async def generate(self, request_id: str, prompt_token_ids: list[int],
-                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
+    async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                       group: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Outputs of one request. Refusals (dead engine, full queue, a request that does not
+        fit the model) raise at once, before the loop thread sees the request."""
         if not self.alive:
             raise EngineDeadError("the engine is not running")
         if not self._admitting:
             raise QueueFullError("the server is shutting down and admits no new requests")
+        sc = self.config.scheduler
+        if len(self._streams) >= sc.max_running + sc.max_waiting:
+            raise QueueFullError(f"{len(self._streams)} requests are running or queued "
+                                 f"(max-running {sc.max_running} + max-waiting {sc.max_waiting})")
+        self.engine.check_request(prompt_token_ids, params)
         q: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = q
-        self._commands.put(("add", request_id, list(prompt_token_ids), params))
+        self._commands.put(("add", request_id, list(prompt_token_ids), params, group))
         self._wake.set()
         done = False
         try:
@@ -149,6 +169,8 @@ class AsyncEngine:
 
     # ---- the loop thread ---------------------------------------------------------------
     def _deliver(self, request_id: str, item) -> None:
+        if isinstance(item, RequestOutput) and item.finish_reason == "error":
+            item = RequestFailedError("internal error while decoding this request")
         q = self._streams.get(request_id)
         if q is not None:
             self._loop.call_soon_threadsafe(q.put_nowait, item)
@@ -160,19 +182,23 @@ class AsyncEngine:
             except queue.Empty:
                 return
             if cmd[0] == "add":
-                _, rid, ids, params = cmd
+                _, rid, ids, params, group = cmd
                 try:
-                    self.engine.add_request(rid, ids, params)
+                    self.engine.add_request(rid, ids, params, group=group)
                 except (ValueError, QueueFullError) as exc:
                     self._deliver(rid, exc)
+                except Exception as exc:  # one bad request must not stop the loop
+                    log.exception("adding request %s failed", rid)
+                    self._deliver(rid, RequestFailedError(f"could not add the request: {type(exc).__name__}"))
             else:
                 out = self.engine.abort(cmd[1])
                 if out is not None:
                     self._deliver(cmd[1], out)
 
     def _run(self) -> None:
-        try:
-            while not self._stopping:
+        failures = 0  # consecutive steps that raised
+        while not self._stopping:
+            try:
                 self._handle_commands()
                 if not self.engine.has_work():
                     self._wake.wait(0.05)
@@ -180,10 +206,26 @@ class AsyncEngine:
                     continue
                 self._step_started = time.monotonic()
                 outputs = self.engine.step()
+                failures = 0
+            except Exception as exc:
+                failures += 1
+                log.exception("engine step failed (%d in a row); ending its requests", failures)
+                outputs = self._recover(exc, failures)
+                if outputs is None:
+                    return
+            finally:
                 self._step_started = None
-                for out in outputs:
-                    self._deliver(out.request_id, out)
-        except Exception as exc:  # the loop must never die silently
-            log.exception("engine loop crashed")
-            self._step_started = None
-            self._loop.call_soon_threadsafe(self.mark_dead, f"engine loop crashed: {type(exc).__name__}: {exc}")
+            for out in outputs:
+                self._deliver(out.request_id, out)
+
+    def _recover(self, exc: Exception, failures: int) -> list[RequestOutput] | None:
+        """Restart the loop after a failed step: its requests end with an error, waiting ones
+        stay queued. None once the engine cannot continue (it is then marked dead)."""
+        if failures < MAX_CONSECUTIVE_FAILED_STEPS:
+            try:
+                return self.engine.recover(exc)
+            except Exception:
+                log.exception("engine recovery failed")
+        self._loop.call_soon_threadsafe(
+            self.mark_dead, f"engine loop stopped after {failures} failed steps: {type(exc).__name__}: {exc}")
+        return None

@@ -133,24 +133,39 @@ class Engine:
         return elastic_kwargs(self)
 
     # ---- requests --------------------------------------------------------------------
-    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> Request:
+    def check_request(self, prompt_ids: list[int], params: SamplingParams) -> Geometry:
+        """Raise ValueError (``field: why``) unless the request fits this model and cache.
+        Reads only constants of the engine, so callers on other threads may use it."""
         if not prompt_ids:
-            raise ValueError("prompt is empty: give at least one token")
-        if request_id in self._requests:
-            raise ValueError(f"duplicate request id {request_id!r}")
+            raise ValueError("prompt: is empty: give at least one token")
         vocab = self.spec.arch.vocab_size
-        if any(not 0 <= t < vocab for t in prompt_ids):
-            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        bad = next((t for t in prompt_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"prompt: token id {bad} is outside the vocabulary [0, {vocab})")
+        bad = next((t for t in params.stop_token_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"stop_token_ids: token id {bad} is outside the vocabulary [0, {vocab})")
         geometry = make_geometry(self.spec, self.block_size, len(prompt_ids), params.max_tokens)
         if geometry.canvas_end > self.max_model_len:
-            raise ValueError(f"prompt ({len(prompt_ids)} tokens) plus max_tokens ({params.max_tokens}) "
-                             f"exceeds the model's context length of {self.max_model_len} tokens")
+            raise ValueError(f"max_tokens: prompt ({len(prompt_ids)} tokens) plus max_tokens "
+                             f"({params.max_tokens}) exceeds the model's context length of "
+                             f"{self.max_model_len} tokens")
         if self.allocator.pages_for(geometry.canvas_end) > self.allocator.num_pages:
-            raise ValueError(f"request needs {geometry.canvas_end} tokens of KV cache; "
+            raise ValueError(f"max_tokens: the request needs {geometry.canvas_end} tokens of KV cache; "
                              f"the cache holds {self.allocator.num_pages * self.allocator.page_size}")
+        return geometry
+
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                    group: str | None = None) -> Request:
+        """``group``: requests sharing one (an API call's choices) are admitted fairly against
+        other groups, so one caller's fan-out cannot starve the rest (``Scheduler``)."""
+        if request_id in self._requests:
+            raise ValueError(f"duplicate request id {request_id!r}")
+        geometry = self.check_request(prompt_ids, params)
         if params.seed is None and params.temperature > 0:
             params = _with_seed(params, self.config.seed + len(self._requests))
-        request = Request(request_id, tuple(prompt_ids), params, geometry, self.spec.mask_id or 0)
+        request = Request(request_id, tuple(prompt_ids), params, geometry, self.spec.mask_id or 0,
+                          group=group)
         self.scheduler.add(request)
         self._requests[request_id] = request
         self.stats.prompt_tokens += len(prompt_ids)
@@ -164,6 +179,32 @@ class Engine:
         self._requests.pop(request_id, None)
         self._refresh_gauges()
         return self._output(r)
+
+    def _fail(self, r: Request, exc: BaseException) -> None:
+        """End one request with ``finish_reason="error"`` (reported at the end of the step);
+        the engine goes on serving the others."""
+        log.error("request %s failed: %s: %s; ending it", r.request_id, type(exc).__name__, exc,
+                  exc_info=exc)
+        if not r.is_done:
+            self.scheduler.abort(r.request_id)
+        r.finish_reason = "error"
+        r.stats.finish_time = time.monotonic()
+        self._requests.pop(r.request_id, None)
+        self._failed.append(r)
+
+    def recover(self, exc: BaseException) -> list[RequestOutput]:
+        """After a step raised outside any one request's code: end every running request
+        (their state may be half-updated) with ``finish_reason="error"``, drop the step in
+        flight, and return the cache to a consistent state. Waiting requests are kept."""
+        self._in_flight = None
+        self.scheduler.discard_feedback()
+        for r in list(self.scheduler.running):
+            self._fail(r, exc)
+        self.allocator.reclaim({p for r in self.scheduler.waiting for p in r.pages})
+        self._last_step_end = None
+        self._refresh_gauges()
+        failed, self._failed = self._failed, []
+        return [self._output(r) for r in failed]
 
     def has_work(self) -> bool:
         return self._in_flight is not None or self.scheduler.has_work()
@@ -255,7 +296,11 @@ class Engine:
         outputs = [self._output(r) for r in self._failed]
         self._failed = []
         for r in touched.values():
-            out = self._advance(r)
+            try:
+                out = self._advance(r)
+            except Exception as exc:  # detokenizing or stop checks of one request
+                self._fail(r, exc)
+                out = self._output(self._failed.pop())
             if out is not None:
                 outputs.append(out)
         self.stats.cpu_time_sum_s += self._host_commit_s + time.perf_counter() - t1
@@ -297,7 +342,8 @@ class Engine:
             token_list = tokens.tolist()
             for w, i in zip(fast, first):
                 n = len(w.positions)
-                self._commit(plan.works[w.work_index], w.positions, token_list[i:i + n], conf[i:i + n])
+                self._guarded_commit(plan.works[w.work_index], w.positions, token_list[i:i + n],
+                                     conf[i:i + n])
         self._host_commit_s = time.perf_counter() - h0
         for w in slow:
             r = plan.works[w.work_index].request
@@ -305,13 +351,17 @@ class Engine:
                 logits = self._constrain(r, w.positions,
                                          self.runner.logits(hidden[w.offset:w.offset + len(w.positions)]))
                 tokens, conf = propose(logits, r.params, r.generator)
-            except RuntimeError as exc:  # one request's numerics must never stop the engine
-                log.error("request %s failed while sampling: %s; aborting it", r.request_id, exc)
-                self.scheduler.abort(r.request_id)
-                self._requests.pop(r.request_id, None)
-                self._failed.append(r)
+            except Exception as exc:  # one request's numerics or parameters never stop the engine
+                self._fail(r, exc)
                 continue
-            self._commit(plan.works[w.work_index], w.positions, tokens.tolist(), conf.cpu())
+            self._guarded_commit(plan.works[w.work_index], w.positions, tokens.tolist(), conf.cpu())
+
+    def _guarded_commit(self, work: RequestWork, positions: tuple[int, ...], tokens: list[int],
+                        conf: torch.Tensor) -> None:
+        try:
+            self._commit(work, positions, tokens, conf)
+        except Exception as exc:
+            self._fail(work.request, exc)
 
     def _is_plain_greedy(self, r: Request) -> bool:
         return r.params.temperature <= GREEDY_TEMPERATURE and not self._suppressed_ids(r)

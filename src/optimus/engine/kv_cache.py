@@ -42,6 +42,14 @@ class PageAllocator:
             self._in_use.remove(p)
             self._free.append(p)
 
+    def reclaim(self, owned: set[int]) -> int:
+        """Make every page not in ``owned`` free again (recovery after a failed step, whose
+        requests may have lost track of pages); returns how many pages were reclaimed."""
+        lost = self._in_use - owned
+        self._in_use = set(owned)
+        self._free = [p for p in range(self.num_pages - 1, -1, -1) if p not in owned]
+        return len(lost)
+
     def ensure(self, pages: list[int], num_tokens: int) -> bool:
         """Grow ``pages`` in place to hold ``num_tokens``; False (and no change) if memory is short."""
         need = self.pages_for(num_tokens) - len(pages)

@@ -63,6 +63,7 @@ class Request:
     params: SamplingParams
     geometry: Geometry
     mask_id: int
+    group: str | None = None  # admission fairness: requests of one API call share a group
     arrival_time: float = field(default_factory=time.monotonic)
     state: RequestState = RequestState.WAITING
     tokens: np.ndarray = field(default=None)  # [total] int64
@@ -97,6 +98,10 @@ class Request:
         if new not in _TRANSITIONS[self.state]:
             raise RuntimeError(f"request {self.request_id}: illegal transition {self.state.value} -> {new.value}")
         self.state = new
+
+    @property
+    def fairness_key(self) -> str:
+        return self.group if self.group is not None else self.request_id
 
     @property
     def is_done(self) -> bool:

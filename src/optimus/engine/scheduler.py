@@ -61,7 +61,10 @@ class Scheduler:
 
     # ---- queue management ------------------------------------------------------------
     def add(self, request: Request) -> None:
-        if len(self.waiting) >= self.config.max_waiting:
+        """Queue a request. Only requests that cannot start at the next step count against
+        ``max_waiting``: the free running slots take a burst before the bound applies."""
+        free_slots = max(0, self.config.max_running - len(self.running))
+        if len(self.waiting) >= self.config.max_waiting + free_slots:
             raise QueueFullError(f"waiting queue is full ({self.config.max_waiting} requests)")
         self.waiting.append(request)
 
@@ -188,9 +191,27 @@ class Scheduler:
             budget -= n
         return budget
 
+    def _next_waiting(self, running: collections.Counter) -> Request:
+        """The next request to admit: one being recomputed after preemption (it holds
+        commits) first, otherwise the oldest of the group with the fewest running requests,
+        so one API call's fan-out shares the slots with every other caller instead of
+        filling them. Ungrouped requests are their own group: plain FIFO among them."""
+        head = self.waiting[0]
+        if head.request_id in self._recompute_len:
+            return head
+        best, best_count = head, running.get(head.fairness_key, 0)
+        for r in self.waiting:
+            if best_count == 0:
+                break
+            count = running.get(r.fairness_key, 0)
+            if count < best_count:
+                best, best_count = r, count
+        return best
+
     def _admit(self, works: list[RequestWork], budget: int) -> None:
+        running = collections.Counter(r.fairness_key for r in self.running) if self.waiting else None
         while self.waiting and len(self.running) < self.config.max_running:
-            r = self.waiting[0]
+            r = self._next_waiting(running)
             target = self._recompute_len.get(r.request_id, r.geometry.prefill_len)
             # Admit only if the whole prompt plus one block fits now: avoids admitting a
             # request that would immediately force a preemption.
@@ -199,8 +220,9 @@ class Scheduler:
                 break
             if target > 0 and budget <= 0:
                 break
-            self.waiting.popleft()
+            self.waiting.remove(r)
             self.running.append(r)
+            running[r.fairness_key] += 1
             r.stats.first_scheduled_time = r.stats.first_scheduled_time or time.monotonic()
             if target == 0:
                 r.transition(RequestState.DECODING)
@@ -268,6 +290,10 @@ class Scheduler:
             self.flush_feedback()  # never drop an unread step
             self._feedback = StepFeedback(plan.num_tokens, latency_s, tuple(chunk_sizes), tuple(committed),
                                           tuple(ids), tuple(open_positions), overhead_s)
+
+    def discard_feedback(self) -> None:
+        """Forget an unread step's feedback (its step failed and its requests ended)."""
+        self._feedback = None
 
     def flush_feedback(self) -> None:
         """Hand the policy the latest completed step's feedback, if it has not had it."""

@@ -39,7 +39,7 @@ def build_app(engine, config: ServerConfig | None = None,
     install_error_handlers(app)
     app.include_router(openai_routes.router)
     app.include_router(admin_routes.router)
-    app.include_router(make_ui_router(lambda: engine))  # the web page: GET /, /ui/*
+    app.include_router(make_ui_router())  # the web page: GET /, /ui/*
     # built here, not by add_middleware (which builds lazily), so a bad entry fails at start-up
     origin_policy = OriginPolicy.build(config.host, config.allowed_hosts, config.allowed_origins)
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)

@@ -60,15 +60,19 @@ def unavailable(message: str, code: str, retry_after: int = 1) -> APIError:
 
 
 def from_engine_error(exc: BaseException) -> APIError:
-    """Map what ``AsyncEngine.generate`` raises to the client-facing error."""
-    from optimus.engine.async_engine import EngineDeadError, QueueFullError
+    """Map what ``AsyncEngine.generate`` raises to the client-facing error. Internal failures
+    reach the client as a fixed message; their exception text goes to the log only."""
+    from optimus.engine.async_engine import EngineDeadError, QueueFullError, RequestFailedError
 
     if isinstance(exc, APIError):
         return exc
     if isinstance(exc, QueueFullError):
         return unavailable(f"server overloaded: {exc}", code="queue_full", retry_after=1)
     if isinstance(exc, EngineDeadError):
-        return unavailable(f"engine is not running: {exc}", code="engine_dead", retry_after=10)
+        return unavailable("the engine is not running; the server is restarting", code="engine_dead",
+                           retry_after=10)
+    if isinstance(exc, RequestFailedError):  # logged where it happened, in the engine
+        return APIError(500, "internal error while decoding this request", code="internal_error")
     if isinstance(exc, ValueError):  # SamplingParams and the engine name the field first
         message = str(exc)
         named = _FIELD_PREFIX.match(message)
@@ -86,9 +90,12 @@ def _validation_message(err: dict) -> tuple[str, str | None]:
     if kind == "extra_forbidden":
         return f"Unrecognized request argument supplied: {param}", param
     if kind == "missing":
+        if param is None:
+            return "request body is missing: send a JSON object", None
         return f"missing required field: {param}", param
     where = f"{param}: " if param else "request body: "
-    return where + str(err.get("msg", "invalid value")), param
+    message = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+    return where + message, param
 
 
 async def _on_api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -97,6 +104,8 @@ async def _on_api_error(request: Request, exc: APIError) -> JSONResponse:
 
 async def _on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     errors = exc.errors()
+    # A value that failed a check of ours says more than the union branches it did not match.
+    errors = sorted(errors, key=lambda e: e.get("type") != "value_error")
     message, param = _validation_message(errors[0]) if errors else ("invalid request", None)
     if len(errors) > 1:
         message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"

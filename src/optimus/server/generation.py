@@ -37,9 +37,10 @@ class _Failure:
 
 
 class Generation:
-    def __init__(self, engine, choices: list[Choice], metrics: ServerMetrics) -> None:
+    def __init__(self, engine, choices: list[Choice], metrics: ServerMetrics, group: str | None = None) -> None:
         self._engine = engine
         self._choices = choices
+        self._group = group  # the engine admits this call's choices fairly against other calls
         self._metrics = metrics
         self._start = time.monotonic()
         self._queue: asyncio.Queue[Update | _Failure] = asyncio.Queue()
@@ -111,8 +112,10 @@ class Generation:
 
     async def _pump(self, choice: Choice) -> None:
         tracker = self._trackers[choice.index]
-        stream = self._engine.generate(choice.request_id, list(choice.prompt_ids), choice.params)
+        stream = self._engine.generate(choice.request_id, list(choice.prompt_ids), choice.params,
+                                       group=self._group)
         admitted = False
+        tracker.submitted()
         try:
             async for output in stream:
                 if not admitted:
@@ -126,6 +129,10 @@ class Generation:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
+            if admitted:
+                tracker.failed()
+            else:
+                tracker.refused()  # never ran: a refusal, not an aborted request
             self._queue.put_nowait(_Failure(choice.index, exc))
         finally:
             aclose = getattr(stream, "aclose", None)

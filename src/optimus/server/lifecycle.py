@@ -1,8 +1,10 @@
 """The life of one serving process: load the model in the background (health 503 meanwhile),
 watch for hung steps, drain on shutdown.
 
-Phases: loading -> ready -> draining, or -> dead (engine loop died, or a step exceeded the
-watchdog timeout: sticky, the process needs a restart) or failed (the model did not load)."""
+Phases: loading -> ready -> draining, or -> dead (the engine's steps kept failing after
+recovery, or a step exceeded the watchdog timeout) or failed (the model did not load). Dead
+and failed are final: in-flight requests get an error and ``on_fatal`` runs, with which the
+server process exits non-zero so that its supervisor restarts it."""
 
 from __future__ import annotations
 
@@ -29,7 +31,10 @@ class Lifecycle:
     def __init__(self, engine, config: ServerConfig, on_fatal: Callable[[], None] | None = None) -> None:
         self.engine = engine
         self.config = config
-        self.on_fatal = on_fatal  # called when the model fails to load (the runner exits)
+        self.on_fatal = on_fatal  # called when the engine cannot serve (the runner exits non-zero)
+        self._fatal_called = False
+        if hasattr(engine, "on_dead"):
+            engine.on_dead = self._engine_died
         self.draining = False
         self.load_error: str | None = None
         self.hung = False
@@ -87,8 +92,7 @@ class Lifecycle:
         except Exception as exc:
             log.exception("model failed to load")
             self.load_error = str(exc) or type(exc).__name__
-            if self.on_fatal is not None:
-                self.on_fatal()
+            self._call_fatal()
 
     async def _watch(self) -> None:
         timeout = self.config.watchdog_timeout
@@ -105,13 +109,24 @@ class Lifecycle:
                 self._fire(time.monotonic() - started)
 
     def _fire(self, stalled: float) -> None:
-        from optimus.engine.async_engine import EngineDeadError
-
         self.hung = True
         message = f"a step has run for {stalled:.1f}s, over the watchdog timeout of {self.config.watchdog_timeout}s"
         log.error("watchdog: %s; marking the engine dead", message)
         mark_dead = getattr(self.engine, "mark_dead", None)
         if mark_dead is not None:  # fails the engine's own streams too
             mark_dead(message)
+        self._engine_died()
+
+    def _engine_died(self) -> None:
+        """Fail every in-flight call (a generic message; the cause is in the log), then exit."""
+        from optimus.engine.async_engine import EngineDeadError
+
         for generation in list(self._live):
-            generation.fail(EngineDeadError(message))
+            generation.fail(EngineDeadError("the engine stopped"))
+        log.error("the engine cannot continue; exiting with status 1 so a supervisor restarts the server")
+        self._call_fatal()
+
+    def _call_fatal(self) -> None:
+        if self.on_fatal is not None and not self._fatal_called:
+            self._fatal_called = True
+            self.on_fatal()

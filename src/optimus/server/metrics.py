@@ -102,10 +102,22 @@ class RequestTracker:
         self._last = start
         self._seen = 0
         self._done = False
-        self._admitted = False
+        self._submitted = False
+
+    def submitted(self) -> None:
+        """Handed to the engine: from here it ends as finished or as an abort."""
+        self._submitted = True
+
+    def refused(self) -> None:
+        self._submitted = False
+
+    def failed(self) -> None:
+        """The engine ended the request with an internal error."""
+        if not self._done:
+            self._done = True
+            self._m.finished.labels("error").inc()
 
     def admitted(self) -> None:
-        self._admitted = True
         self._m.prompt_tokens.inc(self._prompt_len)
 
     def on_output(self, output) -> None:
@@ -123,8 +135,9 @@ class RequestTracker:
             self._finish(output, now)
 
     def abandoned(self) -> None:
-        """The caller left (disconnect, refusal, error) before the request finished."""
-        if self._admitted and not self._done:
+        """The caller left (disconnect, error) before the request finished; a request still
+        waiting for its first output counts too, its engine request is aborted all the same."""
+        if self._submitted and not self._done:
             self._done = True
             self._m.finished.labels("abort").inc()
 

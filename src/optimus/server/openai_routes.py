@@ -10,7 +10,8 @@ from starlette.background import BackgroundTask
 from optimus.server.connection import ClientDisconnected, cancel_on_disconnect
 from optimus.server.errors import bad_request
 from optimus.server.generation import Choice, Generation
-from optimus.server.prompts import COMPLETION_DEFAULT_MAX_TOKENS, chat_prompt, completion_prompts, resolve_max_tokens
+from optimus.server.prompts import (COMPLETION_DEFAULT_MAX_TOKENS, call_token_budget, chat_prompt,
+                                    check_stop_token_ids, completion_prompts, resolve_max_tokens)
 from optimus.server.protocol import ChatCompletionRequest, CompletionRequest, GenerationRequest
 from optimus.server.responses import ResponseMeta, completion_body
 from optimus.server.state import ServerState
@@ -44,12 +45,18 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
 
 def _plan(body: GenerationRequest, prompts: list[list[int]], state: ServerState, meta: ResponseMeta,
           default_max: int | None) -> list[Choice]:
-    if len(prompts) * body.n > MAX_ENGINE_REQUESTS_PER_CALL:
+    """One engine request per (prompt, choice), every field checked against the model first."""
+    sequences = len(prompts) * body.n
+    if sequences > MAX_ENGINE_REQUESTS_PER_CALL:
         raise bad_request(f"prompt: {len(prompts)} prompts x n={body.n} exceeds "
                           f"{MAX_ENGINE_REQUESTS_PER_CALL} completions per request", "prompt")
+    limits = state.limits()
+    check_stop_token_ids(body.stop_token_ids, limits)
+    budget = call_token_budget(body.requested_max_tokens(), sequences, state.config.max_call_tokens)
+    default = budget if default_max is None else min(default_max, budget)
     choices = []
     for p, ids in enumerate(prompts):
-        max_tokens = resolve_max_tokens(body.requested_max_tokens(), len(ids), state.limits(), default_max)
+        max_tokens = resolve_max_tokens(body.requested_max_tokens(), len(ids), limits, default)
         for sample in range(body.n):
             index = p * body.n + sample
             choices.append(Choice(index=index, request_id=f"{meta.id}-{index}", prompt_ids=tuple(ids),
@@ -60,7 +67,8 @@ def _plan(body: GenerationRequest, prompts: list[list[int]], state: ServerState,
 async def _respond(state: ServerState, request: Request, body: GenerationRequest, prompts: list[list[int]],
                    *, chat: bool, default_max: int | None) -> Response:
     meta = ResponseMeta(model=state.model_id, chat=chat)
-    generation = Generation(state.engine, _plan(body, prompts, state, meta, default_max), state.metrics)
+    generation = Generation(state.engine, _plan(body, prompts, state, meta, default_max), state.metrics,
+                            group=meta.id)
     state.lifecycle.track(generation)
     prompt_tokens = sum(len(p) for p in prompts)
     streaming = False

@@ -64,6 +64,25 @@ def _prompt_ids(prompt: str | list[int], tokenizer, limits: PromptLimits, param:
     return ids
 
 
+def check_stop_token_ids(ids: list[int] | None, limits: PromptLimits) -> None:
+    bad = next((t for t in ids or () if not 0 <= t < limits.vocab_size), None)
+    if bad is not None:
+        raise bad_request(f"stop_token_ids: token id {bad} is outside the vocabulary "
+                          f"[0, {limits.vocab_size})", "stop_token_ids")
+
+
+def call_token_budget(requested: int | None, sequences: int, max_call_tokens: int) -> int:
+    """Tokens each of a call's ``sequences`` may generate under ``max_call_tokens`` (the bound
+    on the work one HTTP request creates); an explicit ask beyond it is a 400."""
+    per_sequence = max_call_tokens // sequences
+    if per_sequence < 1 or (requested is not None and requested > per_sequence):
+        asked = f"{sequences} x max_tokens={requested}" if requested is not None else f"{sequences} sequences"
+        raise bad_request(f"max_tokens: this call asks for {asked}, over this server's limit of "
+                          f"{max_call_tokens} generated tokens per request (--max-call-tokens); "
+                          "send fewer prompts, a smaller n or a smaller max_tokens", "max_tokens")
+    return per_sequence
+
+
 def resolve_max_tokens(requested: int | None, prompt_len: int, limits: PromptLimits,
                        default: int | None) -> int:
     """Tokens to generate: explicit values must fit the cap and the context; a missing value

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from optimus.engine.params import SamplingParams
 from optimus.server.errors import APIError, bad_request
@@ -17,8 +17,28 @@ from optimus.server.errors import APIError, bad_request
 _REQUEST_NAME = {"rule": "decoding_rule"}
 
 
+def require_unicode(value: Any) -> Any:
+    """Refuse strings that are not valid Unicode text (a lone surrogate such as "\\ud800" is
+    legal JSON but cannot be encoded or tokenized), anywhere inside a field's value."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("contains a lone surrogate (not valid Unicode text)") from None
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            require_unicode(item)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            require_unicode(key)
+            require_unicode(item)
+    return value
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    _text_is_unicode = field_validator("*")(classmethod(lambda cls, v: require_unicode(v)))
 
 
 class StreamOptions(_Strict):
@@ -86,12 +106,12 @@ class GenerationRequest(_Strict):
         kw.update({k: v for k, v in optional.items() if v is not None})
         if self.top_k is not None:
             kw["top_k"] = 0 if self.top_k == -1 else self.top_k
-        if self.seed is not None:
-            kw["seed"] = self.seed + choice if self.seed >= 0 else self.seed
+        if self.seed is not None:  # choice i of a call: seed + i, wrapping inside [0, 2^63)
+            kw["seed"] = (self.seed + choice) % 2**63 if self.seed >= 0 else self.seed
         try:
             return SamplingParams(**kw)
         except (ValueError, TypeError) as exc:
-            raise _param_error(str(exc)) from None
+            raise param_error(str(exc)) from None
 
 
 class CompletionRequest(GenerationRequest):
@@ -118,6 +138,8 @@ class ContentPart(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
     type: str
     text: str | None = None
+
+    _text_is_unicode = field_validator("*")(classmethod(lambda cls, v: require_unicode(v)))
 
 
 class ChatMessage(_Strict):
@@ -204,7 +226,7 @@ def _unsupported(param: str, message: str) -> APIError:
     return bad_request(message, param=param, code="unsupported_parameter")
 
 
-def _param_error(message: str) -> APIError:
+def param_error(message: str) -> APIError:
     field, sep, rest = message.partition(": ")
     if sep and field.isidentifier():
         name = _REQUEST_NAME.get(field, field)

@@ -17,14 +17,17 @@ import contextlib
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from optimus.engine.params import SamplingParams
+from optimus.server.errors import from_engine_error
+from optimus.server.prompts import completion_prompts, render_chat, resolve_max_tokens
+from optimus.server.protocol import param_error, require_unicode
 
 STATIC_DIR = Path(__file__).parent / "static"
 ASSETS = {"ui.js": "text/javascript", "ui.css": "text/css"}  # what /ui/assets/ may serve
@@ -38,9 +41,12 @@ class UIGenerateRequest(BaseModel):
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     ignore_eos: bool = False
 
+    _text_is_unicode = field_validator("prompt", mode="before")(classmethod(lambda cls, v: require_unicode(v)))
 
-def make_ui_router(get_engine: Callable[[], object]) -> APIRouter:
-    """``get_engine()`` returns the running :class:`~optimus.engine.async_engine.AsyncEngine`."""
+
+def make_ui_router() -> APIRouter:
+    """Routes of the page; they read the app's ``ServerState`` (``app.state.optimus``), so the
+    page is refused exactly where the API is (loading, draining, prompt over the context)."""
     router = APIRouter()
 
     @router.get("/", include_in_schema=False)
@@ -54,34 +60,28 @@ def make_ui_router(get_engine: Callable[[], object]) -> APIRouter:
         return FileResponse(STATIC_DIR / name, media_type=ASSETS[name])
 
     @router.get("/ui/gauges")
-    async def gauges() -> JSONResponse:
-        return JSONResponse(gauge_snapshot(get_engine()))
+    async def gauges(request: Request) -> JSONResponse:
+        return JSONResponse(gauge_snapshot(request.app.state.optimus.engine))
 
     @router.post("/ui/generate")
-    async def generate(body: UIGenerateRequest) -> StreamingResponse:
-        engine = _ready_engine(get_engine())
+    async def generate(body: UIGenerateRequest, request: Request) -> StreamingResponse:
+        state = request.app.state.optimus
+        state.admit(None)
+        engine, limits = state.engine, state.limits()
+        text = body.prompt
+        if body.chat and engine.tokenizer.has_chat_template:
+            text = render_chat([{"role": "user", "content": text}], engine.tokenizer)
+        ids = completion_prompts(text, engine.tokenizer, limits)[0]
+        max_tokens = resolve_max_tokens(body.max_tokens, len(ids), limits, None)
         try:
-            params = SamplingParams(max_tokens=body.max_tokens, temperature=body.temperature,
+            params = SamplingParams(max_tokens=max_tokens, temperature=body.temperature,
                                     policy=body.policy or None, ignore_eos=body.ignore_eos)
-        except ValueError as exc:
-            raise HTTPException(400, str(exc)) from None
-        ids = prompt_ids(engine.tokenizer, body.prompt, body.chat)
+        except (ValueError, TypeError) as exc:
+            raise param_error(str(exc)) from None
         return StreamingResponse(canvas_stream(engine, ids, params), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     return router
-
-
-def _ready_engine(engine):
-    if engine is None or not getattr(engine, "ready", False) or not getattr(engine, "alive", False):
-        raise HTTPException(503, "the engine is not ready")
-    return engine
-
-
-def prompt_ids(tokenizer, prompt: str, chat: bool) -> list[int]:
-    if chat and tokenizer.has_chat_template:
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
-    return list(tokenizer.encode(prompt))
 
 
 def canvas_layout(engine, prompt_len: int, max_tokens: int) -> dict:
@@ -114,8 +114,8 @@ async def canvas_stream(engine, ids: list[int], params: SamplingParams) -> Async
                 if out.finished:
                     yield _sse({"type": "done", "finish_reason": out.finish_reason, "text": out.text,
                                 "elapsed_s": round(time.monotonic() - t0, 4), **request_stats(out.stats)})
-    except Exception as exc:  # headers are sent: errors travel as a frame
-        yield _sse({"type": "error", "message": f"{type(exc).__name__}: {exc}"})
+    except Exception as exc:  # headers are sent: errors travel as a frame, internals stay in the log
+        yield _sse({"type": "error", "message": from_engine_error(exc).message})
 
 
 def request_stats(stats) -> dict:
