@@ -10,7 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from optimus.config import ServerConfig
-from optimus.engine.async_engine import EngineDeadError, QueueFullError
+from optimus.engine.async_engine import EngineDeadError, QueueFullError, RequestFailedError
 from optimus.server.app import build_app
 from optimus.server.errors import APIError, from_engine_error
 from optimus.server.prompts import PromptLimits, resolve_max_tokens
@@ -81,8 +81,10 @@ def test_chat_request_refuses_what_it_cannot_honour():
 def test_engine_errors_map_to_statuses():
     full = from_engine_error(QueueFullError("waiting queue is full"))
     assert (full.status, full.code, full.headers.get("Retry-After")) == (503, "queue_full", "1")
-    dead = from_engine_error(EngineDeadError("loop crashed"))
-    assert (dead.status, dead.code) == (503, "engine_dead")
+    dead = from_engine_error(EngineDeadError("loop crashed: IndexError: index 999999"))
+    assert (dead.status, dead.code) == (503, "engine_dead") and "999999" not in dead.message
+    failed = from_engine_error(RequestFailedError("IndexError in sampling"))
+    assert (failed.status, failed.code) == (500, "internal_error") and "IndexError" not in failed.message
     bad = from_engine_error(ValueError("max_tokens: too many"))
     assert (bad.status, bad.param) == (400, "max_tokens")
     internal = from_engine_error(RuntimeError("secret detail"))
@@ -129,7 +131,9 @@ def test_failed_model_load_is_fatal():
 
 def test_watchdog_marks_engine_dead_and_fails_streams():
     engine = FakeEngine(token_delay=0.05)
-    with _app(engine, watchdog_timeout=0.2) as client:
+    fatal = []
+    app = build_app(engine, ServerConfig(watchdog_timeout=0.2), on_fatal=lambda: fatal.append(True))
+    with TestClient(app, base_url="http://127.0.0.1", raise_server_exceptions=False) as client:
         _wait(lambda: engine.ready)
         with client.stream("POST", "/v1/completions",
                            json={"prompt": "hi", "max_tokens": 200, "stream": True}) as r:
@@ -146,6 +150,20 @@ def test_watchdog_marks_engine_dead_and_fails_streams():
         r = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
         assert (r.status_code, r.json()["error"]["code"]) == (503, "engine_dead")
         assert not engine.alive and engine.live == set()
+        assert fatal == [True]  # the process exits non-zero so that a supervisor restarts it
+
+
+def test_page_is_refused_while_draining_like_the_api():
+    engine = FakeEngine()
+    app = build_app(engine, ServerConfig())
+    with TestClient(app, base_url="http://127.0.0.1", raise_server_exceptions=False) as client:
+        _wait(lambda: engine.ready)
+        app.state.optimus.lifecycle.draining = True
+        api = client.post("/v1/completions", json={"prompt": "hi"})
+        page = client.post("/ui/generate", json={"prompt": "hi"})
+        assert api.status_code == page.status_code == 503
+        assert api.json()["error"]["code"] == page.json()["error"]["code"] == "shutting_down"
+        assert page.headers["Retry-After"] == api.headers["Retry-After"]
 
 
 def test_engine_failure_mid_stream_and_in_full_response():
