@@ -16,8 +16,8 @@ from optimus.bench.offline import Target, timed_generate
 from optimus.engine.acceptance import ReplayAcceptance, load_acceptance
 from optimus.engine.params import SamplingParams
 
-ACCEPTANCE = "benchmarks/results/default_model/acceptance_by_open.json"
-PROFILE = "benchmarks/results/h100/session4/profile.json"
+ACCEPTANCE = "benchmarks/results/cpu/acceptance/latest.json"
+PROFILE = "benchmarks/results/h100/latency_surface/latest.json"
 
 
 def main() -> None:

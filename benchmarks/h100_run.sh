@@ -9,7 +9,7 @@
 set -o pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 OUT=${OUT:?set OUT}
-ACCEPTANCE=${ACCEPTANCE:-benchmarks/results/default_model/acceptance_by_open.json}
+ACCEPTANCE=${ACCEPTANCE:-benchmarks/results/cpu/acceptance/latest.json}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 timeout 45 python benchmarks/gpu_check.py /tmp/gpu_check.json 2>&1 | tail -8
 timeout 300 python -m optimus.cli bench offline --experiments surface,sweep --repeats 3 \

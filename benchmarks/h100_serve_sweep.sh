@@ -29,8 +29,8 @@
 set -o pipefail
 OUT=${OUT:?set OUT}
 MODEL=${MODEL:-random:sdar-8b}
-ACCEPTANCE=${ACCEPTANCE:-benchmarks/results/default_model/acceptance_by_open.json}
-PROFILE=${PROFILE:-benchmarks/results/h100/session4/profile.json}
+ACCEPTANCE=${ACCEPTANCE:-benchmarks/results/cpu/acceptance/latest.json}
+PROFILE=${PROFILE:-benchmarks/results/h100/latency_surface/latest.json}
 POLICIES=${POLICIES:-elastic,fixed:8,ar,fixed:4,fixed:16,fixed:32}
 RATES=${RATES:-32,48,64,96}
 PROMPTS=${PROMPTS:-256}

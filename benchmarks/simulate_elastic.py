@@ -2,9 +2,9 @@
 acceptance profile (CPU only, seconds): what the H100 sweep would give with warm buckets.
 
   PYTHONPATH=src python benchmarks/simulate_elastic.py \
-      --profile benchmarks/results/h100/profile_sdar8b_h100.json \
-      --acceptance benchmarks/results/default_model/acceptance_v1.json \
-      --out benchmarks/results/h100/elastic_simulation.json
+      --profile benchmarks/results/h100/latency_surface/history/2026-11-25_5c819be.json \
+      --acceptance benchmarks/results/cpu/acceptance/history/2026-11-25_6df4761_model_v1.json \
+      --out benchmarks/results/h100/elastic_simulation/latest.json
 """
 
 import argparse

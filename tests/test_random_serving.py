@@ -116,7 +116,7 @@ def test_load_acceptance_reads_histograms_and_distributions(tmp_path):
 
 
 def test_the_committed_acceptance_profile_loads():
-    path = Path(__file__).resolve().parents[1] / "benchmarks/results/default_model/acceptance_v1.json"
+    path = Path(__file__).resolve().parents[1] / "benchmarks/results/cpu/acceptance/history/2026-11-25_6df4761_model_v1.json"
     profile = load_acceptance(path)
     assert sorted(profile.by_chunk) == [1, 2, 4, 8, 16, 32] and set(profile.by_chunk[1]) == {1}
 
