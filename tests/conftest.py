@@ -15,7 +15,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from optimus.testing import FAMILIES, make_tiny_checkpoint, make_tiny_model  # noqa: E402
+from fixtures import FAMILIES, make_tiny_checkpoint, make_tiny_model  # noqa: E402
 
 # Latency profiles the engine measures on first start go to a throwaway cache, not ~/.cache.
 os.environ.setdefault("OPTIMUS_CACHE", tempfile.mkdtemp(prefix="optimus-test-cache-"))

@@ -230,7 +230,7 @@ def test_text_dataset_falls_back_to_builtin_lines(tmp_path):
 
 
 def test_tasks_dataset_asks_heldout_task_questions():
-    from optimus.evaluation.tasks import TASKS
+    from optimus_lab.evaluation.tasks import TASKS
 
     reqs = sample_requests(DatasetSpec("tasks", 2 * len(TASKS), output_len=32), CharTokenizer())
     assert len(reqs) == 2 * len(TASKS) and all(r.expected_output_len == 32 for r in reqs)
@@ -313,7 +313,7 @@ def test_errors_are_recorded_not_raised():
 
 def test_cli_bench_serve_writes_vllm_keys(fake, tmp_path):
     from optimus.cli import main
-    from optimus.testing.checkpoints import make_tiny_checkpoint
+    from fixtures.checkpoints import make_tiny_checkpoint
 
     ckpt = make_tiny_checkpoint(tmp_path / "ckpt", "sdar")
     out = tmp_path / "r.json"
@@ -382,7 +382,7 @@ def test_sweep_against_real_servers_on_a_tiny_checkpoint(tmp_path):
     the server's own dLLM counters, and a clean stop (one policy: each start costs seconds)."""
     from optimus.bench.serve import load_tokenizer
     from optimus.bench.server_process import ServerLaunch, served
-    from optimus.testing.checkpoints import make_tiny_checkpoint
+    from fixtures.checkpoints import make_tiny_checkpoint
 
     ckpt = str(make_tiny_checkpoint(tmp_path / "ckpt", "sdar"))
     tok = load_tokenizer(None, ckpt)

@@ -7,7 +7,7 @@ import re
 import pytest
 
 from optimus.cli import main
-from optimus.testing import FAMILIES, make_tiny_checkpoint
+from fixtures import FAMILIES, make_tiny_checkpoint
 
 STATS = re.compile(r"^\[(\w[\w-]*)\] prompt=(\d+) answer=(\d+) steps=(\d+) tokens=(\d+) "
                    r"tokens/step=([\d.]+) wall=([\d.]+)s$")

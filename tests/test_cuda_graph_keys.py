@@ -5,10 +5,10 @@ import random
 
 import pytest
 
-from optimus.engine.cuda_graphs import decode_keys, step_key
+from optimus.executor.cuda_graphs import decode_keys, step_key
 from optimus.engine.llm import LLM
-from optimus.engine.params import SamplingParams
-from optimus.testing.engine import tiny_loaded
+from optimus.core.params import SamplingParams
+from fixtures.engine import tiny_loaded
 
 MAX_TOKENS, MAX_RUNNING, BLOCK = 64, 6, 8
 

@@ -14,7 +14,7 @@ from optimus.default_model import WEIGHTS, default_model_dir, recorded_checksum
 
 @pytest.fixture(scope="module")
 def loaded():
-    from optimus.loader import load_model
+    from optimus.models.loader import load_model
     return load_model("default", device="cpu", progress=False)
 
 

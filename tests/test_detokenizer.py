@@ -1,5 +1,5 @@
 from optimus.engine.detokenizer import IncrementalDetokenizer
-from optimus.testing.engine import tiny_loaded
+from fixtures.engine import tiny_loaded
 
 
 def test_incremental_text_equals_full_decode():

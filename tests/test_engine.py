@@ -6,8 +6,8 @@ import zlib
 import pytest
 
 from optimus.engine.llm import LLM
-from optimus.engine.params import SamplingParams
-from optimus.testing.engine import tiny_loaded
+from optimus.core.params import SamplingParams
+from fixtures.engine import tiny_loaded
 
 
 

@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from optimus.engine.llm import LLM
-from optimus.engine.params import SamplingParams
+from optimus.core.params import SamplingParams
 from optimus.models.dense import dense_forward
 from optimus.reference import ar as ref_ar
 from optimus.reference import sdar as ref_sdar
-from optimus.testing.engine import tiny_loaded
+from fixtures.engine import tiny_loaded
 
 PROMPTS = [[5, 9, 13], [3] * 11, list(range(20, 37)), [7]]
 

@@ -11,8 +11,8 @@ import pytest
 from optimus.config import engine_config
 from optimus.engine.async_engine import AsyncEngine, EngineDeadError, RequestFailedError
 from optimus.engine.engine import Engine
-from optimus.engine.params import SamplingParams
-from optimus.testing.engine import tiny_loaded
+from optimus.core.params import SamplingParams
+from fixtures.engine import tiny_loaded
 
 
 def _engine(family: str = "sdar", **kw) -> Engine:
@@ -45,7 +45,7 @@ def test_a_request_whose_sampling_raises_ends_alone(monkeypatch):
     engine = _engine()
     engine.add_request("ok", [1, 2, 3], SamplingParams(max_tokens=12, ignore_eos=True))
     engine.add_request("bad", [4, 5, 6], SamplingParams(max_tokens=12, ignore_eos=True, temperature=0.7))
-    import optimus.engine.engine as engine_module
+    import optimus.engine.postprocess as engine_module
 
     real = engine_module.propose
 
@@ -65,14 +65,14 @@ def test_a_request_whose_stop_check_raises_ends_alone(monkeypatch):
     engine = _engine()
     engine.add_request("ok", [1, 2, 3], SamplingParams(max_tokens=10, ignore_eos=True))
     engine.add_request("bad", [4, 5, 6], SamplingParams(max_tokens=10, ignore_eos=True, stop=("zz",)))
-    real = engine._text
+    real = engine.post._text
 
     def text(r, ids):
         if r.request_id == "bad":
             raise TypeError("simulated detokenizer failure")
         return real(r, ids)
 
-    monkeypatch.setattr(engine, "_text", text)
+    monkeypatch.setattr(engine.post, "_text", text)
     done = _run(engine)
     assert done["bad"].finish_reason == "error"
     assert done["ok"].finish_reason == "length" and len(done["ok"].token_ids) == 10

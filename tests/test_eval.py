@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from optimus.evaluation.scoring import score, summarise_tau
-from optimus.evaluation.tasks import SCORED_TASKS, TASKS, heldout_set, is_heldout, normalise
+from optimus_lab.evaluation.scoring import score, summarise_tau
+from optimus_lab.evaluation.tasks import SCORED_TASKS, TASKS, heldout_set, is_heldout, normalise
 
 
 @pytest.mark.parametrize("task", SCORED_TASKS)

@@ -12,7 +12,7 @@ from optimus.kernels import fused
 from optimus.kernels.reference import rms_norm_reference, rotary_qk_reference, silu_mul_reference
 from optimus.models.dense import dense_forward
 from optimus.models.layers import FusedOps, RMSNorm, RotaryEmbedding, TorchOps, apply_rotary, layer_ops
-from optimus.testing import make_tiny_model
+from fixtures import make_tiny_model
 
 # Triton vs reference: fp32 op order only; half precision: at most a rounding step apart.
 TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}

@@ -10,8 +10,8 @@ import random
 import numpy as np
 import pytest
 
-from optimus.engine.latency import LatencyPoint, LatencyProfile, default_profile_path, fit_hinge
-from optimus.engine.profiler import grid_cells, profile_latency
+from optimus.policy.elastic.latency import LatencyPoint, LatencyProfile, default_profile_path, fit_hinge
+from optimus.policy.elastic.profiler import grid_cells, profile_latency
 
 
 def hinge(n: float, t0: float = 0.010, knee: float = 384.0, slope: float = 0.010 / 384) -> float:

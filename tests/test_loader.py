@@ -11,11 +11,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from optimus.loader import (ConfigFieldError, LoadError, MissingFileError, MissingTensorError,
-                            ShapeMismatchError, UnexpectedTensorError, UnknownArchitectureError,
-                            UnsafeFormatError, load_model, save_checkpoint)
+from optimus.models.loader import (
+    ConfigFieldError, LoadError, MissingFileError, MissingTensorError, ShapeMismatchError, UnexpectedTensorError, UnknownArchitectureError, UnsafeFormatError, load_model, save_checkpoint,
+)
 from optimus.models.dense import dense_forward
-from optimus.testing.checkpoints import role_ids, tiny_config
+from fixtures.checkpoints import role_ids, tiny_config
 
 from conftest import ALL_FAMILIES
 
@@ -269,7 +269,7 @@ def test_tiny_config_uses_family_field_names():
 
 def test_module_is_built_on_meta_then_filled(monkeypatch, tiny_checkpoint):
     """No random-init fp32 copy: the module starts on ``meta`` and only read tensors fill it."""
-    import optimus.loader as loader_module
+    import optimus.models.loader as loader_module
 
     built_on = []
 

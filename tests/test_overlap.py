@@ -7,8 +7,8 @@ import random
 import pytest
 
 from optimus.engine.llm import LLM
-from optimus.engine.params import SamplingParams
-from optimus.testing.engine import tiny_loaded
+from optimus.core.params import SamplingParams
+from fixtures.engine import tiny_loaded
 
 OPTIONS = dict(policy="ar", device="cpu", num_pages=256, page_size=4)
 

@@ -14,7 +14,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from optimus.loader import load_model  # noqa: E402
+from optimus.models.loader import load_model  # noqa: E402
 from optimus.models.dense import CacheMode, attention_mask, dense_forward, shift_logits  # noqa: E402
 from optimus.models.spec import AttentionKind, ModelSpec  # noqa: E402
 

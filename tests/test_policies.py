@@ -10,11 +10,13 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from optimus.engine.latency import LatencyProfile
-from optimus.engine.policies import RequestView, StepFeedback, StepView, make_policy, parse_policy_name
-from optimus.engine.policies.elastic import ElasticPolicy, _ladder, _rungs
-from optimus.engine.policies.estimators import LatencyCorrector, RequestConfidence, TauEstimator
-from optimus.engine.policies.simulate import (
+from optimus.policy.elastic.latency import LatencyProfile
+from optimus.policy import RequestView, StepFeedback, StepView
+from optimus.policy.registry import make_policy
+from optimus.core.params import parse_policy_name
+from optimus.policy.elastic.controller import ElasticPolicy, _ladder, _rungs
+from optimus.policy.elastic.estimators import LatencyCorrector, RequestConfidence, TauEstimator
+from optimus.policy.simulate import (
     CONCAVE_TAU, KneeDevice, SimConfig, SimResult, Simulator, TauTable, simulate, sweep,
 )
 

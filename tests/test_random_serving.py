@@ -14,15 +14,16 @@ import pytest
 import torch
 
 from optimus.config import engine_config
-from optimus.engine.acceptance import ReplayAcceptance, load_acceptance
-from optimus.engine.decoding import commit_rule_for, params_rule
+from optimus.decoding.replay import ReplayAcceptance, load_acceptance
+from optimus.decoding.rules import commit_rule_for, params_rule
 from optimus.engine.detokenizer import IncrementalDetokenizer
-from optimus.engine.elastic_setup import elastic_kwargs, tau_prior_from
-from optimus.engine.latency import LatencyProfile
+from optimus.policy.elastic.setup import elastic_kwargs, tau_prior_from
+from optimus.policy.elastic.latency import LatencyProfile
 from optimus.engine.llm import LLM
-from optimus.engine.params import SamplingParams
-from optimus.loader import (LoadError, RandomModelName, UnknownShapeError, _check_tokenizer_fits,
-                            load_model, resolve_model_path, _tokenizer_from_dir)
+from optimus.core.params import SamplingParams
+from optimus.models.loader import (
+    LoadError, RandomModelName, UnknownShapeError, _check_tokenizer_fits, load_model, resolve_model_path, _tokenizer_from_dir,
+)
 from optimus.models.registry import spec_from_config
 from optimus.models.shapes import SHAPES, TINY_VOCAB, shape_config
 

@@ -14,7 +14,7 @@ from optimus.models.transformer import DecoderLM
 from optimus.reference import adapter, ar, dream, fast_dllm, llada, sdar
 from optimus.reference.algorithms import DecodeSettings, answer_ids, decode, natural_algorithm
 from optimus.reference.rules import Factor, Threshold, TopKSchedule
-from optimus.testing import make_tiny_model
+from fixtures import make_tiny_model
 
 PROMPT = torch.tensor([[5, 6, 7, 8, 9]])
 FAST_VARIANTS = (fast_dllm.generate, fast_dllm.generate_with_prefix_cache, fast_dllm.generate_with_dual_cache)

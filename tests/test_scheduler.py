@@ -5,13 +5,13 @@ import random
 import pytest
 
 from optimus.config import SchedulerConfig
-from optimus.engine.engine import make_geometry
-from optimus.engine.kv_cache import PageAllocator
-from optimus.engine.params import SamplingParams
-from optimus.engine.policies.fixed import FixedPolicy
-from optimus.engine.request import Request, RequestState
-from optimus.engine.scheduler import QueueFullError, Scheduler
-from optimus.testing.checkpoints import make_tiny_model
+from optimus.core.request import make_geometry
+from optimus.scheduler.pages import PageAllocator
+from optimus.core.params import SamplingParams
+from optimus.policy.fixed import FixedPolicy
+from optimus.core.request import Request, RequestState
+from optimus.scheduler.scheduler import QueueFullError, Scheduler
+from fixtures.checkpoints import make_tiny_model
 from optimus.models.spec import AttentionKind
 
 

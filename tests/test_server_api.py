@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from optimus.testing import make_tiny_checkpoint
+from fixtures import make_tiny_checkpoint
 from test_server_support import ServerProcess, harness_argv, sse_events
 
 API_KEY = "test-secret-key"

@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from optimus.testing import make_tiny_checkpoint
+from fixtures import make_tiny_checkpoint
 from test_server_support import ServerProcess, harness_argv, serve_argv, sse_events
 
 PROMPT = "the quick brown fox"

@@ -19,7 +19,7 @@ from optimus.config import ServerConfig, add_config_args, config_from_args
 from optimus.server import runner
 from optimus.server.app import build_app
 from optimus.server.origin import OriginPolicy, is_loopback, split_host, split_origin
-from optimus.testing import make_tiny_checkpoint
+from fixtures import make_tiny_checkpoint
 from test_server_support import FakeEngine, ServerProcess, harness_argv
 
 PORT = 8000

@@ -159,7 +159,7 @@ class FakeEngine:
         self.ready = True
 
     async def generate(self, request_id, prompt_token_ids, params, group=None):
-        from optimus.engine.outputs import RequestOutput, RequestStats
+        from optimus.core.outputs import RequestOutput, RequestStats
 
         self.live.add(request_id)
         try:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from optimus.testing.checkpoints import role_ids
-from optimus.tokenizer import ChatTemplateError, Tokenizer, TokenizerError
+from fixtures.checkpoints import role_ids
+from optimus.models.tokenizer import ChatTemplateError, Tokenizer, TokenizerError
 
 from conftest import ALL_FAMILIES
 

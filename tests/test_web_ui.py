@@ -27,7 +27,7 @@ from optimus.engine.async_engine import AsyncEngine
 from optimus.config import ServerConfig
 from optimus.server.app import build_app
 from optimus.server.ui import STATIC_DIR
-from optimus.testing.checkpoints import make_tiny_checkpoint
+from fixtures.checkpoints import make_tiny_checkpoint
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

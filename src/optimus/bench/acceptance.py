@@ -17,14 +17,14 @@ import time
 from pathlib import Path
 
 from optimus.engine.llm import LLM
-from optimus.engine.params import SamplingParams
-from optimus.engine.policies.fixed import FixedPolicy
+from optimus.core.params import SamplingParams
+from optimus.policy.fixed import FixedPolicy
 
 CHUNKS = (1, 2, 4, 8, 16, 32)
 
 
 def prompts_for(llm: LLM, tasks: list[str], per_task: int) -> list[list[int]]:
-    from optimus.evaluation.tasks import heldout_set
+    from optimus_lab.evaluation.tasks import heldout_set
 
     tok = llm.tokenizer
     return [tok.encode(tok.apply_chat_template([{"role": "user", "content": ex.question}]))

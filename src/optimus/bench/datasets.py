@@ -10,7 +10,7 @@ the output length to ask for).
 - ``text``: passages of the project's own training text (``data_cache/extracted``, written by
   ``scripts/data/fetch.sh``), else a few built-in public-domain lines.
 - ``tasks``: held-out questions of the project's checkable chat tasks
-  (:mod:`optimus.evaluation.tasks`, the default model's instruction data), round-robin over the
+  (:mod:`optimus_lab.evaluation.tasks`, the default model's instruction data), round-robin over the
   tasks; meant for ``--endpoint /v1/chat/completions``.
 - ``mixed``: half ``text`` passages, half ``tasks`` questions already rendered with the
   tokenizer's chat template, shuffled, for ``/v1/completions``: a load in which some requests
@@ -51,7 +51,7 @@ BUILTIN_LINES = (
 
 
 class TokenCounter(Protocol):
-    """The part of a tokenizer the datasets need (``optimus.tokenizer.Tokenizer`` fits)."""
+    """The part of a tokenizer the datasets need (``optimus.models.tokenizer.Tokenizer`` fits)."""
 
     def encode(self, text: str) -> list[int]: ...
     def decode(self, ids: Sequence[int]) -> str: ...
@@ -150,7 +150,7 @@ def _text_requests(spec: DatasetSpec, tok: TokenCounter, rng: random.Random) -> 
 
 
 def _task_requests(spec: DatasetSpec, tok: TokenCounter, rng: random.Random) -> list[SampleRequest]:
-    from optimus.evaluation.tasks import TASKS
+    from optimus_lab.evaluation.tasks import TASKS
 
     names = sorted(TASKS)
     questions = [TASKS[names[i % len(names)]].sample(rng, "heldout").question for i in range(spec.num_prompts)]
@@ -171,7 +171,7 @@ def _mixed_requests(spec: DatasetSpec, tok: TokenCounter, rng: random.Random) ->
 
 def _documents(text_dir: Path) -> Iterator[str]:
     if text_dir.is_dir():
-        from optimus.train.corpus import documents  # the training mixture's readers and cleaning
+        from optimus_lab.train.corpus import documents  # the training mixture's readers and cleaning
         found = False
         for _, doc in documents(text_dir, scale=0.01):
             found = True

@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 
 from optimus.bench.shapes import SHAPES, random_model
-from optimus.engine.acceptance import Acceptance, ReplayAcceptance, load_acceptance
+from optimus.decoding.replay import Acceptance, ReplayAcceptance, load_acceptance
 from optimus.engine.llm import LLM
-from optimus.engine.params import SamplingParams
+from optimus.core.params import SamplingParams
 
 
 @dataclass(frozen=True)
@@ -118,8 +118,8 @@ def _snapshot(llm) -> dict:
 
 
 def run_surface(target: Target, shape: str, batches, chunks, context: int, profile_out: str | None = None) -> dict:
-    from optimus.engine.latency import LatencyProfile
-    from optimus.engine.runner_profile import make_step_fn
+    from optimus.policy.elastic.latency import LatencyProfile
+    from optimus.executor.timed_step import make_step_fn
 
     # Each point warms up (captures) its own bucket first; pre-capturing them all would only
     # lengthen the start.
@@ -133,7 +133,7 @@ def run_surface(target: Target, shape: str, batches, chunks, context: int, profi
             step(b, c)  # warm-up / graph capture
             points.append({"batch": b, "chunk": c, "tokens": b * c, "seconds": step(b, c)})
             print(f"  surface {shape} batch={b:4d} chunk={c:3d}: {1e3 * points[-1]['seconds']:.2f} ms", flush=True)
-    from optimus.engine.elastic_setup import device_name, model_id
+    from optimus.policy.elastic.setup import device_name, model_id
 
     profile = LatencyProfile.from_pairs([(p["tokens"], p["seconds"], p["batch"]) for p in points],
                                         device=device_name(llm.engine.device), model_id=model_id(llm.engine))
@@ -212,8 +212,8 @@ def run_sweep(target: Target, shape: str, policies, concurrencies, acceptance: A
 def _policy(llm: LLM, name: str):
     """A fresh policy for ``llm``'s engine. "elastic-shared": elastic planning every request on
     the shared tau curve (no per-request confidence levels)."""
-    from optimus.engine.elastic_setup import elastic_kwargs
-    from optimus.engine.policies import make_policy
+    from optimus.policy.elastic.setup import elastic_kwargs
+    from optimus.policy.registry import make_policy
 
     if not name.startswith("elastic"):
         return make_policy(name)
@@ -234,7 +234,7 @@ def run_matmul(target: Target, shape: str, tokens: int = 8192) -> dict:
     torch.cuda.synchronize()
     mm_tflops = 10 * 2 * 8192 ** 3 / (time.perf_counter() - t0) / 1e12
     del a, b
-    from optimus.engine.runner_profile import make_step_fn
+    from optimus.executor.timed_step import make_step_fn
 
     llm = target.llm(shape, "fixed:32", max_running=64, graph_max_tokens=1024, graph_precapture=False)
     step = make_step_fn(llm.engine, context=512, repeats=5)

@@ -112,7 +112,7 @@ async def served_model_id(base_url: str) -> str:
 def load_tokenizer(tokenizer: str | None, model: str | None):
     """The benchmark's tokenizer: ``--tokenizer``, else ``--model`` if it is a directory, else
     the shipped default model's (which is also the tokenizer of ``random:<shape>`` models)."""
-    from optimus.tokenizer import Tokenizer
+    from optimus.models.tokenizer import Tokenizer
 
     path = tokenizer or (model if model and Path(model).is_dir() else None)
     if path is None:

@@ -10,8 +10,8 @@ DEFAULT_HELDOUT_ROWS = Path("data_cache/prep/text_val.bin.gz")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from optimus.evaluation.runner import DEFAULT_CONFIGS
-    from optimus.evaluation.tasks import SCORED_TASKS
+    from optimus_lab.evaluation.runner import DEFAULT_CONFIGS
+    from optimus_lab.evaluation.tasks import SCORED_TASKS
     parser.add_argument("--model", default="default", help="HF model directory, or 'default'")
     parser.add_argument("--tasks", default=",".join(SCORED_TASKS),
                         help=f"comma-separated tasks (known: {', '.join(SCORED_TASKS)})")
@@ -22,15 +22,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threshold", type=float, default=0.9, help="confidence threshold for commits")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--heldout-text", default=str(DEFAULT_HELDOUT_ROWS),
-                        help="packed held-out text rows (python -m optimus.train prepare); skipped if absent")
+                        help="packed held-out text rows (python -m optimus_lab.train prepare); skipped if absent")
     parser.add_argument("--out", default=None, help="write the full result JSON here")
     parser.add_argument("--tau-profile", default=None, help="write the tau-per-chunk-size profile JSON here")
 
 
 def run(args: argparse.Namespace) -> int:
-    from optimus.evaluation.runner import EvalSpec, run_eval, tau_profile
-    from optimus.evaluation.tasks import TASKS
-    from optimus.loader import load_model
+    from optimus_lab.evaluation.runner import EvalSpec, run_eval, tau_profile
+    from optimus_lab.evaluation.tasks import TASKS
+    from optimus.models.loader import load_model
     tasks = tuple(t for t in args.tasks.split(",") if t)
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:

@@ -58,7 +58,7 @@ def _prompt_ids(loaded, text: str, chat: bool) -> list[int]:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from optimus.loader import load_model
+    from optimus.models.loader import load_model
 
     settings = _settings(args)
     loaded = load_model(args.model, dtype=args.dtype, device=args.device)

@@ -7,7 +7,7 @@ import argparse
 import dataclasses
 import math
 
-from optimus.engine.profiler import DEFAULT_BATCHES, DEFAULT_CHUNKS, QUICK_BATCHES, QUICK_CHUNKS
+from optimus.policy.elastic.profiler import DEFAULT_BATCHES, DEFAULT_CHUNKS, QUICK_BATCHES, QUICK_CHUNKS
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -50,10 +50,10 @@ def _engine(args: argparse.Namespace, page_size: int = 16):
 
 
 def run(args: argparse.Namespace) -> int:
-    from optimus.engine.elastic_setup import device_name, model_id
-    from optimus.engine.latency import default_profile_path
-    from optimus.engine.profiler import profile_latency
-    from optimus.engine.runner_profile import make_step_fn
+    from optimus.policy.elastic.setup import device_name, model_id
+    from optimus.policy.elastic.latency import default_profile_path
+    from optimus.policy.elastic.profiler import profile_latency
+    from optimus.executor.timed_step import make_step_fn
 
     if args.context < 1 or args.max_tokens < 1 or args.warmup < 0 or args.repeats < 1:
         raise ValueError("--context, --max-tokens and --repeats must be >= 1, --warmup >= 0")

@@ -1,5 +1,5 @@
 """The shipped default model: a ~22M-parameter SDAR-style block-diffusion LM (block 32) trained
-by ``python -m optimus.train`` (see docs/default_model.md). Its HF directory is this package's
+by ``python -m optimus_lab.train`` (see docs/default_model.md). Its HF directory is this package's
 folder: config.json, model.safetensors (bf16), tokenizer files, generation_config.json and
 CHECKSUM (sha256 of model.safetensors)."""
 

@@ -16,9 +16,9 @@ from typing import AsyncIterator
 
 from optimus.config import EngineConfig
 from optimus.engine.engine import Engine
-from optimus.engine.outputs import RequestOutput
-from optimus.engine.params import SamplingParams
-from optimus.engine.scheduler import QueueFullError
+from optimus.core.outputs import RequestOutput
+from optimus.core.params import SamplingParams
+from optimus.scheduler.scheduler import QueueFullError
 
 log = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ from tqdm.auto import tqdm
 
 from optimus.config import engine_config
 from optimus.engine.engine import Engine
-from optimus.engine.outputs import RequestOutput
-from optimus.engine.params import SamplingParams
+from optimus.core.outputs import RequestOutput
+from optimus.core.params import SamplingParams
 
 
 class LLM:

@@ -30,3 +30,21 @@ class EngineStats:
     @property
     def efficiency(self) -> float:
         return self.tokens_committed / self.tokens_computed if self.tokens_computed else 0.0
+
+    def record(self, plan, latency: float) -> None:
+        """One completed step (``plan``: a StepPlan whose requests hold their commit counts)."""
+        self.steps += 1
+        self.last_step_latency_s = latency
+        self.step_latency_sum_s += latency
+        for w in plan.works:
+            self.tokens_computed += w.end - w.start
+            w.request.stats.tokens_computed += w.end - w.start
+            if w.window is not None:
+                c = w.window[1] - w.window[0]
+                self.chunk_size_counts[c] += 1
+                self.committed_per_chunk[c] += w.request.last_committed
+                self.tokens_committed += w.request.last_committed
+
+    def refresh_gauges(self, scheduler, allocator) -> None:
+        self.running, self.waiting = len(scheduler.running), len(scheduler.waiting)
+        self.kv_usage = allocator.used_pages / allocator.num_pages

@@ -11,7 +11,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from optimus.engine.params import SamplingParams
+from optimus.core.params import SamplingParams
 from optimus.server.errors import from_engine_error
 from optimus.server.metrics import ServerMetrics
 

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from optimus.engine.params import SamplingParams
+from optimus.core.params import SamplingParams
 from optimus.server.errors import APIError, bad_request
 
 # SamplingParams field -> the request field a client set (for error messages and ``param``).

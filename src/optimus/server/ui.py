@@ -24,7 +24,7 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field, field_validator
 
-from optimus.engine.params import SamplingParams
+from optimus.core.params import SamplingParams
 from optimus.server.errors import from_engine_error
 from optimus.server.prompts import completion_prompts, render_chat, resolve_max_tokens
 from optimus.server.protocol import param_error, require_unicode
@@ -85,7 +85,7 @@ def make_ui_router() -> APIRouter:
 
 
 def canvas_layout(engine, prompt_len: int, max_tokens: int) -> dict:
-    from optimus.engine.engine import make_geometry
+    from optimus.core.request import make_geometry
 
     g = make_geometry(engine.spec, engine.engine.block_size, prompt_len, max_tokens)
     return {"canvas": g.canvas_end - g.canvas_start, "block_size": g.block_size,

@@ -1,0 +1,1 @@
+"""Types every part shares: sampling parameters, requests, step plans, outputs."""

@@ -1,0 +1,1 @@
+"""How a step turns logits into commits: proposals, commit rules, replayed acceptance."""

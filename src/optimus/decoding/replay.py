@@ -1,0 +1,127 @@
+"""Measured acceptance profiles and their replay (benchmarks of random-weight models).
+
+An acceptance profile records, for a model at each fixed chunk size, how many positions each
+decoding step committed, and how many masked positions its window held (``by_open``;
+written by ``optimus bench acceptance``). ``ReplayAcceptance`` is a commit rule that replays
+it, so benchmarks on random weights commit per step what the measured model did.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from optimus.core.params import SamplingParams
+
+
+@dataclass(frozen=True)
+class Acceptance:
+    """A measured acceptance profile. ``by_chunk``: chunk size -> commits of every observed
+    step; ``by_open``: chunk size -> masked positions the window held -> commits of those
+    steps (empty when the profile predates it)."""
+
+    by_chunk: dict[int, list[int]]
+    by_open: dict[int, dict[int, list[int]]] = field(default_factory=dict)
+
+    def nearest_chunk(self, chunk: int) -> int:
+        return min(self.by_chunk, key=lambda c: (abs(c - chunk), c))
+
+    def masked_bucket(self, chunk: int, masked: int) -> tuple[list[int], int] | None:
+        """(observed commits, their masked count) of the steps whose window (chunk size
+        nearest ``chunk``) held the observed masked count nearest ``masked``; None without
+        ``by_open``. A draw k from it stands for ``rescale(k, masked, seen)`` commits."""
+        table = self.by_open.get(self.nearest_chunk(chunk))
+        if not table:
+            return None
+        seen = min(table, key=lambda m: (abs(m - masked), -m))
+        return table[seen], seen
+
+    def commits_given_masked(self, chunk: int, masked: int) -> list[int] | None:
+        """The commits a window with ``masked`` masked positions may draw (see masked_bucket)."""
+        bucket = self.masked_bucket(chunk, masked)
+        return None if bucket is None else [rescale(k, masked, bucket[1]) for k in bucket[0]]
+
+    def window_tau(self) -> dict[int, float]:
+        """Mean commits per step over the life of a window that starts with all C positions
+        masked, under the conditional replay (C / expected steps to clear it): what a
+        benchmark replaying ``by_open`` on long answers shows. Needs ``by_open``."""
+        tau = {}
+        for c in sorted(self.by_open):
+            steps = [0.0]  # steps[m]: expected steps to clear a window with m masked positions
+            for m in range(1, c + 1):
+                obs = self.commits_given_masked(c, m)
+                steps.append(1.0 + sum(steps[m - k] for k in obs) / len(obs))
+            tau[c] = c / steps[c]
+        return tau
+
+
+def rescale(commits: int, masked: int, seen: int) -> int:
+    """Commits observed with ``seen`` masked positions, carried over to ``masked`` of them."""
+    return min(masked, max(1, round(commits * masked / seen)))
+
+
+def load_acceptance(path: str | Path) -> Acceptance:
+    """A measured acceptance profile: ``histograms`` ({chunk: {commits: steps}}, as ``optimus
+    bench acceptance`` writes it, with ``by_open`` beside it), or a ``distribution`` ({chunk:
+    [commits, ...]}), or a bare distribution mapping."""
+    data = json.loads(Path(path).read_text())
+    try:
+        table = data.get("distribution") or data.get("histograms") or data
+        by_chunk = {int(c): _observations(v) for c, v in table.items()}
+        by_open = {int(c): {int(m): _observations(h) for m, h in per.items()}
+                   for c, per in data.get("by_open", {}).items()}
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: not an acceptance profile (need 'histograms' or 'distribution': "
+                         f"chunk size -> commits per step)") from exc
+    empty = sorted(c for c, obs in by_chunk.items() if not obs)
+    if not by_chunk or empty:
+        raise ValueError(f"{path}: acceptance profile has no observations" + (f" for chunk {empty}" if empty else ""))
+    return Acceptance(by_chunk, {c: per for c, per in by_open.items() if per})
+
+
+def _observations(v) -> list[int]:
+    if isinstance(v, dict):  # histogram {commits: count}
+        return [int(k) for k, n in v.items() for _ in range(int(n))]
+    return [int(x) for x in v]
+
+
+class ReplayAcceptance:
+    """Benchmark-only commit rule: commit as many positions as a measured acceptance profile
+    says a chunk of that size commits (sampled from its distribution), most confident first.
+
+    Random-weight models have meaningless confidences; replaying the tokens-per-step that
+    the shipped model achieved per chunk size gives throughput numbers with realistic token
+    efficiency. With ``by_open`` the draw is conditioned on the masked positions m left in
+    the window: drawing a chunk's late-step counts (few, because few were left) for a full
+    window would charge large chunks twice. Without it, draws are i.i.d. per chunk size.
+    """
+
+    def __init__(self, acceptance: Acceptance, seed: int = 0) -> None:
+        if not acceptance.by_chunk:
+            raise ValueError("acceptance profile is empty")
+        self.acceptance = acceptance
+        self.rng = random.Random(seed)
+        self._buckets: dict[tuple[int, int], tuple[list[int], int] | None] = {}
+
+    def reseed(self, seed: int) -> None:
+        """Restart the draws: benchmark runs of different policies that choose alike then
+        draw alike (common random numbers), instead of each getting its own luck."""
+        self.rng.seed(seed)
+
+    def _draw(self, chunk: int, masked: int) -> int:
+        # One draw per request per step at 256 requests: sample first, rescale the one sample.
+        key = (chunk, masked)
+        if key not in self._buckets:
+            self._buckets[key] = self.acceptance.masked_bucket(chunk, masked)
+        bucket = self._buckets[key]
+        if bucket is not None:
+            return rescale(self.rng.choice(bucket[0]), masked, bucket[1])
+        size = self.acceptance.nearest_chunk(chunk)
+        return max(1, round(self.rng.choice(self.acceptance.by_chunk[size]) * chunk / size))
+
+    def __call__(self, conf: torch.Tensor, params: SamplingParams, chunk: int) -> torch.Tensor:
+        return torch.topk(conf, min(self._draw(chunk, conf.numel()), conf.numel())).indices

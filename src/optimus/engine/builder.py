@@ -1,0 +1,114 @@
+"""Build an engine's parts from the config, in dependency order: model, KV pages and storage,
+runner (with CUDA graphs), then the chunk policy. The elastic policy is set up last, from the
+finished parts (it times steps through the runner), never from a half-built engine."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from optimus.config import EngineConfig
+from optimus.decoding.rules import CommitRule, commit_rule_for
+from optimus.executor.kv_storage import KVCacheStorage, capacity_in_pages
+from optimus.executor.runner import ModelRunner
+from optimus.models.loader import LoadedModel, resolve_device
+from optimus.models.spec import AttentionKind, ModelSpec
+from optimus.policy.base import ChunkPolicy
+from optimus.policy.registry import make_policy
+from optimus.scheduler.pages import PageAllocator
+from optimus.scheduler.scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineParts:
+    config: EngineConfig
+    loaded: LoadedModel
+    device: torch.device
+    block_size: int  # the denoising block diffusion requests decode in
+    commit_rule: CommitRule
+    allocator: PageAllocator
+    storage: KVCacheStorage
+    runner: ModelRunner
+    policy: ChunkPolicy
+    scheduler: Scheduler
+
+    @property
+    def spec(self) -> ModelSpec:
+        return self.loaded.spec
+
+
+@dataclass(frozen=True)
+class _Hardware:
+    """What the policy's setup may use: every part but the policy and the scheduler."""
+
+    config: EngineConfig
+    loaded: LoadedModel
+    device: torch.device
+    allocator: PageAllocator
+    runner: ModelRunner
+
+    @property
+    def spec(self) -> ModelSpec:
+        return self.loaded.spec
+
+
+def build_parts(config: EngineConfig, loaded: LoadedModel | None = None,
+                commit_rule: CommitRule | None = None) -> EngineParts:
+    device = resolve_device(config.model.device)
+    if loaded is None:
+        from optimus.models.loader import load_model
+        loaded = load_model(config.model.model, dtype=config.model.dtype, device=str(device))
+    loaded.model.fuse_projections()  # q/k/v and gate/up as one matmul each (views, no copy)
+    spec = loaded.spec
+    block_size = block_size_for(spec, config)
+    dtype = next(loaded.model.parameters()).dtype
+    cache = config.cache
+    num_pages = cache.num_pages or capacity_in_pages(spec.arch, cache.page_size, dtype, device,
+                                                     cache.memory_fraction)
+    allocator = PageAllocator(num_pages, cache.page_size)
+    storage = KVCacheStorage(spec.arch, num_pages, cache.page_size, dtype, device)
+    graphs = _graphs(config, spec, loaded.model, storage, device, num_pages, block_size)
+    runner = ModelRunner(loaded.model, storage, cache.page_size, device, config.runner.attention_backend, graphs)
+    policy = build_policy(config, _Hardware(config, loaded, device, allocator, runner))
+    scheduler = Scheduler(config.scheduler, allocator, policy, spec.attention)
+    return EngineParts(config, loaded, device, block_size, commit_rule or commit_rule_for(config),
+                       allocator, storage, runner, policy, scheduler)
+
+
+def block_size_for(spec: ModelSpec, config: EngineConfig) -> int:
+    """Causal models decode one position at a time whatever this says (``make_geometry``)."""
+    if spec.attention is AttentionKind.BLOCK_CAUSAL:
+        return spec.block_size  # trained with it: not a decoding choice
+    return config.scheduler.block_size or spec.block_size or 32
+
+
+def build_policy(config: EngineConfig, hardware) -> ChunkPolicy:
+    """``hardware``: config, loaded model, device, allocator and runner (elastic times steps)."""
+    if not config.scheduler.policy.startswith("elastic"):
+        return make_policy(config.scheduler.policy)
+    from optimus.policy.elastic.setup import elastic_kwargs
+    return make_policy(config.scheduler.policy, **elastic_kwargs(hardware))
+
+
+def _graphs(config: EngineConfig, spec: ModelSpec, model, storage: KVCacheStorage, device: torch.device,
+            num_pages: int, block_size: int):
+    rc = config.runner
+    if not (rc.cuda_graphs and device.type == "cuda"):
+        return None
+    from optimus.executor.cuda_graphs import GraphedBody
+    max_pages = min(num_pages, -(-spec.arch.max_position // config.cache.page_size))
+    graphs = GraphedBody(model, storage, rc.attention_backend, rc.graph_max_tokens,
+                         config.scheduler.max_running, max_pages)
+    if rc.graph_precapture:
+        # A decoding request runs at most a stored block plus a window (two blocks of rows);
+        # a causal one, its one new token.
+        keys = graphs.decode_keys(2 * block_size if spec.attention is not AttentionKind.CAUSAL else 1)
+        log.info("capturing %d CUDA graphs", len(keys))
+        with tqdm(total=len(keys), desc="CUDA graphs", unit="graph", leave=False) as bar:
+            graphs.precapture(keys, progress=lambda key: bar.update())
+    return graphs

@@ -1,0 +1,201 @@
+"""After the forward: turn a step's logits into commits, then finish and report requests.
+
+Commit: greedy requests share one batched LM-head pass (picked at launch when every row is
+greedy); sampled or constrained (``min_tokens``) requests go one by one. Finish: the contiguous
+committed answer is scanned for stop ids (only what was not scanned before) and stop strings,
+cut at ``max_tokens``, detokenized incrementally and reported as a ``RequestOutput``.
+
+Failures in one request's own code (sampling, constraint, commit, stop checks, detokenizing) end
+that request only, through ``fail``; the caller reports it at the end of the step."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from optimus.core.outputs import CommitEvent, RequestOutput
+from optimus.core.plan import RequestWork, StepPlan
+from optimus.core.request import Request
+from optimus.decoding.rules import GREEDY_TEMPERATURE, CommitRule, propose
+from optimus.engine.detokenizer import IncrementalDetokenizer
+from optimus.executor.runner import GreedyPick, LogitRequest, ModelRunner
+from optimus.models.spec import ModelSpec
+from optimus.scheduler.scheduler import Scheduler
+
+
+class Postprocessor:
+    def __init__(self, spec: ModelSpec, tokenizer, commit_rule: CommitRule, runner: ModelRunner,
+                 scheduler: Scheduler, fail: Callable[[Request, BaseException], None]) -> None:
+        self.spec = spec
+        self.tokenizer = tokenizer
+        self.commit_rule = commit_rule  # (conf, params, chunk) -> indices to commit
+        self.runner = runner
+        self.scheduler = scheduler
+        self.fail = fail
+        self.step_index = 0  # the engine's step counter, stamped on commit events
+        self.host_commit_s = 0.0  # host time of the latest greedy commit pass
+        self.stream_text = True  # detokenize every output (servers); offline use turns it off
+
+    # ---- commit ------------------------------------------------------------------------
+    def is_plain_greedy(self, r: Request) -> bool:
+        return r.params.temperature <= GREEDY_TEMPERATURE and not self._suppressed_ids(r)
+
+    def commit_step(self, plan: StepPlan, hidden: torch.Tensor, wants: list[LogitRequest],
+                    pick: GreedyPick | None) -> None:
+        """Commit the step's proposals; ``pick``: every logit row already picked greedily."""
+        fast, slow = [], []
+        for w in wants:
+            r = plan.works[w.work_index].request
+            if not r.is_done:  # finished or aborted while the step was in flight: drop its rows
+                (fast if self.is_plain_greedy(r) else slow).append(w)
+        h0 = time.perf_counter()
+        if fast:
+            if pick is not None:  # every logit row was picked at launch, in row order
+                tokens, conf = pick.read()
+                first = [w.offset for w in fast]
+            else:  # greedy rows among sampled ones: gather them, pick them now
+                index = np.concatenate([np.arange(w.offset, w.offset + len(w.positions)) for w in fast])
+                tokens, conf = self.runner.greedy(hidden[torch.from_numpy(index).to(hidden.device)]).read()
+                first = np.cumsum([0] + [len(w.positions) for w in fast])[:-1].tolist()
+            h0 = time.perf_counter()
+            token_list = tokens.tolist()
+            for w, i in zip(fast, first):
+                n = len(w.positions)
+                self._guarded_commit(plan.works[w.work_index], w.positions, token_list[i:i + n], conf[i:i + n])
+        self.host_commit_s = time.perf_counter() - h0
+        for w in slow:
+            r = plan.works[w.work_index].request
+            try:
+                logits = self._constrain(r, w.positions,
+                                         self.runner.logits(hidden[w.offset:w.offset + len(w.positions)]))
+                tokens, conf = propose(logits, r.params, r.generator)
+            except Exception as exc:  # one request's numerics or parameters never stop the engine
+                self.fail(r, exc)
+                continue
+            self._guarded_commit(plan.works[w.work_index], w.positions, tokens.tolist(), conf.cpu())
+
+    def _guarded_commit(self, work: RequestWork, positions: tuple[int, ...], tokens: list[int],
+                        conf: torch.Tensor) -> None:
+        try:
+            self._commit(work, positions, tokens, conf)
+        except Exception as exc:
+            self.fail(work.request, exc)
+
+    def _constrain(self, r: Request, positions: tuple[int, ...], logits: torch.Tensor) -> torch.Tensor:
+        """min_tokens: end-of-answer ids are impossible before the answer is long enough."""
+        suppress = self._suppressed_ids(r)
+        start = r.geometry.canvas_start
+        early = [i for i, q in enumerate(positions) if q - start < r.params.min_tokens]
+        if suppress and early:
+            logits[torch.tensor(early, device=logits.device)[:, None],
+                   torch.tensor(suppress, device=logits.device)] = float("-inf")
+        return logits
+
+    def _suppressed_ids(self, r: Request) -> list[int]:
+        if r.params.min_tokens == 0:
+            return []
+        return sorted(set(self.spec.eos_ids) | set(r.params.stop_token_ids))
+
+    def _commit(self, work: RequestWork, positions: tuple[int, ...], tokens: list[int],
+                conf: torch.Tensor) -> None:
+        r = work.request
+        start = r.geometry.canvas_start
+        if len(positions) == 1:
+            chosen = [0]  # every rule commits at least one position: no choice to make
+        else:
+            chosen = self.commit_rule(conf, r.params, work.window[1] - work.window[0]).tolist()
+        committed_pos, committed_tok = [], []
+        for i in sorted(chosen):
+            pos = positions[i]
+            r.tokens[pos], r.committed[pos] = tokens[i], True
+            committed_pos.append(pos - start)
+            committed_tok.append(tokens[i])
+        r.last_committed = len(chosen)
+        r.stats.steps += 1
+        r.stats.tokens_committed += len(chosen)
+        c = work.window[1] - work.window[0]
+        r.stats.chunk_sizes[c] = r.stats.chunk_sizes.get(c, 0) + 1
+        r.stats.committed_per_chunk[c] = r.stats.committed_per_chunk.get(c, 0) + len(chosen)
+        r.events.append(CommitEvent(self.step_index, work.window[0] - start, work.window[1] - start,
+                                    tuple(committed_pos), tuple(committed_tok)))
+
+    # ---- finish and report -------------------------------------------------------------
+    def advance(self, r: Request) -> RequestOutput | None:
+        """Finish ``r`` if its answer is complete; its output if anything changed."""
+        if r.is_done:
+            return None
+        n = min(r.contiguous_answer_len(), r.params.max_tokens)
+        reason, keep = self._finish_reason(r, n)
+        if reason is None and n == r.output_len and not r.events:
+            return None
+        if n > 0 and r.stats.first_token_time is None:
+            r.stats.first_token_time = time.monotonic()
+        r.output_len = keep if reason else n
+        if reason is not None:
+            r.stats.finish_time = time.monotonic()
+            self.scheduler.finish(r, reason)
+        return self.output(r)
+
+    def _finish_reason(self, r: Request, n: int) -> tuple[str | None, int]:
+        """Over the contiguous answer of ``n`` tokens -> (reason or None, tokens to keep).
+        Only the tokens not scanned before are read (stop ids), so a step costs O(new)."""
+        p = r.params
+        start = r.geometry.canvas_start
+        stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else set(self.spec.eos_ids))
+        first = max(r.stop_scanned, p.min_tokens)
+        if stop_ids and first < n:
+            new = r.tokens[start + first:start + n].tolist()
+            for i, token in enumerate(new, first):
+                if token in stop_ids:
+                    return "stop", i  # the stop token itself is not part of the answer
+        r.stop_scanned = max(r.stop_scanned, n)
+        if p.stop:
+            text = self._text(r, r.tokens[start:start + n].tolist())
+            cut = _first_stop(text, p.stop)
+            if cut is not None:
+                r.done_text = text[:cut]
+                return "stop", n
+        if n >= p.max_tokens:
+            return "length", n
+        return None, n
+
+    def _text(self, r: Request, ids: list[int]) -> str:
+        if r.detokenizer is None:
+            r.detokenizer = IncrementalDetokenizer(self.tokenizer, r.params.skip_special_tokens)
+        return r.detokenizer.finish(ids) if r.is_done else r.detokenizer.update(ids)
+
+    def output(self, r: Request) -> RequestOutput:
+        start = r.geometry.canvas_start
+        ids = tuple(r.tokens[start:start + r.output_len].tolist())
+        if r.done_text:
+            text = r.done_text
+        elif not r.is_done and not self.stream_text:
+            text = ""  # offline callers read text once, when the request finishes
+        elif r.is_done and r.detokenizer is None:
+            text = self.tokenizer.decode(list(ids), skip_special_tokens=r.params.skip_special_tokens)
+        else:
+            text = self._text(r, list(ids))
+        if r.params.stop and not r.done_text and not r.is_done:
+            text = _hold_back_stop_prefix(text, r.params.stop)
+        events, r.events = tuple(r.events), []
+        return RequestOutput(r.request_id, r.prompt_ids, ids, text, r.is_done, r.finish_reason,
+                             r.stats, events)
+
+
+def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:
+    cuts = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(cuts) if cuts else None
+
+
+def _hold_back_stop_prefix(text: str, stops: tuple[str, ...]) -> str:
+    """Withhold a tail that could still grow into a stop string, so streams never show it."""
+    hold = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:k]):
+                hold = max(hold, k)
+                break
+    return text[:len(text) - hold] if hold else text

@@ -1,0 +1,239 @@
+"""ModelRunner: turns a StepPlan into one forward pass over the ragged batch and returns
+the logits of exactly the rows whose predictions are needed."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+import torch
+
+from optimus.executor.kv_storage import KVCacheStorage
+from optimus.core.plan import StepPlan
+from optimus.kernels import group_attention, visible_key_end, write_kv
+from optimus.models.transformer import DecoderLM
+
+
+@dataclass(frozen=True)
+class StepBatch:
+    """Device tensors of one step. T = rows in the step, R = requests, M = logit rows."""
+
+    input_ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64
+    groups: torch.Tensor  # [T] int32, nondecreasing per request
+    slots: torch.Tensor  # [T] int64, -1 = not stored
+    cu_q: torch.Tensor  # [R+1] int32
+    cache_lens: torch.Tensor  # [R] int32, cache length before this step
+    page_table: torch.Tensor  # [R, max_pages] int32
+    logit_rows: torch.Tensor  # [M] int64 rows of the step whose logits are needed
+    max_q_len: int
+
+
+@dataclass(frozen=True)
+class TokenFeed:
+    """Input tokens that exist only on the device: the greedy picks of a step whose results
+    the host has not read yet. ``sources[request_id] = (position, index)``: the token of that
+    position is ``tokens[index]``."""
+
+    tokens: torch.Tensor  # [M] int64, on the model's device
+    sources: dict[str, tuple[int, int]]
+
+
+class GreedyPick:
+    """A step's greedy tokens: on the device at once (a :class:`TokenFeed` for the next
+    step), on the host after :meth:`read`, which waits for this step's copy only."""
+
+    def __init__(self, tokens: torch.Tensor, conf: torch.Tensor) -> None:
+        self.tokens = tokens  # [M] int64 on the device
+        self._ready = None
+        if tokens.is_cuda:
+            # Asynchronous copies into pinned memory, then one event: the host can launch
+            # the next step before it waits for these.
+            tokens, conf = tokens.to("cpu", non_blocking=True), conf.to("cpu", non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+        self._host = (tokens, conf)
+
+    def read(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (tokens [M] int64, softmax probabilities [M] fp32), on the CPU."""
+        if self._ready is not None:
+            self._ready.synchronize()
+            self._ready = None
+        return self._host
+
+    def feed(self, wants: list[LogitRequest], plan: StepPlan) -> TokenFeed:
+        """The picks of single-position wants, as next-step inputs (causal decoding)."""
+        sources = {plan.works[w.work_index].request.request_id: (w.positions[0], w.offset)
+                   for w in wants if len(w.positions) == 1}
+        return TokenFeed(self.tokens, sources)
+
+
+@dataclass(frozen=True)
+class LogitRequest:
+    """Which predicted positions of a work item the rows of ``logits[offset:offset+n]`` serve."""
+
+    work_index: int
+    positions: tuple[int, ...]
+    offset: int
+
+
+class PagedBackend:
+    """The engine's AttentionBackend: store the step's K/V, then attend over cache + groups."""
+
+    def __init__(self, storage: KVCacheStorage, batch: StepBatch, attention_backend: str) -> None:
+        self.storage, self.batch, self.attention_backend = storage, batch, attention_backend
+        self._key_end: torch.Tensor | None = None  # per-step metadata shared by every layer
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        b = self.batch
+        if self._key_end is None and q.is_cuda:
+            self._key_end = visible_key_end(b.cu_q, b.groups)
+        k_cache, v_cache = self.storage.keys[layer], self.storage.values[layer]
+        out = group_attention(q, k, v, k_cache, v_cache, b.page_table, b.cache_lens, b.cu_q, b.groups,
+                              backend=self.attention_backend, max_q_len=b.max_q_len, key_end=self._key_end)
+        write_kv(k, v, k_cache, v_cache, b.slots)  # after attention: cache_lens exclude these rows
+        return out
+
+
+class HostStaging:
+    """Uploads a step's host arrays with one host-to-device copy per dtype.
+
+    Eight small pageable copies cost a blocking round trip each; packing them into one
+    reused pinned buffer makes the upload a single asynchronous copy. Before a buffer is
+    rewritten, the host waits for the event recorded after its previous copy (a step
+    without logits never synchronises on its own).
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.pin = device.type == "cuda"
+        self._buffers: dict[np.dtype, torch.Tensor] = {}
+        self._copied: dict[np.dtype, torch.cuda.Event] = {}
+
+    def upload(self, arrays, dtype) -> list[torch.Tensor]:
+        """-> one device tensor per array (same shapes), views of one packed upload."""
+        arrays = [np.asarray(a) for a in arrays]
+        # Each array starts on a 16-element boundary: kernels (Triton specialises on 16-byte
+        # alignment) see the same pointer alignment as for separately allocated tensors.
+        starts = np.zeros(len(arrays) + 1, np.int64)
+        np.cumsum([-(-a.size // 16) * 16 for a in arrays], out=starts[1:])
+        total = max(int(starts[-1]), 1)
+        key = np.dtype(dtype)
+        if key in self._copied:
+            self._copied[key].synchronize()
+        buf = self._buffer(key, total)
+        host = buf.numpy()
+        for a, lo in zip(arrays, starts):
+            host[lo:lo + a.size] = a.reshape(-1)
+        packed = buf[:total].to(self.device, non_blocking=self.pin)
+        if self.pin:
+            self._copied.setdefault(key, torch.cuda.Event()).record()
+        else:
+            packed = packed.clone()  # the CPU "upload" must not alias the reused buffer
+        return [packed[lo:lo + a.size].view(a.shape) for a, lo in zip(arrays, starts)]
+
+    def _buffer(self, dtype: np.dtype, size: int) -> torch.Tensor:
+        buf = self._buffers.get(dtype)
+        if buf is None or buf.numel() < size:
+            tdtype = torch.from_numpy(np.zeros(0, dtype)).dtype
+            buf = torch.empty(max(size, 2 * (buf.numel() if buf is not None else 0), 4096), dtype=tdtype,
+                              pin_memory=self.pin)
+            self._buffers[dtype] = buf
+        return buf
+
+
+class ModelRunner:
+    def __init__(self, model: DecoderLM, storage: KVCacheStorage, page_size: int,
+                 device: torch.device, attention_backend: str = "auto", graphs=None) -> None:
+        self.model, self.storage, self.page_size = model, storage, page_size
+        self.device, self.attention_backend = device, attention_backend
+        self.graphs = graphs  # optional GraphedBody (CUDA only)
+        self.last_build_s = 0.0  # host time spent building the latest batch
+        self.staging = HostStaging(device)
+
+    def build(self, plan: StepPlan, feed: TokenFeed | None = None) -> tuple[StepBatch, list[LogitRequest]]:
+        """Vectorised over rows: per-request Python work is O(1) numpy calls, not O(rows).
+        A work whose first row is a position in ``feed`` reads that row's token from it."""
+        works, ps = plan.works, self.page_size
+        n = len(works)
+        lens = np.fromiter((w.end - w.start for w in works), np.int64, n)
+        starts = np.fromiter((w.start for w in works), np.int64, n)
+        store_ends = np.fromiter((w.store_end for w in works), np.int64, n)
+        cu = np.zeros(n + 1, np.int64)
+        np.cumsum(lens, out=cu[1:])
+        row_req = np.repeat(np.arange(n), lens)
+        pos = starts[row_req] + np.arange(cu[-1]) - cu[row_req]
+        max_pages = max(max((len(w.request.pages) for w in works), default=1), 1)
+        table = np.zeros((n, max_pages), np.int64)
+        for i, w in enumerate(works):
+            table[i, :len(w.request.pages)] = w.request.pages
+        page = table[row_req, np.minimum(pos // ps, max_pages - 1)]
+        slots = np.where(pos < store_ends[row_req], page * ps + pos % ps, -1)
+        ids = np.concatenate([w.request.tokens[w.start:w.end] for w in works])
+        groups = np.fromiter(itertools.chain.from_iterable(w.groups for w in works), np.int32, int(cu[-1]))
+        wants, logit_rows, fed_rows, fed_from = [], [], [], []
+        offset = 0
+        for i, w in enumerate(works):
+            if w.window is None:
+                continue
+            r = w.request
+            source = feed.sources.get(r.request_id) if feed is not None else None
+            if source is not None and source[0] == w.start:
+                fed_rows.append(cu[i])
+                fed_from.append(source[1])
+            lo, hi = w.window
+            masked = np.flatnonzero(~r.committed[lo:hi]) + lo
+            if masked.size:
+                wants.append(LogitRequest(i, tuple(masked.tolist()), offset))
+                logit_rows.append(cu[i] + masked - r.geometry.shift - w.start)
+                offset += masked.size
+        rows64 = (ids, pos, slots, np.concatenate(logit_rows) if logit_rows else np.zeros(0, np.int64),
+                  np.array(fed_rows, np.int64), np.array(fed_from, np.int64))
+        ids_d, pos_d, slots_d, logit_d, fed_rows_d, fed_from_d = self.staging.upload(rows64, np.int64)
+        if fed_rows:
+            ids_d[fed_rows_d] = feed.tokens[fed_from_d]
+        groups_d, cu_d, lens_d, table_d = self.staging.upload((groups, cu, starts, table), np.int32)
+        batch = StepBatch(input_ids=ids_d, positions=pos_d, groups=groups_d, slots=slots_d, cu_q=cu_d,
+                          cache_lens=lens_d, page_table=table_d, logit_rows=logit_d,
+                          max_q_len=int(lens.max()) if n else 1)
+        return batch, wants
+
+    @property
+    def capture_s(self) -> float:
+        """Host seconds spent capturing CUDA graphs so far (a one-time cost per bucket)."""
+        return self.graphs.capture_s if self.graphs is not None else 0.0
+
+    def forward(self, batch: StepBatch) -> torch.Tensor:
+        if self.graphs is not None and self.graphs.fits(batch):
+            return self.graphs.run(batch)
+        return self.model(batch.input_ids, batch.positions, PagedBackend(self.storage, batch, self.attention_backend))
+
+    @torch.inference_mode()
+    def run(self, plan: StepPlan, feed: TokenFeed | None = None) -> tuple[torch.Tensor, list[LogitRequest]]:
+        """-> (final hidden states [M, d] of the rows whose logits are needed, what each serves)."""
+        t0 = time.perf_counter()
+        batch, wants = self.build(plan, feed)
+        self.last_build_s = time.perf_counter() - t0
+        hidden = self.forward(batch)
+        return hidden[batch.logit_rows], wants
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.logits(hidden).float()
+
+    @torch.inference_mode()
+    def greedy(self, hidden: torch.Tensor, rows_per_pass: int = 1024) -> GreedyPick:
+        """hidden [M, d] -> the argmax tokens [M] and their softmax probabilities [M].
+
+        The LM head runs in slices so the [M, vocab] fp32 logits never exist all at once.
+        """
+        if hidden.shape[0] == 0:
+            return GreedyPick(torch.zeros(0, dtype=torch.long, device=hidden.device),
+                              torch.zeros(0, device=hidden.device))
+        picks = [self.model.greedy(h) for h in hidden.split(rows_per_pass)]
+        if len(picks) == 1:
+            return GreedyPick(*picks[0])
+        return GreedyPick(torch.cat([t for t, _ in picks]), torch.cat([c for _, c in picks]))

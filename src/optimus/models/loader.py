@@ -1,0 +1,403 @@
+"""Load a Hugging Face model directory into a native :class:`DecoderLM` (and save one back).
+
+Only safetensors are read, never pickle. The module is built on the ``meta`` device and each
+tensor is read straight to the target device and cast to the target dtype as it is read, so the
+peak memory is the model in its final dtype plus one tensor: no full fp32 copy ever exists.
+Every bad input raises a :class:`LoadError` subclass whose message names the problem.
+
+``random:<shape>`` (and ``random-tiny:<shape>``) stand for no directory: they build random
+weights at a published shape (:mod:`optimus.models.shapes`) for benchmarks, see
+:func:`load_random_model`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, ClassVar, Iterator
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from optimus.models.registry import ConfigError, Family, UnknownArchitectureError as _UnknownArch
+from optimus.models.registry import check_token_ids, family_for, spec_from_config
+from optimus.models.shapes import SHAPES, random_decoder, shape_config
+from optimus.models.spec import ModelSpec
+from optimus.models.transformer import DecoderLM
+from optimus.models.tokenizer import Tokenizer, TokenizerError
+
+
+class LoadError(ValueError):
+    """A model directory cannot be loaded; the message names the file, field or tensor."""
+
+
+class MissingFileError(LoadError):
+    pass
+
+
+class UnsafeFormatError(LoadError):
+    """Pickle-based weights (``*.bin``, ``*.pt``...) are refused: loading them can run code."""
+
+
+class ConfigFieldError(LoadError):
+    """config.json is missing a field or holds a value out of range."""
+
+
+class UnknownArchitectureError(ConfigFieldError):
+    pass
+
+
+class UnexpectedTensorError(LoadError):
+    pass
+
+
+class MissingTensorError(LoadError):
+    pass
+
+
+class ShapeMismatchError(LoadError):
+    pass
+
+
+class UnknownShapeError(LoadError):
+    """``random:<shape>`` names no shape of :data:`optimus.models.shapes.SHAPES`."""
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model: DecoderLM  # eval mode, on its target device and dtype
+    spec: ModelSpec  # config.json completed with the tokenizer's bos/eos/end-of-turn ids
+    tokenizer: Tokenizer
+    generation_config: dict
+    path: Path
+
+
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# Tensors some checkpoints carry that the model recomputes (old Llama exports).
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+
+
+# ---------------------------------------------------------------- public API
+
+def load_model(path: str | Path, dtype: str | torch.dtype = "auto", device: str | torch.device = "auto",
+               progress: bool = True) -> LoadedModel:
+    """Load config, tokenizer, generation config and weights from an HF model directory.
+
+    ``path="default"`` loads the project's default model; ``random:<shape>`` builds random
+    weights (:func:`load_random_model`). ``dtype="auto"`` is bf16 on CUDA and fp32 on CPU;
+    ``device="auto"`` is CUDA when available.
+    """
+    random_name = RandomModelName.parse(path)
+    if random_name is not None:
+        return load_random_model(random_name, dtype, device)
+    root = resolve_model_path(path)
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    family, spec = _spec_from_dir(root)
+    tokenizer = _tokenizer_from_dir(root)
+    spec = complete_spec(spec, tokenizer)
+    generation_config = _read_json(root / "generation_config.json", required=False)
+    model = _build_model(spec, family, _weight_files(root), dtype, device, progress)
+    return LoadedModel(model, spec, tokenizer, generation_config, root)
+
+
+@dataclass(frozen=True)
+class RandomModelName:
+    """``random:<shape>``: random weights at a published shape (``random:sdar-8b``), to time the
+    engine where no checkpoint exists. ``random-tiny:<shape>``: the same family and attention
+    shrunk to 2 layers of width 64 (tests and CPU smoke runs)."""
+
+    shape: str
+    tiny: bool = False
+
+    PREFIX: ClassVar[str] = "random:"
+    TINY_PREFIX: ClassVar[str] = "random-tiny:"
+
+    @classmethod
+    def parse(cls, name: str | Path) -> "RandomModelName | None":
+        """The random-model name ``name`` spells, or None if it names a directory."""
+        text = str(name)
+        for prefix, tiny in ((cls.PREFIX, False), (cls.TINY_PREFIX, True)):
+            if text.startswith(prefix):
+                return cls(text[len(prefix):], tiny)
+        return None
+
+    def __str__(self) -> str:
+        return (self.TINY_PREFIX if self.tiny else self.PREFIX) + self.shape
+
+
+def load_random_model(name: RandomModelName, dtype: str | torch.dtype = "auto",
+                      device: str | torch.device = "auto", seed: int = 0) -> LoadedModel:
+    """Random weights at ``name``'s shape, with the default model's tokenizer (the HTTP API
+    needs one; every shape's vocabulary holds its ids, and its mask and end ids lie past them).
+
+    Random confidences mean nothing: serve such a model with a replayed acceptance profile
+    (``EngineConfig.replay_acceptance``). Greedy decoding proposes only ids the tokenizer shows
+    as text (:func:`_propose_only_text`), so outputs run to ``max_tokens`` and stream text.
+    """
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    if name.shape not in SHAPES:
+        raise UnknownShapeError(f"unknown model shape {name.shape!r} in {str(name)!r}; use random:SHAPE or "
+                                f"random-tiny:SHAPE with SHAPE one of {', '.join(sorted(SHAPES))}")
+    spec = spec_from_config(shape_config(name.shape, name.tiny))
+    tokenizer = _tokenizer_from_dir(resolve_model_path("default"))
+    _check_tokenizer_fits(spec, tokenizer, str(name))
+    model = random_decoder(spec, device, dtype, seed)
+    _propose_only_text(model, tokenizer)
+    return LoadedModel(_finish(model, device), spec, tokenizer, {}, Path(str(name)))
+
+
+def _check_tokenizer_fits(spec: ModelSpec, tokenizer: Tokenizer, name: str) -> None:
+    """Every id the tokenizer gives must be a token of the model, and none may be the mask
+    (a prompt token equal to the mask id would read as an uncommitted position)."""
+    if tokenizer.vocab_size > spec.arch.vocab_size:
+        raise ConfigFieldError(f"{name}: the tokenizer has {tokenizer.vocab_size} ids, more than the model's "
+                               f"vocabulary of {spec.arch.vocab_size}")
+    if spec.mask_id is not None and spec.mask_id < tokenizer.vocab_size:
+        raise ConfigFieldError(f"{name}: mask id {spec.mask_id} is a token of the tokenizer")
+
+
+@torch.no_grad()
+def _propose_only_text(model: DecoderLM, tokenizer: Tokenizer) -> None:
+    """Zero the LM-head rows of every id the tokenizer cannot show as text: ids past its
+    vocabulary and its special tokens. Their logits are then exactly 0, below the largest of
+    thousands of random logits, so greedy decoding never proposes them: every committed token
+    streams text (benchmark clients time text frames, not tokens) and no end token ever comes.
+    The head keeps its full size, so a step costs what it costs the real model. Sampled
+    requests can still draw such ids; they decode to nothing. (A tied head would zero those
+    ids' input embeddings too: harmless, the mask is the only one of them ever fed.)"""
+    head = model.lm_head.weight
+    head[tokenizer.vocab_size:] = 0
+    head[list(tokenizer.all_special_ids)] = 0
+
+
+def resolve_model_path(path: str | Path) -> Path:
+    if str(path) == "default":
+        try:
+            from optimus.default_model import default_model_dir
+        except ImportError as exc:
+            raise LoadError(f"the default model is not available in this install ({exc}); "
+                            "pass a model directory instead") from exc
+        return Path(default_model_dir())
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise MissingFileError(f"model directory not found: {root}")
+    return root
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in _DTYPES:
+        raise LoadError(f"unknown dtype {dtype!r}; use auto, {', '.join(sorted(_DTYPES))}")
+    return _DTYPES[dtype]
+
+
+def complete_spec(spec: ModelSpec, tokenizer: Tokenizer) -> ModelSpec:
+    """Add what config.json leaves to the tokenizer: generation_config's eos list, the
+    tokenizer's eos and end-of-turn tokens, and bos/pad when the config names none."""
+    extra = tokenizer.eos_token_ids + ((tokenizer.end_of_turn_id,) if tokenizer.end_of_turn_id is not None else ())
+    spec = replace(spec, eos_ids=tuple(dict.fromkeys(spec.eos_ids + extra)),
+                   bos_id=spec.bos_id if spec.bos_id is not None else tokenizer.bos_token_id,
+                   pad_id=spec.pad_id if spec.pad_id is not None else tokenizer.pad_token_id)
+    try:
+        return check_token_ids(spec)
+    except ConfigError as exc:
+        raise ConfigFieldError(f"{exc} (after adding the tokenizer's special tokens)") from exc
+
+
+# ---------------------------------------------------------------- config, tokenizer, files
+
+def _read_json(path: Path, required: bool = True) -> dict:
+    if not path.is_file():
+        if required:
+            raise MissingFileError(f"missing file: {path.name} in {path.parent}")
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise LoadError(f"{path.name} is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise LoadError(f"{path.name} must hold a JSON object")
+    return data
+
+
+def _spec_from_dir(root: Path) -> tuple[Family, ModelSpec]:
+    config = _read_json(root / "config.json")
+    try:
+        return family_for(config), spec_from_config(config)
+    except _UnknownArch as exc:
+        raise UnknownArchitectureError(str(exc)) from exc
+    except ConfigError as exc:
+        raise ConfigFieldError(str(exc)) from exc
+
+
+def _tokenizer_from_dir(root: Path) -> Tokenizer:
+    slow_files = (root / "vocab.json").is_file() and (root / "merges.txt").is_file()
+    if not (root / "tokenizer.json").is_file() and not slow_files:
+        raise MissingFileError(f"missing file: tokenizer.json (nor vocab.json + merges.txt) in {root}")
+    try:
+        return Tokenizer.from_dir(root)
+    except TokenizerError as exc:
+        raise LoadError(str(exc)) from exc
+
+
+def _weight_files(root: Path) -> list[Path]:
+    """The safetensors files to read: the index's shards, else model.safetensors, else any."""
+    index = root / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise LoadError(f"{index.name} has no weight_map")
+        files = [root / name for name in sorted(set(weight_map.values()))]
+    else:
+        files = sorted(root.glob("*.safetensors"))
+    if not files:
+        pickles = sorted(p.name for p in root.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+        if pickles:
+            raise UnsafeFormatError(f"refusing pickle weights {pickles} in {root}: only *.safetensors are "
+                                    "loaded (pickle can run arbitrary code); convert the checkpoint first")
+        raise MissingFileError(f"missing file: no *.safetensors weights in {root}")
+    for f in files:
+        if not f.is_file():
+            raise MissingFileError(f"missing file: {f.name} (named by model.safetensors.index.json) in {root}")
+    return files
+
+
+# ---------------------------------------------------------------- weights
+
+def _safe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda:{device.index if device.index is not None else torch.cuda.current_device()}"
+    return str(device)
+
+
+def _tensor_entries(files: list[Path], family: Family, device: torch.device,
+                    progress: bool) -> Iterator[tuple[str, str | None, Any, tuple[int, ...]]]:
+    """Yield (checkpoint name, our name or None, open file handle, shape) per stored tensor.
+
+    Nothing is read yet: the caller checks name and shape first, then reads one tensor."""
+    bar = tqdm(files, desc="Loading weights", unit="shard", disable=not progress or len(files) < 2)
+    for f in bar:
+        with safe_open(str(f), framework="pt", device=_safe_device(device)) as handle:
+            for name in handle.keys():
+                shape = tuple(handle.get_slice(name).get_shape())
+                yield name, family.rename(name), handle, shape
+
+
+def _build_model(spec: ModelSpec, family: Family, files: list[Path], dtype: torch.dtype,
+                 device: torch.device, progress: bool) -> DecoderLM:
+    with torch.device("meta"):
+        model = DecoderLM(spec)
+    expected = {n: tuple(p.shape) for n, p in model.state_dict().items()}
+    tied = spec.arch.tie_embeddings
+    if tied:
+        expected.pop("lm_head.weight")  # shares the embedding; HF omits it or repeats it
+    state: dict[str, torch.Tensor] = {}
+    for name, ours, handle, shape in _tensor_entries(files, family, device, progress):
+        if name.endswith(_IGNORED_SUFFIXES) or (tied and ours == "lm_head.weight"):
+            continue
+        if ours is None or ours not in expected:
+            raise UnexpectedTensorError(f"unexpected tensor {name!r} in checkpoint: no such weight in a "
+                                        f"{spec.family} model")
+        if ours in state:
+            raise UnexpectedTensorError(f"tensor {name!r} appears twice in the checkpoint")
+        if shape != expected[ours]:
+            raise ShapeMismatchError(f"tensor {name!r} has shape {list(shape)}, expected "
+                                     f"{list(expected[ours])} from config.json")
+        tensor = handle.get_tensor(name)
+        if not tensor.is_floating_point():
+            raise LoadError(f"tensor {name!r} has dtype {tensor.dtype}; weights must be floating point")
+        state[ours] = tensor.to(dtype)  # per tensor: never a whole-model fp32 copy
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        shown = ", ".join(repr(family.export(n) or n) for n in missing[:5])
+        raise MissingTensorError(f"checkpoint is missing {len(missing)} tensor(s): {shown}"
+                                 + (" ..." if len(missing) > 5 else ""))
+    if tied:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    return _finish(model, device)
+
+
+def _finish(model: DecoderLM, device: torch.device) -> DecoderLM:
+    if model.spec.arch.tie_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight  # assign=True replaced both objects
+    for module in model.modules():
+        if hasattr(module, "reset_buffers"):
+            module.reset_buffers(device)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type != device.type]
+    if left:
+        raise RuntimeError(f"tensors left off {device} after loading: {left[:5]}")
+    return model.eval()
+
+
+# ---------------------------------------------------------------- saving
+
+def write_safetensors(tensors: dict[str, torch.Tensor], directory: Path, shards: int = 1) -> None:
+    """One ``model.safetensors``, or ``shards`` files plus ``model.safetensors.index.json``."""
+    names = list(tensors)
+    if shards <= 1:
+        save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+        return
+    per = -(-len(names) // shards)  # ceil: every shard but the last holds `per` tensors
+    weight_map: dict[str, str] = {}
+    for s in range(shards):
+        fname = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        part = {n: tensors[n] for n in names[s * per:(s + 1) * per]}
+        save_file(part, str(directory / fname), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, fname))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja")
+
+
+def save_checkpoint(model: DecoderLM, config: dict[str, Any], directory: str | Path, shards: int = 1,
+                    dtype: str | torch.dtype | None = None, tokenizer_dir: str | Path | None = None) -> Path:
+    """Write ``model`` as an HF directory in its family's layout (``config`` is its config.json).
+
+    Tensor names go through the family's ``export`` map; a tied head is not written (HF style).
+    ``tokenizer_dir`` copies the tokenizer and generation config files from another directory.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    family = family_for(config)
+    if spec_from_config(config).arch != model.spec.arch:
+        raise ConfigFieldError("config does not describe this model's architecture")
+    cast = None if dtype is None else resolve_dtype(dtype, torch.device("cpu"))
+    tensors: dict[str, torch.Tensor] = {}
+    for name, tensor in model.state_dict().items():
+        if model.spec.arch.tie_embeddings and name == "lm_head.weight":
+            continue
+        theirs = family.export(name)
+        if theirs is None:
+            raise LoadError(f"parameter {name!r} has no name in the {family.name} checkpoint layout")
+        tensor = tensor.detach().to("cpu", cast or tensor.dtype).contiguous()
+        tensors[theirs] = tensor
+    write_safetensors(tensors, directory, shards)
+    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if tokenizer_dir is not None:
+        for fname in _TOKENIZER_FILES:
+            src = Path(tokenizer_dir) / fname
+            if src.is_file():
+                shutil.copyfile(src, directory / fname)
+    return directory

@@ -1,0 +1,61 @@
+"""The chunk-policy interface. The scheduler asks a policy once per step for every decoding
+request's chunk size, then reports what the step cost and committed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from optimus.core.params import parse_policy_name
+
+
+@dataclass(frozen=True)
+class RequestView:
+    request_id: str
+    max_chunk: int  # positions from the window start to the end of the current block (>= 1)
+    block_size: int
+    current_chunk: int | None  # the request's latest chunk size (a hint; policies may change it)
+    policy_override: str | None = None  # 'ar' | 'fixed:C' pin this request; 'elastic'/None: the policy decides
+
+
+@dataclass(frozen=True)
+class StepView:
+    requests: tuple[RequestView, ...]  # decoding requests that need a chunk this step, oldest first
+    fixed_tokens: int  # tokens already in this step (prefill pieces, commit groups)
+    token_budget: int  # hard cap on tokens per step: fixed_tokens + sum(chunks) <= token_budget
+
+
+@dataclass(frozen=True)
+class StepFeedback:
+    num_tokens: int  # tokens the forward pass processed
+    latency_s: float  # measured wall time of the step; 0 = no latency evidence
+    chunk_sizes: tuple[int, ...]  # per decoding request, the chunk size it ran
+    committed: tuple[int, ...]  # per decoding request, positions committed this step
+    request_ids: tuple[str, ...]  # per decoding request, its id (same order)
+    # Per decoding request, the still-masked positions its window held (<= chunk size; a
+    # window late in a block holds fewer). Empty when unknown: then every position counts.
+    open_positions: tuple[int, ...] = ()
+    # Host time since the previous step ended, spent scheduling this one and reporting the
+    # last (serving, streaming): a cost every step pays on top of its forward. 0 = unknown
+    # (the engine was idle in between).
+    overhead_s: float = 0.0
+
+
+class ChunkPolicy(Protocol):
+    name: str
+
+    def choose(self, view: StepView) -> list[int]:
+        """Chunk size per request of ``view.requests``, each in [1, max_chunk]."""
+        ...
+
+    def observe(self, feedback: StepFeedback) -> None:
+        """Closed-loop feedback after each step; stateless policies ignore it."""
+        ...
+
+
+def override_chunk(request: RequestView) -> int | None:
+    """The chunk a request's own ``ar``/``fixed:C`` override pins it to (clipped), else None."""
+    if request.policy_override is None:
+        return None
+    kind, c = parse_policy_name(request.policy_override)
+    return None if kind == "elastic" else max(1, min(c, request.max_chunk))

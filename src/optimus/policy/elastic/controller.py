@@ -1,0 +1,371 @@
+"""`elastic`: the saturation-aware chunk controller (control law in docs/policies.md).
+
+Cost model, per decoding request at chunk ``C`` (amortised over the steps of one chunk):
+the chunk costs ``C`` rows every step, and once all its positions are committed it is stored
+by one more forward row per position in the next step. A chunk lasts ``C / tau(C)`` steps, so
+the store adds ``tau(C)`` rows per step on average: ``cost(C) = C + tau(C)`` and the request
+commits ``tau(C)`` per step. ``ar`` (C=1, tau=1) therefore costs 2 rows per committed token in
+this engine: the committed position is computed once as a mask and once more when stored.
+
+Each step the controller maximises predicted committed tokens per second
+``J = sum_r tau(C_r) / (H + T(sum_r cost(C_r)))`` over the chunk sizes, where ``T`` is the
+profiled latency curve with an online correction, ``H`` the host time every step pays around
+its forward (scheduling, reporting, serving; measured), and ``cost`` also carries ``pi * tau(C)``: the rows
+the step runs for others (prefill pieces, pinned requests), measured per committed token,
+because every answer token brings its share of prompt to prefill. Allocation is greedy by
+marginal efficiency on each request's concave ladder of sizes; requests are ranked oldest
+first, so a plan maps to the same requests step after step.
+
+Requests differ: a confident answer commits most of a large chunk at once, prose continued by
+a small model barely more than one token whatever the chunk. Each request therefore plans on
+its own curve ``1 + L (tau(C) - 1)``, its level ``L`` measured from its own commits
+(:class:`RequestConfidence`), so one step can run some requests at 1 and others at 32.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from optimus.policy.elastic.latency import LatencyProfile
+from optimus.policy.base import StepFeedback, StepView, override_chunk
+from optimus.policy.elastic.estimators import LatencyCorrector, RequestConfidence, TauEstimator, TokenLoad
+
+DEFAULT_CHUNK_SIZES = (1, 2, 4, 8, 16, 32, 64)
+DEFAULT_KNEE = 256  # tokens; used only without a profile, until corrected online
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the controller decided in its latest step (for statistics and logs)."""
+
+    target_positions: int  # the hysteresis state: planned chunk positions of the elastic requests
+    positions: int  # planned chunk positions this step (before clipping to the block ends)
+    predicted_tokens: float  # amortised step tokens, P + sum(cost)
+    predicted_latency_s: float
+    predicted_rate: float  # committed tokens per second
+    retargeted: bool
+
+
+@dataclass(frozen=True)
+class _Ladder:
+    """The sizes on the upper concave hull of (cost, tau) for one planning cap: climbing it
+    one rung at a time is the greedy's order, with strictly falling marginal efficiency."""
+
+    sizes: np.ndarray  # [L] ascending, sizes[0] == 1
+    taus: np.ndarray  # [L]
+    costs: np.ndarray  # [L]
+    variances: np.ndarray  # [L] variance of the request's rows per step (store lumps)
+    # [L-1, 7] per rung (step from size j to j+1): size j+1, d tau, d cost, d variance,
+    # d positions, efficiency d tau / d cost, size j
+    rungs: np.ndarray
+
+
+def _ladder(cap: int, chunk_sizes: tuple[int, ...], tau, rows_per_commit: float,
+            store_cost: bool) -> _Ladder:
+    """``tau``: sizes [K] -> expected commits per step [K] (the request's own curve)."""
+    sizes = np.array(sorted({c for c in chunk_sizes if c <= cap} | {1, cap}), dtype=float)
+    taus = tau(sizes)
+    costs = sizes + rows_per_commit * taus
+    variances = store_variance(sizes, taus) if store_cost else np.zeros_like(sizes)
+    hull = [0]
+    for j in range(1, len(sizes)):
+        if taus[j] <= taus[hull[-1]]:
+            continue  # no gain in commits: never worth its rows
+        while len(hull) >= 2:
+            a, b = hull[-2], hull[-1]
+            slope_ab = (taus[b] - taus[a]) / (costs[b] - costs[a])
+            slope_aj = (taus[j] - taus[a]) / (costs[j] - costs[a])
+            if slope_aj < slope_ab:
+                break
+            hull.pop()  # b lies on or under the chord a-j
+        hull.append(j)
+    idx = np.array(hull)
+    sizes, taus, costs, variances = sizes[idx], taus[idx], costs[idx], variances[idx]
+    dtau, dcost = np.diff(taus), np.diff(costs)
+    rungs = np.stack([sizes[1:], dtau, dcost, np.diff(variances), np.diff(sizes), dtau / dcost, sizes[:-1]], 1)
+    return _Ladder(sizes, taus, costs, variances, rungs)
+
+
+def store_variance(sizes: np.ndarray, taus: np.ndarray) -> np.ndarray:
+    """A chunk of C lasting C/tau steps is stored (C rows) in a given step with probability
+    tau/C: the rows it adds per step have variance C^2 p (1-p) = tau (C - tau)."""
+    return taus * (sizes - taus)
+
+
+def expected_latency(latency, tokens: np.ndarray, sd: np.ndarray) -> np.ndarray:
+    """E[T(tokens + sd Z)], Z standard normal, by 3-point Gauss-Hermite quadrature: steps
+    whose token count scatters around a knee cost more than the curve at their mean."""
+    h = math.sqrt(3.0) * sd
+    k = len(tokens)
+    t = latency(np.concatenate([tokens, np.maximum(tokens - h, 1.0), tokens + h]))
+    return (4.0 * t[:k] + t[k:2 * k] + t[2 * k:]) / 6.0
+
+
+@dataclass(frozen=True)
+class _Rungs:
+    """All upgrades of all elastic requests in greedy order. Index m of the cumulative arrays
+    is the allocation that applied the first m upgrades (m = 0: everyone at size 1)."""
+
+    request: np.ndarray  # [U] index into the elastic requests
+    size: np.ndarray  # [U] size the request moves up to
+    size_before: np.ndarray  # [U] size it moves up from
+    gain: np.ndarray  # [U+1] cumulative extra committed tokens per step
+    cost: np.ndarray  # [U+1] cumulative amortised tokens
+    var: np.ndarray  # [U+1] cumulative variance of the step's rows
+    positions: np.ndarray  # [U+1] cumulative planned chunk positions
+
+    def actual(self, max_chunk: np.ndarray) -> np.ndarray:
+        """[U+1] cumulative chunk positions after clipping each request to ``max_chunk`` [R]."""
+        cap = max_chunk[self.request]
+        out = np.zeros(len(self.request) + 1)
+        np.cumsum(np.minimum(self.size, cap) - np.minimum(self.size_before, cap), out=out[1:])
+        return out
+
+
+def _rungs(ladders: dict, keys: list) -> _Rungs:
+    """``keys[i]``: the key in ``ladders`` of elastic request i's ladder."""
+    groups: dict = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(key, []).append(i)
+    owners, rungs, group_sizes = [], [], []
+    for key, members in groups.items():
+        lad = ladders[key]
+        if len(lad.sizes) < 2:
+            continue
+        group_sizes.append(len(members))
+        owners.append(np.repeat(members, len(lad.rungs)))  # member-major: [G * (L-1)]
+        rungs.append(np.tile(lad.rungs, (len(members), 1)))
+    if not rungs:
+        zero = np.zeros(1)
+        return _Rungs(np.zeros(0, dtype=int), np.zeros(0), np.zeros(0), zero, zero, zero, zero)
+    req, table = np.concatenate(owners), np.concatenate(rungs)
+    if len(rungs) == 1:
+        # One ladder (one request, or all at one level): its efficiency strictly falls rung
+        # by rung, so the greedy order is rung-major over the members, oldest first.
+        order = np.arange(len(req)).reshape(group_sizes[0], -1).T.reshape(-1)
+    else:
+        order = np.lexsort((req, -table[:, 5]))  # best efficiency first; ties: oldest request first
+    sums = np.zeros((len(order) + 1, 4))
+    np.cumsum(table[order, 1:5], axis=0, out=sums[1:])
+    return _Rungs(req[order], table[order, 0], table[order, 6], sums[:, 0], sums[:, 1], sums[:, 2], sums[:, 3])
+
+
+@dataclass(frozen=True)
+class _Curve:
+    """The predicted rate of every allocation along the rungs, before the step's budget
+    and hysteresis: what a step's requests, levels and pinned sizes imply under the
+    policy's current estimates (so it can be built in observe and looked up in choose)."""
+
+    rungs: _Rungs
+    tokens: np.ndarray  # [U+1] amortised step tokens
+    latency: np.ndarray  # [U+1] predicted seconds, host overhead included
+    rate: np.ndarray  # [U+1] committed tokens per second
+
+
+class ElasticPolicy:
+    """Saturation-aware chunk sizes. ``profile``: the device's latency curve (None: a generic
+    knee at DEFAULT_KNEE tokens scaled by the first measured step, corrected online);
+    ``tau_prior``: expected commits per step by chunk size; ``hysteresis``: a new plan must
+    beat the current one by this predicted fraction before it replaces it; ``per_request``:
+    plan each request on its own measured confidence (False: everyone on the shared curve)."""
+
+    def __init__(self, profile: LatencyProfile | None = None, tau_prior: dict[int, float] | None = None,
+                 chunk_sizes: tuple[int, ...] = DEFAULT_CHUNK_SIZES, hysteresis: float = 0.02,
+                 tau_decay: float = 0.98, load_rate: float = 0.05,
+                 store_cost: bool = True, per_request: bool = True, name: str = "elastic") -> None:
+        if not chunk_sizes or min(chunk_sizes) < 1:
+            raise ValueError("elastic policy needs chunk sizes >= 1")
+        if hysteresis < 0:
+            raise ValueError("hysteresis must be >= 0")
+        self.name = name
+        self.chunk_sizes = tuple(sorted(set(int(c) for c in chunk_sizes) | {1}))
+        self.hysteresis, self.store_cost = hysteresis, store_cost
+        # Without a profile: a generic knee in arbitrary units, rescaled by the first step.
+        self.profile = profile or LatencyProfile.synthetic(1.0, DEFAULT_KNEE, 1.0 / DEFAULT_KNEE)
+        self._rescale = profile is None
+        self.tau = TauEstimator(self.chunk_sizes, tau_prior, decay=tau_decay)
+        self.correction = LatencyCorrector(self.profile.knee)
+        self.load = TokenLoad(rate=load_rate)
+        self.overhead_s = 0.0  # per-step host time outside the forward (StepFeedback.overhead_s), EMA
+        self.confidence = RequestConfidence() if per_request else None
+        self.target: int | None = None  # hysteresis state: planned positions of the elastic requests
+        self.retargets = 0
+        self.last_plan: Plan | None = None
+        # Choices not yet observed, oldest first: (request ids, sizes, confidence levels). The
+        # engine observes step N after choosing step N+1, so two may be pending.
+        self._choices: collections.deque[tuple[frozenset, np.ndarray, np.ndarray]] = collections.deque(maxlen=4)
+        # Ladders by (planning cap, level) and rate curves by (ladder keys, pinned sizes,
+        # batch): valid until the next observe moves the estimates. Observe rebuilds the curve
+        # of the latest choice's requests (the engine runs it while the GPU computes a step),
+        # so choose, which the next step waits for, mostly looks it up.
+        self._ladders: dict[tuple[int, float], _Ladder] = {}
+        self._curves: dict[tuple, _Curve] = {}
+        self._latest: tuple | None = None  # (request ids, caps, pinned, batch) of the latest choice
+
+    # ---- the model the decision reads ----------------------------------------------------
+    def _tau(self, sizes: np.ndarray, levels: np.ndarray | float = 1.0) -> np.ndarray:
+        """Expected commits per step at ``sizes`` of requests at confidence ``levels``."""
+        return np.clip(1.0 + levels * (self.tau(sizes) - 1.0), 1.0, np.maximum(sizes, 1.0))
+
+    def _own_rows(self, sizes: np.ndarray, levels: np.ndarray) -> tuple[float, float]:
+        """Rows per step requests at these sizes run themselves (chunk and store), and the
+        variance of those rows (store lumps): the step's load the plan accounts for."""
+        if not self.store_cost:
+            return float(np.sum(sizes)), 0.0
+        taus = self._tau(sizes, levels)
+        return float(np.sum(sizes + taus)), float(np.sum(store_variance(sizes, taus)))
+
+    def _cost(self, sizes: np.ndarray) -> np.ndarray:
+        """... plus its share of the load that comes with each committed token (prefill)."""
+        return sizes + self._rows_per_commit() * self.tau(sizes)
+
+    def _rows_per_commit(self) -> float:
+        return (1.0 if self.store_cost else 0.0) + self.load.per_commit
+
+    def _variance(self, sizes: np.ndarray, levels: np.ndarray | float = 1.0) -> np.ndarray:
+        return store_variance(sizes, self._tau(sizes, levels)) if self.store_cost else np.zeros_like(sizes)
+
+    def _level_of(self, request_id: str) -> float:
+        return 1.0 if self.confidence is None else self.confidence.level(request_id)
+
+    def predict_latency(self, tokens: np.ndarray, batch: int) -> np.ndarray:
+        """Corrected latency curve at step token counts ``tokens`` [K]."""
+        return self.correction(self.profile.predict_many, tokens, batch)
+
+    # ---- ChunkPolicy ---------------------------------------------------------------------
+    def choose(self, view: StepView) -> list[int]:
+        if self.confidence is not None:
+            self.confidence.retain(r.request_id for r in view.requests)
+        out = [override_chunk(r) for r in view.requests]
+        levels = [1.0 if c is not None else self._level_of(r.request_id) for c, r in zip(out, view.requests)]
+        elastic = [i for i, c in enumerate(out) if c is None]
+        pinned = np.array([c for c in out if c is not None], dtype=float)
+        if elastic:
+            for i, c in zip(elastic, self._allocate(view, elastic, [levels[i] for i in elastic], pinned)):
+                out[i] = c
+        self._choices.append((frozenset(r.request_id for r in view.requests), np.array(out, dtype=float),
+                              np.array(levels)))
+        return out
+
+    def observe(self, feedback: StepFeedback) -> None:
+        if self.confidence is None:
+            self.tau.observe(feedback.chunk_sizes, feedback.committed)
+        else:
+            sizes = np.array(feedback.chunk_sizes, dtype=float)
+            levels = np.array([self.confidence.level(rid) for rid in feedback.request_ids])
+            # A window holding m masked positions can commit at most m: judge each request
+            # against min(tau(C), m) over min(C, m) positions, or block tails read as hesitancy.
+            expected, judged = self.tau(sizes), feedback.chunk_sizes
+            if feedback.open_positions:
+                open_ = np.array(feedback.open_positions, dtype=float)
+                expected = np.minimum(expected, open_)
+                judged = tuple(min(c, m) for c, m in zip(feedback.chunk_sizes, feedback.open_positions))
+            self.confidence.observe(feedback.request_ids, judged, feedback.committed, expected)
+            # Rescaled to the shared curve, weighted by level (TauEstimator): hesitant requests weigh little.
+            excess = np.array(feedback.committed, dtype=float) - 1.0
+            self.tau.observe(feedback.chunk_sizes, 1.0 + excess / np.maximum(levels, 1e-9), levels)
+        if feedback.overhead_s > 0:
+            self.overhead_s += self.load.rate * (feedback.overhead_s - self.overhead_s)
+        if feedback.latency_s > 0 and feedback.num_tokens > 0:
+            batch = max(len(feedback.chunk_sizes), 1)
+            if self._rescale:
+                t0 = feedback.latency_s / max(1.0, feedback.num_tokens / DEFAULT_KNEE)
+                self.profile = LatencyProfile.synthetic(t0, DEFAULT_KNEE, t0 / DEFAULT_KNEE)
+                self._rescale = False
+            self.correction.observe(self.profile.predict_many, feedback.num_tokens, batch, feedback.latency_s)
+        choice = self._own_choice(feedback)
+        if choice is not None:
+            rows, var = self._own_rows(*choice)
+            self.load.observe(feedback.num_tokens, rows, var, sum(feedback.committed))
+        self._ladders, self._curves = {}, {}  # the estimates moved: rebuild what is likely next
+        if self._latest is not None:
+            ids, caps, pinned, batch = self._latest
+            self._curve_for(tuple(zip(caps, map(self._level_of, ids))), pinned, batch)
+
+    def _curve_for(self, keys: tuple, pinned: tuple, batch: int) -> _Curve:
+        signature = (keys, pinned, batch)
+        curve = self._curves.get(signature)
+        if curve is None:
+            curve = self._curves[signature] = self._build_curve(keys, np.array(pinned, dtype=float), batch)
+        return curve
+
+    def _build_curve(self, keys: tuple, pinned: np.ndarray, batch: int) -> _Curve:
+        """Predicted rate of every allocation along the greedy's rungs; ``keys``: each
+        elastic request's (planning cap, level); ``batch``: all requests of the step."""
+        per_commit = self._rows_per_commit()
+        rungs = _rungs({key: self._ladder_for(key) for key in set(keys)}, list(keys))
+        n = len(keys)
+        # Everyone at size 1 (tau(1) = 1: one commit, 1 + per_commit rows), plus the pinned.
+        base_gain, base_cost, base_var = float(n), n * (1.0 + per_commit), self.load.extra_var
+        if pinned.size:
+            base_gain += float(np.sum(self.tau(pinned)))
+            base_cost += float(np.sum(self._cost(pinned)))
+            base_var += float(np.sum(self._variance(pinned)))
+        tokens = base_cost + rungs.cost
+        # Every step also pays the host's time around it: fewer, larger steps amortise it.
+        latency = self.overhead_s + expected_latency(lambda x: self.predict_latency(x, batch), tokens,
+                                                     np.sqrt(base_var + rungs.var))
+        return _Curve(rungs, tokens, latency, (base_gain + rungs.gain) / latency)
+
+    def _ladder_for(self, key: tuple[int, float]) -> _Ladder:
+        lad = self._ladders.get(key)
+        if lad is None:
+            cap, level = key
+            lad = self._ladders[key] = _ladder(cap, self.chunk_sizes, lambda c: self._tau(c, level),
+                                               self._rows_per_commit(), self.store_cost)
+        return lad
+
+    def _own_choice(self, feedback: StepFeedback) -> tuple[np.ndarray, np.ndarray] | None:
+        """The choice that produced this feedback: the oldest pending one whose requests cover
+        the feedback's (older ones belonged to steps that reported nothing; consumed, never reused)."""
+        ids = set(feedback.request_ids)
+        while self._choices:
+            requests, sizes, levels = self._choices.popleft()
+            if ids <= requests:
+                return sizes, levels
+        return None
+
+    # ---- the control law -----------------------------------------------------------------
+    def _allocate(self, view: StepView, elastic: list[int], levels: list[float], pinned: np.ndarray) -> list[int]:
+        requests = [view.requests[i] for i in elastic]
+        top = max(self.chunk_sizes)
+        # Planning caps ignore block ends; one ladder per (cap, confidence level).
+        caps = tuple(max(1, min(r.block_size, top)) for r in requests)
+        pinned_sizes, batch = tuple(pinned.tolist()), len(view.requests)
+        self._latest = (tuple(r.request_id for r in requests), caps, pinned_sizes, batch)
+        curve = self._curve_for(tuple(zip(caps, levels)), pinned_sizes, batch)
+        rungs, rate, n = curve.rungs, curve.rate, len(requests)
+        fixed = view.fixed_tokens + float(np.sum(pinned)) + n
+        if fixed + rungs.positions[-1] > view.token_budget:
+            # The budget may bind: cut where the step's real rows (chunks clipped to the
+            # block ends, never more than planned) pass it.
+            actual = fixed + rungs.actual(np.array([r.max_chunk for r in requests], dtype=float))
+            feasible = int(np.searchsorted(actual, view.token_budget, side="right")) - 1
+            rate = rate.copy()
+            rate[max(feasible, 0) + 1:] = -np.inf
+        best = int(np.argmax(rate))  # first maximum: fewer tokens on ties
+        m, retargeted = self._apply_hysteresis(rungs, rate, best, n)
+        sizes = np.ones(n, dtype=int)
+        np.maximum.at(sizes, rungs.request[:m], rungs.size[:m].astype(int))
+        out = [int(min(s, r.max_chunk)) for s, r in zip(sizes, requests)]
+        self.last_plan = Plan(self.target or 0, int(n + rungs.positions[m]), float(curve.tokens[m]),
+                              float(curve.latency[m]), float(rate[m]), retargeted)
+        return out
+
+    def _apply_hysteresis(self, rungs: _Rungs, rate: np.ndarray, best: int, n: int) -> tuple[int, bool]:
+        """Keep the current target (planned chunk positions) unless the best allocation is
+        predicted to be better by more than ``hysteresis``; returns (upgrades applied, moved)."""
+        if self.target is not None:
+            kept = int(np.searchsorted(n + rungs.positions, self.target, side="right")) - 1
+            kept = min(max(kept, 0), len(rate) - 1)
+            while kept > 0 and not math.isfinite(rate[kept]):
+                kept -= 1  # over the token budget: step down, the target itself is kept
+            if rate[best] <= (1.0 + self.hysteresis) * rate[kept]:
+                return kept, False
+        self.target = int(n + rungs.positions[best])
+        self.retargets += 1
+        return best, True

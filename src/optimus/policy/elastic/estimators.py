@@ -1,0 +1,289 @@
+"""The two slowly-moving estimates the elastic controller decides from.
+
+- :class:`TauEstimator`: tokens committed per step ``tau(C)`` for each chunk size, a decayed
+  running mean seeded by a prior, made monotone non-decreasing in ``C`` and kept in ``[1, C]``.
+- :class:`LatencyCorrector`: a scale and a token-axis stretch of the profiled curve, learned
+  from measured step latencies.
+- :class:`TokenLoad`: the step tokens the policy does not size (mean and unexplained spread).
+- :class:`RequestConfidence`: how each request's own commits compare with the shared ``tau``.
+
+Both move by bounded amounts per step; that is what lets the controller's decisions settle.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import numpy as np
+
+from optimus.policy.elastic.latency import isotonic
+
+
+def default_tau_prior(c: int) -> float:
+    """Optimistic concave prior ``C**0.6`` (1, 1.5, 2.3, 3.5, 5.3, 8, 12): optimistic so that an
+    untried size is tried rather than starved; overwritten as soon as the size is observed."""
+    return float(c) ** 0.6
+
+
+class TauEstimator:
+    """Per chunk size ``C``: a decayed weighted mean of commits per step. A step in which ``C``
+    ran does ``S = g*S + sum(w*k)``, ``W = g*W + sum(w)`` (``g = decay``); the prior enters as
+    ``prior_weight`` permanent pseudo-observations. A size that does not run keeps its
+    estimate in the short run, but its evidence fades by ``idle_decay`` per step, so a curve
+    that once collapsed (say to 1 under a burst of hesitant requests) returns to the prior
+    over a few hundred steps and large chunks get tried again.
+
+    Observations are a request's commits rescaled to the shared curve (``1 + (k - 1) / L``,
+    weight ``L``, for a request at confidence ``L``; see :class:`RequestConfidence`): the
+    weighted mean is then ``1 + sum(k - 1) / sum(L)``, the rank-one factor model in which
+    hesitant requests barely move the curve the confident ones define."""
+
+    def __init__(self, sizes: tuple[int, ...], prior: dict[int, float] | None = None,
+                 prior_weight: float = 8.0, decay: float = 0.98, idle_decay: float = 0.998) -> None:
+        if not 0.0 < decay <= 1.0 or not 0.0 < idle_decay <= 1.0 or prior_weight <= 0:
+            raise ValueError("tau estimator needs decay and idle_decay in (0, 1] and prior_weight > 0")
+        self.decay, self.idle_decay = decay, idle_decay
+        prior = dict(prior) if prior else {c: default_tau_prior(c) for c in sizes}
+        prior.setdefault(1, 1.0)
+        self._prior = {int(c): (prior_weight * float(t), prior_weight) for c, t in prior.items()}
+        self._data = {c: (0.0, 0.0) for c in self._prior}  # size -> (S, W) of observations
+        self._table: tuple[np.ndarray, np.ndarray] | None = None
+
+    def observe(self, chunk_sizes, committed, weights=None) -> None:
+        """``committed``: commits per request (floats allowed); ``weights``: per request (default 1)."""
+        weights = weights if weights is not None else [1.0] * len(chunk_sizes)
+        step: dict[int, tuple[float, float]] = {}
+        for c, k, w in zip(chunk_sizes, committed, weights):
+            if c >= 1 and w > 0:
+                s, n = step.get(int(c), (0.0, 0.0))
+                step[int(c)] = (s + w * min(float(k), float(c)), n + w)
+        for c in set(self._data) | set(step):
+            s, n = self._data.get(c, (0.0, 0.0))
+            if c in step:
+                self._data[c] = (self.decay * s + step[c][0], self.decay * n + step[c][1])
+            elif n > 0:
+                self._data[c] = (self.idle_decay * s, self.idle_decay * n)
+        self._table = None
+
+    @property
+    def table(self) -> tuple[np.ndarray, np.ndarray]:
+        """Sizes [K] ascending and their monotone estimates [K], each in [1, size]."""
+        if self._table is None:
+            sizes = np.array(sorted(self._data), dtype=float)
+            sums = np.array([self._prior.get(int(c), (0.0, 0.0))[0] + self._data[int(c)][0] for c in sizes])
+            weights = np.array([self._prior.get(int(c), (0.0, 0.0))[1] + self._data[int(c)][1] for c in sizes])
+            means = np.where(weights > 0, sums / np.maximum(weights, 1e-12), 1.0)
+            # A pooled value never exceeds the smallest size of its pool, so [1, C] still holds.
+            self._table = sizes, isotonic(np.clip(means, 1.0, sizes), np.maximum(weights, 1e-12))
+        return self._table
+
+    def __call__(self, c: np.ndarray | int) -> np.ndarray:
+        """tau for any sizes: linear between known sizes, flat beyond them, capped at C."""
+        sizes, taus = self.table
+        c = np.asarray(c, dtype=float)
+        return np.clip(np.interp(c, sizes, taus), 1.0, np.maximum(c, 1.0))
+
+    def snapshot(self) -> dict[int, float]:
+        sizes, taus = self.table
+        return {int(c): float(t) for c, t in zip(sizes, taus)}
+
+
+Predict = Callable[[np.ndarray, int], np.ndarray]  # (token counts [K], batch) -> seconds [K]
+
+
+class LatencyCorrector:
+    """The profile corrected by a scale ``s`` and a stretch ``k`` of its token axis:
+    ``T(n) = s * T_profile(n / k)``. A profile measured with other cache lengths or on a busier
+    device is mostly off by these two: ``s`` moves the whole curve, ``k`` moves the knee.
+
+    Fitted to the last ``window`` measured steps every ``refit_every`` steps: a grid search
+    over ``log k`` (a local gradient is zero on the flat part, so it could never find a knee
+    that sits elsewhere), ``log s`` in closed form per ``k``, least squares on ``log T``. The
+    stretch moves only when the data refute it, to the nearest stretch they do not refute, by
+    at most ``max_step`` per refit: noise within ``tie_sigmas`` cannot move it.
+    """
+
+    def __init__(self, knee: float, window: int = 256, refit_every: int = 16, min_points: int = 32,
+                 max_log: float = math.log(8.0), max_step: float = math.log(1.25), grid: int = 97,
+                 tie_sigmas: float = 4.0) -> None:
+        if window < min_points or refit_every < 1:
+            raise ValueError("latency correction needs window >= min_points and refit_every >= 1")
+        self.tie_sigmas = tie_sigmas
+        self.knee = knee  # the profile's knee in tokens (inf: none)
+        self._floor, self._ceiling = -max_log, max_log  # exploration stays inside: refuted lately
+        self.window, self.refit_every, self.min_points = window, refit_every, min_points
+        self.max_step = max_step
+        self.grid = np.linspace(-max_log, max_log, grid)
+        self.log_scale = 0.0
+        self.log_stretch = 0.0
+        self._points: list[tuple[float, int, float]] = []  # (tokens, batch, log seconds)
+        self._since_fit = 0
+
+    @property
+    def scale(self) -> float:
+        return math.exp(self.log_scale)
+
+    @property
+    def stretch(self) -> float:
+        return math.exp(self.log_stretch)
+
+    def __call__(self, predict: Predict, n: np.ndarray, batch: int) -> np.ndarray:
+        """Corrected latency at token counts ``n`` [K] with ``batch`` requests."""
+        return self.scale * predict(np.asarray(n, dtype=float) / self.stretch, batch)
+
+    def observe(self, predict: Predict, n: int, batch: int, measured_s: float) -> None:
+        if not measured_s > 0:
+            return
+        self._points.append((float(max(n, 1)), int(batch), math.log(measured_s)))
+        del self._points[:-self.window]
+        self._since_fit += 1
+        if self._since_fit >= self.refit_every and len(self._points) >= self.min_points:
+            self._since_fit = 0
+            self._refit(predict)
+
+    def _refit(self, predict: Predict) -> None:
+        n = np.array([p[0] for p in self._points])
+        batch = np.array([p[1] for p in self._points])
+        log_t = np.array([p[2] for p in self._points])
+        stretches = np.exp(self.grid)
+        log_pred = np.empty((len(self.grid), len(n)))  # [G, W]
+        for b in np.unique(batch):
+            idx = np.nonzero(batch == b)[0]
+            x = (n[idx][None, :] / stretches[:, None]).reshape(-1)
+            log_pred[:, idx] = np.log(np.maximum(predict(x, int(b)), 1e-12)).reshape(len(self.grid), -1)
+        resid = log_t[None, :] - log_pred
+        log_s = resid.mean(axis=1)  # [G] best scale per stretch
+        sse = ((resid - log_s[:, None]) ** 2).mean(axis=1)
+        # Stretches the data cannot tell from the best fit (total squared error within
+        # ``tie_sigmas**2`` residual variances of it) tie.
+        var = max(float(sse.min()), 1e-6)
+        ties = self.grid[len(n) * (sse - sse.min()) <= self.tie_sigmas ** 2 * var]
+        self.log_stretch += self._step(float(ties.min()), float(ties.max()), n)
+        log_pred_now = np.log(np.maximum(self._predict_points(predict, n, batch), 1e-12))
+        self.log_scale = float(np.mean(log_t - log_pred_now))
+
+    def _step(self, lo: float, hi: float, n: np.ndarray) -> float:
+        """Move of ``log k`` given the tied range ``[lo, hi]`` and the window's token counts.
+
+        Refuted (outside the range): move to its nearest edge, at most ``max_step``. Fitting,
+        pinned on one side, open on the other, and the steps reach the modelled knee: flat
+        data there say only that the real knee is at least here, sloped data only that it is
+        at most here (a line through the origin fits any nearer knee), and the only way to
+        find it is to go and look: explore one ``max_step`` to the open side. Otherwise stay:
+        noise inside the range moves nothing. A refuted stretch bounds later explorations
+        (the bounds relax slowly), so exploring cannot become a cycle.
+        """
+        cur, tol, big = self.log_stretch, self.grid[1] - self.grid[0], self.max_step
+        relax = big / 1024  # a refuted exploration may be retried after ~1000 refits
+        self._floor, self._ceiling = self._floor - relax, self._ceiling + relax
+        if cur < lo - tol / 2:
+            self._floor = max(self._floor, cur)  # cur and below are refuted
+            return min(big, lo - cur)
+        if cur > hi + tol / 2:
+            self._ceiling = min(self._ceiling, cur)  # cur and above are refuted
+            return -min(big, cur - hi)
+        if len(n) < self.window:
+            return 0.0  # explore only on a full window: the tie range is reliable then
+        knee = self.knee * self.stretch
+        if cur - lo < big and hi - cur >= big and n.max() >= 0.8 * knee and cur + big < self._ceiling:
+            return big
+        if hi - cur < big and cur - lo >= big and n.min() <= 1.25 * knee and cur - big > self._floor:
+            return -big
+        return 0.0
+
+    def _predict_points(self, predict: Predict, n: np.ndarray, batch: np.ndarray) -> np.ndarray:
+        out = np.empty(len(n))
+        for b in np.unique(batch):
+            idx = np.nonzero(batch == b)[0]
+            out[idx] = predict(n[idx] / self.stretch, int(b))
+        return out
+
+
+class TokenLoad:
+    """Rows per step beyond the chunk and store rows of the requests the policy sizes
+    (prefill pieces, pinned requests), modelled as a number of rows *per committed token*:
+    every answer token brings its share of prompt to prefill, so this load grows with the
+    commit rate rather than staying fixed per step. Also the variance of the step's rows that
+    the store model does not explain. EWMAs with rate ``rate``."""
+
+    def __init__(self, rate: float = 0.05) -> None:
+        if not 0.0 < rate <= 1.0:
+            raise ValueError("token load rate must be in (0, 1]")
+        self.rate = rate
+        self._rows = 0.0  # mean extra rows per step
+        self._commits = 0.0  # mean committed tokens per step (all decoding requests)
+        self._var = 0.0  # of the extra rows
+        self._model_var = 0.0  # the part of it the store model predicts
+
+    @property
+    def per_commit(self) -> float:
+        return max(0.0, self._rows) / max(self._commits, 1.0)
+
+    @property
+    def extra_var(self) -> float:
+        return max(0.0, self._var - self._model_var)
+
+    def observe(self, num_tokens: int, own_rows: float, own_var: float, committed: int) -> None:
+        residual = (num_tokens - own_rows) - self._rows  # unclipped: store lumps average out
+        self._rows += self.rate * residual
+        self._commits += self.rate * (committed - self._commits)
+        self._var += self.rate * (residual * residual - self._var)
+        self._model_var += self.rate * (own_var - self._model_var)
+
+
+CONFIDENCE_LEVELS = tuple(2.0 ** k for k in range(-8, 3))  # 1/256 ... 4, factors of two
+
+
+class RequestConfidence:
+    """Per request, ``r = (w0 + S) / (w0 + E)``: ``S`` its decayed excess commits
+    (``committed - 1``) and ``E`` the excess the shared estimate expected (``tau(C) - 1``), over
+    its steps with ``C > 1`` (a chunk of one always commits one: no evidence). The request plans
+    on its own curve ``1 + L (tau(C) - 1)``, ``L`` one of :data:`CONFIDENCE_LEVELS` (so the
+    planner builds one ladder per level), starting at 1 (the shared curve).
+
+    ``L`` moves only when ``r`` leaves ``[L / band, L * band]``, to the level nearest ``r`` on
+    a log scale: a Schmitt trigger per request, so the commit noise of a homogeneous population
+    does not move anyone. No level is 0: prose that commits 1.05 tokens per step at C = 32
+    still gains its 5% from a large chunk when the step is free anyway (low load).
+
+    Every step of the request decays ``S`` and ``E`` (by ``decay``) whether or not it brings
+    evidence, so a request parked at ``C = 1`` drifts back toward ``r = 1`` and retries a
+    larger chunk now and then (tens of steps apart): text that turns confident is found again.
+    Entries of requests that leave are dropped."""
+
+    def __init__(self, prior_weight: float = 4.0, decay: float = 0.95, band: float = 2.0) -> None:
+        if prior_weight <= 0 or not 0.0 < decay <= 1.0 or band <= 1.0:
+            raise ValueError("request confidence needs prior_weight > 0, decay in (0, 1] and band > 1")
+        self.prior_weight, self.decay, self.band = prior_weight, decay, band
+        self._excess: dict[str, tuple[float, float]] = {}  # request -> (S, E)
+        self._level: dict[str, float] = {}
+
+    def observe(self, request_ids: tuple[str, ...], chunk_sizes: tuple[int, ...], committed: tuple[int, ...],
+                expected: np.ndarray) -> None:
+        """``expected``: the shared ``tau`` at each request's chunk size (same order)."""
+        for rid, c, k, t in zip(request_ids, chunk_sizes, committed, expected):
+            s, e = self._excess.get(rid, (0.0, 0.0))
+            s, e = self.decay * s, self.decay * e
+            if c > 1:
+                s, e = s + min(k, c) - 1, e + max(float(t) - 1.0, 0.0)
+            self._excess[rid] = (s, e)
+            self._level[rid] = self._move(self._level.get(rid, 1.0), self.ratio(rid))
+
+    def ratio(self, request_id: str) -> float:
+        s, e = self._excess.get(request_id, (0.0, 0.0))
+        return (self.prior_weight + s) / (self.prior_weight + e)
+
+    def level(self, request_id: str) -> float:
+        return self._level.get(request_id, 1.0)
+
+    def _move(self, level: float, r: float) -> float:
+        if level / self.band <= r <= level * self.band:
+            return level
+        return min(CONFIDENCE_LEVELS, key=lambda v: abs(math.log(v / r)))
+
+    def retain(self, request_ids) -> None:
+        """Forget every request not in ``request_ids`` (they finished or left)."""
+        keep = set(request_ids)
+        self._excess = {rid: v for rid, v in self._excess.items() if rid in keep}
+        self._level = {rid: v for rid, v in self._level.items() if rid in keep}

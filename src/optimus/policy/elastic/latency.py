@@ -1,0 +1,258 @@
+"""Step-latency profile ``T(n_tokens)`` of one model on one device, and its knee ``N*``.
+
+A profile holds measured points (tokens, seconds), optionally tagged with the number of
+requests (batch) that produced them. Two views of the same data:
+
+- the **hinge fit** ``T(n) = max(t0, a + b*n)`` (flat, then linear): it names the knee
+  ``N* = (t0 - a) / b`` and the slope used to extrapolate past the measured range;
+- the **monotone interpolation** used by ``predict``: per batch, the medians of repeated
+  points made non-decreasing in ``n`` and linearly interpolated, then interpolated in
+  ``log(batch)``. Real curves are not exact hinges (and at equal tokens, many requests with
+  long caches cost more than few), so the controller reads the interpolation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+PROFILE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class LatencyPoint:
+    tokens: int  # tokens processed by the step
+    seconds: float  # measured wall time of the step (median of repeats)
+    batch: int | None = None  # requests in the step; None when unknown
+
+    def __post_init__(self) -> None:
+        if self.tokens < 1 or not self.seconds > 0 or (self.batch is not None and self.batch < 1):
+            raise ValueError(f"invalid latency point {self}")
+
+
+@dataclass(frozen=True)
+class HingeFit:
+    """``T(n) = max(t0, a + b*n)``; ``knee`` is where the two pieces meet (inf if b == 0)."""
+
+    t0: float
+    a: float
+    b: float
+
+    @property
+    def knee(self) -> float:
+        return (self.t0 - self.a) / self.b if self.b > 0 else math.inf
+
+    def __call__(self, n: np.ndarray | float) -> np.ndarray | float:
+        return np.maximum(self.t0, self.a + self.b * np.asarray(n, dtype=float))
+
+
+def isotonic(y: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Weighted pool-adjacent-violators: the closest non-decreasing sequence to ``y``."""
+    vals, wts, sizes = [], [], []
+    for yi, wi in zip(y.tolist(), w.tolist()):
+        vals.append(yi), wts.append(wi), sizes.append(1)
+        while len(vals) > 1 and vals[-2] > vals[-1]:
+            v2, w2, s2 = vals.pop(), wts.pop(), sizes.pop()
+            wsum = wts[-1] + w2
+            vals[-1] = (vals[-1] * wts[-1] + v2 * w2) / wsum
+            wts[-1], sizes[-1] = wsum, sizes[-1] + s2
+    return np.repeat(np.array(vals), sizes)
+
+
+def fit_hinge(tokens: np.ndarray, seconds: np.ndarray) -> HingeFit:
+    """Least-squares hinge in relative error (weights 1/T^2): a coarse log-spaced search
+    over the knee, then a fine one around the best; (t0, b >= 0) solved in closed form."""
+    n, y = np.asarray(tokens, float), np.asarray(seconds, float)
+    if n.size == 0:
+        raise ValueError("cannot fit a latency curve to no points")
+    lo, hi = max(n.min(), 1.0), max(n.max(), 1.0)
+    if hi <= lo:
+        return HingeFit(float(np.median(y)), float(np.median(y)), 0.0)
+    best = _best_knee(n, y, np.geomspace(lo, hi, 96))
+    step = (hi / lo) ** (1 / 95)
+    best = _best_knee(n, y, np.geomspace(max(lo, best[0] / step), min(hi, best[0] * step), 64))
+    k, t0, b = best
+    if b <= 0:
+        return HingeFit(t0, t0, 0.0)
+    return HingeFit(t0, t0 - b * k, b)
+
+
+def _best_knee(n: np.ndarray, y: np.ndarray, knees: np.ndarray) -> tuple[float, float, float]:
+    w = 1.0 / y ** 2
+    best = (float(knees[0]), float(np.sum(w * y) / np.sum(w)), 0.0, math.inf)
+    for k in knees:
+        x = np.maximum(0.0, n - k)
+        t0, b = _weighted_line(x, y, w)
+        if b < 0:
+            t0, b = float(np.sum(w * y) / np.sum(w)), 0.0
+        sse = float(np.sum(w * (y - t0 - b * x) ** 2))
+        if sse < best[3] - 1e-15:
+            best = (float(k), t0, b, sse)
+    return best[:3]
+
+
+def _weighted_line(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> tuple[float, float]:
+    sw, sx, sy = w.sum(), (w * x).sum(), (w * y).sum()
+    sxx, sxy = (w * x * x).sum(), (w * x * y).sum()
+    det = sw * sxx - sx * sx
+    if det <= 1e-18 * max(sw * sxx, 1e-300):
+        return float(sy / sw), 0.0
+    b = (sw * sxy - sx * sy) / det
+    return float((sy - b * sx) / sw), float(b)
+
+
+@dataclass(frozen=True)
+class _Curve:
+    """One monotone piecewise-linear curve: tokens ``x`` (strictly increasing), seconds ``y``."""
+
+    x: np.ndarray
+    y: np.ndarray
+
+    @classmethod
+    def from_points(cls, tokens: list[int], seconds: list[float]) -> "_Curve":
+        by_n: dict[int, list[float]] = {}
+        for n, s in zip(tokens, seconds):
+            by_n.setdefault(n, []).append(s)
+        xs = np.array(sorted(by_n), dtype=float)
+        med = np.array([float(np.median(by_n[int(x)])) for x in xs])
+        counts = np.array([len(by_n[int(x)]) for x in xs], dtype=float)
+        return cls(xs, isotonic(med, counts))
+
+    def __call__(self, n: np.ndarray, hinge: HingeFit) -> np.ndarray:
+        """Interpolated inside the measured range, flat below it; above it the last point is
+        scaled by the global hinge (a small batch's curve keeps flat until the global knee)."""
+        out = np.interp(n, self.x, self.y)
+        above = n > self.x[-1]
+        if not above.any():
+            return out
+        return np.where(above, self.y[-1] * hinge(n) / hinge(self.x[-1]), out)
+
+
+@dataclass(frozen=True)
+class LatencyProfile:
+    points: tuple[LatencyPoint, ...]
+    device: str = "unknown"
+    model_id: str = "unknown"
+    created: float = field(default_factory=time.time)
+
+    def __post_init__(self) -> None:
+        if not self.points:
+            raise ValueError("a latency profile needs at least one point")
+        object.__setattr__(self, "points", tuple(self.points))
+
+    # ---- construction ------------------------------------------------------------------
+    @classmethod
+    def from_pairs(cls, pairs, **kw) -> "LatencyProfile":
+        """From ``(tokens, seconds)`` or ``(tokens, seconds, batch)`` tuples."""
+        return cls(tuple(LatencyPoint(int(p[0]), float(p[1]), *(p[2:3] or (None,))) for p in pairs), **kw)
+
+    @classmethod
+    def synthetic(cls, t0: float, knee: float, slope: float, max_tokens: int | None = None) -> "LatencyProfile":
+        """The exact hinge ``T(n) = t0 + slope * max(0, n - knee)`` sampled at powers of two
+        and at the knee itself (so the interpolation reproduces the kink exactly)."""
+        if t0 <= 0 or knee < 1 or slope < 0:
+            raise ValueError("synthetic profile needs t0 > 0, knee >= 1, slope >= 0")
+        top = max_tokens or int(2 ** math.ceil(math.log2(knee * 32)))
+        ns = sorted({2 ** k for k in range(int(math.log2(top)) + 1)} | {int(round(knee))})
+        pairs = [(n, t0 + slope * max(0.0, n - knee)) for n in ns]
+        return cls.from_pairs(pairs, device="synthetic", model_id="synthetic")
+
+    # ---- the two views -----------------------------------------------------------------
+    @cached_property
+    def fit(self) -> HingeFit:
+        return fit_hinge(np.array([p.tokens for p in self.points]), np.array([p.seconds for p in self.points]))
+
+    @property
+    def knee(self) -> float:
+        return self.fit.knee
+
+    @cached_property
+    def _pooled(self) -> _Curve:
+        return _Curve.from_points([p.tokens for p in self.points], [p.seconds for p in self.points])
+
+    @cached_property
+    def _by_batch(self) -> dict[int, _Curve]:
+        """One curve per batch when every point names its batch and there are several."""
+        batches = {p.batch for p in self.points}
+        if None in batches or len(batches) == 1:
+            return {}
+        return {b: _Curve.from_points([p.tokens for p in self.points if p.batch == b],
+                                      [p.seconds for p in self.points if p.batch == b]) for b in sorted(batches)}
+
+    def predict(self, n: float, batch: int | None = None) -> float:
+        return float(self.predict_many(np.array([float(n)]), batch)[0])
+
+    def predict_many(self, n: np.ndarray, batch: int | None = None) -> np.ndarray:
+        """Predicted seconds for step token counts ``n`` [K] with ``batch`` requests: the
+        per-batch curves interpolated in log(batch) (clamped to the grid), else the pooled one."""
+        n = np.maximum(np.asarray(n, dtype=float), 1.0)
+        curves, hinge = self._by_batch, self.fit
+        if not curves or batch is None:
+            return self._pooled(n, hinge)
+        grid = list(curves)
+        if batch <= grid[0] or batch >= grid[-1]:
+            return curves[grid[0] if batch <= grid[0] else grid[-1]](n, hinge)
+        hi = next(b for b in grid if b >= batch)
+        lo = grid[grid.index(hi) - 1]
+        w = (math.log(batch) - math.log(lo)) / (math.log(hi) - math.log(lo))
+        return (1 - w) * curves[lo](n, hinge) + w * curves[hi](n, hinge)
+
+    # ---- persistence -------------------------------------------------------------------
+    def to_json(self) -> dict:
+        fit = self.fit
+        return {
+            "version": PROFILE_VERSION, "device": self.device, "model_id": self.model_id, "created": self.created,
+            "fit": {"t0": fit.t0, "a": fit.a, "b": fit.b, "knee": None if math.isinf(fit.knee) else fit.knee},
+            "points": [{"tokens": p.tokens, "seconds": p.seconds, "batch": p.batch} for p in self.points],
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> "LatencyProfile":
+        if data.get("version") != PROFILE_VERSION:
+            raise ValueError(f"latency profile version {data.get('version')!r} is not {PROFILE_VERSION}; re-run "
+                             "'optimus profile'")
+        points = tuple(LatencyPoint(int(p["tokens"]), float(p["seconds"]), p.get("batch")) for p in data["points"])
+        return cls(points, device=data.get("device", "unknown"), model_id=data.get("model_id", "unknown"),
+                   created=float(data.get("created", 0.0)))
+
+    def save(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(self.to_json(), indent=1))
+        tmp.replace(path)  # atomic: a reader never sees half a profile
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "LatencyProfile":
+        try:
+            data = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"latency profile {path} is not valid JSON: {exc}") from None
+        return cls.from_json(data)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")[:60] or "x"
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("OPTIMUS_CACHE")
+    return Path(root) if root else Path.home() / ".cache" / "optimus"
+
+
+def default_profile_path(device_name: str, model_id: str) -> Path:
+    """``<cache>/profiles/<device>__<model>-<hash>.json``; the hash of the full pair keeps two
+    models whose names slug alike apart."""
+    digest = hashlib.sha1(f"{device_name}\0{model_id}".encode()).hexdigest()[:10]
+    name = f"{_slug(device_name)}__{_slug(os.path.basename(model_id.rstrip('/')) or model_id)}-{digest}.json"
+    return cache_dir() / "profiles" / name

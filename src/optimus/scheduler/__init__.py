@@ -1,0 +1,1 @@
+"""Step planning and KV-page ownership (pure Python, no tensors)."""

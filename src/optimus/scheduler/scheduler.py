@@ -1,0 +1,280 @@
+"""The scheduler: decides, each step, which rows of which requests run, and owns the pages.
+
+Pure Python over :class:`Request` objects, so it is unit-testable with a fake model runner.
+Order of a step: running decoders first (their stored chunk + active window, sized by the
+chunk policy), then prompt pieces of prefilling requests (chunked prefill shares the token
+budget), then admission of waiting requests while pages and budget remain.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+
+import numpy as np
+
+from optimus.config import SchedulerConfig
+from optimus.scheduler.pages import PageAllocator
+from optimus.policy import ChunkPolicy, RequestView, StepFeedback, StepView
+from optimus.core.plan import RequestWork, StepPlan
+from optimus.core.request import Request, RequestState
+from optimus.models.spec import AttentionKind
+
+
+class QueueFullError(RuntimeError):
+    """The waiting queue is at its bound; the caller should retry later."""
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, allocator: PageAllocator, policy: ChunkPolicy,
+                 attention: AttentionKind) -> None:
+        self.config = config
+        self.allocator = allocator
+        self.policy = policy
+        self._feedback: StepFeedback | None = None  # completed, not yet observed (complete_step)
+        self.attention = attention
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.running: list[Request] = []  # admission order (oldest first)
+        self._recompute_len: dict[str, int] = {}
+
+    # ---- queue management ------------------------------------------------------------
+    def add(self, request: Request) -> None:
+        """Queue a request. Only requests that cannot start at the next step count against
+        ``max_waiting``: the free running slots take a burst before the bound applies."""
+        free_slots = max(0, self.config.max_running - len(self.running))
+        if len(self.waiting) >= self.config.max_waiting + free_slots:
+            raise QueueFullError(f"waiting queue is full ({self.config.max_waiting} requests)")
+        self.waiting.append(request)
+
+    def abort(self, request_id: str) -> Request | None:
+        for queue in (self.waiting, self.running):
+            for r in queue:
+                if r.request_id == request_id:
+                    r.transition(RequestState.ABORTED)
+                    r.finish_reason = "abort"
+                    self._release(r)
+                    return r
+        return None
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _release(self, r: Request) -> None:
+        if r in self.running:
+            self.running.remove(r)
+        if r in self.waiting:
+            self.waiting.remove(r)
+        if r.pages:
+            self.allocator.free(r.pages)
+            r.pages = []
+        self._recompute_len.pop(r.request_id, None)
+
+    def finish(self, r: Request, reason: str) -> None:
+        r.transition(RequestState.FINISHED)
+        r.finish_reason = reason
+        self._release(r)
+
+    # ---- step planning ---------------------------------------------------------------
+    def schedule(self) -> StepPlan:
+        budget = self.config.max_tokens_per_step
+        works: list[RequestWork] = []
+        # A request with no position left to predict only awaits its in-flight step's tokens.
+        decoders = [r for r in self.running
+                    if r.state is RequestState.DECODING and r.window_start() < r.geometry.canvas_end]
+        store_works = self._plan_stores(decoders)
+        fixed = sum(w.store_end - w.start for w in store_works.values())
+        chunks = self._choose_chunks(decoders, fixed, budget)
+        for r in decoders:
+            if r.is_done or r.state is not RequestState.DECODING:
+                continue  # preempted while planning stores
+            works.append(self._decode_work(r, store_works.get(r.request_id), chunks[r.request_id]))
+        budget -= sum(w.end - w.start for w in works)
+        budget = self._plan_prefills(works, budget)
+        self._admit(works, budget)
+        return StepPlan(works)
+
+    def _plan_stores(self, decoders: list[Request]) -> dict[str, RequestWork]:
+        """Reserve pages for every finished window's commit group (preempting if short)."""
+        out = {}
+        for r in decoders:
+            if r.pending_store is None or r.state is not RequestState.DECODING:
+                continue
+            a, b = r.pending_store
+            if not self._ensure_pages(r, b):
+                continue
+            # The stored rows count as cached from here on, so the next window (and the
+            # policy's view of it) starts after them.
+            r.cache_len, r.pending_store = b, None
+            out[r.request_id] = RequestWork(r, a, b, b, [0] * (b - a), None)
+        return out
+
+    def _choose_chunks(self, decoders: list[Request], fixed: int, budget: int) -> dict[str, int]:
+        chunks: dict[str, int] = {}
+        views = []
+        for r in decoders:
+            if self.attention is AttentionKind.CAUSAL:
+                chunks[r.request_id] = 1  # a causal LM predicts one position per step
+            else:  # policies honour per-request overrides themselves (and count them as load)
+                views.append(RequestView(r.request_id, r.max_chunk(), r.geometry.block_size,
+                                         r.chunk or None, r.params.policy))
+        if views:
+            view = StepView(tuple(views), fixed_tokens=fixed, token_budget=max(budget, len(views)))
+            for v, c in zip(views, self.policy.choose(view)):
+                chunks[v.request_id] = max(1, min(int(c), v.max_chunk))
+        return chunks
+
+    def _decode_work(self, r: Request, store: RequestWork | None, chunk: int) -> RequestWork:
+        start = store.start if store is not None else r.cache_len
+        window = r.plan_window(chunk)
+        rows_lo, rows_hi = r.rows_for(window)
+        if self.attention is AttentionKind.FULL and self.config.suffix_window:
+            # Mask positions after the chunk: computed (context for the chunk), never stored
+            # and never committed from; only full-attention models were trained to use them.
+            rows_hi = min(rows_hi + self.config.suffix_window, r.geometry.canvas_end)
+        groups = ([0] * (rows_lo - start)) + [1] * (rows_hi - rows_lo)
+        store_end = rows_lo
+        if self.attention is AttentionKind.CAUSAL and self._ensure_pages(r, rows_hi, preempt=False):
+            store_end = rows_hi  # causal rows are final as soon as they are computed
+            groups = list(range(start, rows_hi))
+        r.chunk = window[1] - window[0]
+        r.stats.chunk_history.append(r.chunk)
+        return RequestWork(r, start, rows_hi, store_end, groups, window)
+
+    def _prefill_groups(self, r: Request, start: int, end: int) -> list[int]:
+        if self.attention is AttentionKind.CAUSAL:
+            return list(range(start, end))
+        if self.attention is AttentionKind.BLOCK_CAUSAL:
+            return [p // r.geometry.block_size for p in range(start, end)]
+        # Full attention: the prompt is one bidirectional group; recomputed canvas rows
+        # (after preemption) are grouped by block, approximating how they were first stored.
+        g = r.geometry
+        return [0 if p < g.canvas_start else 1 + (p - g.block_origin) // g.block_size for p in range(start, end)]
+
+    def _piece_len(self, r: Request, remaining: int, budget: int) -> int:
+        n = min(remaining, self.config.prefill_chunk, budget)
+        if self.attention is AttentionKind.BLOCK_CAUSAL and n < remaining:
+            n -= (r.cache_len + n) % r.geometry.block_size  # pieces end on block boundaries
+        return max(n, 0)
+
+    def _plan_prefills(self, works: list[RequestWork], budget: int) -> int:
+        for r in [r for r in self.running if r.state is RequestState.PREFILLING]:
+            target = self._recompute_len.get(r.request_id, r.geometry.prefill_len)
+            n = self._piece_len(r, target - r.cache_len, budget)
+            if n <= 0:
+                continue
+            if not self._ensure_pages(r, r.cache_len + n, preempt=False):
+                break
+            a, b = r.cache_len, r.cache_len + n
+            works.append(RequestWork(r, a, b, b, self._prefill_groups(r, a, b), None))
+            budget -= n
+        return budget
+
+    def _next_waiting(self, running: collections.Counter) -> Request:
+        """The next request to admit: one being recomputed after preemption (it holds
+        commits) first, otherwise the oldest of the group with the fewest running requests,
+        so one API call's fan-out shares the slots with every other caller instead of
+        filling them. Ungrouped requests are their own group: plain FIFO among them."""
+        head = self.waiting[0]
+        if head.request_id in self._recompute_len:
+            return head
+        best, best_count = head, running.get(head.fairness_key, 0)
+        for r in self.waiting:
+            if best_count == 0:
+                break
+            count = running.get(r.fairness_key, 0)
+            if count < best_count:
+                best, best_count = r, count
+        return best
+
+    def _admit(self, works: list[RequestWork], budget: int) -> None:
+        running = collections.Counter(r.fairness_key for r in self.running) if self.waiting else None
+        while self.waiting and len(self.running) < self.config.max_running:
+            r = self._next_waiting(running)
+            target = self._recompute_len.get(r.request_id, r.geometry.prefill_len)
+            # Admit only if the whole prompt plus one block fits now: avoids admitting a
+            # request that would immediately force a preemption.
+            need = self.allocator.pages_for(target + r.geometry.block_size)
+            if need > self.allocator.free_pages:
+                break
+            if target > 0 and budget <= 0:
+                break
+            self.waiting.remove(r)
+            self.running.append(r)
+            running[r.fairness_key] += 1
+            r.stats.first_scheduled_time = r.stats.first_scheduled_time or time.monotonic()
+            if target == 0:
+                r.transition(RequestState.DECODING)
+                continue
+            r.transition(RequestState.PREFILLING)
+            n = self._piece_len(r, target, budget)
+            if n <= 0:
+                continue
+            self._ensure_pages(r, n, preempt=False)
+            works.append(RequestWork(r, 0, n, n, self._prefill_groups(r, 0, n), None))
+            budget -= n
+
+    def _ensure_pages(self, r: Request, num_tokens: int, preempt: bool = True) -> bool:
+        """Grow r's pages to ``num_tokens``, preempting the newest other requests if short.
+
+        Only the store phase (before any work of the step exists) may preempt: a victim
+        must never already own rows in the step being planned."""
+        while not self.allocator.ensure(r.pages, num_tokens):
+            if not preempt:
+                return False
+            victim = next((v for v in reversed(self.running) if v is not r and v.pages), None)
+            if victim is None:
+                return False
+            self._preempt(victim)
+        return True
+
+    def _preempt(self, r: Request) -> None:
+        """Free r's pages and queue it to recompute its stored rows (its commits are kept)."""
+        self._recompute_len[r.request_id] = max(r.cache_len, r.geometry.prefill_len)
+        if r.pending_store is not None:
+            self._recompute_len[r.request_id] = r.pending_store[1]
+            r.pending_store = None
+        self.allocator.free(r.pages)
+        r.pages, r.cache_len = [], 0
+        r.stats.preemptions += 1
+        self.running.remove(r)
+        r.transition(RequestState.WAITING)
+        self.waiting.appendleft(r)
+
+    # ---- after the forward pass --------------------------------------------------------
+    def complete_step(self, plan: StepPlan, latency_s: float, overhead_s: float = 0.0) -> None:
+        """Advance cache cursors and queue the policy's feedback. The policy reads it at
+        :meth:`flush_feedback`, which the engine calls once the next step's forward is
+        launched: learning then overlaps the GPU, and choose(N+1) sees feedback up to N-1."""
+        chunk_sizes, committed, ids, open_positions = [], [], [], []
+        for w in plan.works:
+            r = w.request
+            if r.is_done:
+                continue
+            r.cache_len = max(r.cache_len, w.store_end)
+            if w.window is None:
+                target = self._recompute_len.get(r.request_id, r.geometry.prefill_len)
+                if r.cache_len >= target:
+                    self._recompute_len.pop(r.request_id, None)
+                    r.transition(RequestState.DECODING)
+                continue
+            lo, hi = w.window
+            chunk_sizes.append(hi - lo)
+            committed.append(r.last_committed)
+            ids.append(r.request_id)
+            open_positions.append(r.last_committed + int(np.count_nonzero(~r.committed[lo:hi])))
+            if r.window_finished(w.window) and w.store_end < w.end:
+                r.pending_store = (r.cache_len, w.window[1] - r.geometry.shift)
+        if chunk_sizes:
+            self.flush_feedback()  # never drop an unread step
+            self._feedback = StepFeedback(plan.num_tokens, latency_s, tuple(chunk_sizes), tuple(committed),
+                                          tuple(ids), tuple(open_positions), overhead_s)
+
+    def discard_feedback(self) -> None:
+        """Forget an unread step's feedback (its step failed and its requests ended)."""
+        self._feedback = None
+
+    def flush_feedback(self) -> None:
+        """Hand the policy the latest completed step's feedback, if it has not had it."""
+        if self._feedback is not None:
+            feedback, self._feedback = self._feedback, None
+            self.policy.observe(feedback)
