@@ -10,7 +10,7 @@
       fused     fused kernels + merged q/k/v and gate/up matmuls (what the engine runs)
     with the kernel launches per layer counted by the profiler.
 
-  PYTHONPATH=src python benchmarks/fused_check.py --out fused_check.json
+  PYTHONPATH=src python -m optimus.bench.experiments.fused_check --out fused_check.json
 """
 
 from __future__ import annotations
@@ -21,8 +21,7 @@ import time
 
 import torch
 
-from gpu_timing import time_graph_ms
-
+from optimus.bench.experiments.gpu_timing import time_graph_ms
 from optimus.engine.kv_cache import KVCacheStorage
 from optimus.engine.runner import PagedBackend, StepBatch
 from optimus.kernels import fused

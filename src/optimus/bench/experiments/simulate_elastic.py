@@ -1,10 +1,10 @@
 """Closed-loop simulation of every policy on a *measured* device profile and a *measured*
 acceptance profile (CPU only, seconds): what the H100 sweep would give with warm buckets.
 
-  PYTHONPATH=src python benchmarks/simulate_elastic.py \
+  PYTHONPATH=src python -m optimus.bench.experiments.simulate_elastic \
       --profile benchmarks/results/h100/latency_surface/history/2026-11-25_5c819be.json \
       --acceptance benchmarks/results/cpu/acceptance/history/2026-11-25_6df4761_model_v1.json \
-      --out benchmarks/results/h100/elastic_simulation/latest.json
+      --out elastic_simulation.json
 """
 
 import argparse
