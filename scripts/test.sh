@@ -2,6 +2,10 @@
 # The project's test command (README): install with test extras on the CPU torch, run pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python -m pip install -q "torch==2.13.0"
+# The CPU build of torch: on Linux, PyPI's torch is the multi-GB CUDA build. The CPU index is
+# an extra one, so PyPI (or a machine's own index) still serves everything else, and torch
+# too where the CPU index cannot be reached. A torch 2.13.0 already installed (a CUDA build
+# on a GPU machine) satisfies the pin and is kept.
+python -m pip install -q "torch==2.13.0" --extra-index-url https://download.pytorch.org/whl/cpu
 python -m pip install -q -e ".[test]"
 python -m pytest "$@"

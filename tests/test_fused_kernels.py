@@ -188,7 +188,7 @@ def test_fused_decoder_path_matches_torch_path(device, family) -> None:
 
 def test_fused_half_precision_is_as_accurate_as_torch_path(device) -> None:
     """In fp16 the fused path rounds where torch rounds (fp16: the CPU interpreter rounds to
-    nearest like CUDA; its bf16 casts truncate, so bf16 is left to benchmarks/fused_check.py)."""
+    nearest like CUDA; its bf16 casts truncate, so bf16 is left to optimus.bench.experiments.fused_check)."""
     model, spec = make_tiny_model("sdar", seed=11)
     model = model.to(device)
     ids = torch.randint(0, spec.arch.vocab_size, (2, 6), generator=torch.Generator().manual_seed(12)).to(device)

@@ -8,7 +8,7 @@ import importlib
 import sys
 
 COMMANDS = {
-    "generate": "generate text from a prompt with the reference decoders",
+    "generate": "answer one prompt on the serving engine, with its decoding statistics",
     "serve": "serve a model over an OpenAI-compatible HTTP API",
     "profile": "measure the step-latency curve T(tokens) and its knee on this device",
     "eval": "score decoding configurations on held-out task sets",

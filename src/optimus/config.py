@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 
@@ -85,7 +86,7 @@ class ServerConfig:
             "allowed hosts; '*' allows any")
     served_model_name: str | None = _opt(None, "model id reported by /v1/models (default: directory name)")
     max_n: int = _opt(8, "cap on the 'n' field")
-    max_tokens_cap: int = _opt(4096, "cap on max_tokens")
+    max_tokens_cap: int | None = _opt(None, "cap on max_tokens (default: the model's context length)")
     max_call_tokens: int = _opt(65536, "most tokens one API call may ask to generate (prompts x n x "
                                        "max_tokens); a larger ask is a 400, an omitted max_tokens shrinks to fit")
     max_body_bytes: int = _opt(1 << 20, "largest request body accepted")
@@ -134,9 +135,21 @@ def add_config_args(parser: argparse.ArgumentParser, cls) -> None:
                                metavar=name.upper().removesuffix("S"),
                                help=f"{help_text} (space- or comma-separated, repeatable; default: none)")
         elif typ is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
+                               help=_with_default(help_text, "on" if default else "off"))
         else:
-            group.add_argument(flag, type=typ, default=default, help=f"{help_text} (default: {default})")
+            group.add_argument(flag, type=typ, default=default,
+                               help=_with_default(help_text, "none" if default is None else str(default)))
+
+
+# A help text that already says its default ("defaults to the model's", "(default: directory
+# name)") says it better than the raw value; 'default' in quotes is a value, not the default.
+_STATES_DEFAULT = re.compile(r"(?<!')\bdefaults?\b(?!')")
+
+
+def _with_default(help_text: str, default: str) -> str:
+    """``help_text`` naming its default once: appended unless the text already states it."""
+    return help_text if _STATES_DEFAULT.search(help_text) else f"{help_text} (default: {default})"
 
 
 def config_from_args(cls, args: argparse.Namespace):

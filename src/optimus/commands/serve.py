@@ -11,7 +11,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_args(parser, EngineConfig)
     add_config_args(parser, ServerConfig)
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
-                        help="server log level (default: info)")
+                        help="server log level; debug also logs the access lines of /health, /metrics and "
+                             "the web page's /ui/gauges polls (default: info)")
 
 
 def run(args: argparse.Namespace) -> int:

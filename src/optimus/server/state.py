@@ -25,9 +25,12 @@ class ServerState:
         return self.config.served_model_name or self.engine.model_name
 
     def limits(self) -> PromptLimits:
+        # No --max-tokens-cap: the model's context is the only cap (the prompt's room under it
+        # is checked per request).
+        cap = self.config.max_tokens_cap
         return PromptLimits(vocab_size=self.engine.spec.arch.vocab_size,
                             max_model_len=self.engine.max_model_len,
-                            max_tokens_cap=self.config.max_tokens_cap)
+                            max_tokens_cap=self.engine.max_model_len if cap is None else cap)
 
     def admit(self, model: str | None) -> None:
         """Refuse API calls while the engine is not ready, and for another model."""

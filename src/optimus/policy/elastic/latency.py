@@ -143,6 +143,9 @@ class LatencyProfile:
     device: str = "unknown"
     model_id: str = "unknown"
     created: float = field(default_factory=time.time)
+    # Cached positions per request in the measured steps: a re-check must time the same steps.
+    context: int | None = None
+    source: str = "unknown"  # what measured it ("optimus profile", "start-up", "synthetic"), for the logs
 
     def __post_init__(self) -> None:
         if not self.points:
@@ -164,7 +167,7 @@ class LatencyProfile:
         top = max_tokens or int(2 ** math.ceil(math.log2(knee * 32)))
         ns = sorted({2 ** k for k in range(int(math.log2(top)) + 1)} | {int(round(knee))})
         pairs = [(n, t0 + slope * max(0.0, n - knee)) for n in ns]
-        return cls.from_pairs(pairs, device="synthetic", model_id="synthetic")
+        return cls.from_pairs(pairs, device="synthetic", model_id="synthetic", source="synthetic")
 
     # ---- the two views -----------------------------------------------------------------
     @cached_property
@@ -206,11 +209,31 @@ class LatencyProfile:
         w = (math.log(batch) - math.log(lo)) / (math.log(hi) - math.log(lo))
         return (1 - w) * curves[lo](n, hinge) + w * curves[hi](n, hinge)
 
+    # ---- measured cells ----------------------------------------------------------------
+    def cells(self) -> list[tuple[int, int]]:
+        """The (batch, chunk) steps measured, fewest tokens first (batch 1 where unrecorded)."""
+        found = {(p.batch or 1, p.tokens // (p.batch or 1)) for p in self.points}
+        return sorted(found, key=lambda bc: (bc[0] * bc[1], bc))
+
+    def measured(self, batch: int, chunk: int) -> float | None:
+        """Median measured seconds of the step ``batch x chunk``; None if it was not measured."""
+        times = [p.seconds for p in self.points if (p.batch or 1) == batch and p.tokens == batch * chunk]
+        return float(np.median(times)) if times else None
+
+    def describe(self) -> str:
+        """One line for the logs: who measured it, when, where, and the curve it found."""
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(self.created)) if self.created else "at an unknown time"
+        knee = "no knee" if math.isinf(self.knee) else f"knee {self.knee:.0f} tokens"
+        by = "" if self.source == "unknown" else f" by {self.source}"
+        return (f"measured {when}{by} on {self.device}, {len(self.points)} points, "
+                f"{self.fit.t0 * 1e3:.2f} ms flat, {knee}")
+
     # ---- persistence -------------------------------------------------------------------
     def to_json(self) -> dict:
         fit = self.fit
         return {
             "version": PROFILE_VERSION, "device": self.device, "model_id": self.model_id, "created": self.created,
+            "context": self.context, "source": self.source,
             "fit": {"t0": fit.t0, "a": fit.a, "b": fit.b, "knee": None if math.isinf(fit.knee) else fit.knee},
             "points": [{"tokens": p.tokens, "seconds": p.seconds, "batch": p.batch} for p in self.points],
         }
@@ -221,8 +244,10 @@ class LatencyProfile:
             raise ValueError(f"latency profile version {data.get('version')!r} is not {PROFILE_VERSION}; re-run "
                              "'optimus profile'")
         points = tuple(LatencyPoint(int(p["tokens"]), float(p["seconds"]), p.get("batch")) for p in data["points"])
+        context = data.get("context")
         return cls(points, device=data.get("device", "unknown"), model_id=data.get("model_id", "unknown"),
-                   created=float(data.get("created", 0.0)))
+                   created=float(data.get("created", 0.0)), context=None if context is None else int(context),
+                   source=data.get("source", "unknown"))
 
     def save(self, path: str | os.PathLike) -> Path:
         path = Path(path)

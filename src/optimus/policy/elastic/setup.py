@@ -1,5 +1,7 @@
-"""Wires the elastic policy to this device: load the saved latency profile for (device,
-model), or measure a brief one on first start (and say so), plus an optional tau prior."""
+"""Wires the elastic policy to this device: the saved latency profile for (device, model),
+re-checked at each start against a few fresh step timings and re-measured when it is off,
+or a brief one measured on first start; the log says which, and where it came from. Plus
+an optional tau prior."""
 
 from __future__ import annotations
 
@@ -27,6 +29,9 @@ def model_id(engine) -> str:
     return f"{engine.spec.family}-{path.name}-{str(dtype).removeprefix('torch.')}"
 
 
+BRIEF_CONTEXT = 64  # cached positions per request in the steps a start-up profile measures
+
+
 def _brief_grid(max_running: int, device: torch.device) -> tuple[list[int], list[int]]:
     batches = [b for b in (1, 4, 16, 64, 256) if b <= max(1, max_running)]
     if device.type != "cuda":
@@ -35,25 +40,80 @@ def _brief_grid(max_running: int, device: torch.device) -> tuple[list[int], list
 
 
 def load_or_profile(engine):
-    from optimus.policy.elastic.latency import LatencyProfile, default_profile_path
+    """The latency profile the elastic policy plans with. A profile named by
+    ``--profile-path`` is the user's choice: re-checked and warned about, never replaced. The
+    cached one is re-measured when its steps are off by more than the tolerance."""
+    from optimus.policy.elastic.latency import default_profile_path
 
     dev = device_name(engine.device)
-    path = Path(engine.config.profile_path) if engine.config.profile_path else default_profile_path(dev, model_id(engine))
-    if path.exists():
+    given = engine.config.profile_path
+    path = Path(given) if given else default_profile_path(dev, model_id(engine))
+    cached = _read_cached(path, given=bool(given))
+    if cached is not None and _still_valid(engine, cached, path, dev, given=bool(given)):
+        return cached
+    return _measure_brief(engine, path, dev, model_id(engine))
+
+
+def _read_cached(path: Path, given: bool):
+    """The profile at ``path``, or None when there is none; an unreadable cache entry is
+    measured again (it is only a cache), an unreadable named file is an error."""
+    from optimus.policy.elastic.latency import LatencyProfile
+
+    if not path.exists():
+        return None
+    try:
         return LatencyProfile.load(path)
-    from optimus.policy.elastic.profiler import profile_latency
+    except (ValueError, KeyError, TypeError) as exc:
+        if given:
+            raise
+        log.warning("latency profile %s is unreadable (%s): measuring a new one", path, exc)
+        return None
+
+
+def _still_valid(engine, profile, path: Path, dev: str, given: bool) -> bool:
+    """Log which profile is used and why; False when it must be measured again."""
+    from optimus.policy.elastic.profiler import recheck_profile
+    from optimus.executor.timed_step import make_step_fn
+
+    if profile.device != dev:  # a synthetic curve or another machine's, named on purpose
+        log.info("latency profile: %s (%s); not re-checked: it is not from this device (%s)",
+                 path, profile.describe(), dev)
+        return True
+    try:
+        check = recheck_profile(profile, make_step_fn(engine, context=profile.context or BRIEF_CONTEXT))
+    except ValueError as exc:  # e.g. its steps' context does not fit this engine's KV cache
+        log.warning("latency profile: %s (%s); could not re-check it (%s): using it as is",
+                    path, profile.describe(), exc)
+        return True
+    if check.holds():
+        log.info("latency profile: %s (%s); re-checked at start: %s", path, profile.describe(), check.describe())
+        return True
+    if given:
+        log.warning("latency profile %s (%s) does not match this device now: %s; using it anyway, as "
+                    "--profile-path names it ('optimus profile --force --out %s' re-measures it)",
+                    path, profile.describe(), check.describe(), path)
+        return True
+    log.warning("cached latency profile %s (%s) does not match this device now: %s; re-measuring",
+                path, profile.describe(), check.describe())
+    return False
+
+
+def _measure_brief(engine, path: Path, dev: str, mid: str):
+    from optimus.policy.elastic.profiler import grid_cells, profile_latency
     from optimus.executor.timed_step import make_step_fn
 
     batches, chunks = _brief_grid(engine.config.scheduler.max_running, engine.device)
-    log.warning("no latency profile for %s on %s: profiling briefly (%d points), saving to %s",
-                model_id(engine), dev, len(batches) * len(chunks), path)
-    profile = profile_latency(make_step_fn(engine, context=64), batches, chunks, warmup=1, repeats=3,
-                              progress=False)
-    profile = dataclasses.replace(profile, device=dev, model_id=model_id(engine))
+    log.info("latency profile: measuring %d steps of %s on %s for the elastic policy (once: saved to %s "
+             "and re-checked at each start; 'optimus profile' measures a fuller grid)",
+             len(grid_cells(batches, chunks)), mid, dev, path)
+    profile = profile_latency(make_step_fn(engine, context=BRIEF_CONTEXT), batches, chunks, warmup=1,
+                              repeats=3, progress=True)
+    profile = dataclasses.replace(profile, device=dev, model_id=mid, context=BRIEF_CONTEXT, source="start-up")
     try:
         profile.save(path)
     except OSError as exc:
         log.warning("could not save the latency profile: %s", exc)
+    log.info("latency profile: %s (%s)", path, profile.describe())
     return profile
 
 

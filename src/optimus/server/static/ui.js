@@ -4,7 +4,12 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const ui = (window.optimusUI = { requests: 0, committed: 0, steps: 0, done: false, error: null, text: "" });
+// committed: answer tokens committed so far. Positions past --max-tokens (the block's tail)
+// and, once the answer is known, the end-of-text padding after it are decoding work, not
+// answer: they are counted apart (afterAnswer).
+const ui = (window.optimusUI = {
+  requests: 0, committed: 0, afterAnswer: 0, steps: 0, done: false, error: null, text: "",
+});
 
 // ---- canvas --------------------------------------------------------------------------------
 // One request's canvas: cells[i] is canvas offset i; engine step ids map to a local index
@@ -78,6 +83,28 @@ class CanvasView {
   maskedCount() {
     return this.cells.filter((c) => c.classList.contains("masked")).length;
   }
+
+  // Committed positions before offset ``end`` (the answer's) and from it on (padding, tail).
+  committedSplit(end) {
+    let inside = 0;
+    let after = 0;
+    this.cells.forEach((c, i) => {
+      if (c.classList.contains("committed")) i < end ? (inside += 1) : (after += 1);
+    });
+    return { inside, after };
+  }
+
+  // The request is over: cells past the answer are marked as such, and positions it never
+  // decoded (after an early end of text) stop showing as masked.
+  finish(answerLen) {
+    this.cells.forEach((cell, i) => {
+      if (i >= answerLen) cell.classList.add("after-answer");
+      if (cell.classList.contains("masked")) {
+        cell.classList.replace("masked", "unused");
+        cell.title = `position ${i}: not decoded (the answer ended before it)`;
+      }
+    });
+  }
 }
 
 function clip(text, n) {
@@ -106,6 +133,29 @@ async function* sseEvents(response) {
       }
     }
   }
+}
+
+// A refused call's readable reason: the message of the API's error envelope, else the body.
+async function errorMessage(response) {
+  const body = await response.text();
+  try {
+    const parsed = JSON.parse(body);
+    const message = (parsed.error && parsed.error.message) || parsed.detail;
+    if (message) return typeof message === "string" ? message : JSON.stringify(message);
+  } catch (_) {
+    // not JSON: the body as it came
+  }
+  return body || response.statusText;
+}
+
+// 401: the server wants an API key. Open the key field and say so, in words.
+function askForKey() {
+  const hadKey = Boolean($("api-key").value.trim());
+  $("api-key-box").open = true;
+  $("api-key").focus();
+  return hadKey
+    ? "The server did not accept this API key. Check the key in the API key field and send again."
+    : "This server needs an API key. Enter it in the API key field (opened below the prompt) and send again.";
 }
 
 function headers() {
@@ -143,7 +193,7 @@ const view = new CanvasView($("canvas"), $("steps"));
 
 async function ask(prompt) {
   ui.requests += 1;
-  Object.assign(ui, { committed: 0, steps: 0, done: false, error: null, text: "" });
+  Object.assign(ui, { committed: 0, afterAnswer: 0, steps: 0, done: false, error: null, text: "", answerLen: 0 });
   addMessage("user", prompt);
   const bubble = addMessage("assistant", "…");
   const body = {
@@ -153,9 +203,13 @@ async function ask(prompt) {
     chat: $("chat").checked,
   };
   const response = await fetch("/ui/generate", { method: "POST", headers: headers(), body: JSON.stringify(body) });
+  if (response.status === 401) {
+    bubble.remove();
+    throw new Error(askForKey());
+  }
   if (!response.ok) {
-    const detail = await response.text();
-    throw new Error(`HTTP ${response.status}: ${detail}`);
+    bubble.remove();
+    throw new Error(`The server refused the request (HTTP ${response.status}): ${await errorMessage(response)}`);
   }
   for await (const ev of sseEvents(response)) handle(ev, bubble);
 }
@@ -166,22 +220,34 @@ function handle(ev, bubble) {
     $("canvas-status").textContent = `prompt ${ev.prompt_tokens} tokens · canvas ${ev.canvas} · block ${ev.block_size}`;
   } else if (ev.type === "commit") {
     view.commit(ev);
-    ui.committed += ev.positions.length;
     ui.steps += 1;
-    $("canvas-status").textContent = `${ui.committed} committed · ${view.maskedCount()} masked · ${ui.steps} steps`;
+    countCommitted(view.layout.max_tokens);
   } else if (ev.type === "text") {
     ui.text = ev.text;
+    ui.answerLen = ev.n;
     setAnswer(bubble, ev.text || "…");
   } else if (ev.type === "done") {
     ui.text = ev.text;
     setAnswer(bubble, ev.text || "(empty answer)");
+    view.finish(ui.answerLen);
+    countCommitted(ui.answerLen);
     const chunks = Object.entries(ev.chunk_sizes).map(([c, n]) => `${c}×${n}`).join(" ");
-    setMeta(bubble, `${ev.finish_reason} · ${ev.tokens_committed} tokens in ${ev.steps} steps ` +
-      `(${ev.tokens_per_step} per step) · chunks ${chunks} · ${ev.elapsed_s.toFixed(2)} s`);
+    const perStep = ev.steps ? (ui.committed / ev.steps).toFixed(2) : "0";
+    setMeta(bubble, `${ev.finish_reason} · ${ui.committed} tokens in ${ev.steps} steps ` +
+      `(${perStep} per step) · chunks ${chunks} · ${ev.elapsed_s.toFixed(2)} s`);
     ui.done = true;
   } else if (ev.type === "error") {
     throw new Error(ev.message);
   }
+}
+
+// Counts committed positions before ``end`` as the answer's; the rest apart.
+function countCommitted(end) {
+  const { inside, after } = view.committedSplit(end);
+  Object.assign(ui, { committed: inside, afterAnswer: after });
+  const past = after ? ` · ${after} past the answer` : "";
+  $("canvas-status").textContent =
+    `${inside} committed · ${view.maskedCount()} masked · ${ui.steps} steps${past}`;
 }
 
 $("ask").addEventListener("submit", async (e) => {
@@ -287,6 +353,7 @@ function showGauges(g) {
 async function pollGauges() {
   try {
     const response = await fetch("/ui/gauges", { headers: headers() });
+    if (!response.ok) throw new Error(`HTTP ${response.status}: ${await errorMessage(response)}`);
     const g = await response.json();
     if (g.ready) {
       showGauges(g);

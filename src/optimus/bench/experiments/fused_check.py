@@ -10,7 +10,7 @@
       fused     fused kernels + merged q/k/v and gate/up matmuls (what the engine runs)
     with the kernel launches per layer counted by the profiler.
 
-  PYTHONPATH=src python benchmarks/fused_check.py --out fused_check.json
+  PYTHONPATH=src python -m optimus.bench.experiments.fused_check --out fused_check.json
 """
 
 from __future__ import annotations
@@ -21,10 +21,9 @@ import time
 
 import torch
 
-from gpu_timing import time_graph_ms
-
-from optimus.engine.kv_cache import KVCacheStorage
-from optimus.engine.runner import PagedBackend, StepBatch
+from optimus.bench.experiments.gpu_timing import time_graph_ms
+from optimus.executor.kv_storage import KVCacheStorage
+from optimus.executor.runner import PagedBackend, StepBatch
 from optimus.kernels import fused
 from optimus.kernels.reference import rms_norm_reference, rotary_qk_reference, silu_mul_reference
 from optimus.models.layers import DecoderLayer, FusedOps, RotaryEmbedding, layer_ops

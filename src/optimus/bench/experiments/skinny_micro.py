@@ -1,7 +1,7 @@
 """Skinny-linear microbenchmark (GPU): the Triton weight-streaming kernel vs F.linear (cuBLAS)
 on the 8B projection shapes at 1-16 rows, as time and weight bandwidth.
 
-  python benchmarks/skinny_micro.py --out skinny.json [--sweep]
+  PYTHONPATH=src python -m optimus.bench.experiments.skinny_micro --out skinny.json [--sweep]
 
 --sweep also times every tile config on each shape (at 8 rows) and reports the best, which is
 how default_config was chosen. Times are triton.testing.do_bench medians with the L2 flushed

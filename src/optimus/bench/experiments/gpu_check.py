@@ -1,6 +1,9 @@
 """GPU correctness checks for the engine path: CUDA-graph replay and the Triton kernel must
 give the same tokens as eager torch attention on a tiny model, and overlapped steps (the
-default) the same as synchronous ones (run on the device machine)."""
+default) the same as synchronous ones (run on the device machine):
+
+  PYTHONPATH=src python -m optimus.bench.experiments.gpu_check gpu_check.json
+"""
 
 import json
 import sys
@@ -8,9 +11,9 @@ import sys
 import torch
 
 from optimus.engine.llm import LLM
-from optimus.engine.params import SamplingParams
+from optimus.core.params import SamplingParams
 from optimus.kernels import pdl
-from optimus.testing.engine import tiny_loaded
+from fixtures.engine import tiny_loaded
 
 
 def Loaded(family):

@@ -1,6 +1,7 @@
-"""Does serving steps of 512-1024 tokens from CUDA graphs pay? (GPU; issue 5 sweep at conc 16)
+"""Does serving steps of 512-1024 tokens from CUDA graphs pay? (GPU; the offline policy
+sweep's workload at concurrency 16)
 
-  PYTHONPATH=src python benchmarks/graph_limit_ab.py --out graph_limit_ab.json
+  PYTHONPATH=src python -m optimus.bench.experiments.graph_limit_ab --out graph_limit_ab.json
 
 Same workload as the offline sweep (SDAR-8B shape, replayed acceptance, 256+256 tokens), at
 graph_max_tokens 512 and 1024, each engine pre-captured, rounds interleaved, medians reported.
@@ -13,8 +14,8 @@ import statistics
 import torch
 
 from optimus.bench.offline import Target, timed_generate
-from optimus.engine.acceptance import ReplayAcceptance, load_acceptance
-from optimus.engine.params import SamplingParams
+from optimus.decoding.replay import ReplayAcceptance, load_acceptance
+from optimus.core.params import SamplingParams
 
 ACCEPTANCE = "benchmarks/results/cpu/acceptance/latest.json"
 PROFILE = "benchmarks/results/h100/latency_surface/latest.json"

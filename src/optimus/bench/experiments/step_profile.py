@@ -1,6 +1,6 @@
 """Where a decoding step's time goes, on the GPU (run on the device machine):
 
-    PYTHONPATH=src python benchmarks/step_profile.py --out step_profile.json
+    PYTHONPATH=src python -m optimus.bench.experiments.step_profile --out step_profile.json
 
 For each case (AR Llama-8B shape at batch 1 and 32, the LLaDA-8B 4-tokens-per-step schedule
 at batch 1) it times, per step: the wall clock, the model body (CUDA events around
@@ -19,7 +19,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from optimus.bench.offline import Target, _prompts
-from optimus.engine.params import SamplingParams
+from optimus.core.params import SamplingParams
 
 CASES = (("llama-8b", "ar", 1, 1), ("llama-8b", "ar", 32, 1), ("llada-8b", "fixed:32", 1, 4))
 

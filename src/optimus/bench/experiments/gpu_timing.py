@@ -1,4 +1,4 @@
-"""CUDA-graph timing shared by the GPU benchmark scripts (run as `python benchmarks/<script>.py`)."""
+"""CUDA-graph timing shared by the GPU experiments (``python -m optimus.bench.experiments.<name>``)."""
 
 import torch
 

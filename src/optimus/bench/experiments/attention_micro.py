@@ -10,7 +10,7 @@ grids: batch 1-8 decode), the config picked with split-KV off is timed too ("uns
 so one run shows what split-KV buys. Also checks the kernel against the torch reference
 on ragged batches.
 
-  PYTHONPATH=src python benchmarks/attention_micro.py --out results.json [--sweep]
+  PYTHONPATH=src python -m optimus.bench.experiments.attention_micro --out results.json [--sweep]
 """
 
 from __future__ import annotations
@@ -21,10 +21,9 @@ import math
 from dataclasses import dataclass, replace
 
 import torch
-
-from gpu_timing import time_graph_ms
 import torch.nn.functional as F
 
+from optimus.bench.experiments.gpu_timing import time_graph_ms
 from optimus.kernels import group_attention, visible_key_end, write_kv
 
 SHAPES = {"llada-8b": (32, 32, 128), "sdar-8b": (32, 8, 128)}  # (Hq, Hkv, D)

@@ -1,20 +1,24 @@
 #!/usr/bin/env bash
-# The 8B-shape serving sweep (issue 7) in one device command (run from the repo root):
-#   OUT=/some/dir bash benchmarks/h100_serve_sweep.sh
+# The 8B-shape serving sweep in one device command (run from the repo root), on any CUDA card:
+#   OUT=/some/dir bash benchmarks/gpu_serve_sweep.sh
+# Its sweep.json is what benchmarks/results/<card>/serve_sweep/latest.json holds (store it with
+# `python scripts/results_table.py store`, docs/results.md).
 # `optimus bench sweep` starts `optimus serve --model random:sdar-8b` (random bf16 weights at
 # the SDAR-8B shape) once per policy and loads it over HTTP at each request rate. Random weights
 # have meaningless confidences, so each server commits per step what the measured acceptance
 # profile of the shipped default model says (--replay-acceptance; it also seeds elastic's tau)
-# and elastic plans on the committed H100 latency profile (--profile-path). Every server
-# captures its CUDA graphs at start-up (--graph-precapture), so no run pays them. Results are
-# throughput and latency of the serving stack with replayed token efficiency, not accuracy.
+# and elastic plans on the card's committed latency profile (--profile-path; CARD=h100 by default:
+# benchmarks/results/$CARD/latency_surface/latest.json; without that file the server measures one
+# on its first start). Every server captures its CUDA graphs at start-up (--graph-precapture),
+# so no run pays them. Results are throughput and latency of the serving stack with replayed
+# token efficiency, not accuracy.
 #
 # Server packages the GPU image may lack (fastapi, uvicorn, ...) travel as wheels in .whl/
 # (gitignored; carry it), installed into a scratch folder only if an import fails.
 #
 # MODEL, EXTRA_SERVER_ARGS, POLICIES, RATES and PROMPTS override the defaults, e.g. a CPU smoke
 # run of this script: MODEL=random-tiny:sdar-8b EXTRA_SERVER_ARGS="--device cpu --num-pages 256"
-# POLICIES=fixed:8 RATES=50 PROMPTS=4 OUT=/tmp/smoke bash benchmarks/h100_serve_sweep.sh
+# POLICIES=fixed:8 RATES=50 PROMPTS=4 OUT=/tmp/smoke bash benchmarks/gpu_serve_sweep.sh
 #
 # Time budget (~8 min on an H100; estimate from the offline H100 numbers, docs/gpu.md: a step
 # costs ~7.5 ms up to ~256 tokens and ~25 us per token beyond; fixed:8 peaks near 10,000 output
@@ -30,7 +34,10 @@ set -o pipefail
 OUT=${OUT:?set OUT}
 MODEL=${MODEL:-random:sdar-8b}
 ACCEPTANCE=${ACCEPTANCE:-benchmarks/results/cpu/acceptance/latest.json}
-PROFILE=${PROFILE:-benchmarks/results/h100/latency_surface/latest.json}
+CARD=${CARD:-h100}
+PROFILE=${PROFILE:-benchmarks/results/$CARD/latency_surface/latest.json}
+PROFILE_ARG=""
+[ -f "$PROFILE" ] && PROFILE_ARG="--profile-path $PROFILE"
 POLICIES=${POLICIES:-elastic,fixed:8,ar,fixed:4,fixed:16,fixed:32}
 RATES=${RATES:-32,48,64,96}
 PROMPTS=${PROMPTS:-256}
@@ -48,7 +55,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 timeout 510 "$PY" -m optimus.cli bench sweep --model "$MODEL" --policies "$POLICIES" --rates "$RATES" \
   --dataset random --input-len 256 --output-len 256 --num-prompts "$PROMPTS" --ignore-eos --warmup 1 \
   --slo ttft:2000,tpot:50 --startup-timeout 180 --disable-tqdm \
-  --server-args "--replay-acceptance $ACCEPTANCE --profile-path $PROFILE --graph-precapture --log-level warning $EXTRA_SERVER_ARGS" \
+  --server-args "--replay-acceptance $ACCEPTANCE $PROFILE_ARG --graph-precapture --log-level warning $EXTRA_SERVER_ARGS" \
   --out-dir "$OUT" 2>&1 | tee "$OUT/sweep.log"
 # At most 8 files come back from $OUT: one archive for the per-policy server logs.
 tar czf "$OUT/server_logs.tar.gz" -C "$OUT" logs && rm -r "$OUT/logs"

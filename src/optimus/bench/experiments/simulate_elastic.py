@@ -1,20 +1,20 @@
 """Closed-loop simulation of every policy on a *measured* device profile and a *measured*
 acceptance profile (CPU only, seconds): what the H100 sweep would give with warm buckets.
 
-  PYTHONPATH=src python benchmarks/simulate_elastic.py \
+  PYTHONPATH=src python -m optimus.bench.experiments.simulate_elastic \
       --profile benchmarks/results/h100/latency_surface/history/2026-11-25_5c819be.json \
       --acceptance benchmarks/results/cpu/acceptance/history/2026-11-25_6df4761_model_v1.json \
-      --out benchmarks/results/h100/elastic_simulation/latest.json
+      --out elastic_simulation.json
 """
 
 import argparse
 import json
 from collections import Counter
 
-from optimus.engine.latency import LatencyProfile
-from optimus.engine.policies.elastic import ElasticPolicy
-from optimus.engine.policies.fixed import FixedPolicy
-from optimus.engine.policies.simulate import KneeDevice, TauTable, sweep
+from optimus.policy.elastic.latency import LatencyProfile
+from optimus.policy.elastic.controller import ElasticPolicy
+from optimus.policy.fixed import FixedPolicy
+from optimus.policy.simulate import KneeDevice, TauTable, sweep
 
 
 def main() -> None:

@@ -4,13 +4,13 @@ the variants round by round so clock and neighbour drift hit all alike; medians 
 
 Variants, each adding one option to the one before:
   cublas      F.linear for every projection and the LM head, torch softmax + max
-  skinny      the weight-streaming linear for steps of <= 16 rows (session 4's engine)
+  skinny      the weight-streaming linear for steps of <= 16 rows
   pdl         every Triton kernel launched with programmatic dependent launch
   pdl_greedy  PDL and the split Triton greedy pick (kernels/greedy.py)
   overlap     and causal steps launched before the previous step's tokens are read
               (runner.overlap): the engine's default
 
-  PYTHONPATH=src python benchmarks/ab_kernels.py --out ab_kernels.json [--variants skinny,pdl]
+  PYTHONPATH=src python -m optimus.bench.experiments.ab_kernels --out ab_kernels.json [--variants skinny,pdl]
       [--rounds 3] [--tiny: a CPU smoke run of the script]
 """
 
@@ -26,7 +26,7 @@ import torch
 from optimus.bench.offline import timed_generate
 from optimus.bench.shapes import random_model
 from optimus.engine.llm import LLM
-from optimus.engine.params import SamplingParams
+from optimus.core.params import SamplingParams
 from optimus.kernels import greedy, pdl, skinny_linear
 from optimus.models import transformer
 

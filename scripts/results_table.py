@@ -1,0 +1,517 @@
+"""The table of current numbers, generated from the committed results.
+
+Results live in ``benchmarks/results/<card>/<benchmark>/``: ``latest.json`` (with its plots,
+``latest.png`` / ``latest_<name>.png``, and ``latest.source``: the date and commit of the
+measurement, ``YYYY-MM-DD <commit>``) and the runs it replaced in ``history/``, named
+``<date>_<commit>[_<what differs>].<ext>``. This script reads every ``latest.json`` and writes
+``docs/results.md``: one table per benchmark with a column per card, GPU cards side by side
+(a known card without a file reads "not measured yet"; a card folder that appears, e.g.
+``benchmarks/results/h200/``, gains its column).
+
+  python scripts/results_table.py                 # write docs/results.md
+  python scripts/results_table.py --check         # exit 1 if docs/results.md is stale
+  python scripts/results_table.py store CARD BENCHMARK RESULT.json [PLOT.png ...] [--source "DATE COMMIT"]
+
+``store`` files a new run: the current ``latest*`` files move to ``history/<date>_<commit>...``
+(from ``latest.source``), the new files become ``latest*`` and ``latest.source`` records the
+given source, or today's date and the checked-out commit (the code that was measured).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+OUT = ROOT / "docs" / "results.md"
+GPU_CARDS = ("h100", "h200")  # always shown for GPU benchmarks, measured or not
+ONE_OFF = {"train"}  # runs that are not repeated per card: only the cards that have them
+NOT_MEASURED = "not measured yet"
+
+SHAPES = {"llada-8b": "LLaDA-8B", "llama-8b": "Llama-8B", "sdar-8b": "SDAR-8B", "dream-7b": "Dream-7B"}
+
+
+# ---------------------------------------------------------------- formatting
+
+
+def num(v: float) -> str:
+    """Throughput-style number: thousands separated, no decimals from 100 up."""
+    if v is None:
+        return "—"
+    if abs(v) >= 100:
+        return f"{v:,.0f}"
+    if abs(v) >= 10:
+        return f"{v:.1f}"
+    return f"{v:.2f}"
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def shape(name: str) -> str:
+    return SHAPES.get(name, name)
+
+
+def case(row: dict) -> str:
+    """'Llama-8B AR' / 'LLaDA-8B 4 tokens/step' for a row of an engine benchmark."""
+    s = shape(row.get("shape", "?"))
+    if row.get("policy") == "ar":
+        return f"{s} AR"
+    tps = row.get("tokens_per_step") or (4 if row.get("schedule") == "4 tokens/step" else None)
+    return f"{s} {tps} tokens/step" if tps else f"{s} {row.get('policy', '')}".strip()
+
+
+def rate(r: float) -> str:
+    return f"{r:g}"
+
+
+def requests(n) -> str:
+    return f"{n} request{'' if str(n) == '1' else 's'}"
+
+
+# ---------------------------------------------------------------- extractors: json -> [(label, value)]
+
+
+def offline_table(d: dict) -> list:
+    rows = []
+    for key in ("schedule4", "ar"):
+        for r in d.get(key, []):
+            label = f"{shape(r['shape'])} {'4 tokens/step' if key == 'schedule4' else 'AR'}, batch {r['batch']} (tok/s)"
+            rows.append((label, num(r["output_tok_s"])))
+    return rows
+
+
+def _best_fixed(values: dict) -> tuple[str, float] | None:
+    fixed = {p: v for p, v in values.items() if p.startswith("fixed:") and v is not None}
+    return max(fixed.items(), key=lambda kv: kv[1]) if fixed else None
+
+
+def _vs_best(elastic: float, best: tuple[str, float]) -> str:
+    return f"{num(elastic)} vs {num(best[1])} ({best[0]}): {pct(elastic / best[1])}"
+
+
+def policy_sweep(d: dict) -> list:
+    rows = []
+    sweep = d.get("sweep", [])
+    levels = sorted({r["concurrency"] for r in sweep})
+    tok = {(r["policy"], r["concurrency"]): r["output_tok_s"] for r in sweep}
+    policies = list(dict.fromkeys(r["policy"] for r in sweep))
+    for n in levels:
+        at = {p: tok.get((p, n)) for p in policies}
+        best = _best_fixed(at)
+        if "elastic" in policies and best and at.get("elastic") is not None:
+            rows.append((f"{requests(n)}: elastic vs best fixed (tok/s)", _vs_best(at["elastic"], best)))
+    if len(levels) > 1 and all((p, n) in tok for p in policies for n in levels):
+        sums = {p: sum(tok[(p, n)] for n in levels) for p in policies}
+        best = _best_fixed(sums)
+        if "elastic" in sums and best:
+            rows.append(("sum over concurrencies: elastic vs best fixed (tok/s)", _vs_best(sums["elastic"], best)))
+    if "elastic" in policies and "ar" in policies:
+        gains = [tok[("elastic", n)] / tok[("ar", n)] for n in levels if ("elastic", n) in tok and ("ar", n) in tok]
+        rows.append((f"elastic / ar at {' / '.join(map(str, levels))} requests",
+                     " / ".join(f"{g:.1f}" if g >= 2 else f"{g:.2f}" for g in gains) + "x"))
+    if sweep:
+        r = sweep[0]
+        rows.append(("workload", f"{shape(r.get('shape', '?'))}, {r.get('acceptance', '')}"))
+    if "surface" in d:
+        rows.append(("latency knee (tokens per step)", f"{d['surface']['knee_tokens']:.0f}"))
+    return rows
+
+
+def serve_sweep(d: dict) -> list:
+    rows = []
+    pol = d.get("policies", {})
+    tok = {(p, r["request_rate"]): r["output_throughput"] for p, v in pol.items() for r in v.get("runs", [])}
+    att = {(p, r["request_rate"]): r["slo_attainment"] for p, v in pol.items() for r in v.get("runs", [])}
+    rates = d.get("rates") or sorted({r for _, r in tok})
+    if "elastic" in pol:
+        for r in rates:
+            best = _best_fixed({p: tok.get((p, r)) for p in pol})
+            if best and ("elastic", r) in tok:
+                rows.append((f"{rate(r)} req/s: elastic vs best fixed (output tok/s)", _vs_best(tok[("elastic", r)], best)))
+    top = max(rates) if rates else None
+    for p, v in pol.items():
+        cap = v.get("capacity")
+        cap_s = f"< {rate(min(rates))}" if cap is None else (f">= {rate(cap)} (top rate)" if cap == top else rate(cap))
+        seen = [att[(p, r)] for r in rates if (p, r) in att]
+        rows.append((f"capacity of {p} (req/s)", f"{cap_s}; SLO attainment {' / '.join(f'{100 * a:.0f}' for a in seen)}%"))
+    slo = d.get("slo_ms", {})
+    ds = d.get("dataset", {})
+    rows.append(("SLOs and load", f"{' and '.join(f'{k.upper()} {v:,.0f} ms' for k, v in slo.items())}, "
+                 f">= {100 * d.get('attainment_target', 0.9):.0f}% within; {ds.get('name', '?')} dataset, "
+                 f"{ds.get('num_prompts', '?')} prompts per rate at {' / '.join(rate(r) for r in rates)} req/s"))
+    return rows
+
+
+def gpu_check(d: dict) -> list:
+    cases = {k: v for k, v in d.items() if isinstance(v, dict)}
+    checks = [ok for v in cases.values() for ok in v.values()]
+    kinds = list(dict.fromkeys(k for v in cases.values() for k in v))
+    rows = [("checks passed", f"{sum(bool(c) for c in checks)} of {len(checks)}"),
+            ("paths checked (each against eager torch or its own baseline)", ", ".join(k.replace("_", " ") for k in kinds)),
+            ("model / policy cases", ", ".join(cases))]
+    if "pdl" in d:
+        rows.append(("programmatic dependent launch on", "yes" if d["pdl"] else "no"))
+    return rows
+
+
+def attention_micro(d: dict) -> list:
+    rows = []
+    checks = d.get("ragged_checks", [])
+    if checks:
+        worst = max(c["max_abs_err_vs_reference"] for c in checks)
+        rows.append(("ragged batches match the torch reference",
+                     f"{sum(c['ok'] for c in checks)} of {len(checks)} (max abs error {worst:.1e})"))
+    cases = [c for c in d.get("cases", []) if "speedup_vs_sdpa" in c]
+    for kind in dict.fromkeys(c["kind"] for c in cases):
+        sel = [c for c in cases if c["kind"] == kind]
+        sp = [c["speedup_vs_sdpa"] for c in sel]
+        rows.append((f"{kind}: SDPA time / ours ({len(sel)} cases)", f"{min(sp):.2f}-{max(sp):.2f}x"))
+    slower = [c for c in cases if c["speedup_vs_sdpa"] < 1]
+    rows.append(("cases slower than SDPA", "none" if not slower else "; ".join(
+        f"{shape(c['model'])} {c['batch']} x {c['chunk']} {c['kind']} {c['speedup_vs_sdpa']:.3f}x" for c in slower)))
+    return rows
+
+
+def step_profile(d: dict) -> list:
+    return [(f"{case(c)}, batch {c['batch']}: wall / body / head / gaps / host (ms per step)",
+             " / ".join(f"{c[k]:.2f}" for k in ("wall_ms_per_step", "body_ms", "head_ms", "unaccounted_ms",
+                                                "host_ms_per_step")))
+            for c in d.get("cases", [])]
+
+
+def ab(d: dict) -> list:
+    rows = []
+    for r in d.get("rows", []):
+        names = list(d.get("variants") or [k[: -len("_tok_s")] for k in r if k.endswith("_tok_s")])
+        vals = [(n, r[f"{n}_tok_s"]) for n in names if f"{n}_tok_s" in r]
+        if not vals:
+            continue
+        gain = vals[-1][1] / vals[0][1] - 1
+        rows.append((f"{case(r)}, batch {r['batch']} (tok/s, medians)",
+                     " / ".join(f"{n} {num(v)}" for n, v in vals) + f" ({gain:+.1%} last vs first)"))
+    return rows
+
+
+def matmul(d: dict) -> list:
+    m = d.get("matmul", {})
+    return [(f"{shape(m.get('shape', '?'))} forward at {m.get('tokens', 0):,} tokens (TFLOP/s)",
+             f"{m['tflops']:.0f}, {pct(m['fraction_of_matmul'])} of the {m['matmul_tflops']:.0f} TFLOP/s bf16 matmul rate")]
+
+
+def latency_surface(d: dict) -> list:
+    fit = d.get("fit", {})
+    pts = d.get("points", [])
+    rows = [("model", d.get("model_id", "?")), ("fitted knee (tokens per step)", f"{fit.get('knee', 0):.0f}")]
+    if pts:
+        by = {}
+        for p in pts:
+            by.setdefault(p["tokens"], []).append(1e3 * p["seconds"])
+        rows.append(("step latency, ms (tokens: fastest-slowest)", "; ".join(
+            f"{t:,}: {min(v):.1f}" + (f"-{max(v):.1f}" if len(v) > 1 else "") for t, v in sorted(by.items()))))
+    return rows
+
+
+def skinny_micro(d: dict) -> list:
+    return [(f"{c['shape']} {c['n']:,} x {c['k']:,}, {c['rows']} row: cuBLAS vs Triton (us)",
+             f"{c['cublas_us']:.1f} vs {c['triton_us']:.1f}")
+            for c in d.get("cases", []) if c.get("rows") == 1]
+
+
+def graph_limit_ab(d: dict) -> list:
+    rows = []
+    for r in d.get("rows", []):
+        vals = [(k[len("graph_max_"): -len("_tok_s")], v) for k, v in r.items() if k.startswith("graph_max_") and k.endswith("_tok_s")]
+        rows.append((f"{r['policy']} at {r['concurrency']} requests: graphs up to {' / '.join(n for n, _ in vals)} tokens (tok/s)",
+                     " / ".join(num(v) for _, v in vals)))
+    return rows
+
+
+def elastic_simulation(d: dict) -> list:
+    thr = d.get("throughput_tok_s", {})
+    loads = list(next(iter(thr.values()), {}))
+    rows = []
+    for name in (k for k in thr if k.startswith("elastic")):
+        for n in loads:
+            best = _best_fixed({p: v.get(n) for p, v in thr.items()})
+            rows.append((f"{name}, {requests(n)}: vs best fixed (tok/s)", _vs_best(thr[name][n], best)))
+    return rows
+
+
+def train(d: dict) -> list:
+    s = d.get("summary", {})
+    return [("steps / seconds", f"{s.get('steps', 0):,} / {s.get('seconds', 0):.0f}"),
+            ("row tokens", f"{s.get('tokens', 0) / 1e6:.1f}M"),
+            ("held-out text loss (nats per masked token)", f"{s.get('heldout_text_loss', 0):.2f}"),
+            ("parameters", f"{s.get('params', 0):,}")]
+
+
+def finetune(d: dict) -> list:
+    return [(f"stage {st['stage']}: steps / seconds / held-out text loss",
+             f"{st['summary']['steps']} / {st['summary']['seconds']:.0f} / {st['summary']['heldout_text_loss']:.2f}"
+             f" ({st.get('note', '')})") for st in d.get("stages", [])] + [("device", d.get("device", "?"))]
+
+
+def evaluation(d: dict) -> list:
+    rows = [(f"{name}: accuracy (tau)", f"{pct(c['accuracy'])} ({c['tau']['mean']:.2f})")
+            for name, c in d.get("configs", {}).items()]
+    if "heldout_text_loss" in d:
+        rows.append(("held-out text loss (nats per masked token)", f"{d['heldout_text_loss']:.2f}"))
+    return rows
+
+
+def tau_profile(d: dict) -> list:
+    tau = d.get("tau_per_chunk", {})
+    rows = [(f"tau at chunk {' / '.join(tau)}", " / ".join(f"{float(v):.2f}" for v in tau.values()))]
+    if "prompts" in d:
+        rows.append(("prompts (tasks)", f"{d['prompts']} ({d.get('tasks', '?')})"))
+    return rows
+
+
+def samples(d: dict) -> list:
+    lat = d.get("latency_64", {})
+    return [("64-token answer, median of runs (s)",
+             f"{lat.get('seconds_median', 0):.3f} ({lat.get('steps', ['?'])[0]} steps, {lat.get('threads', '?')} threads)"),
+            ("greedy samples", f"{len(d.get('samples', []))} ({d.get('policy', '?')})")]
+
+
+# (benchmark, title, what it measures, extractor); the order is the page's order
+BENCHMARKS = [
+    ("offline_table", "Engine throughput at 8B shapes",
+     "Output tok/s, random bf16 weights, prompt 256, generation 256 (`optimus bench offline --experiments schedule4,ar`).",
+     offline_table),
+    ("policy_sweep", "Policies across concurrency (offline)",
+     "Output tok/s of every chunk policy on one engine, interleaved runs, medians; acceptance replayed from the "
+     "default model (`optimus bench offline --experiments surface,sweep`).", policy_sweep),
+    ("serve_sweep", "Serving over HTTP (SDAR-8B shape)",
+     "`optimus bench sweep` against `optimus serve --model random:sdar-8b` (`benchmarks/gpu_serve_sweep.sh`); capacity "
+     "is the highest swept rate with the SLO attainment target met.", serve_sweep),
+    ("matmul", "Forward pass against the matmul rate", "`optimus bench offline --experiments matmul`.", matmul),
+    ("step_profile", "Where a decoding step goes",
+     "`python -m optimus.bench.experiments.step_profile`; gaps = wall time outside the body and head (the GPU "
+     "waiting for the host); host = the host's bookkeeping per step (hidden when steps overlap).", step_profile),
+    ("attention_micro", "Attention kernel against SDPA (flash)",
+     "`python -m optimus.bench.experiments.attention_micro`: CUDA-graph replay, cache 512, bf16.", attention_micro),
+    ("skinny_micro", "Skinny-linear kernel against cuBLAS",
+     "`python -m optimus.bench.experiments.skinny_micro`: bf16, L2 flushed before every call.", skinny_micro),
+    ("ab_overlap", "A/B: overlapped causal steps",
+     "`python -m optimus.bench.experiments.ab_kernels` (variants in one process, interleaved rounds).", ab),
+    ("ab_kernels", "A/B: kernel options",
+     "`python -m optimus.bench.experiments.ab_kernels` (variants in one process, interleaved rounds).", ab),
+    ("graph_limit_ab", "A/B: CUDA-graph token limit",
+     "`python -m optimus.bench.experiments.graph_limit_ab`.", graph_limit_ab),
+    ("latency_surface", "Latency profile (what `elastic` plans with)",
+     "Step latency against tokens per step, SDAR-8B shape, cache 512, CUDA graphs; the serving sweep's "
+     "`--profile-path`.", latency_surface),
+    ("gpu_check", "GPU correctness checks",
+     "`python -m optimus.bench.experiments.gpu_check`: every fast path gives the same tokens.", gpu_check),
+    ("elastic_simulation", "Policy simulation on a measured profile",
+     "`python -m optimus.bench.experiments.simulate_elastic` (CPU simulation on this card's latency profile).",
+     elastic_simulation),
+    ("serve_sweep_text", "Serving the default model: prose continuation",
+     "`optimus bench sweep --model default --dataset text`.", serve_sweep),
+    ("serve_sweep_tasks", "Serving the default model: chat tasks",
+     "`optimus bench sweep --model default --dataset tasks --endpoint /v1/chat/completions`.", serve_sweep),
+    ("serve_sweep_mixed", "Serving the default model: mixed prose and tasks, bursts",
+     "`optimus bench sweep --model default --dataset mixed`, 48 prompts per rate.", serve_sweep),
+    ("serve_sweep_mixed_sustained", "Serving the default model: mixed prose and tasks, sustained",
+     "`optimus bench sweep --model default --dataset mixed`, 144 prompts per rate.", serve_sweep),
+    ("eval_arith", "Default model: held-out arithmetic",
+     "`optimus eval`: exact-match accuracy and tokens per step (tau) per decoding configuration.", evaluation),
+    ("eval_tasks", "Default model: other held-out tasks", "`optimus eval`, as above.", evaluation),
+    ("tau_profile_arith", "Default model: tau per chunk size, arithmetic", "`optimus eval --tau-profile`.", tau_profile),
+    ("tau_profile_tasks", "Default model: tau per chunk size, other tasks", "`optimus eval --tau-profile`.", tau_profile),
+    ("acceptance", "Default model: acceptance profile (replayed by the GPU benchmarks)",
+     "`optimus bench acceptance`.", tau_profile),
+    ("samples", "Default model: samples and CPU latency", "Greedy answers and a 64-token answer's latency.", samples),
+    ("train", "Default model: training run", "`python -m optimus_lab.train fit` (base run).", train),
+    ("finetune", "Default model: chunk-robust fine-tune", "`python -m optimus_lab.train fit --chunk-mix 0.8`.", finetune),
+]
+
+
+# ---------------------------------------------------------------- the page
+
+
+def card_label(card: str) -> str:
+    return card.upper()
+
+
+def read_source(folder: Path) -> tuple[str, str] | None:
+    f = folder / "latest.source"
+    if not f.exists():
+        return None
+    parts = f.read_text().split()
+    return (parts[0], parts[1]) if len(parts) >= 2 else None
+
+
+def card_device(results: Path, card: str) -> str:
+    """The card's description: the last line of <card>/gpu.txt (nvidia-smi's CSV) or <card>/device.txt,
+    else the device a result file names."""
+    for name in ("gpu.txt", "device.txt"):
+        f = results / card / name
+        lines = [ln.strip() for ln in f.read_text().splitlines() if ln.strip()] if f.exists() else []
+        if lines:
+            return lines[-1]
+    for latest in sorted((results / card).glob("*/latest.json")):
+        try:
+            d = json.loads(latest.read_text())
+        except ValueError:
+            continue
+        dev = d.get("device") or d.get("meta", {}).get("device") if isinstance(d, dict) else None
+        if isinstance(dev, str):
+            return dev
+    return card
+
+
+def collect(results: Path) -> dict:
+    """{benchmark: {card: folder}} for every latest.json under results."""
+    found: dict = {}
+    for latest in sorted(results.glob("*/*/latest.json")):
+        found.setdefault(latest.parent.name, {})[latest.parent.parent.name] = latest.parent
+    return found
+
+
+def render(results: Path = RESULTS, out: Path = OUT) -> str:
+    found = collect(results)
+    cards_present = sorted({c for v in found.values() for c in v})
+    gpu_cards = list(GPU_CARDS) + sorted(c for c in cards_present if c != "cpu" and c not in GPU_CARDS)
+    rel = Path(os.path.relpath(results, out.parent))
+
+    lines = ["# Results", "",
+             "<!-- Generated by scripts/results_table.py from benchmarks/results/*/*/latest.json; do not edit. -->", "",
+             "The current number of every benchmark, per card. Each table has a column per card (GPU cards side by "
+             "side; a card without a run reads *not measured yet*); its **source** row gives the date and commit of "
+             "the measurement and links the file every number in that column comes from.", "",
+             "Layout: `benchmarks/results/<card>/<benchmark>/latest.json` (plots beside it as `latest*.png`, "
+             "`latest.source` = date and commit) and the runs it replaced in `history/<date>_<commit>[_<what "
+             "differs>].json`. A new run is filed with `python scripts/results_table.py store CARD BENCHMARK FILE "
+             "[PLOTS]`, then this page is regenerated with `python scripts/results_table.py` (a test checks that "
+             "it is up to date). `docs/gpu.md`, `docs/benchmarks.md` and `docs/default_model.md` explain the "
+             "numbers and the earlier runs.", "",
+             "| card | device |", "| --- | --- |"]
+    for card in gpu_cards + (["cpu"] if "cpu" in cards_present else []):
+        lines.append(f"| {card_label(card)} | {card_device(results, card) if card in cards_present else NOT_MEASURED} |")
+    lines.append("")
+
+    known = [b[0] for b in BENCHMARKS]
+    order = [b for b in BENCHMARKS if b[0] in found] + [
+        (name, name.replace("_", " "), "", None) for name in sorted(found) if name not in known]
+    for name, title, what, extract in order:
+        have = found[name]
+        gpu = any(c != "cpu" for c in have) and name not in ONE_OFF
+        columns = (gpu_cards if gpu else []) + (["cpu"] if "cpu" in have else [])
+        columns += [c for c in sorted(have) if c not in columns]
+        per_card: dict = {}
+        for card in columns:
+            folder = have.get(card)
+            if folder is None:
+                continue
+            data = json.loads((folder / "latest.json").read_text())
+            try:
+                per_card[card] = extract(data) if extract else [("latest.json", "present (no summary for this benchmark)")]
+            except (KeyError, TypeError, ValueError, ZeroDivisionError, StopIteration) as e:
+                per_card[card] = [("latest.json", f"could not be summarised ({type(e).__name__}: {e})")]
+        labels = list(dict.fromkeys(label for rows in per_card.values() for label, _ in rows))
+        lines += [f"## {title}", "", f"`{name}`. {what}".rstrip(), ""]
+        lines.append("| | " + " | ".join(card_label(c) for c in columns) + " |")
+        lines.append("| --- |" + " --- |" * len(columns))
+        src = []
+        for card in columns:
+            folder = have.get(card)
+            if folder is None:
+                src.append(NOT_MEASURED)
+                continue
+            s = read_source(folder)
+            link = (rel / card / name / "latest.json").as_posix()
+            src.append(f"[{s[0]} {s[1]}]({link})" if s else f"[no latest.source]({link})")
+        lines.append("| **source** | " + " | ".join(src) + " |")
+        for label in labels:
+            cells = []
+            for card in columns:
+                if card not in per_card:
+                    cells.append(NOT_MEASURED)
+                else:
+                    cells.append(dict(per_card[card]).get(label, "—"))
+            lines.append(f"| {label} | " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+        plots = [(card, p) for card in columns if card in have for p in sorted(have[card].glob("latest*.png"))]
+        if plots:
+            lines.append("")
+            lines.append("Plots: " + ", ".join(
+                f"[{card_label(card)} {p.stem.replace('latest_', '').replace('latest', name).replace('_', ' ')}]"
+                f"({(rel / card / name / p.name).as_posix()})" for card, p in plots) + ".")
+        lines.append("")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- filing a new run
+
+
+def store(results: Path, card: str, benchmark: str, files: list[Path], source: str | None) -> Path:
+    folder = results / card / benchmark
+    folder.mkdir(parents=True, exist_ok=True)
+    result = files[0]
+    if result.suffix != ".json":
+        raise ValueError("the first file is the result JSON")
+    old = read_source(folder)
+    current = sorted(p for p in folder.glob("latest*") if p.name != "latest.source")
+    if current:
+        if old is None:
+            raise ValueError(f"{folder} has latest files but no latest.source: file them by hand")
+        moves = [(p, folder / "history" / f"{old[0]}_{old[1]}{p.name[len('latest'):]}") for p in current]
+        clash = [str(t) for _, t in moves if t.exists()]
+        if clash:
+            raise ValueError(f"history already holds {', '.join(clash)}")
+        (folder / "history").mkdir(exist_ok=True)
+        for p, target in moves:
+            p.rename(target)
+    if source is None:
+        commit = subprocess.run(["git", "rev-parse", "--short=7", "HEAD"], cwd=results, capture_output=True,
+                                text=True, check=True).stdout.strip()
+        source = f"{datetime.date.today().isoformat()} {commit}"
+    shutil.copyfile(result, folder / "latest.json")
+    for f in files[1:]:
+        stem = "latest" if f.stem in (result.stem, benchmark) else f"latest_{f.stem}"
+        shutil.copyfile(f, folder / f"{stem}{f.suffix}")
+    (folder / "latest.source").write_text(source.strip() + "\n")
+    return folder
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["store"]:
+        p = argparse.ArgumentParser(prog="results_table.py store")
+        p.add_argument("card")
+        p.add_argument("benchmark")
+        p.add_argument("files", nargs="+", type=Path, help="the result JSON, then its plots or logs")
+        p.add_argument("--source", default=None, help="'YYYY-MM-DD COMMIT' (default: today and the checked-out commit)")
+        p.add_argument("--results", type=Path, default=RESULTS)
+        a = p.parse_args(argv[1:])
+        print(f"stored in {store(a.results, a.card, a.benchmark, a.files, a.source)}; now run scripts/results_table.py")
+        return 0
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--results", type=Path, default=RESULTS)
+    p.add_argument("--out", type=Path, default=OUT)
+    p.add_argument("--check", action="store_true", help="exit 1 if --out differs from what would be written")
+    a = p.parse_args(argv)
+    text = render(a.results, a.out)
+    if a.check:
+        if not a.out.exists() or a.out.read_text() != text:
+            print(f"{a.out} is out of date: run python scripts/results_table.py", file=sys.stderr)
+            return 1
+        return 0
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(text)
+    print(f"wrote {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
