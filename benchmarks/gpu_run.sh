@@ -13,7 +13,7 @@
 # offline_table.json, step_profile.json, attention_micro.json, skinny_micro.json), so logs
 # go to stdout.
 set -o pipefail
-export PYTHONPATH=src PYTHONUNBUFFERED=1
+export PYTHONPATH=src:tests PYTHONUNBUFFERED=1  # tests/: the tiny models gpu_check runs
 OUT=${OUT:?set OUT}
 ACCEPTANCE=${ACCEPTANCE:-benchmarks/results/cpu/acceptance/latest.json}
 EXP="python -m optimus.bench.experiments"

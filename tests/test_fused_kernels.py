@@ -8,6 +8,8 @@ import math
 import pytest
 import torch
 
+from optimus import toggles
+
 from optimus.kernels import fused
 from optimus.kernels.reference import rms_norm_reference, rotary_qk_reference, silu_mul_reference
 from optimus.models.dense import dense_forward
@@ -174,12 +176,12 @@ def test_fused_decoder_path_matches_torch_path(device, family) -> None:
     model, spec = make_tiny_model(family, seed=3)
     model = model.to(device)
     ids = torch.randint(0, spec.arch.vocab_size, (2, 6), generator=torch.Generator().manual_seed(4)).to(device)
-    model.kernels = "torch"
-    want = _logits(model, ids)
-    model.kernels = "triton"
-    unmerged = _logits(model, ids)
-    model.fuse_projections()
-    merged = _logits(model, ids)
+    with toggles.override(model_kernels="torch"):
+        want = _logits(model, ids)
+    with toggles.override(model_kernels="triton"):
+        unmerged = _logits(model, ids)
+        model.fuse_projections()
+        merged = _logits(model, ids)
     # Logits are O(5) here; the fused path differs from torch by fp32 op order only.
     for got in (unmerged, merged):
         torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)
@@ -192,13 +194,13 @@ def test_fused_half_precision_is_as_accurate_as_torch_path(device) -> None:
     model, spec = make_tiny_model("sdar", seed=11)
     model = model.to(device)
     ids = torch.randint(0, spec.arch.vocab_size, (2, 6), generator=torch.Generator().manual_seed(12)).to(device)
-    model.kernels = "torch"
-    truth = _logits(model, ids)
+    with toggles.override(model_kernels="torch"):
+        truth = _logits(model, ids)
     model.half()
     errors = {}
     for mode in ("torch", "triton"):
-        model.kernels = mode
-        errors[mode] = float((_logits(model, ids).float() - truth).norm() / truth.norm())
+        with toggles.override(model_kernels=mode):
+            errors[mode] = float((_logits(model, ids).float() - truth).norm() / truth.norm())
     assert 0 < errors["triton"] <= 1.25 * errors["torch"], errors
 
 

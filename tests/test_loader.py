@@ -11,8 +11,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from optimus.models.checkpoint_writer import save_checkpoint
 from optimus.models.loader import (
-    ConfigFieldError, LoadError, MissingFileError, MissingTensorError, ShapeMismatchError, UnexpectedTensorError, UnknownArchitectureError, UnsafeFormatError, load_model, save_checkpoint,
+    ConfigFieldError, LoadError, MissingFileError, MissingTensorError, ShapeMismatchError, UnexpectedTensorError,
+    UnknownArchitectureError, UnsafeFormatError, load_model,
 )
 from optimus.models.dense import dense_forward
 from fixtures.checkpoints import role_ids, tiny_config

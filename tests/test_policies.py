@@ -97,7 +97,7 @@ def test_ar_costs_two_rows_per_token_and_ladders_are_concave():
     p = elastic()
     assert p._own_rows(np.array([1.0]), np.array([1.0]))[0] == 2.0  # the mask row now, the stored row next step
     assert float(p._cost(np.array([1.0]))[0]) == 2.0  # no prefill load seen yet
-    lad = _ladder(32, p.chunk_sizes, p.tau, p._rows_per_commit(), store_cost=True)
+    lad = _ladder(32, p.chunk_sizes, p.tau, p._rows_per_commit())
     eff = np.diff(lad.taus) / np.diff(lad.costs)
     assert lad.sizes[0] == 1 and np.all(np.diff(eff) < 0)
 
@@ -346,7 +346,7 @@ def test_cached_ladders_equal_fresh_ones_after_feedback():
                                tuple(ids), tuple(out)))
     assert p._ladders, "observe should have rebuilt the ladders of the requests it saw"
     for (cap, level), cached in p._ladders.items():
-        fresh = _ladder(cap, p.chunk_sizes, lambda c, lv=level: p._tau(c, lv), p._rows_per_commit(), p.store_cost)
+        fresh = _ladder(cap, p.chunk_sizes, lambda c, lv=level: p._tau(c, lv), p._rows_per_commit())
         for name in ("sizes", "taus", "costs", "variances", "rungs"):
             np.testing.assert_array_equal(getattr(cached, name), getattr(fresh, name))
 

@@ -22,7 +22,8 @@ from optimus.policy.elastic.latency import LatencyProfile
 from optimus.engine.llm import LLM
 from optimus.core.params import SamplingParams
 from optimus.models.loader import (
-    LoadError, RandomModelName, UnknownShapeError, _check_tokenizer_fits, load_model, resolve_model_path, _tokenizer_from_dir,
+    LoadError, RandomModelName, UnknownShapeError, _check_tokenizer_fits, _tokenizer_from_dir, load_model,
+    resolve_model_path,
 )
 from optimus.models.registry import spec_from_config
 from optimus.models.shapes import SHAPES, TINY_VOCAB, shape_config

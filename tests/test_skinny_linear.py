@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+from optimus import toggles
 import torch.nn.functional as F
 
 from optimus.kernels import skinny_linear
@@ -71,7 +73,7 @@ def test_falls_back_to_torch_outside_its_contract(case, monkeypatch) -> None:
     monkeypatch.setattr(_skinny_linear_triton, "skinny_linear_triton", boom)
     x, w = torch.randn(4, 8), torch.randn(6, 8)
     if case == "too_many_rows":
-        x = torch.randn(skinny_linear.MAX_ROWS + 1, 8)
+        x = torch.randn(toggles.active().skinny_max_rows + 1, 8)
     elif case == "grad":
         w.requires_grad_(True)
     elif case == "float64":

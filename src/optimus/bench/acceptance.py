@@ -5,7 +5,7 @@ Output JSON: ``tau_per_chunk`` {C: mean commits per step}, ``histograms`` {C: {k
 ``by_open`` {C: {m: {k: steps}}}, the same steps split by the masked positions m the window
 held. A replay must draw from ``by_open``: a chunk's late steps commit few because few
 positions are left, and drawing those small counts for a full window would charge large
-chunks twice (engine/acceptance.py, ReplayAcceptance).
+chunks twice (decoding/replay.py, ReplayAcceptance).
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     llm = LLM(args.model, policy="fixed:1")
-    llm.engine.stream_text = False
+    llm.engine.post.stream_text = False
     prompts = prompts_for(llm, args.tasks.split(","), args.per_task)
     params = SamplingParams(max_tokens=args.max_tokens, threshold=args.threshold)
     result = {"model": str(llm.engine.loaded.path), "tasks": args.tasks, "prompts": len(prompts),

@@ -77,7 +77,7 @@ def timed_generate(llm: LLM, batch: int, prompt_len: int, gen_len: int, params: 
     if warmup:
         llm.generate(_prompts(batch if full_warmup else min(batch, 2), prompt_len, vocab, seed=1000), params)
     prompts = _prompts(batch, prompt_len, vocab, seed=seed)
-    reseed = getattr(llm.engine.commit_rule, "reseed", None)
+    reseed = getattr(llm.engine.post.commit_rule, "reseed", None)
     if reseed is not None:  # a replayed acceptance: every policy's run i draws the same commits
         reseed(seed)
     chunks0 = dict(llm.engine.stats.chunk_size_counts)

@@ -61,19 +61,6 @@ class Engine:
         self._failed: list[Request] = []  # ended mid-step; reported at the end of the step
         self._in_flight: InFlight | None = None  # launched, commits assumed, tokens not read yet
 
-    @property
-    def commit_rule(self) -> CommitRule:
-        return self.post.commit_rule
-
-    @property
-    def stream_text(self) -> bool:
-        return self.post.stream_text
-
-    @stream_text.setter
-    def stream_text(self, on: bool) -> None:
-        """Detokenize every output (servers, the default); offline callers read text once."""
-        self.post.stream_text = on
-
     # ---- requests --------------------------------------------------------------------
     def check_request(self, prompt_ids: list[int], params: SamplingParams) -> Geometry:
         """Raise ValueError (``field: why``) unless the request fits this model and cache.

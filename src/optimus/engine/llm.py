@@ -21,7 +21,7 @@ class LLM:
 
     def __init__(self, model: str = "default", loaded=None, commit_rule=None, **options) -> None:
         self.engine = Engine(engine_config(model=model, **options), loaded=loaded, commit_rule=commit_rule)
-        self.engine.stream_text = False
+        self.engine.post.stream_text = False  # text once, when a request finishes
         self.tokenizer = self.engine.tokenizer
         self._counter = 0
 

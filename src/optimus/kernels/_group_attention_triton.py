@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from optimus.kernels.group_attention import visible_key_end
+from optimus.kernels.groups import visible_key_end
 from optimus.kernels.pdl import launch_options, wait_and_release
 
 LOG2E = 1.4426950408889634

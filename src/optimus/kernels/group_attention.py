@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from optimus.kernels.groups import visible_key_end
 from optimus.kernels.reference import group_attention_reference
 
 BACKENDS = ("auto", "torch", "triton")
@@ -42,18 +43,6 @@ def group_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
     return group_attention_triton(q, k, v, k_cache, v_cache, page_table, cache_lens, cu_q, groups,
                                   scale, max_q_len, key_end)
-
-
-def visible_key_end(cu_q: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
-    """[T] int32: one past the last new row of the same request with group <= groups[i].
-
-    Sync-free (CUDA-graph safe). Relies on groups being nondecreasing within a request:
-    then (request, group) keys are globally sorted and a right searchsorted finds the end.
-    """
-    rows = torch.arange(groups.numel(), device=groups.device)
-    req = torch.searchsorted(cu_q[1:].long(), rows, right=True)
-    key = req * (1 << 33) + (groups.long() + (1 << 31))
-    return torch.searchsorted(key, key, right=True).to(torch.int32)
 
 
 def resolve_backend(backend: str, q: torch.Tensor) -> str:

@@ -25,12 +25,13 @@ import torch
 import triton
 import triton.language as tl
 
-ENABLED = True  # benchmarks flip it for A/B runs; a captured graph keeps what it was built with
+from optimus import toggles
+
 
 
 def launch_pdl(device: torch.device) -> bool:
     """Whether kernels on ``device`` launch with PDL (read on every launch, so on capture)."""
-    return ENABLED and device.type == "cuda" and _supported(device.index)
+    return toggles.active().pdl and device.type == "cuda" and _supported(device.index)
 
 
 def launch_options(device: torch.device) -> dict:

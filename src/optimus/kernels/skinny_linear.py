@@ -13,9 +13,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from optimus import toggles
 from optimus.kernels.group_attention import resolve_backend
 
-MAX_ROWS = 16  # one tl.dot tile of rows; above this the matmul is no longer a weight stream
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -31,7 +31,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 def _kernel_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    return (x.dim() == 2 and x.shape[0] <= MAX_ROWS and weight.dim() == 2
+    return (x.dim() == 2 and x.shape[0] <= toggles.active().skinny_max_rows and weight.dim() == 2
             and x.shape[1] == weight.shape[1] and weight.is_contiguous()
             and x.dtype == weight.dtype and x.dtype in _DTYPES
             and (bias is None or (bias.dtype == x.dtype and bias.is_contiguous()))

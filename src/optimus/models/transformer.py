@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from optimus import toggles
 from optimus.kernels import skinny_linear
 from optimus.kernels.greedy import argmax_prob
 from optimus.models.layers import AttentionBackend, DecoderLayer, RMSNorm, RotaryEmbedding, layer_ops
@@ -38,13 +39,12 @@ class DecoderLM(nn.Module):
         self.lm_head = nn.Linear(spec.arch.hidden_size, spec.arch.vocab_size, bias=False)
         if spec.arch.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.kernels = "auto"
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 backend: AttentionBackend) -> torch.Tensor:
         """input_ids, positions [T] -> hidden [T, d]."""
         x = self.model.embed_tokens(input_ids)
-        ops = layer_ops(self.kernels, x, positions, self.model.rotary)
+        ops = layer_ops(toggles.active().model_kernels, x, positions, self.model.rotary)
         residual = None
         for layer in self.model.layers:
             x, residual = layer(x, residual, ops, backend)
@@ -63,10 +63,11 @@ class DecoderLM(nn.Module):
 
     def greedy(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """hidden [M, d] -> (argmax tokens [M], their softmax probability [M] fp32)."""
-        return argmax_prob(self.logits(hidden), self._head_backend)
+        backend = toggles.active().greedy_backend
+        return argmax_prob(self.logits(hidden), self._head_backend if backend == "auto" else backend)
 
     @property
     def _head_backend(self) -> str:
         """The LM head's kernels: the torch reference when the model is pinned to torch ops,
         else whatever suits the device."""
-        return "torch" if self.kernels == "torch" else "auto"
+        return "torch" if toggles.active().model_kernels == "torch" else "auto"

@@ -10,6 +10,7 @@ from fastapi import FastAPI
 from optimus import __version__
 from optimus.config import ServerConfig
 from optimus.server import admin_routes, openai_routes
+from optimus.server.engine_client import EngineClient
 from optimus.server.errors import install_error_handlers
 from optimus.server.lifecycle import Lifecycle
 from optimus.server.metrics import ServerMetrics
@@ -19,7 +20,7 @@ from optimus.server.state import ServerState
 from optimus.server.ui import make_ui_router
 
 
-def build_app(engine, config: ServerConfig | None = None,
+def build_app(engine: EngineClient, config: ServerConfig | None = None,
               on_fatal: Callable[[], None] | None = None) -> FastAPI:
     """``engine`` follows the AsyncEngine contract and is started by the app's lifespan, in the
     background: the server answers (health 503) while the model loads."""

@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass, field
 
 from optimus.config import ServerConfig
+from optimus.server.engine_client import EngineClient
 from optimus.server.errors import APIError, bad_request
 from optimus.server.lifecycle import Lifecycle
 from optimus.server.metrics import ServerMetrics
@@ -14,7 +15,7 @@ from optimus.server.prompts import PromptLimits
 
 @dataclass
 class ServerState:
-    engine: object  # AsyncEngine
+    engine: EngineClient
     config: ServerConfig
     metrics: ServerMetrics
     lifecycle: Lifecycle

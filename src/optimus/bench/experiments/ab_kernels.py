@@ -17,7 +17,6 @@ Variants, each adding one option to the one before:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import statistics
 
@@ -27,29 +26,22 @@ from optimus.bench.offline import timed_generate
 from optimus.bench.shapes import random_model
 from optimus.engine.llm import LLM
 from optimus.core.params import SamplingParams
-from optimus.kernels import greedy, pdl, skinny_linear
-from optimus.models import transformer
+from optimus import toggles
 
+SKINNY_ROWS = toggles.Toggles().skinny_max_rows
 CASES = (("llama-8b", "ar", 1, (1, 8)), ("llada-8b", "fixed:32", 4, (1,)))
 VARIANTS = {  # (largest step on the skinny kernel, PDL, greedy backend), overlap
     "cublas": ((0, False, "torch"), False),
-    "skinny": ((skinny_linear.MAX_ROWS, False, "torch"), False),
-    "pdl": ((skinny_linear.MAX_ROWS, True, "torch"), False),
-    "pdl_greedy": ((skinny_linear.MAX_ROWS, True, "auto"), False),
-    "overlap": ((skinny_linear.MAX_ROWS, True, "auto"), True),
+    "skinny": ((SKINNY_ROWS, False, "torch"), False),
+    "pdl": ((SKINNY_ROWS, True, "torch"), False),
+    "pdl_greedy": ((SKINNY_ROWS, True, "auto"), False),
+    "overlap": ((SKINNY_ROWS, True, "auto"), True),
 }
 
 
-@contextlib.contextmanager
 def switches(max_rows: int, use_pdl: bool, greedy_backend: str):
     """The kernel options of what runs (and is captured) inside; restored on exit."""
-    saved = skinny_linear.MAX_ROWS, pdl.ENABLED, transformer.argmax_prob
-    skinny_linear.MAX_ROWS, pdl.ENABLED = max_rows, use_pdl
-    transformer.argmax_prob = lambda logits, backend="auto": greedy.argmax_prob(logits, greedy_backend)
-    try:
-        yield
-    finally:
-        skinny_linear.MAX_ROWS, pdl.ENABLED, transformer.argmax_prob = saved
+    return toggles.override(skinny_max_rows=max_rows, pdl=use_pdl, greedy_backend=greedy_backend)
 
 
 def main() -> None:

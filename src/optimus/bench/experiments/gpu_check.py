@@ -12,6 +12,7 @@ import torch
 
 from optimus.engine.llm import LLM
 from optimus.core.params import SamplingParams
+from optimus import toggles
 from optimus.kernels import pdl
 from fixtures.engine import tiny_loaded
 
@@ -38,9 +39,9 @@ def main(out_path: str) -> int:
         tri = outputs(family, policy=policy, cuda_graphs=False, attention_backend="triton")
         gra = outputs(family, policy=policy, cuda_graphs=True, attention_backend="triton")
         pre = outputs(family, policy=policy, cuda_graphs=True, graph_precapture=True, attention_backend="triton")
-        pdl.ENABLED = False  # the same graphs with every kernel launched the ordinary way
-        no_pdl = outputs(family, policy=policy, cuda_graphs=True, graph_precapture=True, attention_backend="triton")
-        pdl.ENABLED = True
+        with toggles.override(pdl=False):  # the same graphs with every kernel launched the ordinary way
+            no_pdl = outputs(family, policy=policy, cuda_graphs=True, graph_precapture=True,
+                             attention_backend="triton")
         sync = outputs(family, policy=policy, cuda_graphs=True, graph_precapture=True, attention_backend="triton",
                        overlap=False)
         checks = {"overlap_equals_sync": pre == sync, "triton_equals_torch": ref == tri, "graph_equals_torch": ref == gra,

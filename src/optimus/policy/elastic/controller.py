@@ -64,13 +64,12 @@ class _Ladder:
     rungs: np.ndarray
 
 
-def _ladder(cap: int, chunk_sizes: tuple[int, ...], tau, rows_per_commit: float,
-            store_cost: bool) -> _Ladder:
+def _ladder(cap: int, chunk_sizes: tuple[int, ...], tau, rows_per_commit: float) -> _Ladder:
     """``tau``: sizes [K] -> expected commits per step [K] (the request's own curve)."""
     sizes = np.array(sorted({c for c in chunk_sizes if c <= cap} | {1, cap}), dtype=float)
     taus = tau(sizes)
     costs = sizes + rows_per_commit * taus
-    variances = store_variance(sizes, taus) if store_cost else np.zeros_like(sizes)
+    variances = store_variance(sizes, taus)
     hull = [0]
     for j in range(1, len(sizes)):
         if taus[j] <= taus[hull[-1]]:
@@ -176,14 +175,14 @@ class ElasticPolicy:
     def __init__(self, profile: LatencyProfile | None = None, tau_prior: dict[int, float] | None = None,
                  chunk_sizes: tuple[int, ...] = DEFAULT_CHUNK_SIZES, hysteresis: float = 0.02,
                  tau_decay: float = 0.98, load_rate: float = 0.05,
-                 store_cost: bool = True, per_request: bool = True, name: str = "elastic") -> None:
+                 per_request: bool = True, name: str = "elastic") -> None:
         if not chunk_sizes or min(chunk_sizes) < 1:
             raise ValueError("elastic policy needs chunk sizes >= 1")
         if hysteresis < 0:
             raise ValueError("hysteresis must be >= 0")
         self.name = name
         self.chunk_sizes = tuple(sorted(set(int(c) for c in chunk_sizes) | {1}))
-        self.hysteresis, self.store_cost = hysteresis, store_cost
+        self.hysteresis = hysteresis
         # Without a profile: a generic knee in arbitrary units, rescaled by the first step.
         self.profile = profile or LatencyProfile.synthetic(1.0, DEFAULT_KNEE, 1.0 / DEFAULT_KNEE)
         self._rescale = profile is None
@@ -214,8 +213,6 @@ class ElasticPolicy:
     def _own_rows(self, sizes: np.ndarray, levels: np.ndarray) -> tuple[float, float]:
         """Rows per step requests at these sizes run themselves (chunk and store), and the
         variance of those rows (store lumps): the step's load the plan accounts for."""
-        if not self.store_cost:
-            return float(np.sum(sizes)), 0.0
         taus = self._tau(sizes, levels)
         return float(np.sum(sizes + taus)), float(np.sum(store_variance(sizes, taus)))
 
@@ -224,10 +221,10 @@ class ElasticPolicy:
         return sizes + self._rows_per_commit() * self.tau(sizes)
 
     def _rows_per_commit(self) -> float:
-        return (1.0 if self.store_cost else 0.0) + self.load.per_commit
+        return 1.0 + self.load.per_commit  # each commit's store row, plus its share of prefill
 
     def _variance(self, sizes: np.ndarray, levels: np.ndarray | float = 1.0) -> np.ndarray:
-        return store_variance(sizes, self._tau(sizes, levels)) if self.store_cost else np.zeros_like(sizes)
+        return store_variance(sizes, self._tau(sizes, levels))
 
     def _level_of(self, request_id: str) -> float:
         return 1.0 if self.confidence is None else self.confidence.level(request_id)
@@ -316,7 +313,7 @@ class ElasticPolicy:
         if lad is None:
             cap, level = key
             lad = self._ladders[key] = _ladder(cap, self.chunk_sizes, lambda c: self._tau(c, level),
-                                               self._rows_per_commit(), self.store_cost)
+                                               self._rows_per_commit())
         return lad
 
     def _own_choice(self, feedback: StepFeedback) -> tuple[np.ndarray, np.ndarray] | None:

@@ -1,0 +1,45 @@
+"""What the server needs from an engine: ``AsyncEngine`` implements it, tests pass fakes."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from typing import Protocol
+
+from optimus.core.outputs import RequestOutput
+from optimus.core.params import SamplingParams
+from optimus.models.spec import ModelSpec
+
+
+class EngineClient(Protocol):
+    ready: bool  # the model is loaded and the loop runs
+    alive: bool  # False once the engine cannot serve (sticky)
+    on_dead: Callable[[], None] | None  # called once when ``alive`` turns False
+
+    @property
+    def tokenizer(self): ...  # optimus.models.tokenizer.Tokenizer
+
+    @property
+    def spec(self) -> ModelSpec: ...
+
+    @property
+    def max_model_len(self) -> int: ...
+
+    @property
+    def model_name(self) -> str: ...
+
+    async def start(self) -> None: ...
+
+    def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                 group: str | None = None) -> AsyncIterator[RequestOutput]: ...
+
+    def abort(self, request_id: str) -> None: ...
+
+    def metrics(self): ...  # optimus.engine.async_engine.EngineMetrics
+
+    def stop_admitting(self) -> None: ...
+
+    async def drain(self, timeout: float) -> None: ...
+
+    async def shutdown(self) -> None: ...
+
+    def mark_dead(self, why: str) -> None: ...
