@@ -17,6 +17,7 @@ bench() {  # bench SRC NAME ARGS...: one `optimus bench offline` run of the code
   PYTHONPATH=$src timeout 150 python -m optimus.cli bench offline "$@" --out "$OUT/$name.json" 2>&1 | grep -v -i warn
 }
 bench src after_surface --experiments surface --profile "$OUT/latency_surface.json"
+rm -f "$OUT"/*.png  # at most 8 files come back from a device call; the sweeps keep theirs
 bench src after_offline --experiments schedule4,ar --batches 1,8,32 --ar-shapes llama-8b
 bench "$BASE" before_offline --experiments schedule4,ar --batches 1,8,32 --ar-shapes llama-8b
 bench src after_sweep --experiments sweep $SWEEP --profile "$OUT/latency_surface.json"
