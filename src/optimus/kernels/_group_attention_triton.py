@@ -47,12 +47,12 @@ def choose_config(max_q_len: int, gqa_pad: int, head_dim: int, parallel: int,
     """Tile shape from the step's longest chunk; M = BLOCK_Q * GQA_PAD matrix rows.
 
     ``parallel`` = requests x KV heads. Picked from H100 sweeps
-    (benchmarks/results/h100/attention_micro*.json; bf16, D=128, cache 512, prefill 1024):
+    (benchmarks/results/h100/attention_micro/; bf16, D=128, cache 512, prefill 1024):
     short chunks are bound by reading the cache, so the smallest MMA tile (M=16) with 64-key
     steps wins; at M 64-128, 32-key steps with 4 warps beat 64-key steps and 8 warps. Rows
     17-32 take M=32 with 128-key steps rather than half-empty M=64 tiles: LLaDA-8B chunk 32
     at batch 8 / 32 / 128 ran 34.5 / 121.6 / 448 us against 36.7 / 121.2 / 451 (SDPA 34.5 /
-    127 / 525; session5/attention_targeted.json). When
+    127 / 525; attention_micro/history/2026-11-26_9611cdd_targeted_tile_sweep.json). When
     the grid would not fill the GPU (fewer than ``min_programs``, about 3/4 of the SMs), M
     is halved: at batch 1-8 with chunk 32 this took 23-24 us down to 15-19 us. When even
     M=16 leaves the grid too small (batch 1-8 decode), the cache is split instead
