@@ -3,8 +3,9 @@
 A small decode step is a chain of ~10 dependent kernels per layer, and in a CUDA graph each
 boundary still costs a launch plus the next grid's ramp. With PDL a kernel is launched
 while its predecessor runs: its programs become resident and wait on the device, so the
-boundary costs less. H100, Llama-8B AR (benchmarks/results/h100/ab_kernels/history/2026-11-26_adbab9d_pdl_l2_prefetch.json): batch 1 143.7 -> 146.5
-tok/s, batch 8 1,044 -> 1,068; LLaDA-8B at 32 rows per step (cuBLAS projections) unchanged.
+boundary costs less. H100, Llama-8B AR
+(benchmarks/results/h100/ab_kernels/history/2026-11-26_adbab9d_pdl_l2_prefetch.json): batch 1
+143.7 -> 146.5 tok/s, batch 8 1,044 -> 1,068; LLaDA-8B at 32 rows per step (cuBLAS projections) unchanged.
 Prefetching the skinny linear's weights into L2 before the wait gained nothing and was
 dropped.
 
