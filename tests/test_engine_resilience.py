@@ -5,11 +5,12 @@ keep failing is declared dead instead of looping."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
 from optimus.config import engine_config
-from optimus.engine.async_engine import AsyncEngine, EngineDeadError, RequestFailedError
+from optimus.engine.async_engine import AsyncEngine, EngineDeadError, QueueFullError, RequestFailedError
 from optimus.engine.engine import Engine
 from optimus.core.params import SamplingParams
 from fixtures.engine import tiny_loaded
@@ -177,6 +178,37 @@ def test_async_engine_refuses_at_once_what_does_not_fit():
                 await _collect(engine, "bad", SamplingParams(max_tokens=4, stop_token_ids=(999999,)))
             assert not engine.engine.has_work()  # refused before the loop thread saw it
         finally:
+            await engine.shutdown()
+
+    asyncio.run(main())
+
+
+def test_async_engine_refuses_a_full_queue_at_once():
+    """Running slots plus waiting places bound what is accepted; the next request is refused on
+    the event loop, before the loop thread (which may be inside a long step) sees it."""
+    async def main():
+        engine = _async_engine(max_running=2, max_waiting=1)
+        await engine.start()
+        release = asyncio.Event()
+        real_step = engine.engine.step
+
+        def slow_step():  # a step that lasts until the test says so
+            while not release.is_set():
+                time.sleep(0.01)
+            return real_step()
+
+        engine.engine.step = slow_step
+        params = SamplingParams(max_tokens=4, ignore_eos=True)
+        accepted = [asyncio.create_task(_collect(engine, f"r{i}", params)) for i in range(3)]
+        await asyncio.sleep(0.1)  # the three are submitted; the loop thread is stuck in a step
+        try:
+            with pytest.raises(QueueFullError):  # at once: a refusal that waited for the step would time out
+                await asyncio.wait_for(_collect(engine, "one-too-many", params), 2)
+            release.set()
+            outs = await asyncio.wait_for(asyncio.gather(*accepted), 30)
+            assert [len(o.token_ids) for o in outs] == [4, 4, 4]
+        finally:
+            release.set()
             await engine.shutdown()
 
     asyncio.run(main())
