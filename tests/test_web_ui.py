@@ -88,6 +88,7 @@ def test_generate_streams_the_canvas_filling_in(server):
         assert hi - lo <= 4  # policy fixed:4
     assert [e["step"] for e in commits] == sorted(e["step"] for e in commits)
     assert done["finish_reason"] == "length" and done["tokens_committed"] == len(positions)
+    assert done["answer_tokens"] == 16  # max_tokens with ignore_eos: the whole answer
     assert done["steps"] == len(commits) and set(done["chunk_sizes"]) <= {"1", "2", "3", "4"}
     texts = [e["text"] for e in events if e["type"] == "text"]
     assert texts and texts[-1] == done["text"]

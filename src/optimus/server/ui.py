@@ -113,6 +113,7 @@ async def canvas_stream(engine, ids: list[int], params: SamplingParams) -> Async
                     yield _sse({"type": "text", "text": text, "n": len(out.token_ids)})
                 if out.finished:
                     yield _sse({"type": "done", "finish_reason": out.finish_reason, "text": out.text,
+                            "answer_tokens": len(out.token_ids),
                                 "elapsed_s": round(time.monotonic() - t0, 4), **request_stats(out.stats)})
     except Exception as exc:  # headers are sent: errors travel as a frame, internals stay in the log
         yield _sse({"type": "error", "message": from_engine_error(exc).message})

@@ -227,6 +227,8 @@ function handle(ev, bubble) {
     ui.answerLen = ev.n;
     setAnswer(bubble, ev.text || "…");
   } else if (ev.type === "done") {
+    // The answer's own length: the last text event can miss tokens that decode to no text.
+    if (Number.isInteger(ev.answer_tokens)) ui.answerLen = ev.answer_tokens;
     ui.text = ev.text;
     setAnswer(bubble, ev.text || "(empty answer)");
     view.finish(ui.answerLen);
