@@ -1,4 +1,4 @@
-from optimus.engine.detokenizer import IncrementalDetokenizer
+from optimus.models.detokenizer import IncrementalDetokenizer
 from fixtures.engine import tiny_loaded
 
 

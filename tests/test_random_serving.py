@@ -16,7 +16,7 @@ import torch
 from optimus.config import engine_config
 from optimus.decoding.replay import ReplayAcceptance, load_acceptance
 from optimus.decoding.rules import commit_rule_for, params_rule
-from optimus.engine.detokenizer import IncrementalDetokenizer
+from optimus.models.detokenizer import IncrementalDetokenizer
 from optimus.policy.elastic.setup import elastic_kwargs, tau_prior_from
 from optimus.policy.elastic.latency import LatencyProfile
 from optimus.engine.llm import LLM

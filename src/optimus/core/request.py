@@ -21,6 +21,7 @@ import torch
 
 from optimus.core.outputs import CommitEvent, RequestStats
 from optimus.core.params import SamplingParams
+from optimus.models.detokenizer import IncrementalDetokenizer
 from optimus.models.spec import AttentionKind, ModelSpec
 
 
@@ -82,7 +83,7 @@ class Request:
     done_text: str = ""
     frontier: int = 0  # contiguous committed answer positions (only grows)
     stop_scanned: int = 0  # answer positions already checked for stop token ids
-    detokenizer: object | None = None  # IncrementalDetokenizer, set by the engine
+    detokenizer: IncrementalDetokenizer | None = None  # set when its text is first needed
 
     def __post_init__(self) -> None:
         g = self.geometry

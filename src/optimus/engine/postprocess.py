@@ -20,7 +20,7 @@ from optimus.core.outputs import CommitEvent, RequestOutput
 from optimus.core.plan import RequestWork, StepPlan
 from optimus.core.request import Request
 from optimus.decoding.rules import GREEDY_TEMPERATURE, CommitRule, propose
-from optimus.engine.detokenizer import IncrementalDetokenizer
+from optimus.models.detokenizer import IncrementalDetokenizer
 from optimus.executor.runner import GreedyPick, LogitRequest, ModelRunner
 from optimus.models.spec import ModelSpec
 from optimus.scheduler.scheduler import Scheduler
