@@ -16,6 +16,7 @@ import uvicorn
 
 from optimus.config import ServerConfig
 from optimus.server.app import build_app
+from optimus.server.engine_client import EngineClient
 from optimus.server.origin import is_loopback
 
 log = logging.getLogger("optimus.server")
@@ -60,7 +61,7 @@ def ready_line(url: str, model_id: str, policy: str) -> str:
     return f"ready: {url} (OpenAI API under /v1), web page {url}/, model {model_id}, policy {policy}"
 
 
-def _policy(engine) -> str:
+def _policy(engine: EngineClient) -> str:
     config = getattr(engine, "config", None)
     return config.scheduler.policy if config is not None else "?"
 
@@ -120,7 +121,7 @@ class DrainingServer(uvicorn.Server):
             self.should_exit = True
 
 
-def run_server(engine, config: ServerConfig, log_level: str = "info") -> int:
+def run_server(engine: EngineClient, config: ServerConfig, log_level: str = "info") -> int:
     """Serve ``engine`` until a signal; returns the process exit code."""
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
     if not config.api_key and not is_loopback(config.host):

@@ -25,6 +25,7 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field, field_validator
 
 from optimus.core.params import SamplingParams
+from optimus.server.engine_client import EngineClient
 from optimus.server.errors import from_engine_error
 from optimus.server.prompts import completion_prompts, render_chat, resolve_max_tokens
 from optimus.server.protocol import param_error, require_unicode
@@ -84,7 +85,7 @@ def make_ui_router() -> APIRouter:
     return router
 
 
-def canvas_layout(engine, prompt_len: int, max_tokens: int) -> dict:
+def canvas_layout(engine: EngineClient, prompt_len: int, max_tokens: int) -> dict:
     from optimus.core.request import make_geometry
 
     g = make_geometry(engine.spec, engine.engine.block_size, prompt_len, max_tokens)
@@ -92,7 +93,7 @@ def canvas_layout(engine, prompt_len: int, max_tokens: int) -> dict:
             "block_phase": (g.canvas_start - g.block_origin) % g.block_size}
 
 
-async def canvas_stream(engine, ids: list[int], params: SamplingParams) -> AsyncIterator[str]:
+async def canvas_stream(engine: EngineClient, ids: list[int], params: SamplingParams) -> AsyncIterator[str]:
     """SSE frames of one request; closing the stream early aborts the engine request."""
     request_id = f"ui-{uuid.uuid4().hex[:12]}"
     t0 = time.monotonic()
@@ -125,7 +126,7 @@ def request_stats(stats) -> dict:
             "chunk_sizes": {str(c): n for c, n in sorted(stats.chunk_sizes.items())}}
 
 
-def gauge_snapshot(engine) -> dict:
+def gauge_snapshot(engine: EngineClient) -> dict:
     if engine is None or not getattr(engine, "ready", False):
         return {"ready": False}
     m = engine.metrics()
