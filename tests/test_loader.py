@@ -285,3 +285,45 @@ def test_module_is_built_on_meta_then_filled(monkeypatch, tiny_checkpoint):
     assert built_on == ["meta"]
     assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
     assert model.lm_head.weight.dtype == torch.float16
+
+
+# --- corrupt weight files: the loader's own error, naming the file; the CLI prints one line -----
+
+def _corrupt_checkpoint(tiny_checkpoint, how: str) -> tuple[Path, Path]:
+    root = tiny_checkpoint("llada")
+    weights = root / "model.safetensors"
+    data = weights.read_bytes()
+    if how == "empty":
+        weights.write_bytes(b"")
+    elif how == "short":
+        weights.write_bytes(data[:5])
+    elif how == "truncated":
+        weights.write_bytes(data[: len(data) // 2])
+    elif how == "garbage-header":
+        weights.write_bytes((2000).to_bytes(8, "little") + b"{not json" + b"\0" * 3000)
+    elif how == "huge-header":
+        weights.write_bytes((2**40).to_bytes(8, "little") + data[8:])
+    return root, weights
+
+
+CORRUPTIONS = ("empty", "short", "truncated", "garbage-header", "huge-header")
+
+
+@pytest.mark.parametrize("how", CORRUPTIONS)
+def test_corrupt_weight_file_raises_load_error_naming_it(how, tiny_checkpoint):
+    from optimus.models.loader import CorruptFileError
+    root, weights = _corrupt_checkpoint(tiny_checkpoint, how)
+    with pytest.raises(LoadError, match="model.safetensors") as info:
+        load_model(root, device="cpu", progress=False)
+    assert isinstance(info.value, CorruptFileError)
+    assert str(weights) in str(info.value)
+
+
+@pytest.mark.parametrize("how", CORRUPTIONS)
+def test_cli_reports_a_corrupt_weight_file_in_one_line(how, tiny_checkpoint, capsys):
+    from optimus.cli import main
+    root, weights = _corrupt_checkpoint(tiny_checkpoint, how)
+    assert main(["generate", "--model", str(root), "--prompt", "hi"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert str(weights) in err and "Traceback" not in err

@@ -55,22 +55,41 @@ def _filter(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return logits
 
 
+def factor_count(conf: torch.Tensor, factor: float) -> int:
+    """Fast-dLLM's factor rule (``get_transfer_index_dynamic``): how many of the masked
+    positions ``conf`` [n] commit. Ranked by confidence, the n-th (n = 1, 2, ...) passes while
+    confidence >= 1 - factor / (n + 1), compared in ``conf``'s dtype; the first always passes.
+    The positions before the first failure commit, except that a failure at the *last* candidate
+    (or no failure at all) commits every position: Fast-dLLM's scan quirk, kept for parity."""
+    n = conf.numel()
+    if n <= 1:
+        return n
+    ranked = torch.sort(conf.flatten(), descending=True)[0]
+    bars = torch.tensor([-1.0] + [1.0 - factor / (k + 1) for k in range(2, n + 1)],
+                        dtype=ranked.dtype, device=ranked.device)
+    failures = torch.nonzero(ranked < bars).flatten()
+    first = int(failures[0]) if failures.numel() else n - 1
+    return n if first == n - 1 else first
+
+
+def threshold_mask(conf: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Fast-dLLM's threshold rule (``get_transfer_index`` with a threshold): every position of
+    ``conf`` [n] with confidence >= threshold (in ``conf``'s dtype), plus always the most
+    confident one (``argmax``: the first among equal maxima). -> bool [n]."""
+    keep = conf >= threshold
+    if conf.numel():
+        keep[torch.argmax(conf)] = True
+    return keep
+
+
 def select_commits(conf: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """conf [n] over the chunk's masked positions -> indices to commit (at least one)."""
     n = conf.numel()
     if params.rule == "topk":
         return torch.topk(conf, min(params.tokens_per_step, n)).indices
     if params.rule == "factor":
-        # Fast-dLLM factor rule: commit the n most confident where the n-th exceeds 1 - f/(n+1).
-        sorted_conf, order = torch.sort(conf, descending=True)
-        ranks = torch.arange(1, n + 1, device=conf.device, dtype=torch.float32)
-        ok = sorted_conf > 1.0 - params.factor / (ranks + 1.0)
-        count = max(1, int(ok.long().cumprod(0).sum().item()))
-        return order[:count]
-    above = torch.nonzero(conf > params.threshold).flatten()
-    if above.numel() >= 1:
-        return above
-    return torch.topk(conf, 1).indices
+        return torch.topk(conf, max(1, factor_count(conf, params.factor))).indices
+    return torch.nonzero(threshold_mask(conf, params.threshold)).flatten()
 
 
 def params_rule(conf: torch.Tensor, params: SamplingParams, chunk: int) -> torch.Tensor:

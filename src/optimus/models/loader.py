@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Iterator
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
 from optimus.models.registry import ConfigError, Family, UnknownArchitectureError as _UnknownArch
@@ -35,6 +35,10 @@ class LoadError(ValueError):
 
 class MissingFileError(LoadError):
     pass
+
+
+class CorruptFileError(LoadError):
+    """A weight file that cannot be read as safetensors (empty, truncated, bad header)."""
 
 
 class UnsafeFormatError(LoadError):
@@ -286,17 +290,33 @@ def _safe_device(device: torch.device) -> str:
     return str(device)
 
 
+def _corrupt(f: Path, exc: Exception) -> CorruptFileError:
+    return CorruptFileError(f"corrupt weight file {f}: not readable as safetensors ({exc})")
+
+
 def _tensor_entries(files: list[Path], family: Family, device: torch.device,
-                    progress: bool) -> Iterator[tuple[str, str | None, Any, tuple[int, ...]]]:
-    """Yield (checkpoint name, our name or None, open file handle, shape) per stored tensor.
+                    progress: bool) -> Iterator[tuple[str, str | None, Any, tuple[int, ...], Path]]:
+    """Yield (checkpoint name, our name or None, open file handle, shape, file) per stored tensor.
 
     Nothing is read yet: the caller checks name and shape first, then reads one tensor."""
     bar = tqdm(files, desc="Loading weights", unit="shard", disable=not progress or len(files) < 2)
     for f in bar:
-        with safe_open(str(f), framework="pt", device=_safe_device(device)) as handle:
-            for name in handle.keys():
-                shape = tuple(handle.get_slice(name).get_shape())
-                yield name, family.rename(name), handle, shape
+        if f.stat().st_size < 8:  # not even the header's length
+            raise CorruptFileError(f"corrupt weight file {f}: {f.stat().st_size} bytes, too short for safetensors")
+        try:
+            with safe_open(str(f), framework="pt", device=_safe_device(device)) as handle:
+                entries = [(name, tuple(handle.get_slice(name).get_shape())) for name in handle.keys()]
+                for name, shape in entries:
+                    yield name, family.rename(name), handle, shape, f
+        except (SafetensorError, OSError) as exc:
+            raise _corrupt(f, exc) from exc
+
+
+def _read_tensor(handle: Any, name: str, f: Path) -> torch.Tensor:
+    try:
+        return handle.get_tensor(name)
+    except (SafetensorError, OSError) as exc:
+        raise _corrupt(f, exc) from exc
 
 
 def _build_model(spec: ModelSpec, family: Family, files: list[Path], dtype: torch.dtype,
@@ -308,7 +328,7 @@ def _build_model(spec: ModelSpec, family: Family, files: list[Path], dtype: torc
     if tied:
         expected.pop("lm_head.weight")  # shares the embedding; HF omits it or repeats it
     state: dict[str, torch.Tensor] = {}
-    for name, ours, handle, shape in _tensor_entries(files, family, device, progress):
+    for name, ours, handle, shape, f in _tensor_entries(files, family, device, progress):
         if name.endswith(_IGNORED_SUFFIXES) or (tied and ours == "lm_head.weight"):
             continue
         if ours is None or ours not in expected:
@@ -319,7 +339,7 @@ def _build_model(spec: ModelSpec, family: Family, files: list[Path], dtype: torc
         if shape != expected[ours]:
             raise ShapeMismatchError(f"tensor {name!r} has shape {list(shape)}, expected "
                                      f"{list(expected[ours])} from config.json")
-        tensor = handle.get_tensor(name)
+        tensor = _read_tensor(handle, name, f)
         if not tensor.is_floating_point():
             raise LoadError(f"tensor {name!r} has dtype {tensor.dtype}; weights must be floating point")
         state[ours] = tensor.to(dtype)  # per tensor: never a whole-model fp32 copy

@@ -12,6 +12,8 @@ from typing import Protocol
 
 import torch
 
+from optimus.decoding.rules import factor_count, threshold_mask
+
 
 class CommitRule(Protocol):
     def select(self, confidence: torch.Tensor, mask_index: torch.Tensor, step: int) -> torch.Tensor: ...
@@ -39,10 +41,10 @@ class Threshold:
     threshold: float
 
     def select(self, confidence: torch.Tensor, mask_index: torch.Tensor, step: int) -> torch.Tensor:
-        transfer = mask_index & (confidence >= self.threshold)
-        best = torch.argmax(confidence, dim=1, keepdim=True)
-        forced = torch.zeros_like(transfer).scatter_(1, best, True)
-        return (transfer | forced) & mask_index
+        transfer = torch.zeros_like(mask_index)
+        for row in range(confidence.shape[0]):
+            transfer[row, mask_index[row]] = threshold_mask(confidence[row][mask_index[row]], self.threshold)
+        return transfer & mask_index
 
 
 @dataclass(frozen=True)
@@ -61,17 +63,7 @@ class Factor:
         for row in range(confidence.shape[0]):
             if not mask_index[row].any():
                 continue
-            ranked = torch.sort(confidence[row][mask_index[row]], descending=True)[0]
-            _, picked = torch.topk(confidence[row], k=self._count(ranked))
+            k = factor_count(confidence[row][mask_index[row]], self.factor)
+            _, picked = torch.topk(confidence[row], k=k)
             transfer[row, picked] = True
         return transfer & mask_index
-
-    def _count(self, ranked: torch.Tensor) -> int:
-        """ranked [n] descending -> how many commit. The bars are compared in the confidence's
-        dtype, as a tensor-scalar comparison would."""
-        n = ranked.shape[0]
-        bars = torch.tensor([-1.0] + [1 - self.factor / (i + 1) for i in range(2, n + 1)],
-                            dtype=ranked.dtype, device=ranked.device)
-        failures = torch.nonzero(ranked < bars)
-        stop = int(failures[0, 0]) if len(failures) else n - 1  # the scan's last index
-        return stop + 1 if stop in (0, n - 1) else stop

@@ -1,0 +1,94 @@
+"""The engine's commit rules are Fast-dLLM's (llada/generate.py: ``get_transfer_index`` with a
+threshold, ``get_transfer_index_dynamic`` for the factor rule), and the engine and the reference
+decoders share one implementation of each."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from optimus.core.params import SamplingParams
+from optimus.decoding.rules import factor_count, select_commits, threshold_mask
+from optimus.reference.rules import Factor, Threshold
+
+
+def _engine(conf: list[float], **params) -> list[int]:
+    return sorted(select_commits(torch.tensor(conf), SamplingParams(**params)).tolist())
+
+
+def _reference(rule, conf: list[float]) -> list[int]:
+    c = torch.tensor([conf])
+    picked = rule.select(c, torch.ones_like(c, dtype=torch.bool), 0)[0]
+    return torch.nonzero(picked).flatten().tolist()
+
+
+def _fast_dllm_factor_count(conf: list[float], factor: float) -> int:
+    """Fast-dLLM's scan, written out: bars 1 - f/(n+1) for n = 1.. with the first set to -1;
+    stop at the first candidate below its bar; a stop at the first or last index counts it."""
+    ranked = sorted(conf, reverse=True)
+    bars = [-1.0] + [1 - factor / (n + 1) for n in range(2, len(ranked) + 1)]
+    top_i = 0
+    for top_i in range(len(bars)):
+        if ranked[top_i] < bars[top_i]:
+            break
+    return top_i + 1 if top_i in (0, len(bars) - 1) else top_i
+
+
+def test_factor_first_failure_at_the_last_candidate_commits_everything():
+    # bars -1, 2/3: 0.638 fails at the last index, and Fast-dLLM's scan counts it anyway
+    assert _engine([0.922, 0.638], rule="factor", factor=1.0) == [0, 1]
+    assert _reference(Factor(1.0), [0.922, 0.638]) == [0, 1]
+
+
+def test_factor_confidence_equal_to_the_bar_passes():
+    # bars -1, 0.5, 2/3 at factor 1.5 (exact in binary: 0.5 == 1 - 1.5/3): 0.5 is not below -> passes
+    conf = [0.9, 0.5, 0.1, 0.05]  # bars -1, 0.5, 0.625, 0.7: fails at index 2 (not last) -> 2
+    assert factor_count(torch.tensor(conf), 1.5) == 2
+    assert _engine(conf, rule="factor", factor=1.5) == [0, 1]
+    assert _reference(Factor(1.5), conf) == [0, 1]
+
+
+@pytest.mark.parametrize("conf,factor,expected", [
+    ([0.3], 1.0, 1),                      # one candidate always commits
+    ([0.01, 0.02, 0.03], 1.0, 1),         # second fails (not last): only the first
+    ([0.99, 0.98, 0.97, 0.96], 1.0, 4),   # nothing fails
+    ([0.9, 0.8, 0.5, 0.1], 1.0, 2),       # third of four fails
+    ([0.9, 0.8, 0.1], 1.0, 3),            # last fails: quirk, all commit
+])
+def test_factor_counts_match_fast_dllm(conf, factor, expected):
+    assert _fast_dllm_factor_count(conf, factor) == expected
+    assert factor_count(torch.tensor(conf), factor) == expected
+    assert len(_engine(conf, rule="factor", factor=factor)) == expected
+    assert len(_reference(Factor(factor), conf)) == expected
+
+
+def test_factor_engine_equals_reference_and_fast_dllm_on_random_confidences():
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(500):
+        n = int(torch.randint(1, 12, (1,), generator=gen))
+        conf = (1 - torch.rand(n, generator=gen) ** 3).tolist()
+        factor = [0.5, 1.0, 2.0, 4.0][trial % 4]
+        want = _fast_dllm_factor_count(torch.tensor(conf).tolist(), factor)
+        engine = _engine(conf, rule="factor", factor=factor)
+        assert len(engine) == want, (conf, factor)
+        assert engine == _reference(Factor(factor), conf)
+        assert engine == sorted(torch.topk(torch.tensor(conf), want).indices.tolist())
+
+
+def test_threshold_confidence_equal_to_the_threshold_commits():
+    # Fast-dLLM drops a candidate only when confidence < threshold: equality commits
+    conf = [0.5, 0.75, 0.25]
+    assert _engine(conf, rule="threshold", threshold=0.5) == [0, 1]
+    assert _reference(Threshold(0.5), conf) == [0, 1]
+    assert threshold_mask(torch.tensor(conf), 0.5).tolist() == [True, True, False]
+
+
+@pytest.mark.parametrize("conf,threshold,expected", [
+    ([0.2, 0.3, 0.1], 0.9, [1]),              # none pass: the most confident still commits
+    ([0.95, 0.3, 0.92, 0.9], 0.9, [0, 2, 3]),
+    ([0.4, 0.4, 0.1], 0.9, [0]),              # equal maxima: the first (argmax)
+    ([1.0, 1.0], 1.0, [0, 1]),
+])
+def test_threshold_engine_equals_reference(conf, threshold, expected):
+    assert _engine(conf, rule="threshold", threshold=threshold) == expected
+    assert _reference(Threshold(threshold), conf) == expected
