@@ -17,7 +17,7 @@ class SamplingParams:
     rule: str = "threshold"  # how a step decides which masked positions of the chunk to commit
     threshold: float = 0.9  # rule=threshold: commit every position at least this confident
     tokens_per_step: int = 1  # rule=topk: commit this many per step
-    factor: float = 1.0  # rule=factor: n-th most confident must exceed 1 - factor / (n + 1)
+    factor: float = 1.0  # rule=factor: n-th most confident must reach 1 - factor / (n + 1) (Fast-dLLM)
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
