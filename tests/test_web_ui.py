@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -35,22 +36,28 @@ CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
                   "--disable-dev-shm-usage", "--remote-debugging-pipe", "--window-size=1400,1000")
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    ckpt = make_tiny_checkpoint(tmp_path_factory.mktemp("ui") / "sdar", "sdar")
+@contextmanager
+def _ui_server(tmp_path_factory, name: str, config: ServerConfig):
+    """A real app (the page's routes check requests as the API does) over a tiny SDAR engine."""
+    ckpt = make_tiny_checkpoint(tmp_path_factory.mktemp(name) / "sdar", "sdar")
     engine = AsyncEngine(engine_config(model=str(ckpt), policy="fixed:4", num_pages=64))
-    app = build_app(engine, ServerConfig())  # the page's routes check requests as the API does
     port = free_port()
-    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    uv = uvicorn.Server(uvicorn.Config(build_app(engine, config), host="127.0.0.1", port=port, log_level="error"))
     thread = threading.Thread(target=uv.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 60
     while not (uv.started and engine.ready):
-        assert time.monotonic() < deadline, "the UI server did not start"
+        assert time.monotonic() < deadline, f"the {name} server did not start"
         time.sleep(0.05)
     yield f"http://127.0.0.1:{port}"
     uv.should_exit = True
     thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with _ui_server(tmp_path_factory, "ui", ServerConfig()) as url:
+        yield url
 
 
 def _events(base: str, body: dict) -> list[dict]:
@@ -255,20 +262,8 @@ def test_page_in_headless_chromium_streams_and_colours_the_canvas(server, tmp_pa
 @pytest.fixture(scope="module")
 def keyed_server(tmp_path_factory):
     """A second server that requires an API key."""
-    ckpt = make_tiny_checkpoint(tmp_path_factory.mktemp("ui-key") / "sdar", "sdar")
-    engine = AsyncEngine(engine_config(model=str(ckpt), policy="fixed:4", num_pages=64))
-    app = build_app(engine, ServerConfig(api_key="sesame"))
-    port = free_port()
-    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not (uv.started and engine.ready):
-        assert time.monotonic() < deadline, "the keyed UI server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    uv.should_exit = True
-    thread.join(10)
+    with _ui_server(tmp_path_factory, "ui-key", ServerConfig(api_key="sesame")) as url:
+        yield url
 
 
 def _open_page(browser: DevTools, url: str) -> str:

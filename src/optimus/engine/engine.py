@@ -206,18 +206,19 @@ class Engine:
         self._last_step_end = t1
         self.post.step_index += 1
         self.stats.record(plan, latency)
-        outputs = [self.post.output(r) for r in self._failed]
-        self._failed = []
+        outputs = []
         for r in touched.values():
             try:
                 out = self.post.advance(r)
             except Exception as exc:  # detokenizing or stop checks of one request
                 self._fail(r, exc)
-                out = self.post.output(self._failed.pop())
+                continue
             if r.is_done:
                 self._requests.pop(r.request_id, None)
             if out is not None:
                 outputs.append(out)
+        outputs += [self.post.output(r) for r in self._failed]  # ended by this step's failures
+        self._failed = []
         self.stats.cpu_time_sum_s += self.post.host_commit_s + time.perf_counter() - t1
         self.stats.graph_capture_s = self.runner.capture_s
         self.stats.refresh_gauges(self.scheduler, self.allocator)
