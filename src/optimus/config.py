@@ -16,8 +16,11 @@ def _opt(default, help: str, **kw):
 
 @dataclass(frozen=True)
 class ModelConfig:
-    model: str = _opt("default", "HF model directory, 'default' for the shipped model, or random:SHAPE / "
-                                 "random-tiny:SHAPE for random weights at a published shape (benchmarks only)")
+    model: str = _opt("default", "HF model directory, .gguf file, Hugging Face Hub id org/name (downloaded "
+                                 "once into the Hub cache), alias (smollm2-135m), 'default' for the shipped "
+                                 "model, or random:SHAPE / random-tiny:SHAPE for random weights at a published "
+                                 "shape (benchmarks only)")
+    revision: str | None = _opt(None, "Hub branch, tag or commit of a Hub --model (default: main)")
     dtype: str = _opt("auto", "auto | bfloat16 | float16 | float32 (auto: bf16 on GPU, fp32 on CPU)")
     device: str = _opt("auto", "auto | cpu | cuda | cuda:N")
 
@@ -64,6 +67,8 @@ class EngineConfig:
     runner: RunnerConfig = field(default_factory=RunnerConfig)
     profile_path: str | None = _opt(None, "latency profile JSON (default: per device and model in ~/.cache/optimus)")
     seed: int = _opt(0, "engine seed for requests that give none")
+    likelihood_samples: int = _opt(32, "diffusion models: Monte Carlo samples per sequence of a likelihood "
+                                       "estimate (echo/logprobs on /v1/completions); causal models are exact")
     acceptance_profile: str | None = _opt(None, "tau-per-chunk JSON (optimus eval) seeding the elastic policy")
     replay_acceptance: str | None = _opt(
         None, "benchmarks only: commit per step as many positions (most confident first) as this measured "

@@ -7,6 +7,7 @@ from typing import Protocol
 
 from optimus.core.outputs import RequestOutput
 from optimus.core.params import SamplingParams
+from optimus.core.scoring import ScoreRequest, ScoreResult
 from optimus.models.spec import ModelSpec
 
 
@@ -31,6 +32,8 @@ class EngineClient(Protocol):
 
     def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                  group: str | None = None) -> AsyncIterator[RequestOutput]: ...
+
+    async def score(self, request: ScoreRequest) -> ScoreResult: ...  # plain data both ways
 
     def abort(self, request_id: str) -> None: ...
 
