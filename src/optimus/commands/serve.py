@@ -17,7 +17,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from optimus.engine.async_engine import AsyncEngine
+    from optimus.models.sources import resolve_model
     from optimus.server.runner import run_server
 
-    engine = AsyncEngine(config_from_args(EngineConfig, args))
+    config = config_from_args(EngineConfig, args)
+    # Find (download) and check the model before listening: a model that cannot be had ends
+    # the command with one line (exit 2) instead of failing in the background after start-up.
+    resolve_model(config.model.model, config.model.revision)
+    engine = AsyncEngine(config)
     return run_server(engine, config_from_args(ServerConfig, args), log_level=args.log_level)

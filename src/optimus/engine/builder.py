@@ -62,7 +62,8 @@ def build_parts(config: EngineConfig, loaded: LoadedModel | None = None,
     device = resolve_device(config.model.device)
     if loaded is None:
         from optimus.models.loader import load_model
-        loaded = load_model(config.model.model, dtype=config.model.dtype, device=str(device))
+        loaded = load_model(config.model.model, dtype=config.model.dtype, device=str(device),
+                            revision=config.model.revision)
     loaded.model.fuse_projections()  # q/k/v and gate/up as one matmul each (views, no copy)
     spec = loaded.spec
     block_size = block_size_for(spec, config)
