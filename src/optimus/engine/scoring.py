@@ -49,7 +49,7 @@ class ScoringJob:
         self.model, self.spec, self.budget, self.block, self.device = model, spec, budget, block, device
         self.method = lk.method_for(spec)
         self.samples = 1 if self.method == lk.EXACT else samples
-        seed = request.seed if request.seed is not None else seed
+        self.seed_used = seed = request.seed if request.seed is not None else seed
         self._rows: list[lk.Row] = []
         self._acc: dict[int, lk.Accumulator] = {}
         vocab = spec.arch.vocab_size
