@@ -22,6 +22,7 @@ class RequestWork:
     window: tuple[int, int] | None  # predicted positions for a decode window; None for prefill
     final: int | None = None  # final_end when it differs from store_end (dual cache)
     visible: int | None = None  # cached_keys when it differs from start (dual cache)
+    refresh: bool = False  # a block-start forward over the whole sequence (cache schemes)
 
     @property
     def final_end(self) -> int:

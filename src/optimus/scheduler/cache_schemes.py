@@ -147,7 +147,7 @@ class _Refreshing:
             return None
         r.refreshed_block = r.geometry.block_end(r.window_start())
         n = r.geometry.canvas_end
-        return RequestWork(r, 0, n, store_to(r), [1] * n, None)
+        return RequestWork(r, 0, n, store_to(r), [1] * n, None, refresh=True)
 
 
 @dataclass(frozen=True)
@@ -164,7 +164,7 @@ class PrefixCache(_Refreshing):
                     ensure: EnsurePages) -> RequestWork:
         window = r.plan_window(r.max_chunk())
         if lead is not None:
-            return RequestWork(r, 0, lead.end, lead.store_end, lead.groups, window)
+            return RequestWork(r, 0, lead.end, lead.store_end, lead.groups, window, refresh=True)
         # The block and everything after it, against the stored prefix; nothing stored.
         start, end = r.cache_len, r.geometry.canvas_end
         return RequestWork(r, start, end, start, [1] * (end - start), window)
@@ -188,8 +188,8 @@ class DualCache(_Refreshing):
         start = lead.start if lead is not None else rows_lo
         end = lead.end if lead is not None and lead.end > rows_hi else rows_hi
         # Every row is written (its slot replaced), but only rows before the window are final.
-        return RequestWork(r, start, end, end, [1] * (end - start), window,
-                           final=rows_lo, visible=r.geometry.canvas_end)
+        return RequestWork(r, start, end, end, [1] * (end - start), window, final=rows_lo,
+                           visible=r.geometry.canvas_end, refresh=lead is not None and lead.refresh)
 
 
 def make_scheme(name: str, attention: AttentionKind, suffix_window: int = 0) -> CacheScheme:
