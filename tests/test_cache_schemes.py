@@ -76,9 +76,9 @@ def test_dual_cache_steps_run_only_the_window_after_the_refresh(llada):
     rows = []
     real = llm.engine.runner.forward
 
-    def counting(batch):
+    def counting(batch, **kw):
         rows.append(batch.input_ids.numel())
-        return real(batch)
+        return real(batch, **kw)
 
     llm.engine.runner.forward = counting
     prompt = PROMPTS[1]

@@ -64,7 +64,8 @@ def main(out_path: str) -> int:
         ok &= all(checks.values())
         report[f"{family}/{policy}/{mode}"] = checks
         print(family, policy, mode, *(f"{k}={v}" for k, v in checks.items()), flush=True)
-    report["llada/dual_cache_equals_fast_dllm_reference"] = exact = dual_cache_equals_fast_dllm()
+    exact = dual_cache_equals_fast_dllm()
+    report["llada/fixed:8/dual-cache"] = {"equals_fast_dllm_reference_loop": exact}
     print("llada dual cache equals the Fast-dLLM reference loop:", exact, flush=True)
     ok &= exact
     with open(out_path, "w") as f:
