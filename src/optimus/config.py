@@ -40,7 +40,12 @@ class SchedulerConfig:
     max_waiting: int = _opt(1024, "most requests queued; more are refused")
     max_tokens_per_step: int = _opt(4096, "token budget of one step (prefill pieces + chunks)")
     prefill_chunk: int = _opt(512, "most prompt tokens one request prefills in a step")
-    suffix_window: int = _opt(0, "full-attention models: mask positions after the chunk, computed but not stored")
+    cache_mode: str = _opt("auto", "full-attention models (LLaDA, Dream): dual-cache | prefix-cache (Fast-dLLM's, "
+                                   "refreshed at each block start) | prefix-block (no refresh; each block sees "
+                                   "only what precedes it: an approximation); auto = dual-cache. Causal and "
+                                   "block-causal models are cached exactly and take auto or prefix-block")
+    suffix_window: int = _opt(0, "prefix-block on full-attention models: mask positions after the chunk, "
+                                 "computed but not stored")
     elastic_per_request: bool = _opt(True, "elastic: plan each request on its own measured confidence level "
                                            "(off: one shared tau curve for every request)")
 

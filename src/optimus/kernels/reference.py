@@ -51,8 +51,9 @@ def _pad_rows(x: torch.Tensor, req: torch.Tensor, local: torch.Tensor, num_req: 
 def group_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                               k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor,
                               cache_lens: torch.Tensor, cu_q: torch.Tensor, groups: torch.Tensor,
-                              scale: float | None = None) -> torch.Tensor:
+                              scale: float | None = None, cache_only: bool = False) -> torch.Tensor:
     """q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq, D] in q's dtype; softmax in fp32.
+    ``cache_only``: the new rows are not keys (see group_attention).
 
     Vectorised over requests by padding every request to the longest chunk and the longest
     cache of the step, then one masked SDPA call. Cost is R * max_q * (max_cache + max_q).
@@ -83,6 +84,8 @@ def group_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     kc = torch.where(live, gather_cache(k_cache, page_table, max_c).to(f32), 0.0)
     vc = torch.where(live, gather_cache(v_cache, page_table, max_c).to(f32), 0.0)
     new_ok = gp[:, None, :] <= gp[:, :, None]  # [R, Q(query), Q(key)]
+    if cache_only:
+        new_ok = torch.zeros_like(new_ok)
     mask = torch.cat([cache_ok[:, None, :].expand(-1, max_q, -1), new_ok], dim=2)
 
     keys = torch.cat([kc, kp], dim=1).transpose(1, 2)  # [R, Hkv, C+Q, D]
