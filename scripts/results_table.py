@@ -107,6 +107,11 @@ def cache_modes(d: dict) -> list:
     return rows
 
 
+def hf_generate_compare(d: dict) -> list:
+    return [(f"batch {r['batch']}: this engine / HF generate (tok/s)",
+             f"{num(r['optimus_tok_s'])} / {num(r['hf_tok_s'])} = {r['ratio']:.1f}x") for r in d.get("rows", [])]
+
+
 def _best_fixed(values: dict) -> tuple[str, float] | None:
     fixed = {p: v for p, v in values.items() if p.startswith("fixed:") and v is not None}
     return max(fixed.items(), key=lambda kv: kv[1]) if fixed else None
@@ -311,6 +316,9 @@ BENCHMARKS = [
      "(`optimus bench offline --experiments schedule4 --cache-modes ...` and "
      "`python -m optimus.bench.experiments.fast_dllm_baseline`); Fast-dLLM's published code was measured "
      "on the same card with the same workload.", cache_modes),
+    ("hf_generate_compare", "SmolLM2-135M shape: AR against HF `generate`",
+     "Random weights at SmolLM2-135M-Instruct's config, greedy, prompt 128, output 256, end-of-text ignored "
+     "(`python -m optimus.bench.experiments.hf_generate_compare`).", hf_generate_compare),
     ("policy_sweep", "Policies across concurrency (offline)",
      "Output tok/s of every chunk policy on one engine, interleaved runs, medians; acceptance replayed from the "
      "default model (`optimus bench offline --experiments surface,sweep`).", policy_sweep),
