@@ -17,8 +17,8 @@ from optimus.reference.adapter import ModelCall
 TOKENS = (5, 17, 33, 44, 90, 100, 7, 8, 9, 10, 11, 12, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49)
 
 
-def _score(model, spec, sequences, ctxs, *, samples=8, seed=0, top_n=0, budget=4096, block=None):
-    request = ScoreRequest(tuple(map(tuple, sequences)), tuple(ctxs), top_n=top_n, seed=seed)
+def _score(model, spec, sequences, ctxs, *, samples=8, seed=0, top_n=0, budget=4096, block=None, chained=()):
+    request = ScoreRequest(tuple(map(tuple, sequences)), tuple(ctxs), top_n=top_n, seed=seed, chained=chained)
     return score_now(request, model, spec, samples=samples, budget=budget, block=block)
 
 
@@ -93,8 +93,9 @@ def test_block_elbo_rows_see_clean_earlier_blocks_and_their_own_noised_block(tin
     expected = torch.zeros(len(TOKENS) - ctx, dtype=torch.float64)
     call = ModelCall(model, block_size=block)
     for row in rows:
-        noised = row.ids[row.noisy]
-        start = int(row.positions[row.noisy][0])
+        noisy = row.groups > 0
+        noised = row.ids[noisy]
+        start = int(row.positions[noisy][0])
         for lo in range(start, len(TOKENS), block):
             piece = torch.cat([torch.tensor(TOKENS[:lo], dtype=torch.long), noised[lo - start:lo - start + block]])
             with torch.no_grad():
@@ -107,13 +108,30 @@ def test_block_elbo_rows_see_clean_earlier_blocks_and_their_own_noised_block(tin
     assert torch.allclose(torch.tensor(got, dtype=torch.float64), expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["sdar", "llada", "dream"])
+def test_a_chained_token_is_its_one_token_continuation(tiny_model, family):
+    """Chained: token i gets the estimate of ``tokens[:i+1]`` with context i (exact, whatever
+    the seed), so sums over any span are chain-rule sums; the block-causal rows that share one
+    clean prefix among a block's tokens give the same values."""
+    model, spec = tiny_model(family)
+    ctx = 3
+    chained = _score(model, spec, [TOKENS], [ctx], chained=(True,), block=8, top_n=2, seed=1).sequences[0]
+    singles = [TOKENS[:i + 1] for i in range(ctx, len(TOKENS))]
+    one_by_one = _score(model, spec, singles, [i for i in range(ctx, len(TOKENS))], block=8, top_n=2, seed=9)
+    assert chained.logprobs == pytest.approx([s.logprobs[0] for s in one_by_one.sequences], abs=1e-5)
+    assert chained.top_ids == tuple(s.top_ids[0] for s in one_by_one.sequences)
+    tight = _score(model, spec, [TOKENS], [ctx], chained=(True,), block=8, budget=len(TOKENS)).sequences[0]
+    assert tight.logprobs == pytest.approx(chained.logprobs, abs=1e-5)  # a block's groups over several rows
+
+
 @pytest.mark.parametrize("family", ["llama", "sdar", "llada", "dream"])
 def test_batching_and_the_token_budget_change_nothing(tiny_model, family):
     """A sequence scores the same alone, padded in a batch with others, or one row per forward."""
     model, spec = tiny_model(family)
     others = [TOKENS[:7], TOKENS[3:], TOKENS[:13]]
     alone = _score(model, spec, [TOKENS], [3], top_n=2, block=8).sequences[0]
-    batched = _score(model, spec, [*others, TOKENS], [2, 1, 6, 3], top_n=2, block=8).sequences[-1]
+    batched = _score(model, spec, [*others, TOKENS], [2, 1, 6, 3], top_n=2, block=8,
+                     chained=(True, False, True, False)).sequences[-1]
     small = _score(model, spec, [TOKENS], [3], top_n=2, block=8, budget=2 * len(TOKENS)).sequences[0]
     for got in (batched, small):
         assert got.logprobs == pytest.approx(alone.logprobs, abs=1e-5)

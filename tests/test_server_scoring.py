@@ -155,16 +155,30 @@ def test_logprobs_without_echo_and_string_prompts(causal):
     assert echo["choices"][0]["text"].startswith("hello world") and echo["choices"][0]["logprobs"] is None
 
 
-def test_diffusion_scores_are_the_engines_estimate_and_reproducible(diffusion):
+def test_diffusion_prompt_tokens_are_chained_and_the_completion_estimated_given_the_prompt(diffusion, monkeypatch):
     client, engine = diffusion
-    payload = dict(prompt=PROMPT, echo=True, logprobs=1, max_tokens=0, seed=5)
+    seen = []
+    score = engine.score
+
+    async def recording(request):
+        seen.append((request, await score(request)))
+        return seen[-1][1]
+
+    monkeypatch.setattr(engine, "score", recording)
+    payload = dict(prompt=PROMPT, echo=True, logprobs=1, max_tokens=3, temperature=0, ignore_eos=True, seed=5)
     a = _completion(client, **payload)["choices"][0]["logprobs"]
-    b = _completion(client, **payload)["choices"][0]["logprobs"]
-    assert a == b
+    assert _completion(client, **payload)["choices"][0]["logprobs"] == a  # reproducible
+    request, result = seen[0]
+    (prompt, full), (ctx_prompt, ctx_full) = request.sequences, request.context_lens
+    assert prompt == tuple(PROMPT) and ctx_prompt == 1 and request.chained == (True, False)
+    assert full[:len(PROMPT)] == tuple(PROMPT) and len(full) == len(PROMPT) + 3 and ctx_full == len(PROMPT)
+    assert a["token_logprobs"] == [None, *result.sequences[0].logprobs, *result.sequences[1].logprobs]
     spec, model = engine.spec, engine.engine.loaded.model
-    direct = score_now(ScoreRequest((tuple(PROMPT),), (1,), top_n=1, seed=5), model, spec, samples=8).sequences[0]
-    assert a["token_logprobs"][1:] == pytest.approx(direct.logprobs, abs=1e-6)
-    assert sum(a["token_logprobs"][1:]) < 0
+    chained = score_now(ScoreRequest((tuple(PROMPT),), (1,), chained=(True,)), model, spec, samples=8).sequences[0]
+    estimate = score_now(ScoreRequest((full,), (len(PROMPT),), seed=5), model, spec, samples=8,
+                         block=engine.engine.block_size).sequences[0]
+    assert a["token_logprobs"][1:len(PROMPT)] == pytest.approx(chained.logprobs, abs=1e-5)
+    assert a["token_logprobs"][len(PROMPT):] == pytest.approx(estimate.logprobs, abs=1e-5)
     for value, top in zip(a["token_logprobs"][1:], a["top_logprobs"][1:]):
         assert max(top.values()) >= value  # is_greedy in lm-eval compares on this one scale
 
@@ -175,7 +189,8 @@ def test_diffusion_scores_are_the_engines_estimate_and_reproducible(diffusion):
     ("/v1/completions", {"prompt": PROMPT, "echo": True, "logprobs": -1, "max_tokens": 0}, "logprobs"),
     ("/v1/completions", {"prompt": PROMPT, "logprobs": 1, "max_tokens": 0}, "max_tokens"),
     ("/v1/completions", {"prompt": PROMPT, "echo": True, "stream": True, "max_tokens": 1}, "echo"),
-    ("/v1/completions", {"prompt": [PROMPT, [5] * 140], "echo": True, "logprobs": 1, "max_tokens": 0}, "prompt.1"),
+    ("/v1/completions", {"prompt": [PROMPT, [5] * 300], "echo": True, "logprobs": 1, "max_tokens": 0}, "prompt.1"),
+    ("/v1/completions", {"prompt": PROMPT, "logprobs": 1, "max_tokens": 150, "ignore_eos": True}, "prompt"),
 ])
 def test_refusals_are_400_with_a_message(diffusion, path, body, param):
     client, _ = diffusion
@@ -183,7 +198,7 @@ def test_refusals_are_400_with_a_message(diffusion, path, body, param):
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert error["param"] == param and error["message"]
-    if param == "prompt.1":  # 140 tokens: about 280 in one forward (clean + noised copy) > 256
+    if param == "prompt":  # the completion's estimate: 162 clean + 150 noised tokens in one forward > 256
         assert "--max-tokens-per-step" in error["message"] and error["code"] == "context_length_exceeded"
 
 

@@ -24,6 +24,13 @@ Alternatives (top-N) are ranked by the same share computed for every vocabulary 
 position, so the scored token and its alternatives are on one scale. Causal models: the
 model's exact log-probabilities.
 
+**Chained sequences** (``ScoreRequest.chained``): each token is scored as a one-token
+continuation of the tokens before it, the case where both estimators are exact (one masked
+token, weight 1). Sums over any span are then ``sum log p(x_i | x_<i)`` whatever the span's
+start: what a caller needs who scores a span without saying where its context ends (lm-eval
+sums echoed prompt logprobs over the continuation). Costs about ``L^2 / 2`` row tokens (full
+attention) or ``L * block / 2`` plus the clean prefixes (block-causal), with no sampling.
+
 Randomness comes from a CPU generator seeded per sequence, so a sequence scores the same
 whatever else is in its request and on whatever device.
 """
@@ -44,15 +51,17 @@ _HEAD_ROWS = 1024  # LM-head rows per slice: bounds the [rows, vocab] fp32 log-s
 
 @dataclass(frozen=True)
 class Row:
-    """One forward row of sequence ``seq``: ``ids``/``positions`` [R] (CPU, long); ``noisy``
-    [R] marks the noised copy of a block-ELBO row. Logits of row ``reads`` [K] score
+    """One forward row of sequence ``seq``: ``ids``/``positions`` [R] (CPU, long). ``groups``
+    [R] (block-causal rows): 0 for the clean tokens, k > 0 for the k-th noised copy, which sees
+    the clean blocks before its own and, in its own block, only its own copy. Logits of row
+    ``reads`` [K] score
     ``targets`` [K] (the true tokens) with ``weights`` [K], credited to scored token ``slots``
     [K] (index ``position - context_len``)."""
 
     seq: int
     ids: torch.Tensor
     positions: torch.Tensor
-    noisy: torch.Tensor | None
+    groups: torch.Tensor | None
     reads: torch.Tensor
     targets: torch.Tensor
     slots: torch.Tensor
@@ -73,21 +82,24 @@ def method_for(spec: ModelSpec) -> str:
     return MONTE_CARLO
 
 
-def row_tokens(spec: ModelSpec, length: int, context_len: int, block: int) -> int:
-    """Tokens one forward row of this sequence takes (what the token budget must hold)."""
-    if method_for(spec) != BLOCK_ELBO:
+def row_tokens(spec: ModelSpec, length: int, context_len: int, block: int, chained: bool = False) -> int:
+    """Tokens the longest forward row of this sequence takes (what the token budget must hold)."""
+    if chained or method_for(spec) != BLOCK_ELBO:
         return length
     return (length - 1) // block * block + length - context_len // block * block
 
 
 def rows_for(spec: ModelSpec, seq: int, tokens: list[int], context_len: int, samples: int,
-             seed: int, block: int) -> list[Row]:
-    """The rows that score one sequence (``samples`` of them for the estimators)."""
+             seed: int, block: int, chained: bool = False, budget: int | None = None) -> list[Row]:
+    """The rows that score one sequence (``samples`` of them for the estimators; ``chained``:
+    every token as its own one-token continuation, see ``_chain_rows``)."""
     ids = torch.tensor(tokens, dtype=torch.long)
     gen = torch.Generator().manual_seed(seed)
     method = method_for(spec)
     if method == EXACT:
         return [_causal_row(seq, ids, context_len)]
+    if chained:
+        return _chain_rows(spec, seq, ids, context_len, block, budget or len(tokens))
     if method == BLOCK_ELBO:
         return _block_rows(seq, ids, context_len, samples, gen, int(spec.mask_id), block)
     return _mc_rows(seq, ids, context_len, samples, gen, int(spec.mask_id), 1 if spec.logit_shift else 0)
@@ -126,7 +138,7 @@ def _block_rows(seq: int, ids: torch.Tensor, ctx: int, samples: int, gen: torch.
     spans = [(max(ctx, b * block), min(length, (b + 1) * block)) for b in range(first, last + 1)]
     counts = [stratified_counts(hi - lo, samples, gen) for lo, hi in spans]
     positions = torch.cat([torch.arange(clean_len), torch.arange(noisy_start, length)])
-    noisy = torch.cat([torch.zeros(clean_len, dtype=torch.bool), torch.ones(length - noisy_start, dtype=torch.bool)])
+    groups = torch.cat([torch.zeros(clean_len, dtype=torch.long), torch.ones(length - noisy_start, dtype=torch.long)])
     rows = []
     for s in range(samples):
         noised = ids[noisy_start:].clone()
@@ -138,9 +150,53 @@ def _block_rows(seq: int, ids: torch.Tensor, ctx: int, samples: int, gen: torch.
             weights.append(torch.full((m,), n / m, dtype=torch.float64))
         where = torch.cat(masked)
         noised[where - noisy_start] = mask_id
-        rows.append(Row(seq, torch.cat([ids[:clean_len], noised]), positions, noisy,
+        rows.append(Row(seq, torch.cat([ids[:clean_len], noised]), positions, groups,
                         where - noisy_start + clean_len, ids[where], where - ctx, torch.cat(weights)))
     return rows
+
+
+def _chain_rows(spec: ModelSpec, seq: int, ids: torch.Tensor, ctx: int, block: int, budget: int) -> list[Row]:
+    """Token ``i`` scored as a one-token continuation of ``ids[:i]``: the estimators' own case of
+    one scored token, where they are exact (one masked token, weight 1): its log-probability at
+    a masked position right after its prefix, nothing after it. Deterministic; sums over any
+    span are chain-rule sums ``sum log p(x_i | x_<i)``, whatever the span's start.
+
+    Full attention: one row ``ids[:i] + [mask]`` per token. Block-causal: one row per block (more
+    when the budget says so) holding the clean blocks before it once, then one group
+    ``ids[block start:i] + [mask]`` per token ``i`` of the block."""
+    mask_id, length = int(spec.mask_id), ids.shape[0]
+    mask = torch.tensor([mask_id])
+    one = torch.ones(1, dtype=torch.float64)
+    if spec.attention is AttentionKind.FULL:
+        shift = 1 if spec.logit_shift else 0
+        return [Row(seq, torch.cat([ids[:i], mask]), torch.arange(i + 1), None, torch.tensor([i - shift]),
+                    ids[i:i + 1], torch.tensor([i - ctx]), one) for i in range(ctx, length)]
+    rows = []
+    for start in range(ctx // block * block, length, block):
+        pending: list[int] = []
+        for i in range(max(ctx, start), min(length, start + block)):
+            if pending and start + sum(j - start + 1 for j in pending) + i - start + 1 > budget:
+                rows.append(_chain_block_row(seq, ids, ctx, start, pending, mask))
+                pending = []
+            pending.append(i)
+        rows.append(_chain_block_row(seq, ids, ctx, start, pending, mask))
+    return rows
+
+
+def _chain_block_row(seq: int, ids: torch.Tensor, ctx: int, start: int, targets: list[int],
+                     mask: torch.Tensor) -> Row:
+    """The clean prefix ``ids[:start]``, then group k: ``ids[start:i_k] + [mask]``."""
+    pieces, positions, groups, reads = [ids[:start]], [torch.arange(start)], [torch.zeros(start, dtype=torch.long)], []
+    offset = start
+    for k, i in enumerate(targets, 1):
+        pieces.append(torch.cat([ids[start:i], mask]))
+        positions.append(torch.arange(start, i + 1))
+        groups.append(torch.full((i - start + 1,), k, dtype=torch.long))
+        offset += i - start + 1
+        reads.append(offset - 1)
+    where = torch.tensor(targets)
+    return Row(seq, torch.cat(pieces), torch.cat(positions), torch.cat(groups), torch.tensor(reads), ids[where],
+               where - ctx, torch.ones(len(targets), dtype=torch.float64))
 
 
 def batch_mask(spec: ModelSpec, rows: list[Row], block: int, device: torch.device) -> torch.Tensor | None:
@@ -151,22 +207,23 @@ def batch_mask(spec: ModelSpec, rows: list[Row], block: int, device: torch.devic
     if spec.attention is AttentionKind.FULL and all(r.length == width for r in rows):
         return None
     pos = torch.zeros(len(rows), width, dtype=torch.long)
-    noisy = torch.zeros(len(rows), width, dtype=torch.bool)
+    group = torch.zeros(len(rows), width, dtype=torch.long)
     valid = torch.zeros(len(rows), width, dtype=torch.bool)
     for i, r in enumerate(rows):
         pos[i, :r.length], valid[i, :r.length] = r.positions, True
-        if r.noisy is not None:
-            noisy[i, :r.length] = r.noisy
-    pos, noisy, valid = pos.to(device), noisy.to(device), valid.to(device)
+        if r.groups is not None:
+            group[i, :r.length] = r.groups
+    pos, group, valid = pos.to(device), group.to(device), valid.to(device)
     q, k = pos[:, :, None], pos[:, None, :]
     if spec.attention is AttentionKind.CAUSAL:
         mask = k <= q
     elif spec.attention is AttentionKind.FULL:
         mask = torch.ones(len(rows), width, width, dtype=torch.bool, device=device)
-    else:  # clean copy block-causal; a noised block sees earlier clean blocks and itself
+    else:  # clean tokens block-causal; a noised copy sees earlier clean blocks and, in its block, itself
         qb, kb = torch.div(q, block, rounding_mode="floor"), torch.div(k, block, rounding_mode="floor")
-        nq, nk = noisy[:, :, None], noisy[:, None, :]
-        mask = (~nq & ~nk & (kb <= qb)) | (nq & ((nk & (kb == qb)) | (~nk & (kb < qb))))
+        gq, gk = group[:, :, None], group[:, None, :]
+        clean_q, clean_k = gq == 0, gk == 0
+        mask = (clean_q & clean_k & (kb <= qb)) | (~clean_q & (((gk == gq) & (kb == qb)) | (clean_k & (kb < qb))))
     eye = torch.eye(width, dtype=torch.bool, device=device)[None]
     return (mask & valid[:, None, :]) | (eye & ~valid[:, :, None])
 

@@ -31,13 +31,14 @@ def check_score_request(request: ScoreRequest, spec: ModelSpec, max_model_len: i
     if spec.is_diffusion:
         lk.method_for(spec)  # refuses what the estimators cannot score
     for i, (tokens, ctx) in enumerate(zip(request.sequences, request.context_lens)):
+        chained = request.is_chained(i)
         bad = next((t for t in tokens if not 0 <= t < vocab), None)
         if bad is not None:
             raise ValueError(f"sequence {i}: token id {bad} is outside the vocabulary [0, {vocab})")
         if len(tokens) > max_model_len:
             raise ValueError(f"sequence {i}: {len(tokens)} tokens exceed this model's maximum context "
                              f"length of {max_model_len}")
-        need = lk.row_tokens(spec, len(tokens), ctx, block)
+        need = lk.row_tokens(spec, len(tokens), ctx, block, chained)
         if need > budget:
             raise ValueError(f"sequence {i}: scoring its {len(tokens)} tokens takes {need} tokens in one "
                              f"forward, over the engine's --max-tokens-per-step of {budget}")
@@ -54,8 +55,10 @@ class ScoringJob:
         self._acc: dict[int, lk.Accumulator] = {}
         vocab = spec.arch.vocab_size
         for i, (tokens, ctx) in enumerate(zip(request.sequences, request.context_lens)):
-            self._rows += lk.rows_for(spec, i, list(tokens), ctx, self.samples, seed, block)
-            self._acc[i] = lk.Accumulator(list(tokens), ctx, vocab, request.top_n, self.samples, device)
+            chained = request.is_chained(i)
+            samples = 1 if chained else self.samples
+            self._rows += lk.rows_for(spec, i, list(tokens), ctx, samples, seed, block, chained, budget)
+            self._acc[i] = lk.Accumulator(list(tokens), ctx, vocab, request.top_n, samples, device)
         self._rows.reverse()  # popped from the end, in order
         self._count = len(request.sequences)
 

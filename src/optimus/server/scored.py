@@ -10,10 +10,13 @@ Each choice is generated as usual, then scored by the engine (``EngineClient.sco
   ended it (eos or a ``stop_token_ids`` entry: it is not in the text, but OpenAI and vLLM
   report it, and lm-eval drops the last entry as the generated one).
 
-Causal models: exact log-probabilities, one sequence per choice. Diffusion models: each token's
-share of a likelihood estimate (``decoding/likelihood.py``), prompt and completion estimated
-separately (the prompt given its first token, the completion given the prompt), so
-``sum(token_logprobs)`` over any span is that span's share of the estimate.
+Causal models: exact log-probabilities, one sequence per choice. Diffusion models
+(``decoding/likelihood.py``): the server cannot know where a prompt's context ends (lm-eval
+sends context + continuation as one prompt and sums ``token_logprobs[ctxlen:-1]``), so each
+prompt token is scored as a one-token continuation of the tokens before it (exact, no
+sampling; a span's sum is ``sum log p(x_i | x_<i)`` whatever its start). A completion, whose
+context is the prompt, gets the model's estimator (block-diffusion ELBO or LLaDA's Monte Carlo
+estimate) given the prompt, each token its share of the estimate.
 """
 
 from __future__ import annotations
@@ -100,14 +103,16 @@ class _Plan:
         self.causal = causal
         self.sequences: list[tuple[int, ...]] = []
         self.context_lens: list[int] = []
+        self.chained: list[bool] = []
         self.prompt_of: list[int] = []  # sequence -> prompt index (for error messages)
         self._keys: dict[tuple, int] = {}
 
-    def add(self, key: tuple, tokens: tuple[int, ...], context_len: int, prompt: int) -> int:
+    def add(self, key: tuple, tokens: tuple[int, ...], context_len: int, prompt: int, chained: bool = False) -> int:
         if key not in self._keys:
             self._keys[key] = len(self.sequences)
             self.sequences.append(tokens)
             self.context_lens.append(context_len)
+            self.chained.append(chained)
             self.prompt_of.append(prompt)
         return self._keys[key]
 
@@ -129,12 +134,13 @@ async def _score(state: ServerState, body: CompletionRequest, prompts: list[list
             seq = plan.add(("full",) + full, full, 1, p) if wanted else None
             where[index] = (seq, seq)
             continue
-        head = plan.add(("prompt", p), prompt, 1, p) if body.echo and len(prompt) > 1 else None
+        head = plan.add(("prompt", p), prompt, 1, p, chained=True) if body.echo and len(prompt) > 1 else None
         tail = plan.add(("answer", index), prompt + answer.scored, len(prompt), p) if answer.scored else None
         where[index] = (head, tail)
     if not plan.sequences:
         return plan, where, ScoreResult((), "none", 0)
-    request = ScoreRequest(tuple(plan.sequences), tuple(plan.context_lens), top_n=body.logprobs, seed=body.seed)
+    request = ScoreRequest(tuple(plan.sequences), tuple(plan.context_lens), top_n=body.logprobs, seed=body.seed,
+                           chained=tuple(plan.chained))
     try:
         return plan, where, await state.engine.score(request)
     except ValueError as exc:

@@ -24,11 +24,18 @@ def tokenizer_info(tokenizer, max_model_len: int) -> dict:
     info.update(add_bos_token=settings.add_bos_token, add_eos_token=settings.add_eos_token,
                 clean_up_tokenization_spaces=settings.clean_up_tokenization_spaces,
                 model_max_length=max_model_len,
-                added_tokens_decoder={str(i): content for i, (content, _) in sorted(settings.added_tokens.items())})
+                added_tokens_decoder=_added_tokens(tokenizer))
     templates = settings.chat_templates
     if templates:
         info["chat_template"] = templates.get("default", next(iter(templates.values())))
     return info
+
+
+def _added_tokens(tokenizer) -> dict[str, str]:
+    """id -> token for tokenizer_config's added tokens and every special token."""
+    added = {i: content for i, (content, _) in tokenizer.settings.added_tokens.items()}
+    added.update({i: tokenizer.id_to_token(i) for i in tokenizer.all_special_ids})
+    return {str(i): added[i] for i in sorted(added)}
 
 
 @router.get("/tokenizer_info")
