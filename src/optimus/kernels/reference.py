@@ -139,3 +139,31 @@ def silu_mul_reference(gate_up: torch.Tensor) -> torch.Tensor:
     """gate_up [T, 2I] (gate first) -> silu(gate) * up [T, I]; each op rounded to the dtype."""
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+def fused_moe_reference(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
+                        ids: torch.Tensor) -> torch.Tensor:
+    """Sparse MLP: out[t] = sum_j weights[t, j] * down_e(silu(gate_e(x_t)) * up_e(x_t)), e = ids[t, j].
+
+    x [T, H]; w13 [E, 2I, H] (gate rows, then up rows); w2 [E, H, I]; weights [T, k] (any
+    float dtype); ids [T, k] int. Token-expert pairs are grouped by expert and each touched
+    expert runs once on its rows (its counts are read on the host: not for CUDA graphs). The
+    expert MLP rounds to x's dtype after each matmul like nn.Linear; the weighted sum is fp32.
+    """
+    t, k = ids.shape
+    inner = w2.shape[2]
+    flat = ids.reshape(-1).long()
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=w13.shape[0]).tolist()
+    pair_w = weights.reshape(-1).float()
+    out = torch.zeros(t * k, x.shape[1], dtype=torch.float32, device=x.device)
+    start = 0
+    for expert, n in enumerate(counts):
+        if n == 0:
+            continue
+        rows = order[start:start + n]
+        gate_up = F.linear(x[rows // k], w13[expert])
+        y = F.linear(F.silu(gate_up[:, :inner]) * gate_up[:, inner:], w2[expert])
+        out[rows] = y.float() * pair_w[rows, None]
+        start += n
+    return out.view(t, k, -1).sum(1).to(x.dtype)
