@@ -167,7 +167,7 @@ class AsyncEngine:
         """Log-probabilities of ``request``'s sequences (exact for causal models, an estimate
         for diffusion models: ``decoding/likelihood.py``), computed by the loop thread between
         steps. A sequence that cannot be scored raises ValueError (``sequence i: why``) at once."""
-        if not self.alive:
+        if not self.alive or self._scoring is None:
             raise EngineDeadError("the engine is not running")
         if not self._admitting:
             raise QueueFullError("the server is shutting down and admits no new requests")

@@ -21,8 +21,10 @@ estimate) given the prompt, each token its share of the estimate.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections import defaultdict
+from dataclasses import dataclass
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
@@ -40,13 +42,18 @@ _CLIENT_CLOSED = 499
 _SEQUENCE_ERROR = re.compile(r"^sequence (\d+): (.*)$", re.S)
 
 
+@dataclass(frozen=True)
 class _Answer:
-    """One choice's completion: ``ids`` as returned, ``scored`` with the stop token that ended it."""
+    """One choice's completion as returned, and the stop token that ended it (if any)."""
 
-    def __init__(self, ids: tuple[int, ...] = (), text: str = "", finish_reason: str = "length",
-                 stop_token: int | None = None) -> None:
-        self.ids, self.text, self.finish_reason = ids, text, finish_reason
-        self.scored = ids + ((stop_token,) if stop_token is not None else ())
+    ids: tuple[int, ...] = ()
+    text: str = ""
+    finish_reason: str = "length"
+    stop_token: int | None = None
+
+    @property
+    def scored(self) -> tuple[int, ...]:
+        return self.ids + ((self.stop_token,) if self.stop_token is not None else ())
 
 
 async def scored_completion(state: ServerState, request: Request, body: CompletionRequest,
@@ -68,15 +75,19 @@ async def scored_completion(state: ServerState, request: Request, body: Completi
     finally:
         if generation is not None:
             generation.close()
-    tokenizer = state.engine.tokenizer
-    out = []
-    for index, answer in enumerate(answers):
-        prompt = prompts[index // body.n]
-        text, lp = _choice_text_and_logprobs(tokenizer, body, prompt, answer, scores, index)
-        out.append({"index": index, "text": text, "logprobs": lp, "finish_reason": answer.finish_reason})
+    # decoding every token and alternative takes a while on long prompts: off the event loop
+    out = await asyncio.to_thread(_choices, state.engine.tokenizer, body, prompts, answers, scores)
     completion_tokens = sum(len(a.ids) for a in answers)
     return JSONResponse({**meta.head(streaming=False), "choices": out,
                          "usage": usage(sum(len(p) for p in prompts), completion_tokens)})
+
+
+def _choices(tokenizer, body: CompletionRequest, prompts: list[list[int]], answers: list[_Answer], scores) -> list:
+    out = []
+    for index, answer in enumerate(answers):
+        text, lp = _choice_text_and_logprobs(tokenizer, body, prompts[index // body.n], answer, scores, index)
+        out.append({"index": index, "text": text, "logprobs": lp, "finish_reason": answer.finish_reason})
+    return out
 
 
 async def _answers(generation: Generation, spec) -> list[_Answer]:
