@@ -149,3 +149,24 @@ def test_group_limit_excludes_experts_of_losing_groups():
     cfg2 = MoEConfig(**{**cfg.__dict__, "topk_group": 2})
     _, ids = route(logits, cfg2, bias=torch.zeros(8))
     assert ids.tolist() == [[0, 2]]  # both groups allowed: the two best experts overall, ties low-first
+
+
+# ------------------------------------------------------------------ benchmark shapes
+
+@pytest.mark.parametrize("shape,layers", [("llada2-mini", (1,)), ("sdar-30b-a3b", (0, 1))])
+def test_tiny_moe_shapes_build(shape, layers):
+    from optimus.bench.shapes import random_model
+
+    model = random_model(shape, device="cpu", dtype=torch.float32, tiny=True).model
+    assert model.spec.arch.moe.layers == layers
+    pos = torch.arange(8)[None]
+    logits, _ = dense_forward(model, torch.arange(8)[None], pos, _block_mask(model.spec, pos))
+    assert torch.isfinite(logits).all()
+
+
+def test_tiny_llada2_mini_runs_schedule4():
+    """The offline benchmark's schedule4 (4 tokens/step, block 32) on a shrunk random MoE shape."""
+    from optimus.bench.offline import Target, run_schedule4
+
+    rows = run_schedule4(Target(device="cpu", tiny=True), "llada2-mini", [2], prompt_len=16, gen_len=32)
+    assert len(rows) == 1 and rows[0]["output_tokens"] == 2 * 32 and rows[0]["output_tok_s"] > 0
