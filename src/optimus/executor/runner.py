@@ -218,8 +218,8 @@ class ModelRunner:
         """Host seconds spent capturing CUDA graphs so far (a one-time cost per bucket)."""
         return self.graphs.capture_s if self.graphs is not None else 0.0
 
-    def forward(self, batch: StepBatch, graphed: bool = True) -> torch.Tensor:
-        if graphed and self.graphs is not None and self.graphs.fits(batch):
+    def forward(self, batch: StepBatch) -> torch.Tensor:
+        if self.graphs is not None and self.graphs.fits(batch):
             return self.graphs.run(batch)
         backend = PagedBackend(self.storage, batch, self.attention_backend, self.cache_only)
         return self.model(batch.input_ids, batch.positions, backend)
@@ -230,9 +230,7 @@ class ModelRunner:
         t0 = time.perf_counter()
         batch, wants = self.build(plan, feed)
         self.last_build_s = time.perf_counter() - t0
-        # A step holding a whole-sequence cache refresh runs eagerly: it is large and rare, and
-        # its row counts fall outside the pre-captured decoding buckets.
-        hidden = self.forward(batch, graphed=not any(w.refresh for w in plan.works))
+        hidden = self.forward(batch)
         return hidden[batch.logit_rows], wants
 
     @torch.inference_mode()
