@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from optimus.bench.shapes import SHAPES, random_model
+from optimus.decoding import regimes
 from optimus.decoding.replay import Acceptance, ReplayAcceptance, load_acceptance
 from optimus.engine.llm import LLM
 from optimus.core.params import SamplingParams
@@ -191,7 +192,7 @@ def run_ar(target: Target, shape: str, batches, prompt_len=256, gen_len=256) -> 
 
 def run_sweep(target: Target, shape: str, policies, concurrencies, acceptance: Acceptance, prompt_len=256,
               gen_len=256, profile_path: str | None = None, on_row=None,
-              acceptance_path: str | None = None, repeats: int = 1) -> list[dict]:
+              acceptance_path: str | None = None, repeats: int = 1, acceptance_name: str = "default model") -> list[dict]:
     """Every policy on ONE engine (the same weights, graphs and replay), swapped in between
     runs and interleaved round by round, so clock and neighbour drift hit every policy alike:
     back-to-back runs of one policy spread by up to 30% on the H100 (docs/gpu.md). Each point
@@ -212,7 +213,7 @@ def run_sweep(target: Target, shape: str, policies, concurrencies, acceptance: A
                                                  warmup=i == 0, seed=i))
         for name in policies:
             r = _median(runs[name])
-            r.update(shape=shape, policy=name, concurrency=n, acceptance="replayed (default model)")
+            r.update(shape=shape, policy=name, concurrency=n, acceptance=f"replayed ({acceptance_name})")
             print(f"  sweep {shape} {name:9s} conc={n:4d}: {r['output_tok_s']:.0f} tok/s "
                   f"(runs {', '.join(f'{x:.0f}' for x in r['output_tok_s_runs'])}; {r['graph_capture_s']:.2f} s "
                   f"of graph captures), {r['steps']} steps, {r['preemptions']} preemptions, cpu {r['cpu_ms_per_step']:.2f} ms/step",
@@ -281,7 +282,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--concurrency", default="1,8,32,128,256")
     p.add_argument("--policies", default="ar,fixed:4,fixed:8,fixed:16,fixed:32,fixed:64,elastic",
                    help="comma list of ar, fixed:C, elastic, elastic-shared (elastic on one shared tau curve)")
-    p.add_argument("--acceptance", default=None, help="acceptance-profile JSON measured on the default model")
+    p.add_argument("--acceptance", default=None,
+                   help="acceptance regime the sweep replays: tasks, prose, real-8b (decoding/regimes.py), or a "
+                        "profile JSON (optimus bench acceptance)")
     p.add_argument("--profile", default=None,
                    help="latency-profile JSON: written by the surface experiment, read by elastic in the sweep")
     p.add_argument("--repeats", type=int, default=1,
@@ -317,14 +320,16 @@ def run(args: argparse.Namespace) -> int:
             result["matmul"] = run_matmul(target, args.dllm_shape)
         elif exp == "sweep":
             if not args.acceptance:
-                raise ValueError("the sweep needs --acceptance (a profile measured on the default model)")
+                raise ValueError("the sweep needs --acceptance (tasks, prose, real-8b, or a profile JSON)")
+            acceptance_path = str(regimes.resolve(args.acceptance))
             def save_partial(rows):
                 result["sweep"] = rows
                 out.parent.mkdir(parents=True, exist_ok=True)
                 out.write_text(json.dumps(result, indent=2))
             result["sweep"] = run_sweep(target, args.sweep_shape, args.policies.split(","), ints(args.concurrency),
-                                        load_acceptance(args.acceptance), profile_path=args.profile,
-                                        on_row=save_partial, acceptance_path=args.acceptance,
+                                        load_acceptance(acceptance_path), profile_path=args.profile,
+                                        on_row=save_partial, acceptance_path=acceptance_path,
+                                        acceptance_name=args.acceptance,
                                         repeats=args.repeats)
         else:
             raise ValueError(f"unknown experiment {exp!r}")
