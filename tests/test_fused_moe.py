@@ -74,3 +74,10 @@ def test_wrapper_routes_backends(moe_triton) -> None:
                                    atol=2e-5, rtol=2e-5)
     with pytest.raises(ValueError, match="shapes"):
         fused_moe(case[0][:, :8], *case[1:], backend="torch")
+
+
+def test_triton_default_tiles_for_many_rows_per_expert(moe_triton) -> None:
+    """Enough pairs per expert that the wrapper picks 64-row tiles (prefill-like)."""
+    mod, dev = moe_triton
+    case = [c.to(dev) for c in make(70, 2, 4, 16, 16, seed=7)]
+    torch.testing.assert_close(mod.fused_moe_triton(*case), fused_moe_reference(*case), atol=2e-5, rtol=2e-5)

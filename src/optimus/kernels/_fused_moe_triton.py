@@ -117,9 +117,11 @@ def _down_kernel(ACT, W2, WEIGHTS, OUT, PAIRS, BLOCK_EXPERT, num_pairs, H, I,
 def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
                      ids: torch.Tensor, tiles: MoeTiles | None = None) -> torch.Tensor:
     """x [T, H], w13 [E, 2I, H], w2 [E, H, I] (contiguous), weights/ids [T, k] -> [T, H] in x's dtype."""
-    tiles = tiles or MoeTiles()
     t, k = ids.shape
     num_experts, hidden, inner = w2.shape
+    # Decode steps give each expert a few rows: 16-row tiles waste least on padding. Prefill
+    # gives each expert many: taller tiles reuse each weight tile across more rows.
+    tiles = tiles or MoeTiles(block_m=16 if t * k < 32 * num_experts else 64)
     sorted_pairs, block_expert = align(ids, num_experts, tiles.block_m)
     act = torch.empty(sorted_pairs.numel(), inner, dtype=x.dtype, device=x.device)
     pair_out = torch.zeros(t * k, hidden, dtype=torch.float32, device=x.device)
