@@ -13,6 +13,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from optimus import toggles
 from optimus.kernels.fused_moe import fused_moe
 from optimus.models.spec import MoEConfig
 
@@ -129,10 +130,9 @@ class SparseMoE(nn.Module):
 
     @staticmethod
     def backend(x: torch.Tensor) -> str:
-        """The Triton kernel for CUDA inference (graph-safe), the torch reference otherwise."""
-        from optimus import toggles
-
-        return "torch" if toggles.active().model_kernels == "torch" else "auto"
+        """As the layer ops (toggles.model_kernels): "auto" is the Triton kernel for CUDA
+        inference (graph-safe) and the torch reference elsewhere; "torch" / "triton" force one."""
+        return toggles.active().model_kernels
 
     def fuse_projections(self) -> None:
         if self.shared_experts is not None:
