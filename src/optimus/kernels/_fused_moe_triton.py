@@ -57,7 +57,7 @@ def align(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tens
 @triton.jit
 def _gate_up_kernel(X, W13, ACT, PAIRS, BLOCK_EXPERT, num_pairs, H, I, top_k,
                     stride_xt, stride_we, stride_wn, stride_at,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     expert = tl.load(BLOCK_EXPERT + pid_m)
     if expert < 0:
@@ -79,8 +79,8 @@ def _gate_up_kernel(X, W13, ACT, PAIRS, BLOCK_EXPERT, num_pairs, H, I, top_k,
         wg = tl.load(w_base + cols[None, :] * stride_wn + ks[:, None], mask=col_ok[None, :] & k_ok[:, None], other=0.0)
         wu = tl.load(w_base + (cols[None, :] + I) * stride_wn + ks[:, None],
                      mask=col_ok[None, :] & k_ok[:, None], other=0.0)
-        acc_g = tl.dot(x, wg, acc_g)
-        acc_u = tl.dot(x, wu, acc_u)
+        acc_g = tl.dot(x, wg, acc_g, input_precision=PRECISION)
+        acc_u = tl.dot(x, wu, acc_u, input_precision=PRECISION)
     act = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
     tl.store(ACT + rows[:, None].to(tl.int64) * stride_at + cols[None, :], act.to(ACT.dtype.element_ty),
              mask=valid[:, None] & col_ok[None, :])
@@ -89,7 +89,7 @@ def _gate_up_kernel(X, W13, ACT, PAIRS, BLOCK_EXPERT, num_pairs, H, I, top_k,
 @triton.jit
 def _down_kernel(ACT, W2, WEIGHTS, OUT, PAIRS, BLOCK_EXPERT, num_pairs, H, I,
                  stride_at, stride_we, stride_wn, stride_ot,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     expert = tl.load(BLOCK_EXPERT + pid_m)
     if expert < 0:
@@ -107,7 +107,7 @@ def _down_kernel(ACT, W2, WEIGHTS, OUT, PAIRS, BLOCK_EXPERT, num_pairs, H, I,
         a = tl.load(ACT + rows[:, None].to(tl.int64) * stride_at + ks[None, :],
                     mask=valid[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_base + cols[None, :] * stride_wn + ks[:, None], mask=col_ok[None, :] & k_ok[:, None], other=0.0)
-        acc = tl.dot(a, w, acc)
+        acc = tl.dot(a, w, acc, input_precision=PRECISION)
     gate = tl.load(WEIGHTS + tl.where(valid, pair, 0), mask=valid, other=0.0).to(tl.float32)
     acc = acc * gate[:, None]
     tl.store(OUT + tl.where(valid, pair, 0)[:, None].to(tl.int64) * stride_ot + cols[None, :], acc,
@@ -128,7 +128,8 @@ def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weigh
     pair_w = weights.reshape(-1).float().contiguous()
     blocks = block_expert.numel()
     opts = dict(BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
-                num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+                num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+                PRECISION="ieee" if x.dtype == torch.float32 else "tf32")  # fp32: exact fp32 products
     _gate_up_kernel[(blocks, triton.cdiv(inner, tiles.block_n))](
         x, w13, act, sorted_pairs, block_expert, t * k, hidden, inner, k,
         x.stride(0), w13.stride(0), w13.stride(1), act.stride(0), **opts)
