@@ -13,6 +13,7 @@
     random-weight llada2-mini and llada-8b (bench offline's run_schedule4).
 
   PYTHONPATH=src python -m optimus.bench.experiments.moe_check --out DIR
+  (or in parts: --parts kernel; --parts schedule4 --schedule4-shapes llada2-mini; ... llada-8b)
 """
 
 from __future__ import annotations
@@ -115,49 +116,58 @@ def time_decode() -> list[dict]:
     return rows
 
 
-def run_schedule4_pair(batches: list[int]) -> list[dict]:
+def run_schedule4_shapes(shapes: list[str], batches: list[int]) -> list[dict]:
     from optimus.bench.offline import Target, run_schedule4
 
     target = Target(device="cuda")
-    return [r for shape in ("llada2-mini", "llada-8b") for r in run_schedule4(target, shape, batches)]
+    return [r for shape in shapes for r in run_schedule4(target, shape, batches)]
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="directory for moe_check.json")
+    parser.add_argument("--parts", default="kernel,schedule4",
+                        help="comma list of kernel (accuracy + decode timing) and schedule4; each part "
+                             "merges its sections into DIR/moe_check.json, so parts can run as separate commands")
+    parser.add_argument("--schedule4-shapes", default="llada2-mini,llada-8b")
     parser.add_argument("--batches", default="1,8,32")
-    parser.add_argument("--skip-schedule4", action="store_true")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("moe_check needs CUDA")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    t0, result = time.time(), {}
+    path = out_dir / "moe_check.json"
+    t0, result = time.time(), (json.loads(path.read_text()) if path.exists() else {})
+    parts = args.parts.split(",")
     result["meta"] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                       "triton": __import__("triton").__version__}
 
     def save() -> None:
         result["meta"]["wall_s"] = round(time.time() - t0, 1)
-        (out_dir / "moe_check.json").write_text(json.dumps(result, indent=1))
+        path.write_text(json.dumps(result, indent=1))
 
-    with torch.inference_mode():
-        result["accuracy"] = check_accuracy()
-        result["graph_replay"] = check_graph_replay()
-    ok = all(r["ok"] for r in result["accuracy"]) and result["graph_replay"]["ok"]
-    result["kernel_ok"] = ok
-    print(f"accuracy {'PASS' if ok else 'FAIL'}:")
-    for r in result["accuracy"] + [result["graph_replay"]]:
-        print(f"  {json.dumps(r)}")
-    save()
-    print("batch-1 decode timing (expert computation, routing given):")
-    with torch.inference_mode():
-        result["decode_timing"] = time_decode()
-    save()
-    if not args.skip_schedule4:
-        print("schedule4:")
-        result["schedule4"] = run_schedule4_pair([int(b) for b in args.batches.split(",")])
+    ok = True
+    if "kernel" in parts:
+        with torch.inference_mode():
+            result["accuracy"] = check_accuracy()
+            result["graph_replay"] = check_graph_replay()
+        ok = all(r["ok"] for r in result["accuracy"]) and result["graph_replay"]["ok"]
+        result["kernel_ok"] = ok
+        print(f"accuracy {'PASS' if ok else 'FAIL'}:")
+        for r in result["accuracy"] + [result["graph_replay"]]:
+            print(f"  {json.dumps(r)}")
         save()
-    print(f"wrote {out_dir / 'moe_check.json'} ({result['meta']['wall_s']} s)")
+        print("batch-1 decode timing (expert computation, routing given):")
+        with torch.inference_mode():
+            result["decode_timing"] = time_decode()
+        save()
+    if "schedule4" in parts:
+        print("schedule4:")
+        shapes = args.schedule4_shapes.split(",")
+        rows = run_schedule4_shapes(shapes, [int(b) for b in args.batches.split(",")])
+        result["schedule4"] = [r for r in result.get("schedule4", []) if r["shape"] not in shapes] + rows
+        save()
+    print(f"wrote {path} ({result['meta']['wall_s']} s)")
     return 0 if ok else 1
 
 
