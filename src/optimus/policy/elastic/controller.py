@@ -202,7 +202,7 @@ class ElasticPolicy:
         # Without a profile: a generic knee in arbitrary units, rescaled by the first step.
         self.profile = profile or LatencyProfile.synthetic(1.0, DEFAULT_KNEE, 1.0 / DEFAULT_KNEE)
         self._rescale = profile is None
-        self.tau = TauEstimator(self.chunk_sizes, tau_prior, decay=tau_decay)
+        self.tau = TauEstimator(self.chunk_sizes, tau_prior, decay=tau_decay, adapt_prior=True)
         self.correction = LatencyCorrector(self.profile.knee)
         self.load = TokenLoad(rate=load_rate)
         self.overhead_s = 0.0  # per-step host time outside the forward (StepFeedback.overhead_s), EMA

@@ -37,13 +37,23 @@ class TauEstimator:
     Observations are a request's commits rescaled to the shared curve (``1 + (k - 1) / L``,
     weight ``L``, for a request at confidence ``L``; see :class:`RequestConfidence`): the
     weighted mean is then ``1 + sum(k - 1) / sum(L)``, the rank-one factor model in which
-    hesitant requests barely move the curve the confident ones define."""
+    hesitant requests barely move the curve the confident ones define.
+
+    ``adapt_prior``: a prior that promises more than the model delivers keeps its shape but
+    not its level. Its excess ``t(C) - 1`` is scaled by ``f <= 1``, the observed excess over
+    the excess the prior predicted for the same observations (all sizes pooled, by weight). A
+    prior from another regime (say 12 commits at C = 32 where the model commits 2.5) is then
+    corrected at the sizes never run as well as at the ones run: without it, an untried size
+    keeps its old promise, pools with the sizes next to it and draws the planner to it, and
+    the sizes are unlearned one at a time. A prior that promises less keeps its level: untried
+    sizes stay as tempting as the prior made them, and get tried."""
 
     def __init__(self, sizes: tuple[int, ...], prior: dict[int, float] | None = None,
-                 prior_weight: float = 8.0, decay: float = 0.98, idle_decay: float = 0.998) -> None:
+                 prior_weight: float = 8.0, decay: float = 0.98, idle_decay: float = 0.998,
+                 adapt_prior: bool = False) -> None:
         if not 0.0 < decay <= 1.0 or not 0.0 < idle_decay <= 1.0 or prior_weight <= 0:
             raise ValueError("tau estimator needs decay and idle_decay in (0, 1] and prior_weight > 0")
-        self.decay, self.idle_decay = decay, idle_decay
+        self.decay, self.idle_decay, self.adapt_prior = decay, idle_decay, adapt_prior
         prior = dict(prior) if prior else {c: default_tau_prior(c) for c in sizes}
         prior.setdefault(1, 1.0)
         self._prior = {int(c): (prior_weight * float(t), prior_weight) for c, t in prior.items()}
@@ -71,12 +81,33 @@ class TauEstimator:
         """Sizes [K] ascending and their monotone estimates [K], each in [1, size]."""
         if self._table is None:
             sizes = np.array(sorted(self._data), dtype=float)
-            sums = np.array([self._prior.get(int(c), (0.0, 0.0))[0] + self._data[int(c)][0] for c in sizes])
-            weights = np.array([self._prior.get(int(c), (0.0, 0.0))[1] + self._data[int(c)][1] for c in sizes])
+            prior_w = np.array([self._prior.get(int(c), (0.0, 0.0))[1] for c in sizes])
+            prior_t = np.array([self._prior[int(c)][0] / self._prior[int(c)][1] if prior_w[i] > 0 else 1.0
+                                for i, c in enumerate(sizes)])
+            data_s = np.array([self._data[int(c)][0] for c in sizes])
+            data_w = np.array([self._data[int(c)][1] for c in sizes])
+            if self.adapt_prior:
+                prior_t = 1.0 + self.prior_scale() * (prior_t - 1.0)
+            sums, weights = prior_w * prior_t + data_s, prior_w + data_w
             means = np.where(weights > 0, sums / np.maximum(weights, 1e-12), 1.0)
             # A pooled value never exceeds the smallest size of its pool, so [1, C] still holds.
             self._table = sizes, isotonic(np.clip(means, 1.0, sizes), np.maximum(weights, 1e-12))
         return self._table
+
+    def prior_scale(self) -> float:
+        """``f``: observed excess commits over the prior's excess at the same observations
+        (1 without evidence), at most 1: the correction only ever lowers the prior."""
+        seen = predicted = 0.0
+        for c, (s, w) in self._data.items():
+            if c > 1 and w > 0 and c in self._prior:
+                p_s, p_w = self._prior[c]
+                seen += s - w
+                predicted += w * (p_s / p_w - 1.0)
+        if predicted <= 1e-9:
+            return 1.0
+        # Pseudo-evidence of one prior-weight at f = 1 keeps a first observation from deciding.
+        w0 = max(p_w for _, p_w in self._prior.values())
+        return float(min(1.0, max(0.0, (seen + w0) / (predicted + w0))))
 
     def __call__(self, c: np.ndarray | int) -> np.ndarray:
         """tau for any sizes: linear between known sizes, flat beyond them, capped at C."""

@@ -1,0 +1,63 @@
+"""Acceptance regimes (decoding/regimes.py): names resolve to replayable profiles, and the
+parametric real-8b regime replays the window tau it was calibrated to."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from optimus.decoding import regimes
+from optimus.decoding.replay import ReplayAcceptance, load_acceptance
+from optimus.policy.elastic.setup import tau_prior_from
+
+
+def replayed_window_tau(acceptance, chunk: int, windows: int, seed: int = 0) -> float:
+    """C / mean steps to clear a fully masked window of C, drawing as the engine's replay does."""
+    replay = ReplayAcceptance(acceptance, seed=seed)
+    steps = 0
+    for _ in range(windows):
+        left = chunk
+        while left:
+            left -= min(left, replay._draw(chunk, left))
+            steps += 1
+    return chunk * windows / steps
+
+
+def test_real_8b_is_calibrated_to_the_published_commit_counts():
+    model = regimes.calibrate()
+    tau = model.window_tau()
+    for c, target in regimes.REAL_8B_TARGET.items():
+        assert tau[c] == pytest.approx(target, rel=1e-6)
+    # Between the anchors: concave, rising, and a few tokens per forward, as published.
+    values = [tau[c] for c in regimes.CHUNKS]
+    assert values == sorted(values) and values[0] == 1.0
+    gains = [b - a for a, b in zip(values[1:], values[2:])]
+    assert all(g > 0 for g in gains) and values[-1] < 3.0
+    # Farther positions pass less often; a window with more masked positions commits more.
+    assert model.pass_probs(8).tolist() == sorted(model.pass_probs(8).tolist(), reverse=True)
+    means = [sum(k * p for k, p in enumerate(model.commit_distribution(m))) for m in (1, 2, 8, 32)]
+    assert means == sorted(means) and means[0] == 1.0
+
+
+def test_the_replay_of_real_8b_shows_its_calibrated_window_tau():
+    acceptance = regimes.load("real-8b")
+    expected = regimes.calibrate().window_tau()
+    assert acceptance.window_tau() == pytest.approx(expected, rel=0.01)  # histogram rounding only
+    for c in (2, 8, 32):
+        assert replayed_window_tau(acceptance, c, windows=3000) == pytest.approx(expected[c], rel=0.03), c
+
+
+def test_regime_names_resolve_for_benchmarks_and_the_elastic_prior(tmp_path):
+    tasks = regimes.resolve("tasks")
+    assert tasks == regimes.STORED["tasks"] and load_acceptance(tasks).by_open
+    path = regimes.resolve("real-8b")
+    data = json.loads(path.read_text())
+    assert set(data) >= {"histograms", "by_open", "tau_per_chunk"}
+    assert tau_prior_from("real-8b") == pytest.approx(load_acceptance(path).window_tau())
+    own = tmp_path / "profile.json"
+    own.write_text(json.dumps({"distribution": {"1": [1], "4": [2, 3]}}))
+    assert regimes.resolve(str(own)) == own
+    with pytest.raises(FileNotFoundError):
+        regimes.resolve("no-such-regime")
