@@ -1,9 +1,10 @@
-"""Closed-loop simulation of every policy on a *measured* device profile and a *measured*
-acceptance profile (CPU only, seconds): what the H100 sweep would give with warm buckets.
+"""Closed-loop simulation of every policy on a *measured* device profile and an acceptance
+regime or profile (CPU only, seconds): what the GPU sweep would give with warm buckets.
+Commits are drawn as the engine's replay draws them (by masked positions, ``ReplayTable``);
+elastic is seeded with the replayed profile's window tau, as ``bench offline`` seeds it.
 
   PYTHONPATH=src python -m optimus.bench.experiments.simulate_elastic \
-      --profile benchmarks/results/h100/latency_surface/history/2026-11-25_5c819be.json \
-      --acceptance benchmarks/results/cpu/acceptance/history/2026-11-25_6df4761_model_v1.json \
+      --profile benchmarks/results/h200/latency_surface/latest.json --acceptance real-8b \
       --out elastic_simulation.json
 """
 
@@ -14,25 +15,27 @@ from collections import Counter
 from optimus.policy.elastic.latency import LatencyProfile
 from optimus.policy.elastic.controller import ElasticPolicy
 from optimus.policy.fixed import FixedPolicy
-from optimus.policy.simulate import KneeDevice, TauTable, sweep
+from optimus.decoding import regimes
+from optimus.policy.simulate import KneeDevice, ReplayTable, sweep
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--profile", required=True)
-    p.add_argument("--acceptance", required=True)
+    p.add_argument("--acceptance", required=True, help="tasks, prose, real-8b, or a profile JSON")
     p.add_argument("--loads", default="1,4,16,64,128,256")
     p.add_argument("--out", required=True)
     args = p.parse_args()
     profile = LatencyProfile.load(args.profile)
-    tau = {int(k): v for k, v in json.load(open(args.acceptance))["tau_per_chunk"].items()}
+    table = ReplayTable(regimes.load(args.acceptance))
+    tau = table.table
     fit = profile.fit
     device = KneeDevice(t0=fit.t0, knee=fit.knee, slope=fit.b, noise=0.05)
     policies = {f"fixed:{c}": (lambda c=c: FixedPolicy(c)) for c in (1, 2, 4, 8, 16, 32)}
     policies["elastic (tau prior)"] = lambda: ElasticPolicy(profile=profile, tau_prior=tau)
     policies["elastic (online tau only)"] = lambda: ElasticPolicy(profile=profile)
     loads = tuple(int(x) for x in args.loads.split(","))
-    res = sweep(policies, loads, tau=TauTable(tau), device=device, gen_len=256, prompt_len=256,
+    res = sweep(policies, loads, tau=table, device=device, gen_len=256, prompt_len=256,
                 steps=300, warmup_steps=100)
     table = {name: {n: round(r[n].throughput, 1) for n in loads} for name, r in res.items()}
     chunks = {name: {n: dict(Counter(c.size for c in r[n].chunk_choices).most_common(3)) for n in loads}
