@@ -106,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
         result["histograms"][str(c)] = {str(k): n for k, n in sorted(hist.items())}
         print(f"fixed:{c:<3d} tau {result['tau_per_chunk'][str(c)]:.2f} over {steps} steps "
               f"({time.perf_counter() - t0:.1f}s)", flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
+        # Written after every size: a long CPU run that is cut off keeps what it measured.
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2))
     return 0
