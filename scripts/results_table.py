@@ -112,6 +112,17 @@ def hf_generate_compare(d: dict) -> list:
              f"{num(r['optimus_tok_s'])} / {num(r['hf_tok_s'])} = {r['ratio']:.1f}x") for r in d.get("rows", [])]
 
 
+def moe_check(d: dict) -> list:
+    rows = [("Triton MoE kernel within bf16 tolerance, graph replay follows new routing", "yes" if d.get("kernel_ok") else "NO")]
+    for t in d.get("decode_timing", []):
+        rows.append((f"{shape(t['shape'])} experts, {t['T']} rows ({t['touched_experts']} experts, "
+                     f"{t['weight_MB']:.0f} MB): Triton ms (TB/s)", f"{t['triton_ms']:.3f} ({t['triton_TBps']:.2f})"))
+    for r in d.get("schedule4", []):
+        rows.append((f"{shape(r['shape'])} 4 tokens/step {r['cache_mode']}, batch {r['batch']} (tok/s)",
+                     num(r["output_tok_s"])))
+    return rows
+
+
 def _best_fixed(values: dict) -> tuple[str, float] | None:
     fixed = {p: v for p, v in values.items() if p.startswith("fixed:") and v is not None}
     return max(fixed.items(), key=lambda kv: kv[1]) if fixed else None
@@ -316,6 +327,12 @@ BENCHMARKS = [
      "(`optimus bench offline --experiments schedule4 --cache-modes ...` and "
      "`python -m optimus.bench.experiments.fast_dllm_baseline`); Fast-dLLM's published code was measured "
      "on the same card with the same workload.", cache_modes),
+    ("policy_sweep_real8b", "Policies across concurrency, real-8b acceptance regime (offline)",
+     "As the policy sweep, replaying the `real-8b` regime (few commits per forward, as published 8B dLLMs; "
+     "`--acceptance real-8b`), one run per point.", policy_sweep),
+    ("moe_check", "MoE shapes: fused MoE kernel and throughput",
+     "`python -m optimus.bench.experiments.moe_check`: kernel accuracy, batch-1 expert time against the "
+     "touched weights' bytes, schedule4 on llada2-mini and llada-8b.", moe_check),
     ("hf_generate_compare", "SmolLM2-135M shape: AR against HF `generate`",
      "Random weights at SmolLM2-135M-Instruct's config, greedy, prompt 128, output 256, end-of-text ignored "
      "(`python -m optimus.bench.experiments.hf_generate_compare`).", hf_generate_compare),
