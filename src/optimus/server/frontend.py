@@ -54,5 +54,5 @@ def frontend_main(spec: FrontendSpec, conn) -> None:
     engine = RemoteEngine(spec.engine_config, spec.ipc_dir, spec.index, conn)
     config = spec.server_config
     sock = shared_port_socket(config.host, config.port)
-    code = run_server(engine, config, spec.log_level, sockets=[sock], announce=spec.index == 0)
+    code = run_server(engine, config, spec.log_level, sockets=[sock], frontend=spec.index)
     sys.exit(code)

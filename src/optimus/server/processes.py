@@ -118,6 +118,7 @@ class Supervisor:
         self._engine.start()
         theirs.close()
         self._engine_conn = mine
+        log.info("engine process %d started (epoch %d)", self._engine.pid, self._epoch)
         self._tell(("engine", self._epoch, self._engine.pid))
 
     # ---- watch -------------------------------------------------------------------------
@@ -171,10 +172,9 @@ class Supervisor:
         proc.join()
         self._engine = None
         code = proc.exitcode
-        if self._engine_conn is not None:  # its last words may still be in the pipe
-            while self._engine_conn.poll():
-                self._from_engine()
-            self._engine_conn = None
+        while self._engine_conn is not None and self._engine_conn.poll():  # its last words
+            self._from_engine()
+        self._engine_conn = None
         if not self._engine_ready:
             self._load_failed(code)
         elif self._stopping or self._restarts_left <= 0:

@@ -124,10 +124,11 @@ class DrainingServer(uvicorn.Server):
 
 
 def run_server(engine: EngineClient, config: ServerConfig, log_level: str = "info", sockets=None,
-               announce: bool = True) -> int:
+               frontend: int = 0) -> int:
     """Serve ``engine`` until a signal; returns the process exit code. ``sockets``: bound
-    listening sockets to serve on (front-end processes sharing a port); ``announce``: this
-    process logs the start-up notes and the ready line (one front-end of several does)."""
+    listening sockets to serve on (front-end processes sharing a port); ``frontend``: which
+    front-end process this is; only the first logs the start-up notes and the ready line."""
+    announce = frontend == 0
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
     if announce and not config.api_key and not is_loopback(config.host):
         log.warning("listening on %s:%d with no --api-key: anyone who can reach this port can use the model",
@@ -136,12 +137,12 @@ def run_server(engine: EngineClient, config: ServerConfig, log_level: str = "inf
                                timeout_graceful_shutdown=int(_FINISH_AFTER_DRAIN_S), lifespan="on")
     quiet_polls(log_level != "debug")  # after uvicorn.Config: it (re)configures uvicorn's loggers
     server = DrainingServer(uv_config)
-    app = build_app(engine, config, on_fatal=server.fatal)
+    app = build_app(engine, config, on_fatal=server.fatal, frontend=frontend)
     uv_config.app = app
     server.lifecycle = app.state.optimus.lifecycle
     server.app_state = app.state.optimus if announce else None
     if announce:
         log.info("loading the model in the background (policy %s): /health answers 503 until the ready line",
                  _policy(engine))
-    server.run(sockets=sockets)
+    server.run(sockets=sockets) if sockets else server.run()
     return server.exit_code
