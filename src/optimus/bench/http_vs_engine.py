@@ -7,7 +7,8 @@ exactly ``output-len`` answer tokens) runs twice:
 - in-process: the engine driven directly, detokenizing every output as a server does
   (``closed_loop``);
 - over HTTP: ``optimus serve`` started by this command with the same engine flags, streaming
-  clients (``bench serve``'s client), the step times read from the server's ``/metrics``.
+  clients (``bench serve``'s client, spread over processes: ``client_pool``), the step times
+  read from the server's ``/metrics``.
 
 Each row reports both, ``http_over_engine`` (HTTP output tok/s over in-process output tok/s),
 TTFT and TPOT p50/p99, and the engine process's mean step wall time next to the in-process
@@ -17,20 +18,21 @@ one. Writes ``http_vs_engine.json``, prints a table and plots ``http_vs_engine.p
 from __future__ import annotations
 
 import argparse
-import asyncio
 import gc
 import json
-import math
 import random
 import shlex
 import time
 from pathlib import Path
 
+import httpx
+
 from optimus.bench.client import RequestOptions
+from optimus.bench.client_pool import ClientPool, default_procs
 from optimus.bench.datasets import SampleRequest
-from optimus.bench.metrics import SLO
+from optimus.bench.metrics import SLO, compute_metrics
+from optimus.bench.prometheus import counter_deltas, parse_prometheus
 from optimus.bench.server_process import ServerLaunch, served
-from optimus.bench.serve import LoadSpec, ServeBenchConfig, benchmark
 
 KEYS = ("output_tok_s", "p50_ttft_ms", "p99_ttft_ms", "p50_tpot_ms", "p99_tpot_ms", "mean_step_ms", "steps")
 
@@ -86,34 +88,35 @@ def run_http(args, policy: str, vocab: int, out_dir: Path) -> dict[int, dict]:
                                                    + ["--log-level", "warning"]),
                           startup_timeout_s=args.startup_timeout, log_dir=out_dir / "logs")
     rows = {}
-    with served(launch) as url:
-        for n in args.concurrency:
-            rows[n] = asyncio.run(_http_row(args, url, n, vocab))
-            print(f"  http       {policy:8s} N={n:5d}: {rows[n]['output_tok_s']:9.0f} tok/s, "
-                  f"step {rows[n]['mean_step_ms']:.2f} ms, {rows[n]['failed']} failed", flush=True)
+    pool = ClientPool(args.client_procs or max(default_procs(n) for n in args.concurrency))
+    try:
+        with served(launch) as url:
+            model = httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["id"]
+            for n in args.concurrency:
+                rows[n] = _http_row(args, url, RequestOptions(model, ignore_eos=True), pool, n, vocab)
+                print(f"  http       {policy:8s} N={n:5d}: {rows[n]['output_tok_s']:9.0f} tok/s, "
+                      f"step {rows[n]['mean_step_ms']:.2f} ms, {rows[n]['failed']} failed", flush=True)
+    finally:
+        pool.close()
     return rows
 
 
-async def _http_row(args, url: str, n: int, vocab: int) -> dict:
-    from optimus.bench.serve import served_model_id
-
-    model = await served_model_id(url)
-    options = RequestOptions(model, ignore_eos=True)
-    cfg = ServeBenchConfig(url, options, LoadSpec(math.inf, 1.0, n), SLO(), (50.0, 99.0), timeout_s=args.timeout,
-                           progress=False)
-    count = lambda text: 0  # noqa: E731 - the server's usage frame counts the tokens
+def _http_row(args, url: str, options: RequestOptions, pool: ClientPool, n: int, vocab: int) -> dict:
     if args.warmup:
-        await benchmark(cfg, _requests(n, args, vocab, seed=1000 + n), count)
-    result = await benchmark(cfg, _requests(args.waves * n, args, vocab, seed=n), count)
-    counters = result["server_counters"]
+        pool.run(url, options, _requests(n, args, vocab, seed=1000 + n), n, args.timeout)
+    before = parse_prometheus(httpx.get(url + "/metrics", timeout=30).text)
+    results, duration = pool.run(url, options, _requests(args.waves * n, args, vocab, seed=n), n, args.timeout)
+    counters = counter_deltas(before, parse_prometheus(httpx.get(url + "/metrics", timeout=30).text))
+    result = compute_metrics(results, duration, SLO(), (50.0, 99.0))
     steps = counters.get("optimus_engine_steps_total", 0.0)
     step_s = counters.get("optimus_engine_step_seconds_total", 0.0)
-    return {"requests": args.waves * n, "failed": result["failed"], "output_tokens": result["total_output_tokens"],
-            "wall_s": result["duration"], "output_tok_s": result["output_throughput"],
+    return {"requests": len(results), "failed": result["failed"], "output_tokens": result["total_output_tokens"],
+            "wall_s": duration, "output_tok_s": result["output_throughput"],
             "p50_ttft_ms": result["p50_ttft_ms"], "p99_ttft_ms": result["p99_ttft_ms"],
             "p50_tpot_ms": result["p50_tpot_ms"], "p99_tpot_ms": result["p99_tpot_ms"],
             "steps": int(steps), "mean_step_ms": 1e3 * step_s / steps if steps else 0.0,
-            "errors": sorted({e for e in result["errors"] if e})[:3]}
+            "client_procs": min(pool.procs, max(1, n // 64)),
+            "errors": sorted({r.error for r in results if r.error})[:3]}
 
 
 def _requests(count: int, args, vocab: int, seed: int) -> list[SampleRequest]:
@@ -174,6 +177,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server-args", default="", help="more `optimus serve` flags, e.g. '--front-ends 2'")
     p.add_argument("--startup-timeout", type=float, default=600.0)
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
+    p.add_argument("--client-procs", type=int, default=None,
+                   help="processes the HTTP clients run in (default: one per 128 streams, at most 8)")
     p.add_argument("--out", required=True, help="directory for http_vs_engine.json/.png and server logs")
 
 

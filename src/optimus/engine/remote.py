@@ -129,9 +129,12 @@ class RemoteEngine:
             pass
         if self._reader is not None:
             self._reader.cancel()
-        if self._outbox is not None:
-            self._outbox.close(linger=0)
-        self._inbox.close(linger=0)
+        self.close()
+
+    def close(self) -> None:
+        """Close the sockets (an open ZeroMQ context would hold the process at exit)."""
+        self._ctx.destroy(linger=0)
+        self._sync_ctx.destroy(linger=0)
 
     def mark_dead(self, why: str) -> None:
         """The watchdog saw a hung step: ask the supervisor to kill this engine process (it is
