@@ -97,6 +97,29 @@ def test_a_killed_engine_is_replaced_with_its_queue_kept_then_the_server_exits_1
     assert "Traceback" not in server.log(), server.log()
 
 
+def test_a_hung_engine_process_is_killed_by_the_watchdog_and_no_client_hangs(tiny, tmp_path):
+    argv = harness_argv(tiny, 0.0, "--policy", "ar", "--num-pages", "64", "--watchdog-timeout", "0.4",
+                        "--engine-restarts", "0", step_delay=1.5)  # every step "hangs"
+    with ServerProcess(argv, tmp_path / "server.log") as server:
+        server.wait_healthy()
+        r = httpx.post(server.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 4}, timeout=30)
+        assert (r.status_code, r.json()["error"]["code"]) == (503, "engine_dead")
+        assert server.proc.wait(30) == 1, server.log()
+    assert "killing the engine process" in server.log() and "watchdog" in server.log()
+
+
+def test_the_engine_stays_in_the_server_process_on_request(tiny, tmp_path):
+    argv = serve_argv(tiny, "--no-engine-process", "--policy", "fixed:4", "--num-pages", "64")
+    with ServerProcess(argv, tmp_path / "server.log") as server:
+        server.wait_healthy()
+        r = httpx.post(server.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 5, "ignore_eos": True},
+                       timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(30) == 0
+    assert "engine process" not in server.log()
+
+
 def test_an_abort_crosses_the_boundary_and_frees_the_pages(tiny, tmp_path):
     argv = harness_argv(tiny, 0.0, "--policy", "ar", "--num-pages", "64", step_delay=0.05)
     with ServerProcess(argv, tmp_path / "server.log") as server:
