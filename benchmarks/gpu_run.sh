@@ -22,7 +22,7 @@ timeout 45 $EXP.gpu_check /tmp/gpu_check.json 2>&1 | tail -8
 timeout 300 python -m optimus.cli bench offline --experiments surface,sweep --repeats 3 \
   --policies fixed:8,fixed:16,fixed:32,elastic,fixed:4,ar --concurrency 1,16,64,256 \
   --acceptance "$ACCEPTANCE" --profile "$OUT/latency_surface.json" --out "$OUT/policy_sweep.json" 2>&1 | grep -v -i warn
-timeout 100 python -m optimus.cli bench offline --experiments schedule4,ar --batches 1,8,32 \
+timeout 160 python -m optimus.cli bench offline --experiments schedule4,ar --batches 1,8,32 --cache-modes dual-cache,prefix-block \
   --ar-shapes llama-8b --out "$OUT/offline_table.json" 2>&1 | grep -v -i warn
 if [ -n "$BASE" ]; then
   mkdir -p /tmp/base && timeout 80 env PYTHONPATH="$BASE" python -m optimus.cli bench offline \

@@ -84,9 +84,32 @@ def offline_table(d: dict) -> list:
     rows = []
     for key in ("schedule4", "ar"):
         for r in d.get(key, []):
-            label = f"{shape(r['shape'])} {'4 tokens/step' if key == 'schedule4' else 'AR'}, batch {r['batch']} (tok/s)"
+            # Runs before cache modes existed decoded LLaDA under what is now "prefix-block".
+            mode = f" {r.get('cache_mode', 'prefix-block')}" if key == "schedule4" else ""
+            label = (f"{shape(r['shape'])} {'4 tokens/step' if key == 'schedule4' else 'AR'}{mode}, "
+                     f"batch {r['batch']} (tok/s)")
             rows.append((label, num(r["output_tok_s"])))
     return rows
+
+
+def cache_modes(d: dict) -> list:
+    published = d.get("fast_dllm_published_code", {})
+    rows = []
+    for r in d.get("engine", []):
+        label = f"engine {r['cache_mode']}, batch {r['batch']}: tok/s (refresh share of step time)"
+        value = f"{num(r['output_tok_s'])} ({pct(r['refresh_time_share'])})"
+        base = dict(zip(published.get("batches", []), published.get(r["cache_mode"], [])))
+        if r["batch"] in base:
+            value += f"; {r['output_tok_s'] / base[r['batch']]:.1f}x Fast-dLLM's {num(base[r['batch']])}"
+        rows.append((label, value))
+    for r in d.get("fast_dllm_reference_loop", []):
+        rows.append((f"reference loop {r['loop']} (dense torch), batch {r['batch']} (tok/s)", num(r["output_tok_s"])))
+    return rows
+
+
+def hf_generate_compare(d: dict) -> list:
+    return [(f"batch {r['batch']}: this engine / HF generate (tok/s)",
+             f"{num(r['optimus_tok_s'])} / {num(r['hf_tok_s'])} = {r['ratio']:.1f}x") for r in d.get("rows", [])]
 
 
 def _best_fixed(values: dict) -> tuple[str, float] | None:
@@ -288,6 +311,14 @@ BENCHMARKS = [
     ("offline_table", "Engine throughput at 8B shapes",
      "Output tok/s, random bf16 weights, prompt 256, generation 256 (`optimus bench offline --experiments schedule4,ar`).",
      offline_table),
+    ("cache_modes", "LLaDA cache modes against Fast-dLLM",
+     "LLaDA-8B shape, random bf16 weights, prompt 256, output 256, block 32, 4 tokens/step "
+     "(`optimus bench offline --experiments schedule4 --cache-modes ...` and "
+     "`python -m optimus.bench.experiments.fast_dllm_baseline`); Fast-dLLM's published code was measured "
+     "on the same card with the same workload.", cache_modes),
+    ("hf_generate_compare", "SmolLM2-135M shape: AR against HF `generate`",
+     "Random weights at SmolLM2-135M-Instruct's config, greedy, prompt 128, output 256, end-of-text ignored "
+     "(`python -m optimus.bench.experiments.hf_generate_compare`).", hf_generate_compare),
     ("policy_sweep", "Policies across concurrency (offline)",
      "Output tok/s of every chunk policy on one engine, interleaved runs, medians; acceptance replayed from the "
      "default model (`optimus bench offline --experiments surface,sweep`).", policy_sweep),

@@ -21,7 +21,10 @@ def _decode_step_keys(family: str, policy: str) -> list[tuple[int, int, int]]:
 
     def recording_build(plan, feed=None):
         batch, wants = build(plan, feed)
-        if all(w.window is not None for w in plan.works) and batch.input_ids.numel() <= MAX_TOKENS:
+        # Steps holding a whole-sequence cache refresh are sized by the prompt: their graphs are
+        # captured on first use, not pre-captured.
+        graphed = all(w.window is not None and not w.refresh for w in plan.works)
+        if graphed and batch.input_ids.numel() <= MAX_TOKENS:
             seen.append(step_key(batch.input_ids.numel(), batch.cu_q.numel() - 1, batch.max_q_len))
         return batch, wants
 

@@ -2,7 +2,7 @@
 
 - Block-causal model, C = block: equals SDAR's block_diffusion_generate token for token.
 - Causal model, `ar`: equals plain greedy autoregressive generation.
-- Full-attention model, C = block, no suffix window: equals a naive no-cache decode under the
+- Full-attention model, ``prefix-block`` cache mode, C = block, no suffix window: equals a naive no-cache decode under the
   mask the engine's cache implies (prompt one bidirectional group; each block sees the prompt,
   earlier blocks and itself). This is Fast-dLLM's prefix cache *without* its per-block
   full refresh and without the masks after the block, so it is not the Fast-dLLM output;
@@ -79,7 +79,7 @@ def test_full_attention_full_chunk_equals_prefix_block_decode():
     loaded = tiny_loaded("llada")
     block, gen = 8, 16
     params = SamplingParams(max_tokens=gen, threshold=0.2, ignore_eos=True)
-    got = _engine_answers(loaded, f"fixed:{block}", params, block_size=block)
+    got = _engine_answers(loaded, f"fixed:{block}", params, block_size=block, cache_mode="prefix-block")
     for prompt, answer in zip(PROMPTS, got):
         assert answer == _naive_prefix_block_decode(loaded.model, loaded.spec, prompt, gen, block, 0.2)
 
@@ -87,8 +87,8 @@ def test_full_attention_full_chunk_equals_prefix_block_decode():
 def test_suffix_window_runs_and_changes_only_context():
     loaded = tiny_loaded("llada")
     params = SamplingParams(max_tokens=16, threshold=0.2, ignore_eos=True)
-    base = _engine_answers(loaded, "fixed:8", params, block_size=8)
-    wide = _engine_answers(loaded, "fixed:8", params, block_size=8, suffix_window=8)
+    base = _engine_answers(loaded, "fixed:8", params, block_size=8, cache_mode="prefix-block")
+    wide = _engine_answers(loaded, "fixed:8", params, block_size=8, cache_mode="prefix-block", suffix_window=8)
     assert all(len(a) == 16 for a in wide)
     # Measured, not asserted equal: the window is extra context, so tokens may differ.
     changed = sum(a != b for a, b in zip(base, wide))

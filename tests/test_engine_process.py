@@ -1,7 +1,7 @@
 """The engine process and its client without HTTP: a ``RemoteEngine`` in this test's event loop,
 the test playing the supervisor on the pipe. Answers equal the in-process engine's token for
-token and text for text (the front-end detokenizes), an abort frees the pages within a step,
-a forwarded method is one line, and a lost engine's unanswered request survives its restart."""
+token and text for text (the front-end detokenizes), scores equal ``score_now``'s, an abort
+frees the pages within a step, a forwarded method is one line, and a lost engine's unanswered request survives its restart."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ import pytest
 from optimus.config import engine_config
 from optimus.core.errors import EngineDeadError
 from optimus.core.params import SamplingParams
+from optimus.core.scoring import ScoreRequest
+from optimus.engine.scoring import score_now
 from optimus.engine.core_proc import EngineProcSpec, engine_process_main
 from optimus.engine.llm import LLM
 from optimus.engine.remote import RemoteEngine, forwarded
@@ -69,16 +71,25 @@ async def _collect(client, rid: str, prompt: list[int], params: SamplingParams):
 def test_answers_equal_the_in_process_engine_and_a_forwarded_call_works(engines):
     prompts = [[5, 6, 7, 8, 9], [10, 11, 12]]
     params = [SamplingParams(max_tokens=12, ignore_eos=True), SamplingParams(max_tokens=9, stop=("a",))]
-    reference = LLM(engines.config.model.model, device="cpu", num_pages=64, policy="fixed:4").generate(prompts, params)
+    llm = LLM(engines.config.model.model, device="cpu", num_pages=64, policy="fixed:4")
+    reference = llm.generate(prompts, params)
+    scoring = ScoreRequest(sequences=((5, 6, 7, 8, 9, 10),), context_lens=(3,), top_n=2)
+    e, sc = llm.engine, llm.engine.config.scheduler
+    expected = score_now(scoring, e.loaded.model, e.spec, samples=e.config.likelihood_samples, seed=e.config.seed,
+                         budget=sc.max_tokens_per_step, block=e.block_size)
 
     async def main():
         engines.start()
         await engines.client.start()
         runs = await asyncio.gather(*(_collect(engines.client, f"r{i}", p, sp)
                                       for i, (p, sp) in enumerate(zip(prompts, params))))
-        return runs, await engines.client.has_work()
+        with pytest.raises(ValueError, match="sequence 0"):  # refused at once, as in-process
+            await engines.client.score(ScoreRequest(sequences=((5, 10**6),), context_lens=(1,)))
+        return runs, await engines.client.has_work(), await engines.client.score(scoring)
 
-    runs, busy = asyncio.run(asyncio.wait_for(main(), 120))
+    runs, busy, scored = asyncio.run(asyncio.wait_for(main(), 120))
+    assert scored.method == expected.method and scored.sequences[0].top_ids == expected.sequences[0].top_ids
+    assert scored.sequences[0].logprobs == pytest.approx(expected.sequences[0].logprobs, abs=1e-5)
     for outs, ref in zip(runs, reference):
         final = outs[-1]
         assert final.finished and (final.token_ids, final.text, final.finish_reason) == (

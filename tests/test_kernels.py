@@ -363,3 +363,44 @@ def test_triton_write_kv(triton_env) -> None:
     got_k, got_v = torch.zeros(3, 4, 3, 8, device=dev), torch.zeros(3, 4, 3, 8, device=dev)
     kw.write_kv_triton(k.to(dev), v.to(dev), got_k, got_v, slots.to(dev))
     assert torch.equal(got_k.cpu(), want_k) and torch.equal(got_v.cpu(), want_v)
+
+
+# ---- cache-only attention (dual cache: the step's rows were written to the cache first)
+
+CACHE_ONLY_SPECS = [(9, [1] * 4), (5, [1, 1]), (21, [1] * 7)]
+
+
+def _cache_only_dense(case: Case) -> torch.Tensor:
+    """Each row attends to its request's cached keys alone (float64 softmax)."""
+    t, hq, d = case.q.shape
+    rep = hq // case.k.shape[1]
+    out = torch.zeros(t, hq, d, dtype=torch.float64)
+    cu = case.cu_q.tolist()
+    for r in range(len(cu) - 1):
+        keys, vals = case.dense_k[r].double(), case.dense_v[r].double()
+        for i in range(cu[r], cu[r + 1]):
+            for h in range(hq):
+                s = keys[:, h // rep] @ case.q[i, h].double() / math.sqrt(d)
+                out[i, h] = torch.softmax(s, 0) @ vals[:, h // rep]
+    return out
+
+
+def test_cache_only_reference_ignores_new_rows() -> None:
+    case = make_case(CACHE_ONLY_SPECS, 4, 2, 8, page_size=4, seed=5)
+    got = group_attention(case.q, case.k, case.v, case.k_cache, case.v_cache, case.page_table, case.cache_lens,
+                          case.cu_q, case.groups, backend="torch", cache_only=True)
+    torch.testing.assert_close(got.double(), _cache_only_dense(case), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(got, run(case, "torch"))  # the new rows do change ordinary attention
+
+
+@pytest.mark.parametrize("splits", [1, 4])
+def test_triton_cache_only_matches_reference(triton_env, splits) -> None:
+    ga, _, dev = triton_env
+    from optimus.kernels import request_start_rows
+
+    case = _to(make_case(CACHE_ONLY_SPECS, 4, 2, 16, page_size=4, seed=6), dev)
+    cfg = ga.TileConfig(block_q=4, block_n=16, num_warps=4, num_stages=1, num_splits=splits)
+    got = _triton(ga, case, config=cfg, key_end=request_start_rows(case.cu_q, case.q.shape[0]))
+    want = group_attention_reference(case.q, case.k, case.v, case.k_cache, case.v_cache, case.page_table,
+                                     case.cache_lens, case.cu_q, case.groups, cache_only=True)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)

@@ -75,10 +75,10 @@ def test_random_model_greedy_proposes_only_ids_the_tokenizer_shows_as_text():
 
 
 def test_unknown_shape_error_names_the_valid_shapes():
-    with pytest.raises(UnknownShapeError, match="'sdar-9b'.*llada-8b, llama-8b, sdar-8b") as info:
+    with pytest.raises(UnknownShapeError, match="'sdar-9b'.*llada-8b, llada2-mini, llama-8b, sdar-30b-a3b, sdar-8b") as info:
         load_model("random:sdar-9b", device="cpu")
     assert isinstance(info.value, LoadError)
-    with pytest.raises(ValueError, match="known shapes: llada-8b, llama-8b, sdar-8b"):
+    with pytest.raises(ValueError, match="known shapes: llada-8b, llada2-mini, llama-8b, sdar-30b-a3b, sdar-8b"):
         shape_config("")
 
 

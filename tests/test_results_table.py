@@ -70,7 +70,7 @@ def test_tables_per_benchmark_with_a_column_per_card(rt, tmp_path):
     assert offline[0] == "| | H100 | H200 |"  # the H200 column is there before any H200 result
     assert offline[2] == ("| **source** | [2026-01-02 abc1234](../benchmarks/results/h100/offline_table/latest.json)"
                           " | not measured yet |")
-    assert "| LLaDA-8B 4 tokens/step, batch 1 (tok/s) | 505 | not measured yet |" in offline
+    assert "| LLaDA-8B 4 tokens/step prefix-block, batch 1 (tok/s) | 505 | not measured yet |" in offline
     assert "| Llama-8B AR, batch 1 (tok/s) | 161 | not measured yet |" in offline
 
     sweep = _table(text, "Policies across concurrency (offline)")
@@ -99,7 +99,7 @@ def test_a_new_card_gains_its_column_and_unknown_benchmarks_are_listed(rt, tmp_p
     _put(results, "h200", "brand_new", {"x": 1}, source=None)
     text = rt.render(results, out)
     offline = _table(text, "Engine throughput at 8B shapes")
-    assert "| LLaDA-8B 4 tokens/step, batch 1 (tok/s) | 505 | 640 |" in offline
+    assert "| LLaDA-8B 4 tokens/step prefix-block, batch 1 (tok/s) | 505 | 640 |" in offline
     assert "[2026-02-03 0123abc](../results/h200/offline_table/latest.json)" in offline[2]
     new = _table(text, "brand new")
     assert new[0] == "| | H100 | H200 |"

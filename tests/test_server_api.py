@@ -213,8 +213,10 @@ BAD_REQUESTS = [  # (path, body, status, code, param)
     ("/v1/chat/completions", _chat(messages=[]), 400, None, "messages"),
     ("/v1/chat/completions", _chat(messages=[{"role": "robot", "content": "x"}]), 400, None, None),
     # fields we cannot honour
-    ("/v1/completions", _completion(logprobs=2), 400, "unsupported_parameter", "logprobs"),
-    ("/v1/completions", _completion(echo=True), 400, "unsupported_parameter", "echo"),
+    ("/v1/completions", _completion(logprobs=21), 400, None, "logprobs"),
+    ("/v1/completions", _completion(logprobs=-1), 400, None, "logprobs"),
+    ("/v1/completions", _completion(echo=True, stream=True), 400, "unsupported_parameter", "echo"),
+    ("/v1/chat/completions", _chat(echo=True), 400, "unsupported_parameter", "echo"),
     ("/v1/completions", _completion(frequency_penalty=0.5), 400, "unsupported_parameter", "frequency_penalty"),
     ("/v1/chat/completions", _chat(logprobs=True), 400, "unsupported_parameter", "logprobs"),
     ("/v1/chat/completions", _chat(tools=[{"type": "function", "function": {"name": "f"}}]), 400,

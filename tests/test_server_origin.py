@@ -232,7 +232,8 @@ def test_preflight_answers_only_allowed_origins_before_the_key_check(serve):
 def test_api_key_still_guards_every_api_route(serve):
     client = serve(api_key="k")
     for method, path in (("POST", "/v1/completions"), ("POST", "/v1/chat/completions"), ("GET", "/v1/models"),
-                         ("POST", "/tokenize"), ("POST", "/detokenize"), ("POST", "/ui/generate")):
+                         ("POST", "/tokenize"), ("GET", "/tokenizer_info"), ("POST", "/detokenize"),
+                         ("POST", "/ui/generate")):
         r = client.request(method, path, json={})
         assert r.status_code == 401, (path, r.text)
 

@@ -16,8 +16,11 @@ def _opt(default, help: str, **kw):
 
 @dataclass(frozen=True)
 class ModelConfig:
-    model: str = _opt("default", "HF model directory, 'default' for the shipped model, or random:SHAPE / "
-                                 "random-tiny:SHAPE for random weights at a published shape (benchmarks only)")
+    model: str = _opt("default", "HF model directory, .gguf file, Hugging Face Hub id org/name (downloaded "
+                                 "once into the Hub cache), alias (smollm2-135m), 'default' for the shipped "
+                                 "model, or random:SHAPE / random-tiny:SHAPE for random weights at a published "
+                                 "shape (benchmarks only)")
+    revision: str | None = _opt(None, "Hub branch, tag or commit of a Hub --model (default: main)")
     dtype: str = _opt("auto", "auto | bfloat16 | float16 | float32 (auto: bf16 on GPU, fp32 on CPU)")
     device: str = _opt("auto", "auto | cpu | cuda | cuda:N")
 
@@ -37,7 +40,12 @@ class SchedulerConfig:
     max_waiting: int = _opt(1024, "most requests queued; more are refused")
     max_tokens_per_step: int = _opt(4096, "token budget of one step (prefill pieces + chunks)")
     prefill_chunk: int = _opt(512, "most prompt tokens one request prefills in a step")
-    suffix_window: int = _opt(0, "full-attention models: mask positions after the chunk, computed but not stored")
+    cache_mode: str = _opt("auto", "full-attention models (LLaDA, Dream): dual-cache | prefix-cache (Fast-dLLM's, "
+                                   "refreshed at each block start) | prefix-block (no refresh; each block sees "
+                                   "only what precedes it: an approximation); auto = dual-cache. Causal and "
+                                   "block-causal models are cached exactly and take auto or prefix-block")
+    suffix_window: int = _opt(0, "prefix-block on full-attention models: mask positions after the chunk, "
+                                 "computed but not stored")
     elastic_per_request: bool = _opt(True, "elastic: plan each request on its own measured confidence level "
                                            "(off: one shared tau curve for every request)")
 
@@ -64,6 +72,8 @@ class EngineConfig:
     runner: RunnerConfig = field(default_factory=RunnerConfig)
     profile_path: str | None = _opt(None, "latency profile JSON (default: per device and model in ~/.cache/optimus)")
     seed: int = _opt(0, "engine seed for requests that give none")
+    likelihood_samples: int = _opt(32, "diffusion models: Monte Carlo samples per sequence of a likelihood "
+                                       "estimate (echo/logprobs on /v1/completions); causal models are exact")
     acceptance_profile: str | None = _opt(None, "tau-per-chunk JSON (optimus eval) seeding the elastic policy")
     replay_acceptance: str | None = _opt(
         None, "benchmarks only: commit per step as many positions (most confident first) as this measured "

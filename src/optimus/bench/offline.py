@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from optimus.bench.shapes import SHAPES, random_model
+from optimus.decoding import regimes
 from optimus.decoding.replay import Acceptance, ReplayAcceptance, load_acceptance
 from optimus.engine.llm import LLM
 from optimus.core.params import SamplingParams
@@ -100,6 +101,10 @@ def timed_generate(llm: LLM, batch: int, prompt_len: int, gen_len: int, params: 
             "preemptions": sum(o.stats.preemptions for o in outs), "kv_pages": llm.engine.allocator.num_pages,
             "tokens_computed": s1["computed"] - s0["computed"],
             "tokens_committed": s1["committed"] - s0["committed"],
+            # Whole-sequence cache refreshes (dual / prefix cache): steps holding one, and their time.
+            "refresh_steps": s1["refresh_steps"] - s0["refresh_steps"],
+            "refresh_tokens": s1["refresh_tokens"] - s0["refresh_tokens"],
+            "refresh_time_share": (s1["refresh_lat"] - s0["refresh_lat"]) / max(s1["lat"] - s0["lat"], 1e-9),
             "chunk_sizes": {c: n - chunks0.get(c, 0) for c, n in sorted(llm.engine.stats.chunk_size_counts.items())
                             if n - chunks0.get(c, 0)}}
 
@@ -114,7 +119,9 @@ def _median(runs: list[dict]) -> dict:
 def _snapshot(llm) -> dict:
     s = llm.engine.stats
     return {"steps": s.steps, "lat": s.step_latency_sum_s, "cpu": s.cpu_time_sum_s,
-            "computed": s.tokens_computed, "committed": s.tokens_committed, "capture": s.graph_capture_s}
+            "computed": s.tokens_computed, "committed": s.tokens_committed, "capture": s.graph_capture_s,
+            "refresh_steps": s.refresh_steps, "refresh_tokens": s.refresh_tokens,
+            "refresh_lat": s.refresh_step_latency_sum_s}
 
 
 def run_surface(target: Target, shape: str, batches, chunks, context: int, profile_out: str | None = None) -> dict:
@@ -144,18 +151,28 @@ def run_surface(target: Target, shape: str, batches, chunks, context: int, profi
     return {"shape": shape, "context": context, "points": points, "knee_tokens": float(profile.knee)}
 
 
-def run_schedule4(target: Target, shape: str, batches, prompt_len=256, gen_len=256) -> list[dict]:
+def run_schedule4(target: Target, shape: str, batches, prompt_len=256, gen_len=256,
+                  cache_modes=("auto",)) -> list[dict]:
+    """``cache_modes``: full-attention shapes run once per mode; each row reports the share of
+    step time spent in steps that hold a whole-sequence refresh."""
     params = SamplingParams(max_tokens=gen_len, rule="topk", tokens_per_step=4, ignore_eos=True)
-    llm = target.llm(shape, "fixed:32", max_running=max(batches), block_size=32)
     rows = []
-    for b in batches:
-        r = timed_generate(llm, b, prompt_len, gen_len, params, full_warmup=True)
-        r.update(shape=shape, policy="fixed:32", schedule="4 tokens/step")
-        print(f"  schedule4 {shape} batch={b}: {r['output_tok_s']:.0f} tok/s, step {r['mean_step_ms']:.2f} ms, "
-              f"cpu {r['cpu_ms_per_step']:.2f} ms/step", flush=True)
-        rows.append(r)
-    del llm
-    target.free_memory()
+    for mode in cache_modes:
+        # Budget for a whole batch's refresh in one step, as the published loop runs it.
+        budget = max(4096, max(batches) * (prompt_len + gen_len))
+        llm = target.llm(shape, "fixed:32", max_running=max(batches), block_size=32, cache_mode=mode,
+                         max_tokens_per_step=budget)
+        for b in batches:
+            r = timed_generate(llm, b, prompt_len, gen_len, params, full_warmup=True)
+            r.update(shape=shape, policy="fixed:32", schedule="4 tokens/step",
+                     cache_mode=llm.engine.scheduler.scheme.name)
+            print(f"  schedule4 {shape} {r['cache_mode']} batch={b}: {r['output_tok_s']:.0f} tok/s, step "
+                  f"{r['mean_step_ms']:.2f} ms, refresh steps {r['refresh_steps']} taking "
+                  f"{100 * r['refresh_time_share']:.0f}% of step time, cpu {r['cpu_ms_per_step']:.2f} ms/step",
+                  flush=True)
+            rows.append(r)
+        del llm
+        target.free_memory()
     return rows
 
 
@@ -175,7 +192,7 @@ def run_ar(target: Target, shape: str, batches, prompt_len=256, gen_len=256) -> 
 
 def run_sweep(target: Target, shape: str, policies, concurrencies, acceptance: Acceptance, prompt_len=256,
               gen_len=256, profile_path: str | None = None, on_row=None,
-              acceptance_path: str | None = None, repeats: int = 1) -> list[dict]:
+              acceptance_path: str | None = None, repeats: int = 1, acceptance_name: str = "default model") -> list[dict]:
     """Every policy on ONE engine (the same weights, graphs and replay), swapped in between
     runs and interleaved round by round, so clock and neighbour drift hit every policy alike:
     back-to-back runs of one policy spread by up to 30% on the H100 (docs/gpu.md). Each point
@@ -196,7 +213,7 @@ def run_sweep(target: Target, shape: str, policies, concurrencies, acceptance: A
                                                  warmup=i == 0, seed=i))
         for name in policies:
             r = _median(runs[name])
-            r.update(shape=shape, policy=name, concurrency=n, acceptance="replayed (default model)")
+            r.update(shape=shape, policy=name, concurrency=n, acceptance=f"replayed ({acceptance_name})")
             print(f"  sweep {shape} {name:9s} conc={n:4d}: {r['output_tok_s']:.0f} tok/s "
                   f"(runs {', '.join(f'{x:.0f}' for x in r['output_tok_s_runs'])}; {r['graph_capture_s']:.2f} s "
                   f"of graph captures), {r['steps']} steps, {r['preemptions']} preemptions, cpu {r['cpu_ms_per_step']:.2f} ms/step",
@@ -258,11 +275,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dllm-shape", default="llada-8b", choices=sorted(SHAPES))
     p.add_argument("--sweep-shape", default="sdar-8b", choices=sorted(SHAPES))
     p.add_argument("--ar-shapes", default="llama-8b,llada-8b")
+    p.add_argument("--cache-modes", default="auto",
+                   help="schedule4: comma list of cache modes to run (full-attention shapes), e.g. "
+                        "dual-cache,prefix-cache,prefix-block")
     p.add_argument("--batches", default="1,8,32,128")
     p.add_argument("--concurrency", default="1,8,32,128,256")
     p.add_argument("--policies", default="ar,fixed:4,fixed:8,fixed:16,fixed:32,fixed:64,elastic",
                    help="comma list of ar, fixed:C, elastic, elastic-shared (elastic on one shared tau curve)")
-    p.add_argument("--acceptance", default=None, help="acceptance-profile JSON measured on the default model")
+    p.add_argument("--acceptance", default=None,
+                   help="acceptance regime the sweep replays: tasks, prose, real-8b (decoding/regimes.py), or a "
+                        "profile JSON (optimus bench acceptance)")
     p.add_argument("--profile", default=None,
                    help="latency-profile JSON: written by the surface experiment, read by elastic in the sweep")
     p.add_argument("--repeats", type=int, default=1,
@@ -288,7 +310,8 @@ def run(args: argparse.Namespace) -> int:
             result["surface"] = run_surface(target, args.sweep_shape, [1, 8, 32, 64, 128, 256], [1, 4, 8, 16, 32], 512,
                                             args.profile)
         elif exp == "schedule4":
-            result["schedule4"] = run_schedule4(target, args.dllm_shape, ints(args.batches))
+            result["schedule4"] = run_schedule4(target, args.dllm_shape, ints(args.batches),
+                                                cache_modes=args.cache_modes.split(","))
         elif exp == "ar":
             result["ar"] = [r for s in args.ar_shapes.split(",") for r in run_ar(target, s, ints(args.batches))]
         elif exp == "matmul":
@@ -297,14 +320,16 @@ def run(args: argparse.Namespace) -> int:
             result["matmul"] = run_matmul(target, args.dllm_shape)
         elif exp == "sweep":
             if not args.acceptance:
-                raise ValueError("the sweep needs --acceptance (a profile measured on the default model)")
+                raise ValueError("the sweep needs --acceptance (tasks, prose, real-8b, or a profile JSON)")
+            acceptance_path = str(regimes.resolve(args.acceptance))
             def save_partial(rows):
                 result["sweep"] = rows
                 out.parent.mkdir(parents=True, exist_ok=True)
                 out.write_text(json.dumps(result, indent=2))
             result["sweep"] = run_sweep(target, args.sweep_shape, args.policies.split(","), ints(args.concurrency),
-                                        load_acceptance(args.acceptance), profile_path=args.profile,
-                                        on_row=save_partial, acceptance_path=args.acceptance,
+                                        load_acceptance(acceptance_path), profile_path=args.profile,
+                                        on_row=save_partial, acceptance_path=acceptance_path,
+                                        acceptance_name=args.acceptance,
                                         repeats=args.repeats)
         else:
             raise ValueError(f"unknown experiment {exp!r}")

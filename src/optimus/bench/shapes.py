@@ -1,4 +1,5 @@
-"""Random-weight models at published 8B shapes for the offline benchmark (no tokenizer).
+"""Random-weight models at published shapes (dense 8B, MoE llada2-mini and sdar-30b-a3b) for the
+offline benchmark (no tokenizer).
 
 The shapes and the random initialisation live in :mod:`optimus.models.shapes`, shared with the
 loader's ``random:<shape>`` models (which ``optimus serve`` runs with a real tokenizer).

@@ -102,6 +102,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--attainment", type=float, default=0.9,
                         help="share of requests within SLOs that a rate needs to count (default: 0.9)")
     parser.add_argument("--server-args", default="", help="more `optimus serve` flags, one quoted string")
+    parser.add_argument("--acceptance", default=None,
+                        help="acceptance regime the servers replay (tasks, prose, real-8b, or a profile JSON): adds "
+                             "--replay-acceptance and --acceptance-profile to --server-args")
     parser.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to wait for /health")
     parser.add_argument("--out-dir", required=True, help="sweep.json, the PNGs and server logs go here")
     parser.add_argument("--rejudge", default=None, metavar="SWEEP_JSON",
@@ -127,8 +130,14 @@ def run(args: argparse.Namespace) -> int:
     # SIGTERM unwinds like Ctrl-C, so the `with served(...)` blocks stop their servers
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
 
+    server_args = shlex.split(args.server_args)
+    if args.acceptance:
+        from optimus.decoding import regimes
+        path = str(regimes.resolve(args.acceptance))
+        server_args += ["--replay-acceptance", path, "--acceptance-profile", path]
+
     def launch(policy: str):
-        return served(ServerLaunch(args.model, policy, tuple(shlex.split(args.server_args)),
+        return served(ServerLaunch(args.model, policy, tuple(server_args),
                                    startup_timeout_s=args.startup_timeout, log_dir=out_dir / "logs"))
 
     def bench(base_url: str, rate: float) -> dict:

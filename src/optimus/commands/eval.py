@@ -12,7 +12,9 @@ DEFAULT_HELDOUT_ROWS = Path("data_cache/prep/text_val.bin.gz")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from optimus_lab.evaluation.runner import DEFAULT_CONFIGS
     from optimus_lab.evaluation.tasks import SCORED_TASKS
-    parser.add_argument("--model", default="default", help="HF model directory, or 'default'")
+    parser.add_argument("--model", default="default",
+                        help="what --model takes elsewhere: a directory, .gguf file, Hub id, alias (smollm2-135m) "
+                             "or 'default' (the tasks score exact answers in the default model's format)")
     parser.add_argument("--tasks", default=",".join(SCORED_TASKS),
                         help=f"comma-separated tasks (known: {', '.join(SCORED_TASKS)})")
     parser.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),

@@ -124,7 +124,7 @@ def _run_reference(args: argparse.Namespace) -> int:
 
     settings = DecodeSettings(max_tokens=args.max_tokens, steps=args.steps, block_length=args.block_length,
                               threshold=args.threshold, temperature=args.temperature)
-    loaded = load_model(args.model, dtype=args.dtype, device=args.device)
+    loaded = load_model(args.model, dtype=args.dtype, device=args.device, revision=args.revision)
     prompt = _prompt_ids(loaded.tokenizer, args.prompt, args.chat)
     name = natural_algorithm(loaded.spec) if args.algorithm == "auto" else args.algorithm
     torch.manual_seed(args.seed)

@@ -30,4 +30,10 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig, log_level: s
 
 
 def run(args: argparse.Namespace) -> int:
-    return serve(config_from_args(EngineConfig, args), config_from_args(ServerConfig, args), args.log_level)
+    from optimus.models.sources import resolve_model
+
+    config = config_from_args(EngineConfig, args)
+    # Find (download) and check the model before listening: a model that cannot be had ends
+    # the command with one line (exit 2) instead of failing in the background after start-up.
+    resolve_model(config.model.model, config.model.revision)
+    return serve(config, config_from_args(ServerConfig, args), args.log_level)

@@ -10,7 +10,9 @@ from optimus.core.request import Request
 @dataclass
 class RequestWork:
     """One request's rows in a step: rows ``[start, end)``, of which ``[start, store_end)``
-    are written to the cache. ``groups`` is nondecreasing (see kernels.group_attention)."""
+    are written to the cache and ``[start, final_end)`` hold final tokens (the cache cursor
+    moves there). ``groups`` is nondecreasing (see kernels.group_attention). The rows read
+    cached positions ``[0, cached_keys)`` (default: ``start``, the cache before the step)."""
 
     request: Request
     start: int
@@ -18,6 +20,17 @@ class RequestWork:
     store_end: int
     groups: list[int]
     window: tuple[int, int] | None  # predicted positions for a decode window; None for prefill
+    final: int | None = None  # final_end when it differs from store_end (dual cache)
+    visible: int | None = None  # cached_keys when it differs from start (dual cache)
+    refresh: bool = False  # a block-start forward over the whole sequence (cache schemes)
+
+    @property
+    def final_end(self) -> int:
+        return self.store_end if self.final is None else self.final
+
+    @property
+    def cached_keys(self) -> int:
+        return self.start if self.visible is None else self.visible
 
 
 @dataclass

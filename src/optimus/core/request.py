@@ -72,6 +72,7 @@ class Request:
     committed: np.ndarray = field(default=None)  # [total] bool
     cache_len: int = 0
     pending_store: tuple[int, int] | None = None  # rows [a, b) to store next step
+    refreshed_block: int | None = None  # block end of the latest whole-canvas refresh (cache schemes)
     chunk: int = 0  # chunk size of the current window
     last_committed: int = 0  # positions committed in the latest step (policy feedback)
     pages: list[int] = field(default_factory=list)
@@ -148,7 +149,10 @@ class Request:
         return self.frontier
 
 
-def make_geometry(spec: ModelSpec, block_size: int, prompt_len: int, max_tokens: int) -> Geometry:
+def make_geometry(spec: ModelSpec, block_size: int, prompt_len: int, max_tokens: int,
+                  prefill_prompt: bool = True) -> Geometry:
+    """``prefill_prompt=False``: the prompt is never prefilled (a cache scheme whose block-start
+    refresh recomputes the whole sequence)."""
     causal = spec.attention is AttentionKind.CAUSAL
     shift = 1 if (spec.logit_shift or causal) else 0
     if causal:
@@ -163,15 +167,19 @@ def make_geometry(spec: ModelSpec, block_size: int, prompt_len: int, max_tokens:
         prefill = (prompt_len // block_size) * block_size  # the tail shares the first decode block
     else:
         prefill = prompt_len
+    if not prefill_prompt:
+        prefill = 0
     end = prompt_len + max_tokens
     canvas_end = origin + -(-(end - origin) // block_size) * block_size
     return Geometry(block_size, origin, shift, prefill, prompt_len, canvas_end)
 
 
 def check_request(spec: ModelSpec, block_size: int, pages, prompt_ids: list[int],
-                  params: SamplingParams) -> Geometry:
+                  params: SamplingParams, refresh_budget: int | None = None) -> Geometry:
     """The request's canvas layout; ValueError (``field: why``) unless it fits the model's
-    vocabulary and context and ``pages`` (a PageAllocator: ``num_pages``, ``page_size``)."""
+    vocabulary and context and ``pages`` (a PageAllocator: ``num_pages``, ``page_size``).
+    ``refresh_budget``: the step token budget, when a cache scheme refreshes the whole
+    sequence in one step (no prefill); the sequence must fit it."""
     if not prompt_ids:
         raise ValueError("prompt: is empty: give at least one token")
     vocab = spec.arch.vocab_size
@@ -181,7 +189,13 @@ def check_request(spec: ModelSpec, block_size: int, pages, prompt_ids: list[int]
     bad = next((t for t in params.stop_token_ids if not 0 <= t < vocab), None)
     if bad is not None:
         raise ValueError(f"stop_token_ids: token id {bad} is outside the vocabulary [0, {vocab})")
-    geometry = make_geometry(spec, block_size, len(prompt_ids), params.max_tokens)
+    geometry = make_geometry(spec, block_size, len(prompt_ids), params.max_tokens,
+                             prefill_prompt=refresh_budget is None)
+    if refresh_budget is not None and geometry.canvas_end > refresh_budget:
+        raise ValueError(f"max_tokens: prompt ({len(prompt_ids)} tokens) plus the canvas "
+                         f"({geometry.canvas_end - len(prompt_ids)} tokens) exceeds the step token budget "
+                         f"({refresh_budget}) that one whole-sequence cache refresh must fit; raise "
+                         "--max-tokens-per-step or use --cache-mode prefix-block")
     if geometry.canvas_end > spec.arch.max_position:
         raise ValueError(f"max_tokens: prompt ({len(prompt_ids)} tokens) plus max_tokens "
                          f"({params.max_tokens}) exceeds the model's context length of "

@@ -99,8 +99,10 @@ def params_rule(conf: torch.Tensor, params: SamplingParams, chunk: int) -> torch
 
 def commit_rule_for(config: "EngineConfig") -> CommitRule:
     """The engine's commit rule: the requests' own (the default), or, when the config names a
-    ``replay_acceptance`` profile (benchmarks of random-weight models), that profile replayed."""
+    ``replay_acceptance`` profile (benchmarks of random-weight models: a file, or a regime name
+    of :mod:`optimus.decoding.regimes`), that profile replayed."""
     if config.replay_acceptance:
-        from optimus.decoding.replay import ReplayAcceptance, load_acceptance
-        return ReplayAcceptance(load_acceptance(config.replay_acceptance), seed=config.seed)
+        from optimus.decoding import regimes
+        from optimus.decoding.replay import ReplayAcceptance
+        return ReplayAcceptance(regimes.load(config.replay_acceptance), seed=config.seed)
     return params_rule

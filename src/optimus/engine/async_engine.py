@@ -20,6 +20,8 @@ from optimus.engine.stats import EngineMetrics
 from optimus.core.outputs import RequestOutput
 from optimus.core.params import SamplingParams
 from optimus.core.errors import EngineDeadError, QueueFullError, RequestFailedError
+from optimus.core.scoring import ScoreRequest, ScoreResult
+from optimus.engine.scoring import ScoringQueue
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,7 @@ class AsyncEngine:
         self._stopping = False
         self._admitting = True
         self._step_started: float | None = None
+        self._scoring: ScoringQueue | None = None  # likelihood jobs the loop runs between steps
 
     # ---- properties the server reads ----------------------------------------------------
     @property
@@ -77,6 +80,8 @@ class AsyncEngine:
             self.engine = await asyncio.to_thread(self._factory, self.config)
         else:
             self.engine = await asyncio.to_thread(Engine, self.config, self._loaded)
+        self._scoring = ScoringQueue(self.engine, self._loop, self.config.likelihood_samples,
+                                     lambda: RequestFailedError("internal error while scoring this request"))
         self._thread = threading.Thread(target=self._run, name="optimus-engine", daemon=True)
         self._thread.start()
         self.ready = True
@@ -86,7 +91,7 @@ class AsyncEngine:
 
     async def drain(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        while self._streams and time.monotonic() < deadline and self.alive:
+        while (self._streams or self._scoring) and time.monotonic() < deadline and self.alive:
             await asyncio.sleep(0.05)
         for rid in list(self._streams):
             self.abort(rid)
@@ -108,6 +113,8 @@ class AsyncEngine:
         self.alive = False
         for q in self._streams.values():
             self._loop.call_soon_threadsafe(q.put_nowait, EngineDeadError("the engine stopped"))
+        if self._scoring is not None:
+            self._scoring.fail_all(EngineDeadError("the engine stopped"))
         if first and self.on_dead is not None:
             self._loop.call_soon_threadsafe(self.on_dead)
 
@@ -145,6 +152,24 @@ class AsyncEngine:
             self._streams.pop(request_id, None)
             if not done:  # the consumer went away (client disconnect): free the request's pages
                 self.abort(request_id)
+
+    async def score(self, request: ScoreRequest) -> ScoreResult:
+        """Log-probabilities of ``request``'s sequences (exact for causal models, an estimate
+        for diffusion models: ``decoding/likelihood.py``), computed by the loop thread between
+        steps. A sequence that cannot be scored raises ValueError (``sequence i: why``) at once."""
+        if not self.alive or self._scoring is None:
+            raise EngineDeadError("the engine is not running")
+        if not self._admitting:
+            raise QueueFullError("the server is shutting down and admits no new requests")
+        if len(self._scoring) >= self.config.scheduler.max_waiting:
+            raise QueueFullError(f"{len(self._scoring)} scoring requests are queued "
+                                 f"(max-waiting {self.config.scheduler.max_waiting})")
+        entry = self._scoring.submit(request)
+        self._wake.set()
+        try:
+            return await entry.future
+        finally:
+            entry.cancelled = True  # the caller went away (or is done): the loop drops the job
 
     def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))
@@ -186,11 +211,13 @@ class AsyncEngine:
     def _run(self) -> None:
         failures = 0  # consecutive steps that raised
         while not self._stopping:
+            scored = self._score_piece()  # scoring forwards alternate with steps
             try:
                 self._handle_commands()
                 if not self.engine.has_work():
-                    self._wake.wait(0.05)
-                    self._wake.clear()
+                    if not scored:
+                        self._wake.wait(0.05)
+                        self._wake.clear()
                     continue
                 self._step_started = time.monotonic()
                 outputs = self.engine.step()
@@ -205,6 +232,16 @@ class AsyncEngine:
                 self._step_started = None
             for out in outputs:
                 self._deliver(out.request_id, out)
+
+    def _score_piece(self) -> bool:
+        """One forward of the oldest scoring job, if any (it fails alone if it raises)."""
+        if not len(self._scoring):
+            return False
+        self._step_started = time.monotonic()  # the watchdog covers scoring forwards too
+        try:
+            return self._scoring.run_piece()
+        finally:
+            self._step_started = None
 
     def _recover(self, exc: Exception, failures: int) -> list[RequestOutput] | None:
         """Restart the loop after a failed step: its requests end with an error, waiting ones

@@ -19,6 +19,7 @@ from optimus.models.spec import AttentionKind, ModelSpec
 from optimus.policy.base import ChunkPolicy
 from optimus.policy.registry import make_policy
 from optimus.scheduler.pages import PageAllocator
+from optimus.scheduler.cache_schemes import make_scheme
 from optimus.scheduler.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,8 @@ def build_parts(config: EngineConfig, loaded: LoadedModel | None = None,
     device = resolve_device(config.model.device)
     if loaded is None:
         from optimus.models.loader import load_model
-        loaded = load_model(config.model.model, dtype=config.model.dtype, device=str(device))
+        loaded = load_model(config.model.model, dtype=config.model.dtype, device=str(device),
+                            revision=config.model.revision)
     loaded.model.fuse_projections()  # q/k/v and gate/up as one matmul each (views, no copy)
     spec = loaded.spec
     block_size = block_size_for(spec, config)
@@ -72,10 +74,12 @@ def build_parts(config: EngineConfig, loaded: LoadedModel | None = None,
                                                      cache.memory_fraction)
     allocator = PageAllocator(num_pages, cache.page_size)
     storage = KVCacheStorage(spec.arch, num_pages, cache.page_size, dtype, device)
-    graphs = _graphs(config, spec, loaded.model, storage, device, num_pages, block_size)
-    runner = ModelRunner(loaded.model, storage, cache.page_size, device, config.runner.attention_backend, graphs)
+    scheme = make_scheme(config.scheduler.cache_mode, spec.attention, config.scheduler.suffix_window)
+    graphs = _graphs(config, spec, loaded.model, storage, device, num_pages, block_size, scheme.cache_only)
+    runner = ModelRunner(loaded.model, storage, cache.page_size, device, config.runner.attention_backend, graphs,
+                         cache_only=scheme.cache_only)
     policy = build_policy(config, _Hardware(config, loaded, device, allocator, runner))
-    scheduler = Scheduler(config.scheduler, allocator, policy, spec.attention)
+    scheduler = Scheduler(config.scheduler, allocator, policy, spec.attention, scheme)
     return EngineParts(config, loaded, device, block_size, commit_rule or commit_rule_for(config),
                        allocator, storage, runner, policy, scheduler)
 
@@ -96,14 +100,14 @@ def build_policy(config: EngineConfig, hardware) -> ChunkPolicy:
 
 
 def _graphs(config: EngineConfig, spec: ModelSpec, model, storage: KVCacheStorage, device: torch.device,
-            num_pages: int, block_size: int):
+            num_pages: int, block_size: int, cache_only: bool):
     rc = config.runner
     if not (rc.cuda_graphs and device.type == "cuda"):
         return None
     from optimus.executor.cuda_graphs import GraphedBody
     max_pages = min(num_pages, -(-spec.arch.max_position // config.cache.page_size))
     graphs = GraphedBody(model, storage, rc.attention_backend, rc.graph_max_tokens,
-                         config.scheduler.max_running, max_pages)
+                         config.scheduler.max_running, max_pages, cache_only)
     if rc.graph_precapture:
         # A decoding request runs at most a stored block plus a window (two blocks of rows);
         # a causal one, its one new token.

@@ -19,6 +19,7 @@ import logging
 import os
 import queue
 import signal
+from collections import deque
 import sys
 import threading
 import time
@@ -29,7 +30,7 @@ from pathlib import Path
 import zmq
 
 from optimus.config import EngineConfig
-from optimus.core.errors import QueueFullError
+from optimus.core.errors import QueueFullError, RequestFailedError
 from optimus.core.outputs import RequestOutput
 from optimus.engine import wire
 from optimus.engine.stats import EngineMetrics
@@ -109,6 +110,8 @@ class EngineCore:
         self._owner: dict[str, tuple[int, int]] = {}  # engine request id -> (front-end, handle)
         self._sent: dict[str, int] = {}  # tokens already sent per request
         self._events: set[str] = set()  # requests whose commit events the front-end wants
+        self.calls = EngineCalls(engine, self)
+        self._jobs: deque = deque()  # (front-end, call id, job) of forwarded calls run in pieces
         self.outbox = Outbox(self._ctx, spec, self.metrics)
         self.outbox.start()
         self.outbox.broadcast([wire.READY, spec.epoch, wire.dumps(engine_info(engine))])
@@ -121,7 +124,8 @@ class EngineCore:
         code = 0
         try:
             while not self._stop.is_set():
-                self._read_inbox(wait=not self.engine.has_work())
+                pieces = self._run_job_piece()  # job pieces alternate with steps
+                self._read_inbox(wait=not (pieces or self._jobs or self.engine.has_work()))
                 if not self.engine.has_work():
                     continue
                 self.step_started = time.monotonic()
@@ -195,14 +199,45 @@ class EngineCore:
             self._events.add(rid)
 
     def _call(self, frontend: int, call_id: int, method: str, payload: bytes) -> None:
-        """A forwarded engine-client method: run on the engine between steps (``Engine.<method>``)."""
+        """A forwarded engine-client method, run between steps: ``EngineCalls.<method>`` if there
+        is one, else ``Engine.<method>``. A result with ``advance()`` is a job (scoring): the
+        loop runs one piece of it per turn and replies with its ``result()`` when it is done."""
         try:
             args, kwargs = wire.loads(payload)
-            reply = [True, wire.dumps(getattr(self.engine, method)(*args, **kwargs))]
+            target = getattr(self.calls, method, None) or getattr(self.engine, method)
+            result = target(*args, **kwargs)
         except Exception as exc:
-            log.exception("forwarded call %s failed", method)
-            reply = [False, wire.dumps(_portable(exc))]
-        self.outbox.send(frontend, [wire.REPLY, self.spec.epoch, call_id, *reply])
+            if not isinstance(exc, (ValueError, QueueFullError)):
+                log.exception("forwarded call %s failed", method)
+            self._reply(frontend, call_id, False, exc)
+            return
+        if hasattr(result, "advance"):
+            self._jobs.append((frontend, call_id, result))
+        else:
+            self._reply(frontend, call_id, True, result)
+
+    def _reply(self, frontend: int, call_id: int, ok: bool, value) -> None:
+        value = value if ok else _portable(value)
+        self.outbox.send(frontend, [wire.REPLY, self.spec.epoch, call_id, ok, wire.dumps(value)])
+
+    def _run_job_piece(self) -> bool:
+        """One piece of the oldest job; False when there is none. A failing job ends alone."""
+        if not self._jobs:
+            return False
+        frontend, call_id, job = self._jobs[0]
+        self.step_started = time.monotonic()  # the watchdog covers these forwards too
+        try:
+            job.advance()
+            if job.done:
+                self._jobs.popleft()
+                self._reply(frontend, call_id, True, job.result())
+        except Exception as exc:
+            log.exception("forwarded job failed: %s: %s; ending it", type(exc).__name__, exc)
+            self._jobs.popleft()
+            self._reply(frontend, call_id, False, RequestFailedError("internal error while scoring this request"))
+        finally:
+            self.step_started = None
+        return True
 
     # ---- outputs -----------------------------------------------------------------------
     def publish(self, outputs: list[RequestOutput]) -> None:
@@ -230,6 +265,25 @@ class EngineCore:
             batches.setdefault(owner[0], []).append([owner[1], base, list(ids[base:]), out.finish_reason, extra])
         for frontend, items in batches.items():
             self.outbox.send(frontend, [wire.STEP, self.spec.epoch, items])
+
+
+class EngineCalls:
+    """Forwarded methods that are not ``Engine``'s own: they return a job run in pieces."""
+
+    def __init__(self, engine, core: EngineCore) -> None:
+        self._engine, self._core = engine, core
+
+    def score(self, request):
+        """Log-probabilities of ``request`` (``AsyncEngine.score``): checked at once, then one
+        forward of at most ``--max-tokens-per-step`` tokens per turn of the loop."""
+        from optimus.engine.scoring import ScoringJob, check_score_request
+
+        e, sc = self._engine, self._engine.config.scheduler
+        if len(self._core._jobs) >= sc.max_waiting:
+            raise QueueFullError(f"{len(self._core._jobs)} scoring requests are queued (max-waiting {sc.max_waiting})")
+        check_score_request(request, e.spec, e.max_model_len, sc.max_tokens_per_step, e.block_size)
+        return ScoringJob(request, e.loaded.model, e.spec, samples=e.config.likelihood_samples, seed=e.config.seed,
+                          budget=sc.max_tokens_per_step, block=e.block_size, device=e.device)
 
 
 def _portable(exc: BaseException) -> BaseException:

@@ -65,7 +65,8 @@ class Engine:
     def check_request(self, prompt_ids: list[int], params: SamplingParams) -> Geometry:
         """Raise ValueError (``field: why``) unless the request fits this model and cache.
         Reads only constants of the engine, so callers on other threads may use it."""
-        return check_request(self.spec, self.block_size, self.allocator, prompt_ids, params)
+        refresh = None if self.scheduler.scheme.prefills else self.config.scheduler.max_tokens_per_step
+        return check_request(self.spec, self.block_size, self.allocator, prompt_ids, params, refresh)
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                     group: str | None = None) -> Request:

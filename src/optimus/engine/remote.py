@@ -58,6 +58,8 @@ class _Pages:
 
 
 class RemoteEngine:
+    score = forwarded("score")  # likelihoods (lm-eval): run in pieces between the engine's steps
+
     def __init__(self, config: EngineConfig, ipc_dir: str, frontend: int, supervisor) -> None:
         self.config = config
         self.ready = False
@@ -176,6 +178,8 @@ class RemoteEngine:
         """Run ``Engine.<method>(*args, **kwargs)`` in the engine process; its result or error."""
         if not self.ready:
             raise EngineDeadError("the engine is not running")
+        if not self._admitting:
+            raise QueueFullError("the server is shutting down and admits no new requests")
         call_id = next(self._next_call)
         future = asyncio.get_running_loop().create_future()
         self._calls[call_id] = future

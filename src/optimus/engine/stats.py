@@ -19,6 +19,9 @@ class EngineStats:
     step_latency_sum_s: float = 0.0
     cpu_time_sum_s: float = 0.0  # scheduling + batch building + commit bookkeeping (host side)
     graph_capture_s: float = 0.0  # one-time CUDA-graph captures, inside the step latencies above
+    refresh_tokens: int = 0  # rows of whole-sequence cache refreshes (dual / prefix cache)
+    refresh_steps: int = 0  # steps holding at least one refresh
+    refresh_step_latency_sum_s: float = 0.0  # their latency (they may hold other requests' windows too)
     running: int = 0
     waiting: int = 0
     kv_usage: float = 0.0
@@ -36,6 +39,11 @@ class EngineStats:
         self.steps += 1
         self.last_step_latency_s = latency
         self.step_latency_sum_s += latency
+        refreshed = sum(w.end - w.start for w in plan.works if w.refresh)
+        if refreshed:
+            self.refresh_tokens += refreshed
+            self.refresh_steps += 1
+            self.refresh_step_latency_sum_s += latency
         for w in plan.works:
             self.tokens_computed += w.end - w.start
             w.request.stats.tokens_computed += w.end - w.start

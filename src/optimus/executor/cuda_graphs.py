@@ -54,8 +54,9 @@ class _Graph:
 
 class GraphedBody:
     def __init__(self, model: DecoderLM, storage: KVCacheStorage, attention_backend: str,
-                 max_tokens: int, max_requests: int, max_pages: int) -> None:
+                 max_tokens: int, max_requests: int, max_pages: int, cache_only: bool = False) -> None:
         self.model, self.storage, self.attention_backend = model, storage, attention_backend
+        self.cache_only = cache_only
         self.max_tokens, self.max_requests = _bucket(max_tokens, 8), _bucket(max_requests + 1)
         self.request_limit = max_requests
         dev = next(model.parameters()).device
@@ -106,7 +107,7 @@ class GraphedBody:
                          logit_rows=self.input_ids[:0], max_q_len=qb)
 
     def _body(self, batch: StepBatch) -> torch.Tensor:
-        backend = PagedBackend(self.storage, batch, self.attention_backend)
+        backend = PagedBackend(self.storage, batch, self.attention_backend, self.cache_only)
         return self.model(batch.input_ids, batch.positions, backend)
 
     def _capture(self, key: tuple[int, int, int]) -> _Graph:

@@ -13,7 +13,7 @@ import torch
 
 from optimus.executor.kv_storage import KVCacheStorage
 from optimus.core.plan import StepPlan
-from optimus.kernels import group_attention, visible_key_end, write_kv
+from optimus.kernels import group_attention, request_start_rows, visible_key_end, write_kv
 from optimus.models.transformer import DecoderLM
 
 
@@ -26,7 +26,7 @@ class StepBatch:
     groups: torch.Tensor  # [T] int32, nondecreasing per request
     slots: torch.Tensor  # [T] int64, -1 = not stored
     cu_q: torch.Tensor  # [R+1] int32
-    cache_lens: torch.Tensor  # [R] int32, cache length before this step
+    cache_lens: torch.Tensor  # [R] int32, cached positions each request's rows may read
     page_table: torch.Tensor  # [R, max_pages] int32
     logit_rows: torch.Tensor  # [M] int64 rows of the step whose logits are needed
     max_q_len: int
@@ -81,20 +81,29 @@ class LogitRequest:
 
 
 class PagedBackend:
-    """The engine's AttentionBackend: store the step's K/V, then attend over cache + groups."""
+    """The engine's AttentionBackend. Default: attend over cache + groups, then store the
+    step's K/V. ``cache_only`` (dual cache): store first, then attend over the cache alone, so
+    the step's rows replace their own slots and every row reads the whole cached canvas."""
 
-    def __init__(self, storage: KVCacheStorage, batch: StepBatch, attention_backend: str) -> None:
+    def __init__(self, storage: KVCacheStorage, batch: StepBatch, attention_backend: str,
+                 cache_only: bool = False) -> None:
         self.storage, self.batch, self.attention_backend = storage, batch, attention_backend
+        self.cache_only = cache_only
         self._key_end: torch.Tensor | None = None  # per-step metadata shared by every layer
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         b = self.batch
         if self._key_end is None and q.is_cuda:
-            self._key_end = visible_key_end(b.cu_q, b.groups)
+            self._key_end = (request_start_rows(b.cu_q, b.groups.numel()) if self.cache_only
+                             else visible_key_end(b.cu_q, b.groups))
         k_cache, v_cache = self.storage.keys[layer], self.storage.values[layer]
+        if self.cache_only:
+            write_kv(k, v, k_cache, v_cache, b.slots)
         out = group_attention(q, k, v, k_cache, v_cache, b.page_table, b.cache_lens, b.cu_q, b.groups,
-                              backend=self.attention_backend, max_q_len=b.max_q_len, key_end=self._key_end)
-        write_kv(k, v, k_cache, v_cache, b.slots)  # after attention: cache_lens exclude these rows
+                              backend=self.attention_backend, max_q_len=b.max_q_len, key_end=self._key_end,
+                              cache_only=self.cache_only)
+        if not self.cache_only:
+            write_kv(k, v, k_cache, v_cache, b.slots)  # after attention: cache_lens exclude these rows
         return out
 
 
@@ -147,9 +156,11 @@ class HostStaging:
 
 class ModelRunner:
     def __init__(self, model: DecoderLM, storage: KVCacheStorage, page_size: int,
-                 device: torch.device, attention_backend: str = "auto", graphs=None) -> None:
+                 device: torch.device, attention_backend: str = "auto", graphs=None,
+                 cache_only: bool = False) -> None:
         self.model, self.storage, self.page_size = model, storage, page_size
         self.device, self.attention_backend = device, attention_backend
+        self.cache_only = cache_only  # the cache scheme's attention (see PagedBackend)
         self.graphs = graphs  # optional GraphedBody (CUDA only)
         self.last_build_s = 0.0  # host time spent building the latest batch
         self.staging = HostStaging(device)
@@ -161,6 +172,7 @@ class ModelRunner:
         n = len(works)
         lens = np.fromiter((w.end - w.start for w in works), np.int64, n)
         starts = np.fromiter((w.start for w in works), np.int64, n)
+        visible = np.fromiter((w.cached_keys for w in works), np.int64, n)
         store_ends = np.fromiter((w.store_end for w in works), np.int64, n)
         cu = np.zeros(n + 1, np.int64)
         np.cumsum(lens, out=cu[1:])
@@ -195,7 +207,7 @@ class ModelRunner:
         ids_d, pos_d, slots_d, logit_d, fed_rows_d, fed_from_d = self.staging.upload(rows64, np.int64)
         if fed_rows:
             ids_d[fed_rows_d] = feed.tokens[fed_from_d]
-        groups_d, cu_d, lens_d, table_d = self.staging.upload((groups, cu, starts, table), np.int32)
+        groups_d, cu_d, lens_d, table_d = self.staging.upload((groups, cu, visible, table), np.int32)
         batch = StepBatch(input_ids=ids_d, positions=pos_d, groups=groups_d, slots=slots_d, cu_q=cu_d,
                           cache_lens=lens_d, page_table=table_d, logit_rows=logit_d,
                           max_q_len=int(lens.max()) if n else 1)
@@ -209,7 +221,8 @@ class ModelRunner:
     def forward(self, batch: StepBatch) -> torch.Tensor:
         if self.graphs is not None and self.graphs.fits(batch):
             return self.graphs.run(batch)
-        return self.model(batch.input_ids, batch.positions, PagedBackend(self.storage, batch, self.attention_backend))
+        backend = PagedBackend(self.storage, batch, self.attention_backend, self.cache_only)
+        return self.model(batch.input_ids, batch.positions, backend)
 
     @torch.inference_mode()
     def run(self, plan: StepPlan, feed: TokenFeed | None = None) -> tuple[torch.Tensor, list[LogitRequest]]:

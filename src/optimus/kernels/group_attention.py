@@ -7,7 +7,9 @@ groups[j] <= groups[i]: bidirectional within a group, plus all earlier groups.
   block-causal prefill    groups = positions // block
   dLLM decode step        group 0 = finished chunk being stored now, group 1 = active chunk
 cache_lens count positions stored BEFORE this step; rows stored this step are read from
-k/v only. Backends: "torch" (reference, any device), "triton" (CUDA, or CPU under
+k/v only. With ``cache_only`` the new rows are not keys at all: the caller wrote them to the
+cache first, and each row attends to cached positions 0..cache_lens[r]-1 only (Fast-dLLM's
+dual cache: a step's rows replace their own slots, then read the whole cached canvas). Backends: "torch" (reference, any device), "triton" (CUDA, or CPU under
 TRITON_INTERPRET=1), "auto" (triton on CUDA, torch otherwise).
 """
 
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from optimus.kernels.groups import visible_key_end
+from optimus.kernels.groups import request_start_rows, visible_key_end
 from optimus.kernels.reference import group_attention_reference
 
 BACKENDS = ("auto", "torch", "triton")
@@ -25,21 +27,26 @@ def group_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor,
                     cache_lens: torch.Tensor, cu_q: torch.Tensor, groups: torch.Tensor,
                     scale: float | None = None, backend: str = "auto",
-                    max_q_len: int | None = None, key_end: torch.Tensor | None = None) -> torch.Tensor:
+                    max_q_len: int | None = None, key_end: torch.Tensor | None = None,
+                    cache_only: bool = False) -> torch.Tensor:
     """q [T, Hq, D], k/v [T, Hkv, D], caches [P, page_size, Hkv, D], page_table [R, max_pages]
     int32, cache_lens [R] int32, cu_q [R+1] int32, groups [T] int32 -> [T, Hq, D].
 
     Optional per-step metadata, shared by every layer (compute it once per step):
     ``max_q_len`` (the longest request chunk) sizes the Triton grid; pass it from host-side
     metadata to avoid a device sync (required under CUDA graph capture). ``key_end`` is
-    ``visible_key_end(cu_q, groups)``; without it the Triton path recomputes it each call.
+    ``visible_key_end(cu_q, groups)`` (``request_start_rows(cu_q, T)`` when ``cache_only``);
+    without it the Triton path recomputes it each call.
     """
     _check(q, k, v, k_cache, v_cache, page_table, cache_lens, cu_q, groups)
     choice = resolve_backend(backend, q)
     if choice == "torch":
         return group_attention_reference(q, k, v, k_cache, v_cache, page_table, cache_lens, cu_q,
-                                         groups, scale)
+                                         groups, scale, cache_only)
     from optimus.kernels._group_attention_triton import group_attention_triton
+
+    if cache_only and key_end is None:
+        key_end = request_start_rows(cu_q, q.shape[0])
 
     return group_attention_triton(q, k, v, k_cache, v_cache, page_table, cache_lens, cu_q, groups,
                                   scale, max_q_len, key_end)

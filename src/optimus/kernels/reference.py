@@ -51,8 +51,9 @@ def _pad_rows(x: torch.Tensor, req: torch.Tensor, local: torch.Tensor, num_req: 
 def group_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                               k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor,
                               cache_lens: torch.Tensor, cu_q: torch.Tensor, groups: torch.Tensor,
-                              scale: float | None = None) -> torch.Tensor:
+                              scale: float | None = None, cache_only: bool = False) -> torch.Tensor:
     """q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq, D] in q's dtype; softmax in fp32.
+    ``cache_only``: the new rows are not keys (see group_attention).
 
     Vectorised over requests by padding every request to the longest chunk and the longest
     cache of the step, then one masked SDPA call. Cost is R * max_q * (max_cache + max_q).
@@ -83,6 +84,8 @@ def group_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     kc = torch.where(live, gather_cache(k_cache, page_table, max_c).to(f32), 0.0)
     vc = torch.where(live, gather_cache(v_cache, page_table, max_c).to(f32), 0.0)
     new_ok = gp[:, None, :] <= gp[:, :, None]  # [R, Q(query), Q(key)]
+    if cache_only:
+        new_ok = torch.zeros_like(new_ok)
     mask = torch.cat([cache_ok[:, None, :].expand(-1, max_q, -1), new_ok], dim=2)
 
     keys = torch.cat([kc, kp], dim=1).transpose(1, 2)  # [R, Hkv, C+Q, D]
@@ -136,3 +139,31 @@ def silu_mul_reference(gate_up: torch.Tensor) -> torch.Tensor:
     """gate_up [T, 2I] (gate first) -> silu(gate) * up [T, I]; each op rounded to the dtype."""
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+def fused_moe_reference(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
+                        ids: torch.Tensor) -> torch.Tensor:
+    """Sparse MLP: out[t] = sum_j weights[t, j] * down_e(silu(gate_e(x_t)) * up_e(x_t)), e = ids[t, j].
+
+    x [T, H]; w13 [E, 2I, H] (gate rows, then up rows); w2 [E, H, I]; weights [T, k] (any
+    float dtype); ids [T, k] int. Token-expert pairs are grouped by expert and each touched
+    expert runs once on its rows (its counts are read on the host: not for CUDA graphs). The
+    expert MLP rounds to x's dtype after each matmul like nn.Linear; the weighted sum is fp32.
+    """
+    t, k = ids.shape
+    inner = w2.shape[2]
+    flat = ids.reshape(-1).long()
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=w13.shape[0]).tolist()
+    pair_w = weights.reshape(-1).float()
+    out = torch.zeros(t * k, x.shape[1], dtype=torch.float32, device=x.device)
+    start = 0
+    for expert, n in enumerate(counts):
+        if n == 0:
+            continue
+        rows = order[start:start + n]
+        gate_up = F.linear(x[rows // k], w13[expert])
+        y = F.linear(F.silu(gate_up[:, :inner]) * gate_up[:, inner:], w2[expert])
+        out[rows] = y.float() * pair_w[rows, None]
+        start += n
+    return out.view(t, k, -1).sum(1).to(x.dtype)

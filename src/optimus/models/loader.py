@@ -1,11 +1,13 @@
-"""Load a Hugging Face model directory into a native :class:`DecoderLM` (and save one back).
+"""Load a model into a native :class:`DecoderLM`: a Hugging Face directory or a GGUF file.
 
-Only safetensors are read, never pickle. The module is built on the ``meta`` device and each
+:func:`load_model` takes what ``--model`` takes; :mod:`optimus.models.sources` finds it on
+this machine (fetching Hub ids and aliases first) and this module reads it. Only safetensors
+(and GGUF, :mod:`optimus.models.gguf`) are read, never pickle, and no code of the model's runs. The module is built on the ``meta`` device and each
 tensor is read straight to the target device and cast to the target dtype as it is read, so the
 peak memory is the model in its final dtype plus one tensor: no full fp32 copy ever exists.
 Every bad input raises a :class:`LoadError` subclass whose message names the problem.
 
-``random:<shape>`` (and ``random-tiny:<shape>``) stand for no directory: they build random
+``random:<shape>`` (and ``random-tiny:<shape>``) stand for no files: they build random
 weights at a published shape (:mod:`optimus.models.shapes`) for benchmarks, see
 :func:`load_random_model`.
 """
@@ -15,58 +17,23 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, ClassVar, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
+from optimus.models.errors import (  # noqa: F401  (re-exported: callers catch them from here)
+    ConfigFieldError, CorruptFileError, LoadError, MissingFileError, MissingTensorError, ShapeMismatchError,
+    UnexpectedTensorError, UnknownArchitectureError, UnknownShapeError, UnsafeFormatError,
+)
 from optimus.models.registry import ConfigError, Family, UnknownArchitectureError as _UnknownArch
 from optimus.models.registry import check_token_ids, family_for, spec_from_config
 from optimus.models.shapes import SHAPES, random_decoder, shape_config
+from optimus.models.sources import ModelSource, RandomModelName, SourceKind, local_directory, resolve_model
 from optimus.models.spec import ModelSpec
 from optimus.models.transformer import DecoderLM
 from optimus.models.tokenizer import Tokenizer, TokenizerError
-
-
-class LoadError(ValueError):
-    """A model directory cannot be loaded; the message names the file, field or tensor."""
-
-
-class MissingFileError(LoadError):
-    pass
-
-
-class CorruptFileError(LoadError):
-    """A weight file that cannot be read as safetensors (empty, truncated, bad header)."""
-
-
-class UnsafeFormatError(LoadError):
-    """Pickle-based weights (``*.bin``, ``*.pt``...) are refused: loading them can run code."""
-
-
-class ConfigFieldError(LoadError):
-    """config.json is missing a field or holds a value out of range."""
-
-
-class UnknownArchitectureError(ConfigFieldError):
-    pass
-
-
-class UnexpectedTensorError(LoadError):
-    pass
-
-
-class MissingTensorError(LoadError):
-    pass
-
-
-class ShapeMismatchError(LoadError):
-    pass
-
-
-class UnknownShapeError(LoadError):
-    """``random:<shape>`` names no shape of :data:`optimus.models.shapes.SHAPES`."""
 
 
 @dataclass(frozen=True)
@@ -89,50 +56,45 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float
 # ---------------------------------------------------------------- public API
 
 def load_model(path: str | Path, dtype: str | torch.dtype = "auto", device: str | torch.device = "auto",
-               progress: bool = True) -> LoadedModel:
-    """Load config, tokenizer, generation config and weights from an HF model directory.
+               progress: bool = True, revision: str | None = None) -> LoadedModel:
+    """Load config, tokenizer, generation config and weights of the model ``path`` names.
 
-    ``path="default"`` loads the project's default model; ``random:<shape>`` builds random
-    weights (:func:`load_random_model`). ``dtype="auto"`` is bf16 on CUDA and fp32 on CPU;
-    ``device="auto"`` is CUDA when available.
+    ``path`` is a local HF directory or ``.gguf`` file, a Hub id ``org/name`` (at ``revision``),
+    an alias, ``default`` (the shipped model) or ``random:<shape>`` (:func:`load_random_model`);
+    see :func:`~optimus.models.sources.resolve_model`. ``dtype="auto"`` is bf16 on CUDA and fp32
+    on CPU; ``device="auto"`` is CUDA when available.
     """
-    random_name = RandomModelName.parse(path)
-    if random_name is not None:
-        return load_random_model(random_name, dtype, device)
-    root = resolve_model_path(path)
+    source = resolve_model(path, revision, progress)
+    if source.kind is SourceKind.RANDOM:
+        return load_random_model(RandomModelName.parse(source.name), dtype, device)
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
-    family, spec = _spec_from_dir(root)
+    if source.kind is SourceKind.GGUF:
+        return _load_gguf(source, dtype, device, progress)
+    root = source.location
+    family, spec = _spec_from_config(_read_json(root / "config.json"))
     tokenizer = _tokenizer_from_dir(root)
     spec = complete_spec(spec, tokenizer)
     generation_config = _read_json(root / "generation_config.json", required=False)
-    model = _build_model(spec, family, _weight_files(root), dtype, device, progress)
-    return LoadedModel(model, spec, tokenizer, generation_config, root)
+    entries = _safetensors_entries(_weight_files(root), family, device, progress)
+    model = _build_model(spec, family, entries, dtype, device)
+    return LoadedModel(model, spec, tokenizer, generation_config, source.identity)
 
 
-@dataclass(frozen=True)
-class RandomModelName:
-    """``random:<shape>``: random weights at a published shape (``random:sdar-8b``), to time the
-    engine where no checkpoint exists. ``random-tiny:<shape>``: the same family and attention
-    shrunk to 2 layers of width 64 (tests and CPU smoke runs)."""
+def _load_gguf(source: ModelSource, dtype: torch.dtype, device: torch.device, progress: bool) -> LoadedModel:
+    """A GGUF file: config, tokenizer and chat template from its metadata, weights dequantized
+    tensor by tensor to ``dtype``."""
+    from optimus.models.gguf import GGUFFile
+    from optimus.models.gguf_tokenizer import tokenizer_from_gguf
 
-    shape: str
-    tiny: bool = False
-
-    PREFIX: ClassVar[str] = "random:"
-    TINY_PREFIX: ClassVar[str] = "random-tiny:"
-
-    @classmethod
-    def parse(cls, name: str | Path) -> "RandomModelName | None":
-        """The random-model name ``name`` spells, or None if it names a directory."""
-        text = str(name)
-        for prefix, tiny in ((cls.PREFIX, False), (cls.TINY_PREFIX, True)):
-            if text.startswith(prefix):
-                return cls(text[len(prefix):], tiny)
-        return None
-
-    def __str__(self) -> str:
-        return (self.TINY_PREFIX if self.tiny else self.PREFIX) + self.shape
+    file = GGUFFile(source.location)
+    family, spec = _spec_from_config(file.config(), f"GGUF file {file.path}: ")
+    tokenizer = tokenizer_from_gguf(file)
+    spec = complete_spec(spec, tokenizer)
+    bar = tqdm(list(file.tensors()), desc="Dequantizing", unit="tensor", disable=not progress)
+    entries = ((t.source, None if t.name is None else family.rename(t.name), t.shape, t.read) for t in bar)
+    model = _build_model(spec, family, entries, dtype, device)
+    return LoadedModel(model, spec, tokenizer, {}, source.identity)
 
 
 def load_random_model(name: RandomModelName, dtype: str | torch.dtype = "auto",
@@ -182,17 +144,8 @@ def _propose_only_text(model: DecoderLM, tokenizer: Tokenizer) -> None:
 
 
 def resolve_model_path(path: str | Path) -> Path:
-    if str(path) == "default":
-        try:
-            from optimus.default_model import default_model_dir
-        except ImportError as exc:
-            raise LoadError(f"the default model is not available in this install ({exc}); "
-                            "pass a model directory instead") from exc
-        return Path(default_model_dir())
-    root = Path(path).expanduser()
-    if not root.is_dir():
-        raise MissingFileError(f"model directory not found: {root}")
-    return root
+    """A local model directory (``default``: the shipped one); nothing is fetched."""
+    return local_directory(path)
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -240,14 +193,13 @@ def _read_json(path: Path, required: bool = True) -> dict:
     return data
 
 
-def _spec_from_dir(root: Path) -> tuple[Family, ModelSpec]:
-    config = _read_json(root / "config.json")
+def _spec_from_config(config: dict, where: str = "") -> tuple[Family, ModelSpec]:
     try:
         return family_for(config), spec_from_config(config)
     except _UnknownArch as exc:
-        raise UnknownArchitectureError(str(exc)) from exc
+        raise UnknownArchitectureError(f"{where}{exc}") from exc
     except ConfigError as exc:
-        raise ConfigFieldError(str(exc)) from exc
+        raise ConfigFieldError(f"{where}{exc}") from exc
 
 
 def _tokenizer_from_dir(root: Path) -> Tokenizer:
@@ -294,11 +246,14 @@ def _corrupt(f: Path, exc: Exception) -> CorruptFileError:
     return CorruptFileError(f"corrupt weight file {f}: not readable as safetensors ({exc})")
 
 
-def _tensor_entries(files: list[Path], family: Family, device: torch.device,
-                    progress: bool) -> Iterator[tuple[str, str | None, Any, tuple[int, ...], Path]]:
-    """Yield (checkpoint name, our name or None, open file handle, shape, file) per stored tensor.
+# (checkpoint name, our name or None, shape, read): nothing is read until ``read()`` is called,
+# so names and shapes are checked before any tensor is loaded.
+TensorEntry = tuple[str, "str | None", tuple[int, ...], Callable[[], torch.Tensor]]
 
-    Nothing is read yet: the caller checks name and shape first, then reads one tensor."""
+
+def _safetensors_entries(files: list[Path], family: Family, device: torch.device,
+                         progress: bool) -> Iterator[TensorEntry]:
+    """One entry per stored tensor; its ``read`` is valid until the next entry is drawn."""
     bar = tqdm(files, desc="Loading weights", unit="shard", disable=not progress or len(files) < 2)
     for f in bar:
         if f.stat().st_size < 8:  # not even the header's length
@@ -307,20 +262,22 @@ def _tensor_entries(files: list[Path], family: Family, device: torch.device,
             with safe_open(str(f), framework="pt", device=_safe_device(device)) as handle:
                 entries = [(name, tuple(handle.get_slice(name).get_shape())) for name in handle.keys()]
                 for name, shape in entries:
-                    yield name, family.rename(name), handle, shape, f
+                    yield name, family.rename(name), shape, _reader(handle, name, f)
         except (SafetensorError, OSError) as exc:
             raise _corrupt(f, exc) from exc
 
 
-def _read_tensor(handle: Any, name: str, f: Path) -> torch.Tensor:
-    try:
-        return handle.get_tensor(name)
-    except (SafetensorError, OSError) as exc:
-        raise _corrupt(f, exc) from exc
+def _reader(handle: Any, name: str, f: Path) -> Callable[[], torch.Tensor]:
+    def read() -> torch.Tensor:
+        try:
+            return handle.get_tensor(name)
+        except (SafetensorError, OSError) as exc:
+            raise _corrupt(f, exc) from exc
+    return read
 
 
-def _build_model(spec: ModelSpec, family: Family, files: list[Path], dtype: torch.dtype,
-                 device: torch.device, progress: bool) -> DecoderLM:
+def _build_model(spec: ModelSpec, family: Family, entries: Iterator[TensorEntry], dtype: torch.dtype,
+                 device: torch.device) -> DecoderLM:
     with torch.device("meta"):
         model = DecoderLM(spec)
     expected = {n: tuple(p.shape) for n, p in model.state_dict().items()}
@@ -328,7 +285,7 @@ def _build_model(spec: ModelSpec, family: Family, files: list[Path], dtype: torc
     if tied:
         expected.pop("lm_head.weight")  # shares the embedding; HF omits it or repeats it
     state: dict[str, torch.Tensor] = {}
-    for name, ours, handle, shape, f in _tensor_entries(files, family, device, progress):
+    for name, ours, shape, read in entries:
         if name.endswith(_IGNORED_SUFFIXES) or (tied and ours == "lm_head.weight"):
             continue
         if ours is None or ours not in expected:
@@ -339,10 +296,10 @@ def _build_model(spec: ModelSpec, family: Family, files: list[Path], dtype: torc
         if shape != expected[ours]:
             raise ShapeMismatchError(f"tensor {name!r} has shape {list(shape)}, expected "
                                      f"{list(expected[ours])} from config.json")
-        tensor = _read_tensor(handle, name, f)
+        tensor = read()
         if not tensor.is_floating_point():
             raise LoadError(f"tensor {name!r} has dtype {tensor.dtype}; weights must be floating point")
-        state[ours] = tensor.to(dtype)  # per tensor: never a whole-model fp32 copy
+        state[ours] = tensor.to(device=device, dtype=dtype)  # per tensor: never a whole-model fp32 copy
     missing = sorted(set(expected) - set(state))
     if missing:
         shown = ", ".join(repr(family.export(n) or n) for n in missing[:5])

@@ -10,7 +10,9 @@ import re
 from dataclasses import dataclass
 from typing import Callable
 
-from optimus.models.spec import ArchConfig, AttentionKind, ModelSpec
+from dataclasses import replace
+
+from optimus.models.spec import ArchConfig, AttentionKind, ModelSpec, MoEConfig
 
 
 class ConfigError(ValueError):
@@ -151,6 +153,70 @@ def _sdar_spec(cfg: dict) -> ModelSpec:
                      bos_id=cfg.get("bos_token_id"), block_size=block)
 
 
+def _qwen3_moe(cfg: dict) -> MoEConfig:
+    """Qwen3-MoE: layer i is sparse unless listed in mlp_only_layers, and when
+    (i + 1) % decoder_sparse_step == 0."""
+    step = _get(cfg, "decoder_sparse_step", default=1)
+    dense = set(cfg.get("mlp_only_layers") or [])
+    layers = tuple(i for i in range(_get(cfg, "num_hidden_layers")) if i not in dense and (i + 1) % step == 0)
+    return MoEConfig(num_experts=_get(cfg, "num_experts"), top_k=_get(cfg, "num_experts_per_tok"),
+                     expert_size=_get(cfg, "moe_intermediate_size"), layers=layers,
+                     norm_topk=bool(_get(cfg, "norm_topk_prob", default=False, required=False)))
+
+
+def _sdar_moe_spec(cfg: dict) -> ModelSpec:
+    spec = _sdar_spec(cfg)
+    moe = _qwen3_moe(cfg)
+    # The dense MLP size only matters for mlp_only_layers; all-sparse configs may leave it out.
+    arch = replace(_qwen_arch({**cfg, "intermediate_size": cfg.get("intermediate_size") or moe.expert_size},
+                              qk_norm=True, qkv_bias=False), moe=moe)
+    return replace(spec, family="sdar_moe", arch=arch)
+
+
+def _llada2_spec(cfg: dict) -> ModelSpec:
+    """LLaDA2.0 (LLaDA2MoeModelLM). Its config names neither the mask id nor the block: the
+    published generate() uses mask 156895 and block-causal attention over blocks of 32."""
+    heads, hidden = _get(cfg, "num_attention_heads"), _get(cfg, "hidden_size")
+    head_dim = _get(cfg, "head_dim", default=hidden // heads)
+    layers = _get(cfg, "num_hidden_layers")
+    first_dense = _get(cfg, "first_k_dense_replace", default=0, required=False)
+    moe = MoEConfig(num_experts=_get(cfg, "num_experts"), top_k=_get(cfg, "num_experts_per_tok"),
+                    expert_size=_get(cfg, "moe_intermediate_size"), layers=tuple(range(first_dense, layers)),
+                    scoring=_get(cfg, "score_function", default="sigmoid"),
+                    norm_topk=bool(_get(cfg, "norm_topk_prob", default=True)),
+                    n_group=_get(cfg, "n_group", default=1), topk_group=_get(cfg, "topk_group", default=1),
+                    scaling=float(_get(cfg, "routed_scaling_factor", default=1.0)),
+                    expert_bias=bool(_get(cfg, "moe_router_enable_expert_bias", default=True)),
+                    shared_size=_get(cfg, "moe_intermediate_size") * (cfg.get("num_shared_experts") or 0))
+    arch = ArchConfig(
+        vocab_size=_get(cfg, "vocab_size"), hidden_size=hidden, num_layers=layers, num_heads=heads,
+        num_kv_heads=_get(cfg, "num_key_value_heads", default=heads), head_dim=head_dim,
+        intermediate_size=_get(cfg, "intermediate_size"), rope_theta=float(_rope_theta(cfg)),
+        rms_eps=float(_get(cfg, "rms_norm_eps", default=1e-6)),
+        qkv_bias=bool(_get(cfg, "use_qkv_bias", default=False, required=False)),
+        qk_norm=bool(_get(cfg, "use_qk_norm", default=True)),
+        tie_embeddings=bool(_get(cfg, "tie_word_embeddings", default=False, required=False)),
+        max_position=_get(cfg, "max_position_embeddings", default=4096), moe=moe,
+        rotary_dim=int(head_dim * float(_get(cfg, "partial_rotary_factor", default=1.0))))
+    block = _get(cfg, "block_size", default=32)
+    if block <= 0:
+        raise ConfigError(f"config field block_size={block} must be positive")
+    eos = _get(cfg, "eos_token_id", default=156892)
+    return ModelSpec("llada2_moe", arch, AttentionKind.BLOCK_CAUSAL, logit_shift=False,
+                     mask_id=_get(cfg, "mask_token_id", default=156895), eos_ids=_ids(eos),
+                     pad_id=cfg.get("pad_token_id", eos), bos_id=cfg.get("bos_token_id"), block_size=block)
+
+
+_LLADA2_NAMES = [("model.word_embeddings.weight", "model.embed_tokens.weight")]
+
+
+def _with_fallback(renamer: "TemplateRenamer") -> Callable[[str], str | None]:
+    """Rename the names the templates list; every other name is the same in both layouts."""
+    def rename(name: str) -> str | None:
+        return renamer(name) or name
+    return rename
+
+
 def _causal_spec(family: str, qk_norm: bool, qkv_bias: bool) -> Callable[[dict], ModelSpec]:
     def build(cfg: dict) -> ModelSpec:
         return ModelSpec(family, _qwen_arch(cfg, qk_norm=qk_norm, qkv_bias=qkv_bias), AttentionKind.CAUSAL,
@@ -171,6 +237,9 @@ FAMILIES: dict[str, Family] = {
     "llada": Family("llada", _llada_spec, llada_rename, llada_export),
     "dream": Family("dream", _dream_spec, identity_rename),
     "sdar": Family("sdar", _sdar_spec, identity_rename),
+    "sdar_moe": Family("sdar_moe", _sdar_moe_spec, identity_rename),
+    "llada2_moe": Family("llada2_moe", _llada2_spec, _with_fallback(TemplateRenamer(_LLADA2_NAMES)),
+                         _with_fallback(TemplateRenamer([(o, t) for t, o in _LLADA2_NAMES]))),
     "llama": Family("llama", _causal_spec("llama", False, False), identity_rename),
     "qwen2": Family("qwen2", _causal_spec("qwen2", False, True), identity_rename),
     "qwen3": Family("qwen3", _causal_spec("qwen3", True, False), identity_rename),
@@ -182,9 +251,11 @@ def family_for(cfg: dict) -> Family:
     if model_type in FAMILIES:
         return FAMILIES[model_type]
     archs = " ".join(cfg.get("architectures") or []).lower()
-    for key in ("llada", "dream", "sdar"):
+    # Most specific first: "llada2moemodellm" also contains "llada", "sdarmoe..." "sdar".
+    for key, family in (("llada2", "llada2_moe"), ("sdarmoe", "sdar_moe"), ("llada", "llada"),
+                        ("dream", "dream"), ("sdar", "sdar")):
         if key in archs:
-            return FAMILIES[key]
+            return FAMILIES[family]
     raise UnknownArchitectureError(f"unknown architecture: model_type={cfg.get('model_type')!r}, "
                       f"architectures={cfg.get('architectures')!r}; known model types: {sorted(FAMILIES)}")
 

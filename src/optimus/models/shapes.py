@@ -24,6 +24,24 @@ SHAPES: dict[str, dict] = {
                     num_key_value_heads=8, head_dim=128, intermediate_size=12288, vocab_size=151936,
                     rope_theta=1000000.0, rms_norm_eps=1e-6, block_size=32, mask_token_id=151669,
                     eos_token_id=151645, max_position_embeddings=4096),
+    # LLaDA2.0-mini (config.json of inclusionAI/LLaDA2.0-mini): 16B total, ~1.4B active; 20
+    # layers (layer 0 dense), 256 routed experts top-8 in 8 groups (4 kept) + 1 shared,
+    # GQA 16/4, half-rotary heads; block-causal over blocks of 32, mask 156895.
+    "llada2-mini": dict(model_type="llada2_moe", hidden_size=2048, intermediate_size=5120, num_hidden_layers=20,
+                        num_attention_heads=16, num_key_value_heads=4, head_dim=128, partial_rotary_factor=0.5,
+                        rope_theta=600000.0, rms_norm_eps=1e-6, use_qk_norm=True, use_qkv_bias=False,
+                        num_experts=256, num_experts_per_tok=8, num_shared_experts=1, moe_intermediate_size=512,
+                        n_group=8, topk_group=4, routed_scaling_factor=2.5, score_function="sigmoid",
+                        norm_topk_prob=True, first_k_dense_replace=1, vocab_size=157184, pad_token_id=156892,
+                        eos_token_id=156892, max_position_embeddings=32768, tie_word_embeddings=False),
+    # SDAR-30B-A3B: the Qwen3-30B-A3B layout (48 layers, 128 experts top-8, expert size 768,
+    # GQA 32/4), block-causal; block 32 here, like sdar-8b (the published chat model uses 4).
+    "sdar-30b-a3b": dict(model_type="sdar_moe", hidden_size=2048, num_hidden_layers=48, num_attention_heads=32,
+                         num_key_value_heads=4, head_dim=128, intermediate_size=6144, num_experts=128,
+                         num_experts_per_tok=8, moe_intermediate_size=768, norm_topk_prob=True,
+                         decoder_sparse_step=1, mlp_only_layers=[], vocab_size=151936, rope_theta=1000000.0,
+                         rms_norm_eps=1e-6, block_size=32, mask_token_id=151669, eos_token_id=151645,
+                         max_position_embeddings=4096),
     # Llama-3-8B: the autoregressive baseline.
     "llama-8b": dict(model_type="llama", hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
                      num_key_value_heads=8, intermediate_size=14336, vocab_size=128256, rope_theta=500000.0,
@@ -36,9 +54,22 @@ SHAPES: dict[str, dict] = {
 TINY_VOCAB = 9216
 
 
+_TINY_MOE = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32)
+
+
 def tiny_overrides(shape: str) -> dict:
-    """Config overrides that shrink ``shape`` (2 layers, width 64)."""
-    if SHAPES[shape]["model_type"] == "llada":
+    """Config overrides that shrink ``shape`` (2 layers, width 64; MoE shapes keep 8 experts)."""
+    model_type = SHAPES[shape]["model_type"]
+    if model_type == "llada2_moe":
+        return dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, head_dim=16, n_group=4, topk_group=2, vocab_size=TINY_VOCAB,
+                    mask_token_id=TINY_VOCAB - 100, eos_token_id=TINY_VOCAB - 99, pad_token_id=TINY_VOCAB - 99,
+                    **_TINY_MOE)
+    if model_type == "sdar_moe":
+        return dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                    intermediate_size=128, vocab_size=TINY_VOCAB, mask_token_id=TINY_VOCAB - 100,
+                    eos_token_id=TINY_VOCAB - 99, **_TINY_MOE)
+    if model_type == "llada":
         return dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=4, mlp_hidden_size=128,
                     embedding_size=TINY_VOCAB, vocab_size=TINY_VOCAB, mask_token_id=TINY_VOCAB - 100,
                     eos_token_id=TINY_VOCAB - 99, pad_token_id=TINY_VOCAB - 99)

@@ -13,6 +13,41 @@ class AttentionKind(str, enum.Enum):
 
 
 @dataclass(frozen=True)
+class MoEConfig:
+    """A sparse MLP: a router picks ``top_k`` of ``num_experts`` gated MLPs per token.
+
+    softmax routing (Qwen3-MoE): weights are the softmax over all experts of the chosen ones,
+    renormalised when ``norm_topk``. sigmoid routing (LLaDA2.0): experts are chosen on
+    sigmoid(logit) + expert_bias within the ``topk_group`` best of ``n_group`` groups; the
+    combine weights are the chosen sigmoid scores (no bias), renormalised, times ``scaling``.
+    """
+
+    num_experts: int
+    top_k: int
+    expert_size: int  # each expert's intermediate size (moe_intermediate_size)
+    layers: tuple[int, ...]  # which decoder layers are sparse; the others keep the dense MLP
+    scoring: str = "softmax"  # "softmax" | "sigmoid"
+    norm_topk: bool = True
+    n_group: int = 1
+    topk_group: int = 1
+    scaling: float = 1.0
+    expert_bias: bool = False
+    shared_size: int = 0  # intermediate size of the always-on shared expert (0: none)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.top_k <= self.num_experts or self.expert_size <= 0:
+            raise ValueError(f"MoE config: top_k={self.top_k} of num_experts={self.num_experts}, "
+                             f"expert size {self.expert_size}")
+        if self.scoring not in ("softmax", "sigmoid"):
+            raise ValueError(f"MoE scoring {self.scoring!r} is not softmax or sigmoid")
+        if self.num_experts % self.n_group or not 0 < self.topk_group <= self.n_group:
+            raise ValueError(f"MoE groups: {self.num_experts} experts, n_group={self.n_group}, "
+                             f"topk_group={self.topk_group}")
+        if self.top_k > self.topk_group * self.num_experts // self.n_group:
+            raise ValueError("MoE top_k exceeds the experts of the selected groups")
+
+
+@dataclass(frozen=True)
 class ArchConfig:
     """Shape of a decoder-only transformer in the Llama/Qwen family of layouts."""
 
@@ -29,6 +64,8 @@ class ArchConfig:
     qk_norm: bool = False
     tie_embeddings: bool = False
     max_position: int = 4096
+    moe: MoEConfig | None = None  # sparse MLP layers (None: dense everywhere)
+    rotary_dim: int = 0  # dims of each head that rotate (partial rotary); 0: all of head_dim
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
@@ -42,6 +79,12 @@ class ArchConfig:
             raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
         if self.rope_theta <= 0 or self.rms_eps <= 0:
             raise ValueError("rope_theta and rms_eps must be positive")
+        if self.rotary_dim % 2 or not 0 <= self.rotary_dim <= self.head_dim:
+            raise ValueError(f"rotary_dim={self.rotary_dim} must be even and at most head_dim={self.head_dim}")
+
+    @property
+    def rope_dim(self) -> int:
+        return self.rotary_dim or self.head_dim
 
 
 @dataclass(frozen=True)

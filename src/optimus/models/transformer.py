@@ -1,5 +1,6 @@
 """The decoder shared by every family. Parameter names follow the HF Llama/Qwen layout;
-families with other layouts (LLaDA) rename on load."""
+families with other layouts (LLaDA) rename on load. Layers come from moe_layers.build_layer
+(dense blocks, or the MoE families' blocks)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from torch import nn
 from optimus import toggles
 from optimus.kernels import skinny_linear
 from optimus.kernels.greedy import argmax_prob
-from optimus.models.layers import AttentionBackend, DecoderLayer, RMSNorm, RotaryEmbedding, layer_ops
+from optimus.models.layers import AttentionBackend, RMSNorm, RotaryEmbedding, layer_ops
+from optimus.models.moe_layers import build_layer
 from optimus.models.spec import ModelSpec
 
 
@@ -18,9 +20,9 @@ class _Body(nn.Module):
         super().__init__()
         arch = spec.arch
         self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(arch, i) for i in range(arch.num_layers))
+        self.layers = nn.ModuleList(build_layer(spec, i) for i in range(arch.num_layers))
         self.norm = RMSNorm(arch.hidden_size, arch.rms_eps)
-        self.rotary = RotaryEmbedding(arch.head_dim, arch.rope_theta)
+        self.rotary = RotaryEmbedding(arch.rope_dim, arch.rope_theta)  # partial rotary: the first rope_dim dims
 
 
 class DecoderLM(nn.Module):

@@ -53,6 +53,27 @@ class TauTable:
         return [b - a for a, b in zip(edges, edges[1:])]
 
 
+class ReplayTable(TauTable):
+    """Commits drawn the way a benchmark replays an acceptance profile: each step of a chunk
+    draws from the steps that held as many masked positions (``Acceptance.by_open``), so late
+    steps of a chunk commit few because few are left. ``tau(C)`` is the profile's window tau."""
+
+    def __init__(self, acceptance) -> None:
+        super().__init__({int(c): float(t) for c, t in acceptance.window_tau().items()})
+        self.acceptance = acceptance
+        self._draws: dict[int, list[int]] = {}
+
+    def schedule(self, c: int, rng: random.Random) -> list[int]:
+        out, left = [], c
+        while left > 0:
+            if left not in self._draws:
+                self._draws[left] = self.acceptance.commits_given_masked(c, left) or [1]
+            k = min(left, max(1, rng.choice(self._draws[left])))
+            out.append(k)
+            left -= k
+        return out
+
+
 @dataclass(frozen=True)
 class KneeDevice:
     """``T(n) = t0 + slope * max(0, n - knee)`` times log-normal noise of sd ``noise``."""
@@ -189,11 +210,12 @@ class Simulator:
             tokens += r.chunk
         seconds = self.device.step_seconds(tokens, self.rng)
         sizes = tuple(r.chunk for r in decoding)
+        open_ = tuple(sum(r.schedule) for r in decoding)  # masked positions in each window
         committed = [self._advance(r) for r in decoding]
         for r in self.requests:
             r.prefill = 0  # one piece per prompt: it decodes from the next step on
         self.policy.observe(StepFeedback(tokens, seconds, sizes, tuple(committed),
-                                         tuple(r.request_id for r in decoding)))
+                                         tuple(r.request_id for r in decoding), open_positions=open_))
         self.requests = [r for r in self.requests if r.pos < r.gen_len]
         self.requests += [self._new() for _ in range(self.config.num_requests - len(self.requests))]
         return tokens, seconds, sum(committed)

@@ -14,6 +14,7 @@ import time
 import numpy as np
 
 from optimus.config import SchedulerConfig
+from optimus.scheduler.cache_schemes import CacheScheme, PrefixBlock
 from optimus.scheduler.pages import PageAllocator
 from optimus.policy import ChunkPolicy, RequestView, StepFeedback, StepView
 from optimus.core.errors import QueueFullError
@@ -24,10 +25,11 @@ from optimus.models.spec import AttentionKind
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, allocator: PageAllocator, policy: ChunkPolicy,
-                 attention: AttentionKind) -> None:
+                 attention: AttentionKind, scheme: CacheScheme | None = None) -> None:
         self.config = config
         self.allocator = allocator
         self.policy = policy
+        self.scheme = scheme if scheme is not None else PrefixBlock(attention, config.suffix_window)
         self._feedback: StepFeedback | None = None  # completed, not yet observed (complete_step)
         self.attention = attention
         self.waiting: collections.deque[Request] = collections.deque()
@@ -78,32 +80,39 @@ class Scheduler:
         # A request with no position left to predict only awaits its in-flight step's tokens.
         decoders = [r for r in self.running
                     if r.state is RequestState.DECODING and r.window_start() < r.geometry.canvas_end]
-        store_works = self._plan_stores(decoders)
-        fixed = sum(w.store_end - w.start for w in store_works.values())
+        decoders, leads = self._plan_leads(decoders, budget)
+        fixed = sum(w.end - w.start for w in leads.values())
         chunks = self._choose_chunks(decoders, fixed, budget)
         for r in decoders:
             if r.is_done or r.state is not RequestState.DECODING:
-                continue  # preempted while planning stores
-            works.append(self._decode_work(r, store_works.get(r.request_id), chunks[r.request_id]))
+                continue  # preempted while planning leads
+            work = self.scheme.decode_work(r, leads.get(r.request_id), chunks[r.request_id], self._ensure_pages)
+            r.chunk = work.window[1] - work.window[0]
+            r.stats.chunk_history.append(r.chunk)
+            works.append(work)
         budget -= sum(w.end - w.start for w in works)
         budget = self._plan_prefills(works, budget)
         self._admit(works, budget)
         return StepPlan(works)
 
-    def _plan_stores(self, decoders: list[Request]) -> dict[str, RequestWork]:
-        """Reserve pages for every finished window's commit group (preempting if short)."""
-        out = {}
+    def _plan_leads(self, decoders: list[Request], budget: int) -> tuple[list[Request], dict[str, RequestWork]]:
+        """Reserve pages for the rows each decoder runs before its window (a finished window's
+        commit group, a cache refresh), preempting if short. A refresh that does not fit the
+        budget waits for a later step, unless it is the step's first (progress)."""
+        out, ready, used = {}, [], 0
         for r in decoders:
-            if r.pending_store is None or r.state is not RequestState.DECODING:
+            if r.state is not RequestState.DECODING:
                 continue
-            a, b = r.pending_store
-            if not self._ensure_pages(r, b):
+            refresh = self.scheme.lead_rows(r)
+            if refresh and used and used + refresh > budget:
                 continue
-            # The stored rows count as cached from here on, so the next window (and the
-            # policy's view of it) starts after them.
-            r.cache_len, r.pending_store = b, None
-            out[r.request_id] = RequestWork(r, a, b, b, [0] * (b - a), None)
-        return out
+            lead = self.scheme.lead_work(r, self._ensure_pages)
+            if lead is not None:
+                out[r.request_id] = lead
+                used += lead.end - lead.start
+            if not (refresh and lead is None):  # a refresh short of pages waits
+                ready.append(r)
+        return ready, out
 
     def _choose_chunks(self, decoders: list[Request], fixed: int, budget: int) -> dict[str, int]:
         chunks: dict[str, int] = {}
@@ -111,6 +120,8 @@ class Scheduler:
         for r in decoders:
             if self.attention is AttentionKind.CAUSAL:
                 chunks[r.request_id] = 1  # a causal LM predicts one position per step
+            elif not self.scheme.chooses_chunks:
+                chunks[r.request_id] = r.max_chunk()
             else:  # policies honour per-request overrides themselves (and count them as load)
                 views.append(RequestView(r.request_id, r.max_chunk(), r.geometry.block_size,
                                          r.chunk or None, r.params.policy))
@@ -119,23 +130,6 @@ class Scheduler:
             for v, c in zip(views, self.policy.choose(view)):
                 chunks[v.request_id] = max(1, min(int(c), v.max_chunk))
         return chunks
-
-    def _decode_work(self, r: Request, store: RequestWork | None, chunk: int) -> RequestWork:
-        start = store.start if store is not None else r.cache_len
-        window = r.plan_window(chunk)
-        rows_lo, rows_hi = r.rows_for(window)
-        if self.attention is AttentionKind.FULL and self.config.suffix_window:
-            # Mask positions after the chunk: computed (context for the chunk), never stored
-            # and never committed from; only full-attention models were trained to use them.
-            rows_hi = min(rows_hi + self.config.suffix_window, r.geometry.canvas_end)
-        groups = ([0] * (rows_lo - start)) + [1] * (rows_hi - rows_lo)
-        store_end = rows_lo
-        if self.attention is AttentionKind.CAUSAL and self._ensure_pages(r, rows_hi, preempt=False):
-            store_end = rows_hi  # causal rows are final as soon as they are computed
-            groups = list(range(start, rows_hi))
-        r.chunk = window[1] - window[0]
-        r.stats.chunk_history.append(r.chunk)
-        return RequestWork(r, start, rows_hi, store_end, groups, window)
 
     def _prefill_groups(self, r: Request, start: int, end: int) -> list[int]:
         if self.attention is AttentionKind.CAUSAL:
@@ -188,9 +182,7 @@ class Scheduler:
         while self.waiting and len(self.running) < self.config.max_running:
             r = self._next_waiting(running)
             target = self._recompute_len.get(r.request_id, r.geometry.prefill_len)
-            # Admit only if the whole prompt plus one block fits now: avoids admitting a
-            # request that would immediately force a preemption.
-            need = self.allocator.pages_for(target + r.geometry.block_size)
+            need = self.allocator.pages_for(self.scheme.admit_tokens(r, target))
             if need > self.allocator.free_pages:
                 break
             if target > 0 and budget <= 0:
@@ -200,6 +192,7 @@ class Scheduler:
             running[r.fairness_key] += 1
             r.stats.first_scheduled_time = r.stats.first_scheduled_time or time.monotonic()
             if target == 0:
+                self._recompute_len.pop(r.request_id, None)
                 r.transition(RequestState.DECODING)
                 continue
             r.transition(RequestState.PREFILLING)
@@ -226,12 +219,9 @@ class Scheduler:
 
     def _preempt(self, r: Request) -> None:
         """Free r's pages and queue it to recompute its stored rows (its commits are kept)."""
-        self._recompute_len[r.request_id] = max(r.cache_len, r.geometry.prefill_len)
-        if r.pending_store is not None:
-            self._recompute_len[r.request_id] = r.pending_store[1]
-            r.pending_store = None
+        self._recompute_len[r.request_id] = self.scheme.preempted(r)
         self.allocator.free(r.pages)
-        r.pages, r.cache_len = [], 0
+        r.pages = []
         r.stats.preemptions += 1
         self.running.remove(r)
         r.transition(RequestState.WAITING)
@@ -247,7 +237,7 @@ class Scheduler:
             r = w.request
             if r.is_done:
                 continue
-            r.cache_len = max(r.cache_len, w.store_end)
+            r.cache_len = max(r.cache_len, w.final_end)
             if w.window is None:
                 target = self._recompute_len.get(r.request_id, r.geometry.prefill_len)
                 if r.cache_len >= target:
@@ -259,7 +249,7 @@ class Scheduler:
             committed.append(r.last_committed)
             ids.append(r.request_id)
             open_positions.append(r.last_committed + int(np.count_nonzero(~r.committed[lo:hi])))
-            if r.window_finished(w.window) and w.store_end < w.end:
+            if r.window_finished(w.window) and w.final_end < w.end:
                 r.pending_store = (r.cache_len, w.window[1] - r.geometry.shift)
         if chunk_sizes:
             self.flush_feedback()  # never drop an unread step

@@ -57,8 +57,10 @@ async def tokenize(body: TokenizeRequest, request: Request) -> dict:
         text = render_chat(chat_dicts(body.messages), tokenizer, add_generation_prompt=body.add_generation_prompt)
     else:
         text = body.prompt
-    ids = list(tokenizer.encode(text))
-    return {"tokens": ids, "count": len(ids), "max_model_len": state.engine.max_model_len}
+    # add_special_tokens unset: as /v1/completions tokenizes a prompt (the tokenizer's plain encode)
+    ids = list(tokenizer.encode(text, add_special_tokens=True) if body.add_special_tokens else tokenizer.encode(text))
+    strs = [tokenizer.id_to_token(i) for i in ids] if body.return_token_strs else None
+    return {"tokens": ids, "count": len(ids), "max_model_len": state.engine.max_model_len, "token_strs": strs}
 
 
 @router.post("/detokenize")

@@ -9,7 +9,7 @@ from fastapi import FastAPI
 
 from optimus import __version__
 from optimus.config import ServerConfig
-from optimus.server import admin_routes, openai_routes
+from optimus.server import admin_routes, openai_routes, tokenizer_info
 from optimus.server.engine_client import EngineClient
 from optimus.server.errors import install_error_handlers
 from optimus.server.lifecycle import Lifecycle
@@ -40,6 +40,7 @@ def build_app(engine: EngineClient, config: ServerConfig | None = None,
     install_error_handlers(app)
     app.include_router(openai_routes.router)
     app.include_router(admin_routes.router)
+    app.include_router(tokenizer_info.router)
     app.include_router(make_ui_router())  # the web page: GET /, /ui/*
     # built here, not by add_middleware (which builds lazily), so a bad entry fails at start-up
     origin_policy = OriginPolicy.build(config.host, config.allowed_hosts, config.allowed_origins)

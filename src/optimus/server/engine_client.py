@@ -10,6 +10,7 @@ from typing import Protocol
 
 from optimus.core.outputs import RequestOutput
 from optimus.core.params import SamplingParams
+from optimus.core.scoring import ScoreRequest, ScoreResult
 from optimus.models.spec import ModelSpec
 
 
@@ -38,6 +39,8 @@ class EngineClient(Protocol):
     def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                  group: str | None = None, events: bool = False) -> AsyncIterator[RequestOutput]: ...
     # ``events``: the outputs carry the commit events (the web page's canvas); others may omit them
+
+    async def score(self, request: ScoreRequest) -> ScoreResult: ...  # plain data both ways
 
     def abort(self, request_id: str) -> None: ...
 

@@ -10,7 +10,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from optimus.server.errors import APIError
 
-PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize", "/ui/generate")
+PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/tokenizer_info", "/detokenize", "/ui/generate")
 
 
 class ApiKeyAuth:

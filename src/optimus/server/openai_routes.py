@@ -14,6 +14,7 @@ from optimus.server.prompts import (COMPLETION_DEFAULT_MAX_TOKENS, call_token_bu
                                     check_stop_token_ids, completion_prompts, resolve_max_tokens)
 from optimus.server.protocol import ChatCompletionRequest, CompletionRequest, GenerationRequest
 from optimus.server.responses import ResponseMeta, completion_body
+from optimus.server.scored import scored_completion
 from optimus.server.state import ServerState
 from optimus.server.streaming import event_stream
 
@@ -30,6 +31,11 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     body.reject_unsupported()
     state.check_n(body.n)
     prompts = completion_prompts(body.prompt, state.engine.tokenizer, state.limits())
+    if body.scored:  # echo / logprobs: generate (unless max_tokens is 0), then score
+        meta = ResponseMeta(model=state.model_id, chat=False)
+        _check_fan_out(len(prompts), body.n)
+        choices = _plan(body, prompts, state, meta, COMPLETION_DEFAULT_MAX_TOKENS) if body.max_tokens != 0 else []
+        return await scored_completion(state, request, body, prompts, meta, choices)
     return await _respond(state, request, body, prompts, chat=False, default_max=COMPLETION_DEFAULT_MAX_TOKENS)
 
 
@@ -46,10 +52,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
 def _plan(body: GenerationRequest, prompts: list[list[int]], state: ServerState, meta: ResponseMeta,
           default_max: int | None) -> list[Choice]:
     """One engine request per (prompt, choice), every field checked against the model first."""
-    sequences = len(prompts) * body.n
-    if sequences > MAX_ENGINE_REQUESTS_PER_CALL:
-        raise bad_request(f"prompt: {len(prompts)} prompts x n={body.n} exceeds "
-                          f"{MAX_ENGINE_REQUESTS_PER_CALL} completions per request", "prompt")
+    sequences = _check_fan_out(len(prompts), body.n)
     limits = state.limits()
     check_stop_token_ids(body.stop_token_ids, limits)
     budget = call_token_budget(body.requested_max_tokens(), sequences, state.config.max_call_tokens)
@@ -62,6 +65,13 @@ def _plan(body: GenerationRequest, prompts: list[list[int]], state: ServerState,
             choices.append(Choice(index=index, request_id=f"{meta.id}-{index}", prompt_ids=tuple(ids),
                                   params=body.sampling_params(max_tokens, choice=sample)))
     return choices
+
+
+def _check_fan_out(prompts: int, n: int) -> int:
+    if prompts * n > MAX_ENGINE_REQUESTS_PER_CALL:
+        raise bad_request(f"prompt: {prompts} prompts x n={n} exceeds "
+                          f"{MAX_ENGINE_REQUESTS_PER_CALL} completions per request", "prompt")
+    return prompts * n
 
 
 async def _respond(state: ServerState, request: Request, body: GenerationRequest, prompts: list[list[int]],

@@ -11,6 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from optimus.core.params import SamplingParams
+from optimus.core.scoring import MAX_TOP_N
 from optimus.server.errors import APIError, bad_request
 
 # SamplingParams field -> the request field a client set (for error messages and ``param``).
@@ -116,18 +117,27 @@ class GenerationRequest(_Strict):
 
 class CompletionRequest(GenerationRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(None, ge=0)  # 0: score the prompt only (with echo)
     echo: bool = False
-    logprobs: int | None = None
+    logprobs: int | None = None  # alternatives per token (0..MAX_TOP_N); server/scored.py
     suffix: str | None = None
     best_of: int | None = None
 
+    @property
+    def scored(self) -> bool:
+        """Echo or logprobs: answered by ``server/scored.py`` (never streamed)."""
+        return self.echo or self.logprobs is not None
+
     def reject_unsupported(self) -> None:
         super().reject_unsupported()
-        if self.echo:
-            raise _unsupported("echo", "echo is not supported")
-        if self.logprobs is not None:
-            raise _unsupported("logprobs", "logprobs are not supported: diffusion decoding commits "
-                                           "tokens out of order and reports no per-token logprobs")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_N:
+            raise bad_request(f"logprobs: must be between 0 and {MAX_TOP_N}, got {self.logprobs}", "logprobs")
+        if self.max_tokens == 0 and not self.echo:
+            raise bad_request("max_tokens: must be at least 1 (0 only with echo, to score the prompt)",
+                              "max_tokens")
+        if self.stream and self.scored:
+            raise _unsupported("echo" if self.echo else "logprobs",
+                               "echo and logprobs are not supported with stream; send stream: false")
         if self.suffix:
             raise _unsupported("suffix", "suffix (insertion) is not supported")
         if self.best_of not in (None, 1, self.n):
@@ -166,6 +176,7 @@ class ChatMessage(_Strict):
 class ChatCompletionRequest(GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    echo: bool = False  # vLLM's field; refused (no chat scoring)
     logprobs: bool | None = None
     top_logprobs: int | None = None
     tools: list[dict[str, Any]] | None = None
@@ -180,9 +191,12 @@ class ChatCompletionRequest(GenerationRequest):
 
     def reject_unsupported(self) -> None:
         super().reject_unsupported()
+        if self.echo:
+            raise _unsupported("echo", "echo is not supported on chat completions; use /v1/completions "
+                                       "with echo on the rendered prompt (POST /tokenize renders it)")
         if self.logprobs or self.top_logprobs is not None:
-            raise _unsupported("logprobs", "logprobs are not supported: diffusion decoding commits "
-                                           "tokens out of order and reports no per-token logprobs")
+            raise _unsupported("logprobs", "logprobs are not supported on chat completions; use "
+                                           "/v1/completions with logprobs (and echo) on the rendered prompt")
         for name in ("tools", "functions"):
             if getattr(self, name):
                 raise _unsupported(name, "tool calling is not supported")
@@ -215,6 +229,8 @@ class TokenizeRequest(_Strict):
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     add_generation_prompt: bool = True
+    add_special_tokens: bool | None = None  # None: as /v1/completions tokenizes a prompt
+    return_token_strs: bool = False  # vLLM's field: also each token's text
 
 
 class DetokenizeRequest(_Strict):

@@ -95,13 +95,29 @@ def store_variance(sizes: np.ndarray, taus: np.ndarray) -> np.ndarray:
     return taus * (sizes - taus)
 
 
-def expected_latency(latency, tokens: np.ndarray, sd: np.ndarray) -> np.ndarray:
-    """E[T(tokens + sd Z)], Z standard normal, by 3-point Gauss-Hermite quadrature: steps
-    whose token count scatters around a knee cost more than the curve at their mean."""
-    h = math.sqrt(3.0) * sd
+def expected_latency(latency, tokens: np.ndarray, sd: np.ndarray, floor: np.ndarray | None = None) -> np.ndarray:
+    """E[T(N)] for step rows N of mean ``tokens`` and sd ``sd`` [K]: steps whose rows scatter
+    around a knee cost more than the curve at their mean.
+
+    The scatter is lumps on top of a floor the step always runs (``floor`` [K]: its chunk
+    rows and the stores of size-1 requests): prompts arriving whole, chunks stored whole. So N
+    is modelled as the floor plus a two-point lump, 0 or ``a`` with probability ``q``, which
+    matches the mean and the variance (``a = mu + var / mu``, ``q = mu / a``) and never goes
+    below the floor. A symmetric law would put mass under the floor, on the flat part of the
+    curve, and charge small steps near a knee for a convexity their rows never reach. Without
+    ``floor``: 3-point Gauss-Hermite on a normal law."""
     k = len(tokens)
-    t = latency(np.concatenate([tokens, np.maximum(tokens - h, 1.0), tokens + h]))
-    return (4.0 * t[:k] + t[k:2 * k] + t[2 * k:]) / 6.0
+    if floor is None:
+        h = math.sqrt(3.0) * sd
+        t = latency(np.concatenate([tokens, np.maximum(tokens - h, 1.0), tokens + h]))
+        return (4.0 * t[:k] + t[k:2 * k] + t[2 * k:]) / 6.0
+    floor = np.minimum(np.maximum(floor, 1.0), tokens)
+    mu = tokens - floor
+    lumpy = mu > 1e-9
+    a = np.where(lumpy, mu + sd * sd / np.where(lumpy, mu, 1.0), 0.0)
+    q = np.where(lumpy, mu / np.where(lumpy, a, 1.0), 0.0)
+    t = latency(np.concatenate([floor, floor + a, tokens]))
+    return np.where(lumpy, (1.0 - q) * t[:k] + q * t[k:2 * k], t[2 * k:])
 
 
 @dataclass(frozen=True)
@@ -303,9 +319,13 @@ class ElasticPolicy:
             base_cost += float(np.sum(self._cost(pinned)))
             base_var += float(np.sum(self._variance(pinned)))
         tokens = base_cost + rungs.cost
+        # Rows every step runs whatever arrives: the chunks, and one store row per request at
+        # size 1 (a chunk of one is stored whole every step; larger ones in lumps).
+        lifted = np.concatenate([[0.0], np.cumsum(rungs.size_before == 1)])
+        floor = n + rungs.positions + (n - lifted) + (float(np.sum(pinned)) if pinned.size else 0.0)
         # Every step also pays the host's time around it: fewer, larger steps amortise it.
         latency = self.overhead_s + expected_latency(lambda x: self.predict_latency(x, batch), tokens,
-                                                     np.sqrt(base_var + rungs.var))
+                                                     np.sqrt(base_var + rungs.var), floor)
         return _Curve(rungs, tokens, latency, (base_gain + rungs.gain) / latency)
 
     def _ladder_for(self, key: tuple[int, float]) -> _Ladder:

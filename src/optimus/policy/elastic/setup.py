@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from optimus.decoding import regimes
 from optimus.decoding.replay import load_acceptance
 
 log = logging.getLogger(__name__)
@@ -121,7 +122,10 @@ def tau_prior_from(path: str | Path | None) -> dict[int, float] | None:
     """Mean commits per step per chunk size from a measured acceptance profile, if there is
     one: with ``by_open`` (a profile a benchmark replays), the commits per step of a window
     that starts full under that replay; else its ``tau_per_chunk`` table (as `optimus eval`
-    writes it); else the means of its observations (see :func:`load_acceptance`)."""
+    writes it); else the means of its observations (see :func:`load_acceptance`). ``path``
+    may name an acceptance regime (``tasks``, ``prose``, ``real-8b``: decoding/regimes.py)."""
+    if path and str(path) in regimes.REGIMES:
+        path = regimes.resolve(str(path))
     if not path or not Path(path).exists():
         return None
     data = json.loads(Path(path).read_text())

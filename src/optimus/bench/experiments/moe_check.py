@@ -1,0 +1,175 @@
+"""GPU check of the fused MoE kernel and the MoE shapes (CUDA only; minutes, mostly schedule4).
+
+(a) accuracy: the Triton kernel and the torch reference, both bf16, each against the fp32
+    reference on the same inputs, at llada2-mini (256 experts, top-8, H 2048, I 512) and
+    sdar-30b-a3b (128 experts, top-8, H 2048, I 768) shapes, T in {1, 4, 32, 256}; and the
+    kernel replayed from a CUDA graph after new routing was copied into its inputs (no host
+    sync: the graph must follow the new ids).
+(b) batch-1 decode timing of the expert computation (routing given), T in {1, 4, 8, 32}
+    rows: Triton in a CUDA graph vs the torch reference (eager: it reads counts on the host),
+    against the bytes of the touched experts' weights (what the step must read from HBM) as
+    achieved TB/s.
+(c) schedule4 (4 tokens/step, prompt 256, output 256, block 32) at batch 1, 8, 32 on
+    random-weight llada2-mini and llada-8b (bench offline's run_schedule4).
+
+  PYTHONPATH=src python -m optimus.bench.experiments.moe_check --out DIR
+  (or in parts: --parts kernel; --parts schedule4 --schedule4-shapes llada2-mini; ... llada-8b)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from optimus.bench.experiments.gpu_timing import time_graph_ms
+from optimus.kernels._fused_moe_triton import fused_moe_triton
+from optimus.kernels.reference import fused_moe_reference
+
+# (experts, top_k, hidden, expert inner size)
+MOE_SHAPES = {"llada2-mini": (256, 8, 2048, 512), "sdar-30b-a3b": (128, 8, 2048, 768)}
+
+
+DEV = "cuda"
+
+
+def make_inputs(shape: str, t: int, seed: int = 0):
+    e, k, h, inner = MOE_SHAPES[shape]
+    dev = DEV
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    x = torch.randn(t, h, device=dev, generator=gen)
+    w13 = torch.randn(e, 2 * inner, h, device=dev, generator=gen) * h ** -0.5
+    w2 = torch.randn(e, h, inner, device=dev, generator=gen) * inner ** -0.5
+    ids = torch.rand(t, e, device=dev, generator=gen).argsort(-1)[:, :k]  # k distinct experts per token
+    weights = torch.rand(t, k, device=dev, generator=gen)
+    return x, w13, w2, weights / weights.sum(-1, keepdim=True), ids
+
+
+def _err(got: torch.Tensor, want: torch.Tensor) -> float:
+    """max |got - want| / max |want| (relative to the output's scale)."""
+    return float((got.float() - want.float()).abs().max() / want.float().abs().max().clamp_min(1e-12))
+
+
+def check_accuracy(tol: float = 2e-2) -> list[dict]:
+    rows = []
+    for shape in MOE_SHAPES:
+        for t in (1, 4, 32, 256):
+            x, w13, w2, weights, ids = make_inputs(shape, t, seed=t)
+            exact = fused_moe_reference(x, w13, w2, weights, ids)
+            bf = [a.bfloat16() for a in (x, w13, w2)]
+            triton_err = _err(fused_moe_triton(*bf, weights, ids), exact)
+            torch_err = _err(fused_moe_reference(*bf, weights, ids), exact)
+            rows.append({"shape": shape, "T": t, "triton_bf16_rel_err": triton_err, "torch_bf16_rel_err": torch_err,
+                         "ok": triton_err <= max(tol, 2 * torch_err)})
+    return rows
+
+
+def check_graph_replay(shape: str = "llada2-mini", t: int = 8) -> dict:
+    x, w13, w2, weights, ids = make_inputs(shape, t, seed=1)
+    x, w13, w2 = x.bfloat16(), w13.bfloat16(), w2.bfloat16()
+    out = {}
+    graph = torch.cuda.CUDAGraph()
+    fused_moe_triton(x, w13, w2, weights, ids)  # compile outside the capture
+    torch.cuda.synchronize()
+    with torch.cuda.graph(graph):
+        out["y"] = fused_moe_triton(x, w13, w2, weights, ids)
+    _, _, _, weights2, ids2 = make_inputs(shape, t, seed=2)
+    ids.copy_(ids2)
+    weights.copy_(weights2)
+    graph.replay()
+    torch.cuda.synchronize()
+    err = _err(out["y"], fused_moe_reference(x, w13, w2, weights, ids))
+    return {"shape": shape, "T": t, "rel_err_after_new_routing": err, "ok": err < 2e-2}
+
+
+def _time_eager_ms(fn, reps: int = 20) -> float:
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def time_decode() -> list[dict]:
+    rows = []
+    for shape, (e, k, h, inner) in MOE_SHAPES.items():
+        for t in (1, 4, 8, 32):
+            x, w13, w2, weights, ids = make_inputs(shape, t, seed=t)
+            x, w13, w2 = x.bfloat16(), w13.bfloat16(), w2.bfloat16()
+            touched = int(ids.unique().numel())
+            weight_bytes = touched * 3 * h * inner * 2
+            triton_ms = time_graph_ms(lambda: fused_moe_triton(x, w13, w2, weights, ids))
+            torch_ms = _time_eager_ms(lambda: fused_moe_reference(x, w13, w2, weights, ids))
+            rows.append({"shape": shape, "T": t, "touched_experts": touched, "weight_MB": weight_bytes / 1e6,
+                         "triton_ms": triton_ms, "triton_TBps": weight_bytes / triton_ms / 1e9,
+                         "torch_ms": torch_ms, "torch_TBps": weight_bytes / torch_ms / 1e9})
+            r = rows[-1]
+            print(f"  {shape} T={t:3d}: {touched:3d} experts, {r['weight_MB']:.1f} MB; triton {triton_ms:.3f} ms "
+                  f"({r['triton_TBps']:.2f} TB/s), torch {torch_ms:.3f} ms ({r['torch_TBps']:.2f} TB/s)", flush=True)
+    return rows
+
+
+def run_schedule4_shapes(shapes: list[str], batches: list[int]) -> list[dict]:
+    from optimus.bench.offline import Target, run_schedule4
+
+    target = Target(device="cuda")
+    return [r for shape in shapes for r in run_schedule4(target, shape, batches)]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="directory for moe_check.json")
+    parser.add_argument("--parts", default="kernel,schedule4",
+                        help="comma list of kernel (accuracy + decode timing) and schedule4; each part "
+                             "merges its sections into DIR/moe_check.json, so parts can run as separate commands")
+    parser.add_argument("--schedule4-shapes", default="llada2-mini,llada-8b")
+    parser.add_argument("--batches", default="1,8,32")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("moe_check needs CUDA")
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "moe_check.json"
+    t0, result = time.time(), (json.loads(path.read_text()) if path.exists() else {})
+    parts = args.parts.split(",")
+    result["meta"] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                      "triton": __import__("triton").__version__}
+
+    def save() -> None:
+        result["meta"]["wall_s"] = round(time.time() - t0, 1)
+        path.write_text(json.dumps(result, indent=1))
+
+    ok = True
+    if "kernel" in parts:
+        with torch.inference_mode():
+            result["accuracy"] = check_accuracy()
+            result["graph_replay"] = check_graph_replay()
+        ok = all(r["ok"] for r in result["accuracy"]) and result["graph_replay"]["ok"]
+        result["kernel_ok"] = ok
+        print(f"accuracy {'PASS' if ok else 'FAIL'}:")
+        for r in result["accuracy"] + [result["graph_replay"]]:
+            print(f"  {json.dumps(r)}")
+        save()
+        print("batch-1 decode timing (expert computation, routing given):")
+        with torch.inference_mode():
+            result["decode_timing"] = time_decode()
+        save()
+    if "schedule4" in parts:
+        print("schedule4:")
+        shapes = args.schedule4_shapes.split(",")
+        rows = run_schedule4_shapes(shapes, [int(b) for b in args.batches.split(",")])
+        result["schedule4"] = [r for r in result.get("schedule4", []) if r["shape"] not in shapes] + rows
+        save()
+    print(f"wrote {path} ({result['meta']['wall_s']} s)")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

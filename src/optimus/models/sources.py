@@ -1,0 +1,145 @@
+"""Turn a ``--model`` string into something on this machine the loader can read.
+
+A name is, in this order:
+
+- ``random:<shape>`` / ``random-tiny:<shape>``: random weights, no files (:class:`RandomModelName`);
+- ``default``: the model shipped inside the package;
+- an alias (:data:`optimus.models.aliases.ALIASES`, e.g. ``smollm2-135m``);
+- an existing local directory (Hugging Face layout) or ``*.gguf`` file;
+- a Hugging Face Hub id ``org/name``: downloaded into the Hub cache (:mod:`optimus.models.hub`).
+
+Resolving also checks that the model is of a family this engine runs (config.json's
+``model_type`` / ``architectures``; a GGUF's ``general.architecture``), so a server refuses to
+start with one line instead of failing in the background. Nothing downloaded is executed:
+remote code files are never fetched and ``auto_map`` is ignored.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+from optimus.models.errors import LoadError, MissingFileError
+from optimus.models.hub import check_directory_family
+
+# A Hub repository id: one "/" between two names of letters, digits, "-", "_" and ".".
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+GGUF_MAGIC = b"GGUF"
+
+
+class SourceKind(str, enum.Enum):
+    RANDOM = "random"  # no files: random weights at a published shape
+    DIRECTORY = "directory"  # config.json + safetensors + tokenizer files
+    GGUF = "gguf"  # one llama.cpp file: weights, tokenizer and chat template
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    kind: SourceKind
+    location: Path  # the directory or GGUF file read (random: the name itself)
+    name: str  # what was asked for: a path, hub id, alias or random:SHAPE
+    fetched: bool = False  # located through the Hub or an alias (location is a cache entry)
+
+    @property
+    def identity(self) -> Path:
+        """What a loaded model reports as its path: where it was read from, or for a fetched
+        model the id it was asked by (a Hub snapshot's directory is named by a commit hash);
+        its last part is the model's name (``/v1/models``, latency-profile keys)."""
+        return Path(self.name) if self.fetched else self.location
+
+
+@dataclass(frozen=True)
+class RandomModelName:
+    """``random:<shape>``: random weights at a published shape (``random:sdar-8b``), to time the
+    engine where no checkpoint exists. ``random-tiny:<shape>``: the same family and attention
+    shrunk to 2 layers of width 64 (tests and CPU smoke runs)."""
+
+    shape: str
+    tiny: bool = False
+
+    PREFIX: ClassVar[str] = "random:"
+    TINY_PREFIX: ClassVar[str] = "random-tiny:"
+
+    @classmethod
+    def parse(cls, name: str | Path) -> "RandomModelName | None":
+        """The random-model name ``name`` spells, or None if it names a directory."""
+        text = str(name)
+        for prefix, tiny in ((cls.PREFIX, False), (cls.TINY_PREFIX, True)):
+            if text.startswith(prefix):
+                return cls(text[len(prefix):], tiny)
+        return None
+
+    def __str__(self) -> str:
+        return (self.TINY_PREFIX if self.tiny else self.PREFIX) + self.shape
+
+
+def resolve_model(name: str | Path, revision: str | None = None, progress: bool = True) -> ModelSource:
+    """Where ``name`` is on this machine, fetching it first if it is a Hub id or an alias.
+
+    ``revision`` (branch, tag or commit) applies to Hub ids and to aliases' Hub copies only.
+    Raises a :class:`~optimus.models.errors.LoadError` with a one-line message."""
+    text = str(name)
+    if RandomModelName.parse(text) is not None:
+        _no_revision(text, revision, "random weights")
+        return ModelSource(SourceKind.RANDOM, Path(text), text)
+    if text == "default":
+        _no_revision(text, revision, "the shipped model")
+        return ModelSource(SourceKind.DIRECTORY, default_model_path(), text)
+    from optimus.models.aliases import ALIASES, resolve_alias
+    if text.lower() in ALIASES:
+        found = local_source(resolve_alias(ALIASES[text.lower()], revision, progress), text)
+        return ModelSource(found.kind, found.location, text.lower(), fetched=True)
+    local = Path(text).expanduser()
+    if local.exists():
+        _no_revision(text, revision, "a local path")
+        return local_source(local, text)
+    if text.lower().endswith(".gguf"):
+        raise MissingFileError(f"GGUF file not found: {local}")
+    if _HUB_ID.match(text):
+        from optimus.models.hub import fetch_repo
+        return ModelSource(SourceKind.DIRECTORY, fetch_repo(text, revision, progress), text, fetched=True)
+    raise MissingFileError(f"model directory not found: {local} (nor a Hugging Face Hub id org/name, "
+                           f"'default' or an alias: {', '.join(sorted(ALIASES))})")
+
+
+def local_source(path: Path, name: str) -> ModelSource:
+    """A local directory or GGUF file, checked to hold a family this engine runs (a GGUF's
+    header is parsed here: a damaged file fails now, and loading reuses the parse)."""
+    if path.is_dir():
+        check_directory_family(path, name)
+        return ModelSource(SourceKind.DIRECTORY, path, name)
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != GGUF_MAGIC:
+        raise LoadError(f"{path} is neither a model directory nor a GGUF file (it starts with {magic!r}, "
+                        f"not {GGUF_MAGIC!r})")
+    from optimus.models.gguf import GGUFFile
+    GGUFFile(path).check_architecture()
+    return ModelSource(SourceKind.GGUF, path, name)
+
+
+def local_directory(path: str | Path) -> Path:
+    """A model directory on disk (``default`` for the shipped one), never fetched."""
+    if str(path) == "default":
+        return default_model_path()
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise MissingFileError(f"model directory not found: {root}")
+    return root
+
+
+def default_model_path() -> Path:
+    try:
+        from optimus.default_model import default_model_dir
+    except ImportError as exc:
+        raise LoadError(f"the default model is not available in this install ({exc}); "
+                        "pass a model directory instead") from exc
+    return Path(default_model_dir())
+
+
+def _no_revision(name: str, revision: str | None, what: str) -> None:
+    if revision is not None:
+        raise LoadError(f"--revision {revision} applies to Hugging Face Hub ids, but {name!r} is {what}")
