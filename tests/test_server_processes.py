@@ -1,7 +1,7 @@
 """The engine in its own process, as ``optimus serve`` runs it by default: a killed engine
 process is replaced with its queue kept (and once no restart is left the server exits 1 with no
 client left hanging), an abort crosses the boundary and frees the request's pages, two HTTP
-front-ends share the port with summed metrics, a bad model path is one line and status 2, and
+front-ends share the port with summed metrics, model errors are one line and status 2, and
 the wire format round-trips what it carries."""
 
 from __future__ import annotations
@@ -168,14 +168,23 @@ def test_two_front_ends_share_the_port_and_sum_their_metrics(tiny, tmp_path):
     assert "Traceback" not in server.log(), server.log()
 
 
-def test_a_bad_model_path_is_one_line_and_status_2(tmp_path):
+def _serve_once(model) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(SRC)}
-    proc = subprocess.run([sys.executable, "-m", "optimus.cli", "serve", "--model", str(tmp_path / "nowhere"),
+    return subprocess.run([sys.executable, "-m", "optimus.cli", "serve", "--model", str(model), "--device", "cpu",
                            "--port", "0"], capture_output=True, text=True, env=env, timeout=120)
-    assert proc.returncode == 2, proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
-    assert errors == [f"optimus serve: error: model directory not found: {tmp_path / 'nowhere'}"], proc.stderr
-    assert "Traceback" not in proc.stderr
+
+
+def test_model_errors_are_one_line_and_status_2(tmp_path):
+    missing = _serve_once(tmp_path / "nowhere")  # found missing before any process starts
+    corrupt = make_tiny_checkpoint(tmp_path / "corrupt", "sdar")
+    (corrupt / "model.safetensors").write_bytes(b"garbage" * 10)
+    broken = _serve_once(corrupt)  # found while the engine process loads it
+    for proc, start in ((missing, f"model directory not found: {tmp_path / 'nowhere'}"),
+                        (broken, f"corrupt weight file {corrupt / 'model.safetensors'}")):
+        assert proc.returncode == 2, proc.stderr
+        errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+        assert len(errors) == 1 and errors[0].startswith(f"optimus serve: error: {start}"), proc.stderr
+        assert "Traceback" not in proc.stderr
 
 
 def test_the_wire_round_trips_params_stats_and_events():

@@ -40,6 +40,7 @@ log = logging.getLogger("optimus.engine")
 MAX_CONSECUTIVE_FAILED_STEPS = 3  # as in AsyncEngine: then the process exits 1 (and is restarted)
 METRICS_PERIOD_S = 0.1
 IDLE_POLL_MS = 100  # an idle loop wakes this often to notice SIGTERM
+METRICS_NOW = ("metrics",)  # outbox item: send a snapshot at once
 
 
 def engine_path(ipc_dir: str, epoch: int) -> str:
@@ -122,10 +123,16 @@ class EngineCore:
     def run(self) -> int:
         failures = 0
         code = 0
+        idle = False  # a metrics snapshot went out since the engine last had work
         try:
             while not self._stop.is_set():
                 pieces = self._run_job_piece()  # job pieces alternate with steps
-                self._read_inbox(wait=not (pieces or self._jobs or self.engine.has_work()))
+                busy = pieces or self._jobs or self.engine.has_work()
+                if not busy and not idle:  # what a scrape right after the last answer must see
+                    self.outbox.send_metrics_now()
+                idle = not busy
+                if self._read_inbox(wait=not busy) and not self.engine.has_work():
+                    self.outbox.send_metrics_now()  # aborts while idle freed pages
                 if not self.engine.has_work():
                     continue
                 self.step_started = time.monotonic()
@@ -158,14 +165,17 @@ class EngineCore:
         return None
 
     # ---- inputs ------------------------------------------------------------------------
-    def _read_inbox(self, wait: bool) -> None:
+    def _read_inbox(self, wait: bool) -> int:
+        """Handle every message waiting (first up to IDLE_POLL_MS for one if ``wait``); how many."""
         if wait and not self._inbox.poll(IDLE_POLL_MS):
-            return
+            return 0
+        handled = 0
         while True:
             try:
                 frame = self._inbox.recv(zmq.NOBLOCK)
+                handled += 1
             except zmq.Again:
-                return
+                return handled
             try:
                 self._handle(wire.unpack(frame))
             except Exception:  # a malformed message must not stop the loop
@@ -312,6 +322,10 @@ class Outbox(threading.Thread):
     def broadcast(self, message: list) -> None:
         self._queue.put((None, message))
 
+    def send_metrics_now(self) -> None:
+        """A snapshot to every front-end after what is queued (the engine just went idle)."""
+        self._queue.put(METRICS_NOW)
+
     def close(self) -> None:
         self._queue.put(None)
         self.join(5.0)
@@ -333,6 +347,8 @@ class Outbox(threading.Thread):
                     item = ()
                 if item is None:
                     return
+                if item is METRICS_NOW:
+                    next_metrics, item = 0.0, ()
                 if item:
                     frontend, message = item
                     frame = wire.pack(message)
