@@ -9,8 +9,10 @@
 # engine in-process, detokenizing as a server does, then over HTTP against `optimus serve`
 # (engine process + front-ends) started with the same engine flags, at N = 64, 256, 1024.
 # Random weights commit per step what the default model's measured acceptance says
-# (--replay-acceptance); elastic plans on the card's committed latency profile. Each policy's
-# http_vs_engine.json / .png and table land in $OUT/<policy>.
+# (--replay-acceptance); elastic plans on the card's committed latency profile. CUDA graphs are
+# captured in each concurrency's unmeasured wave (precapturing every bucket up to 1024 running
+# requests would take minutes). Each policy's http_vs_engine.json / .png and table land in
+# $OUT/<policy>.
 #
 # Needs pyzmq and msgpack besides the server stack: wheels in .whl/ (gitignored; carry it) are
 # installed into a scratch folder only if an import fails.
@@ -39,6 +41,6 @@ mkdir -p "$DIR"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$DIR/gpu.txt"
 timeout 590 "$PY" -m optimus.cli bench http --model "$MODEL" --policies "$POLICY" --concurrency "$CONCURRENCY" \
   --input-len 256 --output-len 256 --waves 2 --startup-timeout 240 \
-  --engine-args "--replay-acceptance $ACCEPTANCE $PROFILE_ARG --graph-precapture --max-running 1024 --max-waiting 1024" \
+  --engine-args "--replay-acceptance $ACCEPTANCE $PROFILE_ARG --max-running 1024 --max-waiting 1024" \
   --server-args "$SERVER_ARGS" --out "$DIR" 2>&1 | tee "$DIR/bench.log"
 tar czf "$DIR/server_logs.tar.gz" -C "$DIR" logs && rm -r "$DIR/logs"
