@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 
 from optimus.bench.server_process import free_port
-from optimus.engine.async_engine import EngineMetrics
+from optimus.engine.stats import EngineMetrics
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
@@ -151,6 +151,7 @@ class FakeEngine:
         self.spec = _Spec()
         self.model_name = "fake"
         self.max_model_len = 512
+        self.block_size = 4
         self.aborted: set[str] = set()
         self.live: set[str] = set()
 
@@ -158,7 +159,7 @@ class FakeEngine:
         await asyncio.sleep(self.start_delay)
         self.ready = True
 
-    async def generate(self, request_id, prompt_token_ids, params, group=None):
+    async def generate(self, request_id, prompt_token_ids, params, group=None, events=False):
         from optimus.core.outputs import RequestOutput, RequestStats
 
         self.live.add(request_id)
@@ -199,47 +200,41 @@ class FakeEngine:
 
 # ---------------------------------------------------------------- harness
 
-class _SlowedEngine:
-    """Wraps an AsyncEngine: ``start()`` sleeps ``startup_delay`` first (the model takes that long
-    to 'load'), then every engine step sleeps ``step_delay`` before it runs."""
+def slowed_engine(startup_delay: float, step_delay: float, config):
+    """Builds the real Engine after ``startup_delay`` s (the model takes that long to 'load');
+    every step then sleeps ``step_delay`` s first. Runs where the engine runs: the engine
+    process, or a thread of the server process with ``--no-engine-process``."""
+    from optimus.engine.engine import Engine
 
-    def __init__(self, engine, startup_delay: float, step_delay: float) -> None:
-        self._engine = engine
-        self._startup_delay = startup_delay
-        self._step_delay = step_delay
+    time.sleep(startup_delay)
+    engine = Engine(config)
+    if step_delay > 0:
+        step = engine.step
 
-    async def start(self) -> None:
-        await asyncio.sleep(self._startup_delay)
-        await self._engine.start()
-        if self._step_delay > 0:
-            inner, step = self._engine.engine, self._engine.engine.step
+        def slow_step():
+            time.sleep(step_delay)
+            return step()
 
-            def slow_step():
-                time.sleep(self._step_delay)  # the engine loop runs steps in its own thread
-                return step()
-
-            inner.step = slow_step
-
-    def __getattr__(self, name):
-        return getattr(self._engine, name)
+        engine.step = slow_step
+    return engine
 
 
 def _harness_main(argv: list[str]) -> int:
     import argparse
+    import functools
 
     sys.path.insert(0, str(SRC))
-    from optimus.commands.serve import add_arguments
+    from optimus.commands.serve import add_arguments, serve
     from optimus.config import EngineConfig, ServerConfig, config_from_args
-    from optimus.engine.async_engine import AsyncEngine
-    from optimus.server.runner import run_server
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--startup-delay", type=float, default=0.0)
     parser.add_argument("--step-delay", type=float, default=0.0)
     add_arguments(parser)
     args = parser.parse_args(argv)
-    engine = _SlowedEngine(AsyncEngine(config_from_args(EngineConfig, args)), args.startup_delay, args.step_delay)
-    return run_server(engine, config_from_args(ServerConfig, args), log_level=args.log_level)
+    factory = functools.partial(slowed_engine, args.startup_delay, args.step_delay)
+    return serve(config_from_args(EngineConfig, args), config_from_args(ServerConfig, args), args.log_level,
+                 factory=factory)
 
 
 if __name__ == "__main__":

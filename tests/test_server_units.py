@@ -190,3 +190,14 @@ def test_metrics_registry_is_per_app():
         assert ca.post("/v1/completions", json={"prompt": "hi", "max_tokens": 3}).status_code == 200
         assert "optimus_generation_tokens_total 3.0" in ca.get("/metrics").text
         assert "optimus_generation_tokens_total 0.0" in cb.get("/metrics").text
+
+
+def test_stream_interval_batches_tokens_per_event():
+    engine = FakeEngine(token_delay=0.001)  # one token per output
+    with _app(engine, stream_interval=3) as client:
+        _wait(lambda: engine.ready)
+        with client.stream("POST", "/v1/completions", json={"prompt": "hi", "max_tokens": 8, "stream": True}) as r:
+            events = sse_events(r.iter_lines())
+    texts = [e["choices"][0]["text"] for e in events if isinstance(e, dict)]
+    # the first output goes out at once (headers wait for it), then every 3 tokens, then the finish
+    assert texts == ["a", "aaa", "aaa", "a"] and events[-1] == "[DONE]", texts

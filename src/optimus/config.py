@@ -102,6 +102,15 @@ class ServerConfig:
     max_body_bytes: int = _opt(1 << 20, "largest request body accepted")
     shutdown_timeout: float = _opt(30.0, "seconds to drain on SIGTERM before aborting")
     watchdog_timeout: float = _opt(60.0, "seconds a step may take before the engine is marked dead")
+    engine_process: bool = _opt(True, "run the engine's step loop in its own process, apart from the HTTP "
+                                      "front-ends (off: a thread of the one server process)")
+    front_ends: int | None = _opt(None, "HTTP front-end processes sharing the port, with --engine-process "
+                                        "(default: one per four CPU cores, one to four)")
+    engine_restarts: int = _opt(2, "times a dead engine process is started again, its queued requests kept, "
+                                   "before the server exits with status 1")
+    stream_interval: int = _opt(1, "tokens per SSE event: a stream's event waits until its answer grew by this "
+                                   "many tokens or finished (1: every step's commit, which for a diffusion step "
+                                   "can be several tokens)")
 
 
 def _leaf_fields(cls) -> list[tuple[str, dataclasses.Field, typing.Any]]:

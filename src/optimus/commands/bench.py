@@ -11,6 +11,8 @@ import sys
 SUBCOMMANDS: dict[str, tuple[str, str]] = {  # name -> (module, help)
     "serve": ("optimus.bench.serve", "load an OpenAI-compatible server and report latency/throughput/goodput"),
     "sweep": ("optimus.bench.sweep", "start the server once per policy, sweep the request rate, plot capacity"),
+    "http": ("optimus.bench.http_vs_engine", "the same closed-loop load in-process and over HTTP: the ratio, "
+                                             "TTFT/TPOT and step times"),
     "offline": ("optimus.bench.offline", "engine throughput at 8B shapes on random weights (CUDA)"),
     "acceptance": ("optimus.bench.acceptance", "measure a model's commits per step by chunk size (replayed by offline)"),
 }

@@ -1,8 +1,11 @@
-"""``optimus serve``: the OpenAI-compatible HTTP server over the async engine."""
+"""``optimus serve``: the OpenAI-compatible HTTP server. By default the engine's step loop runs
+in its own process and HTTP front-end processes talk to it (``server/processes.py``);
+``--no-engine-process`` keeps the loop in a thread of the one server process."""
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
 from optimus.config import EngineConfig, ServerConfig, add_config_args, config_from_args
 
@@ -15,14 +18,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "the web page's /ui/gauges polls (default: info)")
 
 
-def run(args: argparse.Namespace) -> int:
+def serve(engine_config: EngineConfig, server_config: ServerConfig, log_level: str = "info",
+          factory: Callable[[EngineConfig], object] | None = None) -> int:
+    """Run the server until a signal; the exit status. ``factory`` builds the Engine (harnesses)."""
+    if server_config.engine_process:
+        from optimus.server.processes import ServePlan, serve_processes
+        return serve_processes(ServePlan(engine_config, server_config, log_level, factory))
     from optimus.engine.async_engine import AsyncEngine
-    from optimus.models.sources import resolve_model
     from optimus.server.runner import run_server
+    return run_server(AsyncEngine(engine_config, factory=factory), server_config, log_level=log_level)
+
+
+def run(args: argparse.Namespace) -> int:
+    from optimus.models.sources import resolve_model
 
     config = config_from_args(EngineConfig, args)
     # Find (download) and check the model before listening: a model that cannot be had ends
     # the command with one line (exit 2) instead of failing in the background after start-up.
     resolve_model(config.model.model, config.model.revision)
-    engine = AsyncEngine(config)
-    return run_server(engine, config_from_args(ServerConfig, args), log_level=args.log_level)
+    return serve(config, config_from_args(ServerConfig, args), args.log_level)

@@ -12,15 +12,16 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from optimus.config import EngineConfig
 from optimus.engine.engine import Engine
+from optimus.engine.stats import EngineMetrics
 from optimus.core.outputs import RequestOutput
 from optimus.core.params import SamplingParams
+from optimus.core.errors import EngineDeadError, QueueFullError, RequestFailedError
 from optimus.core.scoring import ScoreRequest, ScoreResult
 from optimus.engine.scoring import ScoringQueue
-from optimus.scheduler.scheduler import QueueFullError
 
 log = logging.getLogger(__name__)
 
@@ -30,31 +31,12 @@ __all__ = ["AsyncEngine", "EngineDeadError", "EngineMetrics", "QueueFullError", 
 MAX_CONSECUTIVE_FAILED_STEPS = 3
 
 
-class EngineDeadError(RuntimeError):
-    """The engine loop crashed or hung; no request can be served."""
-
-
-class RequestFailedError(RuntimeError):
-    """This request ended with an internal error (the log has it); the engine serves on."""
-
-
-@dataclass(frozen=True)
-class EngineMetrics:
-    running: int = 0
-    waiting: int = 0
-    kv_usage: float = 0.0
-    steps: int = 0
-    tokens_computed: int = 0
-    tokens_committed: int = 0
-    chunk_size_counts: dict[int, int] = field(default_factory=dict)
-    last_step_started: float | None = None
-    last_step_latency_s: float = 0.0
-
-
 class AsyncEngine:
-    def __init__(self, config: EngineConfig, loaded=None) -> None:
+    def __init__(self, config: EngineConfig, loaded=None,
+                 factory: Callable[[EngineConfig], Engine] | None = None) -> None:
         self.config = config
         self._loaded = loaded
+        self._factory = factory  # builds the Engine instead of Engine(config, loaded) (test harnesses)
         self.on_dead = None  # called (on the event loop) once the engine cannot continue
         self.ready = False
         self.alive = True
@@ -79,6 +61,10 @@ class AsyncEngine:
         return self.engine.spec
 
     @property
+    def block_size(self) -> int:
+        return self.engine.block_size
+
+    @property
     def max_model_len(self) -> int:
         return self.engine.max_model_len
 
@@ -90,7 +76,10 @@ class AsyncEngine:
     # ---- lifecycle ---------------------------------------------------------------------
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self.engine = await asyncio.to_thread(Engine, self.config, self._loaded)
+        if self._factory is not None:
+            self.engine = await asyncio.to_thread(self._factory, self.config)
+        else:
+            self.engine = await asyncio.to_thread(Engine, self.config, self._loaded)
         self._scoring = ScoringQueue(self.engine, self._loop, self.config.likelihood_samples,
                                      lambda: RequestFailedError("internal error while scoring this request"))
         self._thread = threading.Thread(target=self._run, name="optimus-engine", daemon=True)
@@ -131,9 +120,10 @@ class AsyncEngine:
 
     # ---- requests ----------------------------------------------------------------------
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                       group: str | None = None) -> AsyncIterator[RequestOutput]:
+                       group: str | None = None, events: bool = False) -> AsyncIterator[RequestOutput]:
         """Outputs of one request. Refusals (dead engine, full queue, a request that does not
-        fit the model) raise at once, before the loop thread sees the request."""
+        fit the model) raise at once, before the loop thread sees the request. Commit events
+        come with every output here, ``events`` or not."""
         if not self.alive:
             raise EngineDeadError("the engine is not running")
         if not self._admitting:
@@ -188,9 +178,7 @@ class AsyncEngine:
     def metrics(self) -> EngineMetrics:
         if self.engine is None:
             return EngineMetrics()
-        s = self.engine.stats
-        return EngineMetrics(s.running, s.waiting, s.kv_usage, s.steps, s.tokens_computed, s.tokens_committed,
-                             dict(s.chunk_size_counts), self._step_started, s.last_step_latency_s)
+        return EngineMetrics.of(self.engine.stats, self._step_started)
 
     # ---- the loop thread ---------------------------------------------------------------
     def _deliver(self, request_id: str, item) -> None:

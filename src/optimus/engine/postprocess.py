@@ -38,6 +38,7 @@ class Postprocessor:
         self.step_index = 0  # the engine's step counter, stamped on commit events
         self.host_commit_s = 0.0  # host time of the latest greedy commit pass
         self.stream_text = True  # detokenize every output (servers); offline use turns it off
+        self.final_text = True  # decode a finished answer; off where the caller detokenizes (engine process)
 
     # ---- commit ------------------------------------------------------------------------
     def is_plain_greedy(self, r: Request) -> bool:
@@ -175,7 +176,8 @@ class Postprocessor:
         elif not r.is_done and not self.stream_text:
             text = ""  # offline callers read text once, when the request finishes
         elif r.is_done and r.detokenizer is None:
-            text = self.tokenizer.decode(list(ids), skip_special_tokens=r.params.skip_special_tokens)
+            skip = r.params.skip_special_tokens
+            text = self.tokenizer.decode(list(ids), skip_special_tokens=skip) if self.final_text else ""
         else:
             text = self._text(r, list(ids))
         if r.params.stop and not r.done_text and not r.is_done:

@@ -56,3 +56,26 @@ class EngineStats:
     def refresh_gauges(self, scheduler, allocator) -> None:
         self.running, self.waiting = len(scheduler.running), len(scheduler.waiting)
         self.kv_usage = allocator.used_pages / allocator.num_pages
+
+
+@dataclass(frozen=True)
+class EngineMetrics:
+    """A snapshot of the engine for the server's gauges, counters and watchdog. Times are
+    ``time.monotonic()`` (one clock for every process of the machine)."""
+
+    running: int = 0
+    waiting: int = 0
+    kv_usage: float = 0.0
+    steps: int = 0
+    tokens_computed: int = 0
+    tokens_committed: int = 0
+    chunk_size_counts: dict[int, int] = field(default_factory=dict)
+    last_step_started: float | None = None  # None between steps
+    last_step_latency_s: float = 0.0
+    step_latency_sum_s: float = 0.0  # wall time of every step so far
+
+    @classmethod
+    def of(cls, stats: EngineStats, step_started: float | None) -> "EngineMetrics":
+        return cls(stats.running, stats.waiting, stats.kv_usage, stats.steps, stats.tokens_computed,
+                   stats.tokens_committed, dict(stats.chunk_size_counts), step_started,
+                   stats.last_step_latency_s, stats.step_latency_sum_s)

@@ -147,6 +147,14 @@ class Tokenizer:
         extra = jinja_file.read_text(encoding="utf-8") if jinja_file.is_file() else None
         return cls(_load_backend(path, config), TokenizerSettings.from_dicts(config, generation, extra))
 
+    def __getstate__(self) -> dict:
+        # The sandbox and compiled templates hold functions: rebuilt on unpickling (a serving
+        # engine process hands its tokenizer to the HTTP front-ends this way).
+        return {"backend": self._backend, "settings": self.settings}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["backend"], state["settings"])
+
     def _register_added_tokens(self) -> None:
         """tokenizer_config's added_tokens_decoder and named specials must be tokens of the
         backend too (vocab.json tokenizers list them only in the config), at the ids it names."""

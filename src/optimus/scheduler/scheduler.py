@@ -17,13 +17,10 @@ from optimus.config import SchedulerConfig
 from optimus.scheduler.cache_schemes import CacheScheme, PrefixBlock
 from optimus.scheduler.pages import PageAllocator
 from optimus.policy import ChunkPolicy, RequestView, StepFeedback, StepView
+from optimus.core.errors import QueueFullError
 from optimus.core.plan import RequestWork, StepPlan
 from optimus.core.request import Request, RequestState
 from optimus.models.spec import AttentionKind
-
-
-class QueueFullError(RuntimeError):
-    """The waiting queue is at its bound; the caller should retry later."""
 
 
 class Scheduler:

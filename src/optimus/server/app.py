@@ -21,7 +21,7 @@ from optimus.server.ui import make_ui_router
 
 
 def build_app(engine: EngineClient, config: ServerConfig | None = None,
-              on_fatal: Callable[[], None] | None = None) -> FastAPI:
+              on_fatal: Callable[[], None] | None = None, frontend: int = 0) -> FastAPI:
     """``engine`` follows the AsyncEngine contract and is started by the app's lifespan, in the
     background: the server answers (health 503) while the model loads."""
     config = config or ServerConfig()
@@ -36,7 +36,7 @@ def build_app(engine: EngineClient, config: ServerConfig | None = None,
     app = FastAPI(title="Optimus", version=__version__, lifespan=lifespan,
                   description="OpenAI-compatible API over a diffusion-LLM engine")
     app.state.optimus = ServerState(engine=engine, config=config, metrics=ServerMetrics(engine),
-                                    lifecycle=lifecycle)
+                                    lifecycle=lifecycle, frontend=frontend)
     install_error_handlers(app)
     app.include_router(openai_routes.router)
     app.include_router(admin_routes.router)

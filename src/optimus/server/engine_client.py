@@ -1,4 +1,7 @@
-"""What the server needs from an engine: ``AsyncEngine`` implements it, tests pass fakes."""
+"""What the server needs from an engine. Two implementations: ``AsyncEngine`` (the step loop in a
+thread of this process: ``LLM``-style use, tests, ``--no-engine-process``) and ``RemoteEngine``
+(an HTTP front-end of ``optimus serve``, the step loop in its own process); tests pass fakes.
+Server code never knows which one it talks to."""
 
 from __future__ import annotations
 
@@ -26,12 +29,16 @@ class EngineClient(Protocol):
     def max_model_len(self) -> int: ...
 
     @property
+    def block_size(self) -> int: ...  # the denoising block requests decode in
+
+    @property
     def model_name(self) -> str: ...
 
     async def start(self) -> None: ...
 
     def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                 group: str | None = None) -> AsyncIterator[RequestOutput]: ...
+                 group: str | None = None, events: bool = False) -> AsyncIterator[RequestOutput]: ...
+    # ``events``: the outputs carry the commit events (the web page's canvas); others may omit them
 
     async def score(self, request: ScoreRequest) -> ScoreResult: ...  # plain data both ways
 

@@ -62,7 +62,7 @@ def unavailable(message: str, code: str, retry_after: int = 1) -> APIError:
 def from_engine_error(exc: BaseException) -> APIError:
     """Map what ``AsyncEngine.generate`` raises to the client-facing error. Internal failures
     reach the client as a fixed message; their exception text goes to the log only."""
-    from optimus.engine.async_engine import EngineDeadError, QueueFullError, RequestFailedError
+    from optimus.core.errors import EngineDeadError, QueueFullError, RequestFailedError
 
     if isinstance(exc, APIError):
         return exc

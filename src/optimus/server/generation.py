@@ -37,8 +37,10 @@ class _Failure:
 
 
 class Generation:
-    def __init__(self, engine, choices: list[Choice], metrics: ServerMetrics, group: str | None = None) -> None:
+    def __init__(self, engine, choices: list[Choice], metrics: ServerMetrics, group: str | None = None,
+                 stream_interval: int = 1) -> None:
         self._engine = engine
+        self._interval = stream_interval  # an update waits until its answer grew by this many tokens
         self._choices = choices
         self._group = group  # the engine admits this call's choices fairly against other calls
         self._metrics = metrics
@@ -115,9 +117,14 @@ class Generation:
         stream = self._engine.generate(choice.request_id, list(choice.prompt_ids), choice.params,
                                        group=self._group)
         admitted = False
+        sent = 0  # answer tokens in the latest update passed on
         tracker.submitted()
         try:
             async for output in stream:
+                grown = len(output.token_ids) - sent
+                if admitted and not output.finished and grown < self._interval:
+                    continue  # outputs are cumulative: the next one passed on carries these tokens
+                sent += grown
                 if not admitted:
                     tracker.admitted()
                     admitted = True

@@ -15,6 +15,7 @@ import weakref
 from collections.abc import Callable
 
 from optimus.config import ServerConfig
+from optimus.core.errors import EngineDeadError, EngineStartError
 from optimus.server.errors import APIError, unavailable
 
 log = logging.getLogger("optimus.server")
@@ -46,7 +47,7 @@ class Lifecycle:
         if self.load_error is not None:
             return "failed"
         ready = bool(self.engine.ready)
-        if self.hung or (ready and not self.engine.alive):
+        if self.hung or not self.engine.alive:
             return "dead"
         if self.draining:
             return "draining"
@@ -89,6 +90,9 @@ class Lifecycle:
         try:
             await self.engine.start()
             log.info("engine ready")
+        except EngineStartError as exc:  # whoever started the engine reported why
+            self.load_error = str(exc)
+            self._call_fatal()
         except Exception as exc:
             log.exception("model failed to load")
             self.load_error = str(exc) or type(exc).__name__
@@ -115,12 +119,13 @@ class Lifecycle:
         mark_dead = getattr(self.engine, "mark_dead", None)
         if mark_dead is not None:  # fails the engine's own streams too
             mark_dead(message)
+        if getattr(self.engine, "alive", False) and mark_dead is not None:
+            self.hung = False  # an engine process is being replaced: its client carries on
+            return
         self._engine_died()
 
     def _engine_died(self) -> None:
         """Fail every in-flight call (a generic message; the cause is in the log), then exit."""
-        from optimus.engine.async_engine import EngineDeadError
-
         for generation in list(self._live):
             generation.fail(EngineDeadError("the engine stopped"))
         log.error("the engine cannot continue; exiting with status 1 so a supervisor restarts the server")

@@ -7,6 +7,7 @@ steps, positions computed, tokens committed, chosen chunk sizes) are read from
 
 from __future__ import annotations
 
+import os
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -46,6 +47,8 @@ class EngineCollector:
             "optimus_positions_computed": ("canvas positions run through the model", m and m.tokens_computed),
             "optimus_tokens_committed": ("canvas positions that received their final token",
                                          m and m.tokens_committed),
+            "optimus_engine_step_seconds": ("wall time of the engine's steps (/ steps: the mean step)",
+                                            m and m.step_latency_sum_s),
         }
         for name, (doc, value) in counters.items():
             yield CounterMetricFamily(name, doc, value=float(value or 0))
@@ -66,6 +69,7 @@ class EngineCollector:
 
 class ServerMetrics:
     def __init__(self, engine) -> None:
+        self._engine = engine
         self.registry = CollectorRegistry(auto_describe=False)
         r = self.registry
         self.prompt_tokens = Counter("optimus_prompt_tokens", "prompt tokens of admitted engine requests", registry=r)
@@ -83,10 +87,21 @@ class ServerMetrics:
                              buckets=_LATENCY_BUCKETS, registry=r)
         self.queue_time = Histogram("optimus_request_queue_time_seconds", "engine arrival to first scheduled",
                                     buckets=_LATENCY_BUCKETS, registry=r)
+        self.frontend_calls = Counter("optimus_frontend_calls", "API calls each HTTP front-end process served",
+                                      ["frontend"], registry=r)
         r.register(EngineCollector(engine))
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        """This app's series; with several front-end processes (``PROMETHEUS_MULTIPROC_DIR`` set
+        before the import) the request-side series summed over all of them."""
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR") is None:
+            return generate_latest(self.registry)
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        registry = CollectorRegistry(auto_describe=False)
+        MultiProcessCollector(registry)
+        registry.register(EngineCollector(self._engine))
+        return generate_latest(registry)
 
     def tracker(self, prompt_len: int, start: float | None = None) -> "RequestTracker":
         return RequestTracker(self, prompt_len, time.monotonic() if start is None else start)

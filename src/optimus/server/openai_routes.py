@@ -77,8 +77,9 @@ def _check_fan_out(prompts: int, n: int) -> int:
 async def _respond(state: ServerState, request: Request, body: GenerationRequest, prompts: list[list[int]],
                    *, chat: bool, default_max: int | None) -> Response:
     meta = ResponseMeta(model=state.model_id, chat=chat)
+    state.metrics.frontend_calls.labels(str(state.frontend)).inc()
     generation = Generation(state.engine, _plan(body, prompts, state, meta, default_max), state.metrics,
-                            group=meta.id)
+                            group=meta.id, stream_interval=state.config.stream_interval if body.stream else 1)
     state.lifecycle.track(generation)
     prompt_tokens = sum(len(p) for p in prompts)
     streaming = False

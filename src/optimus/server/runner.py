@@ -85,7 +85,9 @@ class DrainingServer(uvicorn.Server):
 
     async def _announce_when_ready(self) -> None:
         """Log the ready line once the engine has loaded (the lifespan loads it in the background)."""
-        while self.app_state is None or self.lifecycle.phase == "loading" or not self.started:
+        if self.app_state is None:
+            return  # another front-end announces
+        while self.lifecycle.phase == "loading" or not self.started:
             await asyncio.sleep(_READY_POLL_S)
         if self.lifecycle.phase != "ready":
             return  # failed or shutting down: the lifecycle logged why
@@ -121,21 +123,26 @@ class DrainingServer(uvicorn.Server):
             self.should_exit = True
 
 
-def run_server(engine: EngineClient, config: ServerConfig, log_level: str = "info") -> int:
-    """Serve ``engine`` until a signal; returns the process exit code."""
+def run_server(engine: EngineClient, config: ServerConfig, log_level: str = "info", sockets=None,
+               frontend: int = 0) -> int:
+    """Serve ``engine`` until a signal; returns the process exit code. ``sockets``: bound
+    listening sockets to serve on (front-end processes sharing a port); ``frontend``: which
+    front-end process this is; only the first logs the start-up notes and the ready line."""
+    announce = frontend == 0
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
-    if not config.api_key and not is_loopback(config.host):
+    if announce and not config.api_key and not is_loopback(config.host):
         log.warning("listening on %s:%d with no --api-key: anyone who can reach this port can use the model",
                     config.host, config.port)
     uv_config = uvicorn.Config(None, host=config.host, port=config.port, log_level=log_level,
                                timeout_graceful_shutdown=int(_FINISH_AFTER_DRAIN_S), lifespan="on")
     quiet_polls(log_level != "debug")  # after uvicorn.Config: it (re)configures uvicorn's loggers
     server = DrainingServer(uv_config)
-    app = build_app(engine, config, on_fatal=server.fatal)
+    app = build_app(engine, config, on_fatal=server.fatal, frontend=frontend)
     uv_config.app = app
     server.lifecycle = app.state.optimus.lifecycle
-    server.app_state = app.state.optimus
-    log.info("loading the model in the background (policy %s): /health answers 503 until the ready line",
-             _policy(engine))
-    server.run()
+    server.app_state = app.state.optimus if announce else None
+    if announce:
+        log.info("loading the model in the background (policy %s): /health answers 503 until the ready line",
+                 _policy(engine))
+    server.run(sockets=sockets) if sockets else server.run()
     return server.exit_code

@@ -20,6 +20,7 @@ class ServerState:
     metrics: ServerMetrics
     lifecycle: Lifecycle
     created: int = field(default_factory=lambda: int(time.time()))
+    frontend: int = 0  # which HTTP front-end process this is (several share the port)
 
     @property
     def model_id(self) -> str:

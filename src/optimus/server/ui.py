@@ -88,7 +88,7 @@ def make_ui_router() -> APIRouter:
 def canvas_layout(engine: EngineClient, prompt_len: int, max_tokens: int) -> dict:
     from optimus.core.request import make_geometry
 
-    g = make_geometry(engine.spec, engine.engine.block_size, prompt_len, max_tokens)
+    g = make_geometry(engine.spec, engine.block_size, prompt_len, max_tokens)
     return {"canvas": g.canvas_end - g.canvas_start, "block_size": g.block_size,
             "block_phase": (g.canvas_start - g.block_origin) % g.block_size}
 
@@ -102,7 +102,7 @@ async def canvas_stream(engine: EngineClient, ids: list[int], params: SamplingPa
                 "max_tokens": params.max_tokens, **canvas_layout(engine, len(ids), params.max_tokens)})
     text = ""
     try:
-        async with contextlib.aclosing(engine.generate(request_id, ids, params)) as outputs:
+        async with contextlib.aclosing(engine.generate(request_id, ids, params, events=True)) as outputs:
             async for out in outputs:
                 for e in out.events:
                     yield _sse({"type": "commit", "step": e.step, "chunk": [e.chunk_start, e.chunk_end],

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# What serving over HTTP costs against the engine alone, at the SDAR-8B shape on one GPU (run
+# from the repo root; one policy per call keeps each call under ten minutes):
+#   POLICY=ar OUT=/some/dir bash benchmarks/gpu_http_bench.sh
+#   POLICY=fixed:8 OUT=/some/dir bash benchmarks/gpu_http_bench.sh
+#   POLICY=elastic OUT=/some/dir bash benchmarks/gpu_http_bench.sh
+# `optimus bench http` runs the same closed loop (N streaming clients, each keeping one request
+# of 256 prompt + 256 answer tokens in flight; 2 waves of N after one unmeasured wave) on the
+# engine in-process, detokenizing as a server does, then over HTTP against `optimus serve`
+# (engine process + front-ends) started with the same engine flags, at N = 64, 256, 1024.
+# Random weights commit per step what the default model's measured acceptance says
+# (--replay-acceptance); elastic plans on the card's committed latency profile. CUDA graphs are
+# captured in each concurrency's unmeasured wave (precapturing every bucket up to 1024 running
+# requests would take minutes). Each policy's http_vs_engine.json / .png and table land in
+# $OUT/<policy>.
+#
+# Needs pyzmq and msgpack besides the server stack: wheels in .whl/ (gitignored; carry it) are
+# installed into a scratch folder only if an import fails.
+set -o pipefail
+OUT=${OUT:?set OUT}
+POLICY=${POLICY:?set POLICY (ar, fixed:8 or elastic)}
+MODEL=${MODEL:-random:sdar-8b}
+CONCURRENCY=${CONCURRENCY:-64,256,1024}
+CARD=${CARD:-h200}
+ACCEPTANCE=${ACCEPTANCE:-benchmarks/results/cpu/acceptance/latest.json}
+PROFILE=${PROFILE:-benchmarks/results/$CARD/latency_surface/latest.json}
+PROFILE_ARG=""
+[ -f "$PROFILE" ] && PROFILE_ARG="--profile-path $PROFILE"
+SERVER_ARGS=${SERVER_ARGS:-}
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1 PYTHONPATH=src
+STACK="import fastapi, uvicorn, prometheus_client, httpx, zmq, msgpack"
+if ! "$PY" -c "$STACK" 2>/dev/null; then
+  timeout 120 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/optimus-site .whl/*.whl || exit 1
+  export PYTHONPATH=src:/tmp/optimus-site
+fi
+timeout 60 "$PY" -c "$STACK, torch; print('torch', torch.__version__, 'zmq', zmq.__version__)" || exit 1
+DIR="$OUT/${POLICY//:/}"
+mkdir -p "$DIR"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$DIR/gpu.txt"
+timeout 590 "$PY" -m optimus.cli bench http --model "$MODEL" --policies "$POLICY" --concurrency "$CONCURRENCY" \
+  --input-len 256 --output-len 256 --waves 2 --startup-timeout 240 \
+  --engine-args "--replay-acceptance $ACCEPTANCE $PROFILE_ARG --max-running 1024 --max-waiting 1024" \
+  --server-args "$SERVER_ARGS" --out "$DIR" 2>&1 | tee "$DIR/bench.log"
+tar czf "$DIR/server_logs.tar.gz" -C "$DIR" logs && rm -r "$DIR/logs"
