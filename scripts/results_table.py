@@ -123,6 +123,16 @@ def moe_check(d: dict) -> list:
     return rows
 
 
+def http_vs_engine(d: dict) -> list:
+    rows = []
+    for r in d.get("rows", []):
+        h = r["http"]
+        rows.append((f"{r['policy']}, {r['concurrency']} streams: engine / HTTP tok/s (HTTP/engine; TTFT p50, TPOT p50)",
+                     f"{num(r['inprocess']['output_tok_s'])} / {num(h['output_tok_s'])} ({r['http_over_engine']:.3f}; "
+                     f"{h['p50_ttft_ms']:.0f} ms, {h['p50_tpot_ms']:.1f} ms)"))
+    return rows
+
+
 def _best_fixed(values: dict) -> tuple[str, float] | None:
     fixed = {p: v for p, v in values.items() if p.startswith("fixed:") and v is not None}
     return max(fixed.items(), key=lambda kv: kv[1]) if fixed else None
@@ -327,6 +337,10 @@ BENCHMARKS = [
      "(`optimus bench offline --experiments schedule4 --cache-modes ...` and "
      "`python -m optimus.bench.experiments.fast_dllm_baseline`); Fast-dLLM's published code was measured "
      "on the same card with the same workload.", cache_modes),
+    ("http_vs_engine", "Serving over HTTP against the engine in-process",
+     "`benchmarks/gpu_http_bench.sh` (`optimus bench http`): the same closed loop, SDAR-8B shape, prompt 256, "
+     "output 256, acceptance replayed from the default model, in-process and through `optimus serve`.",
+     http_vs_engine),
     ("policy_sweep_real8b", "Policies across concurrency, real-8b acceptance regime (offline)",
      "As the policy sweep, replaying the `real-8b` regime (few commits per forward, as published 8B dLLMs; "
      "`--acceptance real-8b`), one run per point.", policy_sweep),
