@@ -20,6 +20,7 @@ from optimus.core.outputs import CommitEvent, RequestOutput
 from optimus.core.plan import RequestWork, StepPlan
 from optimus.core.request import Request
 from optimus.decoding.rules import GREEDY_TEMPERATURE, CommitRule, propose
+from optimus.engine.stop_strings import first_stop, hold_back_stop_prefix
 from optimus.models.detokenizer import IncrementalDetokenizer
 from optimus.executor.runner import GreedyPick, LogitRequest, ModelRunner
 from optimus.models.spec import ModelSpec
@@ -155,7 +156,7 @@ class Postprocessor:
         r.stop_scanned = max(r.stop_scanned, n)
         if p.stop:
             text = self._text(r, r.tokens[start:start + n].tolist())
-            cut = _first_stop(text, p.stop)
+            cut = first_stop(text, p.stop)
             if cut is not None:
                 r.done_text = text[:cut]
                 return "stop", n
@@ -181,23 +182,7 @@ class Postprocessor:
         else:
             text = self._text(r, list(ids))
         if r.params.stop and not r.done_text and not r.is_done:
-            text = _hold_back_stop_prefix(text, r.params.stop)
+            text = hold_back_stop_prefix(text, r.params.stop)
         events, r.events = tuple(r.events), []
         return RequestOutput(r.request_id, r.prompt_ids, ids, text, r.is_done, r.finish_reason,
                              r.stats, events)
-
-
-def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:
-    cuts = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return min(cuts) if cuts else None
-
-
-def _hold_back_stop_prefix(text: str, stops: tuple[str, ...]) -> str:
-    """Withhold a tail that could still grow into a stop string, so streams never show it."""
-    hold = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), 0, -1):
-            if text.endswith(s[:k]):
-                hold = max(hold, k)
-                break
-    return text[:len(text) - hold] if hold else text
