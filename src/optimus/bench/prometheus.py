@@ -42,6 +42,25 @@ async def scrape(client: httpx.AsyncClient, path: str = "/metrics") -> dict[str,
     return parse_prometheus(response.text) if response.status_code == 200 else {}
 
 
+async def scrape_settled(client: httpx.AsyncClient, path: str = "/metrics", interval_s: float = 0.15,
+                         limit_s: float = 3.0) -> dict[str, float]:
+    """A scrape whose counters have stopped moving (two reads ``interval_s`` apart agree):
+    a server whose engine runs in another process publishes its counters a moment after the
+    last answer leaves, so a scrape right after the run could miss the last steps."""
+    import asyncio
+    import time
+
+    deadline = time.monotonic() + limit_s
+    last = await scrape(client, path)
+    while time.monotonic() < deadline:
+        await asyncio.sleep(interval_s)
+        now = await scrape(client, path)
+        if dllm_summary(counter_deltas(last, now)) == dllm_summary(counter_deltas(now, now)):
+            return now  # the engine's counters (steps, positions, commits) stood still
+        last = now
+    return last
+
+
 def counter_deltas(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
     return {k: v - before.get(k, 0.0) for k, v in after.items()
             if k.split("{")[0].endswith("_total")}

@@ -22,7 +22,7 @@ from optimus.bench.arrivals import arrival_times
 from optimus.bench.client import RequestOptions, RequestResult, send_request
 from optimus.bench.datasets import SampleRequest, add_dataset_arguments, dataset_spec_from_args, sample_requests
 from optimus.bench.metrics import SLO, compute_metrics, request_latencies_ms
-from optimus.bench.prometheus import counter_deltas, dllm_summary, scrape
+from optimus.bench.prometheus import counter_deltas, dllm_summary, scrape, scrape_settled
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ async def benchmark(cfg: ServeBenchConfig, requests: Sequence[SampleRequest],
             await send_request(client, requests[0], cfg.options, count_tokens)
         before = await scrape(client)
         results, duration = await _drive(client, cfg, requests, count_tokens)
-        after = await scrape(client)
+        after = await scrape_settled(client)
     result = compute_metrics(results, duration, cfg.slo, cfg.percentiles)
     result.update(_per_request_lists(results))
     deltas = counter_deltas(before, after)
