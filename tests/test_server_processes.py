@@ -31,6 +31,17 @@ def _metric(text: str, name: str, labels: str = "") -> float:
     return float(m.group(1)) if m else 0.0
 
 
+def _metrics_when(url: str, ready, timeout: float = 2.0) -> str:
+    """The first /metrics text that satisfies ``ready`` (snapshots lag the engine by up to
+    0.1 s), or the last one read once ``timeout`` has passed."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text = httpx.get(url + "/metrics").text
+        if ready(text) or time.monotonic() > deadline:
+            return text
+        time.sleep(0.02)
+
+
 def _engine_pid(server: ServerProcess, epoch: int) -> int:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -126,15 +137,16 @@ def test_an_abort_crosses_the_boundary_and_frees_the_pages(tiny, tmp_path):
         server.wait_healthy()
         body = {"prompt": "the quick brown fox", "max_tokens": 200, "ignore_eos": True, "stream": True}
         with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=30) as r:
-            next(line for line in r.iter_lines() if line.startswith("data: {"))
-            busy = httpx.get(server.url + "/metrics").text
+            lines = r.iter_lines()  # held: a dropped iterator may close the connection early
+            next(line for line in lines if line.startswith("data: {"))
+            busy = _metrics_when(server.url, lambda t: _metric(t, "optimus_kv_cache_usage_ratio") > 0)
         t0 = time.monotonic()
         while True:
             text = httpx.get(server.url + "/metrics").text
             if _metric(text, "optimus_kv_cache_usage_ratio") == 0 or time.monotonic() - t0 > 5:
                 break
             time.sleep(0.05)
-        assert _metric(busy, "optimus_kv_cache_usage_ratio") > 0
+        assert _metric(busy, "optimus_kv_cache_usage_ratio") > 0, busy
         assert _metric(text, "optimus_kv_cache_usage_ratio") == 0 and _metric(text, "optimus_num_requests_running") == 0
         assert time.monotonic() - t0 < 2.0  # a few steps of 50 ms, and metrics 0.1 s old at most
         assert _metric(text, "optimus_requests_finished_total", '{finish_reason="abort"}') == 1
