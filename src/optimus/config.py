@@ -65,11 +65,18 @@ class RunnerConfig:
 
 
 @dataclass(frozen=True)
+class ParallelConfig:
+    tensor_parallel: int = _opt(1, "processes (one per GPU) one engine's model is sharded over: attention heads, "
+                                   "MLP and expert columns, KV pages by head, the vocabulary of the LM head")
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     runner: RunnerConfig = field(default_factory=RunnerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     profile_path: str | None = _opt(None, "latency profile JSON (default: per device and model in ~/.cache/optimus)")
     seed: int = _opt(0, "engine seed for requests that give none")
     likelihood_samples: int = _opt(32, "diffusion models: Monte Carlo samples per sequence of a likelihood "
@@ -108,6 +115,8 @@ class ServerConfig:
                                         "(default: one per four CPU cores, one to four)")
     engine_restarts: int = _opt(2, "times a dead engine process is started again, its queued requests kept, "
                                    "before the server exits with status 1")
+    replicas: int = _opt(1, "engines behind one OpenAI-compatible ingress, as Ray Serve deployments (a local "
+                            "Ray instance, or the cluster RAY_ADDRESS names); each may be --tensor-parallel")
     stream_interval: int = _opt(1, "tokens per SSE event: a stream's event waits until its answer grew by this "
                                    "many tokens or finished (1: every step's commit, which for a diffusion step "
                                    "can be several tokens)")
