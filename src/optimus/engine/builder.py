@@ -37,6 +37,7 @@ class EngineParts:
     runner: ModelRunner
     policy: ChunkPolicy
     scheduler: Scheduler
+    parallel: object | None = None  # parallel.launch.TensorParallel (its workers) when sharded
 
     @property
     def spec(self) -> ModelSpec:
@@ -61,27 +62,55 @@ class _Hardware:
 def build_parts(config: EngineConfig, loaded: LoadedModel | None = None,
                 commit_rule: CommitRule | None = None) -> EngineParts:
     device = resolve_device(config.model.device)
-    if loaded is None:
+    parallel = None
+    if config.parallel.tensor_parallel > 1:
+        loaded, storage, parallel = _sharded(config, loaded)
+        device = parallel.group.device
+    elif loaded is None:
         from optimus.models.loader import load_model
         loaded = load_model(config.model.model, dtype=config.model.dtype, device=str(device),
                             revision=config.model.revision)
     loaded.model.fuse_projections()  # q/k/v and gate/up as one matmul each (views, no copy)
     spec = loaded.spec
     block_size = block_size_for(spec, config)
-    dtype = next(loaded.model.parameters()).dtype
     cache = config.cache
-    num_pages = cache.num_pages or capacity_in_pages(spec.arch, cache.page_size, dtype, device,
-                                                     cache.memory_fraction)
+    if parallel is None:
+        storage = _storage(config, loaded.model, device)
+    num_pages = storage.keys[0].shape[0]
     allocator = PageAllocator(num_pages, cache.page_size)
-    storage = KVCacheStorage(spec.arch, num_pages, cache.page_size, dtype, device)
     scheme = make_scheme(config.scheduler.cache_mode, spec.attention, config.scheduler.suffix_window)
-    graphs = _graphs(config, spec, loaded.model, storage, device, num_pages, block_size, scheme.cache_only)
+    graphs = None if parallel else _graphs(config, spec, loaded.model, storage, device, num_pages, block_size,
+                                           scheme.cache_only)
     runner = ModelRunner(loaded.model, storage, cache.page_size, device, config.runner.attention_backend, graphs,
                          cache_only=scheme.cache_only)
     policy = build_policy(config, _Hardware(config, loaded, device, allocator, runner))
     scheduler = Scheduler(config.scheduler, allocator, policy, spec.attention, scheme)
     return EngineParts(config, loaded, device, block_size, commit_rule or commit_rule_for(config),
-                       allocator, storage, runner, policy, scheduler)
+                       allocator, storage, runner, policy, scheduler, parallel)
+
+
+def _storage(config: EngineConfig, model, device: torch.device) -> KVCacheStorage:
+    cache, arch = config.cache, model.spec.arch
+    dtype = next(model.parameters()).dtype
+    num_pages = cache.num_pages or capacity_in_pages(arch, cache.page_size, dtype, device, cache.memory_fraction)
+    return KVCacheStorage(arch, num_pages, cache.page_size, dtype, device)
+
+
+def _sharded(config: EngineConfig, loaded: LoadedModel | None):
+    """Rank 0 of a tensor-parallel engine: workers started, its shard and KV pages (the
+    model's own spec is the shard's: its heads). CUDA graphs are not captured (yet) here."""
+    if loaded is not None:
+        raise ValueError("a tensor-parallel engine loads its model itself (each rank reads its shard)")
+    from optimus.parallel import launch
+
+    parallel = launch.start(config)
+    try:
+        loaded = launch.load_shard(config, parallel.group)
+        loaded.model.fuse_projections()
+        return loaded, launch.shard_storage(config, loaded.model, parallel.group), parallel
+    except BaseException:
+        parallel.stop()
+        raise
 
 
 def block_size_for(spec: ModelSpec, config: EngineConfig) -> int:

@@ -52,6 +52,7 @@ class Engine:
         self.spec, self.tokenizer, self.block_size = parts.spec, parts.loaded.tokenizer, parts.block_size
         self.allocator, self.storage, self.runner = parts.allocator, parts.storage, parts.runner
         self.policy, self.scheduler = parts.policy, parts.scheduler
+        self.parallel = parts.parallel  # tensor-parallel workers, or None
         self.post = Postprocessor(self.spec, self.tokenizer, parts.commit_rule, self.runner, self.scheduler,
                                   fail=self._fail)
         self.stats = EngineStats()
@@ -230,6 +231,11 @@ class Engine:
         the last step's feedback goes to the policy that chose it."""
         self.scheduler.flush_feedback()
         self.scheduler.policy = self.policy = policy
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers, if any (idempotent; also run at exit)."""
+        if self.parallel is not None:
+            self.parallel.stop()
 
     def _overhead_before(self, t0: float) -> float:
         """Host time from the previous step's end to this forward (reporting it, serving,

@@ -240,6 +240,12 @@ def _aliases(merged: torch.Tensor, parts: list[torch.Tensor]) -> list[bool]:
 
 # ---------------------------------------------------------------- blocks
 
+def no_reduce(x: torch.Tensor) -> torch.Tensor:
+    """A sub-layer's output as is; a tensor-parallel shard sums it over ranks instead
+    (``reduce``, set by parallel.attach on each layer's attention and MLP)."""
+    return x
+
+
 class GatedMLP(MergedProjections):
     MERGED = ("gate_proj", "up_proj")
 
@@ -248,11 +254,12 @@ class GatedMLP(MergedProjections):
         self.gate_proj = nn.Linear(hidden, inner, bias=False)
         self.up_proj = nn.Linear(hidden, inner, bias=False)
         self.down_proj = nn.Linear(inner, hidden, bias=False)
+        self.reduce = no_reduce
         self._init_merged()
 
     def forward(self, x: torch.Tensor, ops: LayerOps) -> torch.Tensor:
         gate, up = self._project(x, ops)
-        return ops.linear(ops.silu_mul(gate, up), self.down_proj.weight, None)
+        return self.reduce(ops.linear(ops.silu_mul(gate, up), self.down_proj.weight, None))
 
 
 class AttentionBackend(Protocol):
@@ -283,6 +290,7 @@ class SelfAttention(MergedProjections):
             self.k_norm = RMSNorm(arch.head_dim, arch.rms_eps)
         else:
             self.q_norm = self.k_norm = None
+        self.reduce = no_reduce
         self._init_merged()
 
     def forward(self, x: torch.Tensor, ops: LayerOps, backend: AttentionBackend) -> torch.Tensor:
@@ -293,7 +301,7 @@ class SelfAttention(MergedProjections):
         v = v.view(t, self.num_kv_heads, self.head_dim)
         q, k = ops.rotary(q, k, self.q_norm, self.k_norm)
         out = backend.attend(self.layer, q, k, v)
-        return ops.linear(out.reshape(t, self.num_heads * self.head_dim), self.o_proj.weight, None)
+        return self.reduce(ops.linear(out.reshape(t, self.num_heads * self.head_dim), self.o_proj.weight, None))
 
 
 class DecoderLayer(nn.Module):

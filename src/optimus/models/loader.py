@@ -55,33 +55,39 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float
 
 # ---------------------------------------------------------------- public API
 
+# A tensor-parallel rank's view of a model: given the full spec, what to slice (parallel.sharding.Shard).
+ShardFor = Callable[[ModelSpec], Any]
+
+
 def load_model(path: str | Path, dtype: str | torch.dtype = "auto", device: str | torch.device = "auto",
-               progress: bool = True, revision: str | None = None) -> LoadedModel:
+               progress: bool = True, revision: str | None = None, shard: ShardFor | None = None) -> LoadedModel:
     """Load config, tokenizer, generation config and weights of the model ``path`` names.
 
     ``path`` is a local HF directory or ``.gguf`` file, a Hub id ``org/name`` (at ``revision``),
     an alias, ``default`` (the shipped model) or ``random:<shape>`` (:func:`load_random_model`);
     see :func:`~optimus.models.sources.resolve_model`. ``dtype="auto"`` is bf16 on CUDA and fp32
-    on CPU; ``device="auto"`` is CUDA when available.
+    on CPU; ``device="auto"`` is CUDA when available. ``shard`` (tensor parallelism) builds one
+    rank's module and reads only its slice of each tensor; the spec stays the full model's.
     """
     source = resolve_model(path, revision, progress)
     if source.kind is SourceKind.RANDOM:
-        return load_random_model(RandomModelName.parse(source.name), dtype, device)
+        return load_random_model(RandomModelName.parse(source.name), dtype, device, shard=shard)
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     if source.kind is SourceKind.GGUF:
-        return _load_gguf(source, dtype, device, progress)
+        return _load_gguf(source, dtype, device, progress, shard)
     root = source.location
     family, spec = _spec_from_config(_read_json(root / "config.json"))
     tokenizer = _tokenizer_from_dir(root)
     spec = complete_spec(spec, tokenizer)
     generation_config = _read_json(root / "generation_config.json", required=False)
     entries = _safetensors_entries(_weight_files(root), family, device, progress)
-    model = _build_model(spec, family, entries, dtype, device)
+    model = _build_model(spec, family, entries, dtype, device, shard and shard(spec))
     return LoadedModel(model, spec, tokenizer, generation_config, source.identity)
 
 
-def _load_gguf(source: ModelSource, dtype: torch.dtype, device: torch.device, progress: bool) -> LoadedModel:
+def _load_gguf(source: ModelSource, dtype: torch.dtype, device: torch.device, progress: bool,
+               shard: ShardFor | None) -> LoadedModel:
     """A GGUF file: config, tokenizer and chat template from its metadata, weights dequantized
     tensor by tensor to ``dtype``."""
     from optimus.models.gguf import GGUFFile
@@ -93,12 +99,13 @@ def _load_gguf(source: ModelSource, dtype: torch.dtype, device: torch.device, pr
     spec = complete_spec(spec, tokenizer)
     bar = tqdm(list(file.tensors()), desc="Dequantizing", unit="tensor", disable=not progress)
     entries = ((t.source, None if t.name is None else family.rename(t.name), t.shape, t.read) for t in bar)
-    model = _build_model(spec, family, entries, dtype, device)
+    model = _build_model(spec, family, entries, dtype, device, shard and shard(spec))
     return LoadedModel(model, spec, tokenizer, {}, source.identity)
 
 
 def load_random_model(name: RandomModelName, dtype: str | torch.dtype = "auto",
-                      device: str | torch.device = "auto", seed: int = 0) -> LoadedModel:
+                      device: str | torch.device = "auto", seed: int = 0,
+                      shard: ShardFor | None = None) -> LoadedModel:
     """Random weights at ``name``'s shape, with the default model's tokenizer (the HTTP API
     needs one; every shape's vocabulary holds its ids, and its mask and end ids lie past them).
 
@@ -116,6 +123,11 @@ def load_random_model(name: RandomModelName, dtype: str | torch.dtype = "auto",
     _check_tokenizer_fits(spec, tokenizer, str(name))
     model = random_decoder(spec, device, dtype, seed)
     _propose_only_text(model, tokenizer)
+    if shard is not None:  # every rank draws the whole model (same seed), then keeps its slices
+        part = shard(spec)
+        local = part.local_model()
+        local.load_state_dict(part.state(model.state_dict()), strict=True, assign=True)
+        model = local
     return LoadedModel(_finish(model, device), spec, tokenizer, {}, Path(str(name)))
 
 
@@ -277,10 +289,13 @@ def _reader(handle: Any, name: str, f: Path) -> Callable[[], torch.Tensor]:
 
 
 def _build_model(spec: ModelSpec, family: Family, entries: Iterator[TensorEntry], dtype: torch.dtype,
-                 device: torch.device) -> DecoderLM:
+                 device: torch.device, shard=None) -> DecoderLM:
+    """``shard`` (a parallel.sharding.Shard): build its module, keep its slice of each tensor."""
     with torch.device("meta"):
         model = DecoderLM(spec)
-    expected = {n: tuple(p.shape) for n, p in model.state_dict().items()}
+    expected = {n: tuple(p.shape) for n, p in model.state_dict().items()}  # the checkpoint's shapes
+    if shard is not None:
+        model = shard.local_model()
     tied = spec.arch.tie_embeddings
     if tied:
         expected.pop("lm_head.weight")  # shares the embedding; HF omits it or repeats it
@@ -299,6 +314,8 @@ def _build_model(spec: ModelSpec, family: Family, entries: Iterator[TensorEntry]
         tensor = read()
         if not tensor.is_floating_point():
             raise LoadError(f"tensor {name!r} has dtype {tensor.dtype}; weights must be floating point")
+        if shard is not None:  # a copy: a view would keep the whole tensor alive
+            tensor = shard.slice(ours, tensor).to(device=device, dtype=dtype, copy=True)
         state[ours] = tensor.to(device=device, dtype=dtype)  # per tensor: never a whole-model fp32 copy
     missing = sorted(set(expected) - set(state))
     if missing:
@@ -306,7 +323,8 @@ def _build_model(spec: ModelSpec, family: Family, entries: Iterator[TensorEntry]
         raise MissingTensorError(f"checkpoint is missing {len(missing)} tensor(s): {shown}"
                                  + (" ..." if len(missing) > 5 else ""))
     if tied:
-        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+        embed = state["model.embed_tokens.weight"]
+        state["lm_head.weight"] = embed if shard is None else shard.slice("lm_head.weight", embed).clone()
     model.load_state_dict(state, strict=True, assign=True)
     return _finish(model, device)
 

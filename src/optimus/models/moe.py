@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from optimus import toggles
 from optimus.kernels.fused_moe import fused_moe
+from optimus.models.layers import no_reduce
 from optimus.models.spec import MoEConfig
 
 _PROJ = ("gate_proj", "up_proj", "down_proj")
@@ -119,6 +120,7 @@ class SparseMoE(nn.Module):
         self.gate = Router(hidden, cfg)
         self.experts = ExpertWeights(cfg.num_experts, hidden, cfg.expert_size)
         self.shared_experts = shared
+        self.reduce = no_reduce  # once for routed + shared (a shard's shared expert does not reduce)
 
     def forward(self, x: torch.Tensor, ops=None) -> torch.Tensor:
         """x [T, H] -> [T, H]. ``ops`` (LayerOps) runs the shared expert's linears."""
@@ -126,7 +128,7 @@ class SparseMoE(nn.Module):
         out = fused_moe(x, self.experts.w13, self.experts.w2, weights, ids, self.backend(x))
         if self.shared_experts is not None:
             out = out + self.shared_experts(x, ops)
-        return out
+        return self.reduce(out)
 
     @staticmethod
     def backend(x: torch.Tensor) -> str:

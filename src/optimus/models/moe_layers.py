@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from optimus.models.layers import AttentionBackend, DecoderLayer, GatedMLP, LayerOps, RMSNorm
+from optimus.models.layers import AttentionBackend, DecoderLayer, GatedMLP, LayerOps, RMSNorm, no_reduce
 from optimus.models.moe import SparseMoE
 from optimus.models.spec import ArchConfig, ModelSpec
 
@@ -40,6 +40,7 @@ class LLaDA2Attention(nn.Module):
         self.query_layernorm = RMSNorm(arch.head_dim, arch.rms_eps) if arch.qk_norm else None
         self.key_layernorm = RMSNorm(arch.head_dim, arch.rms_eps) if arch.qk_norm else None
         self.dense = nn.Linear(arch.num_heads * arch.head_dim, arch.hidden_size, bias=False)
+        self.reduce = no_reduce
 
     def forward(self, x: torch.Tensor, ops: LayerOps, backend: AttentionBackend) -> torch.Tensor:
         t, d = x.shape[0], self.head_dim
@@ -53,7 +54,7 @@ class LLaDA2Attention(nn.Module):
         q = torch.cat([q_rot, q[..., r:]], dim=-1) if r < d else q_rot
         k = torch.cat([k_rot, k[..., r:]], dim=-1) if r < d else k_rot
         out = backend.attend(self.layer, q, k, v.contiguous())
-        return ops.linear(out.reshape(t, self.num_heads * d), self.dense.weight, None)
+        return self.reduce(ops.linear(out.reshape(t, self.num_heads * d), self.dense.weight, None))
 
     def fuse_projections(self) -> None:
         """q/k/v are one matmul already."""

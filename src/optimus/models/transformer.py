@@ -41,10 +41,15 @@ class DecoderLM(nn.Module):
         self.lm_head = nn.Linear(spec.arch.hidden_size, spec.arch.vocab_size, bias=False)
         if spec.arch.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        # A tensor-parallel shard (parallel.head.ModelParallel, set by parallel.attach): rank 0
+        # announces each call for the workers to replay; the head holds a vocabulary slice.
+        self.parallel = None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 backend: AttentionBackend) -> torch.Tensor:
         """input_ids, positions [T] -> hidden [T, d]."""
+        if self.parallel is not None:
+            self.parallel.announce("forward", input_ids, positions, backend)
         x = self.model.embed_tokens(input_ids)
         ops = layer_ops(toggles.active().model_kernels, x, positions, self.model.rotary)
         residual = None
@@ -60,13 +65,23 @@ class DecoderLM(nn.Module):
         return self
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        # Few rows (batch-1 decoding) on a GPU: the weight-streaming kernel; else F.linear.
-        return skinny_linear.linear(hidden, self.lm_head.weight, self.lm_head.bias, self._head_backend)
+        """hidden [M, d] -> logits [M, vocab] (a shard gathers its ranks' slices)."""
+        if self.parallel is None:
+            return self._head(hidden)
+        self.parallel.announce("logits", hidden)
+        return self.parallel.logits(self._head(hidden))
 
     def greedy(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """hidden [M, d] -> (argmax tokens [M], their softmax probability [M] fp32)."""
+        if self.parallel is not None:
+            self.parallel.announce("greedy", hidden)
+            return self.parallel.greedy(self._head(hidden))
         backend = toggles.active().greedy_backend
-        return argmax_prob(self.logits(hidden), self._head_backend if backend == "auto" else backend)
+        return argmax_prob(self._head(hidden), self._head_backend if backend == "auto" else backend)
+
+    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
+        # Few rows (batch-1 decoding) on a GPU: the weight-streaming kernel; else F.linear.
+        return skinny_linear.linear(hidden, self.lm_head.weight, self.lm_head.bias, self._head_backend)
 
     @property
     def _head_backend(self) -> str:
