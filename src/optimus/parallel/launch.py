@@ -7,6 +7,7 @@ from __future__ import annotations
 import atexit
 import logging
 import multiprocessing as mp
+import os
 
 import torch
 
@@ -59,7 +60,8 @@ def start(config: EngineConfig) -> TensorParallel:
     for w in workers:
         w.start()
     group = join_group(0, size, address, rank_device(base, 0))
-    log.info("tensor parallel: %d ranks joined (%s)", size, ", ".join(str(rank_device(base, r)) for r in range(size)))
+    log.info("tensor parallel: %d ranks joined on %s; worker processes %s", size,
+             ", ".join(str(rank_device(base, r)) for r in range(size)), ", ".join(str(w.pid) for w in workers))
     return TensorParallel(group, workers)
 
 
@@ -92,6 +94,8 @@ def shard_storage(config: EngineConfig, model, group: TPGroup) -> KVCacheStorage
 def worker_main(rank: int, size: int, address: str, config: EngineConfig) -> None:
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s tp-rank{rank} %(levelname)s %(message)s")
     device = rank_device(resolve_device(config.model.device), rank)
+    if device.type == "cpu":  # ranks share the cores: oversubscribed threads stall every collective
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
     group = join_group(rank, size, address, device)
     try:
         loaded = load_shard(config, group)
