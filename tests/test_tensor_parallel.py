@@ -12,7 +12,9 @@ import torch
 from fixtures.checkpoints import FAMILIES, MOE_FAMILIES
 from optimus.config import engine_config
 from optimus.core.params import SamplingParams
+from optimus.core.scoring import ScoreRequest
 from optimus.engine.engine import Engine
+from optimus.engine.scoring import score_now
 from optimus.kernels.greedy import argmax_prob
 from optimus.models.registry import spec_from_config
 from optimus.parallel.head import ModelParallel
@@ -81,6 +83,11 @@ def test_two_ranks_decode_the_tokens_of_one(family, tiny_checkpoint, tmp_path):
             assert got == expected, policy
             assert set(expected) == set(PROMPTS) and len(expected["a"][1]) == 8
             assert two.allocator.used_pages == 0
+        request = ScoreRequest(((5, 6, 7, 8, 9, 10, 11),), (3,), top_n=2)  # echo/logprobs: gathered logits
+        scored = [score_now(request, e.runner.model, e.spec, samples=2, block=e.block_size).sequences[0]
+                  for e in (one, two)]
+        assert scored[1].top_ids == scored[0].top_ids
+        assert scored[1].logprobs == pytest.approx(scored[0].logprobs, rel=1e-4, abs=1e-5)
     finally:
         two.close()
 
