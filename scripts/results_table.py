@@ -133,6 +133,19 @@ def http_vs_engine(d: dict) -> list:
     return rows
 
 
+def before_after(d: dict) -> list:
+    """One row per (experiment, batch): tok/s before / after, each call in its order."""
+    rows = []
+    first = d["runs"][0]["before"]
+    for exp in first:
+        for i, row in enumerate(first[exp]):
+            cells = "; ".join(f"{num(r['before'][exp][i]['output_tok_s'])} / {num(r['after'][exp][i]['output_tok_s'])}"
+                              f" ({' first' if r['order'][0] == 'before' else ' second'} before)".replace("( ", "(")
+                              for r in d["runs"])
+            rows.append((f"{exp} {shape(row.get('shape', ''))} batch {row['batch']}: before / after tok/s", cells))
+    return rows
+
+
 def _best_fixed(values: dict) -> tuple[str, float] | None:
     fixed = {p: v for p, v in values.items() if p.startswith("fixed:") and v is not None}
     return max(fixed.items(), key=lambda kv: kv[1]) if fixed else None
@@ -341,6 +354,10 @@ BENCHMARKS = [
      "`benchmarks/gpu_http_bench.sh` (`optimus bench http`): the same closed loop, SDAR-8B shape, prompt 256, "
      "output 256, acceptance replayed from the default model, in-process and through `optimus serve`.",
      http_vs_engine),
+    ("tp1_before_after", "One GPU before and after tensor parallelism",
+     "Output tok/s, `optimus bench offline --experiments schedule4,ar --batches 1,8,32 --ar-shapes llama-8b`, "
+     "the code before and after the tensor-parallel change back to back on one card, order swapped between calls.",
+     before_after),
     ("policy_sweep_real8b", "Policies across concurrency, real-8b acceptance regime (offline)",
      "As the policy sweep, replaying the `real-8b` regime (few commits per forward, as published 8B dLLMs; "
      "`--acceptance real-8b`), one run per point.", policy_sweep),
