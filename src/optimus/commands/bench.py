@@ -14,6 +14,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {  # name -> (module, help)
     "http": ("optimus.bench.http_vs_engine", "the same closed-loop load in-process and over HTTP: the ratio, "
                                              "TTFT/TPOT and step times"),
     "offline": ("optimus.bench.offline", "engine throughput at 8B shapes on random weights (CUDA)"),
+    "host": ("optimus.bench.host_time", "the engine's host work per step at many requests, the device left out"),
     "acceptance": ("optimus.bench.acceptance", "measure a model's commits per step by chunk size (replayed by offline)"),
 }
 

@@ -1,0 +1,133 @@
+"""``optimus bench host``: the engine's host work per step at many requests, with the device
+left out. The forward returns zeros and the greedy pick draws random tokens and confidences,
+so a step's wall time is its host work alone: planning (scheduler), the batch build, the
+commit (a replayed acceptance regime decides how many positions each window commits) and the
+outputs. The GPU benchmarks report the same work as ``cpu_ms_per_step`` next to real steps.
+Runs on any machine (CPU)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from optimus.config import engine_config
+from optimus.core.params import SamplingParams
+from optimus.decoding import regimes
+from optimus.engine.engine import Engine
+from optimus.executor.runner import GreedyPick
+from optimus.policy.elastic.latency import LatencyProfile
+
+PHASES = ("schedule", "build", "commit", "outputs")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--shape", default="sdar-8b", help="model shape (tiny random weights: only the geometry counts)")
+    p.add_argument("--requests", type=int, default=256)
+    p.add_argument("--prompt-len", type=int, default=256)
+    p.add_argument("--output-len", type=int, default=256)
+    p.add_argument("--policies", default="ar,fixed:4,fixed:32,elastic")
+    p.add_argument("--acceptance", default="real-8b", help="acceptance regime or profile JSON (replayed)")
+    p.add_argument("--out", default=None, help="JSON file for the results")
+
+
+def run(args: argparse.Namespace) -> int:
+    rows = [measure(policy, args.shape, args.requests, args.prompt_len, args.output_len, args.acceptance)
+            for policy in args.policies.split(",")]
+    for r in rows:
+        parts = ", ".join(f"{k} {r['full_batch_ms'][k]:.2f}" for k in PHASES)
+        print(f"{r['policy']:<9} {r['requests']} requests: host {r['full_batch_ms']['total']:.2f} ms/step at a "
+              f"full batch ({parts}); {r['steps']} steps, {r['tokens_per_step']:.1f} tokens/step")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"bench": "host_time", "shape": args.shape, "acceptance": args.acceptance,
+                                              "prompt_len": args.prompt_len, "output_len": args.output_len,
+                                              "rows": rows}, indent=1))
+        print(f"saved {args.out}")
+    return 0
+
+
+def measure(policy: str, shape: str, requests: int, prompt_len: int, output_len: int, acceptance: str) -> dict:
+    engine = _engine(policy, shape, requests, prompt_len, output_len, acceptance)
+    timers = _time_phases(engine)
+    rng = random.Random(0)
+    vocab = engine.tokenizer.vocab_size
+    params = SamplingParams(max_tokens=output_len, ignore_eos=True)
+    for i in range(requests):
+        engine.add_request(str(i), [rng.randrange(100, vocab - 100) for _ in range(prompt_len)], params)
+    full: dict[str, list[float]] = defaultdict(list)
+    steps = 0
+    while engine.has_work():
+        for k in timers:
+            timers[k] = 0.0
+        t0 = time.perf_counter()
+        outs = engine.step()
+        wall = time.perf_counter() - t0
+        steps += 1
+        if len(outs) == requests:  # every request decoding (and reporting) in this step
+            full["total"].append(wall)
+            for k, v in timers.items():
+                full[k].append(v)
+    return {"policy": policy, "requests": requests, "steps": steps,
+            "tokens_per_step": requests * output_len / steps,
+            "full_batch_steps": len(full["total"]),
+            "full_batch_ms": {k: 1e3 * float(np.median(v)) if v else 0.0 for k, v in full.items()}}
+
+
+def _engine(policy: str, shape: str, requests: int, prompt_len: int, output_len: int, acceptance: str) -> Engine:
+    page = 16
+    pages = requests * (-(-(prompt_len + output_len + 64) // page)) + 64
+    profile = LatencyProfile.synthetic(0.011, 256, 4e-5)  # an 8B step's shape: ~11 ms flat to 256 tokens
+    path = Path(regimes.resolve(acceptance))
+    profile_path = Path.home() / ".cache" / "optimus" / "host_bench_profile.json"
+    profile.save(profile_path)
+    config = engine_config(model=f"random-tiny:{shape}", device="cpu", dtype="float32", policy=policy,
+                           num_pages=pages, max_running=requests, max_waiting=requests,
+                           max_tokens_per_step=max(8192, requests * 64), prefill_chunk=prompt_len,
+                           replay_acceptance=str(path), profile_path=str(profile_path))
+    engine = Engine(config)
+    _leave_out_the_device(engine)
+    return engine
+
+
+def _leave_out_the_device(engine: Engine) -> None:
+    d = engine.spec.arch.hidden_size
+    gen = torch.Generator().manual_seed(0)
+    vocab = engine.tokenizer.vocab_size
+
+    def forward(batch):
+        return torch.zeros(batch.input_ids.shape[0], d)
+
+    def greedy(hidden, rows_per_pass: int = 1024):
+        m = hidden.shape[0]
+        return GreedyPick(torch.randint(100, vocab - 100, (m,), generator=gen), torch.rand(m, generator=gen))
+
+    engine.runner.forward, engine.runner.greedy = forward, greedy
+
+
+def _time_phases(engine: Engine) -> dict[str, float]:
+    """Wrap the step's host phases with accumulating timers (reset per step by the caller)."""
+    timers = dict.fromkeys(PHASES, 0.0)
+
+    def wrap(obj, name: str, phase: str) -> None:
+        inner = getattr(obj, name)
+
+        def timed(*a, **kw):
+            t0 = time.perf_counter()
+            try:
+                return inner(*a, **kw)
+            finally:
+                timers[phase] += time.perf_counter() - t0
+        setattr(obj, name, timed)
+
+    wrap(engine.scheduler, "schedule", "schedule")
+    wrap(engine.runner, "build", "build")
+    wrap(engine.post, "commit_step", "commit")
+    wrap(engine.post, "advance", "outputs")
+    return timers
