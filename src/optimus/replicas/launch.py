@@ -50,9 +50,10 @@ class RayDeployer:
     """Starts (or joins) Ray, deploys the replicas, tears them down; blocking Ray calls run
     in a thread so the ingress's event loop keeps answering."""
 
-    def __init__(self, engine_config: EngineConfig, server_config: ServerConfig) -> None:
+    def __init__(self, engine_config: EngineConfig, server_config: ServerConfig, log_level: str = "info") -> None:
         self.engine_config = engine_config
         self.server_config = server_config
+        self.log_level = log_level
         self._apps: list[str] = []
 
     async def deploy(self) -> list[ReplicaView]:
@@ -69,8 +70,7 @@ class RayDeployer:
         from optimus.replicas.replica import EngineReplica
 
         if not ray.is_initialized():
-            local = not os.environ.get("RAY_ADDRESS")
-            ray.init(include_dashboard=False if local else None, log_to_driver=True)
+            ray.init(include_dashboard=None if self.joined else False, log_to_driver=True)
         serve.start(proxy_location=ProxyLocation.Disabled)
         sc = self.engine_config.scheduler
         capacity = sc.max_running + sc.max_waiting
@@ -80,7 +80,9 @@ class RayDeployer:
             # streams + scoring calls + status polls + aborts: Ray Serve must never queue them
             max_ongoing_requests=2 * capacity + 64,
             ray_actor_options={"num_cpus": res.num_cpus, "num_gpus": res.num_gpus},
-            health_check_period_s=2.0, health_check_timeout_s=30.0, graceful_shutdown_timeout_s=5.0)
+            health_check_period_s=2.0, health_check_timeout_s=30.0, graceful_shutdown_timeout_s=5.0,
+            # one access line per status poll would bury the log: only at --log-level debug
+            logging_config={"log_level": self.log_level.upper(), "enable_access_log": self.log_level == "debug"})
         count = self.server_config.replicas
         self._apps = [f"{APP_PREFIX}{i}" for i in range(count)]
         log.info("deploying %d engine replicas on Ray Serve (%s CPU, %d GPU each)", count, res.num_cpus, res.num_gpus)
@@ -90,6 +92,7 @@ class RayDeployer:
         return [ReplicaView(str(i), handle, capacity) for i, handle in enumerate(handles)]
 
     def _teardown(self) -> None:
+        """Delete our applications (on a shared cluster nothing of ours stays behind)."""
         import ray
         from ray import serve
 
@@ -100,7 +103,19 @@ class RayDeployer:
                 serve.delete(app)
             except Exception:
                 log.exception("could not delete the Ray Serve application %s", app)
-        ray.shutdown()  # a local instance this process started ends with it
+
+    @property
+    def joined(self) -> bool:
+        """A cluster is named: join it (else ``ray.init`` starts or finds a local instance)."""
+        return bool(os.environ.get("RAY_ADDRESS"))
+
+    def close(self) -> None:
+        """Disconnect from Ray, on the main thread (Ray's core worker must not be shut down
+        from another one); a local instance this process started stops with it."""
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
 
 
 def serve_replicas(engine_config: EngineConfig, server_config: ServerConfig, log_level: str = "info") -> int:
@@ -113,5 +128,8 @@ def serve_replicas(engine_config: EngineConfig, server_config: ServerConfig, log
     from optimus.replicas.client import ReplicaSetClient
     from optimus.server.runner import run_server
 
-    client = ReplicaSetClient(engine_config, RayDeployer(engine_config, server_config))
-    return run_server(client, server_config, log_level=log_level)
+    deployer = RayDeployer(engine_config, server_config, log_level)
+    try:
+        return run_server(ReplicaSetClient(engine_config, deployer), server_config, log_level=log_level)
+    finally:
+        deployer.close()
