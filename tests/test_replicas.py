@@ -165,7 +165,7 @@ def test_a_client_disconnect_aborts_the_request_on_its_replica(server):
 
 def test_a_burst_over_capacity_gets_503_with_retry_after_never_500(server):
     # 10 calls of 8 prompts x n=4 = 320 engine requests at once, over the 2 x 128 the replicas hold
-    body = {"prompt": [_prompt(i) for i in range(8)], "n": 4, "max_tokens": 16, "ignore_eos": True}
+    body = {"prompt": [_prompt(i) for i in range(8)], "n": 4, "max_tokens": 4, "ignore_eos": True}
 
     async def run():
         async with httpx.AsyncClient(base_url=server.url, timeout=180) as client:

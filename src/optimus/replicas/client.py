@@ -9,7 +9,8 @@ Invariants:
   stream finished, refused, or let go of (stream cancelled and ``abort`` sent), and the
   replica's ``in_flight`` count released;
 - a replica lost mid-request (its actor died or stopped answering): a request that has yielded
-  nothing yet is sent to another replica (``retries``); one that has yielded output ends with
+  no answer token yet (nor, for the web page, a commit event) is sent to another replica, which
+  starts it over (``retries``); one that has yielded some ends with
   ``EngineDeadError`` (a new engine cannot resume it), which the server turns into its
   ``engine_dead`` error envelope (an error frame in a stream);
 - a status poll every ``poll_s`` keeps each replica's load and metrics snapshot and whether it
@@ -137,13 +138,13 @@ class ReplicaSetClient:
         self._check_admitting()
         if request_id in self._owners:
             raise ValueError(f"duplicate request id {request_id!r}")
-        rebuild = Rebuild(request_id, tuple(prompt_token_ids))
         tried: list[ReplicaView] = []
         delivered = False
         try:
             while True:
                 view = self._router.pick(time.monotonic(), tried)
                 tried.append(view)
+                rebuild = Rebuild(request_id, tuple(prompt_token_ids))  # a retry starts over
                 self._owners[request_id] = view
                 view.in_flight += 1
                 view.routed += 1
@@ -161,7 +162,9 @@ class ReplicaSetClient:
                             raise item.error()
                         output = rebuild.apply(item)
                         settled = output.finished
-                        delivered = True
+                        # an output with no answer token and no commit event yet (a diffusion
+                        # step that committed later positions only) leaves nothing to resume
+                        delivered = delivered or bool(output.token_ids or output.events)
                         yield output
                         if settled:
                             return

@@ -4,8 +4,8 @@ replicas as Ray Serve deployments.
 The ingress is the usual FastAPI app (``server/app.py``) over a ``ReplicaSetClient``, served by
 ``server/runner.run_server`` as with one engine, so streaming, client-disconnect aborts, the
 error envelope, backpressure (503 + Retry-After) and the SIGTERM drain are the same code. It
-listens at once; Ray start-up and the deployments happen in the client's ``start()`` (health
-answers 503 ``loading`` meanwhile). Ray Serve's own HTTP proxy is not started.
+listens once Ray is up; the deployments (each replica loads the model) happen in the client's
+``start()`` while health answers 503 ``loading``. Ray Serve's own HTTP proxy is not started.
 
 Ray: ``ray.init()`` connects to the cluster ``RAY_ADDRESS`` names, else starts a local
 instance that ends with this process. Replica ``i`` is the Ray Serve application
@@ -69,8 +69,7 @@ class RayDeployer:
 
         from optimus.replicas.replica import EngineReplica
 
-        if not ray.is_initialized():
-            ray.init(include_dashboard=None if self.joined else False, log_to_driver=True)
+        self.connect()
         serve.start(proxy_location=ProxyLocation.Disabled)
         sc = self.engine_config.scheduler
         capacity = sc.max_running + sc.max_waiting
@@ -92,11 +91,12 @@ class RayDeployer:
         return [ReplicaView(str(i), handle, capacity) for i, handle in enumerate(handles)]
 
     def _teardown(self) -> None:
-        """Delete our applications (on a shared cluster nothing of ours stays behind)."""
+        """On a cluster we joined, delete our applications (nothing of ours stays behind); a
+        local instance ends with ``close``."""
         import ray
         from ray import serve
 
-        if not ray.is_initialized():
+        if not ray.is_initialized() or not self.joined:
             return
         for app in self._apps:
             try:
@@ -108,6 +108,14 @@ class RayDeployer:
     def joined(self) -> bool:
         """A cluster is named: join it (else ``ray.init`` starts or finds a local instance)."""
         return bool(os.environ.get("RAY_ADDRESS"))
+
+    def connect(self) -> None:
+        """Start or join Ray, on the main thread: a driver whose Ray was started on another
+        thread aborts in ``ray.shutdown()``."""
+        import ray
+
+        if not ray.is_initialized():
+            ray.init(include_dashboard=None if self.joined else False, log_to_driver=True)
 
     def close(self) -> None:
         """Disconnect from Ray, on the main thread (Ray's core worker must not be shut down
@@ -129,6 +137,7 @@ def serve_replicas(engine_config: EngineConfig, server_config: ServerConfig, log
     from optimus.server.runner import run_server
 
     deployer = RayDeployer(engine_config, server_config, log_level)
+    deployer.connect()
     try:
         return run_server(ReplicaSetClient(engine_config, deployer), server_config, log_level=log_level)
     finally:
