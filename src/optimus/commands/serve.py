@@ -1,6 +1,7 @@
 """``optimus serve``: the OpenAI-compatible HTTP server. By default the engine's step loop runs
 in its own process and HTTP front-end processes talk to it (``server/processes.py``);
-``--no-engine-process`` keeps the loop in a thread of the one server process."""
+``--no-engine-process`` keeps the loop in a thread of the one server process; ``--replicas N``
+(N > 1) puts N engines on Ray Serve behind one ingress (``replicas/launch.py``)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def serve(engine_config: EngineConfig, server_config: ServerConfig, log_level: str = "info",
           factory: Callable[[EngineConfig], object] | None = None) -> int:
     """Run the server until a signal; the exit status. ``factory`` builds the Engine (harnesses)."""
+    if server_config.replicas > 1:
+        if factory is not None:
+            raise ValueError("--replicas builds its engines in Ray actors: no engine factory")
+        from optimus.replicas.launch import serve_replicas
+        return serve_replicas(engine_config, server_config, log_level)
     if server_config.engine_process:
         from optimus.server.processes import ServePlan, serve_processes
         return serve_processes(ServePlan(engine_config, server_config, log_level, factory))

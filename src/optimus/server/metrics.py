@@ -3,7 +3,9 @@
 Request-side series (token counters, TTFT, inter-token, end-to-end and queue-time histograms)
 are observed by the server as outputs stream; engine-side series (running/waiting, KV usage,
 steps, positions computed, tokens committed, chosen chunk sizes) are read from
-``engine.metrics()`` at scrape time by a collector."""
+``engine.metrics()`` at scrape time by a collector. An engine made of replicas
+(``replicas/client.py``) also offers ``replica_metrics()``: its engine series are then summed
+over the replicas and repeated per replica as ``optimus_replica_*{replica}``."""
 
 from __future__ import annotations
 
@@ -57,6 +59,8 @@ class EngineCollector:
         for size, count in sorted((m.chunk_size_counts if m else {}).items()):
             chunks.add_metric([str(size)], float(count))
         yield chunks
+        if hasattr(self._engine, "replica_metrics") and getattr(self._engine, "ready", False):
+            yield from _replica_families(self._engine)
 
     def _snapshot(self):
         if not getattr(self._engine, "ready", False):
@@ -65,6 +69,33 @@ class EngineCollector:
             return self._engine.metrics()
         except Exception:  # a dead engine must not break the scrape
             return None
+
+
+_REPLICA_GAUGES = {  # name -> (doc, value of a ReplicaSample)
+    "optimus_replica_up": ("1 while the replica answers and its engine is ready", lambda r: int(r.up)),
+    "optimus_replica_num_requests_running": ("requests decoding in the replica", lambda r: r.metrics.running),
+    "optimus_replica_num_requests_waiting": ("requests queued in the replica", lambda r: r.metrics.waiting),
+    "optimus_replica_kv_cache_usage_ratio": ("fraction of the replica's KV pages in use", lambda r: r.metrics.kv_usage),
+    "optimus_replica_requests_in_flight": ("requests the ingress has open on the replica", lambda r: r.in_flight),
+}
+_REPLICA_COUNTERS = {
+    "optimus_replica_requests_routed": ("engine requests the ingress sent to the replica", lambda r: r.routed),
+    "optimus_replica_engine_steps": ("forward steps the replica ran (since it last started)", lambda r: r.metrics.steps),
+    "optimus_replica_lost": ("times the ingress saw the replica die or stop answering", lambda r: r.lost),
+}
+
+
+def _replica_families(engine):
+    """Per-replica series (label ``replica``) and the ingress's retry counter."""
+    samples = engine.replica_metrics()
+    for table, kind in ((_REPLICA_GAUGES, GaugeMetricFamily), (_REPLICA_COUNTERS, CounterMetricFamily)):
+        for name, (doc, value) in table.items():
+            family = kind(name, doc, labels=["replica"])
+            for sample in samples:
+                family.add_metric([sample.name], float(value(sample)))
+            yield family
+    yield CounterMetricFamily("optimus_replica_retries", "requests sent again to another replica after theirs "
+                              "was lost before any output", value=float(getattr(engine, "retries", 0)))
 
 
 class ServerMetrics:

@@ -1,0 +1,120 @@
+"""What crosses the Ray boundary between the ingress and a replica: plain frozen dataclasses.
+
+A replica streams one ``StreamDelta`` per engine output of a request (or one ``Refusal`` and
+nothing else). Invariant: applying a request's deltas in order to an empty answer rebuilds the
+replica's cumulative ``RequestOutput`` exactly (``Rebuild``), so only what changed travels."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from optimus.core.errors import EngineDeadError, QueueFullError, RequestFailedError
+from optimus.core.outputs import CommitEvent, RequestOutput, RequestStats
+from optimus.engine.stats import EngineMetrics
+
+
+@dataclass(frozen=True)
+class ReplicaInfo:
+    """What the ingress needs from a loaded replica to tokenize, check and answer requests."""
+
+    spec: Any  # ModelSpec
+    tokenizer: Any  # models.tokenizer.Tokenizer (pickles without its compiled templates)
+    max_model_len: int
+    model_name: str
+    block_size: int
+    pid: int
+    node: str
+
+
+@dataclass(frozen=True)
+class ReplicaStatus:
+    """One replica's load, as polled by the ingress. ``queue_depth`` = running + waiting."""
+
+    ready: bool
+    pid: int
+    metrics: EngineMetrics = field(default_factory=EngineMetrics)
+
+    @property
+    def queue_depth(self) -> int:
+        return self.metrics.running + self.metrics.waiting
+
+
+@dataclass(frozen=True)
+class StreamDelta:
+    """One output of a request: ``token_ids[:base]`` and ``text[:text_base]`` are unchanged
+    since the previous delta; ``new_ids`` and ``new_text`` replace what followed."""
+
+    base: int
+    new_ids: tuple[int, ...]
+    text_base: int
+    new_text: str
+    finished: bool
+    finish_reason: str | None
+    stats: RequestStats | None  # with the last delta only
+    events: tuple[CommitEvent, ...] = ()
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """The replica did not run the request (or ended it with an error)."""
+
+    kind: str  # "queue_full" | "invalid" | "dead" | "failed"
+    message: str
+
+    def error(self) -> BaseException:
+        if self.kind == "queue_full":
+            return QueueFullError(self.message)
+        if self.kind == "invalid":
+            return ValueError(self.message)
+        if self.kind == "dead":
+            return EngineDeadError(self.message)
+        return RequestFailedError("internal error while decoding this request")
+
+
+def refusal_of(exc: BaseException) -> Refusal:
+    """The ``Refusal`` for an exception ``AsyncEngine.generate`` or ``score`` raised."""
+    if isinstance(exc, QueueFullError):
+        return Refusal("queue_full", str(exc))
+    if isinstance(exc, EngineDeadError):
+        return Refusal("dead", str(exc))
+    if isinstance(exc, ValueError):
+        return Refusal("invalid", str(exc))
+    return Refusal("failed", f"{type(exc).__name__}")
+
+
+def _common_prefix(a, b) -> int:
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def delta_of(previous: RequestOutput | None, output: RequestOutput, events: bool) -> StreamDelta:
+    """The delta that takes ``previous`` (None: nothing yet) to ``output``."""
+    ids, text = (previous.token_ids, previous.text) if previous is not None else ((), "")
+    base, text_base = _common_prefix(ids, output.token_ids), _common_prefix(text, output.text)
+    return StreamDelta(base, tuple(output.token_ids[base:]), text_base, output.text[text_base:], output.finished,
+                       output.finish_reason, output.stats if output.finished else None,
+                       tuple(output.events) if events else ())
+
+
+class Rebuild:
+    """The ingress side of one request's stream: deltas -> cumulative ``RequestOutput``."""
+
+    def __init__(self, request_id: str, prompt_ids: tuple[int, ...]) -> None:
+        self.request_id, self.prompt_ids = request_id, prompt_ids
+        self.ids: tuple[int, ...] = ()
+        self.text = ""
+        self.stats = RequestStats()
+
+    def apply(self, delta: StreamDelta) -> RequestOutput:
+        self.ids = self.ids[:delta.base] + delta.new_ids
+        self.text = self.text[:delta.text_base] + delta.new_text
+        if delta.stats is not None:
+            self.stats = delta.stats
+        return RequestOutput(self.request_id, self.prompt_ids, self.ids, self.text, delta.finished,
+                             delta.finish_reason, self.stats, delta.events)
