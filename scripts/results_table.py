@@ -329,7 +329,8 @@ def tau_profile(d: dict) -> list:
     tau = d.get("tau_per_chunk", {})
     rows = [(f"tau at chunk {' / '.join(tau)}", " / ".join(f"{float(v):.2f}" for v in tau.values()))]
     if "prompts" in d:
-        rows.append(("prompts (tasks)", f"{d['prompts']} ({d.get('tasks', '?')})"))
+        source = d.get("tasks") or d.get("prompt_file", "?")
+        rows.append(("prompts (tasks or prompt file)", f"{d['prompts']} ({source})"))
     return rows
 
 
@@ -410,6 +411,9 @@ BENCHMARKS = [
     ("tau_profile_tasks", "Default model: tau per chunk size, other tasks", "`optimus eval --tau-profile`.", tau_profile),
     ("acceptance", "Default model: acceptance profile (replayed by the GPU benchmarks)",
      "`optimus bench acceptance`.", tau_profile),
+    ("acceptance_prose", "Default model: acceptance on free prose and chat (the `prose` regime)",
+     "`optimus bench acceptance --prompts benchmarks/prompts/acceptance_prose.jsonl`: 40 prose continuations and chat "
+     "prompts, ShareGPT-like output lengths.", tau_profile),
     ("samples", "Default model: samples and CPU latency", "Greedy answers and a 64-token answer's latency.", samples),
     ("train", "Default model: training run", "`python -m optimus_lab.train fit` (base run).", train),
     ("finetune", "Default model: chunk-robust fine-tune", "`python -m optimus_lab.train fit --chunk-mix 0.8`.", finetune),

@@ -52,6 +52,8 @@ def test_the_replay_of_real_8b_shows_its_calibrated_window_tau():
 def test_regime_names_resolve_for_benchmarks_and_the_elastic_prior(tmp_path):
     tasks = regimes.resolve("tasks")
     assert tasks == regimes.STORED["tasks"] and load_acceptance(tasks).by_open
+    prose = load_acceptance(regimes.resolve("prose"))  # the default model on free prose: about 1 a step
+    assert prose.by_open and 1.0 <= prose.window_tau()[32] < 1.5 < load_acceptance(tasks).window_tau()[32]
     path = regimes.resolve("real-8b")
     data = json.loads(path.read_text())
     assert set(data) >= {"histograms", "by_open", "tau_per_chunk"}
