@@ -1,8 +1,8 @@
 """``optimus bench host``: the engine's host work per step at many requests, with the device
 left out. The forward returns zeros and the greedy pick draws random tokens and confidences,
-so a step's wall time is its host work alone: planning (scheduler), the batch build, the
-commit (a replayed acceptance regime decides how many positions each window commits) and the
-outputs. The GPU benchmarks report the same work as ``cpu_ms_per_step`` next to real steps.
+so a step's wall time is its host work alone: planning (scheduler, the policy's choice), the
+batch build, the commit (a replayed acceptance regime decides how many positions each window
+commits), the outputs and the feedback (cache cursors, the policy learning from the step). The GPU benchmarks report the same work as ``cpu_ms_per_step`` next to real steps.
 Runs on any machine (CPU)."""
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from optimus.engine.engine import Engine
 from optimus.executor.runner import GreedyPick
 from optimus.policy.elastic.latency import LatencyProfile
 
-PHASES = ("schedule", "build", "commit", "outputs")
+PHASES = ("schedule", "build", "commit", "outputs", "feedback")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -136,4 +136,6 @@ def _time_phases(engine: Engine) -> dict[str, float]:
     wrap(engine.runner, "build", "build")
     wrap(engine.post, "commit_step", "commit")
     wrap(engine.post, "advance", "outputs")
+    wrap(engine.scheduler, "complete_step", "feedback")  # cache cursors, the policy's feedback queued
+    wrap(engine.scheduler, "flush_feedback", "feedback")  # the policy learns from it
     return timers

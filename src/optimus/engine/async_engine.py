@@ -103,6 +103,8 @@ class AsyncEngine:
         self._wake.set()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 5.0)
+        if self.engine is not None and not (self._thread and self._thread.is_alive()):
+            self.engine.close()  # tensor-parallel workers, if any
 
     def mark_dead(self, why: str) -> None:
         """No request can be served any more: fail every stream (clients see a generic
