@@ -146,6 +146,15 @@ def before_after(d: dict) -> list:
     return rows
 
 
+def host_time(d: dict) -> list:
+    rows = []
+    for r in d.get("rows", []):
+        ms = r["full_batch_ms"]
+        parts = " + ".join(f"{k} {ms[k]:.1f}" for k in ("schedule", "build", "commit", "outputs", "feedback") if k in ms)
+        rows.append((f"{r['policy']}, {r['requests']} requests: host ms per step ({parts})", f"{ms['total']:.1f}"))
+    return rows
+
+
 def _best_fixed(values: dict) -> tuple[str, float] | None:
     fixed = {p: v for p, v in values.items() if p.startswith("fixed:") and v is not None}
     return max(fixed.items(), key=lambda kv: kv[1]) if fixed else None
@@ -374,6 +383,10 @@ BENCHMARKS = [
     ("serve_sweep", "Serving over HTTP (SDAR-8B shape)",
      "`optimus bench sweep` against `optimus serve --model random:sdar-8b` (`benchmarks/gpu_serve_sweep.sh`); capacity "
      "is the highest swept rate with the SLO attainment target met.", serve_sweep),
+    ("host_time", "Host work per step at 256 requests (device left out)",
+     "`optimus bench host`: SDAR-8B geometry, prompt 256, output 256, `real-8b` acceptance replayed, the forward "
+     "replaced by zeros; median over the steps where all 256 requests decode. The step's wall time is host work "
+     "alone; the named phases are part of it.", host_time),
     ("matmul", "Forward pass against the matmul rate", "`optimus bench offline --experiments matmul`.", matmul),
     ("step_profile", "Where a decoding step goes",
      "`python -m optimus.bench.experiments.step_profile`; gaps = wall time outside the body and head (the GPU "
