@@ -191,3 +191,19 @@ def test_served_two_ranks_answer_as_one_and_survive_a_lost_rank(tiny_checkpoint,
             time.sleep(0.5)
         assert r.status_code == 200 and r.json()["choices"][0]["text"] == want, server.log()
         assert server.log().count("tensor parallel: 2 ranks joined") == 2
+
+
+def test_rank_zero_stops_waiting_when_a_worker_dies_before_the_group_forms():
+    import threading
+
+    from optimus.parallel.launch import join_watching
+
+    class Worker:
+        name, exitcode = "optimus-tp-rank1", None
+
+    worker, never = Worker(), threading.Event()
+    threading.Timer(0.3, lambda: setattr(worker, "exitcode", 1)).start()
+    with pytest.raises(RuntimeError, match="optimus-tp-rank1 exited with code 1 before the group formed"):
+        join_watching([worker], never.wait, poll_s=0.05)  # a rendezvous that never completes
+    never.set()
+    assert join_watching([Worker()], lambda: "group") == "group"

@@ -8,6 +8,8 @@ import atexit
 import logging
 import multiprocessing as mp
 import os
+import threading
+from collections.abc import Callable
 
 import torch
 
@@ -59,10 +61,34 @@ def start(config: EngineConfig) -> TensorParallel:
                            name=f"optimus-tp-rank{rank}") for rank in range(1, size)]
     for w in workers:
         w.start()
-    group = join_group(0, size, address, rank_device(base, 0))
+    group = join_watching(workers, lambda: join_group(0, size, address, rank_device(base, 0)))
     log.info("tensor parallel: %d ranks joined on %s; worker processes %s", size,
              ", ".join(str(rank_device(base, r)) for r in range(size)), ", ".join(str(w.pid) for w in workers))
     return TensorParallel(group, workers)
+
+
+def join_watching(workers: list, join: Callable[[], TPGroup], poll_s: float = 0.2) -> TPGroup:
+    """``join()`` (rank 0's rendezvous), failing at once when a worker process exits before the
+    group stands, instead of waiting out the rendezvous timeout for a rank that never comes."""
+    result: dict = {}
+
+    def run() -> None:
+        try:
+            result["group"] = join()
+        except BaseException as exc:  # handed to the caller below
+            result["error"] = exc
+
+    thread = threading.Thread(target=run, name="optimus-tp-join", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(poll_s)
+        dead = next((w for w in workers if w.exitcode is not None), None)
+        if dead is not None and thread.is_alive():
+            raise RuntimeError(f"tensor-parallel worker {dead.name} exited with code {dead.exitcode} before the "
+                               "group formed (its error is in the log above)")
+    if "error" in result:
+        raise result["error"]
+    return result["group"]
 
 
 def load_shard(config: EngineConfig, group: TPGroup) -> LoadedModel:
