@@ -6,6 +6,8 @@ cd "$(dirname "$0")/.."
 # an extra one, so PyPI (or a machine's own index) still serves everything else, and torch
 # too where the CPU index cannot be reached. A torch 2.13.0 already installed (a CUDA build
 # on a GPU machine) satisfies the pin and is kept.
-python -m pip install -q "torch==2.13.0" --extra-index-url https://download.pytorch.org/whl/cpu
+# One retry: where the CPU index cannot be reached, pip's default five retries per package
+# (with back-off) only delay the fallback to PyPI by a minute or more.
+python -m pip install -q --retries 1 --timeout 10 "torch==2.13.0" --extra-index-url https://download.pytorch.org/whl/cpu
 python -m pip install -q -e ".[test]"
 python -m pytest "$@"
