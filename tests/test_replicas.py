@@ -33,7 +33,7 @@ def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("replicas")
     os.environ.pop("RAY_ADDRESS", None)  # a local Ray instance of the server's own
     argv = serve_argv("default", "--replicas", "2", "--policy", "fixed:8", "--max-running", "16", "--max-waiting", "112",
-                      "--log-level", "warning")
+                      "--log-level", "info")  # info: the ingress logs each replica's pid when it comes up
     with ServerProcess(argv, root / "server.log") as proc:
         proc.wait_healthy(timeout=240)
         yield proc
@@ -186,22 +186,21 @@ def test_a_burst_over_capacity_gets_503_with_retry_after_never_500(server):
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 4
 
 
-def _replica_pid(app: str) -> int:
-    """The process of Ray Serve replica actor ``app`` (its title: ray::ServeReplica:<app>:engine)."""
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if f"ServeReplica:{app}:engine" in cmdline:
-                return int(proc.name)
-    raise AssertionError(f"no process for replica {app}")
+def _replica_pid(server, replica: str) -> int:
+    """The process of replica ``replica`` of *this* server, as its ingress logged it when the
+    replica came up (a process-title search could find another server's replica), checked
+    against the actor's title (ray::ServeReplica:optimus-replica-<i>:engine)."""
+    pids = re.findall(rf"replica {replica} up \(pid (\d+)\)", server.log())
+    assert pids, server.log()
+    pid = int(pids[-1])
+    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    assert f"ServeReplica:optimus-replica-{replica}:engine" in cmdline, cmdline
+    return pid
 
 
 def test_a_killed_replica_fails_only_its_streamed_requests_and_comes_back(server):
     before = _metrics(server.url)
-    victim = _replica_pid("optimus-replica-0")
+    victim = _replica_pid(server, "0")
     # 48 long streams: each replica runs 16 and queues 8, so the victim holds both kinds
     body = {"max_tokens": 96, "ignore_eos": True}
 
@@ -240,7 +239,7 @@ def test_a_killed_replica_fails_only_its_streamed_requests_and_comes_back(server
     back = _wait_metrics(server.url, lambda t: _per_replica(t, "optimus_replica_up") == {"0": 1.0, "1": 1.0}, 180)
     assert _per_replica(back, "optimus_replica_up") == {"0": 1.0, "1": 1.0}, back
     assert _per_replica(back, "optimus_replica_lost_total")["0"] >= 1
-    assert _replica_pid("optimus-replica-0") != victim
+    assert _replica_pid(server, "0") != victim
     r = httpx.post(server.url + "/v1/completions", json={"prompt": "again", "max_tokens": 4, "ignore_eos": True},
                    timeout=60)
     assert r.status_code == 200
