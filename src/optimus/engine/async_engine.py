@@ -11,11 +11,11 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
 from collections.abc import AsyncIterator, Callable
 
 from optimus.config import EngineConfig
 from optimus.engine.engine import Engine
+from optimus.engine.step_guard import StepGuard
 from optimus.engine.stats import EngineMetrics
 from optimus.core.outputs import RequestOutput
 from optimus.core.params import SamplingParams
@@ -28,7 +28,6 @@ log = logging.getLogger(__name__)
 __all__ = ["AsyncEngine", "EngineDeadError", "EngineMetrics", "QueueFullError", "RequestFailedError"]
 
 # An engine whose steps keep failing after recovery cannot serve: give up after this many in a row.
-MAX_CONSECUTIVE_FAILED_STEPS = 3
 
 
 class AsyncEngine:
@@ -206,32 +205,32 @@ class AsyncEngine:
                     log.exception("adding request %s failed", rid)
                     self._deliver(rid, RequestFailedError(f"could not add the request: {type(exc).__name__}"))
             else:
-                out = self.engine.abort(cmd[1])
+                try:
+                    out = self.engine.abort(cmd[1])
+                except Exception:  # as for adds: the loop goes on
+                    log.exception("aborting request %s failed", cmd[1])
+                    continue
                 if out is not None:
                     self._deliver(cmd[1], out)
 
     def _run(self) -> None:
-        failures = 0  # consecutive steps that raised
+        guard = StepGuard(self.engine)
         while not self._stopping:
             scored = self._score_piece()  # scoring forwards alternate with steps
+            self._handle_commands()
+            if not self.engine.has_work():
+                if not scored:
+                    self._wake.wait(0.05)
+                    self._wake.clear()
+                continue
+            self._step_started = time.monotonic()
             try:
-                self._handle_commands()
-                if not self.engine.has_work():
-                    if not scored:
-                        self._wake.wait(0.05)
-                        self._wake.clear()
-                    continue
-                self._step_started = time.monotonic()
-                outputs = self.engine.step()
-                failures = 0
-            except Exception as exc:
-                failures += 1
-                log.exception("engine step failed (%d in a row); ending its requests", failures)
-                outputs = self._recover(exc, failures)
-                if outputs is None:
-                    return
+                outputs = guard.step()
             finally:
                 self._step_started = None
+            if outputs is None:  # the engine cannot continue
+                self._loop.call_soon_threadsafe(self.mark_dead, guard.why)
+                return
             for out in outputs:
                 self._deliver(out.request_id, out)
 
@@ -245,14 +244,3 @@ class AsyncEngine:
         finally:
             self._step_started = None
 
-    def _recover(self, exc: Exception, failures: int) -> list[RequestOutput] | None:
-        """Restart the loop after a failed step: its requests end with an error, waiting ones
-        stay queued. None once the engine cannot continue (it is then marked dead)."""
-        if failures < MAX_CONSECUTIVE_FAILED_STEPS:
-            try:
-                return self.engine.recover(exc)
-            except Exception:
-                log.exception("engine recovery failed")
-        self._loop.call_soon_threadsafe(
-            self.mark_dead, f"engine loop stopped after {failures} failed steps: {type(exc).__name__}: {exc}")
-        return None

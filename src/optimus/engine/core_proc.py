@@ -33,11 +33,11 @@ from optimus.config import EngineConfig
 from optimus.core.errors import QueueFullError, RequestFailedError
 from optimus.core.outputs import RequestOutput
 from optimus.engine import wire
+from optimus.engine.step_guard import StepGuard
 from optimus.engine.stats import EngineMetrics
 
 log = logging.getLogger("optimus.engine")
 
-MAX_CONSECUTIVE_FAILED_STEPS = 3  # as in AsyncEngine: then the process exits 1 (and is restarted)
 METRICS_PERIOD_S = 0.1
 IDLE_POLL_MS = 100  # an idle loop wakes this often to notice SIGTERM
 METRICS_NOW = ("metrics",)  # outbox item: send a snapshot at once
@@ -121,7 +121,7 @@ class EngineCore:
         return EngineMetrics.of(self.engine.stats, self.step_started)
 
     def run(self) -> int:
-        failures = 0
+        guard = StepGuard(self.engine)  # a failed step ends its requests; 3 in a row end the process
         code = 0
         idle = False  # a metrics snapshot went out since the engine last had work
         try:
@@ -137,32 +137,18 @@ class EngineCore:
                     continue
                 self.step_started = time.monotonic()
                 try:
-                    outputs = self.engine.step()
-                    failures = 0
-                except Exception as exc:
-                    failures += 1
-                    log.exception("engine step failed (%d in a row); ending its requests", failures)
-                    outputs = self._recover(exc, failures)
-                    if outputs is None:
-                        code = 1
-                        break
+                    outputs = guard.step()
                 finally:
                     self.step_started = None
+                if outputs is None:
+                    log.error("%s; the process exits", guard.why)
+                    code = 1
+                    break
                 self.publish(outputs)
         finally:
             self.outbox.close()
             self._inbox.close(linger=0)
         return code
-
-    def _recover(self, exc: Exception, failures: int) -> list[RequestOutput] | None:
-        if failures < MAX_CONSECUTIVE_FAILED_STEPS:
-            try:
-                return self.engine.recover(exc)
-            except Exception:
-                log.exception("engine recovery failed")
-        log.error("engine loop stopped after %d failed steps: %s: %s; the process exits", failures,
-                  type(exc).__name__, exc)
-        return None
 
     # ---- inputs ------------------------------------------------------------------------
     def _read_inbox(self, wait: bool) -> int:

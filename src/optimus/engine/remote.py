@@ -33,6 +33,7 @@ from optimus.core.request import check_request
 from optimus.engine import wire
 from optimus.engine.core_proc import engine_path, frontend_path
 from optimus.engine.remote_stream import RemoteStream
+from optimus.engine.model_facts import ModelFactsView
 from optimus.engine.stats import EngineMetrics
 from optimus.models.detokenizer import IncrementalDetokenizer
 
@@ -57,7 +58,7 @@ class _Pages:
         return -(-tokens // self.page_size)
 
 
-class RemoteEngine:
+class RemoteEngine(ModelFactsView):
     score = forwarded("score")  # likelihoods (lm-eval): run in pieces between the engine's steps
 
     def __init__(self, config: EngineConfig, ipc_dir: str, frontend: int, supervisor) -> None:
@@ -82,27 +83,6 @@ class RemoteEngine:
         self._outbox: zmq.Socket | None = None
         self._sync_ctx = zmq.Context()
         self._reader: asyncio.Task | None = None
-
-    # ---- what the server reads (valid once ready) ----------------------------------------
-    @property
-    def tokenizer(self):
-        return self._info.tokenizer
-
-    @property
-    def spec(self):
-        return self._info.spec
-
-    @property
-    def max_model_len(self) -> int:
-        return self._info.max_model_len
-
-    @property
-    def model_name(self) -> str:
-        return self._info.model_name
-
-    @property
-    def block_size(self) -> int:
-        return self._info.block_size
 
     # ---- lifecycle ---------------------------------------------------------------------
     async def start(self) -> None:

@@ -23,6 +23,7 @@ import msgpack
 
 from optimus.core.outputs import CommitEvent, RequestStats
 from optimus.core.params import SamplingParams
+from optimus.engine.model_facts import ModelFacts
 from optimus.engine.stats import EngineMetrics
 
 # front-end -> engine
@@ -41,14 +42,9 @@ STATS, EVENTS, REFUSED = "s", "e", "r"
 
 
 @dataclass(frozen=True)
-class EngineInfo:
-    """What a front-end needs from a loaded engine to check, tokenize and detokenize requests."""
+class EngineInfo(ModelFacts):
+    """A loaded engine's model facts, and its KV pages and process."""
 
-    spec: Any  # ModelSpec
-    tokenizer: Any  # models.tokenizer.Tokenizer (pickles without its compiled templates)
-    max_model_len: int
-    model_name: str
-    block_size: int
     num_pages: int
     page_size: int
     pid: int

@@ -33,6 +33,7 @@ from optimus.core.errors import EngineDeadError, QueueFullError, RequestFailedEr
 from optimus.core.outputs import RequestOutput
 from optimus.core.params import SamplingParams
 from optimus.core.scoring import ScoreRequest, ScoreResult
+from optimus.engine.model_facts import ModelFactsView
 from optimus.engine.stats import EngineMetrics
 from optimus.replicas.messages import Rebuild, Refusal, ReplicaInfo, ReplicaStatus
 from optimus.replicas.routing import ReplicaView, Router, merged_metrics
@@ -55,7 +56,7 @@ class ReplicaSample:
     lost: int
 
 
-class ReplicaSetClient:
+class ReplicaSetClient(ModelFactsView):
     def __init__(self, config: EngineConfig, deployer, poll_s: float = 0.2, status_timeout_s: float = 2.0) -> None:
         """``deployer``: ``async deploy() -> list[ReplicaView]`` and ``async teardown()``."""
         self.config = config
@@ -72,27 +73,7 @@ class ReplicaSetClient:
         self._poller: asyncio.Task | None = None
         self._background: set[asyncio.Task] = set()
 
-    # ---- what the server reads (valid once ready) ----------------------------------------
-    @property
-    def tokenizer(self):
-        return self._info.tokenizer
-
-    @property
-    def spec(self):
-        return self._info.spec
-
-    @property
-    def max_model_len(self) -> int:
-        return self._info.max_model_len
-
-    @property
-    def block_size(self) -> int:
-        return self._info.block_size
-
-    @property
-    def model_name(self) -> str:
-        return self._info.model_name
-
+    # ---- what the server reads (model facts: ModelFactsView) ----------------------------
     @property
     def replicas(self) -> list[ReplicaView]:
         return self._router.replicas

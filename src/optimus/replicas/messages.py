@@ -7,22 +7,17 @@ replica's cumulative ``RequestOutput`` exactly (``Rebuild``), so only what chang
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 from optimus.core.errors import EngineDeadError, QueueFullError, RequestFailedError
 from optimus.core.outputs import CommitEvent, RequestOutput, RequestStats
+from optimus.engine.model_facts import ModelFacts
 from optimus.engine.stats import EngineMetrics
 
 
 @dataclass(frozen=True)
-class ReplicaInfo:
-    """What the ingress needs from a loaded replica to tokenize, check and answer requests."""
+class ReplicaInfo(ModelFacts):
+    """A loaded replica's model facts, and where it runs."""
 
-    spec: Any  # ModelSpec
-    tokenizer: Any  # models.tokenizer.Tokenizer (pickles without its compiled templates)
-    max_model_len: int
-    model_name: str
-    block_size: int
     pid: int
     node: str
 
