@@ -30,6 +30,7 @@ from optimus.models.errors import (  # noqa: F401  (re-exported: callers catch t
 from optimus.models.registry import ConfigError, Family, UnknownArchitectureError as _UnknownArch
 from optimus.models.registry import check_token_ids, family_for, spec_from_config
 from optimus.models.shapes import SHAPES, random_decoder, shape_config
+from optimus.models.adapter import is_adapter_dir
 from optimus.models.sources import ModelSource, RandomModelName, SourceKind, local_directory, resolve_model
 from optimus.models.spec import ModelSpec
 from optimus.models.transformer import DecoderLM
@@ -77,6 +78,8 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "auto", device: str 
     if source.kind is SourceKind.GGUF:
         return _load_gguf(source, dtype, device, progress, shard)
     root = source.location
+    if is_adapter_dir(root):
+        return _load_adapter(source, dtype, device, progress, shard)
     family, spec = _spec_from_config(_read_json(root / "config.json"))
     tokenizer = _tokenizer_from_dir(root)
     spec = complete_spec(spec, tokenizer)
@@ -90,17 +93,45 @@ def _load_gguf(source: ModelSource, dtype: torch.dtype, device: torch.device, pr
                shard: ShardFor | None) -> LoadedModel:
     """A GGUF file: config, tokenizer and chat template from its metadata, weights dequantized
     tensor by tensor to ``dtype``."""
+    family, config, tokenizer, entries = _gguf_parts(source.location, progress)
+    _, spec = _spec_from_config(config, f"GGUF file {source.location}: ")
+    spec = complete_spec(spec, tokenizer)
+    model = _build_model(spec, family, entries, dtype, device, shard and shard(spec))
+    return LoadedModel(model, spec, tokenizer, {}, source.identity)
+
+
+def _gguf_parts(path: Path, progress: bool) -> tuple[Family, dict, Tokenizer, Iterator[TensorEntry]]:
     from optimus.models.gguf import GGUFFile
     from optimus.models.gguf_tokenizer import tokenizer_from_gguf
 
-    file = GGUFFile(source.location)
-    family, spec = _spec_from_config(file.config(), f"GGUF file {file.path}: ")
-    tokenizer = tokenizer_from_gguf(file)
-    spec = complete_spec(spec, tokenizer)
+    file = GGUFFile(path)
+    config = file.config()
+    family, _ = _spec_from_config(config, f"GGUF file {file.path}: ")
     bar = tqdm(list(file.tensors()), desc="Dequantizing", unit="tensor", disable=not progress)
     entries = ((t.source, None if t.name is None else family.rename(t.name), t.shape, t.read) for t in bar)
-    model = _build_model(spec, family, entries, dtype, device, shard and shard(spec))
-    return LoadedModel(model, spec, tokenizer, {}, source.identity)
+    return family, config, tokenizer_from_gguf(file), entries
+
+
+def _load_adapter(source: ModelSource, dtype: torch.dtype, device: torch.device, progress: bool,
+                  shard: ShardFor | None) -> LoadedModel:
+    """An adapter directory (:mod:`optimus.models.adapter`): its config.json over the base's
+    tensors, each changed by the adapter as it is read; the base's tokenizer."""
+    from optimus.models.adapter import AdapterWeights, read_adapter_config, resolve_base
+    root = source.location
+    cfg = read_adapter_config(root)
+    family, spec = _spec_from_config(_read_json(root / "config.json"))
+    weights = AdapterWeights(root, cfg)
+    base = resolve_base(cfg, progress)
+    if base.is_dir():
+        base_family, _ = _spec_from_config(_read_json(base / "config.json"))
+        tokenizer = _tokenizer_from_dir(base)
+        entries = _safetensors_entries(_weight_files(base), base_family, device, progress)
+    else:
+        _, _, tokenizer, entries = _gguf_parts(base, progress)
+    spec = complete_spec(spec, tokenizer)
+    generation_config = _read_json(root / "generation_config.json", required=False)
+    model = _build_model(spec, family, weights.apply(entries), dtype, device, shard and shard(spec))
+    return LoadedModel(model, spec, tokenizer, generation_config, source.identity)
 
 
 def load_random_model(name: RandomModelName, dtype: str | torch.dtype = "auto",

@@ -147,7 +147,9 @@ def _sdar_spec(cfg: dict) -> ModelSpec:
         raise ConfigError(f"config field block_size={block} must be positive")
     eos = _get(cfg, "eos_token_id", default=151645)
     extra = _ids(cfg.get("eot_token_id"))
-    return ModelSpec("sdar", _qwen_arch(cfg, qk_norm=True, qkv_bias=False), AttentionKind.BLOCK_CAUSAL,
+    # SDAR checkpoints are Qwen3 (q/k norms); one converted from a Llama base has none.
+    qk_norm = bool(_get(cfg, "use_qk_norm", default=True))
+    return ModelSpec("sdar", _qwen_arch(cfg, qk_norm=qk_norm, qkv_bias=False), AttentionKind.BLOCK_CAUSAL,
                      logit_shift=False, mask_id=_get(cfg, "mask_token_id", default=151669),
                      eos_ids=tuple(dict.fromkeys(_ids(eos) + extra)), pad_id=cfg.get("pad_token_id"),
                      bos_id=cfg.get("bos_token_id"), block_size=block)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from optimus_lab.train.attention import DenseMasks, TrainBackend
@@ -17,7 +16,7 @@ def heldout_text_loss(loaded, rows_path: Path, max_rows: int = 32, batch: int = 
     """Mean cross entropy (nats) per masked token over packed held-out rows."""
     spec, model = loaded.spec, loaded.model
     seq_len = min(spec.arch.max_position, 512)
-    rows = torch.from_numpy(load_rows(rows_path, seq_len)[:max_rows].astype(np.int64))
+    rows = torch.from_numpy(load_rows(rows_path, seq_len)[:max_rows])
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed)
     total, count = 0.0, 0

@@ -1,8 +1,10 @@
-"""``python -m optimus_lab.train prepare|fit``: rebuild the default model's data and weights.
+"""``python -m optimus_lab.train prepare|selfchat|fit``: rebuild the shipped models' data and weights.
 
 prepare: cleaned sources -> tokenizer + packed rows (see ``prepare.py``).
+selfchat: an AR chat model writes and answers its own questions -> packed rows (``selfchat.py``).
 fit: train on packed rows and write an HF directory (see ``loop.py``); ``--preset tiny`` is the
-CPU smoke configuration.
+CPU smoke configuration; ``--base MODEL`` converts a pretrained AR model instead (an adapter
+directory, ``convert.py``).
 """
 
 from __future__ import annotations
@@ -29,6 +31,19 @@ def _prepare(args) -> None:
     print(json.dumps(prepare(cfg)))
 
 
+def _selfchat(args) -> None:
+    from optimus.engine.llm import LLM
+    from optimus_lab.train.selfchat import SelfChatConfig, generate_conversations, write_dataset
+    llm = LLM(args.base, policy="ar", device=args.device, max_running=args.max_running)
+    tok = llm.tokenizer
+    ids = {"mask_id": args.mask_id, "eos_id": tok.end_of_turn_id, "fill_id": tok.token_to_id(args.fill_token)}
+    if None in ids.values():
+        raise SystemExit(f"{args.base}: the tokenizer lacks an end-of-turn token or {args.fill_token!r}: {ids}")
+    cfg = SelfChatConfig(conversations=args.conversations, max_answer_tokens=args.max_answer_tokens, seed=args.seed)
+    convs = generate_conversations(llm, cfg, ids["eos_id"])
+    print(json.dumps(write_dataset(convs, Path(args.out), cfg, ids, args.seq_len, args.block)))
+
+
 def _train_with_fallback(cfg):
     """flex_attention under torch.compile is the fast path; if it fails to build on this
     torch/GPU, fall back to compiled dense-mask SDPA, then to eager, rather than lose the run."""
@@ -52,19 +67,27 @@ def _train_with_fallback(cfg):
 
 def _fit(args) -> None:
     from optimus_lab.train.loop import TrainConfig
-    shape = replace(PRESETS[args.preset], vocab_size=args.vocab_size, max_position=args.seq_len)
+    shape = replace(PRESETS[args.preset], vocab_size=args.vocab_size, max_position=args.seq_len, block_size=args.block)
     cfg = TrainConfig(data_dir=Path(args.data), out_dir=Path(args.out), shape=shape, seq_len=args.seq_len,
                       batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup, max_steps=args.steps,
                       train_seconds=args.seconds, device=args.device, compile=not args.no_compile,
                       attention=args.attention, log_every=args.log_every, val_every=args.val_every,
                       text_fraction=args.text_fraction, chunk_mix=args.chunk_mix,
                       max_shard_bytes=args.shard_mb * 2**20 if args.shard_mb else None,
-                      init_dir=Path(args.init) if args.init else None)
+                      init_dir=Path(args.init) if args.init else None, conversion=_conversion(args),
+                      heldout="chat_val" if args.base else "text_val")
     trainer, summary = _train_with_fallback(cfg)
-    summary["heldout_text_loss"] = trainer.heldout_loss("text_val")
+    summary["heldout_text_loss" if cfg.conversion is None else "heldout_loss"] = trainer.heldout_loss()
     summary["params"] = sum(p.numel() for p in trainer.model.parameters())
     print(json.dumps(summary), flush=True)
     trainer.save(Path(args.out), {"summary": summary})
+
+
+def _conversion(args):
+    if not args.base:
+        return None
+    from optimus_lab.train.convert import Conversion
+    return Conversion(args.base, args.lora_rank, args.lora_alpha or 2.0 * args.lora_rank, args.base_name)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -94,11 +117,27 @@ def main(argv: list[str] | None = None) -> None:
                    help="share of blocks trained as decoding chunks (robust chunked decoding)")
     f.add_argument("--init", default=None, help="fine-tune: start from this HF directory's weights")
     f.add_argument("--shard-mb", type=int, default=0, help="split weights into shards of this size")
-    for q in (p, f):
+    f.add_argument("--base", default=None, help="convert this AR model (what --model takes) with a low-rank adapter")
+    f.add_argument("--base-name", default=None, help="the base's name in the adapter (default: --base)")
+    f.add_argument("--lora-rank", type=int, default=16)
+    f.add_argument("--lora-alpha", type=float, default=0.0, help="default: 2 x rank")
+    c = sub.add_parser("selfchat")
+    c.add_argument("--base", required=True, help="the AR chat model that writes the conversations")
+    c.add_argument("--out", required=True)
+    c.add_argument("--conversations", type=int, default=20_000)
+    c.add_argument("--max-answer-tokens", type=int, default=512)
+    c.add_argument("--mask-id", type=int, required=True, help="a token id the tokenizer never emits for text")
+    c.add_argument("--fill-token", default="<|endoftext|>", help="fills an answer's last block")
+    c.add_argument("--max-running", type=int, default=512)
+    c.add_argument("--device", default="cuda")
+    c.add_argument("--seed", type=int, default=0)
+    for q in (p, f, c):
         q.add_argument("--vocab-size", type=int, default=8192)
         q.add_argument("--seq-len", type=int, default=512)
+    for q in (f, c):
+        q.add_argument("--block", type=int, default=32, help="denoising block (selfchat: examples align to it)")
     args = parser.parse_args(argv)
-    _prepare(args) if args.cmd == "prepare" else _fit(args)
+    {"prepare": _prepare, "selfchat": _selfchat, "fit": _fit}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from optimus.models.registry import spec_from_config
+from optimus.models.spec import ArchConfig
 from optimus.models.transformer import DecoderLM
 
 
@@ -34,23 +35,32 @@ class ModelShape:
 
 
 def hf_config(shape: ModelShape, mask_id: int, eos_id: int, eot_id: int, pad_id: int) -> dict:
-    return {
+    arch = ArchConfig(vocab_size=shape.vocab_size, hidden_size=shape.hidden_size, num_layers=shape.num_layers,
+                      num_heads=shape.num_heads, num_kv_heads=shape.num_kv_heads, head_dim=shape.head_dim,
+                      intermediate_size=shape.intermediate_size, rope_theta=shape.rope_theta, qk_norm=True,
+                      tie_embeddings=True, max_position=shape.max_position)
+    return sdar_config(arch, shape.block_size, mask_id, eos_id, eot_id, pad_id)
+
+
+def sdar_config(arch: ArchConfig, block_size: int, mask_id: int, eos_id: int, eot_id: int, pad_id: int) -> dict:
+    """config.json of a block-diffusion model of ``arch``'s shape (Qwen3 field names)."""
+    config = {
         "architectures": ["SDARForCausalLM"],
         "model_type": "sdar",
-        "vocab_size": shape.vocab_size,
-        "hidden_size": shape.hidden_size,
-        "num_hidden_layers": shape.num_layers,
-        "num_attention_heads": shape.num_heads,
-        "num_key_value_heads": shape.num_kv_heads,
-        "head_dim": shape.head_dim,
-        "intermediate_size": shape.intermediate_size,
+        "vocab_size": arch.vocab_size,
+        "hidden_size": arch.hidden_size,
+        "num_hidden_layers": arch.num_layers,
+        "num_attention_heads": arch.num_heads,
+        "num_key_value_heads": arch.num_kv_heads,
+        "head_dim": arch.head_dim,
+        "intermediate_size": arch.intermediate_size,
         "hidden_act": "silu",
-        "max_position_embeddings": shape.max_position,
-        "rope_theta": shape.rope_theta,
-        "rms_norm_eps": 1e-6,
-        "attention_bias": False,
-        "tie_word_embeddings": True,
-        "block_size": shape.block_size,
+        "max_position_embeddings": arch.max_position,
+        "rope_theta": arch.rope_theta,
+        "rms_norm_eps": arch.rms_eps,
+        "attention_bias": arch.qkv_bias,
+        "tie_word_embeddings": arch.tie_embeddings,
+        "block_size": block_size,
         "mask_token_id": mask_id,
         "eos_token_id": eos_id,  # <|im_end|>: ends an answer
         "eot_token_id": eot_id,  # <|endoftext|>: fills the rest of the last block
@@ -58,6 +68,15 @@ def hf_config(shape: ModelShape, mask_id: int, eos_id: int, eot_id: int, pad_id:
         "bos_token_id": None,
         "torch_dtype": "bfloat16",
     }
+    if not arch.qk_norm:  # converted from a Llama-layout base
+        config["use_qk_norm"] = False
+    return config
+
+
+def generation_config(config: dict) -> dict:
+    return {"block_size": config["block_size"], "mask_token_id": config["mask_token_id"],
+            "eos_token_id": [config["eos_token_id"], config["eot_token_id"]],
+            "pad_token_id": config["pad_token_id"], "threshold": 0.9, "max_new_tokens": 128}
 
 
 def build_model(config: dict) -> DecoderLM:
@@ -119,10 +138,7 @@ def write_hf_dir(out_dir: Path, config: dict, state: dict[str, torch.Tensor], to
                  max_shard_bytes: int | None = None) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    gen = {"block_size": config["block_size"], "mask_token_id": config["mask_token_id"],
-           "eos_token_id": [config["eos_token_id"], config["eot_token_id"]],
-           "pad_token_id": config["pad_token_id"], "threshold": 0.9, "max_new_tokens": 128}
-    (out_dir / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    (out_dir / "generation_config.json").write_text(json.dumps(generation_config(config), indent=2) + "\n")
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tokenizer_dir / name, out_dir / name)
     save_weights(state, out_dir, max_shard_bytes)

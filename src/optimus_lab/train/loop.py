@@ -9,10 +9,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from optimus_lab.train import checkpoint
+from optimus_lab.train import checkpoint, convert
+from optimus_lab.train.convert import Conversion
 from optimus_lab.train.attention import DenseMasks, FlexMasks, TrainBackend
 from optimus_lab.train.objective import NoisedBatch, chunk_segments, masked_ce, noise, weighted_loss
 from optimus_lab.train.pack import load_rows
@@ -43,6 +43,8 @@ class TrainConfig:
     attention: str = "flex"  # "flex" (GPU) or "mask" (dense SDPA)
     max_shard_bytes: int | None = None
     init_dir: Path | None = None  # start from this HF directory's weights (fine-tuning) instead of random
+    conversion: "Conversion | None" = None  # convert a pretrained AR model (low-rank adapter) instead
+    heldout: str = "text_val"  # the held-out rows the log reports a loss on
 
 
 class RowSampler:
@@ -50,8 +52,10 @@ class RowSampler:
 
     def __init__(self, cfg: TrainConfig, device: torch.device) -> None:
         def load(name: str) -> torch.Tensor:
-            rows = load_rows(cfg.data_dir / f"{name}.bin.gz", cfg.seq_len).astype(np.int32)
-            return torch.from_numpy(rows).to(device)
+            path = cfg.data_dir / f"{name}.bin.gz"
+            if not path.exists():  # a chat-only data set (self-generated conversations)
+                return torch.zeros(0, cfg.seq_len, dtype=torch.int64, device=device)
+            return torch.from_numpy(load_rows(path, cfg.seq_len)).to(device)
         self.text, self.chat = load("text_train"), load("chat_train")
         self.n_text = round(cfg.batch_size * cfg.text_fraction) if len(self.text) else 0
         self.n_chat = cfg.batch_size - self.n_text
@@ -87,17 +91,11 @@ class Trainer:
         self.cfg = cfg
         self.device = torch.device(cfg.device)
         meta = json.loads((cfg.data_dir / "meta.json").read_text())
-        tok = json.loads((cfg.data_dir / "tokenizer.json").read_text())
-        ids = {t["content"]: t["id"] for t in tok["added_tokens"]}
-        self.hf_config = checkpoint.hf_config(cfg.shape, mask_id=ids["<|mask|>"], eos_id=ids["<|im_end|>"],
-                                              eot_id=ids["<|endoftext|>"], pad_id=ids["<|endoftext|>"])
-        assert meta["vocab_size"] <= cfg.shape.vocab_size
         torch.manual_seed(cfg.seed)
-        self.model = checkpoint.build_model(self.hf_config)
-        if cfg.init_dir is None:
-            init_weights(self.model, cfg.shape.num_layers)
+        if cfg.conversion is not None:  # the data set names the ids (selfchat.write_dataset)
+            self.hf_config, self.model = convert.build(cfg.conversion, meta["ids"], cfg.shape.block_size)
         else:
-            checkpoint.load_weights(self.model, cfg.init_dir)
+            self.hf_config, self.model = self._fresh_model(cfg, meta)
         self.model.to(self.device)
         self.mask_id, self.block = self.hf_config["mask_token_id"], cfg.shape.block_size
         self.sampler = RowSampler(cfg, self.device)
@@ -107,9 +105,24 @@ class Trainer:
         self.step_fn = torch.compile(self._loss) if cfg.compile else self._loss
         self.log: list[dict] = []
 
+    @staticmethod
+    def _fresh_model(cfg: TrainConfig, meta: dict) -> tuple[dict, torch.nn.Module]:
+        tok = json.loads((cfg.data_dir / "tokenizer.json").read_text())
+        ids = {t["content"]: t["id"] for t in tok["added_tokens"]}
+        config = checkpoint.hf_config(cfg.shape, mask_id=ids["<|mask|>"], eos_id=ids["<|im_end|>"],
+                                      eot_id=ids["<|endoftext|>"], pad_id=ids["<|endoftext|>"])
+        assert meta["vocab_size"] <= cfg.shape.vocab_size
+        model = checkpoint.build_model(config)
+        if cfg.init_dir is None:
+            init_weights(model, cfg.shape.num_layers)
+        else:
+            checkpoint.load_weights(model, cfg.init_dir)
+        return config, model
+
     def _optimizer(self) -> torch.optim.Optimizer:
-        decay = [p for n, p in self.model.named_parameters() if p.dim() >= 2]
-        other = [p for n, p in self.model.named_parameters() if p.dim() < 2]
+        trained = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        decay = [p for n, p in trained if p.dim() >= 2]
+        other = [p for n, p in trained if p.dim() < 2]
         groups = [{"params": decay, "weight_decay": self.cfg.weight_decay}, {"params": other, "weight_decay": 0.0}]
         fused = self.device.type == "cuda"
         return torch.optim.AdamW(groups, lr=self.cfg.lr, betas=(0.9, 0.95), fused=fused)
@@ -149,7 +162,7 @@ class Trainer:
             if step % cfg.log_every == 0 or step == 1:
                 self._record(step, elapsed, loss, gnorm)
             if cfg.val_every and step % cfg.val_every == 0:
-                row = {"step": step, "seconds": round(elapsed, 2), "heldout_text_loss": self.heldout_loss()}
+                row = {"step": step, "seconds": round(elapsed, 2), "heldout_loss": self.heldout_loss(cfg.heldout)}
                 self.log.append(row)
                 print(json.dumps(row), flush=True)
         return {"steps": step, "seconds": elapsed, "tokens": step * cfg.batch_size * cfg.seq_len}
@@ -161,10 +174,12 @@ class Trainer:
         print(json.dumps(row), flush=True)
 
     @torch.no_grad()
-    def heldout_loss(self, name: str = "text_val", max_rows: int = 256) -> float:
+    def heldout_loss(self, name: str | None = None, max_rows: int = 256) -> float:
         """Mean CE per masked token on held-out rows, fixed noise seed (comparable across runs)."""
-        path = self.cfg.data_dir / f"{name}.bin.gz"
-        rows = torch.from_numpy(load_rows(path, self.cfg.seq_len)[:max_rows].astype(np.int32)).to(self.device)
+        path = self.cfg.data_dir / f"{name or self.cfg.heldout}.bin.gz"
+        if not path.exists():
+            return float("nan")
+        rows = torch.from_numpy(load_rows(path, self.cfg.seq_len)[:max_rows]).to(self.device)
         if len(rows) == 0:
             return float("nan")
         gen = torch.Generator(device=self.device).manual_seed(1234)
@@ -177,7 +192,10 @@ class Trainer:
         return float(total / count.clamp(min=1))
 
     def save(self, out_dir: Path, extra: dict) -> None:
-        state = checkpoint.bf16_state(self.model)
-        checkpoint.write_hf_dir(out_dir, self.hf_config, state, self.cfg.data_dir, self.cfg.max_shard_bytes)
+        if self.cfg.conversion is not None:
+            convert.save(self.cfg.conversion, self.hf_config, self.model, out_dir)
+        else:
+            state = checkpoint.bf16_state(self.model)
+            checkpoint.write_hf_dir(out_dir, self.hf_config, state, self.cfg.data_dir, self.cfg.max_shard_bytes)
         log = {"config": {k: str(v) for k, v in asdict(self.cfg).items()}, "log": self.log, **extra}
         (out_dir / "train_log.json").write_text(json.dumps(log, indent=1) + "\n")

@@ -69,7 +69,7 @@ def chunk_segments(batch: int, length: int, block: int, chunk_mix: float,
 
 
 def split_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Packed uint16-as-int rows [B, L] -> (token ids, noisable bool)."""
+    """Packed rows [B, L] (ids with CLEAN_FLAG on prompt tokens) -> (token ids, noisable bool)."""
     rows = rows.long()
     return rows & (CLEAN_FLAG - 1), (rows & CLEAN_FLAG) == 0
 
