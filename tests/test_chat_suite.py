@@ -164,3 +164,27 @@ def test_format_table_without_an_ar_row():
            "prose": {"nll": 2.0, "rep4": 0.1, "length": 40.0}, "tau": {"mean": 3.25}, "seconds": 1, "vs_ar": None}
     table = format_table({"configs": {"elastic": row}}).splitlines()
     assert len(table) == 3 and table[2].startswith("| elastic | dllm | 0.500 | - | 2.000 | - |")
+
+
+# ---------------------------------------------------------------- the command
+
+def test_cli_chat_suite(tmp_path, capsys):
+    from optimus.cli import main
+    out = tmp_path / "chat.json"
+    rc = main(["eval", "--suite", "chat", "--model", DLLM, "--base", AR, "--configs", "ar,fixed:4",
+               "--limit", "1", "--max-tokens", "4", "--out", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "| config |" in printed and "| fixed:4 | dllm |" in printed
+    result = json.loads(out.read_text())
+    assert list(result["configs"]) == ["ar", "fixed:4"] and result["counts"]["prose"] == 1
+    assert result["max_tokens"] == 4 and result["ar"] == AR
+
+
+def test_cli_defaults_per_suite():
+    from optimus.cli import build_parser
+    from optimus.commands.eval import _configs
+    from optimus_lab.evaluation.chat_suite import CHAT_CONFIGS
+    args = build_parser(["eval"]).parse_args(["eval"])
+    assert args.suite == "tasks" and args.configs is None and args.base == "smollm2-135m"
+    assert CHAT_CONFIGS == ("ar", "fixed:32", "elastic") and _configs("ar,,elastic", CHAT_CONFIGS) == ("ar", "elastic")
