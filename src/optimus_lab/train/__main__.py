@@ -34,7 +34,8 @@ def _prepare(args) -> None:
 def _selfchat(args) -> None:
     from optimus.engine.llm import LLM
     from optimus_lab.train.selfchat import SelfChatConfig, generate_conversations, write_dataset
-    llm = LLM(args.base, policy="ar", device=args.device, max_running=args.max_running)
+    llm = LLM(args.base, policy="ar", device=args.device, max_running=args.max_running,
+              max_waiting=max(1024, args.conversations))  # generate() queues every request at once
     tok = llm.tokenizer
     ids = {"mask_id": args.mask_id, "eos_id": tok.end_of_turn_id, "fill_id": tok.token_to_id(args.fill_token)}
     if None in ids.values():
