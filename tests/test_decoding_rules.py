@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from optimus.core.params import SamplingParams
-from optimus.decoding.rules import factor_count, select_commits, threshold_mask
+from optimus.decoding.rules import RowDraws, factor_count, propose, select_commits, threshold_mask
 from optimus.reference.rules import Factor, Threshold
 
 
@@ -92,3 +92,46 @@ def test_threshold_confidence_equal_to_the_threshold_commits():
 def test_threshold_engine_equals_reference(conf, threshold, expected):
     assert _engine(conf, rule="threshold", threshold=threshold) == expected
     assert _reference(Threshold(threshold), conf) == expected
+
+
+# ---- sampling: one vectorised draw for every sampled row --------------------------------
+
+def _draws(n: int, temperature=1.0, top_k=0, top_p=1.0, seed=7, position=None, draw=0) -> RowDraws:
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    positions = range(n) if position is None else [position] * n
+    return RowDraws.of([(params, q, draw) for q in positions], "cpu")
+
+
+def test_sampled_rows_follow_the_softmax_of_the_scaled_logits():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    counts = torch.zeros(4)
+    for d in range(4000):  # the draw counter changes the noise, as for a re-proposed position
+        tokens, _ = propose(logits, _draws(1, temperature=0.7, draw=d))
+        counts[tokens] += 1
+    expected = torch.softmax(logits[0] / 0.7, dim=-1)
+    assert torch.allclose(counts / counts.sum(), expected, atol=0.025), (counts / counts.sum(), expected)
+
+
+def test_a_row_draws_the_same_token_alone_and_in_any_batch():
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(0))
+    batch = RowDraws.of([(SamplingParams(temperature=1.0, seed=s), q, 0) for s, q in
+                         [(1, 10), (2, 10), (3, 11), (1, 12), (9, 4), (1, 10)]], "cpu")
+    together, _ = propose(logits, batch)
+    for i in range(6):
+        one = RowDraws.of([(SamplingParams(temperature=1.0, seed=int(batch.seed[i])), int(batch.position[i]), 0)],
+                          "cpu")
+        assert propose(logits[i:i + 1], one)[0].item() == together[i].item()
+    assert len(set(propose(logits[:1].expand(8, -1), _draws(8))[0].tolist())) > 1  # positions differ -> noise differs
+
+
+def test_top_k_and_top_p_bound_the_support_and_greedy_rows_take_the_argmax():
+    logits = torch.randn(200, 30, generator=torch.Generator().manual_seed(1))
+    top2 = logits.topk(2, dim=-1).indices
+    tokens, _ = propose(logits, _draws(200, top_k=2))
+    assert (tokens[:, None] == top2).any(dim=-1).all()
+    assert torch.equal(propose(logits, _draws(200, top_p=1e-6))[0], logits.argmax(-1))
+    mixed = RowDraws.of([(SamplingParams(temperature=t, seed=3), q, 0) for q, t in enumerate([0.0, 1.0] * 100)], "cpu")
+    tokens, conf = propose(logits, mixed)
+    assert torch.equal(tokens[::2], logits[::2].argmax(-1))
+    probs = torch.softmax(logits, dim=-1)  # temperature 1 and greedy rows: the plain softmax
+    assert torch.allclose(conf, probs.gather(-1, tokens[:, None]).squeeze(-1))

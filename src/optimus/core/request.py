@@ -17,7 +17,6 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 from optimus.core.outputs import CommitEvent, RequestStats
 from optimus.core.params import SamplingParams
@@ -80,7 +79,7 @@ class Request:
     output_len: int = 0  # contiguous committed answer tokens reported so far (stop-trimmed)
     stats: RequestStats = field(default_factory=RequestStats)
     events: list[CommitEvent] = field(default_factory=list)  # unreported commit events
-    generator: torch.Generator | None = None
+    draws: int = 0  # sampled proposals so far: part of the noise key, as diffusion re-proposes positions
     done_text: str = ""
     frontier: int = 0  # contiguous committed answer positions (only grows)
     stop_scanned: int = 0  # answer positions already checked for stop token ids
@@ -93,8 +92,6 @@ class Request:
         self.committed = np.zeros(g.canvas_end, dtype=bool)
         self.committed[:g.canvas_start] = True
         self.stats.arrival_time = self.arrival_time
-        if self.params.seed is not None:
-            self.generator = torch.Generator().manual_seed(self.params.seed)
 
     # ---- lifecycle -------------------------------------------------------------------
     def transition(self, new: RequestState) -> None:

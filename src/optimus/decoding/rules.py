@@ -6,6 +6,7 @@ top-k/top-p filtering (SDAR's convention). Every rule commits at least one posit
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 import torch
@@ -22,37 +23,85 @@ CommitRule = Callable[[torch.Tensor, SamplingParams, int], torch.Tensor]
 GREEDY_TEMPERATURE = 1e-5
 
 
-def propose(logits: torch.Tensor, params: SamplingParams,
-            generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [n, V] -> (tokens [n], confidence [n]), both on logits' device."""
+@dataclass(frozen=True)
+class RowDraws:
+    """Per-row sampling parameters of a batch of logit rows (all [n], on the logits' device).
+
+    Sampled rows draw Gumbel noise from a counter-based hash of (seed, position, draw, token),
+    so a request's draws depend on its seed and where it is, never on which other requests
+    share the batch or on a generator's call order; rows at temperature 0 are greedy."""
+
+    temperature: torch.Tensor  # float
+    top_k: torch.Tensor  # int64, 0 = off
+    top_p: torch.Tensor  # float, 1 = off
+    seed: torch.Tensor  # int64
+    position: torch.Tensor  # int64: the row's canvas position
+    draw: torch.Tensor  # int64: how many times the request has drawn before (diffusion re-proposes)
+
+    @classmethod
+    def of(cls, rows: list[tuple[SamplingParams, int, int]], device) -> "RowDraws":
+        """rows: (params, position, draw) per logit row."""
+        def col(values, dtype):
+            return torch.tensor(values, dtype=dtype, device=device)
+        return cls(col([p.temperature for p, _, _ in rows], torch.float32),
+                   col([p.top_k for p, _, _ in rows], torch.int64),
+                   col([p.top_p for p, _, _ in rows], torch.float32),
+                   col([p.seed or 0 for p, _, _ in rows], torch.int64),
+                   col([q for _, q, _ in rows], torch.int64), col([d for _, _, d in rows], torch.int64))
+
+
+def propose(logits: torch.Tensor, draws: RowDraws) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [n, V] -> (tokens [n], confidence [n]), both on logits' device.
+
+    Confidence is the proposed token's probability at the row's temperature, before top-k/top-p."""
     logits = logits.float()
-    if params.temperature <= GREEDY_TEMPERATURE:
-        probs = torch.softmax(logits, dim=-1)
+    greedy = draws.temperature <= GREEDY_TEMPERATURE
+    scaled = logits / torch.where(greedy, 1.0, draws.temperature)[:, None]
+    probs = torch.softmax(scaled, dim=-1)
+    if bool(greedy.all()):
         conf, tokens = probs.max(dim=-1)
         return tokens, conf
-    scaled = logits / params.temperature
-    probs = torch.softmax(scaled, dim=-1)
-    filtered = _filter(scaled, params)
-    sample_probs = torch.softmax(filtered, dim=-1)
-    if generator is not None:
-        draws = torch.multinomial(sample_probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
-    else:
-        draws = torch.multinomial(sample_probs, 1).squeeze(-1)
-    conf = probs.gather(-1, draws[:, None]).squeeze(-1)
-    return draws, conf
+    noisy = _filter(scaled, draws) + gumbel_noise(draws, logits.shape[-1])
+    tokens = torch.where(greedy, scaled.argmax(dim=-1), noisy.argmax(dim=-1))
+    return tokens, probs.gather(-1, tokens[:, None]).squeeze(-1)
 
 
-def _filter(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    if params.top_k:
-        kth = torch.topk(logits, min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if params.top_p < 1.0:
-        sorted_logits, idx = torch.sort(logits, descending=True, dim=-1)
-        cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
-        drop = cum - torch.softmax(sorted_logits, dim=-1) > params.top_p  # keep the first token always
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.empty_like(logits).scatter_(-1, idx, sorted_logits)
-    return logits
+def _filter(scaled: torch.Tensor, draws: RowDraws) -> torch.Tensor:
+    """Top-k, then top-p over what top-k kept (the first token always stays)."""
+    if not bool(((draws.top_k > 0) | (draws.top_p < 1.0)).any()):
+        return scaled
+    vocab = scaled.shape[-1]
+    ordered, idx = torch.sort(scaled, descending=True, dim=-1)
+    rank = torch.arange(vocab, device=scaled.device)[None, :]
+    k = torch.where(draws.top_k > 0, draws.top_k.clamp(max=vocab), vocab)[:, None]
+    ordered = ordered.masked_fill(rank >= k, float("-inf"))
+    p = torch.softmax(ordered, dim=-1)
+    ordered = ordered.masked_fill(p.cumsum(-1) - p > draws.top_p[:, None], float("-inf"))
+    return torch.empty_like(scaled).scatter_(-1, idx, ordered)
+
+
+_M1, _M2 = 0xBF58476D1CE4E5B9 - (1 << 64), 0x94D049BB133111EB - (1 << 64)  # splitmix64, as int64
+_GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
+
+
+def _shr(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch shifts arithmetically)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    x = (x ^ _shr(x, 30)) * _M1
+    x = (x ^ _shr(x, 27)) * _M2
+    return x ^ _shr(x, 31)
+
+
+def gumbel_noise(draws: RowDraws, vocab: int) -> torch.Tensor:
+    """[n, V] standard Gumbel noise, a pure function of (seed, position, draw, token id)."""
+    key = _mix(_mix(_mix(draws.seed * _GOLDEN + draws.position) + draws.draw))  # [n]
+    tokens = torch.arange(vocab, device=key.device, dtype=torch.int64)
+    bits = _shr(_mix(key[:, None] + tokens[None, :] * _GOLDEN), 40)  # 24 uniform bits
+    u = (bits.float() + 0.5) * (1.0 / (1 << 24))  # in (0, 1)
+    return -torch.log(-torch.log(u))
 
 
 def factor_count(conf: torch.Tensor, factor: float) -> int:

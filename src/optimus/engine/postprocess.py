@@ -19,7 +19,7 @@ import torch
 from optimus.core.outputs import CommitEvent, RequestOutput
 from optimus.core.plan import RequestWork, StepPlan
 from optimus.core.request import Request
-from optimus.decoding.rules import GREEDY_TEMPERATURE, CommitRule, propose
+from optimus.decoding.rules import GREEDY_TEMPERATURE, CommitRule, RowDraws, propose
 from optimus.engine.stop_strings import first_stop, hold_back_stop_prefix
 from optimus.models.detokenizer import IncrementalDetokenizer
 from optimus.executor.runner import GreedyPick, LogitRequest, ModelRunner
@@ -68,16 +68,51 @@ class Postprocessor:
                 n = len(w.positions)
                 self._guarded_commit(plan.works[w.work_index], w.positions, token_list[i:i + n], conf[i:i + n])
         self.host_commit_s = time.perf_counter() - h0
-        for w in slow:
+        if slow:
+            self._commit_sampled(plan, hidden, slow)
+
+    def _commit_sampled(self, plan: StepPlan, hidden: torch.Tensor, slow: list[LogitRequest]) -> None:
+        """Sampled (or constrained) rows: one head call and one vectorised draw for all of them."""
+        index = np.concatenate([np.arange(w.offset, w.offset + len(w.positions)) for w in slow])
+        logits = self.runner.logits(hidden[torch.from_numpy(index).to(hidden.device)])
+        first = np.cumsum([0] + [len(w.positions) for w in slow]).tolist()
+        ok, rows = [], []
+        for w, lo, hi in zip(slow, first, first[1:]):
             r = plan.works[w.work_index].request
             try:
-                logits = self._constrain(r, w.positions,
-                                         self.runner.logits(hidden[w.offset:w.offset + len(w.positions)]))
-                tokens, conf = propose(logits, r.params, r.generator)
+                self._constrain(r, w.positions, logits[lo:hi])  # in place, on this request's rows
             except Exception as exc:  # one request's numerics or parameters never stop the engine
                 self.fail(r, exc)
                 continue
-            self._guarded_commit(plan.works[w.work_index], w.positions, tokens.tolist(), conf.cpu())
+            ok.append((w, lo, hi))
+            rows.extend((r.params, q, r.draws) for q in w.positions)
+            r.draws += 1
+        if not ok:
+            return
+        keep = torch.from_numpy(np.concatenate([np.arange(lo, hi) for _, lo, hi in ok])).to(logits.device)
+        drawn = self._draw(plan, logits[keep], rows, [w for w, _, _ in ok])
+        for w, _, _ in ok:
+            if w.work_index in drawn:
+                self._guarded_commit(plan.works[w.work_index], w.positions, *drawn[w.work_index])
+
+    def _draw(self, plan: StepPlan, logits: torch.Tensor, rows: list, wants: list[LogitRequest]) -> dict:
+        """{work index: (tokens, confidences)}: one draw for every row; should it raise, request
+        by request, failing only the requests whose own rows raise."""
+        spans = np.cumsum([0] + [len(w.positions) for w in wants]).tolist()
+        try:
+            tokens, conf = propose(logits, RowDraws.of(rows, logits.device))
+            tokens, conf = tokens.tolist(), conf.cpu()
+            return {w.work_index: (tokens[a:b], conf[a:b]) for w, a, b in zip(wants, spans, spans[1:])}
+        except Exception:  # noqa: BLE001 - found and failed request by request below
+            pass
+        out = {}
+        for w, a, b in zip(wants, spans, spans[1:]):
+            try:
+                t, c = propose(logits[a:b], RowDraws.of(rows[a:b], logits.device))
+                out[w.work_index] = (t.tolist(), c.cpu())
+            except Exception as exc:
+                self.fail(plan.works[w.work_index].request, exc)
+        return out
 
     def _guarded_commit(self, work: RequestWork, positions: tuple[int, ...], tokens: list[int],
                         conf: torch.Tensor) -> None:
