@@ -112,6 +112,34 @@ def hf_generate_compare(d: dict) -> list:
              f"{num(r['optimus_tok_s'])} / {num(r['hf_tok_s'])} = {r['ratio']:.1f}x") for r in d.get("rows", [])]
 
 
+def sampling_throughput(d: dict) -> list:
+    rows = d.get("rows", [])
+    if rows and "code" not in rows[0]:  # one tree: greedy and sampled per case
+        return [(f"{r['model']} {r['policy']}, batch {r['batch']}: greedy / sampled (tok/s)",
+                 f"{num(r['greedy']['tok_per_s'])} / {num(r['sampled']['tok_per_s'])}") for r in rows]
+    by = {(r["code"], r["policy"], r["batch"]): r for r in rows}
+    return [(f"{policy} batch {batch} {mode}: before / after (tok/s)",
+             " / ".join("n/a (see the JSON's note)" if by[(c, policy, batch)][mode] is None
+                        else num(by[(c, policy, batch)][mode]) for c in ("before", "after")))
+            for (code, policy, batch) in by if code == "after" for mode in ("sampled", "greedy")
+            if ("before", policy, batch) in by]
+
+
+def conversion_dry_run(d: dict) -> list:
+    sc, fit, ev = d["selfchat"], d["fit"], d["eval"]
+    rows = [("self-chat: answers finished / questions (answer tokens, tok/s)",
+             f"{sc['answers_finished']} / {sc['questions_kept']} ({num(sc['answer_tokens'])}, {num(sc['answer_tok_per_s'])})"),
+            ("fit: steps, first (compiling) step s, held-out loss",
+             f"{fit['steps']}, {fit['first_step_seconds_observed']:.0f}, {fit['heldout_loss']:.2f}")]
+    base = ev["ar_own"]
+    for name, r in ev.items():
+        if isinstance(r, dict) and name != "ar_own":
+            rows.append((f"{name}: tau, NLL under base (ratio), rep4 (base), length (base)",
+                         f"{r['tau']:.2f}, {r['nll_under_base']:.2f} ({r['nll_ratio']:.2f}x), "
+                         f"{r['rep4']:.2f} ({base['rep4']:.2f}), {r['length']:.0f} ({base['length']:.0f})"))
+    return rows
+
+
 def moe_check(d: dict) -> list:
     rows = [("Triton MoE kernel within bf16 tolerance, graph replay follows new routing", "yes" if d.get("kernel_ok") else "NO")]
     for t in d.get("decode_timing", []):
@@ -374,6 +402,13 @@ BENCHMARKS = [
     ("moe_check", "MoE shapes: fused MoE kernel and throughput",
      "`python -m optimus.bench.experiments.moe_check`: kernel accuracy, batch-1 expert time against the "
      "touched weights' bytes, schedule4 on llada2-mini and llada-8b.", moe_check),
+    ("sampling_throughput", "Sampled decoding against greedy",
+     "`python -m optimus.bench.experiments.sampling_throughput`: random weights, every sampled request seeded "
+     "(temperature 1, top-p 0.95), output tok/s.", sampling_throughput),
+    ("conversion_dry_run", "SmolLM2-135M to block diffusion: a first short run",
+     "`scripts/gpu/convert_smollm2.sh` at small scale: self-chat data, 150 s of LoRA training at block 8, "
+     "then tokens per step and answer quality against the AR base on 64 held-out self-chat prompts.",
+     conversion_dry_run),
     ("hf_generate_compare", "SmolLM2-135M shape: AR against HF `generate`",
      "Random weights at SmolLM2-135M-Instruct's config, greedy, prompt 128, output 256, end-of-text ignored "
      "(`python -m optimus.bench.experiments.hf_generate_compare`).", hf_generate_compare),

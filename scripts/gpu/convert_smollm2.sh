@@ -11,7 +11,7 @@ RESULTS=${RESULTS:-$WORK/results}
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 mkdir -p "$WORK" "$RESULTS"
 FIT=(python -m optimus_lab.train fit --data "$WORK/data" --base smollm2-135m --lora-rank "${RANK:-16}"
-     --seq-len 1024 --lr "${LR:-1e-3}" --warmup 20 --chunk-mix 0.5 --attention mask --no-compile --log-every 25)
+     --seq-len 1024 --lr "${LR:-1e-3}" --warmup 20 --chunk-mix 0.5 --log-every 25 ${FIT_ARGS:-})
 
 case "$1" in
 gen)

