@@ -17,6 +17,8 @@ if not torch.cuda.is_available():
 
 from fixtures import FAMILIES, make_tiny_checkpoint, make_tiny_model  # noqa: E402
 
+# `--model auto` (the CLI's default) stays the shipped 22M model here: the tests never fetch.
+os.environ.setdefault("OPTIMUS_AUTO_MODEL", "default")
 # Latency profiles the engine measures on first start go to a throwaway cache, not ~/.cache.
 os.environ.setdefault("OPTIMUS_CACHE", tempfile.mkdtemp(prefix="optimus-test-cache-"))
 

@@ -20,7 +20,7 @@ from optimus_lab.train.lora import adapter_tensors, merged_copy
 from optimus_lab.train.pack import CLEAN_FLAG, load_rows, save_rows
 from optimus_lab.train.selfchat import (Conversation, SelfChatConfig, generate_conversations, question_prefix,
                                         read_conversations, write_dataset)
-from tests.fixtures.checkpoints import make_tiny_checkpoint, special_ids
+from fixtures.checkpoints import make_tiny_checkpoint, special_ids
 
 FAMILY = "qwen2"  # causal, ChatML, q/k/v biases: the conversion keeps them
 
@@ -157,3 +157,25 @@ def test_fit_converts_a_base_end_to_end(base, tmp_path):
     assert read_adapter_config(out).rank == 4
     llm = LLM(loaded=load_model(out, device="cpu", progress=False), policy="fixed:4", device="cpu")
     assert len(llm.generate([[5, 6, 7]], SamplingParams(max_tokens=8, ignore_eos=True))[0].token_ids) == 8
+
+
+def test_auto_is_the_shipped_dllm_when_its_base_is_at_hand_else_the_tasks_model(base, tmp_path, monkeypatch, caplog):
+    from optimus.models import auto
+    from optimus.models.sources import resolve_model
+    config, model = _trained(base)
+    save(Conversion(str(base), rank=4, alpha=8.0), config, model, tmp_path / "shipped")
+    monkeypatch.setattr(auto, "shipped_dllm_dir", lambda: tmp_path / "shipped")
+    monkeypatch.delenv("OPTIMUS_AUTO_MODEL", raising=False)
+    assert auto.auto_model(progress=False) == auto.SHIPPED_DLLM
+    source = resolve_model("auto", progress=False)
+    assert source.location == tmp_path / "shipped" and source.identity.name == auto.SHIPPED_DLLM
+
+    cfg = json.loads((tmp_path / "shipped" / "adapter_config.json").read_text())
+    cfg["base"]["model"] = str(tmp_path / "gone")  # no network, no cache: the base cannot be had
+    (tmp_path / "shipped" / "adapter_config.json").write_text(json.dumps(cfg))
+    with caplog.at_level("WARNING"):
+        assert resolve_model("auto", progress=False).name == "default"
+    assert [r.message for r in caplog.records if "22M tasks model" in r.message]
+
+    monkeypatch.setenv("OPTIMUS_AUTO_MODEL", str(base))
+    assert resolve_model("auto", progress=False).location == base

@@ -16,10 +16,11 @@ def _opt(default, help: str, **kw):
 
 @dataclass(frozen=True)
 class ModelConfig:
-    model: str = _opt("default", "HF model directory, .gguf file, Hugging Face Hub id org/name (downloaded "
-                                 "once into the Hub cache), alias (smollm2-135m), 'default' for the shipped "
-                                 "model, or random:SHAPE / random-tiny:SHAPE for random weights at a published "
-                                 "shape (benchmarks only)")
+    model: str = _opt("auto", "HF model directory, .gguf file, Hugging Face Hub id org/name (downloaded "
+                              "once into the Hub cache), alias (smollm2-135m), 'default' for the shipped 22M "
+                              "tasks model, 'auto' for the shipped chat dLLM when its base is at hand (else "
+                              "'default'), or random:SHAPE / random-tiny:SHAPE for random weights at a "
+                              "published shape (benchmarks only)")
     revision: str | None = _opt(None, "Hub branch, tag or commit of a Hub --model (default: main)")
     dtype: str = _opt("auto", "auto | bfloat16 | float16 | float32 (auto: bf16 on GPU, fp32 on CPU)")
     device: str = _opt("auto", "auto | cpu | cuda | cuda:N")

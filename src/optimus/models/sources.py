@@ -3,7 +3,9 @@
 A name is, in this order:
 
 - ``random:<shape>`` / ``random-tiny:<shape>``: random weights, no files (:class:`RandomModelName`);
-- ``default``: the model shipped inside the package;
+- ``auto``: the shipped dLLM when its base is at hand, else ``default`` (:mod:`optimus.models.auto`);
+- ``default``: the 22M tasks model shipped inside the package; ``smollm2-135m-dllm``: the shipped
+  block-diffusion adapter over SmolLM2-135M-Instruct (when this install holds it);
 - an alias (:data:`optimus.models.aliases.ALIASES`, e.g. ``smollm2-135m``);
 - an existing local directory (Hugging Face layout) or ``*.gguf`` file;
 - a Hugging Face Hub id ``org/name``: downloaded into the Hub cache (:mod:`optimus.models.hub`).
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
+from optimus.models.auto import AUTO, SHIPPED_DLLM, auto_model, shipped_dllm_path
 from optimus.models.errors import LoadError, MissingFileError
 from optimus.models.hub import check_directory_family
 
@@ -85,9 +88,14 @@ def resolve_model(name: str | Path, revision: str | None = None, progress: bool 
     if RandomModelName.parse(text) is not None:
         _no_revision(text, revision, "random weights")
         return ModelSource(SourceKind.RANDOM, Path(text), text)
+    if text == AUTO:
+        return resolve_model(auto_model(progress), revision, progress)
     if text == "default":
         _no_revision(text, revision, "the shipped model")
         return ModelSource(SourceKind.DIRECTORY, default_model_path(), text)
+    if text == SHIPPED_DLLM:
+        _no_revision(text, revision, "the shipped model")
+        return ModelSource(SourceKind.DIRECTORY, shipped_dllm_path(), text, fetched=True)
     from optimus.models.aliases import ALIASES, resolve_alias
     if text.lower() in ALIASES:
         found = local_source(resolve_alias(ALIASES[text.lower()], revision, progress), text)
