@@ -15,40 +15,9 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-import torch
-
 from optimus.core.params import SamplingParams
-from optimus_lab.train.attention import TrainBackend
+from optimus_lab.evaluation.chat_suite import answer_nll, repeated_ngram_rate
 from optimus_lab.train.selfchat import read_conversations
-
-
-@torch.no_grad()
-def causal_nll(loaded, prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]], batch: int = 16) -> list[float]:
-    """Mean NLL per answer token of each answer after its prompt under a causal LM (nan if empty)."""
-    model, device = loaded.model, next(loaded.model.parameters()).device
-    out: list[float] = []
-    for i in range(0, len(prompts), batch):
-        rows = [list(p) + list(a) for p, a in zip(prompts[i:i + batch], answers[i:i + batch])]
-        width = max(len(r) for r in rows)
-        ids = torch.zeros(len(rows), width, dtype=torch.long, device=device)
-        for r, row in enumerate(rows):
-            ids[r, :len(row)] = torch.tensor(row, device=device)
-        pos = torch.arange(width, device=device).expand(len(rows), width)
-        mask = torch.ones(width, width, dtype=torch.bool, device=device).tril()[None, None]
-        hidden = model(ids.flatten(), pos.flatten(), TrainBackend(mask, len(rows))).view(len(rows), width, -1)
-        for r, (p, a) in enumerate(zip(prompts[i:i + batch], answers[i:i + batch])):
-            if not a:
-                out.append(float("nan"))
-                continue
-            logits = model.logits(hidden[r, len(p) - 1:len(p) + len(a) - 1]).float()
-            target = torch.tensor(list(a), device=device)
-            out.append(float(torch.nn.functional.cross_entropy(logits, target)))
-    return out
-
-
-def repeated_4gram_share(ids: Sequence[int], n: int = 4) -> float:
-    grams = [tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)]
-    return (len(grams) - len(set(grams))) / len(grams) if grams else 0.0
 
 
 def _mean(xs: Sequence[float]) -> float:
@@ -58,8 +27,8 @@ def _mean(xs: Sequence[float]) -> float:
 
 def _row(ar, prompts, answers: list[list[int]], steps: int, seconds: float) -> dict:
     tokens = sum(len(a) for a in answers)
-    return {"nll_under_base": round(_mean(causal_nll(ar, prompts, answers)), 4),
-            "rep4": round(_mean([repeated_4gram_share(a) for a in answers]), 4),
+    return {"nll_under_base": round(_mean(answer_nll(ar, prompts, answers)), 4),
+            "rep4": round(_mean([repeated_ngram_rate(a) for a in answers]), 4),
             "length": round(tokens / len(answers), 1), "tau": round(tokens / max(1, steps), 3),
             "seconds": round(seconds, 1)}
 
