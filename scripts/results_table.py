@@ -113,16 +113,13 @@ def hf_generate_compare(d: dict) -> list:
 
 
 def sampling_throughput(d: dict) -> list:
-    rows = d.get("rows", [])
-    if rows and "code" not in rows[0]:  # one tree: greedy and sampled per case
-        return [(f"{r['model']} {r['policy']}, batch {r['batch']}: greedy / sampled (tok/s)",
-                 f"{num(r['greedy']['tok_per_s'])} / {num(r['sampled']['tok_per_s'])}") for r in rows]
-    by = {(r["code"], r["policy"], r["batch"]): r for r in rows}
-    return [(f"{policy} batch {batch} {mode}: before / after (tok/s)",
-             " / ".join("n/a (see the JSON's note)" if by[(c, policy, batch)][mode] is None
-                        else num(by[(c, policy, batch)][mode]) for c in ("before", "after")))
-            for (code, policy, batch) in by if code == "after" for mode in ("sampled", "greedy")
-            if ("before", policy, batch) in by]
+    def cell(v):
+        return "n/a (see the JSON's note)" if v is None else num(v)
+    label = "{model} {policy}, batch {batch}" if d.get("rows") and "model" in d["rows"][0] else \
+        "call {call}, {code}: {policy}, batch {batch}"
+    return [(label.format(**r) + ": greedy / sampled (tok/s)",
+             " / ".join(cell(r[m]["tok_per_s"] if isinstance(r[m], dict) else r[m]) for m in ("greedy", "sampled")))
+            for r in d.get("rows", [])]
 
 
 def conversion_dry_run(d: dict) -> list:

@@ -136,3 +136,15 @@ def test_per_request_policy_override():
                                       SamplingParams(max_tokens=12, ignore_eos=True, policy="ar")])
     assert set(outs[0].stats.chunk_history) <= {1, 2} and 2 in outs[0].stats.chunk_history
     assert set(outs[1].stats.chunk_history) == {1}
+
+
+def test_close_gives_back_the_cache_and_keeps_the_model():
+    import gc
+    import weakref
+    llm = _llm("sdar", "fixed:4")
+    llm.generate(_prompts(2), SamplingParams(max_tokens=4, ignore_eos=True))
+    storage, model = weakref.ref(llm.engine.storage), llm.engine.loaded.model
+    llm.engine.close()
+    gc.collect()
+    assert storage() is None  # nothing keeps the KV cache alive: a next engine can take the memory
+    assert next(model.parameters()).numel() > 0

@@ -7,6 +7,8 @@ itself, including its overlap: a causal greedy step is launched before the previ
 
 from __future__ import annotations
 
+import gc
+
 import logging
 import time
 from dataclasses import dataclass, replace
@@ -233,9 +235,16 @@ class Engine:
         self.scheduler.policy = self.policy = policy
 
     def close(self) -> None:
-        """Stop the tensor-parallel workers, if any (idempotent; also run at exit)."""
+        """Stop the tensor-parallel workers, if any, and give back the KV cache and the CUDA
+        graphs, so the next engine in this process sizes its cache from the whole free memory
+        (idempotent; the engine takes no work after it; the model stays loaded)."""
         if self.parallel is not None:
             self.parallel.stop()
+        self.runner = self.storage = self.allocator = self.policy = self.scheduler = self.post = None
+        self._in_flight = None
+        gc.collect()  # the parts reference each other
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # free memory is what the next engine's cache is sized from
 
     def _overhead_before(self, t0: float) -> float:
         """Host time from the previous step's end to this forward (reporting it, serving,

@@ -18,12 +18,11 @@ from __future__ import annotations
 import json
 import math
 import re
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from optimus_lab.evaluation.decoders import Decoded, make_decoder
+from optimus_lab.evaluation.decoders import Decoded, decode_all
 from optimus_lab.evaluation.scoring import summarise_tau
 
 DATA = Path(__file__).with_name("data") / "chat300.jsonl"
@@ -176,11 +175,7 @@ def render(loaded, examples: Sequence[ChatExample]) -> list[list[int]]:
 
 
 def _decode(loaded, name: str, prompts: list[list[int]], s: EvalSettings) -> tuple[list[Decoded], float]:
-    decoder = make_decoder(name, loaded, s.max_tokens, s.threshold, s.device)
-    start, decoded = time.perf_counter(), []
-    for i in range(0, len(prompts), s.batch):
-        decoded.extend(decoder.decode(prompts[i:i + s.batch]))
-    return decoded, time.perf_counter() - start
+    return decode_all(name, loaded, prompts, s.max_tokens, s.threshold, s.device, s.batch)
 
 
 def _answers(loaded, ar, examples: Sequence[ChatExample], decoded: Sequence[Decoded]) -> list[Answer]:

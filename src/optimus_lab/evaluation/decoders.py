@@ -8,6 +8,8 @@ and the (chunk size, tokens committed) pair of each of its denoising steps.
 
 from __future__ import annotations
 
+import time
+
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
@@ -27,6 +29,9 @@ class Decoder(Protocol):
 
     def decode(self, prompts: Sequence[list[int]]) -> list[Decoded]: ...
 
+    def close(self) -> None:
+        """Give back what decoding holds (an engine's KV cache and graphs)."""
+
 
 def _until_stop(ids: Sequence[int], stop_ids: Sequence[int]) -> tuple[int, ...]:
     out = []
@@ -44,6 +49,9 @@ class ReferenceDecoder:
     def __init__(self, loaded, max_tokens: int, threshold: float) -> None:
         self.name, self.loaded = "reference", loaded
         self.max_tokens, self.threshold = max_tokens, threshold
+
+    def close(self) -> None:
+        pass
 
     def _overhead(self, prompt_len: int, answer: list[int]) -> int:
         """Forwards that commit nothing: the prompt prefill and one K/V store per decoded block
@@ -76,6 +84,9 @@ class EngineDecoder:
         self.llm = LLM(loaded=loaded, policy=policy, device=device)
         self.params = SamplingParams(max_tokens=max_tokens, temperature=0.0, threshold=threshold)
 
+    def close(self) -> None:
+        self.llm.engine.close()
+
     def decode(self, prompts: Sequence[list[int]]) -> list[Decoded]:
         engine = self.llm.engine
         ids = [f"eval-{id(self)}-{i}" for i in range(len(prompts))]
@@ -97,3 +108,16 @@ def make_decoder(name: str, loaded, max_tokens: int, threshold: float, device: s
     if name == "reference":
         return ReferenceDecoder(loaded, max_tokens, threshold)
     return EngineDecoder(loaded, name, max_tokens, threshold, device)
+
+
+def decode_all(name: str, loaded, prompts: Sequence[list[int]], max_tokens: int, threshold: float, device: str,
+               batch: int) -> tuple[list[Decoded], float]:
+    """Every prompt under one decoding config, ``batch`` at a time: (decoded, seconds)."""
+    decoder = make_decoder(name, loaded, max_tokens, threshold, device)
+    start, decoded = time.perf_counter(), []
+    try:
+        for i in range(0, len(prompts), batch):
+            decoded.extend(decoder.decode(prompts[i:i + batch]))
+    finally:
+        decoder.close()
+    return decoded, time.perf_counter() - start

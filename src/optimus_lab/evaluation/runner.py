@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from optimus_lab.evaluation.decoders import Decoded, make_decoder
+from optimus_lab.evaluation.decoders import decode_all
 from optimus_lab.evaluation.scoring import score, summarise_tau
 from optimus_lab.evaluation.tasks import Example, heldout_set
 
@@ -33,11 +32,7 @@ def _prompts(loaded, examples: Sequence[Example]) -> list[list[int]]:
 
 
 def run_config(loaded, name: str, examples: list[Example], prompts: list[list[int]], spec: EvalSpec) -> dict:
-    decoder = make_decoder(name, loaded, spec.max_tokens, spec.threshold, spec.device)
-    start, decoded = time.perf_counter(), []
-    for i in range(0, len(prompts), spec.batch):
-        decoded.extend(decoder.decode(prompts[i:i + spec.batch]))
-    seconds = time.perf_counter() - start
+    decoded, seconds = decode_all(name, loaded, prompts, spec.max_tokens, spec.threshold, spec.device, spec.batch)
     texts = [loaded.tokenizer.decode(list(d.token_ids)) for d in decoded]
     scores = score(examples, texts)
     steps = [s for d in decoded for s in d.steps]

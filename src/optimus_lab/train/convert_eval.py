@@ -57,7 +57,7 @@ def evaluate(adapter_dir: Path, data_dir: Path, configs: Sequence[str], n: int =
         result[name] = _row(ar, prompts, answers, steps, seconds)
         result[name]["nll_ratio"] = round(result[name]["nll_under_base"] / result["ar_own"]["nll_under_base"], 3)
         result[name]["samples"] = [llm.tokenizer.decode(a) for a in answers[:3]]
-        llm.engine.close()
+        llm.engine.close()  # the next config's engine sizes its KV cache from the freed memory
     return result
 
 
