@@ -39,6 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, default=None, help="answer length cap (tasks 64, chat 256)")
     parser.add_argument("--threshold", type=float, default=0.9, help="confidence threshold for commits")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--quantization", default=None, choices=("fp8",),
+                        help="fp8: evaluate --model with its projection weights rounded to FP8 (docs/models.md)")
     parser.add_argument("--heldout-text", default=str(DEFAULT_HELDOUT_ROWS),
                         help="tasks: packed held-out text rows (python -m optimus_lab.train prepare); "
                              "skipped if absent")
@@ -72,7 +74,7 @@ def _run_tasks(args: argparse.Namespace) -> int:
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise ValueError(f"unknown tasks {unknown}; known: {sorted(TASKS)}")
-    loaded = load_model(args.model, device=args.device, progress=False)
+    loaded = load_model(args.model, device=args.device, progress=False, quantization=args.quantization)
     spec = EvalSpec(tasks, _configs(args.configs, DEFAULT_CONFIGS), _or(args.limit, TASKS_LIMIT),
                     _or(args.max_tokens, TASKS_MAX_TOKENS), args.threshold, args.device)
 
@@ -87,7 +89,7 @@ def _run_tasks(args: argparse.Namespace) -> int:
 def _run_chat(args: argparse.Namespace) -> int:
     from optimus_lab.evaluation.chat_suite import CHAT_CONFIGS, format_table, run_chat_eval
     from optimus.models.loader import load_model
-    dllm = load_model(args.model, device=args.device, progress=False)
+    dllm = load_model(args.model, device=args.device, progress=False, quantization=args.quantization)
     base = load_model(args.base, device=args.device, progress=False)
     result = run_chat_eval(dllm, base, _configs(args.configs, CHAT_CONFIGS),
                            max_tokens=_or(args.max_tokens, CHAT_MAX_TOKENS), threshold=args.threshold,

@@ -69,7 +69,7 @@ def build_parts(config: EngineConfig, loaded: LoadedModel | None = None,
     elif loaded is None:
         from optimus.models.loader import load_model
         loaded = load_model(config.model.model, dtype=config.model.dtype, device=str(device),
-                            revision=config.model.revision)
+                            revision=config.model.revision, quantization=config.model.quantization)
     loaded.model.fuse_projections()  # q/k/v and gate/up as one matmul each (views, no copy)
     spec = loaded.spec
     block_size = block_size_for(spec, config)

@@ -61,7 +61,8 @@ ShardFor = Callable[[ModelSpec], Any]
 
 
 def load_model(path: str | Path, dtype: str | torch.dtype = "auto", device: str | torch.device = "auto",
-               progress: bool = True, revision: str | None = None, shard: ShardFor | None = None) -> LoadedModel:
+               progress: bool = True, revision: str | None = None, shard: ShardFor | None = None,
+               quantization: str | None = None) -> LoadedModel:
     """Load config, tokenizer, generation config and weights of the model ``path`` names.
 
     ``path`` is a local HF directory or ``.gguf`` file, a Hub id ``org/name`` (at ``revision``),
@@ -69,7 +70,18 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "auto", device: str 
     see :func:`~optimus.models.sources.resolve_model`. ``dtype="auto"`` is bf16 on CUDA and fp32
     on CPU; ``device="auto"`` is CUDA when available. ``shard`` (tensor parallelism) builds one
     rank's module and reads only its slice of each tensor; the spec stays the full model's.
+    ``quantization="fp8"`` rounds every projection weight to FP8 (:mod:`optimus.models.fp8`).
     """
+    if quantization not in (None, "none", "fp8"):
+        raise LoadError(f"unknown quantization {quantization!r}; use fp8 (or leave it out)")
+    loaded = _load(path, dtype, device, progress, revision, shard)
+    if quantization == "fp8":
+        from optimus.models.fp8 import quantize_model
+        quantize_model(loaded.model)
+    return loaded
+
+
+def _load(path: str | Path, dtype, device, progress: bool, revision: str | None, shard: ShardFor | None) -> LoadedModel:
     source = resolve_model(path, revision, progress)
     if source.kind is SourceKind.RANDOM:
         return load_random_model(RandomModelName.parse(source.name), dtype, device, shard=shard)
@@ -80,11 +92,13 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "auto", device: str 
     root = source.location
     if is_adapter_dir(root):
         return _load_adapter(source, dtype, device, progress, shard)
-    family, spec = _spec_from_config(_read_json(root / "config.json"))
+    config = _read_json(root / "config.json")
+    family, spec = _spec_from_config(config)
     tokenizer = _tokenizer_from_dir(root)
     spec = complete_spec(spec, tokenizer)
     generation_config = _read_json(root / "generation_config.json", required=False)
-    entries = _safetensors_entries(_weight_files(root), family, device, progress)
+    files = _weight_files(root)
+    entries = _fp8_dequantized(config, files, _safetensors_entries(files, family, device, progress), device)
     model = _build_model(spec, family, entries, dtype, device, shard and shard(spec))
     return LoadedModel(model, spec, tokenizer, generation_config, source.identity)
 
@@ -110,6 +124,20 @@ def _gguf_parts(path: Path, progress: bool) -> tuple[Family, dict, Tokenizer, It
     bar = tqdm(list(file.tensors()), desc="Dequantizing", unit="tensor", disable=not progress)
     entries = ((t.source, None if t.name is None else family.rename(t.name), t.shape, t.read) for t in bar)
     return family, config, tokenizer_from_gguf(file), entries
+
+
+def _fp8_dequantized(config: dict, files: list[Path], entries: Iterator[TensorEntry],
+                     device: torch.device) -> Iterator[TensorEntry]:
+    """An FP8 checkpoint's weights as values (its scale tensors read first, then skipped)."""
+    from optimus.models.fp8 import FP8Checkpoint
+    fp8 = FP8Checkpoint.from_config(config)
+    if fp8 is None:
+        return entries
+    scales = {}
+    for f in files:
+        with safe_open(str(f), framework="pt", device=_safe_device(device)) as handle:
+            scales.update({n: handle.get_tensor(n) for n in handle.keys() if fp8.is_scale(n)})
+    return fp8.dequantize_entries(entries, scales)
 
 
 def _load_adapter(source: ModelSource, dtype: torch.dtype, device: torch.device, progress: bool,

@@ -96,7 +96,8 @@ def load_shard(config: EngineConfig, group: TPGroup) -> LoadedModel:
     wired to the group: sub-layer outputs summed over ranks, the head vocabulary-parallel."""
     m = config.model
     loaded = load_model(m.model, dtype=m.dtype, device=str(group.device), revision=m.revision,
-                        progress=group.leader, shard=lambda spec: Shard(spec, group.rank, group.size))
+                        progress=group.leader, shard=lambda spec: Shard(spec, group.rank, group.size),
+                        quantization=m.quantization)
     attach(loaded.model, group, Shard(loaded.spec, group.rank, group.size))
     return loaded
 

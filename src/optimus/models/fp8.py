@@ -1,0 +1,117 @@
+"""FP8 (e4m3) weights: checkpoints stored in FP8, and ``--quantization fp8`` of bf16 ones.
+
+Checkpoint formats read (config.json ``quantization_config``):
+
+- ``quant_method: "fp8"`` (Hugging Face's fine-grained FP8, as DeepSeek-V3 and Qwen3-FP8 ship):
+  an FP8 weight [N, K] beside ``<name>_scale_inv`` [ceil(N/bn), ceil(K/bk)] in fp32, one scale
+  per ``weight_block_size`` [bn, bk] tile; without a block size, one scale per tensor;
+- ``quant_method: "compressed-tensors"`` or ``"fbgemm_fp8"``: ``<name>_scale``, one per tensor
+  ([] or [1]) or one per output channel ([N, 1]); activation scales (``input_scale``) are not
+  used (activations stay bf16).
+
+``--quantization fp8`` quantizes each projection of a bf16 checkpoint at load, one scale per
+output channel (``amax(|row|) / 448``), round to nearest e4m3.
+
+Execution: there is no FP8 matmul kernel here yet, so FP8 weights are dequantized to the load
+dtype as they are read. The model then computes with exactly the FP8 weights' values (their
+accuracy can be measured on any device, the CPU included) at bf16 speed and memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+from optimus.models.errors import LoadError, UnsupportedFormatError
+
+E4M3_MAX = 448.0
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+SCALE_SUFFIXES = ("_scale_inv", "_scale")  # appended to the weight's name: weight_scale_inv, weight_scale
+IGNORED_SUFFIXES = (".input_scale",)  # static activation scales: activations stay in the load dtype
+
+TensorEntry = tuple[str, "str | None", tuple[int, ...], Callable[[], torch.Tensor]]
+
+
+def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, K] -> (e4m3 [N, K], fp32 scales [N, 1]) with ``weight ~= q * scale`` per row."""
+    w = weight.float()
+    scale = (w.abs().amax(dim=1, keepdim=True) / E4M3_MAX).clamp(min=1e-12)
+    return (w / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn), scale
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] | None = None) -> torch.Tensor:
+    """fp32 values of an FP8 weight [N, K]: ``scale`` is per tensor, per row [N, 1], or per
+    ``block`` tile [ceil(N/bn), ceil(K/bk)]."""
+    w, s = q.float(), scale.float()
+    if s.numel() == 1:
+        return w * s.reshape(())
+    if block is not None and s.dim() == 2 and s.shape != (w.shape[0], 1):
+        bn, bk = block
+        s = s.repeat_interleave(bn, dim=0)[:w.shape[0]].repeat_interleave(bk, dim=1)[:, :w.shape[1]]
+    if s.shape not in ((w.shape[0], 1), tuple(w.shape)):
+        raise LoadError(f"FP8 scale of shape {tuple(scale.shape)} does not fit a weight of shape {tuple(q.shape)}")
+    return w * s
+
+
+@torch.no_grad()
+def quantize_model(model: torch.nn.Module) -> int:
+    """``--quantization fp8``: every projection weight replaced in place by its FP8 values
+    (per output channel; under tensor parallelism, per row of this rank's slice). Returns the
+    number of weights quantized."""
+    count = 0
+    for name, p in model.named_parameters():
+        if name.endswith(".weight") and name.rsplit(".", 2)[-2] in PROJECTIONS:
+            p.copy_(dequantize(*quantize_rows(p)).to(p.dtype))
+            count += 1
+    return count
+
+
+@dataclass(frozen=True)
+class FP8Checkpoint:
+    """How a checkpoint's FP8 weights are scaled (from its ``quantization_config``)."""
+
+    block: tuple[int, int] | None
+
+    @classmethod
+    def from_config(cls, config: dict) -> "FP8Checkpoint | None":
+        qc = config.get("quantization_config")
+        if not qc:
+            return None
+        method = str(qc.get("quant_method", "")).lower()
+        if method == "fp8" or method == "fbgemm_fp8" or (method == "compressed-tensors" and _is_fp8(qc)):
+            block = qc.get("weight_block_size")
+            return cls(tuple(block) if block else None)
+        raise UnsupportedFormatError(f"quantization_config quant_method={method!r} is not supported; this engine "
+                                     "reads FP8 checkpoints (fp8, fbgemm_fp8, compressed-tensors float8) and "
+                                     "unquantized ones")
+
+    @staticmethod
+    def is_scale(name: str) -> bool:
+        return name.endswith(tuple(f".weight{s}" for s in SCALE_SUFFIXES)) or name.endswith(IGNORED_SUFFIXES)
+
+    def dequantize_entries(self, entries: Iterator[TensorEntry], scales: dict[str, torch.Tensor]) -> Iterator[TensorEntry]:
+        """Skip the scale tensors; FP8 weights come out as fp32 values (``scales``: every
+        ``*_scale``/``*_scale_inv`` tensor of the checkpoint, by name, read beforehand)."""
+        for source, ours, shape, read in entries:
+            if self.is_scale(source):
+                continue
+            scale = next((scales[source + s] for s in SCALE_SUFFIXES if source + s in scales), None)
+            if scale is not None:
+                read = self._dequantized(source, read, scale)
+            yield source, ours, shape, read
+
+    def _dequantized(self, name: str, read: Callable[[], torch.Tensor], scale: torch.Tensor):
+        def values() -> torch.Tensor:
+            q = read()
+            if q.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2):
+                raise LoadError(f"tensor {name!r} has a scale but dtype {q.dtype}, not FP8")
+            return dequantize(q, scale.to(q.device), self.block)
+        return values
+
+
+def _is_fp8(qc: dict) -> bool:
+    groups = qc.get("config_groups") or {}
+    return any(str((g.get("weights") or {}).get("type", "")).lower() == "float" and
+               int((g.get("weights") or {}).get("num_bits", 0)) == 8 for g in groups.values())
