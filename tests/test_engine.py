@@ -148,3 +148,16 @@ def test_close_gives_back_the_cache_and_keeps_the_model():
     gc.collect()
     assert storage() is None  # nothing keeps the KV cache alive: a next engine can take the memory
     assert next(model.parameters()).numel() > 0
+
+
+def test_sampled_rows_pass_through_the_head_in_bounded_parts(monkeypatch):
+    from types import SimpleNamespace
+    from optimus.engine import postprocess
+    wants = [SimpleNamespace(positions=(0,) * n) for n in (3, 3, 5, 1, 9)]
+    assert [[len(w.positions) for w in p] for p in postprocess._by_rows(wants, 6)] == [[3, 3], [5, 1], [9]]
+    # A step's sampled rows split over several passes decode as in one pass (draws are per row).
+    p = SamplingParams(max_tokens=8, temperature=1.0, top_p=0.9, seed=5, ignore_eos=True)
+    whole = _llm("sdar", "fixed:4").generate(_prompts(3), [p] * 3)
+    monkeypatch.setattr(postprocess, "SAMPLED_ROWS_PER_PASS", 2)
+    split = _llm("sdar", "fixed:4").generate(_prompts(3), [p] * 3)
+    assert [o.token_ids for o in whole] == [o.token_ids for o in split]
