@@ -137,6 +137,14 @@ def conversion_dry_run(d: dict) -> list:
     return rows
 
 
+def fp8_accuracy(d: dict) -> list:
+    ref, fp8 = d["reference"], d["fp8"]
+    rows = [("accuracy, all tasks: reference / FP8", f"{ref['accuracy']:.3f} / {fp8['accuracy']:.3f}"),
+            ("tokens per step: reference / FP8", f"{ref['tau']['mean']:.2f} / {fp8['tau']['mean']:.2f}")]
+    return rows + [(f"{task}: reference / FP8", f"{acc:.2f} / {fp8['tasks'][task]:.2f}")
+                   for task, acc in sorted(ref["tasks"].items())]
+
+
 def moe_check(d: dict) -> list:
     rows = [("Triton MoE kernel within bf16 tolerance, graph replay follows new routing", "yes" if d.get("kernel_ok") else "NO")]
     for t in d.get("decode_timing", []):
@@ -406,6 +414,9 @@ BENCHMARKS = [
      "`scripts/gpu/convert_smollm2.sh` at small scale: self-chat data, 150 s of LoRA training at block 8, "
      "then tokens per step and answer quality against the AR base on 64 held-out self-chat prompts.",
      conversion_dry_run),
+    ("fp8_accuracy", "FP8 weights: accuracy of the default model",
+     "`optimus eval --model default --configs fixed:32 --limit 100`, with and without `--quantization fp8` "
+     "(projections rounded to e4m3 per output channel, dequantized: the reference is fp32 on CPU).", fp8_accuracy),
     ("hf_generate_compare", "SmolLM2-135M shape: AR against HF `generate`",
      "Random weights at SmolLM2-135M-Instruct's config, greedy, prompt 128, output 256, end-of-text ignored "
      "(`python -m optimus.bench.experiments.hf_generate_compare`).", hf_generate_compare),
