@@ -90,7 +90,8 @@ def test_adapter_errors_name_the_problem(base, tmp_path):
 
 
 def test_a_pinned_base_file_must_match_its_checksum(tmp_path):
-    from optimus.models.adapter import AdapterConfig, resolve_base
+    from optimus.models.adapter import AdapterConfig
+    from optimus.models.sources import resolve_base
     other = tmp_path / "base.gguf"
     other.write_bytes(b"GGUF" + bytes(64))
     with pytest.raises(LoadError, match="sha256"):
@@ -160,7 +161,7 @@ def test_fit_converts_a_base_end_to_end(base, tmp_path):
 
 
 def test_auto_is_the_shipped_dllm_when_its_base_is_at_hand_else_the_tasks_model(base, tmp_path, monkeypatch, caplog):
-    from optimus.models import auto
+    from optimus.models import sources as auto
     from optimus.models.sources import resolve_model
     config, model = _trained(base)
     save(Conversion(str(base), rank=4, alpha=8.0), config, model, tmp_path / "shipped")

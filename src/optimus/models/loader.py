@@ -31,6 +31,7 @@ from optimus.models.registry import ConfigError, Family, UnknownArchitectureErro
 from optimus.models.registry import check_token_ids, family_for, spec_from_config
 from optimus.models.shapes import SHAPES, random_decoder, shape_config
 from optimus.models.adapter import is_adapter_dir
+from optimus.models.fp8 import fp8_values
 from optimus.models.sources import ModelSource, RandomModelName, SourceKind, local_directory, resolve_model
 from optimus.models.spec import ModelSpec
 from optimus.models.transformer import DecoderLM
@@ -98,7 +99,7 @@ def _load(path: str | Path, dtype, device, progress: bool, revision: str | None,
     spec = complete_spec(spec, tokenizer)
     generation_config = _read_json(root / "generation_config.json", required=False)
     files = _weight_files(root)
-    entries = _fp8_dequantized(config, files, _safetensors_entries(files, family, device, progress), device)
+    entries = fp8_values(config, files, _safetensors_entries(files, family, device, progress), _safe_device(device))
     model = _build_model(spec, family, entries, dtype, device, shard and shard(spec))
     return LoadedModel(model, spec, tokenizer, generation_config, source.identity)
 
@@ -126,25 +127,12 @@ def _gguf_parts(path: Path, progress: bool) -> tuple[Family, dict, Tokenizer, It
     return family, config, tokenizer_from_gguf(file), entries
 
 
-def _fp8_dequantized(config: dict, files: list[Path], entries: Iterator[TensorEntry],
-                     device: torch.device) -> Iterator[TensorEntry]:
-    """An FP8 checkpoint's weights as values (its scale tensors read first, then skipped)."""
-    from optimus.models.fp8 import FP8Checkpoint
-    fp8 = FP8Checkpoint.from_config(config)
-    if fp8 is None:
-        return entries
-    scales = {}
-    for f in files:
-        with safe_open(str(f), framework="pt", device=_safe_device(device)) as handle:
-            scales.update({n: handle.get_tensor(n) for n in handle.keys() if fp8.is_scale(n)})
-    return fp8.dequantize_entries(entries, scales)
-
-
 def _load_adapter(source: ModelSource, dtype: torch.dtype, device: torch.device, progress: bool,
                   shard: ShardFor | None) -> LoadedModel:
     """An adapter directory (:mod:`optimus.models.adapter`): its config.json over the base's
     tensors, each changed by the adapter as it is read; the base's tokenizer."""
-    from optimus.models.adapter import AdapterWeights, read_adapter_config, resolve_base
+    from optimus.models.adapter import AdapterWeights, read_adapter_config
+    from optimus.models.sources import resolve_base
     root = source.location
     cfg = read_adapter_config(root)
     family, spec = _spec_from_config(_read_json(root / "config.json"))

@@ -42,10 +42,11 @@ SHAPES: dict[str, dict] = {
                          decoder_sparse_step=1, mlp_only_layers=[], vocab_size=151936, rope_theta=1000000.0,
                          rms_norm_eps=1e-6, block_size=32, mask_token_id=151669, eos_token_id=151645,
                          max_position_embeddings=4096),
-    # SmolLM2-135M-Instruct: the small real AR model (the smollm2-135m alias) and its converted dLLM.
+    # SmolLM2-135M-Instruct: the small real AR model (the smollm2-135m alias); its eos here lies past
+    # the default tokenizer, as every shape's does (the real one is 2).
     "smollm2-135m": dict(model_type="llama", hidden_size=576, num_hidden_layers=30, num_attention_heads=9,
                          num_key_value_heads=3, head_dim=64, intermediate_size=1536, vocab_size=49152,
-                         rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True, eos_token_id=2,
+                         rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True, eos_token_id=49151,
                          max_position_embeddings=8192),
     # Llama-3-8B: the autoregressive baseline.
     "llama-8b": dict(model_type="llama", hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,

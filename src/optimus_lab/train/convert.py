@@ -13,9 +13,10 @@ from pathlib import Path
 
 import torch
 
-from optimus.models.adapter import AdapterConfig, sha256_file, write_adapter
+from optimus.models.adapter import AdapterConfig, write_adapter
 from optimus.models.loader import load_model
 from optimus.models.sources import resolve_model
+from optimus.models.wheels import sha256_of
 from optimus_lab.train import checkpoint
 from optimus_lab.train.lora import adapter_tensors, add_lora
 
@@ -43,6 +44,6 @@ def build(conv: Conversion, ids: dict[str, int], block: int) -> tuple[dict, torc
 
 def save(conv: Conversion, config: dict, model: torch.nn.Module, out_dir: Path) -> None:
     location = resolve_model(conv.base, progress=False).location
-    sha = sha256_file(location) if location.is_file() else None
+    sha = sha256_of(location) if location.is_file() else None
     cfg = AdapterConfig(conv.base_name or conv.base, sha, conv.rank, conv.alpha)
     write_adapter(out_dir, cfg, adapter_tensors(model), config, checkpoint.generation_config(config))

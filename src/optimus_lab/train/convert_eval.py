@@ -36,7 +36,8 @@ def _row(ar, prompts, answers: list[list[int]], steps: int, seconds: float) -> d
 def evaluate(adapter_dir: Path, data_dir: Path, configs: Sequence[str], n: int = 64, max_tokens: int = 256,
              device: str = "cuda") -> dict:
     from optimus.engine.llm import LLM
-    from optimus.models.adapter import read_adapter_config, resolve_base
+    from optimus.models.adapter import read_adapter_config
+    from optimus.models.sources import resolve_base
     from optimus.models.loader import load_model
     convs = read_conversations(data_dir, val=True)[:n]
     prompts = [list(c.prompt_ids) for c in convs]
