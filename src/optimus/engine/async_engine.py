@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable
 
 from optimus.config import EngineConfig
 from optimus.engine.engine import Engine
+from optimus.engine.model_facts import ModelFactsView, model_facts
 from optimus.engine.step_guard import StepGuard
 from optimus.engine.stats import EngineMetrics
 from optimus.core.outputs import RequestOutput
@@ -30,7 +31,7 @@ __all__ = ["AsyncEngine", "EngineDeadError", "EngineMetrics", "QueueFullError", 
 # An engine whose steps keep failing after recovery cannot serve: give up after this many in a row.
 
 
-class AsyncEngine:
+class AsyncEngine(ModelFactsView):  # the model properties the server reads
     def __init__(self, config: EngineConfig, loaded=None,
                  factory: Callable[[EngineConfig], Engine] | None = None) -> None:
         self.config = config
@@ -40,6 +41,7 @@ class AsyncEngine:
         self.ready = False
         self.alive = True
         self.engine: Engine | None = None
+        self._info = None  # the model's facts, once the engine is built
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._streams: dict[str, asyncio.Queue] = {}
@@ -50,28 +52,6 @@ class AsyncEngine:
         self._step_started: float | None = None
         self._scoring: ScoringQueue | None = None  # likelihood jobs the loop runs between steps
 
-    # ---- properties the server reads ----------------------------------------------------
-    @property
-    def tokenizer(self):
-        return self.engine.tokenizer
-
-    @property
-    def spec(self):
-        return self.engine.spec
-
-    @property
-    def block_size(self) -> int:
-        return self.engine.block_size
-
-    @property
-    def max_model_len(self) -> int:
-        return self.engine.max_model_len
-
-    @property
-    def model_name(self) -> str:
-        from pathlib import Path
-        return Path(str(self.engine.loaded.path if hasattr(self.engine.loaded, "path") else "model")).name
-
     # ---- lifecycle ---------------------------------------------------------------------
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -79,6 +59,7 @@ class AsyncEngine:
             self.engine = await asyncio.to_thread(self._factory, self.config)
         else:
             self.engine = await asyncio.to_thread(Engine, self.config, self._loaded)
+        self._info = model_facts(self.engine)
         self._scoring = ScoringQueue(self.engine, self._loop, self.config.likelihood_samples,
                                      lambda: RequestFailedError("internal error while scoring this request"))
         self._thread = threading.Thread(target=self._run, name="optimus-engine", daemon=True)

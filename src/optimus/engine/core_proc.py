@@ -25,7 +25,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import zmq
 
@@ -33,6 +32,7 @@ from optimus.config import EngineConfig
 from optimus.core.errors import QueueFullError, RequestFailedError
 from optimus.core.outputs import RequestOutput
 from optimus.engine import wire
+from optimus.engine.model_facts import model_facts
 from optimus.engine.step_guard import StepGuard
 from optimus.engine.stats import EngineMetrics
 
@@ -91,9 +91,8 @@ def _build(spec: EngineProcSpec):
 
 
 def engine_info(engine) -> wire.EngineInfo:
-    loaded = engine.loaded
-    name = Path(str(loaded.path)).name if hasattr(loaded, "path") else "model"
-    return wire.EngineInfo(engine.spec, engine.tokenizer, engine.max_model_len, name, engine.block_size,
+    facts = model_facts(engine)
+    return wire.EngineInfo(facts.spec, facts.tokenizer, facts.max_model_len, facts.model_name, facts.block_size,
                            engine.allocator.num_pages, engine.allocator.page_size, os.getpid())
 
 

@@ -17,6 +17,14 @@ class ModelFacts:
     block_size: int
 
 
+def model_facts(engine) -> ModelFacts:
+    """An in-process ``Engine``'s facts; the model's name is the last part of its path."""
+    from pathlib import Path
+    loaded = engine.loaded
+    name = Path(str(loaded.path)).name if hasattr(loaded, "path") else "model"
+    return ModelFacts(engine.spec, engine.tokenizer, engine.max_model_len, name, engine.block_size)
+
+
 class ModelFactsView:
     """``EngineClient``'s model properties, read from ``self._info`` (valid once ready)."""
 

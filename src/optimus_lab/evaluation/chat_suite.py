@@ -186,16 +186,17 @@ def _answers(loaded, ar, examples: Sequence[ChatExample], decoded: Sequence[Deco
     return out
 
 
-def _mean(values: Sequence[float]) -> float | None:
+def mean_of_finite(values: Sequence[float]) -> float | None:
+    """The mean of the values that are not nan, to 4 decimals (None if none are)."""
     kept = [v for v in values if not math.isnan(v)]
     return round(sum(kept) / len(kept), 4) if kept else None
 
 
 def _kind_stats(answers: Sequence[Answer], max_tokens: int) -> dict:
     return {"count": len(answers),
-            "length": _mean([len(a.base_ids) for a in answers]),
-            "rep4": _mean([repeated_ngram_rate(a.base_ids) for a in answers]),
-            "cut_at_max_tokens": _mean([a.own_length >= max_tokens for a in answers])}
+            "length": mean_of_finite([len(a.base_ids) for a in answers]),
+            "rep4": mean_of_finite([repeated_ngram_rate(a.base_ids) for a in answers]),
+            "cut_at_max_tokens": mean_of_finite([a.own_length >= max_tokens for a in answers])}
 
 
 def _sample(a: Answer) -> dict:
@@ -215,7 +216,7 @@ def config_row(model: str, answers: Sequence[Answer], prose_nll: Sequence[float]
     return {"model": model,
             "accuracy": {k: round(correct[k] / len(by_kind[k]), 4) if by_kind[k] else None for k in CHECKED},
             "correct": correct,
-            "prose": {"nll": _mean(prose_nll), "rep4": stats["prose"]["rep4"], "length": stats["prose"]["length"]},
+            "prose": {"nll": mean_of_finite(prose_nll), "rep4": stats["prose"]["rep4"], "length": stats["prose"]["length"]},
             "per_kind": stats,
             "tau": summarise_tau([s for a in answers for s in a.steps]).as_dict(),
             "seconds": round(seconds, 2),

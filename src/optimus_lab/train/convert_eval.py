@@ -10,25 +10,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 from typing import Sequence
 
 from optimus.core.params import SamplingParams
-from optimus_lab.evaluation.chat_suite import answer_nll, repeated_ngram_rate
+from optimus_lab.evaluation.chat_suite import answer_nll, mean_of_finite, repeated_ngram_rate
 from optimus_lab.train.selfchat import read_conversations
-
-
-def _mean(xs: Sequence[float]) -> float:
-    xs = [x for x in xs if not math.isnan(x)]
-    return sum(xs) / len(xs) if xs else float("nan")
 
 
 def _row(ar, prompts, answers: list[list[int]], steps: int, seconds: float) -> dict:
     tokens = sum(len(a) for a in answers)
-    return {"nll_under_base": round(_mean(answer_nll(ar, prompts, answers)), 4),
-            "rep4": round(_mean([repeated_ngram_rate(a) for a in answers]), 4),
+    return {"nll_under_base": mean_of_finite(answer_nll(ar, prompts, answers)),
+            "rep4": mean_of_finite([repeated_ngram_rate(a) for a in answers]),
             "length": round(tokens / len(answers), 1), "tau": round(tokens / max(1, steps), 3),
             "seconds": round(seconds, 1)}
 
