@@ -6,6 +6,7 @@ over such a model, and ``optimus bench sweep`` driving it."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -197,7 +198,15 @@ def test_server_on_a_random_shape_replays_acceptance(tmp_path, four_per_step):
         with http.stream("POST", "/v1/completions", json=body) as r:
             assert r.status_code == 200
             events = sse_events(r.iter_lines())
-        after = parse_prometheus(http.get("/metrics").text)
+        # The front-end's metrics are a snapshot of the engine process's, up to 0.1 s late:
+        # read them once they hold the 64 tokens the stream delivered (or after 5 s).
+        deadline = time.monotonic() + 5
+        while True:
+            after = parse_prometheus(http.get("/metrics").text)
+            done = counter_deltas(before, after).get("optimus_tokens_committed_total", 0) >= 64
+            if done or time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
         assert "Traceback" not in server.log(), server.log()
     frames = [e for e in events if isinstance(e, dict) and e.get("choices")]
     usage = next(e["usage"] for e in events if isinstance(e, dict) and e.get("usage"))
