@@ -137,6 +137,27 @@ def conversion_dry_run(d: dict) -> list:
     return rows
 
 
+def smollm2_conversion(d: dict) -> list:
+    sc, ar = d["selfchat"], d["ar_base_chat300"]
+    rows = [("self-chat data: conversations (answer tokens)", f"{sc['conversations']} ({num(sc['answer_tokens'])})")]
+    for b, r in sorted(d.get("sweep", {}).get("rows", {}).items(), key=lambda kv: int(kv[0])):
+        rows.append((f"sweep, block {b}: steps, tau, NLL ratio (held-out self-chat)",
+                     f"{r['steps']}, {r['tau']:.2f}, {r['nll_ratio']:.2f}x"))
+    rows.append(("AR base on chat300: arithmetic / factual accuracy, prose rep4, length",
+                 f"{ar['accuracy']['arithmetic']:.2f} / {ar['accuracy']['factual']:.2f}, "
+                 f"{ar['prose']['rep4']:.2f}, {ar['prose']['length']:.0f}"))
+    for name, run in d["runs"].items():
+        shipped = " (shipped)" if name == d.get("shipped") else ""
+        rows.append((f"{name}{shipped}: training tokens, held-out loss",
+                     f"{num(run['train']['tokens'] / 1e6)}M, {run['train']['heldout_loss']:.2f}"))
+        for config, r in run["chat300"].items():
+            vs = r["vs_ar"]
+            rows.append((f"{name} {config}: accuracy pts vs AR (arith, fact), NLL / rep4 / length ratio, tau",
+                         f"{vs['arithmetic_points']:+.0f}, {vs['factual_points']:+.0f}; {vs['nll_ratio']:.2f} / "
+                         f"{vs['rep4_ratio']:.2f} / {vs['length_ratio']:.2f}; {r['tau']:.2f}"))
+    return rows
+
+
 def fp8_accuracy(d: dict) -> list:
     ref, fp8 = d["reference"], d["fp8"]
     rows = [("accuracy, all tasks: reference / FP8", f"{ref['accuracy']:.3f} / {fp8['accuracy']:.3f}"),
@@ -414,6 +435,11 @@ BENCHMARKS = [
      "`scripts/gpu/convert_smollm2.sh` at small scale: self-chat data, 150 s of LoRA training at block 8, "
      "then tokens per step and answer quality against the AR base on 64 held-out self-chat prompts.",
      conversion_dry_run),
+    ("smollm2_conversion", "SmolLM2-135M to block diffusion: the shipped dLLM against its AR base",
+     "`scripts/gpu/convert_smollm2.sh all`: self-chat data, a block sweep (4, 8, 16, 32) on a short budget, "
+     "LoRA runs at the picked block, each scored on chat300 (`optimus eval --suite chat`, greedy, threshold 0.9); "
+     "targets: accuracy within 3 points, NLL <= 1.3x, rep4 <= 1.2x, length within 20%, tau >= 2.",
+     smollm2_conversion),
     ("fp8_accuracy", "FP8 weights: accuracy of the default model",
      "`optimus eval --model default --configs fixed:32 --limit 100`, with and without `--quantization fp8` "
      "(projections rounded to e4m3 per output channel, dequantized: the reference is fp32 on CPU).", fp8_accuracy),

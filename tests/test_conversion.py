@@ -160,6 +160,36 @@ def test_fit_converts_a_base_end_to_end(base, tmp_path):
     assert len(llm.generate([[5, 6, 7]], SamplingParams(max_tokens=8, ignore_eos=True))[0].token_ids) == 8
 
 
+def test_keep_best_ends_on_the_lowest_held_out_loss(base, tmp_path):
+    from optimus_lab.train.__main__ import main
+    write_dataset(_convs(40), tmp_path / "data", SelfChatConfig(val_every=10), _ids(), seq_len=64, block=8)
+    out = tmp_path / "converted"
+    main(["fit", "--data", str(tmp_path / "data"), "--out", str(out), "--base", str(base), "--lora-rank", "4",
+          "--block", "4", "--seq-len", "64", "--batch-size", "2", "--steps", "4", "--warmup", "1", "--lr", "0.3",
+          "--device", "cpu", "--no-compile", "--attention", "mask", "--val-every", "1", "--keep-best"])
+    log = json.loads((out / "train_log.json").read_text())
+    seen = {r["step"]: r["heldout_loss"] for r in log["log"] if "heldout_loss" in r}
+    kept = min(seen, key=seen.get)
+    assert kept < 4  # the learning rate is high enough to overshoot: the kept weights are not the last
+    assert log["summary"]["kept_step"] == kept
+    assert log["summary"]["heldout_loss"] == pytest.approx(seen[kept], rel=1e-5)  # measured again on the saved weights
+
+
+def test_best_weights_are_restored_over_later_ones():
+    from optimus_lab.train.loop import _Best
+    model = torch.nn.Linear(2, 2)
+    model.bias.requires_grad_(False)
+    best = _Best()
+    for step, loss in ((1, 2.0), (2, 1.0), (3, 1.5)):
+        with torch.no_grad():
+            model.weight.fill_(step)
+            model.bias.fill_(step)
+        best.offer(model, step, loss)
+    best.restore(model)
+    assert best.step == 2 and torch.all(model.weight == 2)
+    assert torch.all(model.bias == 3)  # only trained parameters are kept
+
+
 def test_auto_is_the_shipped_dllm_when_its_base_is_at_hand_else_the_tasks_model(base, tmp_path, monkeypatch, caplog):
     from optimus.models import sources as auto
     from optimus.models.sources import resolve_model

@@ -26,7 +26,8 @@ def run(policy, regime: str, load: int, steps: int = 150):
     return simulate(policy, cfg, ReplayTable(regimes.load(regime)), H200)
 
 
-@pytest.mark.parametrize("regime,loads", [("real-8b", (1, 16, 256)), ("tasks", (4, 64, 256)), ("prose", (1, 64, 256))])
+@pytest.mark.parametrize("regime,loads", [("real-8b", (1, 16, 256)), ("tasks", (4, 64, 256)), ("prose", (1, 64, 256)),
+                                          ("smollm2-prose", (1, 64, 256))])
 def test_elastic_matches_the_best_single_policy_in_every_regime(regime, loads):
     prior = regimes.load(regime).window_tau()  # what a benchmark seeds it with (the replayed profile)
     for n in loads:

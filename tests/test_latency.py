@@ -204,8 +204,8 @@ def device_speed(monkeypatch):
     return speed
 
 
-def _stub_engine(tmp_path, profile_path=None):
-    """What the elastic set-up reads of an engine: device, config, model path, dtype, family."""
+def _stub_engine(tmp_path, profile_path=None, block_size=32):
+    """What the elastic set-up reads of an engine: device, config, model path, dtype, family, block."""
     from types import SimpleNamespace
 
     import torch
@@ -213,7 +213,7 @@ def _stub_engine(tmp_path, profile_path=None):
     loaded = SimpleNamespace(path=tmp_path / "tiny-sdar", model=torch.nn.Linear(1, 1))
     config = SimpleNamespace(profile_path=profile_path, scheduler=SimpleNamespace(max_running=256))
     return SimpleNamespace(device=torch.device("cpu"), config=config, loaded=loaded,
-                           spec=SimpleNamespace(family="sdar"))
+                           spec=SimpleNamespace(family="sdar"), block_size=block_size)
 
 
 def _cached(engine, slowdown: float, path=None, device: str | None = None):
@@ -237,6 +237,16 @@ def test_first_start_measures_saves_and_says_so(tmp_path, monkeypatch, device_sp
     assert saved.points == profile.points and (saved.source, saved.context) == ("start-up", 64)
     assert profile.fit.t0 == pytest.approx(0.010, rel=0.01)
     assert "latency profile: measuring 12 steps" in caplog.text and "by start-up" in caplog.text
+
+
+def test_a_start_up_profile_times_no_chunk_wider_than_the_block(tmp_path, monkeypatch, device_speed, caplog):
+    from optimus.policy.elastic.setup import load_or_profile
+
+    monkeypatch.setenv("OPTIMUS_CACHE", str(tmp_path / "cache"))
+    with caplog.at_level("INFO", logger="optimus.policy.elastic.setup"):
+        profile = load_or_profile(_stub_engine(tmp_path, block_size=4))
+    assert max(p.tokens / p.batch for p in profile.points) == 4
+    assert "latency profile: measuring 6 steps" in caplog.text  # batches 1, 4, 16 x chunks 1, 4
 
 
 def test_a_cached_profile_that_still_holds_is_reused_and_named(tmp_path, monkeypatch, device_speed, caplog):
@@ -313,7 +323,7 @@ def test_engine_start_names_its_profile(tiny_checkpoint, tmp_path, monkeypatch, 
     config = engine_config(model=str(tiny_checkpoint("sdar")), device="cpu", policy="elastic", num_pages=64)
     with caplog.at_level("INFO", logger="optimus.policy.elastic.setup"):
         first = Engine(config).policy.profile
-        assert "latency profile: measuring 12 steps" in caplog.text and first.source == "start-up"
+        assert "latency profile: measuring 6 steps" in caplog.text and first.source == "start-up"  # block 4: chunks 1, 4
         caplog.clear()
         second = Engine(config).policy.profile
     assert second.points == first.points and second.created == first.created

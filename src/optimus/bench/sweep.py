@@ -103,7 +103,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="share of requests within SLOs that a rate needs to count (default: 0.9)")
     parser.add_argument("--server-args", default="", help="more `optimus serve` flags, one quoted string")
     parser.add_argument("--acceptance", default=None,
-                        help="acceptance regime the servers replay (tasks, prose, real-8b, or a profile JSON): adds "
+                        help="acceptance regime the servers replay (tasks, prose, smollm2-prose, real-8b, or a profile JSON): adds "
                              "--replay-acceptance and --acceptance-profile to --server-args")
     parser.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to wait for /health")
     parser.add_argument("--out-dir", required=True, help="sweep.json, the PNGs and server logs go here")

@@ -9,6 +9,10 @@ replayed by :class:`optimus.decoding.replay.ReplayAcceptance` unchanged).
 - ``prose``: the same model measured on free-form prose continuations and chat prompts with
   ShareGPT-like output lengths (benchmarks/prompts/acceptance_prose.jsonl;
   benchmarks/results/cpu/acceptance_prose/latest.json).
+- ``smollm2-prose``: the shipped block-diffusion SmolLM2-135M (``smollm2-135m-dllm``, block 4)
+  measured on the 100 open prose prompts of the chat300 set under its chat template, at most
+  256 tokens each, on an H200 (``src/optimus/default_dllm/tau_profile.json``): a real converted
+  chat model on free prose, 1.28 commits per step at C = 2 and 1.46 at C >= 4 (its block).
 - ``real-8b``: :class:`DistanceDecay`, a parametric family calibrated to the published
   tokens-per-forward of real 8B-class dLLMs under threshold decoding at block 32:
 
@@ -47,8 +51,9 @@ from optimus.decoding.replay import Acceptance, load_acceptance
 
 ROOT = Path(__file__).resolve().parents[3]
 RESULTS = ROOT / "benchmarks" / "results" / "cpu"
-STORED = {"tasks": RESULTS / "acceptance" / "latest.json", "prose": RESULTS / "acceptance_prose" / "latest.json"}
-REGIMES = ("tasks", "prose", "real-8b")
+STORED = {"tasks": RESULTS / "acceptance" / "latest.json", "prose": RESULTS / "acceptance_prose" / "latest.json",
+          "smollm2-prose": Path(__file__).resolve().parents[1] / "default_dllm" / "tau_profile.json"}
+REGIMES = ("tasks", "prose", "smollm2-prose", "real-8b")
 CHUNKS = (1, 2, 4, 8, 16, 32)
 
 # Calibration of ``real-8b``: window tau at C = 2 (the real-like H200 profile) and at C = 32

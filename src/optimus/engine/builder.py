@@ -53,6 +53,7 @@ class _Hardware:
     device: torch.device
     allocator: PageAllocator
     runner: ModelRunner
+    block_size: int
 
     @property
     def spec(self) -> ModelSpec:
@@ -83,7 +84,7 @@ def build_parts(config: EngineConfig, loaded: LoadedModel | None = None,
                                            scheme.cache_only)
     runner = ModelRunner(loaded.model, storage, cache.page_size, device, config.runner.attention_backend, graphs,
                          cache_only=scheme.cache_only)
-    policy = build_policy(config, _Hardware(config, loaded, device, allocator, runner))
+    policy = build_policy(config, _Hardware(config, loaded, device, allocator, runner, block_size))
     scheduler = Scheduler(config.scheduler, allocator, policy, spec.attention, scheme)
     return EngineParts(config, loaded, device, block_size, commit_rule or commit_rule_for(config),
                        allocator, storage, runner, policy, scheduler, parallel)

@@ -73,7 +73,7 @@ def _fit(args) -> None:
                       batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup, max_steps=args.steps,
                       train_seconds=args.seconds, device=args.device, compile=not args.no_compile,
                       attention=args.attention, log_every=args.log_every, val_every=args.val_every,
-                      text_fraction=args.text_fraction, chunk_mix=args.chunk_mix,
+                      keep_best=args.keep_best, text_fraction=args.text_fraction, chunk_mix=args.chunk_mix,
                       max_shard_bytes=args.shard_mb * 2**20 if args.shard_mb else None,
                       init_dir=Path(args.init) if args.init else None, conversion=_conversion(args),
                       heldout="chat_val" if args.base else "text_val")
@@ -113,6 +113,8 @@ def main(argv: list[str] | None = None) -> None:
     f.add_argument("--attention", choices=("flex", "mask"), default="flex")
     f.add_argument("--log-every", type=int, default=50)
     f.add_argument("--val-every", type=int, default=0)
+    f.add_argument("--keep-best", action="store_true",
+                   help="save the weights of the lowest held-out loss seen at --val-every, not the last")
     f.add_argument("--text-fraction", type=float, default=0.3)
     f.add_argument("--chunk-mix", type=float, default=0.0,
                    help="share of blocks trained as decoding chunks (robust chunked decoding)")

@@ -37,6 +37,7 @@ class TrainConfig:
     train_seconds: float = float("inf")  # the schedule ends at whichever limit comes first
     log_every: int = 50
     val_every: int = 0  # steps between held-out text losses in the log (0: only at the end)
+    keep_best: bool = False  # end on the trained weights of the lowest held-out loss seen (needs val_every)
     seed: int = 0
     device: str = "cuda"
     compile: bool = True
@@ -45,6 +46,25 @@ class TrainConfig:
     init_dir: Path | None = None  # start from this HF directory's weights (fine-tuning) instead of random
     conversion: "Conversion | None" = None  # convert a pretrained AR model (low-rank adapter) instead
     heldout: str = "text_val"  # the held-out rows the log reports a loss on
+
+
+class _Best:
+    """The trained parameters (those with gradients: the adapter of a conversion) at the lowest
+    held-out loss so far, copied to the CPU; a long run that starts to overfit ends on them."""
+
+    def __init__(self) -> None:
+        self.step, self.loss, self.weights = 0, float("inf"), None
+
+    def offer(self, model: torch.nn.Module, step: int, loss: float) -> None:
+        if loss < self.loss:
+            self.step, self.loss = step, loss
+            self.weights = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
+
+    @torch.no_grad()
+    def restore(self, model: torch.nn.Module) -> None:
+        params = dict(model.named_parameters())
+        for name, value in self.weights.items():
+            params[name].copy_(value)
 
 
 class RowSampler:
@@ -147,6 +167,7 @@ class Trainer:
         135M model on an H200: a short run's whole schedule would otherwise pass while compiling)."""
         cfg, start = self.cfg, time.perf_counter()
         step, elapsed, first_step = 0, 0.0, 0.0
+        best = _Best()
         while step < cfg.max_steps and elapsed < cfg.train_seconds:
             for group in self.opt.param_groups:
                 group["lr"] = cfg.lr * lr_factor(cfg, step, elapsed)
@@ -170,8 +191,14 @@ class Trainer:
                 row = {"step": step, "seconds": round(elapsed, 2), "heldout_loss": self.heldout_loss(cfg.heldout)}
                 self.log.append(row)
                 print(json.dumps(row), flush=True)
-        return {"steps": step, "seconds": elapsed, "first_step_seconds": first_step,
-                "tokens": step * cfg.batch_size * cfg.seq_len}
+                if cfg.keep_best:
+                    best.offer(self.model, step, row["heldout_loss"])
+        summary = {"steps": step, "seconds": elapsed, "first_step_seconds": first_step,
+                   "tokens": step * cfg.batch_size * cfg.seq_len}
+        if best.weights is not None:
+            best.restore(self.model)
+            summary.update(kept_step=best.step, kept_heldout_loss=best.loss)
+        return summary
 
     def _record(self, step: int, elapsed: float, loss: torch.Tensor, gnorm: torch.Tensor) -> None:
         row = {"step": step, "seconds": round(elapsed, 2), "loss": float(loss.detach()), "grad_norm": float(gnorm),

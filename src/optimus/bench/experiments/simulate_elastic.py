@@ -22,7 +22,7 @@ from optimus.policy.simulate import KneeDevice, ReplayTable, sweep
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--profile", required=True)
-    p.add_argument("--acceptance", required=True, help="tasks, prose, real-8b, or a profile JSON")
+    p.add_argument("--acceptance", required=True, help="tasks, prose, smollm2-prose, real-8b, or a profile JSON")
     p.add_argument("--loads", default="1,4,16,64,128,256")
     p.add_argument("--out", required=True)
     args = p.parse_args()

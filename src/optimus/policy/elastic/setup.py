@@ -33,11 +33,13 @@ def model_id(engine) -> str:
 BRIEF_CONTEXT = 64  # cached positions per request in the steps a start-up profile measures
 
 
-def _brief_grid(max_running: int, device: torch.device) -> tuple[list[int], list[int]]:
+def _brief_grid(max_running: int, device: torch.device, block: int) -> tuple[list[int], list[int]]:
+    """Batch sizes and chunk sizes a start-up profile times: no chunk wider than the model's
+    block (a block-4 model never runs one), fewer batches off the GPU (each CPU step is slow)."""
     batches = [b for b in (1, 4, 16, 64, 256) if b <= max(1, max_running)]
     if device.type != "cuda":
         batches = batches[:3]
-    return batches, [1, 4, 16, 32]
+    return batches, sorted({c for c in (1, 4, 16, 32) if c < block} | {min(block, 32)})
 
 
 def load_or_profile(engine):
@@ -103,7 +105,7 @@ def _measure_brief(engine, path: Path, dev: str, mid: str):
     from optimus.policy.elastic.profiler import grid_cells, profile_latency
     from optimus.executor.timed_step import make_step_fn
 
-    batches, chunks = _brief_grid(engine.config.scheduler.max_running, engine.device)
+    batches, chunks = _brief_grid(engine.config.scheduler.max_running, engine.device, engine.block_size)
     log.info("latency profile: measuring %d steps of %s on %s for the elastic policy (once: saved to %s "
              "and re-checked at each start; 'optimus profile' measures a fuller grid)",
              len(grid_cells(batches, chunks)), mid, dev, path)
