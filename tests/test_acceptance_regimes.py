@@ -63,3 +63,21 @@ def test_regime_names_resolve_for_benchmarks_and_the_elastic_prior(tmp_path):
     assert regimes.resolve(str(own)) == own
     with pytest.raises(FileNotFoundError):
         regimes.resolve("no-such-regime")
+
+
+def test_a_block_4_model_replays_a_wider_window_a_block_at_a_time():
+    """The shipped SmolLM2 dLLM (block 4) on chat prose: a window of 8 to 32 decodes block by
+    block, so it commits per step what a window of 4 does, never more than 4 in a step."""
+    acceptance = regimes.load("smollm2-prose")
+    assert acceptance.block == 4
+    tau = acceptance.window_tau()
+    measured = json.loads(regimes.resolve("smollm2-prose").read_text())["tau_per_chunk"]
+    assert tau[4] == pytest.approx(measured["4"], rel=0.02)
+    for c in (8, 16, 32):
+        assert tau[c] == pytest.approx(tau[4], rel=1e-9), c
+        assert replayed_window_tau(acceptance, c, windows=500) == pytest.approx(tau[4], rel=0.05), c
+    replay = ReplayAcceptance(acceptance, seed=1)
+    assert max(replay._draw(32, left) for left in range(1, 33) for _ in range(50)) <= 4
+    # Without the block the same observations would be rescaled to the wider window.
+    unbounded = load_acceptance(regimes.resolve("smollm2-prose")).__class__(acceptance.by_chunk, acceptance.by_open)
+    assert unbounded.window_tau()[32] > 1.3 * tau[32]

@@ -21,9 +21,13 @@ PROFILE = LatencyProfile.synthetic(H200.t0, H200.knee, H200.slope)
 SINGLE = ("ar", "fixed:2", "fixed:4", "fixed:8", "fixed:16", "fixed:32")
 
 
-def run(policy, regime: str, load: int, steps: int = 150):
-    cfg = SimConfig(num_requests=load, gen_len=256, prompt_len=256, steps=steps, warmup_steps=100)
+def run(policy, regime: str, load: int, steps: int = 150, seed: int = 0):
+    cfg = SimConfig(num_requests=load, gen_len=256, prompt_len=256, steps=steps, warmup_steps=100, seed=seed)
     return simulate(policy, cfg, ReplayTable(regimes.load(regime)), H200)
+
+
+def mean_throughput(make, regime: str, load: int, steps: int, seeds) -> float:
+    return float(np.mean([run(make(), regime, load, steps, seed).throughput for seed in seeds]))
 
 
 @pytest.mark.parametrize("regime,loads", [("real-8b", (1, 16, 256)), ("tasks", (4, 64, 256)), ("prose", (1, 64, 256)),
@@ -31,9 +35,13 @@ def run(policy, regime: str, load: int, steps: int = 150):
 def test_elastic_matches_the_best_single_policy_in_every_regime(regime, loads):
     prior = regimes.load(regime).window_tau()  # what a benchmark seeds it with (the replayed profile)
     for n in loads:
-        single = {name: run(make_policy(name), regime, n).throughput for name in SINGLE}
+        # One request commits few tokens per step: a single 150-step run is noisier than the 2%
+        # the test resolves (policies that tie in expectation spread by +-5%), so that load is
+        # the mean of three seeds of 600 steps.
+        seeds, steps = ((0, 1, 2), 600) if n == 1 else ((0,), 150)
+        single = {name: mean_throughput(lambda: make_policy(name), regime, n, steps, seeds) for name in SINGLE}
         best = max(single, key=single.get)
-        got = run(ElasticPolicy(profile=PROFILE, tau_prior=prior), regime, n).throughput
+        got = mean_throughput(lambda: ElasticPolicy(profile=PROFILE, tau_prior=prior), regime, n, steps, seeds)
         assert got >= 0.98 * single[best], (regime, n, got, best, single[best])
 
 

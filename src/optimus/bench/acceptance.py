@@ -5,7 +5,7 @@ benchmarks to replay.
 
 Output JSON: ``tau_per_chunk`` {C: mean commits per step}, ``histograms`` {C: {k: steps}} and
 ``by_open`` {C: {m: {k: steps}}}, the same steps split by the masked positions m the window
-held. A replay must draw from ``by_open``: a chunk's late steps commit few because few
+held, and the model's ``block`` (a chunk above it decodes a block at a time). A replay must draw from ``by_open``: a chunk's late steps commit few because few
 positions are left, and drawing those small counts for a full window would charge large
 chunks twice (decoding/replay.py, ReplayAcceptance).
 """
@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         prompts = prompts_for(llm, args.tasks.split(","), args.per_task)
     source = {"prompt_file": args.prompts} if args.prompts else {"tasks": args.tasks}
-    result = {"model": str(llm.engine.loaded.path), **source, "prompts": len(prompts),
+    result = {"model": str(llm.engine.loaded.path), "block": llm.engine.block_size, **source, "prompts": len(prompts),
               "threshold": args.threshold, "max_tokens": lengths or args.max_tokens, "tau_per_chunk": {}, "histograms": {},
               "by_open": {}}
     for c in CHUNKS:

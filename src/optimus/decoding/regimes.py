@@ -39,6 +39,7 @@ step: ``1 + Binomial-sum``; the histograms are its exact Poisson-binomial distri
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import tempfile
@@ -145,4 +146,10 @@ def resolve(spec: str) -> Path:
 
 
 def load(spec: str) -> Acceptance:
-    return load_acceptance(resolve(spec))
+    return _load_regime(spec) if spec in REGIMES else load_acceptance(resolve(spec))
+
+
+@functools.lru_cache(maxsize=None)
+def _load_regime(name: str) -> Acceptance:
+    """A named regime, read (or generated) once per process: simulations load it per run."""
+    return load_acceptance(resolve(name))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +27,16 @@ class Acceptance:
 
     by_chunk: dict[int, list[int]]
     by_open: dict[int, dict[int, list[int]]] = field(default_factory=dict)
+    block: int | None = None  # the measured model's block: a wider window decodes a block at a time
+
+    def in_block(self, masked: int) -> int:
+        """The masked positions of the block being decoded, when a window of ``masked`` spans
+        several of the model's blocks (the blocks clear in order, so it is the remainder)."""
+        return masked if self.block is None or masked <= self.block else (masked - 1) % self.block + 1
+
+    def carry(self, commits: int, masked: int, seen: int) -> int:
+        """A draw observed with ``seen`` masked positions, for a window of ``masked``."""
+        return rescale(commits, self.in_block(masked), seen)
 
     def nearest_chunk(self, chunk: int) -> int:
         return min(self.by_chunk, key=lambda c: (abs(c - chunk), c))
@@ -33,17 +44,22 @@ class Acceptance:
     def masked_bucket(self, chunk: int, masked: int) -> tuple[list[int], int] | None:
         """(observed commits, their masked count) of the steps whose window (chunk size
         nearest ``chunk``) held the observed masked count nearest ``masked``; None without
-        ``by_open``. A draw k from it stands for ``rescale(k, masked, seen)`` commits."""
+        ``by_open``. A draw k from it stands for ``carry(k, masked, seen)`` commits."""
         table = self.by_open.get(self.nearest_chunk(chunk))
         if not table:
             return None
+        masked = self.in_block(masked)
         seen = min(table, key=lambda m: (abs(m - masked), -m))
         return table[seen], seen
 
     def commits_given_masked(self, chunk: int, masked: int) -> list[int] | None:
         """The commits a window with ``masked`` masked positions may draw (see masked_bucket)."""
         bucket = self.masked_bucket(chunk, masked)
-        return None if bucket is None else [rescale(k, masked, bucket[1]) for k in bucket[0]]
+        if bucket is None:
+            return None
+        obs, seen = bucket
+        carried = {k: self.carry(k, masked, seen) for k in set(obs)}  # a bucket holds thousands of a few values
+        return [carried[k] for k in obs]
 
     def window_tau(self) -> dict[int, float]:
         """Mean commits per step over the life of a window that starts with all C positions
@@ -52,9 +68,11 @@ class Acceptance:
         tau = {}
         for c in sorted(self.by_open):
             steps = [0.0]  # steps[m]: expected steps to clear a window with m masked positions
+            hists: dict[int, Counter] = {}  # a bucket's commits as {commits: steps} (buckets hold thousands)
             for m in range(1, c + 1):
-                obs = self.commits_given_masked(c, m)
-                steps.append(1.0 + sum(steps[m - k] for k in obs) / len(obs))
+                obs, seen = self.masked_bucket(c, m)
+                hist = hists.setdefault(seen, Counter(obs))
+                steps.append(1.0 + sum(n * steps[m - self.carry(k, m, seen)] for k, n in hist.items()) / len(obs))
             tau[c] = c / steps[c]
         return tau
 
@@ -66,8 +84,8 @@ def rescale(commits: int, masked: int, seen: int) -> int:
 
 def load_acceptance(path: str | Path) -> Acceptance:
     """A measured acceptance profile: ``histograms`` ({chunk: {commits: steps}}, as ``optimus
-    bench acceptance`` writes it, with ``by_open`` beside it), or a ``distribution`` ({chunk:
-    [commits, ...]}), or a bare distribution mapping."""
+    bench acceptance`` writes it, with ``by_open`` and the model's ``block`` beside it), or a
+    ``distribution`` ({chunk: [commits, ...]}), or a bare distribution mapping."""
     data = json.loads(Path(path).read_text())
     try:
         table = data.get("distribution") or data.get("histograms") or data
@@ -80,7 +98,8 @@ def load_acceptance(path: str | Path) -> Acceptance:
     empty = sorted(c for c, obs in by_chunk.items() if not obs)
     if not by_chunk or empty:
         raise ValueError(f"{path}: acceptance profile has no observations" + (f" for chunk {empty}" if empty else ""))
-    return Acceptance(by_chunk, {c: per for c, per in by_open.items() if per})
+    block = data.get("block") if isinstance(data, dict) else None
+    return Acceptance(by_chunk, {c: per for c, per in by_open.items() if per}, int(block) if block else None)
 
 
 def _observations(v) -> list[int]:
@@ -119,7 +138,7 @@ class ReplayAcceptance:
             self._buckets[key] = self.acceptance.masked_bucket(chunk, masked)
         bucket = self._buckets[key]
         if bucket is not None:
-            return rescale(self.rng.choice(bucket[0]), masked, bucket[1])
+            return self.acceptance.carry(self.rng.choice(bucket[0]), masked, bucket[1])
         size = self.acceptance.nearest_chunk(chunk)
         return max(1, round(self.rng.choice(self.acceptance.by_chunk[size]) * chunk / size))
 
