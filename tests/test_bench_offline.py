@@ -9,21 +9,22 @@ from optimus.cli import main
 
 
 def test_bench_offline_tiny_smoke(tmp_path):
+    GEN = 64  # two blocks of 32: the schedule, the policies and the medians, on a short answer
     acc = tmp_path / "acceptance.json"
     acc.write_text(json.dumps({"distribution": {"1": [1], "8": [2, 3], "32": [4, 6]}}))
     out = tmp_path / "offline.json"
     rc = main(["bench", "offline", "--device", "cpu", "--tiny", "--experiments", "schedule4,sweep",
                "--batches", "2", "--concurrency", "1,3", "--policies", "ar,fixed:8,elastic,elastic-shared",
                "--acceptance", str(acc), "--profile", str(tmp_path / "profile.json"), "--out", str(out),
-               "--repeats", "3"])
+               "--repeats", "3", "--prompt-len", "64", "--gen-len", str(GEN)])
     assert rc == 0
     data = json.loads(out.read_text())
     row = data["schedule4"][0]
-    assert row["output_tokens"] == 2 * 256 and row["tokens_committed"] == 2 * 256
-    assert row["steps"] >= 256 // 4  # 4 committed per step at most
+    assert row["output_tokens"] == 2 * GEN and row["tokens_committed"] == 2 * GEN
+    assert row["steps"] >= GEN // 4  # 4 committed per step at most
     assert {r["policy"] for r in data["sweep"]} == {"ar", "fixed:8", "elastic", "elastic-shared"}
     ar = next(r for r in data["sweep"] if r["policy"] == "ar" and r["concurrency"] == 1)
-    assert ar["steps"] >= 256  # one token per step
+    assert ar["steps"] >= GEN  # one token per step
     for r in data["sweep"]:  # each point: the median of three timed runs
         runs = sorted(r["output_tok_s_runs"])
         assert len(runs) == 3 and r["output_tok_s"] == runs[1]

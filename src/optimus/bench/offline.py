@@ -287,6 +287,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "profile JSON (optimus bench acceptance)")
     p.add_argument("--profile", default=None,
                    help="latency-profile JSON: written by the surface experiment, read by elastic in the sweep")
+    p.add_argument("--prompt-len", type=int, default=256, help="prompt tokens per request (schedule4, ar, sweep)")
+    p.add_argument("--gen-len", type=int, default=256, help="generated tokens per request (schedule4, ar, sweep)")
     p.add_argument("--repeats", type=int, default=1,
                    help="timed runs per sweep point (after one warm-up); the median is reported")
     p.add_argument("--device", default="cuda")
@@ -310,10 +312,11 @@ def run(args: argparse.Namespace) -> int:
             result["surface"] = run_surface(target, args.sweep_shape, [1, 8, 32, 64, 128, 256], [1, 4, 8, 16, 32], 512,
                                             args.profile)
         elif exp == "schedule4":
-            result["schedule4"] = run_schedule4(target, args.dllm_shape, ints(args.batches),
-                                                cache_modes=args.cache_modes.split(","))
+            result["schedule4"] = run_schedule4(target, args.dllm_shape, ints(args.batches), args.prompt_len,
+                                                args.gen_len, cache_modes=args.cache_modes.split(","))
         elif exp == "ar":
-            result["ar"] = [r for s in args.ar_shapes.split(",") for r in run_ar(target, s, ints(args.batches))]
+            result["ar"] = [r for s in args.ar_shapes.split(",")
+                            for r in run_ar(target, s, ints(args.batches), args.prompt_len, args.gen_len)]
         elif exp == "matmul":
             if not target.cuda:
                 raise ValueError("the matmul experiment measures a CUDA card")
@@ -327,7 +330,8 @@ def run(args: argparse.Namespace) -> int:
                 out.parent.mkdir(parents=True, exist_ok=True)
                 out.write_text(json.dumps(result, indent=2))
             result["sweep"] = run_sweep(target, args.sweep_shape, args.policies.split(","), ints(args.concurrency),
-                                        load_acceptance(acceptance_path), profile_path=args.profile,
+                                        load_acceptance(acceptance_path), args.prompt_len, args.gen_len,
+                                        profile_path=args.profile,
                                         on_row=save_partial, acceptance_path=acceptance_path,
                                         acceptance_name=args.acceptance,
                                         repeats=args.repeats)
