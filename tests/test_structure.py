@@ -118,3 +118,13 @@ def test_serving_imports_neither_training_nor_test_fixtures():
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
                          env={"PYTHONPATH": str(SRC), "PATH": ""})
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_an_http_front_end_process_runs_without_torch():
+    """A front-end process (server/frontend.py) only speaks HTTP and forwards to the engine
+    process: importing torch there would cost every front-end seconds and hundreds of MB."""
+    probe = ("import sys; from optimus.engine.remote import RemoteEngine; from optimus.server.runner import run_server; "
+             "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                         env={"PYTHONPATH": str(SRC), "PATH": ""})
+    assert out.stdout.strip() == "False", out.stdout + out.stderr
