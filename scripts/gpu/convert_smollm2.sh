@@ -76,6 +76,7 @@ rows = [{"kind": "chat", "prompt": p.prompt, "max_tokens": 256} for p in load_ch
 open(sys.argv[1], "w").write("".join(json.dumps(r) + "\n" for r in rows))
 PY
   python -m optimus.cli bench acceptance --model "$WORK/main" --prompts "$WORK/chat_prose.jsonl" --out "$RUN/acceptance.json"
+  cp "$RUN/acceptance.json" "$RUN/tau_profile.json"  # $RUN is then the adapter directory to ship
   python -m optimus_lab.train.conversion_report "$RESULTS" --run "main=$RUN" --shipped main \
     --out "$RESULTS/smollm2_conversion.json" --plot "$RESULTS/smollm2_conversion.png"
   ;;
