@@ -6,8 +6,9 @@ benchmarks to replay.
 Output JSON: ``tau_per_chunk`` {C: mean commits per step}, ``histograms`` {C: {k: steps}} and
 ``by_open`` {C: {m: {k: steps}}}, the same steps split by the masked positions m the window
 held, and the model's ``block`` (a chunk above it decodes a block at a time). A replay must
-draw from ``by_open``: a chunk's late steps commit few because few positions are left, and drawing those small counts for a full window would charge large
-chunks twice (decoding/replay.py, ReplayAcceptance).
+draw from ``by_open``: a chunk's late steps commit few because few positions are left, and
+drawing those small counts for a full window would charge large chunks twice
+(decoding/replay.py, ReplayAcceptance).
 """
 
 from __future__ import annotations
