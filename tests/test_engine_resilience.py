@@ -88,11 +88,11 @@ def test_a_failed_step_ends_its_requests_keeps_the_queue_and_reclaims_pages(monk
     real_run = engine.runner.run
     calls = {"n": 0}
 
-    def failing_run(plan, feed=None):
+    def failing_run(plan, feed=None, **kw):
         calls["n"] += 1
         if calls["n"] == 1:
             raise RuntimeError("simulated device failure")
-        return real_run(plan, feed)
+        return real_run(plan, feed, **kw)
 
     monkeypatch.setattr(engine.runner, "run", failing_run)
     with pytest.raises(RuntimeError, match="simulated"):

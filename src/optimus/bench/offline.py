@@ -98,6 +98,10 @@ def timed_generate(llm: LLM, batch: int, prompt_len: int, gen_len: int, params: 
             "graph_capture_s": capture, "output_tok_s_excl_capture": tokens / max(wall - capture, 1e-9),
             "steps": steps, "mean_step_ms": 1e3 * (s1["lat"] - s0["lat"]) / max(steps, 1),
             "cpu_ms_per_step": 1e3 * (s1["cpu"] - s0["cpu"]) / max(steps, 1),
+            # The steps' own time on the device (CUDA events around forward and pick) against the
+            # wall: the ratio is how much host work and idling the device waited through.
+            "device_ms_per_step": 1e3 * (s1["device"] - s0["device"]) / max(steps, 1),
+            "wall_over_device": wall / max(s1["device"] - s0["device"], 1e-9),
             "preemptions": sum(o.stats.preemptions for o in outs), "kv_pages": llm.engine.allocator.num_pages,
             "tokens_computed": s1["computed"] - s0["computed"],
             "tokens_committed": s1["committed"] - s0["committed"],
@@ -118,7 +122,7 @@ def _median(runs: list[dict]) -> dict:
 
 def _snapshot(llm) -> dict:
     s = llm.engine.stats
-    return {"steps": s.steps, "lat": s.step_latency_sum_s, "cpu": s.cpu_time_sum_s,
+    return {"steps": s.steps, "lat": s.step_latency_sum_s, "cpu": s.cpu_time_sum_s, "device": s.device_time_sum_s,
             "computed": s.tokens_computed, "committed": s.tokens_committed, "capture": s.graph_capture_s,
             "refresh_steps": s.refresh_steps, "refresh_tokens": s.refresh_tokens,
             "refresh_lat": s.refresh_step_latency_sum_s}
@@ -202,13 +206,14 @@ def run_sweep(target: Target, shape: str, policies, concurrencies, acceptance: A
     params = SamplingParams(max_tokens=gen_len, ignore_eos=True)
     llm = target.llm(shape, "fixed:32", commit_rule=ReplayAcceptance(acceptance), max_running=max(concurrencies),
                      block_size=32, profile_path=profile_path, acceptance_profile=acceptance_path)
-    controllers = {name: _policy(llm, name) for name in policies}
+    controllers = {name: _policy(llm, name.removesuffix(PIPELINED)) for name in policies}
     rows = []
     for n in concurrencies:
         runs: dict[str, list[dict]] = {name: [] for name in policies}
         for i in range(max(repeats, 1)):
             for name, policy in controllers.items():
                 llm.engine.use_policy(policy)
+                llm.engine.pipeline_min_running = 2 if name.endswith(PIPELINED) else 0
                 runs[name].append(timed_generate(llm, n, prompt_len, gen_len, params, full_warmup=True,
                                                  warmup=i == 0, seed=i))
         for name in policies:
@@ -216,7 +221,8 @@ def run_sweep(target: Target, shape: str, policies, concurrencies, acceptance: A
             r.update(shape=shape, policy=name, concurrency=n, acceptance=f"replayed ({acceptance_name})")
             print(f"  sweep {shape} {name:9s} conc={n:4d}: {r['output_tok_s']:.0f} tok/s "
                   f"(runs {', '.join(f'{x:.0f}' for x in r['output_tok_s_runs'])}; {r['graph_capture_s']:.2f} s "
-                  f"of graph captures), {r['steps']} steps, {r['preemptions']} preemptions, cpu {r['cpu_ms_per_step']:.2f} ms/step",
+                  f"of graph captures), {r['steps']} steps, {r['preemptions']} preemptions, cpu {r['cpu_ms_per_step']:.2f} "
+                  f"ms/step, wall/device {r['wall_over_device']:.2f}",
                   flush=True)
             rows.append(r)
         if on_row:
@@ -224,6 +230,9 @@ def run_sweep(target: Target, shape: str, policies, concurrencies, acceptance: A
     del llm, controllers
     target.free_memory()
     return rows
+
+
+PIPELINED = "+pipeline"  # a sweep policy name ending so runs pipelined at every load (Engine.pipeline_min_running)
 
 
 def _policy(llm: LLM, name: str):
@@ -281,7 +290,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batches", default="1,8,32,128")
     p.add_argument("--concurrency", default="1,8,32,128,256")
     p.add_argument("--policies", default="ar,fixed:4,fixed:8,fixed:16,fixed:32,fixed:64,elastic",
-                   help="comma list of ar, fixed:C, elastic, elastic-shared (elastic on one shared tau curve)")
+                   help="comma list of ar, fixed:C, elastic, elastic-shared (elastic on one shared tau curve); "
+                        "NAME+pipeline runs NAME with the running requests in two pipelined halves")
     p.add_argument("--acceptance", default=None,
                    help="acceptance regime the sweep replays: tasks, prose, smollm2-prose, real-8b (decoding/regimes.py), or a "
                         "profile JSON (optimus bench acceptance)")

@@ -19,7 +19,7 @@ from optimus.config import EngineConfig
 from optimus.core.outputs import RequestOutput
 from optimus.core.params import SamplingParams
 from optimus.core.plan import StepPlan
-from optimus.core.request import Geometry, Request, check_request
+from optimus.core.request import Geometry, Request, RequestState, check_request
 from optimus.decoding.rules import CommitRule
 from optimus.engine.builder import build_parts
 from optimus.engine.postprocess import Postprocessor
@@ -44,7 +44,49 @@ class InFlight:
     t_launch: float  # perf_counter when the host started building it
     overhead: float  # host time between the previous step's end and this launch
     captured: bool  # its launch captured a CUDA graph (a one-time cost)
+    device_time: "DeviceTime"  # its forward and pick, timed on the device
+    after: "DeviceTime | None" = None  # the step launched just before it (the device ran it first)
     assumed: bool = False  # its commits were assumed at launch (overlap); tokens read later
+    pipelined: bool = False  # left in flight while the next step ran other requests (pipeline)
+
+    def request_ids(self) -> frozenset[str]:
+        return frozenset(w.request.request_id for w in self.plan.works)
+
+
+class DeviceTime:
+    """A step's time on the device: CUDA events around its forward and pick (stream order, so
+    the time the device spent queued behind the previous step is not in it). On a CPU the
+    forward runs inside the launch, and the launch's host time is the step's time."""
+
+    def __init__(self, device: torch.device) -> None:
+        self._events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) \
+            if device.type == "cuda" else None
+        self._host_s = 0.0
+        self._t0 = 0.0
+
+    def start(self) -> None:
+        if self._events is not None:
+            self._events[0].record()
+        self._t0 = time.perf_counter()
+
+    def stop(self) -> None:
+        if self._events is not None:
+            self._events[1].record()
+        self._host_s = time.perf_counter() - self._t0
+
+    @property
+    def seconds(self) -> float:
+        """Only once the step's results were read (its end event has passed)."""
+        if self._events is None:
+            return self._host_s
+        self._events[1].synchronize()
+        return self._events[0].elapsed_time(self._events[1]) / 1e3
+
+    def gap_after(self, earlier: "DeviceTime") -> float | None:
+        """Device idle time from ``earlier``'s end to this step's start (None on a CPU)."""
+        if self._events is None or earlier._events is None:
+            return None
+        return max(0.0, earlier._events[1].elapsed_time(self._events[0]) / 1e3)
 
 
 def _release(engine: "Engine") -> None:
@@ -72,7 +114,9 @@ class Engine:
         self._requests: dict[str, Request] = {}
         self._last_step_end: float | None = None  # perf_counter at the end of the latest step
         self._failed: list[Request] = []  # ended mid-step; reported at the end of the step
-        self._in_flight: InFlight | None = None  # launched, commits assumed, tokens not read yet
+        self._in_flight: InFlight | None = None  # launched, tokens not read yet (overlap, pipeline)
+        self._last_device_time: DeviceTime | None = None  # of the latest launched step
+        self.pipeline_min_running = config.runner.pipeline_min_running  # benchmarks compare 0 (off)
 
     # ---- requests --------------------------------------------------------------------
     def check_request(self, prompt_ids: list[int], params: SamplingParams) -> Geometry:
@@ -146,10 +190,18 @@ class Engine:
         input tokens read on the device, and only then does the host wait for, commit and
         report the earlier step; the host's work hides behind the GPU's. Outputs therefore
         lag the GPU by one step.
+
+        Pipeline (diffusion greedy decoding, ``runner.pipeline_min_running``): a diffusion
+        step's commits depend on its confidences, so none can be assumed. Instead, with many
+        requests running, each step takes about half of them and is left in flight while the
+        next step, planned over the other half, is launched behind it; then the host reads
+        and commits the earlier one. The host's planning, commits and reports for one half
+        hide behind the GPU's forward of the other.
         """
         c0 = time.perf_counter()
-        plan = self.scheduler.schedule()
         previous, self._in_flight = self._in_flight, None
+        busy = previous.request_ids() if previous is not None and previous.pipelined else frozenset()
+        plan = self.scheduler.schedule(busy, self._decoder_cap())
         if not plan.works:
             if previous is None:
                 self._last_step_end = None  # idle: the next gap is waiting, not overhead
@@ -162,6 +214,9 @@ class Engine:
         if flight.pick is not None and self._may_overlap():
             self._assume_commits(flight)
             self._in_flight = flight
+        elif flight.pick is not None and self._may_pipeline():
+            flight.pipelined = True
+            self._in_flight = flight
         else:
             outputs += self._complete(flight)
         self.stats.cpu_time_sum_s += schedule_s
@@ -171,15 +226,35 @@ class Engine:
         t0 = time.perf_counter()
         overhead = self._overhead_before(t0)
         capture0 = self.runner.capture_s
-        feed = previous.pick.feed(previous.wants, previous.plan) if previous is not None else None
-        hidden, wants = self.runner.run(plan, feed)
+        feed = None
+        if previous is not None and previous.assumed:  # its tokens feed this step's first rows
+            feed = previous.pick.feed(previous.wants, previous.plan)
+        device_time = DeviceTime(self.device)
+        hidden, wants = self.runner.run(plan, feed, on_built=device_time.start)
         pick = None
         if all(self.post.is_plain_greedy(plan.works[w.work_index].request) for w in wants):
             pick = self.runner.greedy(hidden)  # every logit row is greedy: one batched pass
+        device_time.stop()
         f0 = time.perf_counter()
         self.scheduler.flush_feedback()  # the previous step's learning, while the GPU runs this one
         self.stats.cpu_time_sum_s += self.runner.last_build_s + time.perf_counter() - f0
-        return InFlight(plan, hidden, wants, pick, t0, overhead, captured=self.runner.capture_s > capture0)
+        after, self._last_device_time = self._last_device_time, device_time
+        return InFlight(plan, hidden, wants, pick, t0, overhead, captured=self.runner.capture_s > capture0,
+                        device_time=device_time, after=after)
+
+    def _may_pipeline(self) -> bool:
+        """Whether diffusion steps take turns in halves (see step): enough requests run for
+        the host's work on one half to matter beside the GPU's on the other."""
+        least = self.pipeline_min_running
+        return (least > 0 and self.spec.attention is not AttentionKind.CAUSAL
+                and len(self.scheduler.running) >= least)
+
+    def _decoder_cap(self) -> int | None:
+        """Most decoding requests the next step plans: half of them while pipelining."""
+        if not self._may_pipeline():
+            return None
+        decoding = sum(r.state is RequestState.DECODING for r in self.scheduler.running)
+        return max(1, -(-decoding // 2))
 
     def _may_overlap(self) -> bool:
         """Whether a greedy step's commits are known before its tokens are: a causal model
@@ -211,12 +286,19 @@ class Engine:
         if flight.assumed:  # queued behind another step: it ran on the GPU from that one's end
             start = max(start, self._last_step_end or 0.0)
         latency = t1 - start
+        overhead = flight.overhead
+        if flight.pipelined:  # queued behind the other half's step: its own time is the device's
+            latency = flight.device_time.seconds
+            gap = flight.device_time.gap_after(flight.after) if flight.after is not None else None
+            if gap is not None:  # the device idled this long waiting for the host
+                overhead = gap if gap < MAX_STEP_GAP_S else 0.0
+        self.stats.device_time_sum_s += flight.device_time.seconds
         if not flight.assumed:
             # A step that captured a CUDA graph paid a one-time cost: the policy learns no
             # latency from it (0 = no evidence). The host time around the step goes
             # separately, as a cost per step (folding it into the latency curve served
             # worse: docs/benchmarks.md).
-            self.scheduler.complete_step(plan, 0.0 if flight.captured else latency, flight.overhead)
+            self.scheduler.complete_step(plan, 0.0 if flight.captured else latency, overhead)
         self._last_step_end = t1
         self.post.step_index += 1
         self.stats.record(plan, latency)

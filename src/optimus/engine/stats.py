@@ -18,6 +18,7 @@ class EngineStats:
     last_step_latency_s: float = 0.0
     step_latency_sum_s: float = 0.0
     cpu_time_sum_s: float = 0.0  # scheduling + batch building + commit bookkeeping (host side)
+    device_time_sum_s: float = 0.0  # steps' forwards and picks on the device (CUDA events; CPU: launches)
     graph_capture_s: float = 0.0  # one-time CUDA-graph captures, inside the step latencies above
     refresh_tokens: int = 0  # rows of whole-sequence cache refreshes (dual / prefix cache)
     refresh_steps: int = 0  # steps holding at least one refresh

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -225,11 +226,15 @@ class ModelRunner:
         return self.model(batch.input_ids, batch.positions, backend)
 
     @torch.inference_mode()
-    def run(self, plan: StepPlan, feed: TokenFeed | None = None) -> tuple[torch.Tensor, list[LogitRequest]]:
-        """-> (final hidden states [M, d] of the rows whose logits are needed, what each serves)."""
+    def run(self, plan: StepPlan, feed: TokenFeed | None = None,
+            on_built: Callable[[], None] | None = None) -> tuple[torch.Tensor, list[LogitRequest]]:
+        """-> (final hidden states [M, d] of the rows whose logits are needed, what each serves).
+        ``on_built`` runs between the batch build and the forward (a device timer's start)."""
         t0 = time.perf_counter()
         batch, wants = self.build(plan, feed)
         self.last_build_s = time.perf_counter() - t0
+        if on_built is not None:
+            on_built()
         hidden = self.forward(batch)
         return hidden[batch.logit_rows], wants
 

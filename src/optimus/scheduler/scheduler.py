@@ -4,6 +4,9 @@ Pure Python over :class:`Request` objects, so it is unit-testable with a fake mo
 Order of a step: running decoders first (their stored chunk + active window, sized by the
 chunk policy), then prompt pieces of prefilling requests (chunked prefill shares the token
 budget), then admission of waiting requests while pages and budget remain.
+
+A step may leave out ``busy`` requests (those of a step still in flight, whose cursors have
+not moved yet): they are neither planned nor preempted, so two steps never hold one request.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ class Scheduler:
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []  # admission order (oldest first)
         self._recompute_len: dict[str, int] = {}
+        self._busy: frozenset[str] = frozenset()  # request ids of the step in flight (see schedule)
 
     # ---- queue management ------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -74,12 +78,16 @@ class Scheduler:
         self._release(r)
 
     # ---- step planning ---------------------------------------------------------------
-    def schedule(self) -> StepPlan:
+    def schedule(self, busy: frozenset[str] = frozenset(), max_decoders: int | None = None) -> StepPlan:
+        """Plan a step over the running requests not in ``busy`` (request ids), the oldest
+        ``max_decoders`` decoders at most (None: all of them), then prefills and admissions."""
+        self._busy = busy
         budget = self.config.max_tokens_per_step
         works: list[RequestWork] = []
         # A request with no position left to predict only awaits its in-flight step's tokens.
         decoders = [r for r in self.running
-                    if r.state is RequestState.DECODING and r.window_start() < r.geometry.canvas_end]
+                    if r.state is RequestState.DECODING and r.request_id not in busy
+                    and r.window_start() < r.geometry.canvas_end][:max_decoders]
         decoders, leads = self._plan_leads(decoders, budget)
         fixed = sum(w.end - w.start for w in leads.values())
         chunks = self._choose_chunks(decoders, fixed, budget)
@@ -148,7 +156,9 @@ class Scheduler:
         return max(n, 0)
 
     def _plan_prefills(self, works: list[RequestWork], budget: int) -> int:
-        for r in [r for r in self.running if r.state is RequestState.PREFILLING]:
+        prefilling = [r for r in self.running
+                      if r.state is RequestState.PREFILLING and r.request_id not in self._busy]
+        for r in prefilling:
             target = self._recompute_len.get(r.request_id, r.geometry.prefill_len)
             n = self._piece_len(r, target - r.cache_len, budget)
             if n <= 0:
@@ -211,7 +221,8 @@ class Scheduler:
         while not self.allocator.ensure(r.pages, num_tokens):
             if not preempt:
                 return False
-            victim = next((v for v in reversed(self.running) if v is not r and v.pages), None)
+            victim = next((v for v in reversed(self.running)
+                           if v is not r and v.pages and v.request_id not in self._busy), None)
             if victim is None:
                 return False
             self._preempt(victim)

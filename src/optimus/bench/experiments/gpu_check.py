@@ -1,6 +1,7 @@
 """GPU correctness checks for the engine path: CUDA-graph replay and the Triton kernel must
 give the same tokens as eager torch attention on a tiny model, and overlapped steps (the
-default) the same as synchronous ones (run on the device machine):
+default) and pipelined diffusion steps (two halves in flight) the same as synchronous ones
+(run on the device machine):
 
   PYTHONPATH=src python -m optimus.bench.experiments.gpu_check gpu_check.json
 """
@@ -58,8 +59,10 @@ def main(out_path: str) -> int:
         pre = run(cuda_graphs=True, graph_precapture=True, attention_backend="triton")
         with toggles.override(pdl=False):  # the same graphs with every kernel launched the ordinary way
             no_pdl = run(cuda_graphs=True, graph_precapture=True, attention_backend="triton")
-        sync = run(cuda_graphs=True, graph_precapture=True, attention_backend="triton", overlap=False)
-        checks = {"overlap_equals_sync": pre == sync, "triton_equals_torch": ref == tri, "graph_equals_torch": ref == gra,
+        sync = run(cuda_graphs=True, graph_precapture=True, attention_backend="triton", overlap=False,
+                   pipeline_min_running=0)
+        halves = run(cuda_graphs=True, graph_precapture=True, attention_backend="triton", pipeline_min_running=2)
+        checks = {"overlap_equals_sync": pre == sync, "pipeline_equals_sync": halves == sync, "triton_equals_torch": ref == tri, "graph_equals_torch": ref == gra,
                   "precaptured_graph_equals_torch": ref == pre, "pdl_equals_no_pdl": pre == no_pdl}
         ok &= all(checks.values())
         report[f"{family}/{policy}/{mode}"] = checks

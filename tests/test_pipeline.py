@@ -1,0 +1,171 @@
+"""Pipelined diffusion decoding (``runner.pipeline_min_running``): with many requests running,
+each step takes about half of them and stays in flight while the next step, over the other
+half, is launched. Token for token it must equal the unpipelined engine, and no request may
+sit in two steps at once (neither planned nor preempted while its step is in flight)."""
+
+import random
+
+import pytest
+
+from optimus.config import SchedulerConfig
+from optimus.core.params import SamplingParams
+from optimus.core.request import Request, RequestState, make_geometry
+from optimus.engine.llm import LLM
+from optimus.policy.fixed import FixedPolicy
+from optimus.scheduler.pages import PageAllocator
+from optimus.scheduler.scheduler import Scheduler
+from fixtures.checkpoints import make_tiny_model
+from fixtures.engine import tiny_loaded
+
+OPTIONS = dict(device="cpu", num_pages=512, page_size=4, block_size=4)
+
+
+@pytest.fixture(scope="module", params=["sdar", "llada", "dream"])
+def loaded(request):
+    return tiny_loaded(request.param)
+
+
+def _prompts(n: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, 200) for _ in range(rng.randint(1, 9))] for _ in range(n)]
+
+
+def _run(loaded, least: int, prompts, params, policy="fixed:4", watch=None):
+    llm = LLM(loaded=loaded, policy=policy, pipeline_min_running=least, **OPTIONS)
+    engine = llm.engine
+    for i, (prompt, p) in enumerate(zip(prompts, params)):
+        engine.add_request(str(i), prompt, p)
+    done = {}
+    while engine.has_work():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = (out.token_ids, out.finish_reason)
+        if watch is not None:
+            watch(engine)
+    return [done[str(i)] for i in range(len(prompts))]
+
+
+def test_pipelined_decoding_equals_unpipelined_with_stops_lengths_and_sampling(loaded):
+    prompts = _prompts(7)
+    free = _run(loaded, 0, prompts, [SamplingParams(max_tokens=12, ignore_eos=True)] * 7)
+    params = [SamplingParams(max_tokens=12, stop_token_ids=(free[0][0][5],), ignore_eos=True),
+              SamplingParams(max_tokens=1, ignore_eos=True),
+              SamplingParams(max_tokens=12, stop_token_ids=(free[2][0][1],), ignore_eos=True),
+              SamplingParams(max_tokens=7, temperature=0.9, seed=5, ignore_eos=True),  # sampled: not pipelined
+              SamplingParams(max_tokens=9, ignore_eos=True),
+              SamplingParams(max_tokens=12, ignore_eos=True),
+              SamplingParams(max_tokens=5, ignore_eos=True)]
+    plain = _run(loaded, 0, prompts, params)
+    assert [reason for _, reason in plain][:3] == ["stop", "length", "stop"]
+    pipelined = []
+
+    def watch(engine):
+        flight = engine._in_flight
+        pipelined.append(flight is not None and flight.pipelined)
+
+    assert _run(loaded, 2, prompts, params, watch=watch) == plain
+    assert sum(pipelined) > 5  # the pipeline really ran
+
+
+def test_steps_take_turns_in_halves_and_never_share_a_request(loaded):
+    prompts = _prompts(8, seed=2)
+    params = [SamplingParams(max_tokens=16, ignore_eos=True)] * 8
+    plans = []
+    llm = LLM(loaded=loaded, policy="fixed:2", pipeline_min_running=4, **OPTIONS)
+    engine = llm.engine
+    schedule = engine.scheduler.schedule
+
+    def recording(busy=frozenset(), max_decoders=None):
+        plan = schedule(busy, max_decoders)
+        decoders = {w.request.request_id for w in plan.works if w.window is not None}
+        in_flight = engine._in_flight  # the engine took it out before planning: it is `busy`
+        plans.append((decoders, set(busy), max_decoders))
+        assert in_flight is None
+        return plan
+
+    engine.scheduler.schedule = recording
+    for i, (prompt, p) in enumerate(zip(prompts, params)):
+        engine.add_request(str(i), prompt, p)
+    while engine.has_work():
+        engine.step()
+    halves = [(d, busy, cap) for d, busy, cap in plans if cap is not None]
+    assert len(halves) > 10
+    for decoders, busy, cap in halves:
+        assert not decoders & busy  # a request in flight is never planned again
+        assert len(decoders) <= cap <= 4
+    # Consecutive full-load steps alternate between the two halves.
+    full = [d for d, busy, cap in halves if len(d) == 4 and busy]
+    assert any(a.isdisjoint(b) for a, b in zip(full, full[1:]))
+
+
+def test_an_abort_while_its_half_is_in_flight_leaves_the_others_exact(loaded):
+    prompts = _prompts(6, seed=3)
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    results = {}
+    for least in (0, 2):
+        engine = LLM(loaded=loaded, policy="fixed:4", pipeline_min_running=least, **OPTIONS).engine
+        for i, prompt in enumerate(prompts):
+            engine.add_request(str(i), prompt, params)
+        done, steps = {}, 0
+        while engine.has_work():
+            if steps == 4:
+                assert engine.abort("1") is not None  # in the step in flight when pipelined
+            for out in engine.step():
+                if out.finished:
+                    done[out.request_id] = (out.token_ids, out.finish_reason)
+            steps += 1
+        assert engine.allocator.used_pages == 0
+        results[least] = {k: v for k, v in done.items() if k != "1"}
+    assert results[2] == results[0] and len(results[0]) == 5
+
+
+# ---- the scheduler alone: two plans in flight under memory pressure ---------------------
+
+def _request(rid, spec, prompt_len, max_tokens, block=4):
+    g = make_geometry(spec, block, prompt_len, max_tokens)
+    return Request(rid, list(range(1, prompt_len + 1)), SamplingParams(max_tokens=max_tokens), g,
+                   spec.mask_id or 0)
+
+
+def _commit_some(plan, rng):
+    for w in plan.works:
+        r = w.request
+        r.last_committed = 0
+        if w.window is None or r.is_done:
+            continue
+        masked = [p for p in range(*w.window) if not r.committed[p]]
+        for p in rng.sample(masked, rng.randint(1, len(masked))) if masked else []:
+            r.committed[p], r.tokens[p] = True, 7
+            r.last_committed += 1
+
+
+def test_preemption_under_a_pipeline_never_takes_a_request_in_flight():
+    spec = make_tiny_model("sdar")[1]
+    alloc = PageAllocator(14, 4)
+    sched = Scheduler(SchedulerConfig(max_tokens_per_step=256), alloc, FixedPolicy(2), spec.attention)
+    reqs = [_request(f"r{i}", spec, 6, 20) for i in range(8)]
+    for r in reqs:
+        sched.add(r)
+    rng = random.Random(0)
+    in_flight = None
+    for _ in range(5000):
+        busy = frozenset(w.request.request_id for w in in_flight.works) if in_flight else frozenset()
+        decoding = sum(r.state is RequestState.DECODING for r in sched.running)
+        plan = sched.schedule(busy, max(1, -(-decoding // 2)))
+        for rid in busy:  # still running, pages kept, not in the new plan
+            r = next(r for r in reqs if r.request_id == rid)
+            assert r.is_done or (r in sched.running and r.pages)
+        assert not busy & {w.request.request_id for w in plan.works}
+        if in_flight is not None:
+            _commit_some(in_flight, rng)
+            sched.complete_step(in_flight, 0.01)
+        in_flight = plan if plan.works else None
+        for r in list(sched.running):
+            if r.state is RequestState.DECODING and r.committed[r.geometry.canvas_start:].all() \
+                    and (in_flight is None or r not in [w.request for w in in_flight.works]):
+                sched.finish(r, "length")
+        if not sched.has_work() and in_flight is None:
+            break
+    assert all(r.state is RequestState.FINISHED for r in reqs)
+    assert sum(r.stats.preemptions for r in reqs) > 0  # memory really was short
+    assert alloc.used_pages == 0
