@@ -4,11 +4,16 @@ decoders share one implementation of each."""
 
 from __future__ import annotations
 
+import random
+
+import numpy as np
 import pytest
 import torch
 
 from optimus.core.params import SamplingParams
-from optimus.decoding.rules import RowDraws, factor_count, propose, select_commits, threshold_mask
+from optimus.decoding.replay import Acceptance, ReplayAcceptance
+from optimus.decoding.rules import (RowDraws, factor_count, keep_many, params_rule, propose, select_commits,
+                                    threshold_mask)
 from optimus.reference.rules import Factor, Threshold
 
 
@@ -135,3 +140,55 @@ def test_top_k_and_top_p_bound_the_support_and_greedy_rows_take_the_argmax():
     assert torch.equal(tokens[::2], logits[::2].argmax(-1))
     probs = torch.softmax(logits, dim=-1)  # temperature 1 and greedy rows: the plain softmax
     assert torch.allclose(conf, probs.gather(-1, tokens[:, None]).squeeze(-1))
+
+
+def _windows(rng: random.Random, count: int):
+    """Random windows: lengths 1-12, confidences with ties (values on a coarse grid) and
+    exact threshold hits, every rule with random settings."""
+    lens, confs, params = [], [], []
+    for _ in range(count):
+        n = rng.randint(1, 12)
+        lens.append(n)
+        confs += [rng.choice([0.1, 0.5, 0.9, 0.95, 1.0, rng.random()]) for _ in range(n)]
+        rule = rng.choice(["threshold", "threshold", "topk", "factor"])
+        params.append(SamplingParams(rule=rule, threshold=rng.choice([0.5, 0.9, 0.95]),
+                                     tokens_per_step=rng.randint(1, 4), factor=rng.choice([0.5, 1.0, 2.0])))
+    return np.array(lens, np.int64), np.array(confs, np.float32), params
+
+
+def _one_by_one(rule, lens, conf, params, chunks) -> np.ndarray:
+    keep, a = np.zeros(conf.size, bool), 0
+    for n, p, c in zip(lens.tolist(), params, chunks):
+        chosen = [0] if n == 1 else rule(torch.from_numpy(conf[a:a + n]), p, c).tolist()
+        keep[[a + i for i in chosen]] = True
+        a += n
+    return keep
+
+
+def test_many_windows_at_once_commit_what_the_rule_commits_window_by_window():
+    rng = random.Random(0)
+    for _ in range(200):
+        lens, conf, params = _windows(rng, rng.randint(1, 40))
+        chunks = [int(n) for n in lens]
+        assert (keep_many(params_rule, conf, lens, params, chunks)
+                == _one_by_one(params_rule, lens, conf, params, chunks)).all()
+
+
+def test_many_windows_fall_back_to_the_rule_on_non_finite_confidences():
+    lens = np.array([3, 2], np.int64)
+    conf = np.array([0.2, np.nan, 0.95, 0.3, 0.99], np.float32)
+    params = [SamplingParams(threshold=0.9)] * 2
+    assert (keep_many(params_rule, conf, lens, params, [3, 2])
+            == _one_by_one(params_rule, lens, conf, params, [3, 2])).all()
+
+
+def test_a_replayed_acceptance_draws_and_commits_alike_at_once_and_window_by_window():
+    acceptance = Acceptance({4: [1, 2, 3], 8: [1, 2, 5]}, {4: {4: [1, 2, 3], 2: [1, 2]}, 8: {8: [2, 5], 3: [1, 3]}})
+    rng = random.Random(1)
+    for seed in range(20):
+        lens = np.array([rng.randint(1, 8) for _ in range(30)], np.int64)
+        conf = np.array(rng.sample(range(10_000), int(lens.sum())), np.float32) / 10_000  # no ties
+        chunks = [rng.choice([4, 8]) for _ in lens]
+        params = [SamplingParams()] * lens.size
+        at_once = keep_many(ReplayAcceptance(acceptance, seed=seed), conf, lens, params, chunks)
+        assert (at_once == _one_by_one(ReplayAcceptance(acceptance, seed=seed), lens, conf, params, chunks)).all()

@@ -9,11 +9,11 @@ it, so benchmarks on random weights commit per step what the measured model did.
 from __future__ import annotations
 
 import json
-import random
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from optimus.core.params import SamplingParams
@@ -123,24 +123,52 @@ class ReplayAcceptance:
         if not acceptance.by_chunk:
             raise ValueError("acceptance profile is empty")
         self.acceptance = acceptance
-        self.rng = random.Random(seed)
-        self._buckets: dict[tuple[int, int], tuple[list[int], int] | None] = {}
+        self.stream = np.random.default_rng(seed)  # one uniform per window's draw, in window order
+        self._values: dict[tuple[int, int], np.ndarray] = {}
 
     def reseed(self, seed: int) -> None:
         """Restart the draws: benchmark runs of different policies that choose alike then
         draw alike (common random numbers), instead of each getting its own luck."""
-        self.rng.seed(seed)
+        self.stream = np.random.default_rng(seed)
 
-    def _draw(self, chunk: int, masked: int) -> int:
-        # One draw per request per step at 256 requests: sample first, rescale the one sample.
+    def counts(self, chunks: np.ndarray, masked: np.ndarray) -> np.ndarray:
+        """Commits of windows of ``chunks`` positions with ``masked`` of them masked, drawn in
+        order (one uniform each, so drawing at once or window by window is the same)."""
+        u = self.stream.random(chunks.size)
+        keys, inverse = np.unique(np.stack([chunks, masked]), axis=1, return_inverse=True)
+        out = np.empty(chunks.size, np.int64)
+        for j, (chunk, m) in enumerate(keys.T.tolist()):
+            values = self._draws_for(chunk, m)
+            rows = inverse.reshape(-1) == j
+            out[rows] = values[(u[rows] * values.size).astype(np.int64)]
+        return np.minimum(out, masked)
+
+    def _draws_for(self, chunk: int, masked: int) -> np.ndarray:
+        """Every observation a window may draw, carried to its chunk and masked count."""
         key = (chunk, masked)
-        if key not in self._buckets:
-            self._buckets[key] = self.acceptance.masked_bucket(chunk, masked)
-        bucket = self._buckets[key]
-        if bucket is not None:
-            return self.acceptance.carry(self.rng.choice(bucket[0]), masked, bucket[1])
-        size = self.acceptance.nearest_chunk(chunk)
-        return max(1, round(self.rng.choice(self.acceptance.by_chunk[size]) * chunk / size))
+        if key not in self._values:
+            carried = self.acceptance.commits_given_masked(chunk, masked)
+            if carried is None:  # a profile without by_open: i.i.d. per chunk size, rescaled
+                size = self.acceptance.nearest_chunk(chunk)
+                carried = [max(1, round(k * chunk / size)) for k in self.acceptance.by_chunk[size]]
+            self._values[key] = np.array(carried, np.int64)
+        return self._values[key]
 
     def __call__(self, conf: torch.Tensor, params: SamplingParams, chunk: int) -> torch.Tensor:
-        return torch.topk(conf, min(self._draw(chunk, conf.numel()), conf.numel())).indices
+        n = conf.numel()
+        return torch.topk(conf, int(self.counts(np.array([chunk]), np.array([n]))[0])).indices
+
+    def keep_many(self, conf: np.ndarray, starts: np.ndarray, lens: np.ndarray, chunks, keep: np.ndarray,
+                  pending: np.ndarray) -> np.ndarray:
+        """rules.keep_many for the ``pending`` windows: each draws its count in window order (the
+        draws one call per window would make), then its most confident positions commit (equal
+        confidences: the earlier position first)."""
+        counts = np.zeros(lens.size, np.int64)
+        windows = np.flatnonzero(pending)
+        if windows.size:
+            counts[windows] = self.counts(np.asarray(chunks, np.int64)[windows], lens[windows])
+        window_of_row = np.repeat(np.arange(lens.size), lens)
+        order = np.lexsort((-conf, window_of_row))  # by window, most confident first
+        owner = window_of_row[order]
+        keep[order[np.arange(conf.size) - starts[owner] < counts[owner]]] = True
+        return keep

@@ -10,6 +10,7 @@ that request only, through ``fail``; the caller reports it at the end of the ste
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable
 
@@ -19,7 +20,7 @@ import torch
 from optimus.core.outputs import CommitEvent, RequestOutput
 from optimus.core.plan import RequestWork, StepPlan
 from optimus.core.request import Request
-from optimus.decoding.rules import GREEDY_TEMPERATURE, CommitRule, RowDraws, propose
+from optimus.decoding.rules import GREEDY_TEMPERATURE, CommitRule, RowDraws, keep_many, propose
 from optimus.engine.stop_strings import first_stop, hold_back_stop_prefix
 from optimus.models.detokenizer import IncrementalDetokenizer
 from optimus.executor.runner import GreedyPick, LogitRequest, ModelRunner
@@ -30,6 +31,11 @@ from optimus.scheduler.scheduler import Scheduler
 # Sampled rows go through the head in passes of about this many rows: each pass holds [rows,
 # vocab] fp32 logits and int64 noise (1,024 x 152k: 0.6 + 1.2 GB), never a whole step's worth.
 SAMPLED_ROWS_PER_PASS = 1024
+
+
+def _rows_of(wants: list[LogitRequest]) -> np.ndarray:
+    """The logit rows of ``wants``, one after another."""
+    return np.concatenate([np.arange(w.offset, w.offset + len(w.positions)) for w in wants])
 
 
 def _by_rows(wants: list[LogitRequest], limit: int) -> list[list[LogitRequest]]:
@@ -75,24 +81,54 @@ class Postprocessor:
         if fast:
             if pick is not None:  # every logit row was picked at launch, in row order
                 tokens, conf = pick.read()
-                first = [w.offset for w in fast]
+                if len(fast) < len(wants):  # some requests ended while it ran: their rows go
+                    index = torch.from_numpy(_rows_of(fast))
+                    tokens, conf = tokens[index], conf[index]
             else:  # greedy rows among sampled ones: gather them, pick them now
-                index = np.concatenate([np.arange(w.offset, w.offset + len(w.positions)) for w in fast])
-                tokens, conf = self.runner.greedy(hidden[torch.from_numpy(index).to(hidden.device)]).read()
-                first = np.cumsum([0] + [len(w.positions) for w in fast])[:-1].tolist()
+                index = torch.from_numpy(_rows_of(fast)).to(hidden.device)
+                tokens, conf = self.runner.greedy(hidden[index]).read()
             h0 = time.perf_counter()
-            token_list = tokens.tolist()
-            for w, i in zip(fast, first):
-                n = len(w.positions)
-                self._guarded_commit(plan.works[w.work_index], w.positions, token_list[i:i + n], conf[i:i + n])
+            self._commit_greedy(plan, fast, tokens, conf)
         self.host_commit_s = time.perf_counter() - h0
         for part in _by_rows(slow, SAMPLED_ROWS_PER_PASS):
             self._commit_sampled(plan, hidden, part)
 
+    def _commit_greedy(self, plan: StepPlan, fast: list[LogitRequest], tokens: torch.Tensor,
+                       conf: torch.Tensor) -> None:
+        """Greedy rows, ``fast``'s one after another in ``tokens``/``conf`` [M]: the commit rule
+        decides every window in one pass (rules.keep_many), then each request takes its commits."""
+        works = [plan.works[w.work_index] for w in fast]
+        lens = np.fromiter((len(w.positions) for w in fast), np.int64, len(fast))
+        try:
+            keep = keep_many(self.commit_rule, conf.float().numpy(), lens, [w.request.params for w in works],
+                             [w.window[1] - w.window[0] for w in works])
+        except Exception:  # noqa: BLE001 - a request's own numerics or parameters: found one by one
+            self._commit_each(works, fast, tokens, conf)
+            return
+        positions = np.fromiter(itertools.chain.from_iterable(w.positions for w in fast), np.int64, keep.size)
+        chosen = np.flatnonzero(keep)
+        bounds = np.searchsorted(chosen, np.cumsum(lens)).tolist()
+        chosen_positions, chosen_tokens = positions[chosen].tolist(), tokens.numpy()[chosen].tolist()
+        a = 0
+        for work, b in zip(works, bounds):
+            try:
+                self._apply(work, chosen_positions[a:b], chosen_tokens[a:b])
+            except Exception as exc:
+                self.fail(work.request, exc)
+            a = b
+
+    def _commit_each(self, works: list[RequestWork], fast: list[LogitRequest], tokens: torch.Tensor,
+                     conf: torch.Tensor) -> None:
+        token_list = tokens.tolist()
+        first = 0
+        for work, w in zip(works, fast):
+            n = len(w.positions)
+            self._guarded_commit(work, w.positions, token_list[first:first + n], conf[first:first + n])
+            first += n
+
     def _commit_sampled(self, plan: StepPlan, hidden: torch.Tensor, slow: list[LogitRequest]) -> None:
         """Sampled (or constrained) rows: one head call and one vectorised draw for all of them."""
-        index = np.concatenate([np.arange(w.offset, w.offset + len(w.positions)) for w in slow])
-        logits = self.runner.logits(hidden[torch.from_numpy(index).to(hidden.device)])
+        logits = self.runner.logits(hidden[torch.from_numpy(_rows_of(slow)).to(hidden.device)])
         first = np.cumsum([0] + [len(w.positions) for w in slow]).tolist()
         ok, rows = [], []
         for w, lo, hi in zip(slow, first, first[1:]):
@@ -157,25 +193,31 @@ class Postprocessor:
     def _commit(self, work: RequestWork, positions: tuple[int, ...], tokens: list[int],
                 conf: torch.Tensor) -> None:
         r = work.request
-        start = r.geometry.canvas_start
         if len(positions) == 1:
             chosen = [0]  # every rule commits at least one position: no choice to make
         else:
-            chosen = self.commit_rule(conf, r.params, work.window[1] - work.window[0]).tolist()
-        committed_pos, committed_tok = [], []
-        for i in sorted(chosen):
-            pos = positions[i]
-            r.tokens[pos], r.committed[pos] = tokens[i], True
-            committed_pos.append(pos - start)
-            committed_tok.append(tokens[i])
-        r.last_committed = len(chosen)
-        r.stats.steps += 1
-        r.stats.tokens_committed += len(chosen)
-        c = work.window[1] - work.window[0]
-        r.stats.chunk_sizes[c] = r.stats.chunk_sizes.get(c, 0) + 1
-        r.stats.committed_per_chunk[c] = r.stats.committed_per_chunk.get(c, 0) + len(chosen)
-        r.events.append(CommitEvent(self.step_index, work.window[0] - start, work.window[1] - start,
-                                    tuple(committed_pos), tuple(committed_tok)))
+            chosen = sorted(set(self.commit_rule(conf, r.params, work.window[1] - work.window[0]).tolist()))
+        self._apply(work, [positions[i] for i in chosen], [tokens[i] for i in chosen])
+
+    def _apply(self, work: RequestWork, positions: list[int], tokens: list[int]) -> None:
+        """Commit ``tokens`` at ``positions`` (ascending, at least one) of ``work``'s window."""
+        r = work.request
+        canvas, committed = r.tokens, r.committed
+        for pos, token in zip(positions, tokens):
+            canvas[pos] = token
+            committed[pos] = True
+        n = len(positions)
+        r.last_committed = n
+        stats = r.stats
+        stats.steps += 1
+        stats.tokens_committed += n
+        lo, hi = work.window
+        c = hi - lo
+        stats.chunk_sizes[c] = stats.chunk_sizes.get(c, 0) + 1
+        stats.committed_per_chunk[c] = stats.committed_per_chunk.get(c, 0) + n
+        start = r.geometry.canvas_start
+        r.events.append(CommitEvent(self.step_index, lo - start, hi - start,
+                                    tuple(p - start for p in positions), tuple(tokens)))
 
     # ---- finish and report -------------------------------------------------------------
     def advance(self, r: Request) -> RequestOutput | None:
