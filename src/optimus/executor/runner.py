@@ -81,6 +81,52 @@ class LogitRequest:
     offset: int
 
 
+def _page_table(pages: list[list[int]]) -> np.ndarray:
+    """[R, max pages] int64, each request's pages from the left (zeros after)."""
+    counts = np.fromiter(map(len, pages), np.int64, len(pages))
+    table = np.zeros((len(pages), max(int(counts.max(initial=0)), 1)), np.int64)
+    owner = np.repeat(np.arange(len(pages)), counts)
+    first = np.cumsum(counts) - counts
+    table[owner, np.arange(owner.size) - first[owner]] = np.fromiter(itertools.chain.from_iterable(pages), np.int64,
+                                                                      owner.size)
+    return table
+
+
+def _logit_rows(works, cu: np.ndarray) -> tuple[list[LogitRequest], np.ndarray]:
+    """The rows whose logits a step needs: each decode window's masked positions, in work
+    order. -> (one LogitRequest per window with any, their rows [M] int64)."""
+    decoding = [i for i, w in enumerate(works) if w.window is not None]
+    if not decoding:
+        return [], np.zeros(0, np.int64)
+    lo = np.fromiter((works[i].window[0] for i in decoding), np.int64, len(decoding))
+    hi = np.fromiter((works[i].window[1] for i in decoding), np.int64, len(decoding))
+    open_ = ~np.concatenate([works[i].request.committed[works[i].window[0]:works[i].window[1]] for i in decoding])
+    window_of_row = np.repeat(np.arange(len(decoding)), hi - lo)
+    found = np.flatnonzero(open_)
+    owner = window_of_row[found]
+    positions = lo[owner] + found - (np.cumsum(hi - lo) - (hi - lo))[owner]
+    index = np.array(decoding, np.int64)
+    shift = np.fromiter((works[i].request.geometry.shift for i in decoding), np.int64, len(decoding))
+    first_row = cu[index] - np.fromiter((works[i].start for i in decoding), np.int64, len(decoding)) - shift
+    rows = first_row[owner] + positions
+    bounds = np.searchsorted(owner, np.arange(len(decoding) + 1)).tolist()
+    position_list = positions.tolist()
+    wants = [LogitRequest(i, tuple(position_list[a:b]), a)
+             for i, a, b in zip(decoding, bounds, bounds[1:]) if b > a]
+    return wants, rows
+
+
+def _fed_rows(works, cu: np.ndarray, feed: TokenFeed) -> tuple[list[int], list[int]]:
+    """(step rows, feed indices) of the works whose first row's token is in ``feed``."""
+    rows, sources = [], []
+    for i, w in enumerate(works):
+        source = feed.sources.get(w.request.request_id) if w.window is not None else None
+        if source is not None and source[0] == w.start:
+            rows.append(int(cu[i]))
+            sources.append(source[1])
+    return rows, sources
+
+
 class PagedBackend:
     """The engine's AttentionBackend. Default: attend over cache + groups, then store the
     step's K/V. ``cache_only`` (dual cache): store first, then attend over the cache alone, so
@@ -167,7 +213,7 @@ class ModelRunner:
         self.staging = HostStaging(device)
 
     def build(self, plan: StepPlan, feed: TokenFeed | None = None) -> tuple[StepBatch, list[LogitRequest]]:
-        """Vectorised over rows: per-request Python work is O(1) numpy calls, not O(rows).
+        """Vectorised over rows and requests: per request, a few slices and one LogitRequest.
         A work whose first row is a position in ``feed`` reads that row's token from it."""
         works, ps = plan.works, self.page_size
         n = len(works)
@@ -179,32 +225,14 @@ class ModelRunner:
         np.cumsum(lens, out=cu[1:])
         row_req = np.repeat(np.arange(n), lens)
         pos = starts[row_req] + np.arange(cu[-1]) - cu[row_req]
-        max_pages = max(max((len(w.request.pages) for w in works), default=1), 1)
-        table = np.zeros((n, max_pages), np.int64)
-        for i, w in enumerate(works):
-            table[i, :len(w.request.pages)] = w.request.pages
-        page = table[row_req, np.minimum(pos // ps, max_pages - 1)]
+        table = _page_table([w.request.pages for w in works])
+        page = table[row_req, np.minimum(pos // ps, table.shape[1] - 1)]
         slots = np.where(pos < store_ends[row_req], page * ps + pos % ps, -1)
         ids = np.concatenate([w.request.tokens[w.start:w.end] for w in works])
         groups = np.fromiter(itertools.chain.from_iterable(w.groups for w in works), np.int32, int(cu[-1]))
-        wants, logit_rows, fed_rows, fed_from = [], [], [], []
-        offset = 0
-        for i, w in enumerate(works):
-            if w.window is None:
-                continue
-            r = w.request
-            source = feed.sources.get(r.request_id) if feed is not None else None
-            if source is not None and source[0] == w.start:
-                fed_rows.append(cu[i])
-                fed_from.append(source[1])
-            lo, hi = w.window
-            masked = np.flatnonzero(~r.committed[lo:hi]) + lo
-            if masked.size:
-                wants.append(LogitRequest(i, tuple(masked.tolist()), offset))
-                logit_rows.append(cu[i] + masked - r.geometry.shift - w.start)
-                offset += masked.size
-        rows64 = (ids, pos, slots, np.concatenate(logit_rows) if logit_rows else np.zeros(0, np.int64),
-                  np.array(fed_rows, np.int64), np.array(fed_from, np.int64))
+        wants, logit_rows = _logit_rows(works, cu)
+        fed_rows, fed_from = _fed_rows(works, cu, feed) if feed is not None else ([], [])
+        rows64 = (ids, pos, slots, logit_rows, np.array(fed_rows, np.int64), np.array(fed_from, np.int64))
         ids_d, pos_d, slots_d, logit_d, fed_rows_d, fed_from_d = self.staging.upload(rows64, np.int64)
         if fed_rows:
             ids_d[fed_rows_d] = feed.tokens[fed_from_d]
