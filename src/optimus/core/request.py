@@ -57,7 +57,7 @@ class Geometry:
         return self.block_origin + k * self.block_size
 
 
-@dataclass
+@dataclass(eq=False)  # an entity: equal only to itself (lists of requests find and remove by identity)
 class Request:
     request_id: str
     prompt_ids: tuple[int, ...]
@@ -83,7 +83,10 @@ class Request:
     done_text: str = ""
     frontier: int = 0  # contiguous committed answer positions (only grows)
     stop_scanned: int = 0  # answer positions already checked for stop token ids
+    stop_ids: frozenset[int] | None = None  # ids that end the answer (set when first checked)
     detokenizer: IncrementalDetokenizer | None = None  # set when its text is first needed
+    # Finished or aborted: set by transition() (read several times per request per step).
+    is_done: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
         g = self.geometry
@@ -98,14 +101,11 @@ class Request:
         if new not in _TRANSITIONS[self.state]:
             raise RuntimeError(f"request {self.request_id}: illegal transition {self.state.value} -> {new.value}")
         self.state = new
+        self.is_done = new is RequestState.FINISHED or new is RequestState.ABORTED
 
     @property
     def fairness_key(self) -> str:
         return self.group if self.group is not None else self.request_id
-
-    @property
-    def is_done(self) -> bool:
-        return self.state is RequestState.FINISHED or self.state is RequestState.ABORTED
 
     # ---- window geometry ----------------------------------------------------------------
     def window_start(self) -> int:
@@ -123,11 +123,14 @@ class Request:
         lo = self.window_start()
         end = lo + self.max_chunk()
         hi = lo + max(1, min(chunk, end - lo))
-        if hi >= end or not self.committed[lo]:
+        committed = self.committed
+        if hi >= end or not committed[lo]:
             return lo, hi  # the window already holds a masked position (or all there is)
-        open_ = np.flatnonzero(~self.committed[lo:end])
-        if open_.size and lo + open_[0] >= hi:
-            hi = lo + int(open_[0]) + 1
+        first_open = lo + 1
+        while first_open < end and committed[first_open]:
+            first_open += 1
+        if hi <= first_open < end:
+            hi = first_open + 1
         return lo, hi
 
     def rows_for(self, window: tuple[int, int]) -> tuple[int, int]:
@@ -138,11 +141,14 @@ class Request:
 
     def contiguous_answer_len(self) -> int:
         """Committed canvas positions from the canvas start, up to the first gap.
-        Amortised O(1): commits are never undone, so the frontier only moves forward."""
+        Amortised O(1) a commit: commits are never undone, so the frontier only moves forward."""
         start = self.geometry.canvas_start
-        rest = self.committed[start + self.frontier:]
-        gap = int(np.argmin(rest)) if rest.size else 0
-        self.frontier += rest.size if (rest.size and rest[gap]) else gap
+        at = start + self.frontier
+        committed = self.committed
+        end = committed.size
+        while at < end and committed[at]:  # a step moves it a few positions: cheaper than a scan
+            at += 1
+        self.frontier = at - start
         return self.frontier
 
 

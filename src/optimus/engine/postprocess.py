@@ -241,7 +241,9 @@ class Postprocessor:
         Only the tokens not scanned before are read (stop ids), so a step costs O(new)."""
         p = r.params
         start = r.geometry.canvas_start
-        stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else set(self.spec.eos_ids))
+        if r.stop_ids is None:
+            r.stop_ids = frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else frozenset(self.spec.eos_ids))
+        stop_ids = r.stop_ids
         first = max(r.stop_scanned, p.min_tokens)
         if stop_ids and first < n:
             new = r.tokens[start + first:start + n].tolist()

@@ -4,13 +4,12 @@ request's chunk size, then reports what the step cost and committed."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from optimus.core.params import parse_policy_name
 
 
-@dataclass(frozen=True)
-class RequestView:
+class RequestView(NamedTuple):  # a tuple: one is built per decoding request per step
     request_id: str
     max_chunk: int  # positions from the window start to the end of the current block (>= 1)
     block_size: int

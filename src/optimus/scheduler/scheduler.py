@@ -259,8 +259,9 @@ class Scheduler:
             chunk_sizes.append(hi - lo)
             committed.append(r.last_committed)
             ids.append(r.request_id)
-            open_positions.append(r.last_committed + int(np.count_nonzero(~r.committed[lo:hi])))
-            if r.window_finished(w.window) and w.final_end < w.end:
+            still_open = hi - lo - int(np.count_nonzero(r.committed[lo:hi]))
+            open_positions.append(r.last_committed + still_open)
+            if not still_open and w.final_end < w.end:  # the window finished: store its rows next
                 r.pending_store = (r.cache_len, w.window[1] - r.geometry.shift)
         if chunk_sizes:
             self.flush_feedback()  # never drop an unread step
