@@ -213,7 +213,7 @@ def run_sweep(target: Target, shape: str, policies, concurrencies, acceptance: A
         for i in range(max(repeats, 1)):
             for name, policy in controllers.items():
                 llm.engine.use_policy(policy)
-                llm.engine.pipeline_min_running = 2 if name.endswith(PIPELINED) else 0
+                llm.engine.flights.pipeline_min_running = 2 if name.endswith(PIPELINED) else 0
                 runs[name].append(timed_generate(llm, n, prompt_len, gen_len, params, full_warmup=True,
                                                  warmup=i == 0, seed=i))
         for name in policies:
@@ -232,7 +232,7 @@ def run_sweep(target: Target, shape: str, policies, concurrencies, acceptance: A
     return rows
 
 
-PIPELINED = "+pipeline"  # a sweep policy name ending so runs pipelined at every load (Engine.pipeline_min_running)
+PIPELINED = "+pipeline"  # a sweep policy name ending so runs pipelined at every load (engine.flights)
 
 
 def _policy(llm: LLM, name: str):

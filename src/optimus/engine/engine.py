@@ -2,7 +2,7 @@
 
 The parts (scheduler, runner, policy, KV pages) come finished from ``builder.build_parts``;
 committing and reporting live in ``postprocess.Postprocessor``. What stays here is the step
-itself, including its overlap: a causal greedy step is launched before the previous one is read.
+itself, including which launched steps stay in flight (``flight.FlightRules``).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import gc
 
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 
@@ -19,74 +19,15 @@ from optimus.config import EngineConfig
 from optimus.core.outputs import RequestOutput
 from optimus.core.params import SamplingParams
 from optimus.core.plan import StepPlan
-from optimus.core.request import Geometry, Request, RequestState, check_request
+from optimus.core.request import Geometry, Request, check_request
 from optimus.decoding.rules import CommitRule
 from optimus.engine.builder import build_parts
+from optimus.engine.flight import DeviceTime, FlightRules, InFlight, host_gap
 from optimus.engine.postprocess import Postprocessor
 from optimus.engine.stats import EngineStats
-from optimus.executor.runner import GreedyPick, LogitRequest
 from optimus.models.spec import AttentionKind
 
 log = logging.getLogger(__name__)
-
-MAX_STEP_GAP_S = 1.0  # a longer gap between steps is the engine waiting for work, not overhead
-
-
-@dataclass
-class InFlight:
-    """A launched step: its plan, the hidden rows its logits need, and (when every logit
-    row is greedy) the picks already queued on the device."""
-
-    plan: StepPlan
-    hidden: torch.Tensor  # [M, d]
-    wants: list[LogitRequest]
-    pick: GreedyPick | None
-    t_launch: float  # perf_counter when the host started building it
-    overhead: float  # host time between the previous step's end and this launch
-    captured: bool  # its launch captured a CUDA graph (a one-time cost)
-    device_time: "DeviceTime"  # its forward and pick, timed on the device
-    after: "DeviceTime | None" = None  # the step launched just before it (the device ran it first)
-    assumed: bool = False  # its commits were assumed at launch (overlap); tokens read later
-    pipelined: bool = False  # left in flight while the next step ran other requests (pipeline)
-
-    def request_ids(self) -> frozenset[str]:
-        return frozenset(w.request.request_id for w in self.plan.works)
-
-
-class DeviceTime:
-    """A step's time on the device: CUDA events around its forward and pick (stream order, so
-    the time the device spent queued behind the previous step is not in it). On a CPU the
-    forward runs inside the launch, and the launch's host time is the step's time."""
-
-    def __init__(self, device: torch.device) -> None:
-        self._events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) \
-            if device.type == "cuda" else None
-        self._host_s = 0.0
-        self._t0 = 0.0
-
-    def start(self) -> None:
-        if self._events is not None:
-            self._events[0].record()
-        self._t0 = time.perf_counter()
-
-    def stop(self) -> None:
-        if self._events is not None:
-            self._events[1].record()
-        self._host_s = time.perf_counter() - self._t0
-
-    @property
-    def seconds(self) -> float:
-        """Only once the step's results were read (its end event has passed)."""
-        if self._events is None:
-            return self._host_s
-        self._events[1].synchronize()
-        return self._events[0].elapsed_time(self._events[1]) / 1e3
-
-    def gap_after(self, earlier: "DeviceTime") -> float | None:
-        """Device idle time from ``earlier``'s end to this step's start (None on a CPU)."""
-        if self._events is None or earlier._events is None:
-            return None
-        return max(0.0, earlier._events[1].elapsed_time(self._events[0]) / 1e3)
 
 
 def _release(engine: "Engine") -> None:
@@ -116,7 +57,8 @@ class Engine:
         self._failed: list[Request] = []  # ended mid-step; reported at the end of the step
         self._in_flight: InFlight | None = None  # launched, tokens not read yet (overlap, pipeline)
         self._last_device_time: DeviceTime | None = None  # of the latest launched step
-        self.pipeline_min_running = config.runner.pipeline_min_running  # benchmarks compare 0 (off)
+        self.flights = FlightRules(self.spec.attention is AttentionKind.CAUSAL, config.runner.overlap,
+                                   config.runner.pipeline_min_running)
 
     # ---- requests --------------------------------------------------------------------
     def check_request(self, prompt_ids: list[int], params: SamplingParams) -> Geometry:
@@ -184,24 +126,16 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """Schedule, launch and complete one step; report what changed.
 
-        Overlap (causal greedy decoding, ``runner.overlap``): a step whose commits do not
-        depend on its tokens' values is only launched here. Its commits are assumed at once
-        (one token per request), the next step is planned from them and launched with its
-        input tokens read on the device, and only then does the host wait for, commit and
-        report the earlier step; the host's work hides behind the GPU's. Outputs therefore
-        lag the GPU by one step.
-
-        Pipeline (diffusion greedy decoding, ``runner.pipeline_min_running``): a diffusion
-        step's commits depend on its confidences, so none can be assumed. Instead, with many
-        requests running, each step takes about half of them and is left in flight while the
-        next step, planned over the other half, is launched behind it; then the host reads
-        and commits the earlier one. The host's planning, commits and reports for one half
-        hide behind the GPU's forward of the other.
+        A launched step may stay in flight (``FlightRules``, docs/architecture.md): a causal
+        greedy step with its commits assumed (overlap), or a diffusion greedy step over half
+        of the requests while the next step runs the other half (pipeline). The host then
+        reads it after launching the next step, so its work hides behind the GPU's; its
+        outputs come one step later.
         """
         c0 = time.perf_counter()
         previous, self._in_flight = self._in_flight, None
         busy = previous.request_ids() if previous is not None and previous.pipelined else frozenset()
-        plan = self.scheduler.schedule(busy, self._decoder_cap())
+        plan = self.scheduler.schedule(busy, self.flights.decoder_cap(self.scheduler.running))
         if not plan.works:
             if previous is None:
                 self._last_step_end = None  # idle: the next gap is waiting, not overhead
@@ -211,20 +145,20 @@ class Engine:
         schedule_s = t0 - c0
         flight = self._launch(plan, previous)
         outputs = self._complete(previous) if previous is not None else []
-        if flight.pick is not None and self._may_overlap():
-            self._assume_commits(flight)
-            self._in_flight = flight
-        elif flight.pick is not None and self._may_pipeline():
-            flight.pipelined = True
-            self._in_flight = flight
-        else:
+        keep = self.flights.keep(flight, len(self.scheduler.running))
+        if keep is None:
             outputs += self._complete(flight)
+        else:
+            if keep == "assume":
+                flight.assume_commits(self.scheduler)
+            flight.pipelined = keep == "pipeline"
+            self._in_flight = flight
         self.stats.cpu_time_sum_s += schedule_s
         return outputs
 
     def _launch(self, plan, previous: InFlight | None) -> InFlight:
         t0 = time.perf_counter()
-        overhead = self._overhead_before(t0)
+        overhead = host_gap(self._last_step_end, t0)
         capture0 = self.runner.capture_s
         feed = None
         if previous is not None and previous.assumed:  # its tokens feed this step's first rows
@@ -242,38 +176,6 @@ class Engine:
         return InFlight(plan, hidden, wants, pick, t0, overhead, captured=self.runner.capture_s > capture0,
                         device_time=device_time, after=after)
 
-    def _may_pipeline(self) -> bool:
-        """Whether diffusion steps take turns in halves (see step): enough requests run for
-        the host's work on one half to matter beside the GPU's on the other."""
-        least = self.pipeline_min_running
-        return (least > 0 and self.spec.attention is not AttentionKind.CAUSAL
-                and len(self.scheduler.running) >= least)
-
-    def _decoder_cap(self) -> int | None:
-        """Most decoding requests the next step plans: half of them while pipelining."""
-        if not self._may_pipeline():
-            return None
-        decoding = sum(r.state is RequestState.DECODING for r in self.scheduler.running)
-        return max(1, -(-decoding // 2))
-
-    def _may_overlap(self) -> bool:
-        """Whether a greedy step's commits are known before its tokens are: a causal model
-        commits exactly the one position each decoding request predicts."""
-        return self.config.runner.overlap and self.spec.attention is AttentionKind.CAUSAL
-
-    def _assume_commits(self, flight: InFlight) -> None:
-        """Mark the in-flight step's positions committed (tokens still on the device) and
-        advance the cache cursors, so the next step can be planned before they are read."""
-        for w in flight.wants:
-            r = flight.plan.works[w.work_index].request
-            if r.is_done:
-                continue  # finished by the step before: this row is dropped when read
-            r.committed[list(w.positions)] = True
-            r.last_committed = len(w.positions)
-        # Its latency is unknown yet: no evidence for the policy (a causal model has no choice).
-        self.scheduler.complete_step(flight.plan, 0.0)
-        flight.assumed = True
-
     def _complete(self, flight: InFlight) -> list[RequestOutput]:
         """Commit a launched step's tokens (waiting for them), then finish and report."""
         plan = flight.plan
@@ -285,13 +187,9 @@ class Engine:
         start = flight.t_launch
         if flight.assumed:  # queued behind another step: it ran on the GPU from that one's end
             start = max(start, self._last_step_end or 0.0)
-        latency = t1 - start
-        overhead = flight.overhead
-        if flight.pipelined:  # queued behind the other half's step: its own time is the device's
-            latency = flight.device_time.seconds
-            gap = flight.device_time.gap_after(flight.after) if flight.after is not None else None
-            if gap is not None:  # the device idled this long waiting for the host
-                overhead = gap if gap < MAX_STEP_GAP_S else 0.0
+        latency, overhead = t1 - start, flight.overhead
+        if flight.pipelined:  # queued behind the other half's step: the device's own times
+            latency, overhead = flight.device_evidence(overhead)
         self.stats.device_time_sum_s += flight.device_time.seconds
         if not flight.assumed:
             # A step that captured a CUDA graph paid a one-time cost: the policy learns no
@@ -331,10 +229,3 @@ class Engine:
         if self.parallel is not None:
             self.parallel.stop()
         _release(self)
-
-    def _overhead_before(self, t0: float) -> float:
-        """Host time from the previous step's end to this forward (reporting it, serving,
-        scheduling this one) when the steps ran back to back; 0 after idling."""
-        if self._last_step_end is None or t0 - self._last_step_end >= MAX_STEP_GAP_S:
-            return 0.0
-        return t0 - self._last_step_end
