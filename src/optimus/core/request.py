@@ -77,6 +77,7 @@ class Request:
     pages: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     output_len: int = 0  # contiguous committed answer tokens reported so far (stop-trimmed)
+    answer: list[int] = field(default_factory=list)  # the contiguous committed answer's ids (>= output_len)
     stats: RequestStats = field(default_factory=RequestStats)
     events: list[CommitEvent] = field(default_factory=list)  # unreported commit events
     draws: int = 0  # sampled proposals so far: part of the noise key, as diffusion re-proposes positions

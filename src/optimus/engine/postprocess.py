@@ -225,6 +225,9 @@ class Postprocessor:
         if r.is_done:
             return None
         n = min(r.contiguous_answer_len(), r.params.max_tokens)
+        if n > len(r.answer):  # commits are final: the answer only grows at its end
+            start = r.geometry.canvas_start
+            r.answer.extend(r.tokens[start + len(r.answer):start + n].tolist())
         reason, keep = self._finish_reason(r, n)
         if reason is None and n == r.output_len and not r.events:
             return None
@@ -240,19 +243,17 @@ class Postprocessor:
         """Over the contiguous answer of ``n`` tokens -> (reason or None, tokens to keep).
         Only the tokens not scanned before are read (stop ids), so a step costs O(new)."""
         p = r.params
-        start = r.geometry.canvas_start
         if r.stop_ids is None:
             r.stop_ids = frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else frozenset(self.spec.eos_ids))
         stop_ids = r.stop_ids
         first = max(r.stop_scanned, p.min_tokens)
         if stop_ids and first < n:
-            new = r.tokens[start + first:start + n].tolist()
-            for i, token in enumerate(new, first):
+            for i, token in enumerate(r.answer[first:n], first):
                 if token in stop_ids:
                     return "stop", i  # the stop token itself is not part of the answer
         r.stop_scanned = max(r.stop_scanned, n)
         if p.stop:
-            text = self._text(r, r.tokens[start:start + n].tolist())
+            text = self._text(r, r.answer[:n])
             cut = first_stop(text, p.stop)
             if cut is not None:
                 r.done_text = text[:cut]
@@ -267,8 +268,7 @@ class Postprocessor:
         return r.detokenizer.finish(ids) if r.is_done else r.detokenizer.update(ids)
 
     def output(self, r: Request) -> RequestOutput:
-        start = r.geometry.canvas_start
-        ids = tuple(r.tokens[start:start + r.output_len].tolist())
+        ids = tuple(r.answer[:r.output_len])
         if r.done_text:
             text = r.done_text
         elif not r.is_done and not self.stream_text:
