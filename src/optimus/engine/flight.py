@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -115,7 +116,7 @@ class FlightRules:
     overlap: bool  # runner.overlap: keep causal greedy steps in flight
     pipeline_min_running: int  # runner.pipeline_min_running: halves of diffusion steps (0 = never)
 
-    def keep(self, flight: InFlight, running: int) -> str | None:
+    def keep(self, flight: InFlight, running: int) -> Literal["assume", "pipeline"] | None:
         """'assume' (overlap), 'pipeline', or None: complete it now. Only all-greedy steps
         (picked on the device at launch) can wait."""
         if flight.pick is None:
