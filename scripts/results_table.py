@@ -207,7 +207,8 @@ def host_time(d: dict) -> list:
         parts = " + ".join(f"{k} {ms[k]:.1f}" for k in ("schedule", "build", "commit", "outputs", "feedback", "cursors",
                                                          "learning") if k in ms)
         value = f"{ms['total']:.1f}" + (f" ({ms['critical']:.1f} critical)" if "critical" in ms else "")
-        rows.append((f"{r['policy']}, {r['requests']} requests: host ms per step ({parts})", value))
+        shape = f" ({r['shape']})" if "shape" in r else ""
+        rows.append((f"{r['policy']}{shape}, {r['requests']} requests: host ms per step ({parts})", value))
     return rows
 
 
