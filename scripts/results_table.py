@@ -204,8 +204,8 @@ def host_time(d: dict) -> list:
     rows = []
     for r in d.get("rows", []):
         ms = r["full_batch_ms"]
-        parts = " + ".join(f"{k} {ms[k]:.1f}" for k in ("schedule", "build", "commit", "outputs", "feedback", "cursors",
-                                                         "learning") if k in ms)
+        phases = ("schedule", "build", "commit", "settle", "outputs", "feedback", "cursors", "learning")
+        parts = " + ".join(f"{k} {ms[k]:.1f}" for k in phases if k in ms)
         value = f"{ms['total']:.1f}" + (f" ({ms['critical']:.1f} critical)" if "critical" in ms else "")
         shape = f" ({r['shape']})" if "shape" in r else ""
         rows.append((f"{r['policy']}{shape}, {r['requests']} requests: host ms per step ({parts})", value))
@@ -458,8 +458,8 @@ BENCHMARKS = [
     ("host_time", "Host work per step at 256 requests (device left out)",
      "`optimus bench host`: SDAR-8B geometry, prompt 256, output 256, `real-8b` acceptance replayed, the forward "
      "replaced by zeros; median over the steps where all 256 requests decode. The step's wall time is host work "
-     "alone; the named phases are part of it; critical = all but the policy's learning, which runs while the "
-     "device computes the next step.", host_time),
+     "alone; the named phases are part of it; critical = all but what runs while the device computes the next "
+     "step (the policy's learning, and the outputs where the row times them apart).", host_time),
     ("matmul", "Forward pass against the matmul rate", "`optimus bench offline --experiments matmul`.", matmul),
     ("step_profile", "Where a decoding step goes",
      "`python -m optimus.bench.experiments.step_profile`; gaps = wall time outside the body and head (the GPU "

@@ -2,9 +2,10 @@
 left out. The forward returns zeros and the greedy pick draws random tokens and confidences,
 so a step's wall time is its host work alone: planning (scheduler, the policy's choice), the
 batch build, the commit (a replayed acceptance regime decides how many positions each window
-commits), the outputs, the cache cursors, and the policy learning from the step. The learning
-runs after the next forward is queued, so on a GPU it hides behind it: ``critical`` is the
-rest, the host work the device waits for between two steps (with the pipeline off). The GPU
+commits), the finish checks, the cache cursors, the outputs and the policy learning from the
+step. The outputs and the learning run after the next forward is queued, so on a GPU they hide
+behind it: ``critical`` is the rest, the host work the device waits for between two steps
+(with the pipeline off). The GPU
 benchmarks report the same work as ``cpu_ms_per_step`` next to real steps.
 Runs on any machine (CPU)."""
 
@@ -27,8 +28,8 @@ from optimus.engine.engine import Engine
 from optimus.executor.runner import GreedyPick
 from optimus.policy.elastic.latency import LatencyProfile
 
-PHASES = ("schedule", "build", "commit", "outputs", "cursors", "learning")
-OVERLAPPED = ("learning",)  # runs while the device computes the step just launched
+PHASES = ("schedule", "build", "commit", "settle", "cursors", "outputs", "learning")
+OVERLAPPED = ("outputs", "learning")  # run while the device computes the step just launched
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -141,7 +142,8 @@ def _time_phases(engine: Engine) -> dict[str, float]:
     wrap(engine.scheduler, "schedule", "schedule")
     wrap(engine.runner, "build", "build")
     wrap(engine.post, "commit_step", "commit")
-    wrap(engine.post, "advance", "outputs")
+    wrap(engine.post, "settle", "settle")  # finish checks: which requests end before the next plan
+    wrap(engine, "_report", "outputs")  # the requests' outputs, after the next launch
     wrap(engine.scheduler, "complete_step", "cursors")  # cache cursors, the policy's feedback queued
     wrap(engine.scheduler, "flush_feedback", "learning")  # the policy learns from it
     return timers

@@ -54,7 +54,7 @@ class Engine:
         self.max_model_len = self.spec.arch.max_position
         self._requests: dict[str, Request] = {}
         self._last_step_end: float | None = None  # perf_counter at the end of the latest step
-        self._failed: list[Request] = []  # ended mid-step; reported at the end of the step
+        self._news: list[Request] = []  # settled or failed, not reported yet (see step)
         self._in_flight: InFlight | None = None  # launched, tokens not read yet (overlap, pipeline)
         self._last_device_time: DeviceTime | None = None  # of the latest launched step
         self.flights = FlightRules(self.spec.attention is AttentionKind.CAUSAL, config.runner.overlap,
@@ -89,12 +89,13 @@ class Engine:
             return None
         r.stats.finish_time = time.monotonic()
         self._requests.pop(request_id, None)
+        self._news = [n for n in self._news if n is not r]  # its final output is this one
         self.stats.refresh_gauges(self.scheduler, self.allocator)
         return self.post.output(r)
 
     def _fail(self, r: Request, exc: BaseException) -> None:
-        """End one request with ``finish_reason="error"`` (reported at the end of the step);
-        the engine goes on serving the others."""
+        """End one request with ``finish_reason="error"`` (reported with the step's news); the
+        engine goes on serving the others."""
         log.error("request %s failed: %s: %s; ending it", r.request_id, type(exc).__name__, exc,
                   exc_info=exc)
         if not r.is_done:
@@ -102,7 +103,7 @@ class Engine:
         r.finish_reason = "error"
         r.stats.finish_time = time.monotonic()
         self._requests.pop(r.request_id, None)
-        self._failed.append(r)
+        self._news.append(r)
 
     def recover(self, exc: BaseException) -> list[RequestOutput]:
         """After a step raised outside any one request's code: end every running request
@@ -115,23 +116,17 @@ class Engine:
         self.allocator.reclaim({p for r in self.scheduler.waiting for p in r.pages})
         self._last_step_end = None
         self.stats.refresh_gauges(self.scheduler, self.allocator)
-        failed, self._failed = self._failed, []
-        return [self.post.output(r) for r in failed]
+        return self._report()
 
     def has_work(self) -> bool:
-        return self._in_flight is not None or self.scheduler.has_work()
+        return self._in_flight is not None or bool(self._news) or self.scheduler.has_work()
 
     # ---- the step --------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
-        """Schedule, launch and complete one step; report what changed.
-
-        A launched step may stay in flight (``FlightRules``, docs/architecture.md): a causal
-        greedy step with its commits assumed (overlap), or a diffusion greedy step over half
-        of the requests while the next step runs the other half (pipeline). The host then
-        reads it after launching the next step, so its work hides behind the GPU's; its
-        outputs come one step later.
-        """
+        """Schedule and launch a step, then report the previous one's news (the device runs
+        this one meanwhile) and complete this one, or leave it in flight (``FlightRules``:
+        overlap, pipeline; docs/architecture.md). Outputs come one step after their commits."""
         c0 = time.perf_counter()
         previous, self._in_flight = self._in_flight, None
         busy = previous.request_ids() if previous is not None and previous.pipelined else frozenset()
@@ -139,15 +134,19 @@ class Engine:
         if not plan.works:
             if previous is None:
                 self._last_step_end = None  # idle: the next gap is waiting, not overhead
-                return []
-            return self._complete(previous)
+            else:
+                self._complete(previous)
+            return self._report()
         t0 = time.perf_counter()
         schedule_s = t0 - c0
         flight = self._launch(plan, previous)
-        outputs = self._complete(previous) if previous is not None else []
+        outputs = self._report()  # the last step's news, while the device runs this one
+        if previous is not None:
+            self._complete(previous)
+            outputs += self._report()
         keep = self.flights.keep(flight, len(self.scheduler.running))
         if keep is None:
-            outputs += self._complete(flight)
+            self._complete(flight)  # its news goes out after the next launch
         else:
             if keep == "assume":
                 flight.assume_commits(self.scheduler)
@@ -176,8 +175,9 @@ class Engine:
         return InFlight(plan, hidden, wants, pick, t0, overhead, captured=self.runner.capture_s > capture0,
                         device_time=device_time, after=after)
 
-    def _complete(self, flight: InFlight) -> list[RequestOutput]:
-        """Commit a launched step's tokens (waiting for them), then finish and report."""
+    def _complete(self, flight: InFlight) -> None:
+        """Commit a launched step's tokens (waiting for them), then settle its requests: the
+        finished ones end now, and the ones with news wait for ``_report``."""
         plan = flight.plan
         touched = {id(w.request): w.request for w in plan.works if not w.request.is_done}
         for r in touched.values():
@@ -192,30 +192,38 @@ class Engine:
             latency, overhead = flight.device_evidence(overhead)
         self.stats.device_time_sum_s += flight.device_time.seconds
         if not flight.assumed:
-            # A step that captured a CUDA graph paid a one-time cost: the policy learns no
-            # latency from it (0 = no evidence). The host time around the step goes
-            # separately, as a cost per step (folding it into the latency curve served
-            # worse: docs/benchmarks.md).
+            # A graph capture is a one-time cost: no latency evidence (0). The host time around
+            # the step is a separate cost per step (folded in, it served worse: docs/benchmarks.md).
             self.scheduler.complete_step(plan, 0.0 if flight.captured else latency, overhead)
         self._last_step_end = t1
         self.post.step_index += 1
         self.stats.record(plan, latency)
-        outputs = []
         for r in touched.values():
             try:
-                out = self.post.advance(r)
-            except Exception as exc:  # detokenizing or stop checks of one request
+                if self.post.settle(r):
+                    self._news.append(r)
+            except Exception as exc:  # stop checks of one request
                 self._fail(r, exc)
                 continue
             if r.is_done:
                 self._requests.pop(r.request_id, None)
-            if out is not None:
-                outputs.append(out)
-        outputs += [self.post.output(r) for r in self._failed]  # ended by this step's failures
-        self._failed = []
         self.stats.cpu_time_sum_s += self.post.host_commit_s + time.perf_counter() - t1
         self.stats.graph_capture_s = self.runner.capture_s
         self.stats.refresh_gauges(self.scheduler, self.allocator)
+
+    def _report(self) -> list[RequestOutput]:
+        """Outputs of the requests with news (each once), detokenized as the caller asked."""
+        t0 = time.perf_counter()
+        news, self._news = self._news, []
+        outputs = []
+        for r in dict.fromkeys(news):  # each once, in order (requests hash by identity)
+            try:
+                outputs.append(self.post.output(r))
+            except Exception as exc:  # detokenizing one request: it ends, reported without text
+                self._fail(r, exc)
+                self._news.remove(r)
+                outputs.append(self.post.output(r, text=""))
+        self.stats.cpu_time_sum_s += time.perf_counter() - t0
         return outputs
 
     def use_policy(self, policy) -> None:

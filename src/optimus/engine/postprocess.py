@@ -220,24 +220,25 @@ class Postprocessor:
                                     tuple(p - start for p in positions), tuple(tokens)))
 
     # ---- finish and report -------------------------------------------------------------
-    def advance(self, r: Request) -> RequestOutput | None:
-        """Finish ``r`` if its answer is complete; its output if anything changed."""
+    def settle(self, r: Request) -> bool:
+        """Finish ``r`` if its answer is complete; whether it has news to report (``output``).
+        The cheap half of reporting: the step after may be planned once every request settled."""
         if r.is_done:
-            return None
+            return False
         n = min(r.contiguous_answer_len(), r.params.max_tokens)
         if n > len(r.answer):  # commits are final: the answer only grows at its end
             start = r.geometry.canvas_start
             r.answer.extend(r.tokens[start + len(r.answer):start + n].tolist())
         reason, keep = self._finish_reason(r, n)
         if reason is None and n == r.output_len and not r.events:
-            return None
+            return False
         if n > 0 and r.stats.first_token_time is None:
             r.stats.first_token_time = time.monotonic()
         r.output_len = keep if reason else n
         if reason is not None:
             r.stats.finish_time = time.monotonic()
             self.scheduler.finish(r, reason)
-        return self.output(r)
+        return True
 
     def _finish_reason(self, r: Request, n: int) -> tuple[str | None, int]:
         """Over the contiguous answer of ``n`` tokens -> (reason or None, tokens to keep).
@@ -267,19 +268,22 @@ class Postprocessor:
             r.detokenizer = IncrementalDetokenizer(self.tokenizer, r.params.skip_special_tokens)
         return r.detokenizer.finish(ids) if r.is_done else r.detokenizer.update(ids)
 
-    def output(self, r: Request) -> RequestOutput:
+    def output(self, r: Request, text: str | None = None) -> RequestOutput:
+        """``r``'s output now; ``text`` given: that text, nothing detokenized."""
         ids = tuple(r.answer[:r.output_len])
-        if r.done_text:
-            text = r.done_text
-        elif not r.is_done and not self.stream_text:
-            text = ""  # offline callers read text once, when the request finishes
-        elif r.is_done and r.detokenizer is None:
-            skip = r.params.skip_special_tokens
-            text = self.tokenizer.decode(list(ids), skip_special_tokens=skip) if self.final_text else ""
-        else:
-            text = self._text(r, list(ids))
-        if r.params.stop and not r.done_text and not r.is_done:
-            text = hold_back_stop_prefix(text, r.params.stop)
+        if text is None:
+            text = self._output_text(r, ids)
         events, r.events = tuple(r.events), []
         return RequestOutput(r.request_id, r.prompt_ids, ids, text, r.is_done, r.finish_reason,
                              r.stats, events)
+
+    def _output_text(self, r: Request, ids: tuple[int, ...]) -> str:
+        if r.done_text:
+            return r.done_text
+        if not r.is_done and not self.stream_text:
+            return ""  # offline callers read text once, when the request finishes
+        if r.is_done and r.detokenizer is None:
+            skip = r.params.skip_special_tokens
+            return self.tokenizer.decode(list(ids), skip_special_tokens=skip) if self.final_text else ""
+        text = self._text(r, list(ids))
+        return hold_back_stop_prefix(text, r.params.stop) if r.params.stop and not r.is_done else text
