@@ -458,8 +458,9 @@ BENCHMARKS = [
     ("host_time", "Host work per step at 256 requests (device left out)",
      "`optimus bench host`: SDAR-8B geometry, prompt 256, output 256, `real-8b` acceptance replayed, the forward "
      "replaced by zeros; median over the steps where all 256 requests decode. The step's wall time is host work "
-     "alone; the named phases are part of it; critical = all but what runs while the device computes the next "
-     "step (the policy's learning, and the outputs where the row times them apart).", host_time),
+     "alone; the named phases are part of it; critical = all but what runs while the device computes the step "
+     "just launched (the outputs and the policy's learning; with causal overlap, the whole completion of the step "
+     "before).", host_time),
     ("matmul", "Forward pass against the matmul rate", "`optimus bench offline --experiments matmul`.", matmul),
     ("step_profile", "Where a decoding step goes",
      "`python -m optimus.bench.experiments.step_profile`; gaps = wall time outside the body and head (the GPU "
