@@ -13,17 +13,20 @@ from optimus.engine.engine import Engine
 
 def test_closed_loop_serves_every_prompt_with_n_in_flight(tiny_checkpoint, tmp_path):
     engine = Engine(engine_config(model=str(tiny_checkpoint("sdar")), device="cpu", num_pages=64, policy="fixed:4"))
-    seen = []
+    seen, ran = [], []
     step = engine.step
 
     def counting_step():
         seen.append(len(engine.scheduler.running) + len(engine.scheduler.waiting))
-        return step()
+        before = engine.stats.steps
+        outputs = step()
+        ran.append(engine.stats.steps - before)  # 0: a call that only reported the last step's news
+        return outputs
 
     engine.step = counting_step
     row = run_closed_loop(engine, prompts_for(7, 5, engine.spec.arch.vocab_size, seed=0),
                           SamplingParams(max_tokens=6, ignore_eos=True), concurrency=3)
-    assert row["requests"] == 7 and row["output_tokens"] == 7 * 6 and row["steps"] == len(seen)
+    assert row["requests"] == 7 and row["output_tokens"] == 7 * 6 and row["steps"] == sum(ran) > 0
     assert max(seen) == 3 and row["output_tok_s"] > 0 and row["p99_ttft_ms"] >= row["p50_ttft_ms"] > 0
     assert engine.post.stream_text  # detokenizing every output, as a server does
     rows = [{"policy": "fixed:4", "concurrency": 3, "inprocess": row,
