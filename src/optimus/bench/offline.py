@@ -194,6 +194,9 @@ def run_ar(target: Target, shape: str, batches, prompt_len=256, gen_len=256) -> 
     return rows
 
 
+PIPELINED = "+pipeline"  # a sweep policy name ending so runs pipelined at every load (engine.flights)
+
+
 def run_sweep(target: Target, shape: str, policies, concurrencies, acceptance: Acceptance, prompt_len=256,
               gen_len=256, profile_path: str | None = None, on_row=None,
               acceptance_path: str | None = None, repeats: int = 1, acceptance_name: str = "default model") -> list[dict]:
@@ -230,9 +233,6 @@ def run_sweep(target: Target, shape: str, policies, concurrencies, acceptance: A
     del llm, controllers
     target.free_memory()
     return rows
-
-
-PIPELINED = "+pipeline"  # a sweep policy name ending so runs pipelined at every load (engine.flights)
 
 
 def _policy(llm: LLM, name: str):

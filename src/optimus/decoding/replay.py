@@ -136,10 +136,11 @@ class ReplayAcceptance:
         order (one uniform each, so drawing at once or window by window is the same)."""
         u = self.stream.random(chunks.size)
         keys, inverse = np.unique(np.stack([chunks, masked]), axis=1, return_inverse=True)
+        inverse = inverse.reshape(-1)  # its shape differs between numpy versions
         out = np.empty(chunks.size, np.int64)
         for j, (chunk, m) in enumerate(keys.T.tolist()):
             values = self._draws_for(chunk, m)
-            rows = inverse.reshape(-1) == j
+            rows = inverse == j
             out[rows] = values[(u[rows] * values.size).astype(np.int64)]
         return np.minimum(out, masked)
 

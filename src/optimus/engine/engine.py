@@ -188,9 +188,10 @@ class Engine:
         if flight.assumed:  # queued behind another step: it ran on the GPU from that one's end
             start = max(start, self._last_step_end or 0.0)
         latency, overhead = t1 - start, flight.overhead
+        device_s = flight.device_time.seconds
         if flight.pipelined:  # queued behind the other half's step: the device's own times
-            latency, overhead = flight.device_evidence(overhead)
-        self.stats.device_time_sum_s += flight.device_time.seconds
+            latency, overhead = device_s, flight.idle_before(overhead)
+        self.stats.device_time_sum_s += device_s
         if not flight.assumed:
             # A graph capture is a one-time cost: no latency evidence (0). The host time around
             # the step is a separate cost per step (folded in, it served worse: docs/benchmarks.md).

@@ -98,13 +98,12 @@ class InFlight:
         scheduler.complete_step(self.plan, 0.0)
         self.assumed = True
 
-    def device_evidence(self, host_overhead: float) -> tuple[float, float]:
-        """(latency, overhead) for the policy of a step queued behind another: its own device
-        time, and the device's idle time before it (the host's share that did not hide; the
-        host's gap where the device cannot tell, on a CPU)."""
+    def idle_before(self, host_overhead: float) -> float:
+        """The overhead the policy learns for a step queued behind another: the device's idle
+        time before it (the host's share that did not hide), or the host's gap where the device
+        cannot tell (a CPU)."""
         gap = self.device_time.gap_after(self.after) if self.after is not None else None
-        overhead = host_overhead if gap is None else (gap if gap < MAX_STEP_GAP_S else 0.0)
-        return self.device_time.seconds, overhead
+        return host_overhead if gap is None else (gap if gap < MAX_STEP_GAP_S else 0.0)
 
 
 @dataclass
