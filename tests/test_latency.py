@@ -213,7 +213,7 @@ def _stub_engine(tmp_path, profile_path=None, block_size=32):
     loaded = SimpleNamespace(path=tmp_path / "tiny-sdar", model=torch.nn.Linear(1, 1))
     config = SimpleNamespace(profile_path=profile_path, scheduler=SimpleNamespace(max_running=256))
     return SimpleNamespace(device=torch.device("cpu"), config=config, loaded=loaded,
-                           spec=SimpleNamespace(family="sdar"), block_size=block_size)
+                           spec=SimpleNamespace(family="sdar", arch=SimpleNamespace(moe=None)), block_size=block_size)
 
 
 def _cached(engine, slowdown: float, path=None, device: str | None = None):

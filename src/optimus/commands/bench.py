@@ -15,6 +15,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {  # name -> (module, help)
                                              "TTFT/TPOT and step times"),
     "offline": ("optimus.bench.offline", "engine throughput at 8B shapes on random weights (CUDA)"),
     "host": ("optimus.bench.host_time", "the engine's host work per step at many requests, the device left out"),
+    "latency-fit": ("optimus.bench.latency_fit", "a model's step latency over batch x chunk, and how well each "
+                                                 "latency model predicts held-out steps (MoE: experts touched)"),
     "acceptance": ("optimus.bench.acceptance", "measure a model's commits per step by chunk size (replayed by offline)"),
 }
 

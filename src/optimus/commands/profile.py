@@ -63,7 +63,7 @@ def _engine(args: argparse.Namespace, page_size: int = 16):
 
 
 def run(args: argparse.Namespace) -> int:
-    from optimus.policy.elastic.setup import device_name, model_id
+    from optimus.policy.elastic.setup import device_name, model_id, with_routing
     from optimus.policy.elastic.latency import default_profile_path
     from optimus.policy.elastic.profiler import grid_cells, profile_latency
     from optimus.executor.timed_step import make_step_fn
@@ -84,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
     step = make_step_fn(engine, context=args.context, repeats=1)
     profile = profile_latency(step, batches, chunks, warmup=args.warmup, repeats=args.repeats,
                               progress=not args.no_progress, max_tokens=args.max_tokens)
-    profile = dataclasses.replace(profile, device=dev, model_id=mid, context=args.context, source="optimus profile")
+    profile = with_routing(dataclasses.replace(profile, device=dev, model_id=mid, context=args.context,
+                                               source="optimus profile"), engine.spec)
     _report(profile, profile.save(path), "saved")
     return 0
 
@@ -120,6 +121,9 @@ def _report(profile, path: Path, verb: str) -> None:
     print(f"device {profile.device}, model {profile.model_id}: {len(profile.points)} points")
     print(f"flat {fit.t0 * 1e3:.2f} ms up to the knee N* = {profile.knee:.0f} tokens, "
           f"then {fit.b * 1e6:.2f} us per token")
+    if profile.cost_model is not None:
+        print(f"experts touched: {profile.describe_experts()} (the elastic policy's curves follow it; "
+              "'optimus bench latency-fit' reports its error on held-out steps)")
     for p in profile.points:
         print(f"  {p.batch:>4} x {p.tokens // p.batch:<3} = {p.tokens:>6} tokens  {p.seconds * 1e3:9.3f} ms")
     print(f"{verb} {path}")

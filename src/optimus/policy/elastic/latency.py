@@ -9,6 +9,11 @@ requests (batch) that produced them. Two views of the same data:
   points made non-decreasing in ``n`` and linearly interpolated, then interpolated in
   ``log(batch)``. Real curves are not exact hinges (and at equal tokens, many requests with
   long caches cost more than few), so the controller reads the interpolation.
+
+A mixture-of-experts model's profile names its ``routing``: between and beyond measured points
+its curves then follow the fitted :class:`~optimus.policy.elastic.experts.ExpertCostModel`
+(cost by experts touched), scaled to pass through the measurements, instead of straight lines
+in tokens and the hinge.
 """
 
 from __future__ import annotations
@@ -22,8 +27,11 @@ import time
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
+
+from optimus.policy.elastic.experts import ExpertCostModel, ExpertRouting
 
 PROFILE_VERSION = 1
 
@@ -136,6 +144,13 @@ class _Curve:
             return out
         return np.where(above, self.y[-1] * hinge(n) / hinge(self.x[-1]), out)
 
+    def anchored(self, n: np.ndarray, shape: Callable[[np.ndarray], np.ndarray],
+                 shape_here: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+        """``shape(n)`` times the ratio of the points to ``shape_here`` (the model where they
+        were measured), interpolated between them and held at the ends: exact at every point
+        when the two shapes agree, and curved like the model between and beyond them."""
+        return shape(n) * np.interp(n, self.x, self.y / np.maximum(shape_here(self.x), 1e-12))
+
 
 @dataclass(frozen=True)
 class LatencyProfile:
@@ -146,6 +161,7 @@ class LatencyProfile:
     # Cached positions per request in the measured steps: a re-check must time the same steps.
     context: int | None = None
     source: str = "unknown"  # what measured it ("optimus profile", "start-up", "synthetic"), for the logs
+    routing: ExpertRouting | None = None  # a mixture-of-experts model's routing (None: dense)
 
     def __post_init__(self) -> None:
         if not self.points:
@@ -179,6 +195,15 @@ class LatencyProfile:
         return self.fit.knee
 
     @cached_property
+    def cost_model(self) -> ExpertCostModel | None:
+        """The experts-touched model fitted to every point (None for a dense model)."""
+        if self.routing is None:
+            return None
+        pts = self.points
+        return ExpertCostModel.fit(self.routing, np.array([p.tokens for p in pts]),
+                                   np.array([p.batch or 1 for p in pts]), np.array([p.seconds for p in pts]))
+
+    @cached_property
     def _pooled(self) -> _Curve:
         return _Curve.from_points([p.tokens for p in self.points], [p.seconds for p in self.points])
 
@@ -198,16 +223,27 @@ class LatencyProfile:
         """Predicted seconds for step token counts ``n`` [K] with ``batch`` requests: the
         per-batch curves interpolated in log(batch) (clamped to the grid), else the pooled one."""
         n = np.maximum(np.asarray(n, dtype=float), 1.0)
-        curves, hinge = self._by_batch, self.fit
+        curves = self._by_batch
         if not curves or batch is None:
-            return self._pooled(n, hinge)
+            return self._along(self._pooled, n, 1, batch or 1)
         grid = list(curves)
         if batch <= grid[0] or batch >= grid[-1]:
-            return curves[grid[0] if batch <= grid[0] else grid[-1]](n, hinge)
+            end = grid[0] if batch <= grid[0] else grid[-1]
+            return self._along(curves[end], n, end, batch)
         hi = next(b for b in grid if b >= batch)
         lo = grid[grid.index(hi) - 1]
         w = (math.log(batch) - math.log(lo)) / (math.log(hi) - math.log(lo))
-        return (1 - w) * curves[lo](n, hinge) + w * curves[hi](n, hinge)
+        return (1 - w) * self._along(curves[lo], n, lo, batch) + w * self._along(curves[hi], n, hi, batch)
+
+    def _along(self, curve: _Curve, n: np.ndarray, measured_at: int, batch: int) -> np.ndarray:
+        """The curve measured at ``measured_at`` requests, read at ``n`` tokens of ``batch``
+        requests. MoE: the experts-touched model at ``batch`` times the curve's ratio to the
+        model (so blending two curves blends ratios, and a batch off the grid follows the
+        model). Dense: straight between points, the hinge above them, ``batch`` unused."""
+        model = self.cost_model
+        if model is None:
+            return curve(n, self.fit)
+        return curve.anchored(n, lambda x: model(x, batch), lambda x: model(x, measured_at))
 
     # ---- measured cells ----------------------------------------------------------------
     def cells(self) -> list[tuple[int, int]]:
@@ -225,8 +261,14 @@ class LatencyProfile:
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(self.created)) if self.created else "at an unknown time"
         knee = "no knee" if math.isinf(self.knee) else f"knee {self.knee:.0f} tokens"
         by = "" if self.source == "unknown" else f" by {self.source}"
-        return (f"measured {when}{by} on {self.device}, {len(self.points)} points, "
-                f"{self.fit.t0 * 1e3:.2f} ms flat, {knee}")
+        shape = f"{self.fit.t0 * 1e3:.2f} ms flat, {knee}" if self.cost_model is None else self.describe_experts()
+        return f"measured {when}{by} on {self.device}, {len(self.points)} points, {shape}"
+
+    def describe_experts(self) -> str:
+        """The fitted experts-touched model in words (MoE profiles)."""
+        m = self.cost_model
+        return (f"{m.a * 1e3:.2f} ms + {m.w * 1e3:.2f} ms for all {self.routing.experts} experts "
+                f"(top-{self.routing.top_k}) + {m.c * 1e6:.2f} us/token + {m.d * 1e6:.2f} us/request")
 
     # ---- persistence -------------------------------------------------------------------
     def to_json(self) -> dict:
@@ -234,6 +276,7 @@ class LatencyProfile:
         return {
             "version": PROFILE_VERSION, "device": self.device, "model_id": self.model_id, "created": self.created,
             "context": self.context, "source": self.source,
+            "routing": None if self.routing is None else self.routing.to_json(),
             "fit": {"t0": fit.t0, "a": fit.a, "b": fit.b, "knee": None if math.isinf(fit.knee) else fit.knee},
             "points": [{"tokens": p.tokens, "seconds": p.seconds, "batch": p.batch} for p in self.points],
         }
@@ -247,7 +290,7 @@ class LatencyProfile:
         context = data.get("context")
         return cls(points, device=data.get("device", "unknown"), model_id=data.get("model_id", "unknown"),
                    created=float(data.get("created", 0.0)), context=None if context is None else int(context),
-                   source=data.get("source", "unknown"))
+                   source=data.get("source", "unknown"), routing=ExpertRouting.from_json(data.get("routing")))
 
     def save(self, path: str | os.PathLike) -> Path:
         path = Path(path)

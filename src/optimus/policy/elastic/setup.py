@@ -53,8 +53,17 @@ def load_or_profile(engine):
     path = Path(given) if given else default_profile_path(dev, model_id(engine))
     cached = _read_cached(path, given=bool(given))
     if cached is not None and _still_valid(engine, cached, path, dev, given=bool(given)):
-        return cached
+        return with_routing(cached, engine.spec)
     return _measure_brief(engine, path, dev, model_id(engine))
+
+
+def with_routing(profile, spec):
+    """``profile`` planning with the model's expert routing (an MoE model's step cost follows
+    the experts it touches); a profile saved without one gains it, a dense model's is unchanged."""
+    from optimus.policy.elastic.experts import ExpertRouting
+
+    routing = ExpertRouting.of(spec)
+    return profile if routing is None or profile.routing == routing else dataclasses.replace(profile, routing=routing)
 
 
 def _read_cached(path: Path, given: bool):
@@ -111,7 +120,8 @@ def _measure_brief(engine, path: Path, dev: str, mid: str):
              len(grid_cells(batches, chunks)), mid, dev, path)
     profile = profile_latency(make_step_fn(engine, context=BRIEF_CONTEXT), batches, chunks, warmup=1,
                               repeats=3, progress=True)
-    profile = dataclasses.replace(profile, device=dev, model_id=mid, context=BRIEF_CONTEXT, source="start-up")
+    profile = with_routing(dataclasses.replace(profile, device=dev, model_id=mid, context=BRIEF_CONTEXT,
+                                               source="start-up"), engine.spec)
     try:
         profile.save(path)
     except OSError as exc:
