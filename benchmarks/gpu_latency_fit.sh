@@ -4,7 +4,7 @@
 # of each latency model (tokens, experts touched, either fit alone):
 #   OUT=/some/dir bash benchmarks/gpu_latency_fit.sh
 # Store with `python scripts/results_table.py store <card> latency_fit_llada2 $OUT/llada2-mini/latency_fit.json
-#   $OUT/llada2-mini/latency_fit.png --source "DATE COMMIT"` (and latency_fit_llada8b).
+#   $OUT/llada2-mini/latency_fit.png --source "DATE COMMIT"` (and latency_fit_llada8b from $OUT/llada-8b).
 set -o pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 OUT=${OUT:?set OUT}

@@ -212,6 +212,14 @@ def host_time(d: dict) -> list:
     return rows
 
 
+def latency_fit(d: dict) -> list:
+    rows = [("shape (cache per request)", f"{d.get('shape', '?')} ({d.get('context', '?')})")]
+    for where, methods in d.get("summary", {}).items():
+        cells = ", ".join(f"{m} {pct(v['median_abs'])} ({pct(v['max_abs'])})" for m, v in methods.items())
+        rows.append((f"{where} steps held out: abs. error median (max)", cells))
+    return rows
+
+
 def _best_fixed(values: dict) -> tuple[str, float] | None:
     fixed = {p: v for p, v in values.items() if p.startswith("fixed:") and v is not None}
     return max(fixed.items(), key=lambda kv: kv[1]) if fixed else None
@@ -461,6 +469,13 @@ BENCHMARKS = [
      "alone; the named phases are part of it; critical = all but what runs while the device computes the step "
      "just launched (the outputs and the policy's learning; with causal overlap, the whole completion of the step "
      "before).", host_time),
+    ("latency_fit_llada2", "Step latency models at the LLaDA2.0-mini MoE shape",
+     "`optimus bench latency-fit --shape llada2-mini`: the step-time surface over batch x chunk, each step predicted "
+     "from the others by each latency model (tokens: straight lines in tokens and the hinge; experts: shaped by the "
+     "expected experts touched); the CPU row runs a scaled body (3 layers, width 1024) with the real routing.",
+     latency_fit),
+    ("latency_fit_llada8b", "Step latency models at the dense LLaDA-8B shape",
+     "`optimus bench latency-fit --shape llada-8b` (`benchmarks/gpu_latency_fit.sh`).", latency_fit),
     ("matmul", "Forward pass against the matmul rate", "`optimus bench offline --experiments matmul`.", matmul),
     ("step_profile", "Where a decoding step goes",
      "`python -m optimus.bench.experiments.step_profile`; gaps = wall time outside the body and head (the GPU "
