@@ -136,3 +136,22 @@ def test_bench_latency_fit_runs_on_a_tiny_moe(tmp_path):
     assert {r["where"] for r in report["held_out"]} == {"interior", "beyond"}
     assert set(report["summary"]["beyond"]) == set(latency_fit.METHODS)
     assert (tmp_path / "latency_fit.png").stat().st_size > 0
+
+
+def test_elastic_on_an_moe_surface_keeps_chunks_small_until_every_expert_is_read():
+    """Under few commits per forward (the real-8b tau), a batch-1 MoE step that reads 8
+    experts at C = 1 and 163 at C = 32 makes C = 1 the best rate, where a flat dense curve
+    makes C = 32 best; once the batch touches every expert anyway, large chunks pay again."""
+    from optimus.policy import RequestView, StepView
+    from optimus.policy.elastic.controller import ElasticPolicy
+
+    tau = {1: 1.0, 2: 1.24, 4: 1.56, 8: 1.89, 16: 2.27, 32: 2.68}
+
+    def chosen(profile, n):
+        view = StepView(tuple(RequestView(f"r{i}", 32, 32, None) for i in range(n)), 0, 8192)
+        return set(ElasticPolicy(profile=profile, tau_prior=tau).choose(view))
+
+    moe = surface(chunks=(1, 2, 4, 8, 16, 32))
+    assert chosen(moe, 1) == {1}
+    assert min(chosen(moe, 16)) >= 16
+    assert chosen(LatencyProfile.synthetic(5e-3, 256, 2e-5), 1) == {32}
