@@ -75,8 +75,12 @@ def test_quantization_fp8_rounds_projections_only(tmp_path):
     plain = dict(load_model(root, dtype="float32", device="cpu", progress=False).model.named_parameters())
     fp8 = dict(load_model(root, dtype="float32", device="cpu", progress=False,
                           quantization="fp8").model.named_parameters())
-    assert torch.equal(fp8[PROJ], dequantize(*quantize_rows(plain[PROJ])))
-    assert not torch.equal(fp8[PROJ], plain[PROJ])
+    q, scale = quantize_rows(plain[PROJ])
+    assert fp8[PROJ].dtype == torch.float8_e4m3fn and torch.equal(fp8[PROJ].view(torch.uint8), q.view(torch.uint8))
+    scales = dict(load_model(root, dtype="float32", device="cpu", progress=False,
+                             quantization="fp8").model.named_buffers())
+    assert torch.equal(scales[PROJ + "_scale"], scale.reshape(-1))
+    assert not torch.equal(dequantize(q, scale), plain[PROJ])
     assert torch.equal(fp8["model.embed_tokens.weight"], plain["model.embed_tokens.weight"])
 
 

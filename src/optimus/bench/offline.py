@@ -35,6 +35,7 @@ class Target:
 
     device: str = "cuda"
     tiny: bool = False
+    quantization: str | None = None  # "fp8": projections kept in FP8 (models.fp8.quantize_model)
 
     @property
     def cuda(self) -> bool:
@@ -44,6 +45,9 @@ class Target:
         """An engine over random weights at ``shape`` (bf16 on CUDA, fp32 elsewhere)."""
         dtype = torch.bfloat16 if self.cuda else torch.float32
         loaded = random_model(shape, device=self.device, dtype=dtype, tiny=self.tiny)
+        if self.quantization == "fp8":
+            from optimus.models.fp8 import quantize_model
+            quantize_model(loaded.model)
         if self.tiny:
             options.setdefault("num_pages", 4096)
         if self.cuda:  # every decoding bucket captured before any timing starts
@@ -303,11 +307,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="timed runs per sweep point (after one warm-up); the median is reported")
     p.add_argument("--device", default="cuda")
     p.add_argument("--tiny", action="store_true", help="shrink the shapes (smoke-test the code, e.g. on CPU)")
+    p.add_argument("--quantization", choices=("fp8",), default=None,
+                   help="fp8: every projection's weight kept in FP8 e4m3 (per-channel scales), as serve --quantization")
     p.add_argument("--out", required=True, help="JSON file to write (sections are merged into it)")
 
 
 def run(args: argparse.Namespace) -> int:
-    target = Target(device=args.device, tiny=args.tiny)
+    target = Target(device=args.device, tiny=args.tiny, quantization=args.quantization)
     if target.cuda and not torch.cuda.is_available():
         raise ValueError("bench offline needs a CUDA device (or --device cpu --tiny for a smoke run)")
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
@@ -315,6 +321,7 @@ def run(args: argparse.Namespace) -> int:
     result = json.loads(out.read_text()) if out.exists() else {}
     result["device"] = torch.cuda.get_device_name() if target.cuda else "cpu (tiny smoke run)"
     result["torch"] = torch.__version__
+    result["quantization"] = args.quantization
     for exp in args.experiments.split(","):
         t0 = time.perf_counter()
         print(f"[{exp}]", flush=True)

@@ -9,12 +9,14 @@ Checkpoint formats read (config.json ``quantization_config``):
   ([] or [1]) or one per output channel ([N, 1]); activation scales (``input_scale``) are not
   used (activations stay bf16).
 
-``--quantization fp8`` quantizes each projection of a bf16 checkpoint at load, one scale per
-output channel (``amax(|row|) / 448``), round to nearest e4m3.
+``--quantization fp8`` replaces each projection of a bf16 checkpoint at load by an
+:class:`Fp8Linear`: e4m3 weights (one byte each: half the memory and half the bytes a
+small-batch step streams) and one scale per output channel (``amax(|row|) / 448``), round to
+nearest. On CUDA the FP8 linear kernel (kernels/fp8_linear.py) reads them as they are; on the
+CPU they are dequantized per matmul, which gives the same values the model computes with.
 
-Execution: there is no FP8 matmul kernel here yet, so FP8 weights are dequantized to the load
-dtype as they are read. The model then computes with exactly the FP8 weights' values (their
-accuracy can be measured on any device, the CPU included) at bf16 speed and memory.
+FP8 checkpoints are still dequantized to the load dtype as they are read (their block scales
+have no kernel yet): exactly their values, at bf16 speed and memory.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ from typing import Callable, Iterator
 
 import torch
 from safetensors import safe_open
+from torch import nn
+
+from optimus.kernels.fp8_linear import Fp8Weight, fp8_linear_reference
 
 from optimus.models.errors import LoadError, UnsupportedFormatError
 
@@ -57,17 +62,47 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] | No
     return w * s
 
 
+class Fp8Linear(nn.Module):
+    """A projection whose weight stays in FP8: ``weight`` e4m3 [N, K] and ``weight_scale``
+    fp32 [N] (weight ~= weight * weight_scale[:, None]); the bias stays in the load dtype.
+    Layers multiply by :attr:`operand` through their ops; ``forward`` is the reference."""
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.weight = nn.Parameter(weight.contiguous(), requires_grad=False)
+        self.register_buffer("weight_scale", scale.reshape(-1).float().contiguous())
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "Fp8Linear":
+        q, scale = quantize_rows(linear.weight.detach())
+        return cls(q, scale, linear.bias)
+
+    @property
+    def operand(self) -> Fp8Weight:
+        return Fp8Weight(self.weight, self.weight_scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fp8_linear_reference(x, self.operand, self.bias)
+
+
 @torch.no_grad()
-def quantize_model(model: torch.nn.Module) -> int:
-    """``--quantization fp8``: every projection weight replaced in place by its FP8 values
-    (per output channel; under tensor parallelism, per row of this rank's slice). Returns the
-    number of weights quantized."""
-    count = 0
-    for name, p in model.named_parameters():
-        if name.endswith(".weight") and name.rsplit(".", 2)[-2] in PROJECTIONS:
-            p.copy_(dequantize(*quantize_rows(p)).to(p.dtype))
-            count += 1
-    return count
+def quantize_model(model: nn.Module) -> int:
+    """``--quantization fp8``: every projection Linear replaced by an :class:`Fp8Linear` of its
+    weight (per output channel; under tensor parallelism, per row of this rank's slice).
+    Merged q/k/v and gate/up buffers are dropped (``fuse_projections`` merges the FP8 ones).
+    Run it last: a later ``model.to(dtype)`` would cast the e4m3 values without their scales.
+    Returns the number of weights quantized."""
+    targets = [(name, m) for name, m in model.named_modules()
+               if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in PROJECTIONS]
+    for name, linear in targets:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, Fp8Linear.from_linear(linear))
+    for m in model.modules():
+        if hasattr(m, "merged_weight"):
+            m.merged_weight = m.merged_bias = m.merged_scale = None
+    return len(targets)
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,8 @@ from torch import nn
 import torch.nn.functional as F
 
 from optimus.kernels import fused, skinny_linear
+from optimus.kernels.fp8_linear import Fp8Weight, fp8_linear, fp8_linear_reference
+from optimus.models.fp8 import Fp8Linear
 from optimus.models.spec import ArchConfig
 
 
@@ -92,8 +94,8 @@ class LayerOps(Protocol):
 
     def silu_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor: ...
 
-    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """x [T, K] @ weight [N, K]^T (+ bias) -> [T, N]."""
+    def linear(self, x: torch.Tensor, weight: torch.Tensor | Fp8Weight, bias: torch.Tensor | None) -> torch.Tensor:
+        """x [T, K] @ weight [N, K]^T (+ bias) -> [T, N]; an FP8 weight with its scales."""
         ...
 
 
@@ -117,6 +119,8 @@ class TorchOps:
         return F.silu(gate) * up
 
     def linear(self, x, weight, bias):
+        if isinstance(weight, Fp8Weight):
+            return fp8_linear_reference(x, weight, bias)
         return F.linear(x, weight, bias)
 
 
@@ -140,6 +144,8 @@ class FusedOps:
 
     def linear(self, x, weight, bias):
         # "auto", not self.backend: the weight-streaming kernel only pays on a GPU.
+        if isinstance(weight, Fp8Weight):
+            return fp8_linear(x, weight, bias, "auto")
         return skinny_linear.linear(x, weight, bias, "auto")
 
 
@@ -175,6 +181,7 @@ class MergedProjections(nn.Module):
     def _init_merged(self) -> None:
         self.register_buffer("merged_weight", None, persistent=False)
         self.register_buffer("merged_bias", None, persistent=False)
+        self.register_buffer("merged_scale", None, persistent=False)  # FP8 projections' scales
 
     def _linears(self) -> list[nn.Linear]:
         return [getattr(self, name) for name in self.MERGED]
@@ -187,16 +194,25 @@ class MergedProjections(nn.Module):
         linears = self._linears()
         self.merged_weight = _merge_param(linears, "weight")
         self.merged_bias = _merge_param(linears, "bias")
+        fp8 = all(isinstance(lin, Fp8Linear) for lin in linears)
+        self.merged_scale = _merge_param(linears, "weight_scale", buffer=True) if fp8 else None
 
     def _merged_intact(self) -> bool:
         if self.merged_weight is None:
             return False
-        ok = all(_aliases(self.merged_weight, [lin.weight for lin in self._linears()]))
-        if self.merged_bias is not None:
-            ok = ok and all(_aliases(self.merged_bias, [lin.bias for lin in self._linears()]))
+        linears = self._linears()
+        ok = all(_aliases(self.merged_weight, [lin.weight for lin in linears]))
+        for merged, name in ((self.merged_bias, "bias"), (self.merged_scale, "weight_scale")):
+            if merged is not None:
+                ok = ok and all(_aliases(merged, [getattr(lin, name) for lin in linears]))
         if not ok:
-            self.merged_weight = self.merged_bias = None
+            self.merged_weight = self.merged_bias = self.merged_scale = None
         return ok
+
+    def _merged_operand(self) -> torch.Tensor | Fp8Weight:
+        if self.merged_scale is not None:
+            return Fp8Weight(self.merged_weight, self.merged_scale)
+        return self.merged_weight
 
     def _project(self, x: torch.Tensor, ops: LayerOps) -> list[torch.Tensor]:
         """x [T, d] -> one [T, out_i] per merged Linear (column views when merged).
@@ -206,7 +222,7 @@ class MergedProjections(nn.Module):
         training = torch.is_grad_enabled() and linears[0].weight.requires_grad
         if training or not self._merged_intact():
             return [lin(x) for lin in linears]
-        y = ops.linear(x, self.merged_weight, self.merged_bias)
+        y = ops.linear(x, self._merged_operand(), self.merged_bias)
         return list(y.split([lin.out_features for lin in linears], dim=-1))
 
     def _apply(self, fn, recurse: bool = True):
@@ -218,14 +234,23 @@ class MergedProjections(nn.Module):
         return self
 
 
-def _merge_param(linears: list[nn.Linear], name: str) -> torch.Tensor | None:
+def _merge_param(linears: list[nn.Module], name: str, buffer: bool = False) -> torch.Tensor | None:
+    """Concatenate each Linear's ``name`` tensor along dim 0 and make each a view of the result."""
     parts = [getattr(lin, name) for lin in linears]
     if any(p is None for p in parts):
         return None
-    merged = torch.cat([p.detach() for p in parts])
+    if parts[0].dtype == torch.float8_e4m3fn:  # concatenated as bytes: cat of FP8 needs a recent torch
+        merged = torch.cat([p.detach().view(torch.uint8) for p in parts]).view(torch.float8_e4m3fn)
+    else:
+        merged = torch.cat([p.detach() for p in parts])
     for lin, part, view in zip(linears, parts, merged.split([p.shape[0] for p in parts])):
-        setattr(lin, name, nn.Parameter(view, requires_grad=part.requires_grad))
+        setattr(lin, name, view if buffer else nn.Parameter(view, requires_grad=part.requires_grad))
     return merged
+
+
+def linear_operand(linear: nn.Module) -> torch.Tensor | Fp8Weight:
+    """What ``ops.linear`` multiplies by for this Linear: its weight, or its FP8 weight and scales."""
+    return linear.operand if isinstance(linear, Fp8Linear) else linear.weight
 
 
 def _aliases(merged: torch.Tensor, parts: list[torch.Tensor]) -> list[bool]:
@@ -259,7 +284,7 @@ class GatedMLP(MergedProjections):
 
     def forward(self, x: torch.Tensor, ops: LayerOps) -> torch.Tensor:
         gate, up = self._project(x, ops)
-        return self.reduce(ops.linear(ops.silu_mul(gate, up), self.down_proj.weight, None))
+        return self.reduce(ops.linear(ops.silu_mul(gate, up), linear_operand(self.down_proj), None))
 
 
 class AttentionBackend(Protocol):
@@ -301,7 +326,8 @@ class SelfAttention(MergedProjections):
         v = v.view(t, self.num_kv_heads, self.head_dim)
         q, k = ops.rotary(q, k, self.q_norm, self.k_norm)
         out = backend.attend(self.layer, q, k, v)
-        return self.reduce(ops.linear(out.reshape(t, self.num_heads * self.head_dim), self.o_proj.weight, None))
+        out = out.reshape(t, self.num_heads * self.head_dim)
+        return self.reduce(ops.linear(out, linear_operand(self.o_proj), None))
 
 
 class DecoderLayer(nn.Module):
