@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from optimus.models.errors import UnsupportedFormatError
-from optimus.models.fp8 import E4M3_MAX, dequantize, quantize_rows
+from optimus.models.dense import dense_forward
+from optimus.models.fp8 import E4M3_MAX, Fp8Linear, dequantize, quantize_rows
 from optimus.models.loader import load_model
 from fixtures.checkpoints import make_tiny_checkpoint
 
@@ -57,9 +58,24 @@ def _fp8_checkpoint(tmp_path, method: str, block: tuple[int, int] | None = None)
 
 @pytest.mark.parametrize("method,block", [("fp8", (16, 32)), ("compressed-tensors", None)])
 def test_fp8_checkpoints_load_as_their_values(tmp_path, method, block):
+    """Their projections stay FP8 with the stored bytes and scales, and compute exactly the
+    dequantized values (merged q/k/v and gate/up included)."""
     root, expected = _fp8_checkpoint(tmp_path, method, block)
-    params = dict(load_model(root, dtype="float32", device="cpu", progress=False).model.named_parameters())
-    assert expected and all(torch.equal(params[n], v) for n, v in expected.items())
+    model = load_model(root, dtype="float32", device="cpu", progress=False).model
+    stored = load_file(str(root / "model.safetensors"))
+    for name, values in expected.items():
+        module = model.get_submodule(name.removesuffix(".weight"))
+        assert isinstance(module, Fp8Linear) and module.block == block
+        assert torch.equal(module.weight.view(torch.uint8), stored[name].view(torch.uint8))
+        assert torch.equal(module.operand.dequantize(torch.float32), values)
+    model.fuse_projections()
+    assert all(layer.self_attn.merged_scale is not None for layer in model.model.layers)
+    plain = load_model(make_tiny_checkpoint(tmp_path / "plain", "llama"), dtype="float32", device="cpu",
+                       progress=False).model
+    plain.load_state_dict({n: expected.get(n, t) for n, t in plain.state_dict().items()})
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.inference_mode():
+        assert torch.equal(dense_forward(model, ids)[0], dense_forward(plain, ids)[0])
 
 
 def test_other_quantized_checkpoints_are_refused_by_name(tmp_path):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from optimus.kernels.fp8_linear import Fp8Weight, fp8_linear, fp8_linear_reference
-from optimus.models.fp8 import Fp8Linear, dequantize, quantize_rows
+from optimus.models.fp8 import E4M3_MAX, Fp8Linear, dequantize, quantize_rows
 from optimus.models.loader import load_model
 from fixtures.checkpoints import make_tiny_checkpoint
 
@@ -39,6 +39,28 @@ def test_triton_matches_the_fp32_product(triton_device, m, n, k, bias, dtype):
     assert torch.allclose(y.double(), exact, rtol=tol, atol=tol * exact.abs().max().item())
 
 
+def _block_weight(n: int, k: int, block: tuple[int, int], g: torch.Generator, device: str = "cpu") -> Fp8Weight:
+    """Scaled per (bn, bk) tile as fine-grained FP8 checkpoints are; N and K may be ragged."""
+    bn, bk = block
+    w = torch.randn(n, k, generator=g) * torch.logspace(-2, 0, n)[:, None]
+    tiles = torch.nn.functional.pad(w, (0, -k % bk, 0, -n % bn)).unfold(0, bn, bn).unfold(1, bk, bk)
+    scale = (tiles.abs().amax(dim=(-1, -2)) / E4M3_MAX).clamp(min=1e-12)
+    full = scale.repeat_interleave(bn, 0)[:n].repeat_interleave(bk, 1)[:, :k]
+    return Fp8Weight((w / full).to(torch.float8_e4m3fn).to(device), scale.contiguous().to(device), block)
+
+
+@pytest.mark.parametrize("m,n,k,block", [(1, 48, 64, (16, 32)), (6, 40, 100, (16, 32)), (33, 64, 128, (32, 64))])
+def test_block_scales_match_the_fp32_product(triton_device, m, n, k, block):
+    g = torch.Generator().manual_seed(m + n + k)
+    w = _block_weight(n, k, block, g, triton_device)
+    x = torch.randn(m, k, generator=g).to(triton_device)
+    exact = x.double() @ (w.data.double() * w.expanded_scale().double()).T
+    y = fp8_linear(x, w, backend="triton")
+    assert torch.allclose(y.double(), exact, rtol=1e-5, atol=1e-5 * exact.abs().max().item())
+    assert torch.allclose(fp8_linear_reference(x.cpu(), Fp8Weight(*(t.cpu() for t in w[:2]), block)).double(),
+                          exact.cpu(), rtol=1e-5, atol=1e-5 * exact.abs().max().item())
+
+
 def test_reference_is_the_dequantized_linear():
     g = torch.Generator().manual_seed(0)
     w = _weight(24, 40, g)
@@ -52,7 +74,7 @@ def test_bad_fp8_weights_are_refused():
     w = _weight(8, 16, g)
     with pytest.raises(ValueError, match="e4m3"):
         fp8_linear(torch.randn(2, 16), Fp8Weight(w.data.float(), w.scale))
-    with pytest.raises(ValueError, match="scale per output channel"):
+    with pytest.raises(ValueError, match="one per output channel"):
         fp8_linear(torch.randn(2, 16), Fp8Weight(w.data, w.scale[:, None]))
     with pytest.raises(ValueError, match="shapes"):
         fp8_linear(torch.randn(2, 15), w)

@@ -15,8 +15,11 @@ small-batch step streams) and one scale per output channel (``amax(|row|) / 448`
 nearest. On CUDA the FP8 linear kernel (kernels/fp8_linear.py) reads them as they are; on the
 CPU they are dequantized per matmul, which gives the same values the model computes with.
 
-FP8 checkpoints are still dequantized to the load dtype as they are read (their block scales
-have no kernel yet): exactly their values, at bf16 speed and memory.
+FP8 checkpoints are read twice over: their values, dequantized to the load dtype, build the
+model as any checkpoint does; their stored e4m3 weights and scales (per tensor, channel or
+block) then replace each projection (:func:`keep_checkpoint_fp8`), so the model computes
+exactly the published values with FP8 weights in memory. A tensor-parallel shard keeps the
+dequantized values (its slices need not fall on block boundaries).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from optimus.kernels.fp8_linear import Fp8Weight, fp8_linear_reference
+from optimus.kernels.fp8_linear import Fp8Weight, fp8_linear
 
 from optimus.models.errors import LoadError, UnsupportedFormatError
 
@@ -64,14 +67,17 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] | No
 
 class Fp8Linear(nn.Module):
     """A projection whose weight stays in FP8: ``weight`` e4m3 [N, K] and ``weight_scale``
-    fp32 [N] (weight ~= weight * weight_scale[:, None]); the bias stays in the load dtype.
-    Layers multiply by :attr:`operand` through their ops; ``forward`` is the reference."""
+    fp32, [N] per output channel or [ceil(N/bn), ceil(K/bk)] per ``block``; the bias stays in
+    the load dtype. Layers multiply by :attr:`operand` through their ops."""
 
-    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
+                 block: tuple[int, int] | None = None) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
+        self.block = block
         self.weight = nn.Parameter(weight.contiguous(), requires_grad=False)
-        self.register_buffer("weight_scale", scale.reshape(-1).float().contiguous())
+        scale = scale.float()
+        self.register_buffer("weight_scale", (scale.reshape(-1) if block is None else scale).contiguous())
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
 
     @classmethod
@@ -81,28 +87,51 @@ class Fp8Linear(nn.Module):
 
     @property
     def operand(self) -> Fp8Weight:
-        return Fp8Weight(self.weight, self.weight_scale)
+        return Fp8Weight(self.weight, self.weight_scale, self.block)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fp8_linear_reference(x, self.operand, self.bias)
+        return fp8_linear(x, self.operand, self.bias)
+
+
+def _replace_projections(model: nn.Module, make: Callable[[str, nn.Linear], "Fp8Linear | None"]) -> int:
+    """Each projection Linear for which ``make(name, linear)`` gives an :class:`Fp8Linear`
+    becomes it; merged q/k/v and gate/up buffers are dropped (``fuse_projections`` merges the
+    FP8 ones). Returns how many were replaced."""
+    targets = [(name, m) for name, m in model.named_modules()
+               if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in PROJECTIONS]
+    count = 0
+    for name, linear in targets:
+        fp8 = make(name, linear)
+        if fp8 is not None:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, fp8)
+            count += 1
+    for m in model.modules():
+        if hasattr(m, "merged_weight"):
+            m.merged_weight = m.merged_bias = m.merged_scale = None
+    return count
 
 
 @torch.no_grad()
 def quantize_model(model: nn.Module) -> int:
     """``--quantization fp8``: every projection Linear replaced by an :class:`Fp8Linear` of its
     weight (per output channel; under tensor parallelism, per row of this rank's slice).
-    Merged q/k/v and gate/up buffers are dropped (``fuse_projections`` merges the FP8 ones).
     Run it last: a later ``model.to(dtype)`` would cast the e4m3 values without their scales.
-    Returns the number of weights quantized."""
-    targets = [(name, m) for name, m in model.named_modules()
-               if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in PROJECTIONS]
-    for name, linear in targets:
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, Fp8Linear.from_linear(linear))
-    for m in model.modules():
-        if hasattr(m, "merged_weight"):
-            m.merged_weight = m.merged_bias = m.merged_scale = None
-    return len(targets)
+    Returns the number of weights quantized (projections already in FP8 are kept as they are)."""
+    return _replace_projections(model, lambda name, linear: Fp8Linear.from_linear(linear))
+
+
+@torch.no_grad()
+def keep_checkpoint_fp8(model: nn.Module, kept: dict[str, Fp8Weight]) -> int:
+    """An FP8 checkpoint's projections back in FP8 with the checkpoint's own values and scales
+    (``kept``: by weight name, what :func:`fp8_values` collected while the model loaded)."""
+    def make(name: str, linear: nn.Linear) -> Fp8Linear | None:
+        w = kept.pop(name + ".weight", None)
+        if w is None:
+            return None
+        return Fp8Linear(w.data.to(linear.weight.device), w.scale.to(linear.weight.device), linear.bias, w.block)
+
+    return _replace_projections(model, make)
 
 
 @dataclass(frozen=True)
@@ -128,29 +157,53 @@ class FP8Checkpoint:
     def is_scale(name: str) -> bool:
         return name.endswith(tuple(f".weight{s}" for s in SCALE_SUFFIXES)) or name.endswith(IGNORED_SUFFIXES)
 
-    def dequantize_entries(self, entries: Iterator[TensorEntry], scales: dict[str, torch.Tensor]) -> Iterator[TensorEntry]:
+    def dequantize_entries(self, entries: Iterator[TensorEntry], scales: dict[str, torch.Tensor],
+                           keep: dict[str, Fp8Weight] | None = None) -> Iterator[TensorEntry]:
         """Skip the scale tensors; FP8 weights come out as fp32 values (``scales``: every
-        ``*_scale``/``*_scale_inv`` tensor of the checkpoint, by name, read beforehand)."""
+        ``*_scale``/``*_scale_inv`` tensor of the checkpoint, by name, read beforehand).
+        ``keep``: also record each e4m3 weight as it is stored, by our weight name."""
         for source, ours, shape, read in entries:
             if self.is_scale(source):
                 continue
             scale = next((scales[source + s] for s in SCALE_SUFFIXES if source + s in scales), None)
             if scale is not None:
-                read = self._dequantized(source, read, scale)
+                read = self._dequantized(source, ours, read, scale, keep)
             yield source, ours, shape, read
 
-    def _dequantized(self, name: str, read: Callable[[], torch.Tensor], scale: torch.Tensor):
+    def _dequantized(self, name: str, ours: str | None, read: Callable[[], torch.Tensor], scale: torch.Tensor,
+                     keep: dict[str, Fp8Weight] | None):
         def values() -> torch.Tensor:
             q = read()
             if q.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2):
                 raise LoadError(f"tensor {name!r} has a scale but dtype {q.dtype}, not FP8")
-            return dequantize(q, scale.to(q.device), self.block)
+            scale_here = scale.to(q.device)
+            kept = self._as_weight(q, scale_here) if keep is not None and ours is not None else None
+            if kept is not None:
+                keep[ours] = kept
+            return dequantize(q, scale_here, self.block)
         return values
 
+    def _as_weight(self, q: torch.Tensor, scale: torch.Tensor) -> Fp8Weight | None:
+        """The stored weight in the kernel's layout, or None where it has none (e5m2 values,
+        one scale per element)."""
+        if q.dtype != torch.float8_e4m3fn or q.dim() != 2:
+            return None
+        n, k = q.shape
+        s = scale.float()
+        if s.numel() == 1:
+            return Fp8Weight(q, s.reshape(1).expand(n).contiguous())
+        if s.shape in ((n, 1), (n,)):
+            return Fp8Weight(q, s.reshape(-1).contiguous())
+        if self.block is not None and s.shape == (-(-n // self.block[0]), -(-k // self.block[1])):
+            return Fp8Weight(q, s.contiguous(), tuple(self.block))
+        return None
 
-def fp8_values(config: dict, files: list[Path], entries: Iterator[TensorEntry], device: str) -> Iterator[TensorEntry]:
+
+def fp8_values(config: dict, files: list[Path], entries: Iterator[TensorEntry], device: str,
+               keep: dict[str, Fp8Weight] | None = None) -> Iterator[TensorEntry]:
     """A checkpoint's entries with FP8 weights as their values (scale tensors read first from
-    ``files``, then skipped); the entries unchanged for a checkpoint that is not FP8."""
+    ``files``, then skipped); the entries unchanged for a checkpoint that is not FP8. ``keep``
+    collects the stored FP8 weights too (:func:`keep_checkpoint_fp8` puts them back)."""
     fp8 = FP8Checkpoint.from_config(config)
     if fp8 is None:
         return entries
@@ -158,7 +211,7 @@ def fp8_values(config: dict, files: list[Path], entries: Iterator[TensorEntry], 
     for f in files:
         with safe_open(str(f), framework="pt", device=device) as handle:
             scales.update({n: handle.get_tensor(n) for n in handle.keys() if fp8.is_scale(n)})
-    return fp8.dequantize_entries(entries, scales)
+    return fp8.dequantize_entries(entries, scales, keep)
 
 
 def _is_fp8(qc: dict) -> bool:

@@ -192,9 +192,11 @@ class MergedProjections(nn.Module):
         if self._merged_intact():
             return
         linears = self._linears()
+        fp8 = [lin for lin in linears if isinstance(lin, Fp8Linear)]
+        if fp8 and not _fp8_mergeable(linears):
+            return  # each runs on its own
         self.merged_weight = _merge_param(linears, "weight")
         self.merged_bias = _merge_param(linears, "bias")
-        fp8 = all(isinstance(lin, Fp8Linear) for lin in linears)
         self.merged_scale = _merge_param(linears, "weight_scale", buffer=True) if fp8 else None
 
     def _merged_intact(self) -> bool:
@@ -211,7 +213,7 @@ class MergedProjections(nn.Module):
 
     def _merged_operand(self) -> torch.Tensor | Fp8Weight:
         if self.merged_scale is not None:
-            return Fp8Weight(self.merged_weight, self.merged_scale)
+            return Fp8Weight(self.merged_weight, self.merged_scale, self._linears()[0].block)
         return self.merged_weight
 
     def _project(self, x: torch.Tensor, ops: LayerOps) -> list[torch.Tensor]:
@@ -246,6 +248,16 @@ def _merge_param(linears: list[nn.Module], name: str, buffer: bool = False) -> t
     for lin, part, view in zip(linears, parts, merged.split([p.shape[0] for p in parts])):
         setattr(lin, name, view if buffer else nn.Parameter(view, requires_grad=part.requires_grad))
     return merged
+
+
+def _fp8_mergeable(linears: list[nn.Module]) -> bool:
+    """FP8 projections merge when all are FP8 with the same scale layout and block scales
+    stay whole (each output size a multiple of the block's rows)."""
+    blocks = {getattr(lin, "block", "bf16") for lin in linears}
+    if len(blocks) != 1 or not all(isinstance(lin, Fp8Linear) for lin in linears):
+        return False
+    block = blocks.pop()
+    return block is None or all(lin.out_features % block[0] == 0 for lin in linears)
 
 
 def linear_operand(linear: nn.Module) -> torch.Tensor | Fp8Weight:

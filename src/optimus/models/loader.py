@@ -31,7 +31,7 @@ from optimus.models.registry import ConfigError, Family, UnknownArchitectureErro
 from optimus.models.registry import check_token_ids, family_for, spec_from_config
 from optimus.models.shapes import SHAPES, random_decoder, shape_config
 from optimus.models.adapter import is_adapter_dir
-from optimus.models.fp8 import fp8_values
+from optimus.models.fp8 import fp8_values, keep_checkpoint_fp8
 from optimus.models.sources import ModelSource, RandomModelName, SourceKind, local_directory, resolve_model
 from optimus.models.spec import ModelSpec
 from optimus.models.transformer import DecoderLM
@@ -99,8 +99,14 @@ def _load(path: str | Path, dtype, device, progress: bool, revision: str | None,
     spec = complete_spec(spec, tokenizer)
     generation_config = _read_json(root / "generation_config.json", required=False)
     files = _weight_files(root)
-    entries = fp8_values(config, files, _safetensors_entries(files, family, device, progress), _safe_device(device))
+    # An FP8 checkpoint's projections stay FP8 (one process: a shard's slices of block scales
+    # need not fall on block boundaries, so a sharded model computes with the values in dtype).
+    kept = {} if shard is None else None
+    entries = fp8_values(config, files, _safetensors_entries(files, family, device, progress), _safe_device(device),
+                         keep=kept)
     model = _build_model(spec, family, entries, dtype, device, shard and shard(spec))
+    if kept:
+        keep_checkpoint_fp8(model, kept)
     return LoadedModel(model, spec, tokenizer, generation_config, source.identity)
 
 
