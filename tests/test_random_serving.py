@@ -165,6 +165,7 @@ def test_replay_acceptance_seeds_elastics_tau_prior(tmp_path):
     def prior(**options) -> dict:
         config = engine_config(policy="elastic", profile_path=str(profile), **options)
         engine = SimpleNamespace(config=config, device=torch.device("cpu"),
+                                 spec=SimpleNamespace(arch=SimpleNamespace(moe=None)),  # dense
                                  loaded=SimpleNamespace(path=Path("random-tiny:sdar-8b")))
         return elastic_kwargs(engine)["tau_prior"]
 
