@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
+
+import pytest
 
 from optimus.bench.host_time import PHASES, measure
 from optimus.cli import main
@@ -26,3 +29,39 @@ def test_host_bench_command_saves_its_rows(tmp_path, capsys):
     saved = json.loads(out.read_text())
     assert saved["rows"][0]["policy"] == "ar" and saved["rows"][0]["tokens_per_step"] <= 4
     assert "ms/step at a full batch" in capsys.readouterr().out
+
+
+def test_emulated_steps_queue_one_after_another_and_picks_wait_for_their_step():
+    import time
+
+    import torch
+
+    from optimus.bench.emulated_device import EmulatedDevice
+    from optimus.policy.elastic.latency import LatencyProfile
+
+    device = EmulatedDevice(LatencyProfile.synthetic(0.02, 64, 0.0), vocab=1000, hidden=8)
+    batch = SimpleNamespace(input_ids=torch.zeros(4, dtype=torch.long), cache_lens=torch.zeros(2))
+    t0 = time.perf_counter()
+    first_hidden = device.forward(batch)
+    first = device.last_span
+    device.forward(batch)
+    second = device.last_span
+    assert time.perf_counter() - t0 < 0.01  # enqueueing does not wait
+    assert first_hidden.shape == (4, 8)
+    assert first[1] - first[0] == pytest.approx(0.02) and second[0] == pytest.approx(first[1])  # queued behind
+    pick = device.greedy(first_hidden)
+    tokens, conf = pick.read()
+    assert time.perf_counter() >= second[1] and tokens.shape == conf.shape == (4,)
+    assert device.busy_s == pytest.approx(0.04)
+
+
+def test_overlap_bench_reports_wall_against_device_time():
+    from optimus.bench.host_time import measure_overlap
+
+    for pipeline in (0, 4):
+        row = measure_overlap("fixed:4", "sdar-8b", requests=8, prompt_len=16, output_len=32, acceptance="real-8b",
+                              pipeline_min_running=pipeline)
+        assert row["policy"] == "fixed:4" + ("+pipeline" if pipeline else "")
+        assert row["steps"] > 0 and row["device_s"] > 0
+        # the device is never busier than the wall clock that contains it
+        assert row["wall_over_device"] >= 0.99 and row["output_tok_s"] > 0

@@ -7,6 +7,12 @@ step. The outputs and the learning run after the next forward is queued (with ca
 the whole completion of the step before does), so on a GPU they hide behind it: ``critical`` is
 the rest, the host work the device waits for between two steps (with the pipeline off). The GPU
 benchmarks report the same work as ``cpu_ms_per_step`` next to real steps.
+
+``--emulate-device`` measures what the engine hides instead: each step occupies an emulated
+device for the time an 8B-shape latency curve gives (``EMULATED_8B``), queued as on a GPU, and
+each policy runs synchronously and pipelined (``--pipeline-min-running``). Reported over the
+steps where every request decodes: wall time against device busy time (``wall_over_device``,
+1.0 = the host hidden entirely) and output tok/s.
 Runs on any machine (CPU)."""
 
 from __future__ import annotations
@@ -21,14 +27,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from optimus.bench.emulated_device import EmulatedDevice
 from optimus.config import engine_config
 from optimus.core.params import SamplingParams
+from optimus.core.request import RequestState
 from optimus.decoding import regimes
 from optimus.engine.engine import Engine
 from optimus.executor.runner import GreedyPick
 from optimus.policy.elastic.latency import LatencyProfile
 
 PHASES = ("schedule", "build", "commit", "settle", "cursors", "outputs", "learning")
+# An 8B step on one H200-class card: ~11 ms flat to 256 tokens, then 40 us per token.
+EMULATED_8B = LatencyProfile.synthetic(0.011, 256, 4e-5)
 
 
 def overlapped_phases(engine: Engine) -> tuple[str, ...]:
@@ -47,9 +57,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policies", default="ar,fixed:4,fixed:32,elastic")
     p.add_argument("--acceptance", default="real-8b", help="acceptance regime or profile JSON (replayed)")
     p.add_argument("--out", default=None, help="JSON file for the results")
+    p.add_argument("--emulate-device", action="store_true",
+                   help="steps queue on an emulated 8B-shape device: wall time against device time, sync and pipelined")
+    p.add_argument("--pipeline-min-running", type=int, default=64, help="the pipelined runs' threshold")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.emulate_device:
+        return _run_emulated(args)
     rows = [measure(policy, args.shape, args.requests, args.prompt_len, args.output_len, args.acceptance)
             for policy in args.policies.split(",")]
     for r in rows:
@@ -95,10 +110,57 @@ def measure(policy: str, shape: str, requests: int, prompt_len: int, output_len:
             "full_batch_ms": {k: 1e3 * float(np.median(v)) if v else 0.0 for k, v in full.items()}}
 
 
+def _run_emulated(args: argparse.Namespace) -> int:
+    rows = []
+    for policy in args.policies.split(","):
+        for pipeline in (0, args.pipeline_min_running):
+            row = measure_overlap(policy, args.shape, args.requests, args.prompt_len, args.output_len,
+                                  args.acceptance, pipeline)
+            rows.append(row)
+            print(f"{row['policy']:<18} {row['requests']} requests: wall {row['wall_ms_per_step']:.1f} ms/step, "
+                  f"device {row['device_ms_per_step']:.1f}, wall/device {row['wall_over_device']:.3f}, "
+                  f"{row['output_tok_s']:.0f} tok/s ({row['steps']} steps)", flush=True)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"bench": "host_overlap", "shape": args.shape, "acceptance": args.acceptance,
+                                              "prompt_len": args.prompt_len, "output_len": args.output_len,
+                                              "device_profile": EMULATED_8B.to_json(), "rows": rows}, indent=1))
+        print(f"saved {args.out}")
+    return 0
+
+
+def measure_overlap(policy: str, shape: str, requests: int, prompt_len: int, output_len: int, acceptance: str,
+                    pipeline_min_running: int) -> dict:
+    """Wall and emulated device time over the steps where every request decodes (from the
+    step all of them decode until the first one finishes)."""
+    engine = _engine(policy, shape, requests, prompt_len, output_len, acceptance)
+    engine.flights.pipeline_min_running = pipeline_min_running
+    device = EmulatedDevice(EMULATED_8B, engine.tokenizer.vocab_size, engine.spec.arch.hidden_size).attach(engine)
+    rng = random.Random(0)
+    vocab = engine.tokenizer.vocab_size
+    params = SamplingParams(max_tokens=output_len, ignore_eos=True)
+    for i in range(requests):
+        engine.add_request(str(i), [rng.randrange(100, vocab - 100) for _ in range(prompt_len)], params)
+    start = None
+    while engine.has_work():
+        if start is None and sum(r.state is RequestState.DECODING for r in engine.scheduler.running) == requests:
+            start = (time.perf_counter(), device.busy_s, engine.stats.tokens_committed, engine.stats.steps)
+        outs = engine.step()
+        if start is not None and any(o.finished for o in outs):
+            break
+    end = time.perf_counter()
+    wall, busy = end - start[0], device.busy_s - start[1] - max(0.0, device.free_at - end)  # not the queued tail
+    steps = engine.stats.steps - start[3]
+    name = policy + ("+pipeline" if pipeline_min_running else "")
+    return {"policy": name, "requests": requests, "steps": steps, "wall_s": wall, "device_s": busy,
+            "wall_ms_per_step": 1e3 * wall / steps, "device_ms_per_step": 1e3 * busy / steps,
+            "wall_over_device": wall / busy, "output_tok_s": (engine.stats.tokens_committed - start[2]) / wall}
+
+
 def _engine(policy: str, shape: str, requests: int, prompt_len: int, output_len: int, acceptance: str) -> Engine:
     page = 16
     pages = requests * (-(-(prompt_len + output_len + 64) // page)) + 64
-    profile = LatencyProfile.synthetic(0.011, 256, 4e-5)  # an 8B step's shape: ~11 ms flat to 256 tokens
+    profile = EMULATED_8B  # what elastic plans with: an 8B step's shape
     path = Path(regimes.resolve(acceptance))
     profile_path = Path.home() / ".cache" / "optimus" / "host_bench_profile.json"
     profile.save(profile_path)

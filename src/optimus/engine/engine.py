@@ -7,8 +7,8 @@ itself, including which launched steps stay in flight (``flight.FlightRules``).
 
 from __future__ import annotations
 
+import functools
 import gc
-
 import logging
 import time
 from dataclasses import replace
@@ -57,6 +57,7 @@ class Engine:
         self._news: list[Request] = []  # settled or failed, not reported yet (see step)
         self._in_flight: InFlight | None = None  # launched, tokens not read yet (overlap, pipeline)
         self._last_device_time: DeviceTime | None = None  # of the latest launched step
+        self.device_timer = functools.partial(DeviceTime, self.device)  # benchmarks may emulate the device
         self.flights = FlightRules(self.spec.attention is AttentionKind.CAUSAL, config.runner.overlap,
                                    config.runner.pipeline_min_running)
 
@@ -162,7 +163,7 @@ class Engine:
         feed = None
         if previous is not None and previous.assumed:  # its tokens feed this step's first rows
             feed = previous.pick.feed(previous.wants, previous.plan)
-        device_time = DeviceTime(self.device)
+        device_time = self.device_timer()
         hidden, wants = self.runner.run(plan, feed, on_built=device_time.start)
         pick = None
         if all(self.post.is_plain_greedy(plan.works[w.work_index].request) for w in wants):

@@ -1,0 +1,86 @@
+"""An emulated accelerator for host-side benchmarks: steps queue on it and take the time a
+latency profile says, while the host runs on.
+
+``EmulatedDevice.attach(engine)`` replaces the runner's forward and greedy pick: a forward
+enqueues the step (it starts when the device finishes the step before, or now) and returns at
+once; the pick's ``read`` sleeps until the step's end (sleeping holds no interpreter lock, like
+waiting on a CUDA event); the engine's device timer reads the emulated start and end. The
+engine then overlaps host work with "device" work exactly as it would on a GPU, so a CPU can
+measure how much of the host's work a schedule hides: wall time against device busy time.
+The tokens are random, as in ``optimus bench host``.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from optimus.executor.runner import GreedyPick
+from optimus.policy.elastic.latency import LatencyProfile
+
+
+class _EmulatedPick(GreedyPick):
+    def __init__(self, tokens: torch.Tensor, conf: torch.Tensor, ready_at: float) -> None:
+        super().__init__(tokens, conf)
+        self.ready_at = ready_at
+
+    def read(self) -> tuple[torch.Tensor, torch.Tensor]:
+        wait = self.ready_at - time.perf_counter()
+        if wait > 0:
+            time.sleep(wait)
+        return super().read()
+
+
+class _EmulatedTime:
+    """The engine's ``DeviceTime`` interface over the emulated step just enqueued."""
+
+    def __init__(self, device: "EmulatedDevice") -> None:
+        self.device = device
+        self.span = (0.0, 0.0)
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        self.span = self.device.last_span
+
+    @property
+    def seconds(self) -> float:
+        return self.span[1] - self.span[0]
+
+    def gap_after(self, earlier: "_EmulatedTime") -> float | None:
+        return max(0.0, self.span[0] - earlier.span[1])
+
+
+class EmulatedDevice:
+    """Steps take ``profile.predict(tokens, requests)`` seconds, one after another."""
+
+    def __init__(self, profile: LatencyProfile, vocab: int, hidden: int, seed: int = 0) -> None:
+        self.profile, self.vocab, self.hidden = profile, vocab, hidden
+        self.gen = torch.Generator().manual_seed(seed)
+        self.free_at = 0.0  # perf_counter time the queued work ends
+        self.busy_s = 0.0  # device time enqueued so far
+        self.last_span = (0.0, 0.0)  # (start, end) of the latest step
+        self._zeros = torch.zeros(0, hidden)
+
+    def attach(self, engine) -> "EmulatedDevice":
+        engine.runner.forward, engine.runner.greedy = self.forward, self.greedy
+        engine.device_timer = lambda: _EmulatedTime(self)
+        return self
+
+    def forward(self, batch) -> torch.Tensor:
+        rows = batch.input_ids.shape[0]
+        seconds = self.profile.predict(rows, batch=max(1, batch.cache_lens.shape[0]))
+        start = max(time.perf_counter(), self.free_at)
+        self.free_at = start + seconds
+        self.busy_s += seconds
+        self.last_span = (start, self.free_at)
+        if self._zeros.shape[0] < rows:  # a view of one buffer: the stand-in costs no host time
+            self._zeros = torch.zeros(rows, self.hidden)
+        return self._zeros[:rows]
+
+    def greedy(self, hidden: torch.Tensor, rows_per_pass: int = 1024) -> GreedyPick:
+        m = hidden.shape[0]
+        return _EmulatedPick(torch.randint(100, self.vocab - 100, (m,), generator=self.gen),
+                             torch.rand(m, generator=self.gen), self.free_at)
