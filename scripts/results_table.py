@@ -212,6 +212,12 @@ def host_time(d: dict) -> list:
     return rows
 
 
+def host_overlap(d: dict) -> list:
+    return [(f"{r['policy']}, {r['requests']} requests: wall / device ms per step (wall over device), tok/s",
+             f"{r['wall_ms_per_step']:.1f} / {r['device_ms_per_step']:.1f} ({r['wall_over_device']:.3f}), "
+             f"{num(r['output_tok_s'])}") for r in d.get("rows", [])]
+
+
 def latency_fit(d: dict) -> list:
     rows = [("shape (cache per request)", f"{d.get('shape', '?')} ({d.get('context', '?')})")]
     for where, methods in d.get("summary", {}).items():
@@ -469,6 +475,10 @@ BENCHMARKS = [
      "alone; the named phases are part of it; critical = all but what runs while the device computes the step "
      "just launched (the outputs and the policy's learning; with causal overlap, the whole completion of the step "
      "before).", host_time),
+    ("host_overlap", "Host work hidden behind an emulated device",
+     "`optimus bench host --emulate-device`: SDAR-8B geometry, prompt 256, output 256, `real-8b` replayed; each step "
+     "queued on an emulated device taking the synthetic 8B curve's time (11 ms flat to 256 tokens, then 40 us a "
+     "token), synchronous and pipelined; over the steps where every request decodes.", host_overlap),
     ("latency_fit_llada2", "Step latency models at the LLaDA2.0-mini MoE shape",
      "`optimus bench latency-fit --shape llada2-mini`: the step-time surface over batch x chunk, each step predicted "
      "from the others by each latency model (tokens: straight lines in tokens and the hinge; experts: shaped by the "
