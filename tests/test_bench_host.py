@@ -58,10 +58,10 @@ def test_emulated_steps_queue_one_after_another_and_picks_wait_for_their_step():
 def test_overlap_bench_reports_wall_against_device_time():
     from optimus.bench.host_time import measure_overlap
 
-    for pipeline in (0, 4):
+    for pipeline, suffix in (("off", ""), ("4", "+pipeline"), ("auto", "+auto")):
         row = measure_overlap("fixed:4", "sdar-8b", requests=8, prompt_len=16, output_len=32, acceptance="real-8b",
-                              pipeline_min_running=pipeline)
-        assert row["policy"] == "fixed:4" + ("+pipeline" if pipeline else "")
+                              pipeline=pipeline)
+        assert row["policy"] == "fixed:4" + suffix
         assert row["steps"] > 0 and row["device_s"] > 0
         # the device is never busier than the wall clock that contains it
         assert row["wall_over_device"] >= 0.99 and row["output_tok_s"] > 0

@@ -1,9 +1,10 @@
-"""Pipelined diffusion decoding (``runner.pipeline_min_running``): with many requests running,
+"""Pipelined diffusion decoding (``runner.pipeline``): with many requests running,
 each step takes about half of them and stays in flight while the next step, over the other
 half, is launched. Token for token it must equal the unpipelined engine, and no request may
 sit in two steps at once (neither planned nor preempted while its step is in flight)."""
 
 import random
+from types import SimpleNamespace
 
 import pytest
 
@@ -31,7 +32,7 @@ def _prompts(n: int, seed: int = 0) -> list[list[int]]:
 
 
 def _run(loaded, least: int, prompts, params, policy="fixed:4", watch=None):
-    llm = LLM(loaded=loaded, policy=policy, pipeline_min_running=least, **OPTIONS)
+    llm = LLM(loaded=loaded, policy=policy, pipeline=str(least or 'off'), **OPTIONS)
     engine = llm.engine
     for i, (prompt, p) in enumerate(zip(prompts, params)):
         engine.add_request(str(i), prompt, p)
@@ -71,7 +72,7 @@ def test_steps_take_turns_in_halves_and_never_share_a_request(loaded):
     prompts = _prompts(8, seed=2)
     params = [SamplingParams(max_tokens=16, ignore_eos=True)] * 8
     plans = []
-    llm = LLM(loaded=loaded, policy="fixed:2", pipeline_min_running=4, **OPTIONS)
+    llm = LLM(loaded=loaded, policy="fixed:2", pipeline="4", **OPTIONS)
     engine = llm.engine
     schedule = engine.scheduler.schedule
 
@@ -103,7 +104,7 @@ def test_an_abort_while_its_half_is_in_flight_leaves_the_others_exact(loaded):
     params = SamplingParams(max_tokens=12, ignore_eos=True)
     results = {}
     for least in (0, 2):
-        engine = LLM(loaded=loaded, policy="fixed:4", pipeline_min_running=least, **OPTIONS).engine
+        engine = LLM(loaded=loaded, policy="fixed:4", pipeline=str(least or 'off'), **OPTIONS).engine
         for i, prompt in enumerate(prompts):
             engine.add_request(str(i), prompt, params)
         done, steps = {}, 0
@@ -169,3 +170,76 @@ def test_preemption_under_a_pipeline_never_takes_a_request_in_flight():
     assert all(r.state is RequestState.FINISHED for r in reqs)
     assert sum(r.stats.preemptions for r in reqs) > 0  # memory really was short
     assert alloc.used_pages == 0
+
+
+# ---- when to pipeline: the rules ---------------------------------------------------------
+
+def _flight(decoders: int, tokens_each: int, overhead: float):
+    works = [SimpleNamespace(window=(0, 1), start=0, end=tokens_each) for _ in range(decoders)]
+    plan = SimpleNamespace(works=works, num_tokens=decoders * tokens_each)
+    return SimpleNamespace(plan=plan, overhead=overhead, pick=object())
+
+
+def _flat_curve(tokens: float, requests: int) -> float:
+    """An 8B-like device: 11 ms flat to 256 tokens, 40 us a token above."""
+    return 0.011 + 4e-5 * max(0.0, tokens - 256)
+
+
+def test_auto_pipelines_only_where_half_steps_are_cheaper_than_whole_ones():
+    from optimus.engine.flight import PipelineWhenItPays
+
+    rule = PipelineWhenItPays(_flat_curve)
+    for _ in range(rule.min_steps):
+        assert not rule.pipelines(256)  # too little seen yet: run whole steps and measure the host
+        rule.observe(_flight(256, 2, overhead=0.009), 0.009, 256)  # 2 rows a request, 9 ms of host time
+    # 256 requests: whole 21.2 + 9 ms; halves 2 x 11 ms (each 256 rows), the host hidden
+    assert rule.pipelines(256)
+    # 64 requests: whole 11 + 2.25 ms; halves 2 x 11 ms on a flat curve: no
+    assert not rule.pipelines(64)
+    # only whole steps teach it: a half step's gap is not host work
+    before = (rule.tokens_per_request, rule.host_per_request)
+    rule.observe(_flight(128, 9, overhead=0.0), None, 256)
+    # nor do steps where few of the running requests decode (elastic widens their chunks)
+    rule.observe(_flight(40, 33, overhead=0.001), 0.001, 256)
+    assert (rule.tokens_per_request, rule.host_per_request) == before
+    # a prompt's prefill piece in a step is not decoding work per request
+    with_prefill = _flight(256, 2, overhead=0.009)
+    with_prefill.plan.works.append(SimpleNamespace(window=None, start=0, end=4096))
+    rule.observe(with_prefill, 0.009, 256)
+    assert rule.tokens_per_request == pytest.approx(2.0)
+
+
+def test_auto_keeps_whole_steps_when_the_host_is_cheap():
+    from optimus.engine.flight import PipelineWhenItPays
+
+    rule = PipelineWhenItPays(_flat_curve)
+    for _ in range(rule.min_steps):
+        rule.observe(_flight(256, 2, overhead=0.0005), 0.0005, 256)
+    assert not rule.pipelines(256)  # 2 x 11 ms is more than 21.2 + 0.5 ms
+
+
+@pytest.mark.parametrize("text,kind", [("off", "NeverPipeline"), ("auto", "PipelineWhenItPays"),
+                                       ("16", "PipelineFrom")])
+def test_pipeline_option_names_a_rule(text, kind):
+    from optimus.engine.flight import pipeline_rule
+
+    assert type(pipeline_rule(text, _flat_curve)).__name__ == kind
+
+
+@pytest.mark.parametrize("text", ["0", "-3", "sometimes", ""])
+def test_a_bad_pipeline_option_is_refused_by_name(text):
+    from optimus.engine.flight import pipeline_rule
+
+    with pytest.raises(ValueError, match="pipeline"):
+        pipeline_rule(text, _flat_curve)
+
+
+def test_an_auto_pipelined_engine_decodes_as_the_unpipelined_one(loaded):
+    """On this CPU the forward runs inside the launch, so auto may or may not pipeline: either
+    way the tokens are the unpipelined engine's."""
+    prompts = _prompts(6, seed=4)
+    params = [SamplingParams(max_tokens=10, ignore_eos=True)] * 6
+    llm = LLM(loaded=loaded, policy="fixed:4", pipeline="auto", **OPTIONS)
+    assert type(llm.engine.flights.pipeline).__name__ == "PipelineWhenItPays"
+    assert _run(loaded, 0, prompts, params) == [
+        (o.token_ids, o.finish_reason) for o in llm.generate(prompts, params[0])]

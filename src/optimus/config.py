@@ -64,10 +64,10 @@ class RunnerConfig:
     attention_backend: str = _opt("auto", "auto | torch | triton")
     overlap: bool = _opt(True, "causal greedy decoding: launch each step before reading the previous "
                                "step's tokens (they feed it on the device), hiding host work behind the GPU")
-    pipeline_min_running: int = _opt(0, "diffusion greedy decoding on a GPU: from this many running requests on, they "
-                                        "take turns in two halves, each half's step launched before the other half's "
-                                        "is read, so planning and commits hide behind the GPU (0 = never; a CPU gains "
-                                        "nothing: its forward runs on the host)")
+    pipeline: str = _opt("off", "diffusion greedy decoding on a GPU: running requests take turns in two halves, "
+                                "each half's step launched before the other half's is read, so planning and "
+                                "commits hide behind the GPU. off | auto (when the device's latency curve says two "
+                                "half steps beat a whole step plus the host's time) | N (from N running requests on)")
     graph_precapture: bool = _opt(False, "capture the CUDA graph of every decoding bucket at start-up (~10 s "
                                          "more at 8B and a cold Triton cache's compiles) instead of on first "
                                          "use, so no step stalls on a capture while serving or timing")

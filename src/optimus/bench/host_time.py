@@ -10,7 +10,8 @@ benchmarks report the same work as ``cpu_ms_per_step`` next to real steps.
 
 ``--emulate-device`` measures what the engine hides instead: each step occupies an emulated
 device for the time an 8B-shape latency curve gives (``EMULATED_8B``), queued as on a GPU, and
-each policy runs synchronously and pipelined (``--pipeline-min-running``). Reported over the
+each policy runs synchronously, pipelined from ``--pipeline-min-running`` requests on, and with
+``--pipeline auto`` (halves when the curve says they pay). Reported over the
 steps where every request decodes: wall time against device busy time (``wall_over_device``,
 1.0 = the host hidden entirely) and output tok/s.
 Runs on any machine (CPU)."""
@@ -33,6 +34,7 @@ from optimus.core.params import SamplingParams
 from optimus.core.request import RequestState
 from optimus.decoding import regimes
 from optimus.engine.engine import Engine
+from optimus.engine.flight import pipeline_rule
 from optimus.executor.runner import GreedyPick
 from optimus.policy.elastic.latency import LatencyProfile
 
@@ -113,7 +115,7 @@ def measure(policy: str, shape: str, requests: int, prompt_len: int, output_len:
 def _run_emulated(args: argparse.Namespace) -> int:
     rows = []
     for policy in args.policies.split(","):
-        for pipeline in (0, args.pipeline_min_running):
+        for pipeline in ("off", str(args.pipeline_min_running), "auto"):
             row = measure_overlap(policy, args.shape, args.requests, args.prompt_len, args.output_len,
                                   args.acceptance, pipeline)
             rows.append(row)
@@ -130,11 +132,11 @@ def _run_emulated(args: argparse.Namespace) -> int:
 
 
 def measure_overlap(policy: str, shape: str, requests: int, prompt_len: int, output_len: int, acceptance: str,
-                    pipeline_min_running: int) -> dict:
+                    pipeline: str) -> dict:
     """Wall and emulated device time over the steps where every request decodes (from the
-    step all of them decode until the first one finishes)."""
+    step all of them decode until the first one finishes). ``pipeline``: off | N | auto."""
     engine = _engine(policy, shape, requests, prompt_len, output_len, acceptance)
-    engine.flights.pipeline_min_running = pipeline_min_running
+    engine.flights.pipeline = pipeline_rule(pipeline, lambda tokens, batch: EMULATED_8B.predict(tokens, batch))
     device = EmulatedDevice(EMULATED_8B, engine.tokenizer.vocab_size, engine.spec.arch.hidden_size).attach(engine)
     rng = random.Random(0)
     vocab = engine.tokenizer.vocab_size
@@ -151,7 +153,7 @@ def measure_overlap(policy: str, shape: str, requests: int, prompt_len: int, out
     end = time.perf_counter()
     wall, busy = end - start[0], device.busy_s - start[1] - max(0.0, device.free_at - end)  # not the queued tail
     steps = engine.stats.steps - start[3]
-    name = policy + ("+pipeline" if pipeline_min_running else "")
+    name = policy + {"off": "", "auto": "+auto"}.get(pipeline, "+pipeline")
     return {"policy": name, "requests": requests, "steps": steps, "wall_s": wall, "device_s": busy,
             "wall_ms_per_step": 1e3 * wall / steps, "device_ms_per_step": 1e3 * busy / steps,
             "wall_over_device": wall / busy, "output_tok_s": (engine.stats.tokens_committed - start[2]) / wall}

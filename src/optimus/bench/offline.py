@@ -25,6 +25,7 @@ import torch
 from optimus.bench.shapes import SHAPES, random_model
 from optimus.decoding import regimes
 from optimus.decoding.replay import Acceptance, ReplayAcceptance, load_acceptance
+from optimus.engine.flight import pipeline_rule
 from optimus.engine.llm import LLM
 from optimus.core.params import SamplingParams
 
@@ -198,7 +199,9 @@ def run_ar(target: Target, shape: str, batches, prompt_len=256, gen_len=256) -> 
     return rows
 
 
-PIPELINED = "+pipeline"  # a sweep policy name ending so runs pipelined at every load (engine.flights)
+# A sweep policy name ending so runs pipelined (engine.flights): at every load, or where the
+# device's latency curve says halves pay (runner.pipeline "auto").
+PIPELINED, AUTO_PIPELINED = "+pipeline", "+auto"
 
 
 def run_sweep(target: Target, shape: str, policies, concurrencies, acceptance: Acceptance, prompt_len=256,
@@ -213,14 +216,15 @@ def run_sweep(target: Target, shape: str, policies, concurrencies, acceptance: A
     params = SamplingParams(max_tokens=gen_len, ignore_eos=True)
     llm = target.llm(shape, "fixed:32", commit_rule=ReplayAcceptance(acceptance), max_running=max(concurrencies),
                      block_size=32, profile_path=profile_path, acceptance_profile=acceptance_path)
-    controllers = {name: _policy(llm, name.removesuffix(PIPELINED)) for name in policies}
+    controllers = {name: _policy(llm, name.removesuffix(PIPELINED).removesuffix(AUTO_PIPELINED)) for name in policies}
+    rules = {name: _pipeline_rule(llm, name) for name in policies}  # each keeps what it learned
     rows = []
     for n in concurrencies:
         runs: dict[str, list[dict]] = {name: [] for name in policies}
         for i in range(max(repeats, 1)):
             for name, policy in controllers.items():
                 llm.engine.use_policy(policy)
-                llm.engine.flights.pipeline_min_running = 2 if name.endswith(PIPELINED) else 0
+                llm.engine.flights.pipeline = rules[name]
                 runs[name].append(timed_generate(llm, n, prompt_len, gen_len, params, full_warmup=True,
                                                  warmup=i == 0, seed=i))
         for name in policies:
@@ -237,6 +241,16 @@ def run_sweep(target: Target, shape: str, policies, concurrencies, acceptance: A
     del llm, controllers
     target.free_memory()
     return rows
+
+
+def _pipeline_rule(llm: LLM, name: str):
+    if name.endswith(PIPELINED):
+        return pipeline_rule("2")
+    if name.endswith(AUTO_PIPELINED):
+        from optimus.policy.elastic.setup import load_or_profile
+        profile = load_or_profile(llm.engine)
+        return pipeline_rule("auto", lambda tokens, requests: profile.predict(tokens, requests))
+    return pipeline_rule("off")
 
 
 def _policy(llm: LLM, name: str):
@@ -295,7 +309,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--concurrency", default="1,8,32,128,256")
     p.add_argument("--policies", default="ar,fixed:4,fixed:8,fixed:16,fixed:32,fixed:64,elastic",
                    help="comma list of ar, fixed:C, elastic, elastic-shared (elastic on one shared tau curve); "
-                        "NAME+pipeline runs NAME with the running requests in two pipelined halves")
+                        "NAME+pipeline runs NAME with the running requests in two pipelined halves, NAME+auto pipelined "
+                        "where the device's latency curve says halves pay")
     p.add_argument("--acceptance", default=None,
                    help="acceptance regime the sweep replays: tasks, prose, smollm2-prose, real-8b (decoding/regimes.py), or a "
                         "profile JSON (optimus bench acceptance)")

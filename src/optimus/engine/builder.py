@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from optimus.config import EngineConfig
 from optimus.decoding.rules import CommitRule, commit_rule_for
 from optimus.executor.kv_storage import KVCacheStorage, capacity_in_pages
+from optimus.engine.flight import PipelineRule, pipeline_rule
 from optimus.executor.runner import ModelRunner
 from optimus.models.loader import LoadedModel, resolve_device
 from optimus.models.spec import AttentionKind, ModelSpec
@@ -37,6 +38,7 @@ class EngineParts:
     runner: ModelRunner
     policy: ChunkPolicy
     scheduler: Scheduler
+    pipeline: PipelineRule  # when diffusion steps run in two halves (engine.flight)
     parallel: object | None = None  # parallel.launch.TensorParallel (its workers) when sharded
 
     @property
@@ -84,10 +86,12 @@ def build_parts(config: EngineConfig, loaded: LoadedModel | None = None,
                                            scheme.cache_only)
     runner = ModelRunner(loaded.model, storage, cache.page_size, device, config.runner.attention_backend, graphs,
                          cache_only=scheme.cache_only)
-    policy = build_policy(config, _Hardware(config, loaded, device, allocator, runner, block_size))
+    hardware = _Hardware(config, loaded, device, allocator, runner, block_size)
+    policy = build_policy(config, hardware)
     scheduler = Scheduler(config.scheduler, allocator, policy, spec.attention, scheme)
     return EngineParts(config, loaded, device, block_size, commit_rule or commit_rule_for(config),
-                       allocator, storage, runner, policy, scheduler, parallel)
+                       allocator, storage, runner, policy, scheduler, build_pipeline(config, policy, hardware),
+                       parallel)
 
 
 def _storage(config: EngineConfig, model, device: torch.device) -> KVCacheStorage:
@@ -127,6 +131,19 @@ def build_policy(config: EngineConfig, hardware) -> ChunkPolicy:
         return make_policy(config.scheduler.policy)
     from optimus.policy.elastic.setup import elastic_kwargs
     return make_policy(config.scheduler.policy, **elastic_kwargs(hardware))
+
+
+def build_pipeline(config: EngineConfig, policy: ChunkPolicy, hardware) -> PipelineRule:
+    """``runner.pipeline``; ``auto`` predicts with the elastic policy's latency curve, or the
+    device's saved one (measured on first start, as elastic's)."""
+    text = config.runner.pipeline
+    if text != "auto":
+        return pipeline_rule(text)
+    profile = getattr(policy, "profile", None)
+    if profile is None:
+        from optimus.policy.elastic.setup import load_or_profile
+        profile = load_or_profile(hardware)
+    return pipeline_rule(text, lambda tokens, requests: profile.predict(tokens, requests))
 
 
 def _graphs(config: EngineConfig, spec: ModelSpec, model, storage: KVCacheStorage, device: torch.device,

@@ -58,8 +58,7 @@ class Engine:
         self._in_flight: InFlight | None = None  # launched, tokens not read yet (overlap, pipeline)
         self._last_device_time: DeviceTime | None = None  # of the latest launched step
         self.device_timer = functools.partial(DeviceTime, self.device)  # benchmarks may emulate the device
-        self.flights = FlightRules(self.spec.attention is AttentionKind.CAUSAL, config.runner.overlap,
-                                   config.runner.pipeline_min_running)
+        self.flights = FlightRules(self.spec.attention is AttentionKind.CAUSAL, config.runner.overlap, parts.pipeline)
 
     # ---- requests --------------------------------------------------------------------
     def check_request(self, prompt_ids: list[int], params: SamplingParams) -> Geometry:
@@ -145,7 +144,7 @@ class Engine:
         if previous is not None:
             self._complete(previous)
             outputs += self._report()
-        keep = self.flights.keep(flight, len(self.scheduler.running))
+        keep = self.flights.keep(flight, len(self.scheduler.running), self.runner.last_build_s + self.post.host_commit_s)
         if keep is None:
             self._complete(flight)  # its news goes out after the next launch
         else:

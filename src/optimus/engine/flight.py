@@ -1,16 +1,18 @@
 """Steps in flight: a launched step the host reads only after launching the next one.
 
 ``FlightRules`` decides which launched steps stay in flight (docs/architecture.md, "Launch and
-completion"): a causal greedy step with its commits assumed (overlap), or, with many requests
-running, a diffusion greedy step over about half of them while the next step runs the other
-half (pipeline). ``InFlight`` is such a step; ``DeviceTime`` times it on the device.
+completion"): a causal greedy step with its commits assumed (overlap), or a diffusion greedy
+step over about half of the running requests while the next step runs the other half (pipeline),
+when its ``PipelineRule`` says so: never, from N running requests on, or when the device's
+latency curve says two half steps beat one whole step and the host's time between steps.
+``InFlight`` is such a step; ``DeviceTime`` times it on the device.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Literal, Protocol
 
 import torch
 
@@ -106,28 +108,124 @@ class InFlight:
         return host_overhead if gap is None else (gap if gap < MAX_STEP_GAP_S else 0.0)
 
 
+class PipelineRule(Protocol):
+    def pipelines(self, running: int) -> bool:
+        """Whether the next steps should run the requests in two halves."""
+        ...
+
+    def observe(self, flight: InFlight, host_s: float | None, running: int) -> None:
+        """A launched diffusion step, with the host's time before it when the steps before ran
+        one at a time (None while pipelining: the host's work then hides), and the requests
+        running."""
+        ...
+
+
+class NeverPipeline:
+    def pipelines(self, running: int) -> bool:
+        return False
+
+    def observe(self, flight: InFlight, host_s: float | None, running: int) -> None:
+        pass
+
+
+@dataclass
+class PipelineFrom:
+    """From ``min_running`` running requests on (benchmarks and sweeps set it)."""
+
+    min_running: int
+
+    def pipelines(self, running: int) -> bool:
+        return 0 < self.min_running <= running
+
+    def observe(self, flight: InFlight, host_s: float | None, running: int) -> None:
+        pass
+
+
+@dataclass
+class PipelineWhenItPays:
+    """Two half steps (the host's work on one hidden behind the device's on the other, or
+    the whole host's work if that is longer) against one whole step plus the host's critical
+    time, predicted from ``step_seconds(tokens, requests)`` (the device's latency curve) and the
+    decoding rows and host time per decoding request seen so far. Half steps pay where a step's time grows with
+    its tokens; where the curve is flat they cost as much as whole ones and the rule keeps off."""
+
+    step_seconds: Callable[[float, int], float]
+    min_running: int = 16  # below this a step's host work is small anyway
+    margin: float = 0.05  # halves must be predicted this much faster (no flapping at the boundary)
+    rate: float = 0.1  # of the moving averages
+    min_steps: int = 8  # whole steps seen before the first decision
+    tokens_per_request: float | None = None
+    host_per_request: float | None = None  # seconds of host critical time per decoding request
+    steps_seen: int = 0
+
+    def pipelines(self, running: int) -> bool:
+        if running < self.min_running or self.steps_seen < self.min_steps or self.host_per_request is None:
+            return False
+        n, host = running * self.tokens_per_request, running * self.host_per_request
+        whole = self.step_seconds(n, running) + host
+        halves = max(2 * self.step_seconds(n / 2, max(1, running // 2)), host)
+        return halves < (1 - self.margin) * whole
+
+    def observe(self, flight: InFlight, host_s: float | None, running: int) -> None:
+        """Learns from whole steps with most running requests decoding: a half step's gap is not
+        host work, and a policy may size chunks by load (elastic widens them when few requests
+        decode, as while prompts are still prefilling), which would make whole steps at full load
+        look larger than they are."""
+        decoding = [w for w in flight.plan.works if w.window is not None]  # prompts' prefill pieces aside
+        if host_s is None or len(decoding) < 0.75 * running:
+            return
+        self.steps_seen += 1
+        decoders = len(decoding)
+        self.tokens_per_request = self._average(self.tokens_per_request,
+                                                sum(w.end - w.start for w in decoding) / decoders)
+        if host_s > 0:
+            self.host_per_request = self._average(self.host_per_request, host_s / decoders)
+
+    def _average(self, old: float | None, new: float) -> float:
+        return new if old is None else old + self.rate * (new - old)
+
+
+def pipeline_rule(text: str, step_seconds: Callable[[float, int], float] | None = None) -> PipelineRule:
+    """``runner.pipeline``: off | auto (needs the latency curve) | N (from N running requests on)."""
+    if text == "off":
+        return NeverPipeline()
+    if text == "auto":
+        if step_seconds is None:
+            raise ValueError("pipeline: auto needs the device's latency curve")
+        return PipelineWhenItPays(step_seconds)
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"pipeline: expected off, auto or a number of running requests >= 1, got {text!r}")
+    return PipelineFrom(int(text))
+
+
 @dataclass
 class FlightRules:
-    """Which launched steps stay in flight. Benchmarks change ``pipeline_min_running``
-    between runs to compare the pipeline on and off on one engine."""
+    """Which launched steps stay in flight. Benchmarks swap ``pipeline`` between runs to
+    compare rules on one engine."""
 
     causal: bool  # the model predicts one position per step (its commits can be assumed)
     overlap: bool  # runner.overlap: keep causal greedy steps in flight
-    pipeline_min_running: int  # runner.pipeline_min_running: halves of diffusion steps (0 = never)
+    pipeline: PipelineRule  # runner.pipeline: when diffusion steps run in halves
+    _pipelining: bool = False  # the latest launched step stayed in flight as a half
 
-    def keep(self, flight: InFlight, running: int) -> Literal["assume", "pipeline"] | None:
+    def keep(self, flight: InFlight, running: int, host_extra_s: float = 0.0) -> Literal["assume", "pipeline"] | None:
         """'assume' (overlap), 'pipeline', or None: complete it now. Only all-greedy steps
-        (picked on the device at launch) can wait."""
-        if flight.pick is None:
-            return None
-        if self.causal:
-            return "assume" if self.overlap else None
-        return "pipeline" if self.pipelines(running) else None
+        (picked on the device at launch) can wait. ``host_extra_s``: the host's work around
+        the device's besides the gap before this launch (this batch's build, the last commit):
+        with the gap, the host's critical time when steps run one at a time."""
+        if not self.causal:
+            self.pipeline.observe(flight, None if self._pipelining else flight.overhead + host_extra_s, running)
+        decision = None
+        if flight.pick is not None:
+            if self.causal:
+                decision = "assume" if self.overlap else None
+            elif self.pipelines(running):
+                decision = "pipeline"
+        self._pipelining = decision == "pipeline"
+        return decision
 
     def pipelines(self, running: int) -> bool:
-        """Enough requests run for the host's work on one half to matter beside the GPU's
-        work on the other."""
-        return not self.causal and 0 < self.pipeline_min_running <= running
+        return not self.causal and self.pipeline.pipelines(running)
 
     def decoder_cap(self, running) -> int | None:
         """Most decoding requests the next step plans: half of them while pipelining."""

@@ -60,8 +60,8 @@ def main(out_path: str) -> int:
         with toggles.override(pdl=False):  # the same graphs with every kernel launched the ordinary way
             no_pdl = run(cuda_graphs=True, graph_precapture=True, attention_backend="triton")
         sync = run(cuda_graphs=True, graph_precapture=True, attention_backend="triton", overlap=False,
-                   pipeline_min_running=0)
-        halves = run(cuda_graphs=True, graph_precapture=True, attention_backend="triton", pipeline_min_running=2)
+                   pipeline="off")
+        halves = run(cuda_graphs=True, graph_precapture=True, attention_backend="triton", pipeline="2")
         checks = {"overlap_equals_sync": pre == sync, "pipeline_equals_sync": halves == sync, "triton_equals_torch": ref == tri, "graph_equals_torch": ref == gra,
                   "precaptured_graph_equals_torch": ref == pre, "pdl_equals_no_pdl": pre == no_pdl}
         ok &= all(checks.values())
