@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from optimus.kernels._skinny_linear_triton import load_k_tiles
 from optimus.kernels.pdl import launch_options, wait_and_release
 
 
@@ -71,13 +72,7 @@ def _fp8_linear_kernel(X, W, S, B, Y, M, N, K, stride_xm, stride_wn, stride_ym, 
     s_ptrs = S + (rn // SCALE_BN) * stride_sn if SCALE_BK else S + rn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        if EVEN_K:
-            x = tl.load(x_ptrs, mask=m_ok[:, None], other=0.0)
-            w = tl.load(w_ptrs, mask=n_ok[:, None], other=0.0)
-        else:
-            k_ok = (k0 + rk) < K
-            x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        x, w = load_k_tiles(x_ptrs, w_ptrs, m_ok, n_ok, k0 + rk, K, EVEN_K)
         w = tl.trans(w.to(X.dtype.element_ty))
         if SCALE_BK:
             part = tl.dot(x, w, input_precision=PRECISION)

@@ -36,6 +36,20 @@ def default_config(n: int, k: int) -> SkinnyConfig:
 
 
 @triton.jit
+def load_k_tiles(x_ptrs, w_ptrs, m_ok, n_ok, k, K, EVEN_K: tl.constexpr):
+    """One K tile of X [BLOCK_M, BLOCK_K] and of W [BLOCK_N, BLOCK_K] (rows past M or N and
+    columns ``k`` past K read as 0; EVEN_K: K is a multiple of the tile, no column mask)."""
+    if EVEN_K:
+        x = tl.load(x_ptrs, mask=m_ok[:, None], other=0.0)
+        w = tl.load(w_ptrs, mask=n_ok[:, None], other=0.0)
+    else:
+        k_ok = k < K
+        x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+    return x, w
+
+
+@triton.jit
 def _skinny_linear_kernel(X, W, B, Y, M, N, K, stride_xm, stride_wn, stride_ym,
                           HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -52,13 +66,7 @@ def _skinny_linear_kernel(X, W, B, Y, M, N, K, stride_xm, stride_wn, stride_ym,
     w_ptrs = W + rn[:, None].to(tl.int64) * stride_wn + rk[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        if EVEN_K:
-            x = tl.load(x_ptrs, mask=m_ok[:, None], other=0.0)
-            w = tl.load(w_ptrs, mask=n_ok[:, None], other=0.0)
-        else:
-            k_ok = (k0 + rk) < K
-            x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        x, w = load_k_tiles(x_ptrs, w_ptrs, m_ok, n_ok, k0 + rk, K, EVEN_K)
         acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
