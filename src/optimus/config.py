@@ -72,6 +72,15 @@ class RunnerConfig:
                                          "more at 8B and a cold Triton cache's compiles) instead of on first "
                                          "use, so no step stalls on a capture while serving or timing")
 
+    def __post_init__(self) -> None:
+        check_pipeline(self.pipeline)
+
+
+def check_pipeline(text: str) -> None:
+    """``runner.pipeline``: off, auto, or a number of running requests >= 1."""
+    if text not in ("off", "auto") and not (text.isdigit() and int(text) >= 1):
+        raise ValueError(f"pipeline: expected off, auto or a number of running requests >= 1, got {text!r}")
+
 
 @dataclass(frozen=True)
 class ParallelConfig:

@@ -16,6 +16,7 @@ from typing import Callable, Literal, Protocol
 
 import torch
 
+from optimus.config import check_pipeline
 from optimus.core.plan import StepPlan
 from optimus.core.request import RequestState
 from optimus.executor.runner import GreedyPick, LogitRequest
@@ -193,8 +194,7 @@ def pipeline_rule(text: str, step_seconds: Callable[[float, int], float] | None 
         if step_seconds is None:
             raise ValueError("pipeline: auto needs the device's latency curve")
         return PipelineWhenItPays(step_seconds)
-    if not text.isdigit() or int(text) < 1:
-        raise ValueError(f"pipeline: expected off, auto or a number of running requests >= 1, got {text!r}")
+    check_pipeline(text)
     return PipelineFrom(int(text))
 
 
