@@ -33,7 +33,6 @@ from safetensors import safe_open
 from torch import nn
 
 from optimus.kernels.fp8_linear import Fp8Weight, fp8_linear
-
 from optimus.models.errors import LoadError, UnsupportedFormatError
 
 E4M3_MAX = 448.0
