@@ -120,3 +120,18 @@ def test_an_fp8_linear_module_is_its_rounded_linear():
     w = dequantize(*quantize_rows(lin.weight.detach()))
     assert torch.equal(q(x), torch.nn.functional.linear(x, w, lin.bias))
     assert q.operand.data.dtype == torch.float8_e4m3fn and q.operand.scale.shape == (12,)
+
+
+def test_an_fp8_model_keeps_its_own_latency_profile(tmp_path):
+    """Its steps cost differently from the same model's in the load dtype: a shared cached
+    profile would be re-measured by each in turn."""
+    from types import SimpleNamespace
+
+    from optimus.policy.elastic.setup import model_id
+
+    root = make_tiny_checkpoint(tmp_path / "m", "sdar")
+    ids = []
+    for quantization in (None, "fp8"):
+        loaded = load_model(root, dtype="float32", device="cpu", progress=False, quantization=quantization)
+        ids.append(model_id(SimpleNamespace(loaded=loaded, spec=loaded.spec)))
+    assert ids[1] == ids[0] + "-fp8"

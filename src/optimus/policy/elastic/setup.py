@@ -25,9 +25,12 @@ def device_name(device: torch.device) -> str:
 
 
 def model_id(engine) -> str:
+    """Family, name and dtype, and ``-fp8`` when projections are kept in FP8 (their steps cost
+    differently: each keeps its own profile)."""
     path = Path(str(getattr(engine.loaded, "path", engine.spec.family)))
-    dtype = next(engine.loaded.model.parameters()).dtype
-    return f"{engine.spec.family}-{path.name}-{str(dtype).removeprefix('torch.')}"
+    params = list(engine.loaded.model.parameters())
+    fp8 = "-fp8" if any(p.dtype == torch.float8_e4m3fn for p in params) else ""
+    return f"{engine.spec.family}-{path.name}-{str(params[0].dtype).removeprefix('torch.')}{fp8}"
 
 
 BRIEF_CONTEXT = 64  # cached positions per request in the steps a start-up profile measures
