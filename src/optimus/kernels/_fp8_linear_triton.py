@@ -33,14 +33,16 @@ class Fp8Config:
     group_m: int = 8
 
 
-def default_config(m: int, n: int) -> Fp8Config:
-    """Weight streaming (<= 16 rows: the bf16 skinny kernel's tiles, docs/gpu.md) or a
-    tensor-core tile for larger steps (not tuned on a GPU yet: see docs/gpu.md)."""
+def default_config(m: int, n: int, k: int) -> Fp8Config:
+    """Tiles from the H200 sweep of the 8B projections (fp8_micro --sweep, docs/gpu.md):
+    weight streaming up to 16 rows (32 columns a program, 256 bytes of K a load, 512 when K is
+    long), and a 128 x 128 tensor-core tile above 64 rows (within 4% of each shape's best at
+    1,024 rows). Between them a guess, not swept."""
     if m <= 16:
-        return Fp8Config(16, 16 if n <= 8192 else 32, 256, 4, 4)
+        return Fp8Config(16, 32, 512 if k >= 8192 else 256, 3, 4)
     if m <= 64:
         return Fp8Config(64, 64, 128, 4, 4)
-    return Fp8Config(128, 128, 64, 3, 8)
+    return Fp8Config(128, 128, 64, 4, 8)
 
 
 @triton.jit
@@ -95,7 +97,7 @@ def fp8_linear_triton(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
     [ceil(N/bn), ceil(K/bk)] contiguous per ``block`` (bn, bk); bias [N] -> [M, N]."""
     m, k = x.shape
     n = weight.shape[0]
-    cfg = config or default_config(m, n)
+    cfg = config or default_config(m, n, k)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return y

@@ -30,7 +30,7 @@ SHAPES = [("llama qkv", 6144, 4096), ("llama o", 4096, 4096), ("llama gate_up", 
           ("llama down", 4096, 14336), ("llada qkv", 12288, 4096), ("llada gate_up", 24576, 4096),
           ("llada down", 4096, 12288)]
 SWEEP_SMALL = [Fp8Config(16, bn, bk, st, nw) for bn, bk, st, nw in
-               itertools.product((16, 32, 64), (128, 256, 512), (3, 4, 6), (4, 8))]
+               itertools.product((16, 32, 64), (256, 512, 1024), (3, 4, 6), (4, 8))]
 SWEEP_LARGE = [Fp8Config(bm, bn, bk, st, nw) for bm, bn, bk, st, nw in
                itertools.product((64, 128), (64, 128, 256), (64, 128), (3, 4), (4, 8))]
 
@@ -40,11 +40,12 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--rows", default="1,4,16,64,256,1024")
+    ap.add_argument("--shapes", default=",".join(name for name, _, _ in SHAPES), help="which of SHAPES")
     args = ap.parse_args()
     dev = torch.device("cuda")
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
               "cases": [], "sweep": []}
-    for name, n, k in SHAPES:
+    for name, n, k in [s for s in SHAPES if s[0] in args.shapes.split(",")]:
         w = torch.randn(n, k, device=dev) / k ** 0.5
         q, scale = quantize_rows(w)
         scale = scale.reshape(-1).contiguous()
@@ -60,7 +61,7 @@ def main() -> None:
                    "fp8_max_rel_err": ((got.float() - exact).abs().max() / exact.abs().max()).item(),
                    "fp8_us": time_us(lambda: fp8_linear_triton(x, q, scale, None)),
                    "cublas_bf16_us": time_us(lambda: F.linear(x, w16)),
-                   "default_config": default_config(m, n).__dict__}
+                   "default_config": default_config(m, n, k).__dict__}
             if m <= 16:
                 row["skinny_bf16_us"] = time_us(lambda: skinny_linear_triton(x, w16, None))
             if m in best:
@@ -84,14 +85,15 @@ def _sweep(name: str, q: torch.Tensor, scale: torch.Tensor, k: int, result: dict
         x = torch.randn(m, k, device=q.device, dtype=torch.bfloat16)
         for cfg in grid:
             try:
-                us = time_us(lambda: fp8_linear_triton(x, q, scale, None, cfg))
+                us = time_us(lambda: fp8_linear_triton(x, q, scale, None, config=cfg))
             except Exception as exc:  # out of shared memory / registers for this tile
                 print(f"  {name} rows {m} {cfg}: {type(exc).__name__}")
                 continue
             result["sweep"].append({"shape": name, "rows": m, "config": cfg.__dict__, "us": us})
             if m not in best or us < best[m][1]:
                 best[m] = (cfg, us)
-        print(f"{name} rows {m}: best {best[m][0]} {best[m][1]:.1f} us", flush=True)
+        if m in best:
+            print(f"{name} rows {m}: best {best[m][0]} {best[m][1]:.1f} us", flush=True)
     return best
 
 
