@@ -212,6 +212,20 @@ def host_time(d: dict) -> list:
     return rows
 
 
+def fp8_speed(d: dict) -> list:
+    rows = []
+    off = d.get("offline", {})
+    for kind in ("schedule4", "ar"):
+        for a, b in zip(off.get("bf16", {}).get(kind, []), off.get("fp8", {}).get(kind, [])):
+            rows.append((f"{kind} {a.get('shape')} batch {a.get('batch')}: bf16 / fp8 tok/s",
+                         f"{num(a['output_tok_s'])} / {num(b['output_tok_s'])} ({b['output_tok_s'] / a['output_tok_s']:.2f}x)"))
+    for c in d.get("micro", []):
+        if c["rows"] in (1, 16, 1024):
+            rows.append((f"{c['shape']}, {c['rows']} rows: fp8 / cuBLAS bf16 us (fp8 weight TB/s)",
+                         f"{c['fp8_us']:.1f} / {c['cublas_bf16_us']:.1f} ({c['fp8_tb_s']:.2f})"))
+    return rows
+
+
 def host_overlap(d: dict) -> list:
     return [(f"{r['policy']}, {r['requests']} requests: wall / device ms per step (wall over device), tok/s",
              f"{r['wall_ms_per_step']:.1f} / {r['device_ms_per_step']:.1f} ({r['wall_over_device']:.3f}), "
@@ -475,6 +489,10 @@ BENCHMARKS = [
      "alone; the named phases are part of it; critical = all but what runs while the device computes the step "
      "just launched (the outputs and the policy's learning; with causal overlap, the whole completion of the step "
      "before).", host_time),
+    ("fp8_speed", "FP8 weights against bf16",
+     "`benchmarks/gpu_fp8.sh`: the FP8 linear kernel per 8B projection shape against cuBLAS bf16, and "
+     "`optimus bench offline --experiments schedule4,ar` in bf16 and with `--quantization fp8` (random weights, "
+     "prompt 256, output 256).", fp8_speed),
     ("host_overlap", "Host work hidden behind an emulated device",
      "`optimus bench host --emulate-device`: SDAR-8B geometry, prompt 256, output 256, `real-8b` replayed; each step "
      "queued on an emulated device taking the synthetic 8B curve's time (11 ms flat to 256 tokens, then 40 us a "
