@@ -25,8 +25,9 @@ class ModelConfig:
     dtype: str = _opt("auto", "auto | bfloat16 | float16 | float32 (auto: bf16 on GPU, fp32 on CPU)")
     device: str = _opt("auto", "auto | cpu | cuda | cuda:N")
     quantization: str | None = _opt(None, "fp8: keep every projection weight in FP8 e4m3, one scale per output "
-                                          "channel, quantized at load (half the weight memory; on CUDA the FP8 "
-                                          "linear kernel reads them directly). FP8 checkpoints load without it",
+                                          "channel, quantized at load: half the weight memory; on CUDA an FP8 "
+                                          "kernel reads them (faster than bf16 only in small steps: docs/models.md). "
+                                          "FP8 checkpoints load without it",
                                     choices=("fp8",))
 
 
