@@ -54,9 +54,10 @@ class _EmulatedTime:
 
 
 class EmulatedDevice:
-    """Steps take ``profile.predict(tokens, requests)`` seconds, one after another."""
+    """Steps take ``profile.predict(tokens, requests)`` seconds, one after another; no time
+    at all without a profile (the device left out: host work alone)."""
 
-    def __init__(self, profile: LatencyProfile, vocab: int, hidden: int, seed: int = 0) -> None:
+    def __init__(self, profile: LatencyProfile | None, vocab: int, hidden: int, seed: int = 0) -> None:
         self.profile, self.vocab, self.hidden = profile, vocab, hidden
         self.gen = torch.Generator().manual_seed(seed)
         self.free_at = 0.0  # perf_counter time the queued work ends
@@ -71,7 +72,7 @@ class EmulatedDevice:
 
     def forward(self, batch) -> torch.Tensor:
         rows = batch.input_ids.shape[0]
-        seconds = self.profile.predict(rows, batch=max(1, batch.cache_lens.shape[0]))
+        seconds = 0.0 if self.profile is None else self.profile.predict(rows, batch=max(1, batch.cache_lens.shape[0]))
         start = max(time.perf_counter(), self.free_at)
         self.free_at = start + seconds
         self.busy_s += seconds

@@ -26,7 +26,6 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from optimus.bench.emulated_device import EmulatedDevice
 from optimus.config import engine_config
@@ -35,7 +34,6 @@ from optimus.core.request import RequestState
 from optimus.decoding import regimes
 from optimus.engine.engine import Engine
 from optimus.engine.flight import pipeline_rule
-from optimus.executor.runner import GreedyPick
 from optimus.policy.elastic.latency import LatencyProfile
 
 PHASES = ("schedule", "build", "commit", "settle", "cursors", "outputs", "learning")
@@ -74,13 +72,17 @@ def run(args: argparse.Namespace) -> int:
         print(f"{r['policy']:<9} {r['requests']} requests: host {r['full_batch_ms']['total']:.2f} ms/step at a "
               f"full batch, {r['full_batch_ms']['critical']:.2f} on the critical path ({parts}); {r['steps']} steps, "
               f"{r['tokens_per_step']:.1f} tokens/step")
+    _save(args, "host_time", rows)
+    return 0
+
+
+def _save(args: argparse.Namespace, bench: str, rows: list[dict], **extra) -> None:
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"bench": "host_time", "shape": args.shape, "acceptance": args.acceptance,
+        Path(args.out).write_text(json.dumps({"bench": bench, "shape": args.shape, "acceptance": args.acceptance,
                                               "prompt_len": args.prompt_len, "output_len": args.output_len,
-                                              "rows": rows}, indent=1))
+                                              **extra, "rows": rows}, indent=1))
         print(f"saved {args.out}")
-    return 0
 
 
 def measure(policy: str, shape: str, requests: int, prompt_len: int, output_len: int, acceptance: str) -> dict:
@@ -122,12 +124,7 @@ def _run_emulated(args: argparse.Namespace) -> int:
             print(f"{row['policy']:<18} {row['requests']} requests: wall {row['wall_ms_per_step']:.1f} ms/step, "
                   f"device {row['device_ms_per_step']:.1f}, wall/device {row['wall_over_device']:.3f}, "
                   f"{row['output_tok_s']:.0f} tok/s ({row['steps']} steps)", flush=True)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"bench": "host_overlap", "shape": args.shape, "acceptance": args.acceptance,
-                                              "prompt_len": args.prompt_len, "output_len": args.output_len,
-                                              "device_profile": EMULATED_8B.to_json(), "rows": rows}, indent=1))
-        print(f"saved {args.out}")
+    _save(args, "host_overlap", rows, device_profile=EMULATED_8B.to_json())
     return 0
 
 
@@ -136,7 +133,7 @@ def measure_overlap(policy: str, shape: str, requests: int, prompt_len: int, out
     """Wall and emulated device time over the steps where every request decodes (from the
     step all of them decode until the first one finishes). ``pipeline``: off | N | auto."""
     engine = _engine(policy, shape, requests, prompt_len, output_len, acceptance)
-    engine.flights.pipeline = pipeline_rule(pipeline, lambda tokens, batch: EMULATED_8B.predict(tokens, batch))
+    engine.flights.pipeline = pipeline_rule(pipeline, EMULATED_8B.predict)
     device = EmulatedDevice(EMULATED_8B, engine.tokenizer.vocab_size, engine.spec.arch.hidden_size).attach(engine)
     rng = random.Random(0)
     vocab = engine.tokenizer.vocab_size
@@ -172,28 +169,8 @@ def _engine(policy: str, shape: str, requests: int, prompt_len: int, output_len:
                            replay_acceptance=str(path), profile_path=str(profile_path))
     engine = Engine(config)
     engine.post.stream_text = engine.post.final_text = False  # as the engine process: front-ends detokenize
-    _leave_out_the_device(engine)
+    EmulatedDevice(None, engine.tokenizer.vocab_size, engine.spec.arch.hidden_size).attach(engine)  # no device
     return engine
-
-
-def _leave_out_the_device(engine: Engine) -> None:
-    d = engine.spec.arch.hidden_size
-    gen = torch.Generator().manual_seed(0)
-    vocab = engine.tokenizer.vocab_size
-
-    zeros = torch.zeros(0, d)
-
-    def forward(batch):  # a view of one zero buffer: the stand-in costs no host time itself
-        nonlocal zeros
-        if zeros.shape[0] < batch.input_ids.shape[0]:
-            zeros = torch.zeros(batch.input_ids.shape[0], d)
-        return zeros[:batch.input_ids.shape[0]]
-
-    def greedy(hidden, rows_per_pass: int = 1024):
-        m = hidden.shape[0]
-        return GreedyPick(torch.randint(100, vocab - 100, (m,), generator=gen), torch.rand(m, generator=gen))
-
-    engine.runner.forward, engine.runner.greedy = forward, greedy
 
 
 def _time_phases(engine: Engine) -> dict[str, float]:

@@ -249,7 +249,7 @@ def _pipeline_rule(llm: LLM, name: str):
     if name.endswith(AUTO_PIPELINED):
         from optimus.policy.elastic.setup import load_or_profile
         profile = load_or_profile(llm.engine)
-        return pipeline_rule("auto", lambda tokens, requests: profile.predict(tokens, requests))
+        return pipeline_rule("auto", profile.predict)
     return pipeline_rule("off")
 
 

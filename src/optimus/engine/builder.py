@@ -143,7 +143,7 @@ def build_pipeline(config: EngineConfig, policy: ChunkPolicy, hardware) -> Pipel
     if profile is None:
         from optimus.policy.elastic.setup import load_or_profile
         profile = load_or_profile(hardware)
-    return pipeline_rule(text, lambda tokens, requests: profile.predict(tokens, requests))
+    return pipeline_rule(text, profile.predict)
 
 
 def _graphs(config: EngineConfig, spec: ModelSpec, model, storage: KVCacheStorage, device: torch.device,

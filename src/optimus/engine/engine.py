@@ -144,7 +144,8 @@ class Engine:
         if previous is not None:
             self._complete(previous)
             outputs += self._report()
-        keep = self.flights.keep(flight, len(self.scheduler.running), self.runner.last_build_s + self.post.host_commit_s)
+        host_s = None if busy else flight.overhead + self.runner.last_build_s + self.post.host_commit_s
+        keep = self.flights.keep(flight, len(self.scheduler.running), host_s)  # what whole steps cost the host
         if keep is None:
             self._complete(flight)  # its news goes out after the next launch
         else:

@@ -206,23 +206,18 @@ class FlightRules:
     causal: bool  # the model predicts one position per step (its commits can be assumed)
     overlap: bool  # runner.overlap: keep causal greedy steps in flight
     pipeline: PipelineRule  # runner.pipeline: when diffusion steps run in halves
-    _pipelining: bool = False  # the latest launched step stayed in flight as a half
 
-    def keep(self, flight: InFlight, running: int, host_extra_s: float = 0.0) -> Literal["assume", "pipeline"] | None:
+    def keep(self, flight: InFlight, running: int, host_s: float | None = None) -> Literal["assume", "pipeline"] | None:
         """'assume' (overlap), 'pipeline', or None: complete it now. Only all-greedy steps
-        (picked on the device at launch) can wait. ``host_extra_s``: the host's work around
-        the device's besides the gap before this launch (this batch's build, the last commit):
-        with the gap, the host's critical time when steps run one at a time."""
+        (picked on the device at launch) can wait. ``host_s``: the host's critical time before
+        this launch when the step before ran whole (None when it was a half in flight)."""
         if not self.causal:
-            self.pipeline.observe(flight, None if self._pipelining else flight.overhead + host_extra_s, running)
-        decision = None
-        if flight.pick is not None:
-            if self.causal:
-                decision = "assume" if self.overlap else None
-            elif self.pipelines(running):
-                decision = "pipeline"
-        self._pipelining = decision == "pipeline"
-        return decision
+            self.pipeline.observe(flight, host_s, running)
+        if flight.pick is None:
+            return None
+        if self.causal:
+            return "assume" if self.overlap else None
+        return "pipeline" if self.pipelines(running) else None
 
     def pipelines(self, running: int) -> bool:
         return not self.causal and self.pipeline.pipelines(running)

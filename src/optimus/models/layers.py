@@ -253,10 +253,9 @@ def _merge_param(linears: list[nn.Module], name: str, buffer: bool = False) -> t
 def _fp8_mergeable(linears: list[nn.Module]) -> bool:
     """FP8 projections merge when all are FP8 with the same scale layout and block scales
     stay whole (each output size a multiple of the block's rows)."""
-    blocks = {getattr(lin, "block", "bf16") for lin in linears}
-    if len(blocks) != 1 or not all(isinstance(lin, Fp8Linear) for lin in linears):
+    if not all(isinstance(lin, Fp8Linear) for lin in linears) or len({lin.block for lin in linears}) != 1:
         return False
-    block = blocks.pop()
+    block = linears[0].block
     return block is None or all(lin.out_features % block[0] == 0 for lin in linears)
 
 
