@@ -169,8 +169,11 @@ def fp8_accuracy(d: dict) -> list:
 def moe_check(d: dict) -> list:
     rows = [("Triton MoE kernel within bf16 tolerance, graph replay follows new routing", "yes" if d.get("kernel_ok") else "NO")]
     for t in d.get("decode_timing", []):
-        rows.append((f"{shape(t['shape'])} experts, {t['T']} rows ({t['touched_experts']} experts, "
+        rows.append((f"{shape(t['shape'])} experts, {t['T']} rows ({t['touched_experts']:.0f} experts, "
                      f"{t['weight_MB']:.0f} MB): Triton ms (TB/s)", f"{t['triton_ms']:.3f} ({t['triton_TBps']:.2f})"))
+    for t in d.get("layer_timing", []):
+        rows.append((f"{shape(t['shape'])} routed layer, {t['T']} rows: ms, x its weight-read floor (torch routing ms)",
+                     f"{t['layer_ms']:.3f}, {t['layer_over_floor']:.2f}x ({t['layer_torch_route_ms']:.3f})"))
     for r in d.get("schedule4", []):
         rows.append((f"{shape(r['shape'])} 4 tokens/step {r['cache_mode']}, batch {r['batch']} (tok/s)",
                      num(r["output_tok_s"])))

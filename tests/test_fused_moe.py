@@ -66,6 +66,26 @@ def test_triton_matches_reference(moe_triton, t, k, e, h, inner) -> None:
     torch.testing.assert_close(got, fused_moe_reference(*case), atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("t,k,e,h,inner", [(1, 2, 8, 40, 24), (3, 3, 5, 48, 40), (6, 2, 4, 16, 16)])
+def test_pair_path_matches_reference(moe_triton, t, k, e, h, inner) -> None:
+    """The decode (GEMV) path, with H and I off the tile sizes so every tail is masked."""
+    mod, dev = moe_triton
+    case = [c.to(dev) for c in make(t, k, e, h, inner, seed=10 + t)]
+    tiles = mod.PairTiles(gate_up_n=16, down_n=16, block_k=16)
+    got = mod.fused_moe_pairs(*case, tiles=tiles)
+    torch.testing.assert_close(got, fused_moe_reference(*case), atol=2e-5, rtol=2e-5)
+
+
+def test_decode_sized_routing_takes_the_pair_path(moe_triton, monkeypatch) -> None:
+    mod, dev = moe_triton
+    taken = []
+    monkeypatch.setattr(mod, "fused_moe_pairs", lambda *a, **kw: taken.append("pairs") or fused_moe_reference(*a))
+    monkeypatch.setattr(mod, "fused_moe_grouped", lambda *a, **kw: taken.append("grouped") or fused_moe_reference(*a[:5]))
+    mod.fused_moe_triton(*[c.to(dev) for c in make(mod.PAIRS_MAX // 2, 2, 4, 16, 16)])
+    mod.fused_moe_triton(*[c.to(dev) for c in make(mod.PAIRS_MAX // 2 + 1, 2, 4, 16, 16)])
+    assert taken == ["pairs", "grouped"]
+
+
 def test_wrapper_routes_backends(moe_triton) -> None:
     _, dev = moe_triton
     case = [c.to(dev) for c in make(4, 2, 4, 16, 16, seed=3)]

@@ -11,6 +11,13 @@ Plan of one call, all on the device with static shapes (no host sync, CUDA-graph
 3. ``_down_kernel``: per (row block, column block of H) act @ w2[e]^T, times the pair's
    routing weight, stored at the pair's own row of ``pair_out`` [T*k, H] (fp32).
 4. The top-k combine is a sum over each token's k rows (a fixed order, no atomics).
+
+Decode steps route few pairs (T*k up to ``PAIRS_MAX``): there the sort, padding and early-exit
+programs above cost more than the weights they read (0.09 ms for 8 experts at one row on an H200,
+0.55 TB/s). ``fused_moe_pairs`` skips them: one GEMV program per (pair, column block) reads its
+expert id straight from ``ids``, and the down pass sums each token's k experts in the program
+that owns its output columns. A pair re-reads an expert another pair of the step also chose;
+while pairs are few, that is rarer than the padding the grouped path would run.
 """
 
 from __future__ import annotations
@@ -114,9 +121,96 @@ def _down_kernel(ACT, W2, WEIGHTS, OUT, PAIRS, BLOCK_EXPERT, num_pairs, H, I,
              mask=valid[:, None] & col_ok[None, :])
 
 
+PAIRS_MAX = 64  # token-expert pairs up to which fused_moe_triton takes the GEMV path
+
+
+@dataclass(frozen=True)
+class PairTiles:
+    gate_up_n: int = 16  # expert inner columns per program (gate and up rows each)
+    down_n: int = 16  # output columns per program
+    block_k: int = 128
+    num_warps: int = 4
+
+
+@triton.jit
+def _pair_gate_up_kernel(X, W13, IDS, ACT, H, I, top_k, stride_xt, stride_we, stride_wn, stride_at,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """act[pair, cols] = silu(x_t . gate rows) * (x_t . up rows) of the pair's expert."""
+    pair, pid_n = tl.program_id(0), tl.program_id(1)
+    expert = tl.load(IDS + pair).to(tl.int64)
+    token = pair // top_k
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < I
+    w_base = W13 + expert * stride_we
+    acc_g = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)  # reduced over K once, after the loop
+    acc_u = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < H
+        x = tl.load(X + token * stride_xt + ks, mask=k_ok, other=0.0).to(tl.float32)
+        w_ok = col_ok[:, None] & k_ok[None, :]
+        wg = tl.load(w_base + cols[:, None] * stride_wn + ks[None, :], mask=w_ok, other=0.0)
+        wu = tl.load(w_base + (cols[:, None] + I) * stride_wn + ks[None, :], mask=w_ok, other=0.0)
+        acc_g += wg.to(tl.float32) * x[None, :]
+        acc_u += wu.to(tl.float32) * x[None, :]
+    g = tl.sum(acc_g, axis=1)
+    act = g / (1.0 + tl.exp(-g)) * tl.sum(acc_u, axis=1)
+    tl.store(ACT + pair * stride_at + cols, act.to(ACT.dtype.element_ty), mask=col_ok)
+
+
+@triton.jit
+def _pair_down_kernel(ACT, W2, IDS, WEIGHTS, OUT, H, I, top_k, stride_at, stride_we, stride_wn, stride_ot,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out[t, cols] = sum_j weights[t, j] * (act[t*k + j] . w2[ids[t, j]] rows cols), j in order."""
+    token, pid_n = tl.program_id(0), tl.program_id(1)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < H
+    out = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for j in range(0, top_k):
+        pair = token * top_k + j
+        w_base = W2 + tl.load(IDS + pair).to(tl.int64) * stride_we
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for k0 in range(0, I, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ks < I
+            a = tl.load(ACT + pair * stride_at + ks, mask=k_ok, other=0.0).to(tl.float32)
+            w = tl.load(w_base + cols[:, None] * stride_wn + ks[None, :], mask=col_ok[:, None] & k_ok[None, :],
+                        other=0.0)
+            acc += w.to(tl.float32) * a[None, :]
+        out += tl.sum(acc, axis=1) * tl.load(WEIGHTS + pair).to(tl.float32)
+    tl.store(OUT + token * stride_ot + cols, out.to(OUT.dtype.element_ty), mask=col_ok)
+
+
+def fused_moe_pairs(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
+                    ids: torch.Tensor, tiles: PairTiles = PairTiles()) -> torch.Tensor:
+    """The decode path (module doc): same contract as fused_moe_triton, two launches."""
+    t, k = ids.shape
+    _, hidden, inner = w2.shape
+    flat_ids = ids.reshape(-1).contiguous()
+    act = torch.empty(t * k, inner, dtype=x.dtype, device=x.device)
+    out = torch.empty(t, hidden, dtype=x.dtype, device=x.device)
+    _pair_gate_up_kernel[(t * k, triton.cdiv(inner, tiles.gate_up_n))](
+        x, w13, flat_ids, act, hidden, inner, k, x.stride(0), w13.stride(0), w13.stride(1), act.stride(0),
+        BLOCK_N=tiles.gate_up_n, BLOCK_K=tiles.block_k, num_warps=tiles.num_warps)
+    _pair_down_kernel[(t, triton.cdiv(hidden, tiles.down_n))](
+        act, w2, flat_ids, weights.reshape(-1).contiguous(), out, hidden, inner, k,
+        act.stride(0), w2.stride(0), w2.stride(1), out.stride(0),
+        BLOCK_N=tiles.down_n, BLOCK_K=tiles.block_k, num_warps=tiles.num_warps)
+    return out
+
+
 def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
                      ids: torch.Tensor, tiles: MoeTiles | None = None) -> torch.Tensor:
-    """x [T, H], w13 [E, 2I, H], w2 [E, H, I] (contiguous), weights/ids [T, k] -> [T, H] in x's dtype."""
+    """x [T, H], w13 [E, 2I, H], w2 [E, H, I] (contiguous), weights/ids [T, k] -> [T, H] in x's dtype.
+    Up to PAIRS_MAX pairs (and no tiles asked for): the GEMV path, else the grouped one."""
+    if tiles is None and ids.numel() <= PAIRS_MAX:
+        return fused_moe_pairs(x, w13, w2, weights, ids)
+    return fused_moe_grouped(x, w13, w2, weights, ids, tiles)
+
+
+def fused_moe_grouped(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
+                      ids: torch.Tensor, tiles: MoeTiles | None = None) -> torch.Tensor:
+    """Pairs sorted and padded per expert, grouped GEMMs (module doc, steps 1-4)."""
     t, k = ids.shape
     num_experts, hidden, inner = w2.shape
     # Decode steps give each expert a few rows: 16-row tiles waste least on padding. Prefill

@@ -15,10 +15,20 @@ import torch.nn.functional as F
 
 from optimus import toggles
 from optimus.kernels.fused_moe import fused_moe
+from optimus.kernels.group_attention import resolve_backend
 from optimus.models.layers import no_reduce
 from optimus.models.spec import MoEConfig
 
 _PROJ = ("gate_proj", "up_proj", "down_proj")
+
+
+def route_kernel_fits(num_experts: int, n_group: int, top_k: int) -> bool:
+    """Whether the Triton router's tile holds this routing: power-of-two group and expert
+    counts (the published MoE models' 128 and 256 experts, 8 groups, top-8)."""
+    groups = max(n_group, 1)
+    per_group = num_experts // groups
+    return (num_experts % groups == 0 and num_experts <= 1024
+            and all(n & (n - 1) == 0 for n in (groups, per_group, top_k)))
 
 
 def top_k_stable(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -67,12 +77,22 @@ class Router(nn.Module):
         # A parameter (not a buffer) so random-weight models initialise it; it is never trained.
         self.expert_bias = nn.Parameter(torch.zeros(cfg.num_experts), requires_grad=False) if cfg.expert_bias else None
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, backend: str = "torch") -> tuple[torch.Tensor, torch.Tensor]:
+        """``backend`` as fused_moe's: "triton" routes in one kernel (_moe_route_triton) where
+        its tile fits the expert count, for inference; the result is the same as ``route``'s."""
         if self.cfg.scoring == "softmax":  # Qwen3-MoE: logits in the activation dtype
             logits = F.linear(x, self.weight)
         else:  # LLaDA2.0: the gate runs in fp32
             logits = F.linear(x.float(), self.weight.float())
-        return route(logits, self.cfg, self.expert_bias)
+        cfg = self.cfg
+        if (resolve_backend(backend, x) == "triton" and not torch.is_grad_enabled()
+                and route_kernel_fits(cfg.num_experts, cfg.n_group, cfg.top_k)):
+            from optimus.kernels._moe_route_triton import route_triton
+
+            return route_triton(logits, self.expert_bias, top_k=cfg.top_k, n_group=cfg.n_group,
+                                topk_group=cfg.topk_group, softmax=cfg.scoring == "softmax",
+                                norm_topk=cfg.norm_topk, scaling=cfg.scaling)
+        return route(logits, cfg, self.expert_bias)
 
 
 class ExpertWeights(nn.Module):
@@ -124,8 +144,9 @@ class SparseMoE(nn.Module):
 
     def forward(self, x: torch.Tensor, ops=None) -> torch.Tensor:
         """x [T, H] -> [T, H]. ``ops`` (LayerOps) runs the shared expert's linears."""
-        weights, ids = self.gate(x)
-        out = fused_moe(x, self.experts.w13, self.experts.w2, weights, ids, self.backend(x))
+        backend = self.backend(x)
+        weights, ids = self.gate(x, backend)
+        out = fused_moe(x, self.experts.w13, self.experts.w2, weights, ids, backend)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x, ops)
         return self.reduce(out)

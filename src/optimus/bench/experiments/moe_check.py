@@ -5,10 +5,10 @@
     sdar-30b-a3b (128 experts, top-8, H 2048, I 768) shapes, T in {1, 4, 32, 256}; and the
     kernel replayed from a CUDA graph after new routing was copied into its inputs (no host
     sync: the graph must follow the new ids).
-(b) batch-1 decode timing of the expert computation (routing given), T in {1, 4, 8, 32}
-    rows: Triton in a CUDA graph vs the torch reference (eager: it reads counts on the host),
-    against the bytes of the touched experts' weights (what the step must read from HBM) as
-    achieved TB/s.
+(b) decode timing of the expert computation (routing given), T in {1, 2, 4, 8, 16, 32} rows:
+    Triton in a CUDA graph (the dispatching default, the grouped path, and the pair path at a
+    few tile sizes) vs the torch reference (eager: it reads counts on the host), against the
+    bytes of the touched experts' weights (what the step must read from HBM) as achieved TB/s.
 (c) schedule4 (4 tokens/step, prompt 256, output 256, block 32) at batch 1, 8, 32 on
     random-weight llada2-mini and llada-8b (bench offline's run_schedule4).
 
@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from optimus.bench.experiments.gpu_timing import time_graph_ms
-from optimus.kernels._fused_moe_triton import fused_moe_triton
+from optimus.kernels._fused_moe_triton import PAIRS_MAX, PairTiles, fused_moe_grouped, fused_moe_pairs, fused_moe_triton
 from optimus.kernels.reference import fused_moe_reference
 
 # (experts, top_k, hidden, expert inner size)
@@ -34,15 +34,24 @@ MOE_SHAPES = {"llada2-mini": (256, 8, 2048, 512), "sdar-30b-a3b": (128, 8, 2048,
 
 
 DEV = "cuda"
+HBM_BYTES_PER_S = {"H200": 4.8e12, "H100": 3.35e12}  # the cards' published peaks (SXM)
 
 
-def make_inputs(shape: str, t: int, seed: int = 0):
+def hbm_bytes_per_s() -> float:
+    name = torch.cuda.get_device_name()
+    return next((v for card, v in HBM_BYTES_PER_S.items() if card in name), float("nan"))
+
+
+def make_inputs(shape: str, t: int, seed: int = 0, weights_too: bool = True):
+    """(x, w13, w2, combine weights, ids); ``weights_too=False``: no expert weights (None)."""
     e, k, h, inner = MOE_SHAPES[shape]
     dev = DEV
     gen = torch.Generator(device=dev).manual_seed(seed)
     x = torch.randn(t, h, device=dev, generator=gen)
-    w13 = torch.randn(e, 2 * inner, h, device=dev, generator=gen) * h ** -0.5
-    w2 = torch.randn(e, h, inner, device=dev, generator=gen) * inner ** -0.5
+    w13 = w2 = None
+    if weights_too:
+        w13 = torch.randn(e, 2 * inner, h, device=dev, generator=gen) * h ** -0.5
+        w2 = torch.randn(e, h, inner, device=dev, generator=gen) * inner ** -0.5
     ids = torch.rand(t, e, device=dev, generator=gen).argsort(-1)[:, :k]  # k distinct experts per token
     weights = torch.rand(t, k, device=dev, generator=gen)
     return x, w13, w2, weights / weights.sum(-1, keepdim=True), ids
@@ -60,14 +69,16 @@ def check_accuracy(tol: float = 2e-2) -> list[dict]:
             x, w13, w2, weights, ids = make_inputs(shape, t, seed=t)
             exact = fused_moe_reference(x, w13, w2, weights, ids)
             bf = [a.bfloat16() for a in (x, w13, w2)]
-            triton_err = _err(fused_moe_triton(*bf, weights, ids), exact)
             torch_err = _err(fused_moe_reference(*bf, weights, ids), exact)
-            rows.append({"shape": shape, "T": t, "triton_bf16_rel_err": triton_err, "torch_bf16_rel_err": torch_err,
-                         "ok": triton_err <= max(tol, 2 * torch_err)})
+            for path, fn in (("grouped", fused_moe_grouped), ("pairs", fused_moe_pairs)):
+                triton_err = _err(fn(*bf, weights, ids), exact)
+                rows.append({"shape": shape, "T": t, "path": path, "triton_bf16_rel_err": triton_err,
+                             "torch_bf16_rel_err": torch_err, "ok": triton_err <= max(tol, 2 * torch_err)})
     return rows
 
 
 def check_graph_replay(shape: str = "llada2-mini", t: int = 8) -> dict:
+    """At t = 8 the default path is the pair path (llada2-mini: 64 pairs)."""
     x, w13, w2, weights, ids = make_inputs(shape, t, seed=1)
     x, w13, w2 = x.bfloat16(), w13.bfloat16(), w2.bfloat16()
     out = {}
@@ -97,22 +108,80 @@ def _time_eager_ms(fn, reps: int = 20) -> float:
     return start.elapsed_time(end) / reps
 
 
-def time_decode() -> list[dict]:
+# Pair-path tiles timed beside the default (gate/up columns, down columns, K per iteration, warps).
+PAIR_VARIANTS = (PairTiles(), PairTiles(32, 32, 128), PairTiles(16, 16, 256), PairTiles(8, 16, 256),
+                 PairTiles(16, 32, 128, 8))
+
+
+def _rotating(fn, cases: list):
+    """A call of ``fn`` on the next case each time: time_graph_ms captures 20 calls, each on its
+    own routing, so no call finds the last one's expert weights in L2 (50 MB on an H200)."""
+    turn = iter(range(1 << 30))
+    return lambda: fn(*cases[next(turn) % len(cases)])
+
+
+def time_decode(draws: int = 20) -> list[dict]:
     rows = []
     for shape, (e, k, h, inner) in MOE_SHAPES.items():
-        for t in (1, 4, 8, 32):
-            x, w13, w2, weights, ids = make_inputs(shape, t, seed=t)
-            x, w13, w2 = x.bfloat16(), w13.bfloat16(), w2.bfloat16()
-            touched = int(ids.unique().numel())
+        _, w13, w2, _, _ = make_inputs(shape, 1)
+        w13, w2 = w13.bfloat16(), w2.bfloat16()
+        for t in (1, 2, 4, 8, 16, 32):
+            cases = []
+            for seed in range(draws):
+                x, _, _, weights, ids = make_inputs(shape, t, seed=100 * t + seed, weights_too=False)
+                cases.append((x.bfloat16(), w13, w2, weights, ids))
+            touched = sum(int(c[4].unique().numel()) for c in cases) / draws
             weight_bytes = touched * 3 * h * inner * 2
-            triton_ms = time_graph_ms(lambda: fused_moe_triton(x, w13, w2, weights, ids))
-            torch_ms = _time_eager_ms(lambda: fused_moe_reference(x, w13, w2, weights, ids))
+            triton_ms = time_graph_ms(_rotating(fused_moe_triton, cases))
+            grouped_ms = time_graph_ms(_rotating(fused_moe_grouped, cases))
+            pairs_ms = {f"{v.gate_up_n}/{v.down_n}/{v.block_k}/w{v.num_warps}":
+                        time_graph_ms(_rotating(lambda *c, v=v: fused_moe_pairs(*c, v), cases)) for v in PAIR_VARIANTS}
+            torch_ms = _time_eager_ms(lambda: fused_moe_reference(*cases[0]))
             rows.append({"shape": shape, "T": t, "touched_experts": touched, "weight_MB": weight_bytes / 1e6,
+                         "default_path": "pairs" if t * k <= PAIRS_MAX else "grouped",
                          "triton_ms": triton_ms, "triton_TBps": weight_bytes / triton_ms / 1e9,
+                         "grouped_ms": grouped_ms, "pairs_ms": pairs_ms,
                          "torch_ms": torch_ms, "torch_TBps": weight_bytes / torch_ms / 1e9})
             r = rows[-1]
-            print(f"  {shape} T={t:3d}: {touched:3d} experts, {r['weight_MB']:.1f} MB; triton {triton_ms:.3f} ms "
-                  f"({r['triton_TBps']:.2f} TB/s), torch {torch_ms:.3f} ms ({r['torch_TBps']:.2f} TB/s)", flush=True)
+            best = min(pairs_ms, key=pairs_ms.get)
+            print(f"  {shape} T={t:3d}: {touched:5.1f} experts, {r['weight_MB']:.1f} MB; triton {triton_ms:.3f} ms "
+                  f"({r['triton_TBps']:.2f} TB/s, {r['default_path']}); grouped {grouped_ms:.3f}, pairs best "
+                  f"{best} {pairs_ms[best]:.3f} ms; torch {torch_ms:.3f} ms", flush=True)
+    return rows
+
+
+def time_layer(shape: str = "llada2-mini", draws: int = 20) -> list[dict]:
+    """The routed MoE layer (router + experts, no shared expert) in a CUDA graph, routing in the
+    Triton kernel against torch's ``route``, by the weights the layer must read: the touched
+    experts' and the router's."""
+    from optimus.models.moe import SparseMoE
+    from optimus.models.spec import MoEConfig
+
+    e, k, h, inner = MOE_SHAPES[shape]
+    cfg = MoEConfig(num_experts=e, top_k=k, expert_size=inner, layers=(1,), scoring="sigmoid", n_group=8,
+                    topk_group=4, scaling=2.5, expert_bias=True)  # LLaDA2.0's routing
+    layer = SparseMoE(h, cfg).to(DEV, torch.bfloat16)
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, std=h ** -0.5)
+
+    def torch_routed(x):
+        weights, ids = layer.gate(x, "torch")
+        return fused_moe_triton(x, layer.experts.w13, layer.experts.w2, weights, ids)
+
+    rows = []
+    for t in (1, 2, 4, 8):
+        xs = [(torch.randn(t, h, device=DEV, dtype=torch.bfloat16),) for _ in range(draws)]
+        touched = sum(int(layer.gate(x, "torch")[1].unique().numel()) for (x,) in xs) / draws
+        weight_bytes = touched * 3 * h * inner * 2 + e * h * 2
+        floor_ms = weight_bytes / hbm_bytes_per_s() * 1e3
+        kernel_ms = time_graph_ms(_rotating(layer, xs))
+        torch_route_ms = time_graph_ms(_rotating(torch_routed, xs))
+        rows.append({"shape": shape, "T": t, "touched_experts": touched, "weight_MB": weight_bytes / 1e6,
+                     "floor_ms": floor_ms, "layer_ms": kernel_ms, "layer_over_floor": kernel_ms / floor_ms,
+                     "layer_TBps": weight_bytes / kernel_ms / 1e9, "layer_torch_route_ms": torch_route_ms})
+        print(f"  {shape} layer T={t}: {touched:.1f} experts, {weight_bytes / 1e6:.1f} MB, floor {floor_ms:.4f} ms; "
+              f"{kernel_ms:.4f} ms ({kernel_ms / floor_ms:.2f}x floor, {weight_bytes / kernel_ms / 1e9:.2f} TB/s); "
+              f"with torch routing {torch_route_ms:.4f} ms", flush=True)
     return rows
 
 
@@ -160,6 +229,10 @@ def main() -> int:
         print("batch-1 decode timing (expert computation, routing given):")
         with torch.inference_mode():
             result["decode_timing"] = time_decode()
+        save()
+        print("the routed layer (router + experts) against its weight-read floor:")
+        with torch.inference_mode():
+            result["layer_timing"] = time_layer()
         save()
     if "schedule4" in parts:
         print("schedule4:")

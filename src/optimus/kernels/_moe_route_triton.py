@@ -1,0 +1,79 @@
+"""Triton MoE routing: router logits -> (combine weights, expert ids) in one launch.
+
+The torch reference is ``optimus.models.moe.route``; this kernel computes the same choice for
+every token in one program: scores (softmax or sigmoid), the bias shift, the group limit (a
+group scores the sum of its two best entries; the ``topk_group`` best groups stay), the top-k
+by repeated arg-max, and the gathered, normalised, scaled weights. At decode sizes the torch
+version is a dozen small launches per layer (sort, topk, scatter, masked fill...), each costing
+more than the arithmetic; here it is one.
+
+Ties go to the lower index at every selection, as the reference's stable sort does, so both
+pick the same experts in the same order. Experts are laid out as a [groups, experts per group]
+tile (one group of every expert when there is no group limit); both sizes powers of two.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _route_kernel(LOGITS, BIAS, WEIGHTS, IDS, stride_lt, scaling, eps,
+                  GROUPS: tl.constexpr, PER_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr,
+                  TOP_K: tl.constexpr, SOFTMAX: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr):
+    token = tl.program_id(0)
+    g = tl.arange(0, GROUPS)
+    index = g[:, None] * PER_GROUP + tl.arange(0, PER_GROUP)[None, :]  # [GROUPS, PER_GROUP]
+    logits = tl.load(LOGITS + token * stride_lt + index).to(tl.float32)
+    if SOFTMAX:
+        e = tl.exp(logits - tl.max(tl.max(logits, axis=1), axis=0))
+        scores = e / tl.sum(tl.sum(e, axis=1), axis=0)
+    else:
+        scores = 1.0 / (1.0 + tl.exp(-logits))
+    choice = scores
+    if HAS_BIAS:
+        choice = choice + tl.load(BIAS + index).to(tl.float32)
+    big: tl.constexpr = GROUPS * PER_GROUP
+    if TOPK_GROUP < GROUPS:
+        # Each group's two best entries (equal maxima count twice, as topk's values do).
+        top1 = tl.max(choice, axis=1)
+        first = tl.min(tl.where(choice == top1[:, None], index, big), axis=1)
+        top2 = tl.max(tl.where(index == first[:, None], float("-inf"), choice), axis=1)
+        group_score = top1 + top2 if PER_GROUP > 1 else top1
+        keep = tl.zeros((GROUPS,), dtype=tl.int1)
+        for _ in tl.static_range(TOPK_GROUP):  # arg-max, ties to the lower group
+            left = tl.where(keep, float("-inf"), group_score)
+            at = tl.min(tl.where(left == tl.max(left, axis=0), g, GROUPS), axis=0)
+            keep = keep | (g == at)
+        choice = tl.where(keep[:, None], choice, float("-inf"))
+    slots = tl.arange(0, TOP_K)
+    chosen = tl.zeros((TOP_K,), dtype=tl.int32)
+    picked = tl.zeros((TOP_K,), dtype=tl.float32)
+    for j in tl.static_range(TOP_K):  # arg-max, ties to the lower expert
+        best = tl.max(tl.max(choice, axis=1), axis=0)
+        at = tl.min(tl.min(tl.where(choice == best, index, big), axis=1), axis=0)
+        chosen = tl.where(slots == j, at, chosen)
+        picked = tl.where(slots == j, tl.sum(tl.sum(tl.where(index == at, scores, 0.0), axis=1), axis=0), picked)
+        choice = tl.where(index == at, float("-inf"), choice)
+    if NORM:
+        picked = picked / (tl.sum(picked, axis=0) + eps)
+    tl.store(WEIGHTS + token * TOP_K + slots, picked * scaling)
+    tl.store(IDS + token * TOP_K + slots, chosen.to(tl.int64))
+
+
+def route_triton(logits: torch.Tensor, bias: torch.Tensor | None, *, top_k: int, n_group: int, topk_group: int,
+                 softmax: bool, norm_topk: bool, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [T, E] -> (weights [T, k] fp32, ids [T, k] int64), as ``models.moe.route``."""
+    t, e = logits.shape
+    groups = max(n_group, 1)
+    logits = logits.contiguous()
+    weights = torch.empty(t, top_k, dtype=torch.float32, device=logits.device)
+    ids = torch.empty(t, top_k, dtype=torch.int64, device=logits.device)
+    norm = norm_topk and top_k > 1
+    _route_kernel[(t,)](logits, bias if bias is not None else logits, weights, ids, logits.stride(0), float(scaling),
+                        1e-20 if not softmax else 0.0, GROUPS=groups, PER_GROUP=e // groups,
+                        TOPK_GROUP=min(topk_group, groups) if groups > 1 else groups, TOP_K=top_k,
+                        SOFTMAX=softmax, HAS_BIAS=bias is not None, NORM=norm, num_warps=4)
+    return weights, ids
