@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from optimus.bench.experiments.gpu_timing import time_graph_ms
-from optimus.kernels._fused_moe_triton import PAIRS_MAX, PairTiles, fused_moe_grouped, fused_moe_pairs, fused_moe_triton
+from optimus.kernels._fused_moe_triton import PAIRS_MAX, MoeTiles, PairTiles, fused_moe_grouped, fused_moe_pairs, fused_moe_triton
 from optimus.kernels.reference import fused_moe_reference
 
 # (experts, top_k, hidden, expert inner size)
@@ -119,6 +119,10 @@ def _rotating(fn, cases: list):
     turn = iter(range(1 << 30))
     return lambda: fn(*cases[next(turn) % len(cases)])
 
+# Grouped-path tiles timed beside the default at 8 rows and more (block_m, n, k, warps, stages).
+GROUPED_VARIANTS = (MoeTiles(16, 64, 128, 4, 4), MoeTiles(16, 128, 64, 4, 4), MoeTiles(16, 32, 128, 4, 4),
+                    MoeTiles(16, 64, 128, 8, 3), MoeTiles(16, 128, 128, 8, 3))
+
 
 def time_decode(draws: int = 20) -> list[dict]:
     rows = []
@@ -136,17 +140,20 @@ def time_decode(draws: int = 20) -> list[dict]:
             grouped_ms = time_graph_ms(_rotating(fused_moe_grouped, cases))
             pairs_ms = {f"{v.gate_up_n}/{v.down_n}/{v.block_k}/w{v.num_warps}":
                         time_graph_ms(_rotating(lambda *c, v=v: fused_moe_pairs(*c, v), cases)) for v in PAIR_VARIANTS}
+            grouped_ms_by_tiles = {} if t < 8 else {
+                f"{v.block_m}/{v.block_n}/{v.block_k}/w{v.num_warps}/s{v.num_stages}":
+                time_graph_ms(_rotating(lambda *c, v=v: fused_moe_grouped(*c, v), cases)) for v in GROUPED_VARIANTS}
             torch_ms = _time_eager_ms(lambda: fused_moe_reference(*cases[0]))
             rows.append({"shape": shape, "T": t, "touched_experts": touched, "weight_MB": weight_bytes / 1e6,
                          "default_path": "pairs" if t * k <= PAIRS_MAX else "grouped",
                          "triton_ms": triton_ms, "triton_TBps": weight_bytes / triton_ms / 1e9,
-                         "grouped_ms": grouped_ms, "pairs_ms": pairs_ms,
+                         "grouped_ms": grouped_ms, "grouped_ms_by_tiles": grouped_ms_by_tiles, "pairs_ms": pairs_ms,
                          "torch_ms": torch_ms, "torch_TBps": weight_bytes / torch_ms / 1e9})
             r = rows[-1]
             best = min(pairs_ms, key=pairs_ms.get)
             print(f"  {shape} T={t:3d}: {touched:5.1f} experts, {r['weight_MB']:.1f} MB; triton {triton_ms:.3f} ms "
                   f"({r['triton_TBps']:.2f} TB/s, {r['default_path']}); grouped {grouped_ms:.3f}, pairs best "
-                  f"{best} {pairs_ms[best]:.3f} ms; torch {torch_ms:.3f} ms", flush=True)
+                  f"{best} {pairs_ms[best]:.3f} ms; grouped tiles {grouped_ms_by_tiles}; torch {torch_ms:.3f} ms", flush=True)
     return rows
 
 
