@@ -218,6 +218,39 @@ def test_auto_keeps_whole_steps_when_the_host_is_cheap():
     assert not rule.pipelines(256)  # 2 x 11 ms is more than 21.2 + 0.5 ms
 
 
+def test_auto_probes_with_whole_steps_and_leaves_an_inflated_first_estimate():
+    """A run's first steps pay one-off costs: 9 ms of host looks like halves pay. Pipelined steps
+    show no host time, so only the probes (one whole step in every probe_every) correct it."""
+    from optimus.engine.flight import PipelineWhenItPays
+
+    rule = PipelineWhenItPays(_flat_curve)
+    for _ in range(rule.min_steps):
+        rule.observe(_flight(256, 2, overhead=0.009), 0.009, 256)
+    decisions = []
+    for _ in range(200):
+        pipelined = rule.pipelines(256)
+        decisions.append(pipelined)
+        # the host really takes 0.5 ms; only a step after a whole one can show it
+        rule.observe(_flight(256, 2, overhead=0.0005), None if pipelined else 0.0005, 256)
+    assert decisions[:rule.probe_every] == [True] * rule.probe_every
+    assert decisions[rule.probe_every] is False  # the first probe
+    assert not any(decisions[-50:])  # the probes' measurements outvoted the start: whole steps
+    assert rule.host_per_request == pytest.approx(0.0005 / 256)
+
+
+def test_auto_keeps_pipelining_through_its_probes_where_halves_pay():
+    from optimus.engine.flight import PipelineWhenItPays
+
+    rule = PipelineWhenItPays(_flat_curve)
+    decisions = []
+    for _ in range(rule.min_steps + 100):
+        pipelined = rule.pipelines(256)
+        decisions.append(pipelined)
+        rule.observe(_flight(256, 2, overhead=0.009), None if pipelined else 0.009, 256)
+    tail = decisions[rule.min_steps:]
+    assert sum(tail) >= len(tail) * rule.probe_every / (rule.probe_every + 1) - 1
+
+
 @pytest.mark.parametrize("text,kind", [("off", "NeverPipeline"), ("auto", "PipelineWhenItPays"),
                                        ("16", "PipelineFrom")])
 def test_pipeline_option_names_a_rule(text, kind):

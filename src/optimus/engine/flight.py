@@ -11,7 +11,8 @@ latency curve says two half steps beat one whole step and the host's time betwee
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+import statistics
+from dataclasses import dataclass, field
 from typing import Callable, Literal, Protocol
 
 import torch
@@ -147,19 +148,42 @@ class PipelineWhenItPays:
     """Two half steps (the host's work on one hidden behind the device's on the other, or
     the whole host's work if that is longer) against one whole step plus the host's critical
     time, predicted from ``step_seconds(tokens, requests)`` (the device's latency curve) and the
-    decoding rows and host time per decoding request seen so far. Half steps pay where a step's time grows with
-    its tokens; where the curve is flat they cost as much as whole ones and the rule keeps off."""
+    decoding rows and host time per decoding request of recent whole steps. Half steps pay where
+    a step's time grows with its tokens; where the curve is flat they cost as much as whole ones
+    and the rule keeps off.
+
+    Only whole steps show the host's time, so while it pipelines the rule runs one whole step in
+    every ``probe_every``: without them an early, inflated estimate (the first steps of a run pay
+    one-off costs) kept it pipelining where halves lose (an H200 sweep at 128 requests). Estimates
+    are medians of the last ``window`` whole steps, so a few outliers do not move them."""
 
     step_seconds: Callable[[float, int], float]
     min_running: int = 16  # below this a step's host work is small anyway
     margin: float = 0.05  # halves must be predicted this much faster (no flapping at the boundary)
-    rate: float = 0.1  # of the moving averages
     min_steps: int = 8  # whole steps seen before the first decision
-    tokens_per_request: float | None = None
-    host_per_request: float | None = None  # seconds of host critical time per decoding request
+    window: int = 8
+    probe_every: int = 16  # pipelined decisions between whole steps that re-measure the host
+    tokens_seen: list[float] = field(default_factory=list)  # per decoding request, latest last
+    host_seen: list[float] = field(default_factory=list)  # seconds of host critical time per decoding request
     steps_seen: int = 0
+    pipelined_run: int = 0  # consecutive pipelined decisions
+
+    @property
+    def tokens_per_request(self) -> float | None:
+        return statistics.median(self.tokens_seen) if self.tokens_seen else None
+
+    @property
+    def host_per_request(self) -> float | None:
+        return statistics.median(self.host_seen) if self.host_seen else None
 
     def pipelines(self, running: int) -> bool:
+        pays = self._pays(running)
+        if pays and self.pipelined_run >= self.probe_every:
+            pays = False  # a probe: whole, so the next step measures the host again
+        self.pipelined_run = self.pipelined_run + 1 if pays else 0
+        return pays
+
+    def _pays(self, running: int) -> bool:
         if running < self.min_running or self.steps_seen < self.min_steps or self.host_per_request is None:
             return False
         n, host = running * self.tokens_per_request, running * self.host_per_request
@@ -177,13 +201,13 @@ class PipelineWhenItPays:
             return
         self.steps_seen += 1
         decoders = len(decoding)
-        self.tokens_per_request = self._average(self.tokens_per_request,
-                                                sum(w.end - w.start for w in decoding) / decoders)
+        self._remember(self.tokens_seen, sum(w.end - w.start for w in decoding) / decoders)
         if host_s > 0:
-            self.host_per_request = self._average(self.host_per_request, host_s / decoders)
+            self._remember(self.host_seen, host_s / decoders)
 
-    def _average(self, old: float | None, new: float) -> float:
-        return new if old is None else old + self.rate * (new - old)
+    def _remember(self, seen: list[float], value: float) -> None:
+        seen.append(value)
+        del seen[:-self.window]
 
 
 def pipeline_rule(text: str, step_seconds: Callable[[float, int], float] | None = None) -> PipelineRule:

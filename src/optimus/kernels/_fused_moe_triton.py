@@ -121,7 +121,10 @@ def _down_kernel(ACT, W2, WEIGHTS, OUT, PAIRS, BLOCK_EXPERT, num_pairs, H, I,
              mask=valid[:, None] & col_ok[None, :])
 
 
-PAIRS_MAX = 64  # token-expert pairs up to which fused_moe_triton takes the GEMV path
+# Token-expert pairs up to which fused_moe_triton takes the GEMV path. H200, rotating routings
+# (moe_check): at 16 rows x top-8 pairs beat grouped on both MoE shapes (llada2-mini 0.180 vs
+# 0.223 ms, sdar-30b-a3b 0.241 vs 0.256); at 32 rows sdar-30b-a3b's grouped path wins (0.344 vs 0.411).
+PAIRS_MAX = 128
 
 
 @dataclass(frozen=True)
