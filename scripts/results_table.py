@@ -280,6 +280,21 @@ def policy_sweep(d: dict) -> list:
     return rows
 
 
+def pipeline_sweep(d: dict) -> list:
+    """Each policy whole, in halves (+pipeline) and where the latency curve says halves pay (+auto):
+    tok/s with wall time over device time in brackets."""
+    sweep = d.get("sweep", [])
+    cell = {(r["policy"], r["concurrency"]): f"{num(r['output_tok_s'])} ({r['wall_over_device']:.2f})" for r in sweep}
+    bases = list(dict.fromkeys(r["policy"].split("+")[0] for r in sweep))
+    rows = []
+    for n in sorted({r["concurrency"] for r in sweep}):
+        for base in bases:
+            modes = [cell.get((base + suffix, n), "-") for suffix in ("", "+pipeline", "+auto")]
+            if modes[1:] != ["-", "-"]:
+                rows.append((f"{requests(n)}, {base}: whole / halves / auto, tok/s (wall/device)", " / ".join(modes)))
+    return rows
+
+
 def serve_sweep(d: dict) -> list:
     rows = []
     pol = d.get("policies", {})
@@ -459,6 +474,10 @@ BENCHMARKS = [
     ("policy_sweep_real8b", "Policies across concurrency, real-8b acceptance regime (offline)",
      "As the policy sweep, replaying the `real-8b` regime (few commits per forward, as published 8B dLLMs; "
      "`--acceptance real-8b`), one run per point.", policy_sweep),
+    ("pipeline_sweep_real8b", "Pipelined half steps at high load, real-8b acceptance regime (offline)",
+     "`benchmarks/gpu_pipeline_sweep.sh` (`optimus bench offline --experiments surface,sweep --policies NAME,NAME+pipeline,"
+     "NAME+auto`): SDAR-8B shape, prompt 256, output 128, median of 3 runs; wall/device is a run's wall time over "
+     "its steps' device time.", pipeline_sweep),
     ("moe_check", "MoE shapes: fused MoE kernel and throughput",
      "`python -m optimus.bench.experiments.moe_check`: kernel accuracy, batch-1 expert time against the "
      "touched weights' bytes, schedule4 on llada2-mini and llada-8b.", moe_check),
