@@ -177,6 +177,9 @@ def moe_check(d: dict) -> list:
     for r in d.get("schedule4", []):
         rows.append((f"{shape(r['shape'])} 4 tokens/step {r['cache_mode']}, batch {r['batch']} (tok/s)",
                      num(r["output_tok_s"])))
+        if "step_floor_ms" in r:
+            rows.append((f"{shape(r['shape'])} batch {r['batch']}: mean step ms, x its weight-read floor",
+                         f"{r['mean_step_ms']:.2f}, {r['step_over_floor']:.2f}x"))
     return rows
 
 
@@ -479,8 +482,9 @@ BENCHMARKS = [
      "NAME+auto`): SDAR-8B shape, prompt 256, output 128, median of 3 runs; wall/device is a run's wall time over "
      "its steps' device time.", pipeline_sweep),
     ("moe_check", "MoE shapes: fused MoE kernel and throughput",
-     "`python -m optimus.bench.experiments.moe_check`: kernel accuracy, batch-1 expert time against the "
-     "touched weights' bytes, schedule4 on llada2-mini and llada-8b.", moe_check),
+     "`python -m optimus.bench.experiments.moe_check`: kernel accuracy; decode expert time over 20 rotating "
+     "routings per graph against the touched weights' bytes; the routed layer (router + experts) against its "
+     "weight-read floor; schedule4 on llada2-mini (with each step's weight-read floor at 4.8 TB/s) and llada-8b.", moe_check),
     ("sampling_throughput", "Sampled decoding against greedy",
      "`python -m optimus.bench.experiments.sampling_throughput`: random weights, every sampled request seeded "
      "(temperature 1, top-p 0.95), output tok/s.", sampling_throughput),

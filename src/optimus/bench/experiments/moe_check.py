@@ -192,11 +192,41 @@ def time_layer(shape: str = "llada2-mini", draws: int = 20) -> list[dict]:
     return rows
 
 
+def step_weight_bytes(shape: str, rows: int) -> float:
+    """Weight bytes (bf16) a step of ``rows`` rows must read at an MoE shape: every layer's
+    attention, the dense layers' MLPs, each sparse layer's router, shared expert and the experts
+    ``rows`` tokens touch on average (E (1 - (1 - k/E)^rows)), and the LM head (embedding lookups
+    and norms are negligible)."""
+    from optimus.models.shapes import SHAPES
+
+    c = SHAPES[shape]
+    h, layers, e, k = c["hidden_size"], c["num_hidden_layers"], c["num_experts"], c["num_experts_per_tok"]
+    inner, hd = c["moe_intermediate_size"], c["head_dim"]
+    dense = c.get("first_k_dense_replace", 0)
+    attention = 2 * h * c["num_attention_heads"] * hd + 2 * h * c["num_key_value_heads"] * hd
+    touched = e * (1 - (1 - k / e) ** rows)
+    sparse = (touched + c.get("num_shared_experts", 0)) * 3 * h * inner + e * h
+    params = layers * attention + dense * 3 * h * c["intermediate_size"] + (layers - dense) * sparse + c["vocab_size"] * h
+    return 2.0 * params
+
+
 def run_schedule4_shapes(shapes: list[str], batches: list[int]) -> list[dict]:
+    """schedule4 rows; at MoE shapes each row also gets its decode step's weight-read floor (a
+    step computes its requests' 32-position block windows: 32 rows a request)."""
     from optimus.bench.offline import Target, run_schedule4
 
     target = Target(device="cuda")
-    return [r for shape in shapes for r in run_schedule4(target, shape, batches)]
+    rows = [r for shape in shapes for r in run_schedule4(target, shape, batches)]
+    for r in rows:
+        if r["shape"] in MOE_SHAPES:
+            add_step_floor(r, hbm_bytes_per_s())
+    return rows
+
+
+def add_step_floor(row: dict, bytes_per_s: float) -> None:
+    weight_bytes = step_weight_bytes(row["shape"], 32 * row["batch"])
+    row["step_floor_ms"] = weight_bytes / bytes_per_s * 1e3
+    row["step_over_floor"] = row["mean_step_ms"] / row["step_floor_ms"]
 
 
 def main() -> int:
