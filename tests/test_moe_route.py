@@ -1,65 +1,75 @@
-"""The Triton router against models.moe.route: the same experts, in the same order, with the
-same combine weights, for LLaDA2.0's grouped sigmoid routing and Qwen3-MoE's softmax routing."""
+"""The Triton router (kernels/_moe_route_triton) against its torch reference: the same experts,
+in the same order, with the same combine weights, for LLaDA2.0's grouped sigmoid routing and
+Qwen3-MoE's softmax routing; and where the wrapper and the model's Router take it."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from optimus.models.moe import route
+from optimus.kernels.moe_route import MoeRouting, kernel_fits
+from optimus.kernels.reference import moe_route_reference
 from optimus.models.spec import MoEConfig
 
-LLADA2 = MoEConfig(num_experts=64, top_k=8, expert_size=8, layers=(1,), scoring="sigmoid", n_group=8,
-                   topk_group=4, scaling=2.5, expert_bias=True)
-QWEN3 = MoEConfig(num_experts=32, top_k=4, expert_size=8, layers=(0,), scoring="softmax")
+LLADA2 = MoeRouting(top_k=8, n_group=8, topk_group=4, softmax=False, scaling=2.5)  # at 64 experts
+QWEN3 = MoeRouting(top_k=4)  # at 32 experts
 
 
 @pytest.fixture
 def route_triton(triton_device):
-    from optimus.kernels._moe_route_triton import route_triton
+    from optimus.kernels._moe_route_triton import moe_route_triton
 
-    def run(logits: torch.Tensor, cfg: MoEConfig, bias: torch.Tensor | None):
-        dev = triton_device
-        return route_triton(logits.to(dev), None if bias is None else bias.to(dev), top_k=cfg.top_k,
-                            n_group=cfg.n_group, topk_group=cfg.topk_group, softmax=cfg.scoring == "softmax",
-                            norm_topk=cfg.norm_topk, scaling=cfg.scaling)
+    def run(logits: torch.Tensor, routing: MoeRouting, bias: torch.Tensor | None):
+        return moe_route_triton(logits.to(triton_device), None if bias is None else bias.to(triton_device), routing)
     return run
 
 
-@pytest.mark.parametrize("cfg", [LLADA2, QWEN3], ids=["grouped-sigmoid", "softmax"])
-def test_triton_route_matches_reference(route_triton, cfg) -> None:
+@pytest.mark.parametrize("routing,experts,biased", [(LLADA2, 64, True), (QWEN3, 32, False)],
+                         ids=["grouped-sigmoid", "softmax"])
+def test_triton_route_matches_reference(route_triton, routing, experts, biased) -> None:
     gen = torch.Generator().manual_seed(3)
-    logits = torch.randn(5, cfg.num_experts, generator=gen)
-    bias = torch.randn(cfg.num_experts, generator=gen) * 0.1 if cfg.expert_bias else None
-    weights, ids = route_triton(logits, cfg, bias)
-    want_w, want_ids = route(logits, cfg, bias)
+    logits = torch.randn(5, experts, generator=gen)
+    bias = torch.randn(experts, generator=gen) * 0.1 if biased else None
+    weights, ids = route_triton(logits, routing, bias)
+    want_w, want_ids = moe_route_reference(logits, bias, routing)
     assert ids.cpu().tolist() == want_ids.tolist()
     torch.testing.assert_close(weights.cpu(), want_w, atol=1e-6, rtol=1e-5)
 
 
 def test_ties_go_to_the_lower_expert_and_group(route_triton) -> None:
     """Equal scores everywhere: the stable reference keeps groups 0-3 and experts 0-7."""
-    logits = torch.zeros(2, LLADA2.num_experts)
+    logits = torch.zeros(2, 64)
     logits[1, 40] = 1.0  # one clear winner in group 5, the rest tied
-    bias = torch.zeros(LLADA2.num_experts)
+    bias = torch.zeros(64)
     weights, ids = route_triton(logits, LLADA2, bias)
-    want_w, want_ids = route(logits, LLADA2, bias)
+    want_w, want_ids = moe_route_reference(logits, bias, LLADA2)
     assert ids.cpu().tolist() == want_ids.tolist()
     assert ids.cpu()[0].tolist() == list(range(8))
     torch.testing.assert_close(weights.cpu(), want_w, atol=1e-6, rtol=1e-5)
 
 
-def test_router_takes_the_kernel_where_it_fits(triton_device) -> None:
-    from optimus.models.moe import Router, route_kernel_fits
+def test_kernel_fits_powers_of_two_only() -> None:
+    assert kernel_fits(256, MoeRouting(top_k=8, n_group=8, topk_group=4)) and kernel_fits(128, MoeRouting(top_k=8))
+    assert not kernel_fits(60, MoeRouting(top_k=8)) and not kernel_fits(64, MoeRouting(top_k=6))
 
-    assert route_kernel_fits(256, 8, 8) and route_kernel_fits(128, 1, 8)
-    assert not route_kernel_fits(60, 1, 8) and not route_kernel_fits(64, 8, 6)
-    router = Router(16, LLADA2).to(triton_device)
+
+def test_router_takes_the_kernel_in_inference(triton_device, monkeypatch) -> None:
+    from optimus.kernels import _moe_route_triton
+    from optimus.models.moe import Router
+
+    cfg = MoEConfig(num_experts=64, top_k=8, expert_size=8, layers=(1,), scoring="sigmoid", n_group=8,
+                    topk_group=4, scaling=2.5, expert_bias=True)
+    router = Router(16, cfg).to(triton_device)
     torch.nn.init.normal_(router.weight)
     torch.nn.init.normal_(router.expert_bias, std=0.1)
     x = torch.randn(3, 16, device=triton_device)
+    calls = []
+    kernel = _moe_route_triton.moe_route_triton
+    monkeypatch.setattr(_moe_route_triton, "moe_route_triton", lambda *a: calls.append(1) or kernel(*a))
     with torch.inference_mode():
         got_w, got_ids = router(x, "triton")
         want_w, want_ids = router(x, "torch")
+    router(x, "triton")  # gradients on: the reference (the kernel has no backward)
+    assert calls == [1]
     assert got_ids.tolist() == want_ids.tolist()
     torch.testing.assert_close(got_w, want_w, atol=1e-6, rtol=1e-5)

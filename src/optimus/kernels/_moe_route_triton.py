@@ -1,6 +1,6 @@
 """Triton MoE routing: router logits -> (combine weights, expert ids) in one launch.
 
-The torch reference is ``optimus.models.moe.route``; this kernel computes the same choice for
+The torch reference is ``reference.moe_route_reference`` (the contract: ``moe_route.py``); this kernel computes the same choice for
 every token in one program: scores (softmax or sigmoid), the bias shift, the group limit (a
 group scores the sum of its two best entries; the ``topk_group`` best groups stay), the top-k
 by repeated arg-max, and the gathered, normalised, scaled weights. At decode sizes the torch
@@ -63,17 +63,16 @@ def _route_kernel(LOGITS, BIAS, WEIGHTS, IDS, stride_lt, scaling, eps,
     tl.store(IDS + token * TOP_K + slots, chosen.to(tl.int64))
 
 
-def route_triton(logits: torch.Tensor, bias: torch.Tensor | None, *, top_k: int, n_group: int, topk_group: int,
-                 softmax: bool, norm_topk: bool, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [T, E] -> (weights [T, k] fp32, ids [T, k] int64), as ``models.moe.route``."""
+def moe_route_triton(logits: torch.Tensor, bias: torch.Tensor | None, routing) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [T, E] -> (weights [T, k] fp32, ids [T, k] int64) under ``routing`` (MoeRouting)."""
     t, e = logits.shape
-    groups = max(n_group, 1)
+    groups, k = max(routing.n_group, 1), routing.top_k
     logits = logits.contiguous()
-    weights = torch.empty(t, top_k, dtype=torch.float32, device=logits.device)
-    ids = torch.empty(t, top_k, dtype=torch.int64, device=logits.device)
-    norm = norm_topk and top_k > 1
-    _route_kernel[(t,)](logits, bias if bias is not None else logits, weights, ids, logits.stride(0), float(scaling),
-                        1e-20 if not softmax else 0.0, GROUPS=groups, PER_GROUP=e // groups,
-                        TOPK_GROUP=min(topk_group, groups) if groups > 1 else groups, TOP_K=top_k,
-                        SOFTMAX=softmax, HAS_BIAS=bias is not None, NORM=norm, num_warps=4)
+    weights = torch.empty(t, k, dtype=torch.float32, device=logits.device)
+    ids = torch.empty(t, k, dtype=torch.int64, device=logits.device)
+    _route_kernel[(t,)](logits, bias if bias is not None else logits, weights, ids, logits.stride(0),
+                        float(routing.scaling), 0.0 if routing.softmax else 1e-20,
+                        GROUPS=groups, PER_GROUP=e // groups, TOPK_GROUP=min(routing.topk_group, groups) if groups > 1 else 1,
+                        TOP_K=k, SOFTMAX=routing.softmax, HAS_BIAS=bias is not None,
+                        NORM=routing.norm_topk and k > 1, num_warps=4)
     return weights, ids

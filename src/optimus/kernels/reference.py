@@ -167,3 +167,37 @@ def fused_moe_reference(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, we
         out[rows] = y.float() * pair_w[rows, None]
         start += n
     return out.view(t, k, -1).sum(1).to(x.dtype)
+
+
+def top_k_stable(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest entries per row; ties go to the lower index (a stable sort),
+    so a routing decision never depends on the device's topk implementation."""
+    return torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
+
+
+def group_limit(choice: torch.Tensor, n_group: int, topk_group: int) -> torch.Tensor:
+    """Keep the experts of the ``topk_group`` best groups (a group scores the sum of its two
+    best entries, LLaDA2.0's rule), the rest become -inf. choice [T, E] fp32."""
+    t, e = choice.shape
+    grouped = choice.view(t, n_group, e // n_group)
+    group_scores = grouped.topk(min(2, e // n_group), dim=-1).values.sum(-1)
+    keep = torch.zeros_like(group_scores, dtype=torch.bool)
+    keep.scatter_(1, top_k_stable(group_scores, topk_group), True)
+    return grouped.masked_fill(~keep[:, :, None], float("-inf")).view(t, e)
+
+
+def moe_route_reference(logits: torch.Tensor, bias: torch.Tensor | None, routing) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router logits [T, E] -> (combine weights [T, k] fp32, expert ids [T, k] int64) under
+    ``routing`` (kernels.moe_route.MoeRouting). The bias (sigmoid routing) only shifts which
+    experts are chosen; the weights are the unbiased scores of the chosen experts."""
+    logits = logits.float()
+    scores = logits.softmax(-1) if routing.softmax else logits.sigmoid()
+    choice = scores if bias is None else scores + bias.float()
+    if routing.n_group > 1:
+        choice = group_limit(choice, routing.n_group, routing.topk_group)
+    ids = top_k_stable(choice, routing.top_k)
+    weights = scores.gather(1, ids)
+    if routing.norm_topk and routing.top_k > 1:
+        eps = 0.0 if routing.softmax else 1e-20
+        weights = weights / (weights.sum(-1, keepdim=True) + eps)
+    return weights * routing.scaling, ids

@@ -15,56 +15,23 @@ import torch.nn.functional as F
 
 from optimus import toggles
 from optimus.kernels.fused_moe import fused_moe
-from optimus.kernels.group_attention import resolve_backend
+from optimus.kernels.moe_route import MoeRouting, moe_route
 from optimus.models.layers import no_reduce
 from optimus.models.spec import MoEConfig
 
 _PROJ = ("gate_proj", "up_proj", "down_proj")
 
 
-def route_kernel_fits(num_experts: int, n_group: int, top_k: int) -> bool:
-    """Whether the Triton router's tile holds this routing: power-of-two group and expert
-    counts (the published MoE models' 128 and 256 experts, 8 groups, top-8)."""
-    groups = max(n_group, 1)
-    per_group = num_experts // groups
-    return (num_experts % groups == 0 and num_experts <= 1024
-            and all(n & (n - 1) == 0 for n in (groups, per_group, top_k)))
+def routing_of(cfg: MoEConfig) -> MoeRouting:
+    return MoeRouting(top_k=cfg.top_k, n_group=cfg.n_group, topk_group=cfg.topk_group,
+                      softmax=cfg.scoring == "softmax", norm_topk=cfg.norm_topk, scaling=cfg.scaling)
 
 
-def top_k_stable(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k largest entries per row; ties go to the lower index (a stable sort),
-    so a routing decision never depends on the device's topk implementation."""
-    return torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
-
-
-def group_limit(choice: torch.Tensor, n_group: int, topk_group: int) -> torch.Tensor:
-    """Keep the experts of the ``topk_group`` best groups (a group scores the sum of its two
-    best entries, LLaDA2.0's rule), the rest become -inf. choice [T, E] fp32."""
-    t, e = choice.shape
-    grouped = choice.view(t, n_group, e // n_group)
-    group_scores = grouped.topk(min(2, e // n_group), dim=-1).values.sum(-1)
-    keep = torch.zeros_like(group_scores, dtype=torch.bool)
-    keep.scatter_(1, top_k_stable(group_scores, topk_group), True)
-    return grouped.masked_fill(~keep[:, :, None], float("-inf")).view(t, e)
-
-
-def route(logits: torch.Tensor, cfg: MoEConfig, bias: torch.Tensor | None = None
-          ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Router logits [T, E] -> (combine weights [T, k] fp32, expert ids [T, k] int64).
-
-    The bias (sigmoid routing) only shifts which experts are chosen; the weights are the
-    unbiased scores of the chosen experts."""
-    logits = logits.float()
-    scores = logits.softmax(-1) if cfg.scoring == "softmax" else logits.sigmoid()
-    choice = scores if bias is None else scores + bias.float()
-    if cfg.n_group > 1:
-        choice = group_limit(choice, cfg.n_group, cfg.topk_group)
-    ids = top_k_stable(choice, cfg.top_k)
-    weights = scores.gather(1, ids)
-    if cfg.norm_topk and cfg.top_k > 1:
-        eps = 1e-20 if cfg.scoring == "sigmoid" else 0.0
-        weights = weights / (weights.sum(-1, keepdim=True) + eps)
-    return weights * cfg.scaling, ids
+def route(logits: torch.Tensor, cfg: MoEConfig, bias: torch.Tensor | None = None,
+          backend: str = "torch") -> tuple[torch.Tensor, torch.Tensor]:
+    """Router logits [T, E] -> (combine weights [T, k] fp32, expert ids [T, k] int64); the
+    torch reference unless ``backend`` says otherwise (kernels.moe_route)."""
+    return moe_route(logits, bias, routing_of(cfg), backend)
 
 
 class Router(nn.Module):
@@ -78,21 +45,12 @@ class Router(nn.Module):
         self.expert_bias = nn.Parameter(torch.zeros(cfg.num_experts), requires_grad=False) if cfg.expert_bias else None
 
     def forward(self, x: torch.Tensor, backend: str = "torch") -> tuple[torch.Tensor, torch.Tensor]:
-        """``backend`` as fused_moe's: "triton" routes in one kernel (_moe_route_triton) where
-        its tile fits the expert count, for inference; the result is the same as ``route``'s."""
+        """``backend`` as fused_moe's (kernels.moe_route: one Triton launch on CUDA)."""
         if self.cfg.scoring == "softmax":  # Qwen3-MoE: logits in the activation dtype
             logits = F.linear(x, self.weight)
         else:  # LLaDA2.0: the gate runs in fp32
             logits = F.linear(x.float(), self.weight.float())
-        cfg = self.cfg
-        if (resolve_backend(backend, x) == "triton" and not torch.is_grad_enabled()
-                and route_kernel_fits(cfg.num_experts, cfg.n_group, cfg.top_k)):
-            from optimus.kernels._moe_route_triton import route_triton
-
-            return route_triton(logits, self.expert_bias, top_k=cfg.top_k, n_group=cfg.n_group,
-                                topk_group=cfg.topk_group, softmax=cfg.scoring == "softmax",
-                                norm_topk=cfg.norm_topk, scaling=cfg.scaling)
-        return route(logits, cfg, self.expert_bias)
+        return route(logits, self.cfg, self.expert_bias, backend)
 
 
 class ExpertWeights(nn.Module):

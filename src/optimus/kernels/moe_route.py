@@ -1,0 +1,46 @@
+"""MoE routing: router logits -> (combine weights, expert ids).
+
+Backends: "torch" (reference.moe_route_reference: scores, bias, group limit, stable top-k,
+gathered and normalised weights; a dozen small launches), "triton" (_moe_route_triton: all of it
+in one launch where the expert tile fits, see ``kernel_fits``), "auto" (triton on CUDA when
+Triton imports). Both choose the same experts in the same order: ties go to the lower index.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from optimus.kernels.group_attention import resolve_backend
+from optimus.kernels.reference import moe_route_reference
+
+
+@dataclass(frozen=True)
+class MoeRouting:
+    top_k: int
+    n_group: int = 1  # > 1: only the topk_group best groups of experts may be chosen
+    topk_group: int = 1
+    softmax: bool = True  # scores: softmax over experts (Qwen3-MoE), else sigmoid (LLaDA2.0)
+    norm_topk: bool = True  # the chosen weights renormalised to sum to one
+    scaling: float = 1.0
+
+
+def kernel_fits(num_experts: int, routing: MoeRouting) -> bool:
+    """Whether the Triton kernel's [groups, experts per group] tile holds this routing: powers of
+    two (the published MoE models' 128 and 256 experts, 8 groups, top-8)."""
+    groups = max(routing.n_group, 1)
+    per_group = num_experts // groups
+    return (num_experts % groups == 0 and num_experts <= 1024
+            and all(n & (n - 1) == 0 for n in (groups, per_group, routing.top_k)))
+
+
+def moe_route(logits: torch.Tensor, bias: torch.Tensor | None, routing: MoeRouting,
+              backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [T, E], bias [E] or None -> (weights [T, k] fp32, ids [T, k] int64)."""
+    if (resolve_backend(backend, logits) == "triton" and not torch.is_grad_enabled()
+            and kernel_fits(logits.shape[1], routing)):
+        from optimus.kernels._moe_route_triton import moe_route_triton
+
+        return moe_route_triton(logits, bias, routing)
+    return moe_route_reference(logits, bias, routing)
