@@ -175,10 +175,11 @@ def moe_check(d: dict) -> list:
         rows.append((f"{shape(t['shape'])} routed layer, {t['T']} rows: ms, x its weight-read floor (torch routing ms)",
                      f"{t['layer_ms']:.3f}, {t['layer_over_floor']:.2f}x ({t['layer_torch_route_ms']:.3f})"))
     for r in d.get("schedule4", []):
-        rows.append((f"{shape(r['shape'])} 4 tokens/step {r['cache_mode']}, batch {r['batch']} (tok/s)",
+        graphs = "" if r.get("graph_max_tokens", "default") == "default" else f", graphs to {r['graph_max_tokens']} tokens"
+        rows.append((f"{shape(r['shape'])} 4 tokens/step {r['cache_mode']}{graphs}, batch {r['batch']} (tok/s)",
                      num(r["output_tok_s"])))
         if "step_floor_ms" in r:
-            rows.append((f"{shape(r['shape'])} batch {r['batch']}: mean step ms, x its weight-read floor",
+            rows.append((f"{shape(r['shape'])}{graphs} batch {r['batch']}: mean step ms, x its weight-read floor",
                          f"{r['mean_step_ms']:.2f}, {r['step_over_floor']:.2f}x"))
     return rows
 

@@ -164,12 +164,18 @@ def test_tiny_moe_shapes_build(shape, layers):
     assert torch.isfinite(logits).all()
 
 
-def test_tiny_llada2_mini_runs_schedule4():
-    """The offline benchmark's schedule4 (4 tokens/step, block 32) on a shrunk random MoE shape."""
+def test_tiny_llada2_mini_runs_schedule4(monkeypatch):
+    """The offline benchmark's schedule4 (4 tokens/step, block 32) on a shrunk random MoE shape;
+    engine options (moe_check's graph limit) reach the engine."""
     from optimus.bench.offline import Target, run_schedule4
 
-    rows = run_schedule4(Target(device="cpu", tiny=True), "llada2-mini", [2], prompt_len=16, gen_len=32)
+    built = []
+    make_llm = Target.llm
+    monkeypatch.setattr(Target, "llm", lambda *a, **kw: built.append(make_llm(*a, **kw)) or built[-1])
+    rows = run_schedule4(Target(device="cpu", tiny=True), "llada2-mini", [2], prompt_len=16, gen_len=32,
+                         graph_max_tokens=2048)
     assert len(rows) == 1 and rows[0]["output_tokens"] == 2 * 32 and rows[0]["output_tok_s"] > 0
+    assert built[0].engine.config.runner.graph_max_tokens == 2048
 
 
 # ------------------------------------------------------------------ engine and kernel paths

@@ -161,16 +161,17 @@ def run_surface(target: Target, shape: str, batches, chunks, context: int, profi
 
 
 def run_schedule4(target: Target, shape: str, batches, prompt_len=256, gen_len=256,
-                  cache_modes=("auto",)) -> list[dict]:
+                  cache_modes=("auto",), **options) -> list[dict]:
     """``cache_modes``: full-attention shapes run once per mode; each row reports the share of
-    step time spent in steps that hold a whole-sequence refresh."""
+    step time spent in steps that hold a whole-sequence refresh. ``options``: more engine
+    options (e.g. ``graph_max_tokens``)."""
     params = SamplingParams(max_tokens=gen_len, rule="topk", tokens_per_step=4, ignore_eos=True)
     rows = []
     for mode in cache_modes:
         # Budget for a whole batch's refresh in one step, as the published loop runs it.
         budget = max(4096, max(batches) * (prompt_len + gen_len))
         llm = target.llm(shape, "fixed:32", max_running=max(batches), block_size=32, cache_mode=mode,
-                         max_tokens_per_step=budget)
+                         max_tokens_per_step=budget, **options)
         for b in batches:
             r = timed_generate(llm, b, prompt_len, gen_len, params, full_warmup=True)
             r.update(shape=shape, policy="fixed:32", schedule="4 tokens/step",

@@ -210,14 +210,18 @@ def step_weight_bytes(shape: str, rows: int) -> float:
     return 2.0 * params
 
 
-def run_schedule4_shapes(shapes: list[str], batches: list[int]) -> list[dict]:
+def run_schedule4_shapes(shapes: list[str], batches: list[int], graph_max_tokens: int | None = None) -> list[dict]:
     """schedule4 rows; at MoE shapes each row also gets its decode step's weight-read floor (a
-    step computes its requests' 32-position block windows: 32 rows a request)."""
+    step computes its requests' 32-position block windows: 32 rows a request). A batch-32 step
+    (1,024 rows) is past the default graph limit (512 tokens) and runs eagerly: on llada2-mini
+    that is ~1,300 launches a step, host-bound; ``graph_max_tokens`` serves it from a graph."""
     from optimus.bench.offline import Target, run_schedule4
 
     target = Target(device="cuda")
-    rows = [r for shape in shapes for r in run_schedule4(target, shape, batches)]
+    options = {} if graph_max_tokens is None else {"graph_max_tokens": graph_max_tokens}
+    rows = [r for shape in shapes for r in run_schedule4(target, shape, batches, **options)]
     for r in rows:
+        r["graph_max_tokens"] = graph_max_tokens or "default"
         if r["shape"] in MOE_SHAPES:
             add_step_floor(r, hbm_bytes_per_s())
     return rows
@@ -237,6 +241,9 @@ def main() -> int:
                              "merges its sections into DIR/moe_check.json, so parts can run as separate commands")
     parser.add_argument("--schedule4-shapes", default="llada2-mini,llada-8b")
     parser.add_argument("--batches", default="1,8,32")
+    parser.add_argument("--graph-max-tokens", type=int, default=None,
+                        help="schedule4 engines serve steps up to this many tokens from CUDA graphs (default: the "
+                             "engine's); rows from another limit are kept beside these")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("moe_check needs CUDA")
@@ -274,8 +281,10 @@ def main() -> int:
     if "schedule4" in parts:
         print("schedule4:")
         shapes = args.schedule4_shapes.split(",")
-        rows = run_schedule4_shapes(shapes, [int(b) for b in args.batches.split(",")])
-        result["schedule4"] = [r for r in result.get("schedule4", []) if r["shape"] not in shapes] + rows
+        rows = run_schedule4_shapes(shapes, [int(b) for b in args.batches.split(",")], args.graph_max_tokens)
+        limit = args.graph_max_tokens or "default"
+        result["schedule4"] = [r for r in result.get("schedule4", [])
+                               if r["shape"] not in shapes or r.get("graph_max_tokens", "default") != limit] + rows
         save()
     print(f"wrote {path} ({result['meta']['wall_s']} s)")
     return 0 if ok else 1
