@@ -1,7 +1,7 @@
 """Triton MoE routing: router logits -> (combine weights, expert ids) in one launch.
 
-The torch reference is ``reference.moe_route_reference`` (the contract: ``moe_route.py``); this kernel computes the same choice for
-every token in one program: scores (softmax or sigmoid), the bias shift, the group limit (a
+The torch reference is ``reference.moe_route_reference`` (the contract: ``moe_route.py``); this
+kernel computes the same choice for every token in one program: scores (softmax or sigmoid), the bias shift, the group limit (a
 group scores the sum of its two best entries; the ``topk_group`` best groups stay), the top-k
 by repeated arg-max, and the gathered, normalised, scaled weights. At decode sizes the torch
 version is a dozen small launches per layer (sort, topk, scatter, masked fill...), each costing
