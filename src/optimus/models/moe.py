@@ -39,7 +39,7 @@ class Router(nn.Module):
 
     def __init__(self, hidden: int, cfg: MoEConfig) -> None:
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.routing = cfg, routing_of(cfg)
         self.weight = nn.Parameter(torch.empty(cfg.num_experts, hidden))
         # A parameter (not a buffer) so random-weight models initialise it; it is never trained.
         self.expert_bias = nn.Parameter(torch.zeros(cfg.num_experts), requires_grad=False) if cfg.expert_bias else None
@@ -50,7 +50,7 @@ class Router(nn.Module):
             logits = F.linear(x, self.weight)
         else:  # LLaDA2.0: the gate runs in fp32
             logits = F.linear(x.float(), self.weight.float())
-        return route(logits, self.cfg, self.expert_bias, backend)
+        return moe_route(logits, self.expert_bias, self.routing, backend)
 
 
 class ExpertWeights(nn.Module):

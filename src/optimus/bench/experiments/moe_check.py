@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
 from pathlib import Path
@@ -116,8 +117,8 @@ PAIR_VARIANTS = (PairTiles(), PairTiles(32, 32, 128), PairTiles(16, 16, 256), Pa
 def _rotating(fn, cases: list):
     """A call of ``fn`` on the next case each time: time_graph_ms captures 20 calls, each on its
     own routing, so no call finds the last one's expert weights in L2 (50 MB on an H200)."""
-    turn = iter(range(1 << 30))
-    return lambda: fn(*cases[next(turn) % len(cases)])
+    turn = itertools.cycle(cases)
+    return lambda: fn(*next(turn))
 
 # Grouped-path tiles timed beside the default at 8 rows and more (block_m, n, k, warps, stages).
 GROUPED_VARIANTS = (MoeTiles(16, 64, 128, 4, 4), MoeTiles(16, 128, 64, 4, 4), MoeTiles(16, 32, 128, 4, 4),
