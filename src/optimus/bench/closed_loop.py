@@ -31,7 +31,7 @@ def run_closed_loop(engine, prompts: Sequence[Sequence[int]], params: SamplingPa
     pending = list(enumerate(prompts))[::-1]
     live: dict[str, _Live] = {}
     ttfts, tpots, tokens = [], [], 0
-    s0 = (engine.stats.steps, engine.stats.step_latency_sum_s)
+    s0 = (engine.stats.steps, engine.stats.step_latency_sum_s, engine.stats.graph_capture_s)
     start = time.perf_counter()
 
     def admit() -> None:
@@ -65,6 +65,7 @@ def run_closed_loop(engine, prompts: Sequence[Sequence[int]], params: SamplingPa
     steps = engine.stats.steps - s0[0]
     return {"requests": len(prompts), "output_tokens": tokens, "wall_s": wall, "output_tok_s": tokens / wall,
             "steps": steps, "mean_step_ms": 1e3 * (engine.stats.step_latency_sum_s - s0[1]) / max(steps, 1),
+            "graph_capture_s": engine.stats.graph_capture_s - s0[2],
             **percentiles_ms("ttft", ttfts), **percentiles_ms("tpot", tpots)}
 
 

@@ -110,11 +110,12 @@ def _http_row(args, url: str, options: RequestOptions, pool: ClientPool, n: int,
     result = compute_metrics(results, duration, SLO(), (50.0, 99.0))
     steps = counters.get("optimus_engine_steps_total", 0.0)
     step_s = counters.get("optimus_engine_step_seconds_total", 0.0)
+    capture_s = counters.get("optimus_graph_capture_seconds_total", 0.0)
     return {"requests": len(results), "failed": result["failed"], "output_tokens": result["total_output_tokens"],
             "wall_s": duration, "output_tok_s": result["output_throughput"],
             "p50_ttft_ms": result["p50_ttft_ms"], "p99_ttft_ms": result["p99_ttft_ms"],
             "p50_tpot_ms": result["p50_tpot_ms"], "p99_tpot_ms": result["p99_tpot_ms"],
-            "steps": int(steps), "mean_step_ms": 1e3 * step_s / steps if steps else 0.0,
+            "steps": int(steps), "mean_step_ms": 1e3 * step_s / steps if steps else 0.0, "graph_capture_s": capture_s,
             "client_procs": min(pool.procs, max(1, n // 64)),
             "errors": sorted({r.error for r in results if r.error})[:3]}
 
@@ -125,12 +126,13 @@ def _requests(count: int, args, vocab: int, seed: int) -> list[SampleRequest]:
 
 def table(rows: list[dict]) -> str:
     head = (f"{'policy':9s} {'N':>5s} {'engine tok/s':>13s} {'http tok/s':>11s} {'http/engine':>11s} "
-            f"{'step ms eng/http':>17s} {'TTFT p50/p99 ms (http)':>23s} {'TPOT p50/p99 ms (http)':>23s} failed")
+            f"{'step ms eng/http':>17s} {'capture s eng/http':>18s} {'TTFT p50/p99 ms (http)':>23s} {'TPOT p50/p99 ms (http)':>23s} failed")
     lines = [head]
     for r in rows:
         e, h = r["inprocess"], r["http"]
         lines.append(f"{r['policy']:9s} {r['concurrency']:5d} {e['output_tok_s']:13.0f} {h['output_tok_s']:11.0f} "
                      f"{r['http_over_engine']:11.3f} {e['mean_step_ms']:8.2f}/{h['mean_step_ms']:<8.2f} "
+                     f"{e['graph_capture_s']:8.2f}/{h['graph_capture_s']:<9.2f} "
                      f"{h['p50_ttft_ms']:11.1f}/{h['p99_ttft_ms']:<11.1f} {h['p50_tpot_ms']:11.2f}/"
                      f"{h['p99_tpot_ms']:<11.2f} {h['failed']}")
     return "\n".join(lines)

@@ -74,9 +74,10 @@ class EngineMetrics:
     last_step_started: float | None = None  # None between steps
     last_step_latency_s: float = 0.0
     step_latency_sum_s: float = 0.0  # wall time of every step so far
+    graph_capture_s: float = 0.0  # one-time CUDA-graph captures so far, inside the step times above
 
     @classmethod
     def of(cls, stats: EngineStats, step_started: float | None) -> "EngineMetrics":
         return cls(stats.running, stats.waiting, stats.kv_usage, stats.steps, stats.tokens_computed,
                    stats.tokens_committed, dict(stats.chunk_size_counts), step_started,
-                   stats.last_step_latency_s, stats.step_latency_sum_s)
+                   stats.last_step_latency_s, stats.step_latency_sum_s, stats.graph_capture_s)

@@ -90,4 +90,5 @@ def merged_metrics(views: Iterable[ReplicaView]):
         tokens_computed=sum(m.tokens_computed for m in snaps),
         tokens_committed=sum(m.tokens_committed for m in snaps), chunk_size_counts=chunks,
         last_step_started=None, last_step_latency_s=max(m.last_step_latency_s for m in snaps),
-        step_latency_sum_s=sum(m.step_latency_sum_s for m in snaps))
+        step_latency_sum_s=sum(m.step_latency_sum_s for m in snaps),
+        graph_capture_s=sum(m.graph_capture_s for m in snaps))

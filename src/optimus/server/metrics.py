@@ -51,6 +51,8 @@ class EngineCollector:
                                          m and m.tokens_committed),
             "optimus_engine_step_seconds": ("wall time of the engine's steps (/ steps: the mean step)",
                                             m and m.step_latency_sum_s),
+            "optimus_graph_capture_seconds": ("one-time CUDA-graph captures, inside the step wall time",
+                                              m and m.graph_capture_s),
         }
         for name, (doc, value) in counters.items():
             yield CounterMetricFamily(name, doc, value=float(value or 0))
