@@ -126,7 +126,8 @@ def _requests(count: int, args, vocab: int, seed: int) -> list[SampleRequest]:
 
 def table(rows: list[dict]) -> str:
     head = (f"{'policy':9s} {'N':>5s} {'engine tok/s':>13s} {'http tok/s':>11s} {'http/engine':>11s} "
-            f"{'step ms eng/http':>17s} {'capture s eng/http':>18s} {'TTFT p50/p99 ms (http)':>23s} {'TPOT p50/p99 ms (http)':>23s} failed")
+            f"{'step ms eng/http':>17s} {'capture s eng/http':>18s} {'TTFT p50/p99 ms (http)':>23s} "
+            f"{'TPOT p50/p99 ms (http)':>23s} failed")
     lines = [head]
     for r in rows:
         e, h = r["inprocess"], r["http"]
