@@ -12,7 +12,7 @@
 # (--replay-acceptance); elastic plans on the card's committed latency profile. CUDA graphs are
 # captured in each concurrency's unmeasured wave (precapturing every bucket up to 1024 running
 # requests would take minutes). Each policy's http_vs_engine.json / .png and table land in
-# $OUT/<policy>.
+# $OUT/<policy> (or $OUT/$TAG). ENGINE_ARGS adds engine flags to both runs, LIMIT_S bounds the call.
 #
 # Needs pyzmq and msgpack besides the server stack: wheels in .whl/ (gitignored; carry it) are
 # installed into a scratch folder only if an import fails.
@@ -27,6 +27,9 @@ PROFILE=${PROFILE:-benchmarks/results/$CARD/latency_surface/latest.json}
 PROFILE_ARG=""
 [ -f "$PROFILE" ] && PROFILE_ARG="--profile-path $PROFILE"
 SERVER_ARGS=${SERVER_ARGS:-}
+ENGINE_ARGS=${ENGINE_ARGS:-}  # more engine flags for both runs, e.g. "--graph-capture all"
+TAG=${TAG:-${POLICY//:/}}  # $OUT/<TAG> holds this call's results
+LIMIT_S=${LIMIT_S:-590}
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 PYTHONPATH=src
 STACK="import fastapi, uvicorn, prometheus_client, httpx, zmq, msgpack"
@@ -36,11 +39,11 @@ if ! "$PY" -c "$STACK" 2>/dev/null; then
   export PYTHONPATH=src:/tmp/optimus-site
 fi
 timeout 60 "$PY" -c "$STACK, torch; print('torch', torch.__version__, 'zmq', zmq.__version__)" || exit 1
-DIR="$OUT/${POLICY//:/}"
+DIR="$OUT/$TAG"
 mkdir -p "$DIR"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$DIR/gpu.txt"
-timeout 590 "$PY" -m optimus.cli bench http --model "$MODEL" --policies "$POLICY" --concurrency "$CONCURRENCY" \
+timeout "$LIMIT_S" "$PY" -m optimus.cli bench http --model "$MODEL" --policies "$POLICY" --concurrency "$CONCURRENCY" \
   --input-len 256 --output-len 256 --waves 2 --startup-timeout 240 \
-  --engine-args "--replay-acceptance $ACCEPTANCE $PROFILE_ARG --max-running 1024 --max-waiting 1024" \
+  --engine-args "--replay-acceptance $ACCEPTANCE $PROFILE_ARG --max-running 1024 --max-waiting 1024 $ENGINE_ARGS" \
   --server-args "$SERVER_ARGS" --out "$DIR" 2>&1 | tee "$DIR/bench.log"
 tar czf "$DIR/server_logs.tar.gz" -C "$DIR" logs && rm -r "$DIR/logs"

@@ -1,6 +1,7 @@
 """CUDA-graph buckets (CPU-checkable part): the keys pre-captured at start-up cover every
 decoding step the engine actually runs, whatever the policy and however requests come and go."""
 
+import itertools
 import random
 
 import pytest
@@ -53,3 +54,60 @@ def test_decode_keys_are_exactly_the_reachable_buckets():
     keys = decode_keys(64, 6, 16)
     assert set(keys) == reachable and len(keys) == len(reachable)
     assert keys == sorted(keys, reverse=True)  # largest first: the shared pool is sized once
+
+
+
+def _graphed_body(capture_prompt_steps: bool):
+    from optimus.executor.cuda_graphs import GraphedBody
+
+    llm = LLM(loaded=tiny_loaded("sdar"), policy="fixed:8", device="cpu", num_pages=64, page_size=4,
+              block_size=BLOCK, max_running=MAX_RUNNING)
+    engine = llm.engine
+    return GraphedBody(engine.runner.model, engine.storage, "torch", MAX_TOKENS, MAX_RUNNING, max_pages=16,
+                       capture_prompt_steps=capture_prompt_steps)
+
+
+def _batch(rows_per_request: list[int]):
+    import torch
+    from optimus.executor.runner import StepBatch
+
+    t, r = sum(rows_per_request), len(rows_per_request)
+    cu = torch.tensor([0, *itertools.accumulate(rows_per_request)], dtype=torch.int32)
+    return StepBatch(torch.zeros(t, dtype=torch.long), torch.zeros(t, dtype=torch.long),
+                     torch.zeros(t, dtype=torch.int32), torch.full((t,), -1), cu,
+                     torch.zeros(r, dtype=torch.int32), torch.zeros((r, 4), dtype=torch.int32),
+                     torch.zeros(0, dtype=torch.long), max_q_len=max(rows_per_request))
+
+
+def test_steps_carrying_a_prompt_capture_nothing():
+    """By default a step with a prompt piece replays only a bucket already captured (else it
+    runs eagerly): arrivals mixing prompts into decoding steps cannot stall the loop on
+    captures. Decoding steps (refreshes included) capture any bucket that fits."""
+    body = _graphed_body(capture_prompt_steps=False)
+    step, too_big = _batch([20, 1, 3]), _batch([MAX_TOKENS - 2, 3])
+    assert body.fits(step, carries_prompt=False) and not body.fits(step, carries_prompt=True)
+    assert not body.fits(too_big, carries_prompt=False)
+    body.graphs[body.key(step)] = None  # as if captured before: a known bucket replays
+    assert body.fits(step, carries_prompt=True)
+    anything = _graphed_body(capture_prompt_steps=True)
+    assert anything.fits(step, carries_prompt=True) and not anything.fits(too_big, carries_prompt=True)
+
+
+@pytest.mark.parametrize("family,cache_mode,prefills", [("sdar", "auto", True), ("llada", "prefix-cache", False),
+                                                        ("llada", "dual-cache", False)])
+def test_only_prefill_steps_carry_a_prompt(family, cache_mode, prefills):
+    """A block-causal model prefills its prompt in steps of their own kind; a full-attention
+    model's cache schemes compute the prompt in block-start refreshes, which are decoding
+    steps (their buckets recur with the sequence length, and capture)."""
+    llm = LLM(loaded=tiny_loaded(family), policy="fixed:4", device="cpu", num_pages=256, page_size=4,
+              block_size=BLOCK, max_running=MAX_RUNNING, cache_mode=cache_mode)
+    carried, run = [], llm.engine.runner.run
+
+    def recording_run(plan, *args, **kwargs):
+        carried.append(plan.carries_prompt)
+        return run(plan, *args, **kwargs)
+
+    llm.engine.runner.run = recording_run
+    llm.generate([list(range(5, 25))], SamplingParams(max_tokens=12, ignore_eos=True))
+    assert len(carried) > 3 and not any(carried[1:])
+    assert carried[0] is prefills

@@ -72,9 +72,16 @@ class RunnerConfig:
     graph_precapture: bool = _opt(False, "capture the CUDA graph of every decoding bucket at start-up (~10 s "
                                          "more at 8B and a cold Triton cache's compiles) instead of on first "
                                          "use, so no step stalls on a capture while serving or timing")
+    graph_capture: str = _opt("decode", "which steps capture a CUDA graph for a bucket met the first time: decode "
+                                        "(steps without a prompt piece; one carrying a prompt replays a captured "
+                                        "bucket or runs eagerly, so arrivals mixing prompts into decoding steps "
+                                        "cause no captures while serving) | all (also steps carrying a prompt)",
+                              choices=("decode", "all"))
 
     def __post_init__(self) -> None:
         check_pipeline(self.pipeline)
+        if self.graph_capture not in ("decode", "all"):
+            raise ValueError(f"graph_capture: expected decode or all, got {self.graph_capture!r}")
 
 
 def check_pipeline(text: str) -> None:

@@ -25,6 +25,11 @@ class RequestWork:
     refresh: bool = False  # a block-start forward over the whole sequence (cache schemes)
 
     @property
+    def prompt_piece(self) -> bool:
+        """Prefill rows of the prompt (a refresh recomputes the sequence but is not one)."""
+        return self.window is None and not self.refresh
+
+    @property
     def final_end(self) -> int:
         return self.store_end if self.final is None else self.final
 
@@ -36,6 +41,10 @@ class RequestWork:
 @dataclass
 class StepPlan:
     works: list[RequestWork]
+
+    @property
+    def carries_prompt(self) -> bool:
+        return any(w.prompt_piece for w in self.works)
 
     @property
     def num_tokens(self) -> int:

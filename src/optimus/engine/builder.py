@@ -154,7 +154,8 @@ def _graphs(config: EngineConfig, spec: ModelSpec, model, storage: KVCacheStorag
     from optimus.executor.cuda_graphs import GraphedBody
     max_pages = min(num_pages, -(-spec.arch.max_position // config.cache.page_size))
     graphs = GraphedBody(model, storage, rc.attention_backend, rc.graph_max_tokens,
-                         config.scheduler.max_running, max_pages, cache_only)
+                         config.scheduler.max_running, max_pages, cache_only,
+                         capture_prompt_steps=rc.graph_capture == "all")
     if rc.graph_precapture:
         # A decoding request runs at most a stored block plus a window (two blocks of rows);
         # a causal one, its one new token.

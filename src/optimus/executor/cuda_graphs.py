@@ -3,8 +3,10 @@
 A step's tensors are copied into static buffers padded to the bucket: padded requests own
 no rows (``cu_q`` repeats), padded rows belong to no request, are never stored (slot -1)
 and are never read. The LM head runs eagerly on the gathered rows only, so the graph key
-needs no logit-row count. Graphs are captured lazily on first use, or all decode buckets at
-start-up (``precapture``), and share one pool.
+needs no logit-row count. Graphs are captured on first use, or all decode buckets at start-up
+(``precapture``), and share one pool. A step carrying a prompt piece captures nothing (unless
+``capture_prompt_steps``): it replays a bucket already captured or runs eagerly, so the
+captures met while serving do not grow with the ways arrivals mix prompts into steps.
 """
 
 from __future__ import annotations
@@ -54,9 +56,10 @@ class _Graph:
 
 class GraphedBody:
     def __init__(self, model: DecoderLM, storage: KVCacheStorage, attention_backend: str,
-                 max_tokens: int, max_requests: int, max_pages: int, cache_only: bool = False) -> None:
+                 max_tokens: int, max_requests: int, max_pages: int, cache_only: bool = False,
+                 capture_prompt_steps: bool = False) -> None:
         self.model, self.storage, self.attention_backend = model, storage, attention_backend
-        self.cache_only = cache_only
+        self.cache_only, self.capture_prompt_steps = cache_only, capture_prompt_steps
         self.max_tokens, self.max_requests = _bucket(max_tokens, 8), _bucket(max_requests + 1)
         self.request_limit = max_requests
         dev = next(model.parameters()).device
@@ -72,9 +75,12 @@ class GraphedBody:
         self.pool = None
         self.capture_s = 0.0  # host seconds spent capturing, in total
 
-    def fits(self, batch: StepBatch) -> bool:
-        return (batch.input_ids.numel() <= self.max_tokens and batch.cu_q.numel() - 1 < self.max_requests
-                and batch.page_table.shape[1] <= self.page_table.shape[1])
+    def fits(self, batch: StepBatch, carries_prompt: bool = False) -> bool:
+        """Whether ``batch`` replays from a graph (captured first if its bucket is new)."""
+        if not (batch.input_ids.numel() <= self.max_tokens and batch.cu_q.numel() - 1 < self.max_requests
+                and batch.page_table.shape[1] <= self.page_table.shape[1]):
+            return False
+        return not carries_prompt or self.capture_prompt_steps or self.key(batch) in self.graphs
 
     def key(self, batch: StepBatch) -> tuple[int, int, int]:
         return step_key(batch.input_ids.numel(), batch.cu_q.numel() - 1, batch.max_q_len)

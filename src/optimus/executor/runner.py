@@ -247,8 +247,8 @@ class ModelRunner:
         """Host seconds spent capturing CUDA graphs so far (a one-time cost per bucket)."""
         return self.graphs.capture_s if self.graphs is not None else 0.0
 
-    def forward(self, batch: StepBatch) -> torch.Tensor:
-        if self.graphs is not None and self.graphs.fits(batch):
+    def forward(self, batch: StepBatch, carries_prompt: bool = False) -> torch.Tensor:
+        if self.graphs is not None and self.graphs.fits(batch, carries_prompt):
             return self.graphs.run(batch)
         backend = PagedBackend(self.storage, batch, self.attention_backend, self.cache_only)
         return self.model(batch.input_ids, batch.positions, backend)
@@ -263,7 +263,7 @@ class ModelRunner:
         self.last_build_s = time.perf_counter() - t0
         if on_built is not None:
             on_built()
-        hidden = self.forward(batch)
+        hidden = self.forward(batch, plan.carries_prompt)
         return hidden[batch.logit_rows], wants
 
     @torch.inference_mode()
