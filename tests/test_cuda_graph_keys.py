@@ -67,7 +67,7 @@ def _graphed_body(capture_prompt_steps: bool):
                        capture_prompt_steps=capture_prompt_steps)
 
 
-def _batch(rows_per_request: list[int]):
+def _batch(rows_per_request: list[int], carries_prompt: bool = False):
     import torch
     from optimus.executor.runner import StepBatch
 
@@ -76,7 +76,7 @@ def _batch(rows_per_request: list[int]):
     return StepBatch(torch.zeros(t, dtype=torch.long), torch.zeros(t, dtype=torch.long),
                      torch.zeros(t, dtype=torch.int32), torch.full((t,), -1), cu,
                      torch.zeros(r, dtype=torch.int32), torch.zeros((r, 4), dtype=torch.int32),
-                     torch.zeros(0, dtype=torch.long), max_q_len=max(rows_per_request))
+                     torch.zeros(0, dtype=torch.long), max_q_len=max(rows_per_request), carries_prompt=carries_prompt)
 
 
 def test_steps_carrying_a_prompt_capture_nothing():
@@ -84,13 +84,13 @@ def test_steps_carrying_a_prompt_capture_nothing():
     runs eagerly): arrivals mixing prompts into decoding steps cannot stall the loop on
     captures. Decoding steps (refreshes included) capture any bucket that fits."""
     body = _graphed_body(capture_prompt_steps=False)
-    step, too_big = _batch([20, 1, 3]), _batch([MAX_TOKENS - 2, 3])
-    assert body.fits(step, carries_prompt=False) and not body.fits(step, carries_prompt=True)
-    assert not body.fits(too_big, carries_prompt=False)
-    body.graphs[body.key(step)] = None  # as if captured before: a known bucket replays
-    assert body.fits(step, carries_prompt=True)
+    decode, prompt = _batch([20, 1, 3]), _batch([20, 1, 3], carries_prompt=True)
+    too_big = _batch([MAX_TOKENS - 2, 3])
+    assert body.fits(decode) and not body.fits(prompt) and not body.fits(too_big)
+    body.graphs[body.key(prompt)] = None  # as if captured before: a known bucket replays
+    assert body.fits(prompt)
     anything = _graphed_body(capture_prompt_steps=True)
-    assert anything.fits(step, carries_prompt=True) and not anything.fits(too_big, carries_prompt=True)
+    assert anything.fits(prompt) and not anything.fits(too_big)
 
 
 @pytest.mark.parametrize("family,cache_mode,prefills", [("sdar", "auto", True), ("llada", "prefix-cache", False),

@@ -75,12 +75,12 @@ class GraphedBody:
         self.pool = None
         self.capture_s = 0.0  # host seconds spent capturing, in total
 
-    def fits(self, batch: StepBatch, carries_prompt: bool = False) -> bool:
+    def fits(self, batch: StepBatch) -> bool:
         """Whether ``batch`` replays from a graph (captured first if its bucket is new)."""
         if not (batch.input_ids.numel() <= self.max_tokens and batch.cu_q.numel() - 1 < self.max_requests
                 and batch.page_table.shape[1] <= self.page_table.shape[1]):
             return False
-        return not carries_prompt or self.capture_prompt_steps or self.key(batch) in self.graphs
+        return not batch.carries_prompt or self.capture_prompt_steps or self.key(batch) in self.graphs
 
     def key(self, batch: StepBatch) -> tuple[int, int, int]:
         return step_key(batch.input_ids.numel(), batch.cu_q.numel() - 1, batch.max_q_len)

@@ -31,6 +31,7 @@ class StepBatch:
     page_table: torch.Tensor  # [R, max_pages] int32
     logit_rows: torch.Tensor  # [M] int64 rows of the step whose logits are needed
     max_q_len: int
+    carries_prompt: bool = False  # a request prefills prompt rows in this step
 
 
 @dataclass(frozen=True)
@@ -239,7 +240,7 @@ class ModelRunner:
         groups_d, cu_d, lens_d, table_d = self.staging.upload((groups, cu, visible, table), np.int32)
         batch = StepBatch(input_ids=ids_d, positions=pos_d, groups=groups_d, slots=slots_d, cu_q=cu_d,
                           cache_lens=lens_d, page_table=table_d, logit_rows=logit_d,
-                          max_q_len=int(lens.max()) if n else 1)
+                          max_q_len=int(lens.max()) if n else 1, carries_prompt=plan.carries_prompt)
         return batch, wants
 
     @property
@@ -247,8 +248,8 @@ class ModelRunner:
         """Host seconds spent capturing CUDA graphs so far (a one-time cost per bucket)."""
         return self.graphs.capture_s if self.graphs is not None else 0.0
 
-    def forward(self, batch: StepBatch, carries_prompt: bool = False) -> torch.Tensor:
-        if self.graphs is not None and self.graphs.fits(batch, carries_prompt):
+    def forward(self, batch: StepBatch) -> torch.Tensor:
+        if self.graphs is not None and self.graphs.fits(batch):
             return self.graphs.run(batch)
         backend = PagedBackend(self.storage, batch, self.attention_backend, self.cache_only)
         return self.model(batch.input_ids, batch.positions, backend)
@@ -263,7 +264,7 @@ class ModelRunner:
         self.last_build_s = time.perf_counter() - t0
         if on_built is not None:
             on_built()
-        hidden = self.forward(batch, plan.carries_prompt)
+        hidden = self.forward(batch)
         return hidden[batch.logit_rows], wants
 
     @torch.inference_mode()
