@@ -165,12 +165,14 @@ def test_keep_best_ends_on_the_lowest_held_out_loss(base, tmp_path):
     write_dataset(_convs(40), tmp_path / "data", SelfChatConfig(val_every=10), _ids(), seq_len=64, block=8)
     out = tmp_path / "converted"
     main(["fit", "--data", str(tmp_path / "data"), "--out", str(out), "--base", str(base), "--lora-rank", "4",
-          "--block", "4", "--seq-len", "64", "--batch-size", "2", "--steps", "4", "--warmup", "1", "--lr", "0.3",
+          "--block", "4", "--seq-len", "64", "--batch-size", "2", "--steps", "3", "--warmup", "1", "--lr", "1.0",
           "--device", "cpu", "--no-compile", "--attention", "mask", "--val-every", "1", "--keep-best"])
     log = json.loads((out / "train_log.json").read_text())
     seen = {r["step"]: r["heldout_loss"] for r in log["log"] if "heldout_loss" in r}
     kept = min(seen, key=seen.get)
-    assert kept < 4  # the learning rate is high enough to overshoot: the kept weights are not the last
+    # A learning rate of 1.0 overshoots by far after the first step (held-out loss about 3.9,
+    # then 12 and 8 on this fixture with torch 2.13 CPU), so the kept weights are not the last.
+    assert kept < max(seen)
     assert log["summary"]["kept_step"] == kept
     assert log["summary"]["heldout_loss"] == pytest.approx(seen[kept], rel=1e-5)  # measured again on the saved weights
 
