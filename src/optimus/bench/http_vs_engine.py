@@ -67,7 +67,7 @@ def run_inprocess(args, policy: str) -> tuple[dict[int, dict], int]:
             run_closed_loop(engine, prompts_for(n, args.input_len, vocab, seed=1000 + n), params, n)
         rows[n] = run_closed_loop(engine, prompts_for(args.waves * n, args.input_len, vocab, seed=n), params, n)
         print(f"  in-process {policy:8s} N={n:5d}: {rows[n]['output_tok_s']:9.0f} tok/s, "
-              f"step {rows[n]['mean_step_ms']:.2f} ms", flush=True)
+              f"step {rows[n]['mean_step_ms']:.2f} ms, capture {rows[n]['graph_capture_s']:.2f} s", flush=True)
     del engine
     _free()
     return rows, vocab
@@ -95,7 +95,8 @@ def run_http(args, policy: str, vocab: int, out_dir: Path) -> dict[int, dict]:
             for n in args.concurrency:
                 rows[n] = _http_row(args, url, RequestOptions(model, ignore_eos=True), pool, n, vocab)
                 print(f"  http       {policy:8s} N={n:5d}: {rows[n]['output_tok_s']:9.0f} tok/s, "
-                      f"step {rows[n]['mean_step_ms']:.2f} ms, {rows[n]['failed']} failed", flush=True)
+                      f"step {rows[n]['mean_step_ms']:.2f} ms, capture {rows[n]['graph_capture_s']:.2f} s, "
+                      f"{rows[n]['failed']} failed", flush=True)
     finally:
         pool.close()
     return rows
