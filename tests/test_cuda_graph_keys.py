@@ -5,8 +5,10 @@ import itertools
 import random
 
 import pytest
+import torch
 
-from optimus.executor.cuda_graphs import decode_keys, step_key
+from optimus.executor.cuda_graphs import GraphedBody, decode_keys, step_key
+from optimus.executor.runner import StepBatch
 from optimus.engine.llm import LLM
 from optimus.core.params import SamplingParams
 from fixtures.engine import tiny_loaded
@@ -56,10 +58,7 @@ def test_decode_keys_are_exactly_the_reachable_buckets():
     assert keys == sorted(keys, reverse=True)  # largest first: the shared pool is sized once
 
 
-
 def _graphed_body(capture_prompt_steps: bool):
-    from optimus.executor.cuda_graphs import GraphedBody
-
     llm = LLM(loaded=tiny_loaded("sdar"), policy="fixed:8", device="cpu", num_pages=64, page_size=4,
               block_size=BLOCK, max_running=MAX_RUNNING)
     engine = llm.engine
@@ -68,9 +67,6 @@ def _graphed_body(capture_prompt_steps: bool):
 
 
 def _batch(rows_per_request: list[int], carries_prompt: bool = False):
-    import torch
-    from optimus.executor.runner import StepBatch
-
     t, r = sum(rows_per_request), len(rows_per_request)
     cu = torch.tensor([0, *itertools.accumulate(rows_per_request)], dtype=torch.int32)
     return StepBatch(torch.zeros(t, dtype=torch.long), torch.zeros(t, dtype=torch.long),
