@@ -24,6 +24,11 @@ from optimus.executor.cuda_graphs import GraphedBody
 class CountingBody(GraphedBody):
     """Records the buckets it would capture; runs every step eagerly."""
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.captures: list[bool] = []  # per new bucket: whether its step carried a prompt
+        self.replays = 0  # steps that fit a graph
+
     def run(self, batch):
         self.replays += 1
         key = self.key(batch)
@@ -39,7 +44,6 @@ def count(args, spread: int, rule: str) -> dict:
     engine = llm.engine
     body = CountingBody(engine.runner.model, engine.storage, "torch", 512, args.streams, 64,
                         capture_prompt_steps=rule == "all")
-    body.captures, body.replays = [], 0
     engine.runner.graphs = body
     rng = random.Random(0)
     params = SamplingParams(max_tokens=args.output_len, ignore_eos=True)

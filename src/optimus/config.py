@@ -56,6 +56,9 @@ class SchedulerConfig:
                                            "(off: one shared tau curve for every request)")
 
 
+GRAPH_CAPTURE_RULES = ("decode", "all")
+
+
 @dataclass(frozen=True)
 class RunnerConfig:
     cuda_graphs: bool = _opt(True, "replay decoding steps from CUDA graphs (GPU only)")
@@ -76,11 +79,11 @@ class RunnerConfig:
                                         "(steps without a prompt piece; one carrying a prompt replays a captured "
                                         "bucket or runs eagerly, so arrivals mixing prompts into decoding steps "
                                         "cause no captures while serving) | all (also steps carrying a prompt)",
-                              choices=("decode", "all"))
+                              choices=GRAPH_CAPTURE_RULES)
 
     def __post_init__(self) -> None:
         check_pipeline(self.pipeline)
-        if self.graph_capture not in ("decode", "all"):
+        if self.graph_capture not in GRAPH_CAPTURE_RULES:
             raise ValueError(f"graph_capture: expected decode or all, got {self.graph_capture!r}")
 
 
