@@ -83,23 +83,24 @@ def _free() -> None:
         pass
 
 
-def run_http(args, policy: str, vocab: int, out_dir: Path) -> dict[int, dict]:
+def run_http(args, policy: str, vocab: int, out_dir: Path, on_row) -> None:
+    """Runs each concurrency over HTTP and hands its row to ``on_row(n, row)`` as soon as it is
+    measured (a call cut short by its time limit keeps the rows it finished)."""
     launch = ServerLaunch(args.model, policy, tuple(shlex.split(args.engine_args) + shlex.split(args.server_args)
                                                    + ["--log-level", "warning"]),
                           startup_timeout_s=args.startup_timeout, log_dir=out_dir / "logs")
-    rows = {}
     pool = ClientPool(args.client_procs or max(default_procs(n) for n in args.concurrency))
     try:
         with served(launch) as url:
             model = httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["id"]
             for n in args.concurrency:
-                rows[n] = _http_row(args, url, RequestOptions(model, ignore_eos=True), pool, n, vocab)
-                print(f"  http       {policy:8s} N={n:5d}: {rows[n]['output_tok_s']:9.0f} tok/s, "
-                      f"step {rows[n]['mean_step_ms']:.2f} ms, capture {rows[n]['graph_capture_s']:.2f} s, "
-                      f"{rows[n]['failed']} failed", flush=True)
+                row = _http_row(args, url, RequestOptions(model, ignore_eos=True), pool, n, vocab)
+                print(f"  http       {policy:8s} N={n:5d}: {row['output_tok_s']:9.0f} tok/s, "
+                      f"step {row['mean_step_ms']:.2f} ms, capture {row['graph_capture_s']:.2f} s, "
+                      f"{row['failed']} failed", flush=True)
+                on_row(n, row)
     finally:
         pool.close()
-    return rows
 
 
 def _http_row(args, url: str, options: RequestOptions, pool: ClientPool, n: int, vocab: int) -> dict:
@@ -196,15 +197,17 @@ def run(args: argparse.Namespace) -> int:
     for policy in args.policies.split(","):
         print(f"[{policy}]", flush=True)
         engine_rows, vocab = run_inprocess(args, policy)
-        http_rows = run_http(args, policy, vocab, out_dir)
-        for n in args.concurrency:
-            e, h = engine_rows[n], http_rows[n]
+
+        def on_row(n: int, h: dict, policy=policy, engine_rows=engine_rows) -> None:
+            e = engine_rows[n]
             result["rows"].append({"policy": policy, "concurrency": n, "inprocess": e, "http": h,
                                    "http_over_engine": h["output_tok_s"] / e["output_tok_s"],
                                    "step_ms_http_over_engine": h["mean_step_ms"] / e["mean_step_ms"]
                                    if e["mean_step_ms"] else None})
-        result["elapsed_s"] = time.perf_counter() - t0
-        (out_dir / "http_vs_engine.json").write_text(json.dumps(result, indent=1))  # after each policy
+            result["elapsed_s"] = time.perf_counter() - t0
+            (out_dir / "http_vs_engine.json").write_text(json.dumps(result, indent=1))  # after each row
+
+        run_http(args, policy, vocab, out_dir, on_row)
     print(table(result["rows"]))
     print(f"wrote {out_dir / 'http_vs_engine.json'} and {plot(result['rows'], out_dir / 'http_vs_engine.png')}")
     return 0 if all(r["http"]["failed"] == 0 for r in result["rows"]) else 1
