@@ -28,7 +28,7 @@ PROFILE_ARG=""
 [ -f "$PROFILE" ] && PROFILE_ARG="--profile-path $PROFILE"
 SERVER_ARGS=${SERVER_ARGS:-}
 ENGINE_ARGS=${ENGINE_ARGS:-}  # more engine flags for both runs, e.g. "--graph-capture all"
-TAG=${TAG:-${POLICY//:/}}  # $OUT/<TAG> holds this call's results
+TAG=${TAG:-$(echo "$POLICY" | tr -d : | tr , -)}  # $OUT/<TAG> (no commas: they do not come back from $OUT)
 LIMIT_S=${LIMIT_S:-590}
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 PYTHONPATH=src
