@@ -5,14 +5,16 @@
 #   POLICY=fixed:8 OUT=/some/dir bash benchmarks/gpu_http_bench.sh
 #   POLICY=elastic OUT=/some/dir bash benchmarks/gpu_http_bench.sh
 # `optimus bench http` runs the same closed loop (N streaming clients, each keeping one request
-# of 256 prompt + 256 answer tokens in flight; 2 waves of N after one unmeasured wave) on the
-# engine in-process, detokenizing as a server does, then over HTTP against `optimus serve`
-# (engine process + front-ends) started with the same engine flags, at N = 64, 256, 1024.
+# of 256 prompt + 256 answer tokens in flight; 2 measured waves of N after unmeasured waves
+# repeated, at most 3, until one captures no CUDA graph) on the engine in-process, detokenizing
+# as a server does, then over HTTP against `optimus serve` (engine process + front-ends) started
+# with the same engine flags, at N = 64, 256, 1024.
 # Random weights commit per step what the default model's measured acceptance says
-# (--replay-acceptance); elastic plans on the card's committed latency profile. CUDA graphs are
-# captured in each concurrency's unmeasured wave (precapturing every bucket up to 1024 running
-# requests would take minutes). Each policy's http_vs_engine.json / .png and table land in
-# $OUT/<policy> (or $OUT/$TAG). ENGINE_ARGS adds engine flags to both runs, LIMIT_S bounds the call.
+# (--replay-acceptance); elastic plans on the card's committed latency profile. Each row is
+# saved as soon as it is measured, so a call cut short by its limit keeps what it finished.
+# Results land in $OUT/$TAG (default: the policies without ':' and ',', e.g. ar-fixed8).
+# ENGINE_ARGS adds engine flags to both runs, LIMIT_S bounds the call. An H100 call with two
+# policies at 64/256/1024 took over 560 s (2026-12-05): one policy per call fits.
 #
 # Needs pyzmq and msgpack besides the server stack: wheels in .whl/ (gitignored; carry it) are
 # installed into a scratch folder only if an import fails.

@@ -5,7 +5,7 @@ included, is run by hand: docs/server.md "Measuring it".)"""
 from __future__ import annotations
 
 from optimus.bench.closed_loop import run_closed_loop
-from optimus.bench.http_vs_engine import plot, prompts_for, table
+from optimus.bench.http_vs_engine import plot, prompts_for, table, warm_up
 from optimus.config import engine_config
 from optimus.core.params import SamplingParams
 from optimus.engine.engine import Engine
@@ -33,3 +33,18 @@ def test_closed_loop_serves_every_prompt_with_n_in_flight(tiny_checkpoint, tmp_p
              "http": {**row, "output_tok_s": row["output_tok_s"] / 2, "failed": 0}, "http_over_engine": 0.5}]
     assert "0.500" in table(rows).splitlines()[1]
     assert plot(rows, tmp_path / "p.png").stat().st_size > 0
+
+
+def test_warm_up_repeats_waves_until_one_captures_nothing():
+    captures = {1: 0.8, 2: 0.2, 3: 0.0, 4: 0.0}
+    ran = []
+
+    def wave(k):
+        ran.append(k)
+        return captures[k]
+
+    assert warm_up(wave, max_waves=5) == 3 and ran == [1, 2, 3]
+    ran.clear()
+    assert warm_up(wave, max_waves=2) == 2 and ran == [1, 2]  # capped, though wave 2 still captured
+    ran.clear()
+    assert warm_up(wave, max_waves=0) == 0 and ran == []

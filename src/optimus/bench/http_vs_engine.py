@@ -2,7 +2,8 @@
 
 For each policy and concurrency N, the same closed-loop load (N clients, each keeping one
 request in flight, request rate inf; ``waves x N`` requests of ``input-len`` prompt tokens and
-exactly ``output-len`` answer tokens) runs twice:
+exactly ``output-len`` answer tokens, after unmeasured waves of N until one captures no CUDA
+graph, so lazy captures stay out of both measurements) runs twice:
 
 - in-process: the engine driven directly, detokenizing every output as a server does
   (``closed_loop``);
@@ -23,6 +24,7 @@ import json
 import random
 import shlex
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -52,6 +54,17 @@ def engine_config_for(model: str, policy: str, engine_args: str):
                                                              *shlex.split(engine_args)]))
 
 
+def warm_up(run_wave: Callable[[int], float], max_waves: int) -> int:
+    """Runs unmeasured waves ``run_wave(1), run_wave(2), ...`` (each returns the seconds it spent
+    capturing CUDA graphs) until one captured nothing, at most ``max_waves``; how many ran.
+    A lazy capture stalls the step that meets a new bucket, so a measured run after a wave that
+    captured nothing is unlikely to pay for captures on either side."""
+    for k in range(1, max_waves + 1):
+        if run_wave(k) == 0:
+            return k
+    return max_waves
+
+
 def run_inprocess(args, policy: str) -> tuple[dict[int, dict], int]:
     """Rows by concurrency, and the model's vocabulary size (the HTTP run draws prompts from it)."""
     from optimus.bench.closed_loop import run_closed_loop
@@ -63,9 +76,13 @@ def run_inprocess(args, policy: str) -> tuple[dict[int, dict], int]:
     vocab = engine.spec.arch.vocab_size
     rows = {}
     for n in args.concurrency:
-        if args.warmup:
-            run_closed_loop(engine, prompts_for(n, args.input_len, vocab, seed=1000 + n), params, n)
+        def wave(k: int, n: int = n) -> float:
+            prompts = prompts_for(n, args.input_len, vocab, seed=1000 * k + n)
+            return run_closed_loop(engine, prompts, params, n)["graph_capture_s"]
+
+        warmed = warm_up(wave, args.warmup_waves)
         rows[n] = run_closed_loop(engine, prompts_for(args.waves * n, args.input_len, vocab, seed=n), params, n)
+        rows[n]["warmup_waves"] = warmed
         print(f"  in-process {policy:8s} N={n:5d}: {rows[n]['output_tok_s']:9.0f} tok/s, "
               f"step {rows[n]['mean_step_ms']:.2f} ms, capture {rows[n]['graph_capture_s']:.2f} s", flush=True)
     del engine
@@ -104,11 +121,15 @@ def run_http(args, policy: str, vocab: int, out_dir: Path, on_row) -> None:
 
 
 def _http_row(args, url: str, options: RequestOptions, pool: ClientPool, n: int, vocab: int) -> dict:
-    if args.warmup:
-        pool.run(url, options, _requests(n, args, vocab, seed=1000 + n), n, args.timeout)
-    before = parse_prometheus(httpx.get(url + "/metrics", timeout=30).text)
+    def wave(k: int) -> float:
+        before = _metrics(url)
+        pool.run(url, options, _requests(n, args, vocab, seed=1000 * k + n), n, args.timeout)
+        return counter_deltas(before, _metrics(url)).get("optimus_graph_capture_seconds_total", 0.0)
+
+    warmed = warm_up(wave, args.warmup_waves)
+    before = _metrics(url)
     results, duration = pool.run(url, options, _requests(args.waves * n, args, vocab, seed=n), n, args.timeout)
-    counters = counter_deltas(before, parse_prometheus(httpx.get(url + "/metrics", timeout=30).text))
+    counters = counter_deltas(before, _metrics(url))
     result = compute_metrics(results, duration, SLO(), (50.0, 99.0))
     steps = counters.get("optimus_engine_steps_total", 0.0)
     step_s = counters.get("optimus_engine_step_seconds_total", 0.0)
@@ -118,8 +139,12 @@ def _http_row(args, url: str, options: RequestOptions, pool: ClientPool, n: int,
             "p50_ttft_ms": result["p50_ttft_ms"], "p99_ttft_ms": result["p99_ttft_ms"],
             "p50_tpot_ms": result["p50_tpot_ms"], "p99_tpot_ms": result["p99_tpot_ms"],
             "steps": int(steps), "mean_step_ms": 1e3 * step_s / steps if steps else 0.0, "graph_capture_s": capture_s,
-            "client_procs": min(pool.procs, max(1, n // 64)),
+            "warmup_waves": warmed, "client_procs": min(pool.procs, max(1, n // 64)),
             "errors": sorted({r.error for r in results if r.error})[:3]}
+
+
+def _metrics(url: str) -> dict:
+    return parse_prometheus(httpx.get(url + "/metrics", timeout=30).text)
 
 
 def _requests(count: int, args, vocab: int, seed: int) -> list[SampleRequest]:
@@ -176,8 +201,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-len", type=int, default=256)
     p.add_argument("--output-len", type=int, default=256)
     p.add_argument("--waves", type=int, default=2, help="requests per client in a measured run")
-    p.add_argument("--no-warmup", dest="warmup", action="store_false",
-                   help="skip the unmeasured run (N requests) before each measured one")
+    p.add_argument("--warmup-waves", type=int, default=3,
+                   help="at most this many unmeasured waves (N requests each) before each measured run, "
+                        "stopping after the first that captures no CUDA graph (0: none)")
     p.add_argument("--engine-args", default="", help="engine flags for both runs, e.g. '--device cpu --num-pages 512'")
     p.add_argument("--server-args", default="", help="more `optimus serve` flags, e.g. '--front-ends 2'")
     p.add_argument("--startup-timeout", type=float, default=600.0)
@@ -192,6 +218,7 @@ def run(args: argparse.Namespace) -> int:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     result = {"model": args.model, "input_len": args.input_len, "output_len": args.output_len, "waves": args.waves,
+              "max_warmup_waves": args.warmup_waves,
               "engine_args": args.engine_args, "server_args": args.server_args, "rows": []}
     t0 = time.perf_counter()
     for policy in args.policies.split(","):
