@@ -100,7 +100,7 @@ def _free() -> None:
         pass
 
 
-def run_http(args, policy: str, vocab: int, out_dir: Path, on_row) -> None:
+def run_http(args, policy: str, vocab: int, out_dir: Path, on_row: Callable[[int, dict], None]) -> None:
     """Runs each concurrency over HTTP and hands its row to ``on_row(n, row)`` as soon as it is
     measured (a call cut short by its time limit keeps the rows it finished)."""
     launch = ServerLaunch(args.model, policy, tuple(shlex.split(args.engine_args) + shlex.split(args.server_args)
