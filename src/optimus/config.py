@@ -84,7 +84,8 @@ class RunnerConfig:
     def __post_init__(self) -> None:
         check_pipeline(self.pipeline)
         if self.graph_capture not in GRAPH_CAPTURE_RULES:
-            raise ValueError(f"graph_capture: expected decode or all, got {self.graph_capture!r}")
+            expected = ", ".join(GRAPH_CAPTURE_RULES)
+            raise ValueError(f"graph_capture: expected one of {expected}, got {self.graph_capture!r}")
 
 
 def check_pipeline(text: str) -> None:
