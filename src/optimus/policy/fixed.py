@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from optimus.policy.base import StepFeedback, StepView, override_chunk
+from optimus.policy.base import RequestView, StepFeedback, StepView, override_chunk
 
 
 class FixedPolicy:
@@ -16,11 +16,12 @@ class FixedPolicy:
         self.name = name or ("ar" if chunk == 1 else f"fixed:{chunk}")
 
     def choose(self, view: StepView) -> list[int]:
-        out = []
-        for r in view.requests:
-            pinned = override_chunk(r)
-            out.append(pinned if pinned is not None else max(1, min(self.chunk, r.max_chunk)))
-        return out
+        c = self.chunk  # max_chunk >= 1: the minimum is a valid size
+        return [min(c, r.max_chunk) if r.policy_override is None else self._pinned(r) for r in view.requests]
+
+    def _pinned(self, r: RequestView) -> int:
+        pinned = override_chunk(r)
+        return pinned if pinned is not None else min(self.chunk, r.max_chunk)
 
     def observe(self, feedback: StepFeedback) -> None:
         pass

@@ -91,10 +91,11 @@ class Scheduler:
         decoders, leads = self._plan_leads(decoders, budget)
         fixed = sum(w.end - w.start for w in leads.values())
         chunks = self._choose_chunks(decoders, fixed, budget)
-        for r in decoders:
-            if r.is_done or r.state is not RequestState.DECODING:
+        decode_work, ensure = self.scheme.decode_work, self._ensure_pages
+        for r, chunk in zip(decoders, chunks):
+            if r.state is not RequestState.DECODING:
                 continue  # preempted while planning leads
-            work = self.scheme.decode_work(r, leads.get(r.request_id), chunks[r.request_id], self._ensure_pages)
+            work = decode_work(r, leads.get(r.request_id), chunk, ensure)
             r.chunk = work.window[1] - work.window[0]
             r.stats.chunk_history.append(r.chunk)
             works.append(work)
@@ -122,22 +123,18 @@ class Scheduler:
                 ready.append(r)
         return ready, out
 
-    def _choose_chunks(self, decoders: list[Request], fixed: int, budget: int) -> dict[str, int]:
-        chunks: dict[str, int] = {}
-        views = []
-        for r in decoders:
-            if self.attention is AttentionKind.CAUSAL:
-                chunks[r.request_id] = 1  # a causal LM predicts one position per step
-            elif not self.scheme.chooses_chunks:
-                chunks[r.request_id] = r.max_chunk()
-            else:  # policies honour per-request overrides themselves (and count them as load)
-                views.append(RequestView(r.request_id, r.max_chunk(), r.geometry.block_size,
-                                         r.chunk or None, r.params.policy))
-        if views:
-            view = StepView(tuple(views), fixed_tokens=fixed, token_budget=max(budget, len(views)))
-            for v, c in zip(views, self.policy.choose(view)):
-                chunks[v.request_id] = max(1, min(int(c), v.max_chunk))
-        return chunks
+    def _choose_chunks(self, decoders: list[Request], fixed: int, budget: int) -> list[int]:
+        """Each decoder's chunk size, in order, within [1, its max_chunk]."""
+        if self.attention is AttentionKind.CAUSAL:
+            return [1] * len(decoders)  # a causal LM predicts one position per step
+        caps = [r.max_chunk() for r in decoders]
+        if not decoders or not self.scheme.chooses_chunks:
+            return caps
+        # Policies honour per-request overrides themselves (and count them as load).
+        views = tuple(RequestView(r.request_id, cap, r.geometry.block_size, r.chunk or None, r.params.policy)
+                      for r, cap in zip(decoders, caps))
+        view = StepView(views, fixed_tokens=fixed, token_budget=max(budget, len(views)))
+        return [max(1, min(int(c), cap)) for c, cap in zip(self.policy.choose(view), caps)]
 
     def _prefill_groups(self, r: Request, start: int, end: int) -> list[int]:
         if self.attention is AttentionKind.CAUSAL:
