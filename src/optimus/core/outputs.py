@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 
 @dataclass
@@ -24,8 +25,7 @@ class RequestStats:
         return self.tokens_committed / self.steps if self.steps else 0.0
 
 
-@dataclass(frozen=True)
-class CommitEvent:
+class CommitEvent(NamedTuple):  # a tuple: one is built per decoding request per step
     """Positions committed in one step; positions are offsets in the canvas (0 = first output)."""
 
     step: int

@@ -111,18 +111,24 @@ class Request:
     # ---- window geometry ----------------------------------------------------------------
     def window_start(self) -> int:
         """First predicted position of the next window."""
-        return max(self.cache_len + self.geometry.shift, self.geometry.canvas_start)
+        g = self.geometry
+        return max(self.cache_len + g.shift, g.canvas_start)
+
+    def _window_end(self, lo: int) -> int:
+        """The end of the block holding ``lo``, clipped to the canvas."""
+        g = self.geometry
+        return min(g.block_end(lo), g.canvas_end)
 
     def max_chunk(self) -> int:
         lo = self.window_start()
-        return min(self.geometry.block_end(lo), self.geometry.canvas_end) - lo
+        return self._window_end(lo) - lo
 
     def plan_window(self, chunk: int) -> tuple[int, int]:
         """Predicted positions [lo, hi) for a chunk of ``chunk`` canvas positions, stretched
         if needed so it holds at least one masked position (a chunk smaller than what an
         earlier, larger chunk already committed must not waste a step)."""
         lo = self.window_start()
-        end = lo + self.max_chunk()
+        end = self._window_end(lo)
         hi = lo + max(1, min(chunk, end - lo))
         committed = self.committed
         if hi >= end or not committed[lo]:

@@ -219,7 +219,7 @@ class Postprocessor:
         stats.committed_per_chunk[c] = stats.committed_per_chunk.get(c, 0) + n
         start = r.geometry.canvas_start
         r.events.append(CommitEvent(self.step_index, lo - start, hi - start,
-                                    tuple(p - start for p in positions), tuple(tokens)))
+                                    tuple([p - start for p in positions]), tuple(tokens)))
 
     # ---- finish and report -------------------------------------------------------------
     def settle(self, r: Request) -> bool:

@@ -7,6 +7,7 @@ import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -73,8 +74,7 @@ class GreedyPick:
         return TokenFeed(self.tokens, sources)
 
 
-@dataclass(frozen=True)
-class LogitRequest:
+class LogitRequest(NamedTuple):  # a tuple: one is built per decoding request per step
     """Which predicted positions of a work item the rows of ``logits[offset:offset+n]`` serve."""
 
     work_index: int
