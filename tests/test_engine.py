@@ -150,6 +150,21 @@ def test_close_gives_back_the_cache_and_keeps_the_model():
     assert next(model.parameters()).numel() > 0
 
 
+def test_an_engine_collects_cycles_less_often_and_never_more_often():
+    import gc
+    from optimus.engine.engine import GC_YOUNG_THRESHOLD
+    saved = gc.get_threshold()
+    try:
+        gc.set_threshold(700, 10, 10)  # Python's default
+        _llm("sdar", "ar")
+        assert gc.get_threshold() == (GC_YOUNG_THRESHOLD, 10, 10)
+        gc.set_threshold(10 * GC_YOUNG_THRESHOLD, 3, 4)  # a process's own, larger setting stays
+        _llm("sdar", "ar")
+        assert gc.get_threshold() == (10 * GC_YOUNG_THRESHOLD, 3, 4)
+    finally:
+        gc.set_threshold(*saved)
+
+
 def test_sampled_rows_pass_through_the_head_in_bounded_parts(monkeypatch):
     from types import SimpleNamespace
     from optimus.engine import postprocess
