@@ -152,7 +152,7 @@ def test_close_gives_back_the_cache_and_keeps_the_model():
 
 def test_an_engine_collects_cycles_less_often_and_never_more_often():
     import gc
-    from optimus.engine.engine import GC_YOUNG_THRESHOLD
+    from optimus.engine.builder import GC_YOUNG_THRESHOLD
     saved = gc.get_threshold()
     try:
         gc.set_threshold(700, 10, 10)  # Python's default

@@ -30,20 +30,6 @@ from optimus.models.spec import AttentionKind
 log = logging.getLogger(__name__)
 
 
-# Young objects between cyclic collections. Python's default (700) runs a collection every
-# few hundred allocations; a step at 256 requests allocates tens of thousands (plans, views,
-# commit events), and the collections that traverse its long-lived requests took about 1 ms
-# of a 5 ms host step (`optimus bench host`, 2 cores, 2026-12-05). Cycles are still collected.
-GC_YOUNG_THRESHOLD = 50_000
-
-
-def quiet_gc() -> None:
-    """Collect cycles less often in a process that runs a step loop (process-wide, idempotent)."""
-    young, *older = gc.get_threshold()
-    if young < GC_YOUNG_THRESHOLD:
-        gc.set_threshold(GC_YOUNG_THRESHOLD, *older)
-
-
 def _release(engine: "Engine") -> None:
     """Drop the KV cache, CUDA graphs and the parts holding them (the model stays loaded), so a
     next engine in this process sizes its cache from all the free memory."""
@@ -57,7 +43,6 @@ def _release(engine: "Engine") -> None:
 class Engine:
     def __init__(self, config: EngineConfig, loaded=None, commit_rule: CommitRule | None = None) -> None:
         parts = build_parts(config, loaded, commit_rule)
-        quiet_gc()
         self.config, self.loaded, self.device = config, parts.loaded, parts.device
         self.spec, self.tokenizer, self.block_size = parts.spec, parts.loaded.tokenizer, parts.block_size
         self.allocator, self.storage, self.runner = parts.allocator, parts.storage, parts.runner
