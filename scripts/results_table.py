@@ -208,14 +208,16 @@ def before_after(d: dict) -> list:
 
 
 def host_time(d: dict) -> list:
+    """Values in the cells only, so rows of different machines share their labels."""
     rows = []
     for r in d.get("rows", []):
         ms = r["full_batch_ms"]
-        phases = ("schedule", "build", "commit", "settle", "outputs", "feedback", "cursors", "learning")
-        parts = " + ".join(f"{k} {ms[k]:.1f}" for k in phases if k in ms)
+        phases = [k for k in ("schedule", "build", "commit", "settle", "outputs", "feedback", "cursors", "learning")
+                  if k in ms]
         value = f"{ms['total']:.1f}" + (f" ({ms['critical']:.1f} critical)" if "critical" in ms else "")
         shape = f" ({r['shape']})" if "shape" in r else ""
-        rows.append((f"{r['policy']}{shape}, {r['requests']} requests: host ms per step ({parts})", value))
+        rows.append((f"{r['policy']}{shape}, {r['requests']} requests: host ms per step ({' + '.join(phases)})",
+                     f"{value}: {' + '.join(f'{ms[k]:.1f}' for k in phases)}"))
     return rows
 
 
