@@ -13,8 +13,9 @@
 # (--replay-acceptance); elastic plans on the card's committed latency profile. Each row is
 # saved as soon as it is measured, so a call cut short by its limit keeps what it finished.
 # Results land in $OUT/$TAG (default: the policies without ':' and ',', e.g. ar-fixed8).
-# ENGINE_ARGS adds engine flags to both runs, LIMIT_S bounds the call. An H100 call with two
-# policies at 64/256/1024 took over 560 s (2026-12-05): one policy per call fits.
+# ENGINE_ARGS adds engine flags to both runs, LIMIT_S bounds the call. On H100s (2026-12-05) one
+# policy at 64/256/1024 took 240 s (elastic) to over 420 s (ar, whose 1,024-stream HTTP side was
+# cut there); fixed:8 at 1,024 streams alone took 260 s. Keep LIMIT_S near 560, or split CONCURRENCY.
 #
 # Needs pyzmq and msgpack besides the server stack: wheels in .whl/ (gitignored; carry it) are
 # installed into a scratch folder only if an import fails.
