@@ -4,7 +4,7 @@ Reads what ``scripts/gpu/convert_smollm2.sh`` leaves in its results folder (``se
 last line, ``sweep.json``) and one folder per trained model (``train_log.json``, ``chat300.json``
 from ``optimus eval --suite chat``, ``acceptance.json`` from ``optimus bench acceptance``), and
 writes the summary the results table shows: the block sweep, each run's chat300 row against the
-AR base, its tokens per step by chunk size, and the issue's targets met or missed.
+AR base, its tokens per step by chunk size, and the targets (docs/default_model.md) met or missed.
 
   python -m optimus_lab.train.conversion_report RESULTS --run main=DIR [--run NAME=DIR ...] \\
       --shipped NAME --out latest.json --plot latest.png
