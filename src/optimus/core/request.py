@@ -143,9 +143,6 @@ class Request:
     def rows_for(self, window: tuple[int, int]) -> tuple[int, int]:
         return self.cache_len, window[1] - self.geometry.shift
 
-    def window_finished(self, window: tuple[int, int]) -> bool:
-        return bool(self.committed[window[0]:window[1]].all())
-
     def contiguous_answer_len(self) -> int:
         """Committed canvas positions from the canvas start, up to the first gap.
         Amortised O(1) a commit: commits are never undone, so the frontier only moves forward."""

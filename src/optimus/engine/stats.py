@@ -40,19 +40,26 @@ class EngineStats:
         self.steps += 1
         self.last_step_latency_s = latency
         self.step_latency_sum_s += latency
-        refreshed = sum(w.end - w.start for w in plan.works if w.refresh)
+        counts, committed_by_size = self.chunk_size_counts, self.committed_per_chunk
+        computed = committed = refreshed = 0
+        for w in plan.works:  # one pass: this runs on every step's critical path
+            n = w.end - w.start
+            computed += n
+            r = w.request
+            r.stats.tokens_computed += n
+            if w.refresh:
+                refreshed += n
+            if w.window is not None:
+                c = w.window[1] - w.window[0]
+                counts[c] += 1
+                committed_by_size[c] += r.last_committed
+                committed += r.last_committed
+        self.tokens_computed += computed
+        self.tokens_committed += committed
         if refreshed:
             self.refresh_tokens += refreshed
             self.refresh_steps += 1
             self.refresh_step_latency_sum_s += latency
-        for w in plan.works:
-            self.tokens_computed += w.end - w.start
-            w.request.stats.tokens_computed += w.end - w.start
-            if w.window is not None:
-                c = w.window[1] - w.window[0]
-                self.chunk_size_counts[c] += 1
-                self.committed_per_chunk[c] += w.request.last_committed
-                self.tokens_committed += w.request.last_committed
 
     def refresh_gauges(self, scheduler, allocator) -> None:
         self.running, self.waiting = len(scheduler.running), len(scheduler.waiting)
