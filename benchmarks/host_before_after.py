@@ -35,6 +35,11 @@ def bench(src: Path, args: list[str], out: Path) -> list[dict]:
     return json.loads(out.read_text())["rows"]
 
 
+def short_commit(ref: str) -> str:
+    return subprocess.run(["git", "rev-parse", "--short", ref], cwd=ROOT, check=True, capture_output=True,
+                          text=True).stdout.strip()
+
+
 def medians(runs: list[list[dict]], extra: dict) -> list[dict]:
     """One row per policy: each phase's median over the runs, and each run's total."""
     rows = []
@@ -52,10 +57,7 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--out", required=True)
     a = p.parse_args()
-    base = subprocess.run(["git", "rev-parse", "--short", a.base], cwd=ROOT, check=True, capture_output=True,
-                          text=True).stdout.strip()
-    now = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, check=True, capture_output=True,
-                         text=True).stdout.strip()
+    base, now = short_commit(a.base), short_commit("HEAD")
     with tempfile.TemporaryDirectory() as tmp:
         tree = Path(tmp) / "base"
         subprocess.run(["git", "worktree", "add", "--detach", "-q", str(tree), base], cwd=ROOT, check=True)
