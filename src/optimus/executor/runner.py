@@ -164,9 +164,7 @@ def _logit_rows(requests, windows, lo: np.ndarray, hi: np.ndarray,
     bounds = np.searchsorted(owner, np.arange(len(requests) + 1))
     served = np.flatnonzero(bounds[1:] > bounds[:-1])  # the windows with an open position
     firsts, lasts, position_list = bounds[served].tolist(), bounds[served + 1].tolist(), positions.tolist()
-    spans = map(tuple, map(position_list.__getitem__, map(slice, firsts, lasts)))
-    # tuple.__new__ builds the same LogitRequests without a Python-level __new__ call each.
-    wants = list(map(tuple.__new__, itertools.repeat(LogitRequest), zip(served.tolist(), spans, firsts)))
+    wants = [LogitRequest(i, tuple(position_list[a:b]), a) for i, a, b in zip(served.tolist(), firsts, lasts)]
     return wants, first_row[owner] + positions
 
 
