@@ -4,6 +4,7 @@ the logits of exactly the rows whose predictions are needed."""
 from __future__ import annotations
 
 import itertools
+import operator
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -82,39 +83,89 @@ class LogitRequest(NamedTuple):  # a tuple: one is built per decoding request pe
     offset: int
 
 
-def _page_table(pages: list[list[int]]) -> np.ndarray:
-    """[R, max pages] int64, each request's pages from the left (zeros after)."""
-    counts = np.fromiter(map(len, pages), np.int64, len(pages))
-    table = np.zeros((len(pages), max(int(counts.max(initial=0)), 1)), np.int64)
-    owner = np.repeat(np.arange(len(pages)), counts)
-    first = np.cumsum(counts) - counts
-    table[owner, np.arange(owner.size) - first[owner]] = np.fromiter(itertools.chain.from_iterable(pages), np.int64,
-                                                                      owner.size)
-    return table
+class PageTables:
+    """Builds each step's page table, [R, max pages] int64: each request's pages from the left,
+    zeros after. Converting ~9,000 Python ints a step was most of its cost, so each row starts
+    as a copy of the request's row of the step before and converts only the pages added since.
+
+    Invariant (the scheduler's): a request's page list only grows, at its end, while the request
+    holds it; freeing or preempting replaces it by a new list. So the previous step's row of the
+    same list object holds a prefix of it. The previous step's lists stay referenced here, so
+    no new list can take one of their ids.
+    """
+
+    def __init__(self) -> None:
+        self._lists: list[list[int]] = []  # the previous step's page lists, row by row
+        self._counts = np.zeros(0, np.int64)  # [R'] their lengths then
+        self._table = np.zeros((0, 1), np.int64)  # [R', max pages'] the previous table
+
+    def build(self, pages: list[list[int]]) -> np.ndarray:
+        """-> the table (not to be written to: the next step copies rows from it)."""
+        counts = np.fromiter(map(len, pages), np.int64, len(pages))
+        table = np.zeros((len(pages), max(int(counts.max(initial=0)), 1)), np.int64)
+        prev = self._previous_rows(pages)
+        kept = np.flatnonzero(prev >= 0)
+        had = np.zeros(len(pages), np.int64)  # leading pages already in the previous table
+        had[kept] = self._counts[prev[kept]]
+        width = min(table.shape[1], self._table.shape[1])  # the previous rows hold zeros past it
+        table[kept, :width] = self._table[prev[kept], :width]
+        grown = np.flatnonzero(counts > had)
+        if grown.size:
+            tails = [pages[i][h:] for i, h in zip(grown.tolist(), had[grown].tolist())]
+            flat = np.fromiter(itertools.chain.from_iterable(tails), np.int64, int((counts - had)[grown].sum()))
+            rows, columns = table[grown], np.arange(table.shape[1])
+            # Row-major, the mask takes the tails in order: columns [had, count) of each row.
+            rows[(columns >= had[grown, None]) & (columns < counts[grown, None])] = flat
+            table[grown] = rows
+        self._lists, self._counts, self._table = pages, counts, table
+        return table
+
+    def _previous_rows(self, pages: list[list[int]]) -> np.ndarray:
+        """[n] int64: the row of each list in the previous table, -1 where it had none."""
+        old = self._lists
+        if len(old) == len(pages) and all(map(operator.is_, old, pages)):
+            return np.arange(len(pages))  # the usual step: the same requests in the same order
+        row_of = dict(zip(map(id, old), range(len(old))))
+        return np.fromiter(map(row_of.get, map(id, pages), itertools.repeat(-1)), np.int64, len(pages))
 
 
-def _logit_rows(works, cu: np.ndarray) -> tuple[list[LogitRequest], np.ndarray]:
+_NO_WINDOW = (0, 0)  # a work without a window predicts no position
+# One C-level pass over the works for their scalars (a property and a nested attribute included).
+_WORK_SCALARS = operator.attrgetter("start", "end", "store_end", "cached_keys", "request.geometry.shift")
+
+
+def _work_scalars(works) -> np.ndarray:
+    """[5, n] int64: each work's start, end, store_end, cached_keys and its rows' shift."""
+    flat = np.fromiter(itertools.chain.from_iterable(map(_WORK_SCALARS, works)), np.int64, 5 * len(works))
+    return flat.reshape(-1, 5).T
+
+
+def _window_bounds(windows: list) -> tuple[list[tuple[int, int]], np.ndarray, np.ndarray]:
+    """-> (windows with None as (0, 0), their lo [n] int64, their hi [n] int64)."""
+    if None in windows:
+        windows = [w or _NO_WINDOW for w in windows]
+    lo_hi = np.fromiter(itertools.chain.from_iterable(windows), np.int64, 2 * len(windows)).reshape(-1, 2)
+    return windows, lo_hi[:, 0], lo_hi[:, 1]
+
+
+def _logit_rows(requests, windows, lo: np.ndarray, hi: np.ndarray,
+                first_row: np.ndarray) -> tuple[list[LogitRequest], np.ndarray]:
     """The rows whose logits a step needs: each decode window's masked positions, in work
-    order. -> (one LogitRequest per window with any, their rows [M] int64)."""
-    decoding = [i for i, w in enumerate(works) if w.window is not None]
-    if not decoding:
+    order. ``windows[i] = (lo[i], hi[i])``, (0, 0) without a window; work i's position p is
+    predicted by step row ``first_row[i] + p``. -> (one LogitRequest per window with any,
+    their rows [M] int64)."""
+    width = hi - lo
+    if not width.any():
         return [], np.zeros(0, np.int64)
-    lo = np.fromiter((works[i].window[0] for i in decoding), np.int64, len(decoding))
-    hi = np.fromiter((works[i].window[1] for i in decoding), np.int64, len(decoding))
-    open_ = ~np.concatenate([works[i].request.committed[works[i].window[0]:works[i].window[1]] for i in decoding])
-    window_of_row = np.repeat(np.arange(len(decoding)), hi - lo)
-    found = np.flatnonzero(open_)
-    owner = window_of_row[found]
-    positions = lo[owner] + found - (np.cumsum(hi - lo) - (hi - lo))[owner]
-    index = np.array(decoding, np.int64)
-    shift = np.fromiter((works[i].request.geometry.shift for i in decoding), np.int64, len(decoding))
-    first_row = cu[index] - np.fromiter((works[i].start for i in decoding), np.int64, len(decoding)) - shift
-    rows = first_row[owner] + positions
-    bounds = np.searchsorted(owner, np.arange(len(decoding) + 1)).tolist()
-    position_list = positions.tolist()
-    wants = [LogitRequest(i, tuple(position_list[a:b]), a)
-             for i, a, b in zip(decoding, bounds, bounds[1:]) if b > a]
-    return wants, rows
+    open_ = ~np.concatenate([r.committed[a:b] for r, (a, b) in zip(requests, windows)])
+    found = np.flatnonzero(open_)  # open positions, as offsets into the windows laid end to end
+    owner = np.repeat(np.arange(len(requests)), width)[found]  # nondecreasing
+    positions = lo[owner] + found - (np.cumsum(width) - width)[owner]
+    bounds = np.searchsorted(owner, np.arange(len(requests) + 1))
+    served = np.flatnonzero(bounds[1:] > bounds[:-1])  # the windows with an open position
+    firsts, lasts, position_list = bounds[served].tolist(), bounds[served + 1].tolist(), positions.tolist()
+    wants = [LogitRequest(i, tuple(position_list[a:b]), a) for i, a, b in zip(served.tolist(), firsts, lasts)]
+    return wants, first_row[owner] + positions
 
 
 def _fed_rows(works, cu: np.ndarray, feed: TokenFeed) -> tuple[list[int], list[int]]:
@@ -175,9 +226,8 @@ class HostStaging:
         arrays = [np.asarray(a) for a in arrays]
         # Each array starts on a 16-element boundary: kernels (Triton specialises on 16-byte
         # alignment) see the same pointer alignment as for separately allocated tensors.
-        starts = np.zeros(len(arrays) + 1, np.int64)
-        np.cumsum([-(-a.size // 16) * 16 for a in arrays], out=starts[1:])
-        total = max(int(starts[-1]), 1)
+        starts = list(itertools.accumulate((-(-a.size // 16) * 16 for a in arrays), initial=0))
+        total = max(starts[-1], 1)
         key = np.dtype(dtype)
         if key in self._copied:
             self._copied[key].synchronize()
@@ -190,7 +240,8 @@ class HostStaging:
             self._copied.setdefault(key, torch.cuda.Event()).record()
         else:
             packed = packed.clone()  # the CPU "upload" must not alias the reused buffer
-        return [packed[lo:lo + a.size].view(a.shape) for a, lo in zip(arrays, starts)]
+        views = [packed[lo:lo + a.size] for a, lo in zip(arrays, starts)]
+        return [v if a.ndim == 1 else v.view(a.shape) for v, a in zip(views, arrays)]
 
     def _buffer(self, dtype: np.dtype, size: int) -> torch.Tensor:
         buf = self._buffers.get(dtype)
@@ -212,35 +263,38 @@ class ModelRunner:
         self.graphs = graphs  # optional GraphedBody (CUDA only)
         self.last_build_s = 0.0  # host time spent building the latest batch
         self.staging = HostStaging(device)
+        self.page_tables = PageTables()
 
     def build(self, plan: StepPlan, feed: TokenFeed | None = None) -> tuple[StepBatch, list[LogitRequest]]:
         """Vectorised over rows and requests: per request, a few slices and one LogitRequest.
         A work whose first row is a position in ``feed`` reads that row's token from it."""
         works, ps = plan.works, self.page_size
         n = len(works)
-        lens = np.fromiter((w.end - w.start for w in works), np.int64, n)
-        starts = np.fromiter((w.start for w in works), np.int64, n)
-        visible = np.fromiter((w.cached_keys for w in works), np.int64, n)
-        store_ends = np.fromiter((w.store_end for w in works), np.int64, n)
+        requests = [w.request for w in works]
+        starts, ends, store_ends, visible, shift = _work_scalars(works)
+        lens = ends - starts
         cu = np.zeros(n + 1, np.int64)
         np.cumsum(lens, out=cu[1:])
         row_req = np.repeat(np.arange(n), lens)
         pos = starts[row_req] + np.arange(cu[-1]) - cu[row_req]
-        table = _page_table([w.request.pages for w in works])
+        table = self.page_tables.build([r.pages for r in requests])
         page = table[row_req, np.minimum(pos // ps, table.shape[1] - 1)]
         slots = np.where(pos < store_ends[row_req], page * ps + pos % ps, -1)
         ids = np.concatenate([w.request.tokens[w.start:w.end] for w in works])
         groups = np.fromiter(itertools.chain.from_iterable(w.groups for w in works), np.int32, int(cu[-1]))
-        wants, logit_rows = _logit_rows(works, cu)
+        windows = [w.window for w in works]
+        carries_prompt = None in windows and plan.carries_prompt  # a prompt piece has no window
+        windows, lo, hi = _window_bounds(windows)
+        wants, logit_rows = _logit_rows(requests, windows, lo, hi, cu[:-1] - starts - shift)
         fed_rows, fed_from = _fed_rows(works, cu, feed) if feed is not None else ([], [])
-        rows64 = (ids, pos, slots, logit_rows, np.array(fed_rows, np.int64), np.array(fed_from, np.int64))
-        ids_d, pos_d, slots_d, logit_d, fed_rows_d, fed_from_d = self.staging.upload(rows64, np.int64)
+        fed = (np.array(fed_rows, np.int64), np.array(fed_from, np.int64)) if fed_rows else ()
+        ids_d, pos_d, slots_d, logit_d, *fed_d = self.staging.upload((ids, pos, slots, logit_rows, *fed), np.int64)
         if fed_rows:
-            ids_d[fed_rows_d] = feed.tokens[fed_from_d]
+            ids_d[fed_d[0]] = feed.tokens[fed_d[1]]
         groups_d, cu_d, lens_d, table_d = self.staging.upload((groups, cu, visible, table), np.int32)
         batch = StepBatch(input_ids=ids_d, positions=pos_d, groups=groups_d, slots=slots_d, cu_q=cu_d,
                           cache_lens=lens_d, page_table=table_d, logit_rows=logit_d,
-                          max_q_len=int(lens.max()) if n else 1, carries_prompt=plan.carries_prompt)
+                          max_q_len=int(lens.max()) if n else 1, carries_prompt=carries_prompt)
         return batch, wants
 
     @property
