@@ -210,3 +210,18 @@ def test_geometry_follows_each_family():
     g = make_geometry(dream, 4, prompt_len=6, max_tokens=5)
     assert (g.prefill_len, g.shift) == (5, 1)
     assert sdar.attention is AttentionKind.BLOCK_CAUSAL
+
+
+@pytest.mark.parametrize("family", ["sdar", "llada", "dream"])
+def test_window_bounds_follow_the_block_of_the_window_start(family):
+    """The inlined arithmetic equals the block geometry's own: the window starts past the cache
+    (and never before the canvas) and ends with its block, clipped to the canvas."""
+    spec = _spec(family)
+    for block, prompt_len, max_tokens in [(4, 6, 5), (8, 3, 17), (32, 40, 64), (1, 5, 3)]:
+        g = make_geometry(spec, block, prompt_len=prompt_len, max_tokens=max_tokens)
+        r = Request("r", tuple(range(1, prompt_len + 1)), SamplingParams(max_tokens=max_tokens), g, mask_id=0)
+        for cache_len in range(0, g.canvas_end - g.shift):
+            r.cache_len = cache_len
+            lo = max(cache_len + g.shift, g.canvas_start)
+            assert r.window_bounds() == (lo, min(g.block_end(lo), g.canvas_end))
+            assert r.max_chunk() == min(g.block_end(lo), g.canvas_end) - lo

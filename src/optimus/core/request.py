@@ -114,21 +114,25 @@ class Request:
         g = self.geometry
         return max(self.cache_len + g.shift, g.canvas_start)
 
-    def _window_end(self, lo: int) -> int:
-        """The end of the block holding ``lo``, clipped to the canvas."""
+    def window_bounds(self) -> tuple[int, int]:
+        """(first predicted position of the next window, the end of its block clipped to the
+        canvas). Arithmetic inlined: the scheduler asks for every decoder each step."""
         g = self.geometry
-        return min(g.block_end(lo), g.canvas_end)
+        lo = self.cache_len + g.shift
+        if lo < g.canvas_start:
+            lo = g.canvas_start
+        end = lo + g.block_size - (lo - g.block_origin) % g.block_size  # = g.block_end(lo)
+        return lo, (end if end < g.canvas_end else g.canvas_end)
 
     def max_chunk(self) -> int:
-        lo = self.window_start()
-        return self._window_end(lo) - lo
+        lo, end = self.window_bounds()
+        return end - lo
 
     def plan_window(self, chunk: int) -> tuple[int, int]:
         """Predicted positions [lo, hi) for a chunk of ``chunk`` canvas positions, stretched
         if needed so it holds at least one masked position (a chunk smaller than what an
         earlier, larger chunk already committed must not waste a step)."""
-        lo = self.window_start()
-        end = self._window_end(lo)
+        lo, end = self.window_bounds()
         hi = lo + max(1, min(chunk, end - lo))
         committed = self.committed
         if hi >= end or not committed[lo]:

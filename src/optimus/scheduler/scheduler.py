@@ -107,8 +107,12 @@ class Scheduler:
         commit group, a cache refresh), preempting if short. A refresh that does not fit the
         budget waits for a later step, unless it is the step's first (progress)."""
         out, ready, used = {}, [], 0
+        refreshes = self.scheme.refreshes
         for r in decoders:
             if r.state is not RequestState.DECODING:
+                continue
+            if not refreshes and r.pending_store is None:  # nothing runs before its window
+                ready.append(r)
                 continue
             refresh = self.scheme.lead_rows(r)
             if refresh and used and used + refresh > budget:
