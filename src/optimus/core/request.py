@@ -88,6 +88,7 @@ class Request:
     detokenizer: IncrementalDetokenizer | None = None  # set when its text is first needed
     # Finished or aborted: set by transition() (read several times per request per step).
     is_done: bool = field(default=False, init=False)
+    plain_greedy: bool | None = field(default=None, init=False)  # Postprocessor.is_plain_greedy, once known
 
     def __post_init__(self) -> None:
         g = self.geometry

@@ -69,7 +69,12 @@ class Postprocessor:
 
     # ---- commit ------------------------------------------------------------------------
     def is_plain_greedy(self, r: Request) -> bool:
-        return r.params.temperature <= GREEDY_TEMPERATURE and not self._suppressed_ids(r)
+        """Greedy with no ids suppressed: its rows take the batched greedy pick. A function of
+        the request's parameters alone, so found once (asked twice per request per step)."""
+        plain = r.plain_greedy
+        if plain is None:
+            plain = r.plain_greedy = r.params.temperature <= GREEDY_TEMPERATURE and not self._suppressed_ids(r)
+        return plain
 
     def commit_step(self, plan: StepPlan, hidden: torch.Tensor, wants: list[LogitRequest],
                     pick: GreedyPick | None) -> None:
