@@ -241,6 +241,13 @@ def host_overlap(d: dict) -> list:
              f"{num(r['output_tok_s'])}") for r in d.get("rows", [])]
 
 
+def elastic_profile_mismatch(d: dict) -> list:
+    return [(f"{r['requests']} requests, profile {r['profile']}: elastic / best single tok/s (scale, stretch learned)",
+             f"{num(r['elastic_tok_s'])} / {num(r['best_single_tok_s'])} {r['best_single']}: "
+             f"{r['elastic_over_best']:.3f} ({r['learned_scale']:.2f}, {r['learned_stretch']:.2f})")
+            for r in d.get("rows", [])]
+
+
 def latency_fit(d: dict) -> list:
     rows = [("shape (cache per request)", f"{d.get('shape', '?')} ({d.get('context', '?')})")]
     for where, methods in d.get("summary", {}).items():
@@ -552,6 +559,10 @@ BENCHMARKS = [
      "`--profile-path`.", latency_surface),
     ("gpu_check", "GPU correctness checks",
      "`python -m optimus.bench.experiments.gpu_check`: every fast path gives the same tokens.", gpu_check),
+    ("elastic_profile_mismatch", "Elastic on a wrong latency profile (simulation)",
+     "`python -m optimus.bench.experiments.elastic_profile_mismatch`: closed-loop simulation, `real-8b` replayed, "
+     "the device an H200-like hinge (5.5 ms flat to 100 rows, 23 us a row past it); the controller plans on that "
+     "hinge moved or scaled; the best of ar and fixed:2-16 beside it.", elastic_profile_mismatch),
     ("elastic_simulation", "Policy simulation on a measured profile",
      "`python -m optimus.bench.experiments.simulate_elastic` (CPU simulation on this card's latency profile).",
      elastic_simulation),
