@@ -93,3 +93,21 @@ def test_suffix_window_runs_and_changes_only_context():
     # Measured, not asserted equal: the window is extra context, so tokens may differ.
     changed = sum(a != b for a, b in zip(base, wide))
     print(f"suffix window 8 changed {changed}/{len(base)} answers")
+
+
+@pytest.mark.parametrize("family", ["llama", "sdar"])
+def test_preemption_keeps_greedy_answers_exact(family):
+    """A cache too small for every request at once: requests are preempted, their pages freed
+    and their rows recomputed into other pages, while the others' page lists grow and the batch
+    order changes (the runner reuses page-table rows across steps). Where recomputing is exact
+    (a causal model; a block-causal one at C = block), the answers equal an unpressed run's."""
+    loaded = tiny_loaded(family)
+    block = loaded.spec.block_size if family == "sdar" else 1
+    policy = "ar" if family == "llama" else f"fixed:{block}"
+    params = [SamplingParams(max_tokens=24, ignore_eos=True)] * len(PROMPTS)
+    roomy = LLM(loaded=loaded, policy=policy, device="cpu", num_pages=512, page_size=4)
+    tight = LLM(loaded=loaded, policy=policy, device="cpu", num_pages=22, page_size=4)
+    expected = [list(o.token_ids) for o in roomy.generate(PROMPTS, params)]
+    outs = tight.generate(PROMPTS, params)
+    assert sum(o.stats.preemptions for o in outs) > 0
+    assert [list(o.token_ids) for o in outs] == expected

@@ -39,8 +39,8 @@ def _reference(plan: StepPlan, feed: TokenFeed | None = None) -> tuple[dict, lis
             out["positions"].append(p)
             out["slots"].append(r.pages[p // PAGE] * PAGE + p % PAGE if p < w.store_end else -1)
         source = feed.sources.get(r.request_id) if feed is not None and w.window is not None else None
-        if source is not None and source[0] == w.start:
-            out["input_ids"][cu[-1]] = int(feed.tokens[source[1]])
+        if source is not None and w.start <= source[0] < w.end:
+            out["input_ids"][cu[-1] + source[0] - w.start] = int(feed.tokens[source[1]])
         out["groups"] += w.groups
         if w.window is not None:
             open_ = [p for p in range(*w.window) if not r.committed[p]]
@@ -95,6 +95,14 @@ def test_build_matches_reference_on_a_mixed_plan():
     _check(_runner(), StepPlan(works))
     feed = TokenFeed(torch.tensor([500, 600]), {"d": (6, 1), "b": (3, 0)})  # only d's first row is fed
     _check(_runner(), StepPlan(works), feed)
+    # Causal, the step before could not store its row: this one recomputes row 6, then runs
+    # the fed position 7 (its token still on the device) as its second row.
+    g = _request("g", 1, rng)
+    g.pages = [30, 31]
+    recompute = RequestWork(g, 6, 8, 8, [6, 7], (8, 9))
+    batch, _ = _runner().build(StepPlan([recompute]), TokenFeed(torch.tensor([700]), {"g": (7, 0)}))
+    assert batch.input_ids.tolist() == [int(g.tokens[6]), 700]
+    _check(_runner(), StepPlan(works + [recompute]), TokenFeed(torch.tensor([500, 600, 700]), {"d": (6, 1), "g": (7, 2)}))
     _check(_runner(), StepPlan([RequestWork(a, 0, 6, 6, [0] * 6, None)]))  # no window at all
 
 

@@ -169,12 +169,14 @@ def _logit_rows(requests, windows, lo: np.ndarray, hi: np.ndarray,
 
 
 def _fed_rows(works, cu: np.ndarray, feed: TokenFeed) -> tuple[list[int], list[int]]:
-    """(step rows, feed indices) of the works whose first row's token is in ``feed``."""
+    """(step rows, feed indices) of the works that run the position whose token is in ``feed``.
+    Usually their first row; not when the step before could not store its row (its pages were
+    short): this step recomputes that row first, and the fed position is the one after it."""
     rows, sources = [], []
     for i, w in enumerate(works):
         source = feed.sources.get(w.request.request_id) if w.window is not None else None
-        if source is not None and source[0] == w.start:
-            rows.append(int(cu[i]))
+        if source is not None and w.start <= source[0] < w.end:
+            rows.append(int(cu[i]) + source[0] - w.start)
             sources.append(source[1])
     return rows, sources
 
