@@ -102,7 +102,8 @@ def test_build_matches_reference_on_a_mixed_plan():
     recompute = RequestWork(g, 6, 8, 8, [6, 7], (8, 9))
     batch, _ = _runner().build(StepPlan([recompute]), TokenFeed(torch.tensor([700]), {"g": (7, 0)}))
     assert batch.input_ids.tolist() == [int(g.tokens[6]), 700]
-    _check(_runner(), StepPlan(works + [recompute]), TokenFeed(torch.tensor([500, 600, 700]), {"d": (6, 1), "g": (7, 2)}))
+    feed = TokenFeed(torch.tensor([500, 600, 700]), {"d": (6, 1), "g": (7, 2)})
+    _check(_runner(), StepPlan(works + [recompute]), feed)
     _check(_runner(), StepPlan([RequestWork(a, 0, 6, 6, [0] * 6, None)]))  # no window at all
 
 
