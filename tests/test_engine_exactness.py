@@ -95,18 +95,24 @@ def test_suffix_window_runs_and_changes_only_context():
     print(f"suffix window 8 changed {changed}/{len(base)} answers")
 
 
-@pytest.mark.parametrize("family", ["llama", "sdar"])
-def test_preemption_keeps_greedy_answers_exact(family):
+@pytest.mark.parametrize("family,policy,opts", [
+    ("llama", "ar", {}),
+    ("sdar", "fixed:4", {}),
+    ("llada", "fixed:4", {"block_size": 4, "cache_mode": "prefix-block"}),
+    ("dream", "fixed:4", {"block_size": 4, "cache_mode": "prefix-block"}),  # row p predicts p + 1
+    ("dream", "fixed:4", {"block_size": 4, "cache_mode": "dual-cache"}),
+])
+def test_preemption_keeps_greedy_answers_exact(family, policy, opts):
     """A cache too small for every request at once: requests are preempted, their pages freed
     and their rows recomputed into other pages, while the others' page lists grow and the batch
     order changes (the runner reuses page-table rows across steps). Where recomputing is exact
-    (a causal model; a block-causal one at C = block), the answers equal an unpressed run's."""
+    (a causal model; the others at C = block), the answers equal an unpressed run's."""
     loaded = tiny_loaded(family)
-    block = loaded.spec.block_size if family == "sdar" else 1
-    policy = "ar" if family == "llama" else f"fixed:{block}"
-    params = [SamplingParams(max_tokens=24, ignore_eos=True)] * len(PROMPTS)
-    roomy = LLM(loaded=loaded, policy=policy, device="cpu", num_pages=512, page_size=4)
-    tight = LLM(loaded=loaded, policy=policy, device="cpu", num_pages=22, page_size=4)
+    if family == "sdar":
+        assert loaded.spec.block_size == 4
+    params = [SamplingParams(max_tokens=24, threshold=0.3, ignore_eos=True)] * len(PROMPTS)
+    roomy = LLM(loaded=loaded, policy=policy, device="cpu", num_pages=512, page_size=4, **opts)
+    tight = LLM(loaded=loaded, policy=policy, device="cpu", num_pages=22, page_size=4, **opts)
     expected = [list(o.token_ids) for o in roomy.generate(PROMPTS, params)]
     outs = tight.generate(PROMPTS, params)
     assert sum(o.stats.preemptions for o in outs) > 0

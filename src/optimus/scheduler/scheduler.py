@@ -143,10 +143,12 @@ class Scheduler:
             return list(range(start, end))
         if self.attention is AttentionKind.BLOCK_CAUSAL:
             return [p // r.geometry.block_size for p in range(start, end)]
-        # Full attention: the prompt is one bidirectional group; recomputed canvas rows
-        # (after preemption) are grouped by block, approximating how they were first stored.
+        # Full attention: the prompt is one bidirectional group; recomputed rows after it (after
+        # preemption) are grouped by the block their row predicts into (row p predicts p + shift),
+        # as they were stored at C = block: exact there, an approximation for smaller chunks.
         g = r.geometry
-        return [0 if p < g.canvas_start else 1 + (p - g.block_origin) // g.block_size for p in range(start, end)]
+        return [0 if p < g.prefill_len else 1 + (p + g.shift - g.block_origin) // g.block_size
+                for p in range(start, end)]
 
     def _piece_len(self, r: Request, remaining: int, budget: int) -> int:
         n = min(remaining, self.config.prefill_chunk, budget)
