@@ -39,7 +39,6 @@ class CacheScheme(Protocol):
     cache_only: bool  # the runner writes a step's rows first and attends to the cache alone
     prefills: bool  # prompts are prefilled (False: the block-start refresh computes them)
     chooses_chunks: bool  # the chunk policy sizes windows (False: whole blocks)
-    refreshes: bool  # block-start forwards lead windows (False: only a pending store does)
 
     def lead_rows(self, r: Request) -> int:
         """Rows a refresh would add before r's window this step (0: none due)."""
@@ -82,7 +81,6 @@ class PrefixBlock:
     cache_only: bool = False
     prefills: bool = True
     chooses_chunks: bool = True
-    refreshes: bool = False
 
     def lead_rows(self, r: Request) -> int:
         return 0
@@ -120,7 +118,6 @@ class _Refreshing:
     """Shared by the Fast-dLLM schemes: no prefill; a whole-sequence forward at each block start."""
 
     prefills = False
-    refreshes = True
 
     def _refresh_due(self, r: Request) -> bool:
         """Whether r's next window (after any pending store) opens a block not yet refreshed."""

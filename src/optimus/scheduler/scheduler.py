@@ -107,11 +107,11 @@ class Scheduler:
         commit group, a cache refresh), preempting if short. A refresh that does not fit the
         budget waits for a later step, unless it is the step's first (progress)."""
         out, ready, used = {}, [], 0
-        refreshes = self.scheme.refreshes
+        prefills = self.scheme.prefills  # a scheme that prefills never refreshes
         for r in decoders:
             if r.state is not RequestState.DECODING:
                 continue
-            if not refreshes and r.pending_store is None:  # nothing runs before its window
+            if prefills and r.pending_store is None:  # nothing runs before its window
                 ready.append(r)
                 continue
             refresh = self.scheme.lead_rows(r)
