@@ -242,9 +242,11 @@ def host_overlap(d: dict) -> list:
 
 
 def elastic_profile_mismatch(d: dict) -> list:
-    return [(f"{r['requests']} requests, profile {r['profile']}: elastic / best single tok/s (scale, stretch learned)",
+    return [(f"{r['requests']} requests, profile {r['profile']}: elastic / best single tok/s "
+             "(scale, stretch, slope ratio learned)",
              f"{num(r['elastic_tok_s'])} / {num(r['best_single_tok_s'])} {r['best_single']}: "
-             f"{r['elastic_over_best']:.3f} ({r['learned_scale']:.2f}, {r['learned_stretch']:.2f})")
+             f"{r['elastic_over_best']:.3f} ({r['learned_scale']:.2f}, {r['learned_stretch']:.2f}, "
+             f"{r.get('learned_slope_ratio', 1.0):.2f})")
             for r in d.get("rows", [])]
 
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from optimus.core.params import SamplingParams
-from optimus.decoding.replay import Acceptance, ReplayAcceptance
-from optimus.decoding.rules import (RowDraws, factor_count, keep_many, params_rule, propose, select_commits,
+from optimus.decoding.replay import Acceptance, ReplayAcceptance, _by_window_most_confident_first
+from optimus.decoding.rules import (RowDraws, _filter, factor_count, keep_many, params_rule, propose, select_commits,
                                     threshold_mask)
 from optimus.reference.rules import Factor, Threshold
 
@@ -192,3 +192,34 @@ def test_a_replayed_acceptance_draws_and_commits_alike_at_once_and_window_by_win
         params = [SamplingParams()] * lens.size
         at_once = keep_many(ReplayAcceptance(acceptance, seed=seed), conf, lens, params, chunks)
         assert (at_once == _one_by_one(ReplayAcceptance(acceptance, seed=seed), lens, conf, params, chunks)).all()
+
+
+def test_a_replayed_acceptance_orders_rows_as_a_two_key_sort_would():
+    """Ties (the earlier row first), zeros, -0.0 and denormals through the bit-pattern key;
+    negatives and NaN through the general sort."""
+    rng = np.random.default_rng(2)
+    for trial in range(100):
+        lens = rng.integers(1, 33, rng.integers(1, 40))
+        conf = rng.random(int(lens.sum())).astype(np.float32)
+        for value, share in ((0.5, 0.2), (0.0, 0.05), (-0.0, 0.05), (1e-40, 0.05)):
+            conf[rng.random(conf.size) < share] = value
+        if trial % 10 == 0:
+            conf[0] = np.nan if trial % 20 else -0.25
+        window = np.repeat(np.arange(lens.size), lens)
+        assert (_by_window_most_confident_first(conf, window) == np.lexsort((-conf, window))).all()
+
+
+def test_a_top_p_1_row_keeps_its_whole_support_in_a_batch_with_filtering_rows():
+    """In fp32 the cumulative probability of a wide row passes 1.0 before its end: a row
+    without top-p must not lose that tail when a neighbour's top-p makes the batch filter."""
+    logits = torch.randn(2, 50_000, generator=torch.Generator().manual_seed(0)) * 3
+    ordered = torch.softmax(logits[0].sort(descending=True).values, -1)
+    assert (ordered.cumsum(-1) - ordered > 1.0).any()  # the rounding this is about happens here
+    alone = RowDraws.of([(SamplingParams(temperature=1.0, seed=1), 0, 0)], "cpu")
+    batch = RowDraws.of([(SamplingParams(temperature=1.0, seed=1), 0, 0),
+                         (SamplingParams(temperature=1.0, seed=2, top_p=0.5), 1, 0)], "cpu")
+    assert torch.equal(_filter(logits[:1], alone), logits[:1])
+    assert torch.equal(_filter(logits, batch)[0], logits[0])
+    assert torch.isinf(_filter(logits, batch)[1]).any()  # the neighbour's nucleus still applies
+    top_k_only = RowDraws.of([(SamplingParams(temperature=1.0, seed=1, top_k=40_000), 0, 0)] * 2, "cpu")
+    assert int(torch.isfinite(_filter(logits, top_k_only)[0]).sum()) == 40_000

@@ -34,7 +34,9 @@ class ReplayChunks:
         self.histories = {f"offline-{i}": list(h) for i, h in enumerate(histories)}
 
     def choose(self, view):
-        return [self.histories[r.request_id].pop(0) for r in view.requests]
+        # Past the recorded sizes: a window planned after the request's last commit, while that
+        # step was still in flight (overlap); it ends before the window's commits are read.
+        return [h.pop(0) if (h := self.histories[r.request_id]) else 1 for r in view.requests]
 
     def observe(self, feedback):
         pass

@@ -86,3 +86,46 @@ def test_requests_joining_mid_flight_and_aborts_leave_the_others_exact(llama):
     assert outputs[True] == outputs[False]
     alone = _generate(llama, False, [prompts[3]], [params])[0][0]
     assert outputs[True]["3"] == alone
+
+
+@pytest.mark.parametrize("family,policy,options", [
+    ("sdar", "ar", {}),
+    ("sdar", "fixed:2", {}),  # a window's last masked position: only those steps are certain
+    ("llada", "ar", {"block_size": 4, "cache_mode": "prefix-block"}),
+    ("dream", "fixed:2", {"block_size": 4, "cache_mode": "prefix-block"}),  # row p predicts p + 1
+])
+def test_diffusion_steps_whose_commits_are_certain_overlap_and_decode_the_same_tokens(family, policy, options):
+    """A diffusion step whose every window has one masked position left commits exactly those:
+    it is kept in flight like a causal step (prefix-block caches). Token for token, with stops,
+    unaligned lengths, a sampled request (it keeps its steps synchronous) and a late join."""
+    loaded = tiny_loaded(family)
+    prompts = _prompts(5, seed=3)
+    runs = {}
+    for overlap in (False, True):
+        llm = LLM(loaded=loaded, overlap=overlap, policy=policy, device="cpu", num_pages=256, page_size=4, **options)
+        engine, assumed, finished = llm.engine, 0, {}
+        free = {}
+        if not runs:  # stop ids from a free run's answers, so requests really end early
+            free = {o.request_id: o.token_ids for o in llm.generate(prompts[:2], SamplingParams(max_tokens=9,
+                                                                                              ignore_eos=True))}
+        stops = runs.get("stops") or [free["offline-0"][3], free["offline-1"][0]]
+        runs["stops"] = stops
+        params = [SamplingParams(max_tokens=9, stop_token_ids=(stops[0],), ignore_eos=True),
+                  SamplingParams(max_tokens=7, stop_token_ids=(stops[1],), ignore_eos=True),
+                  SamplingParams(max_tokens=5, ignore_eos=True),
+                  SamplingParams(max_tokens=6, temperature=0.8, seed=2, ignore_eos=True)]
+        for i, (prompt, p) in enumerate(zip(prompts, params)):
+            engine.add_request(str(i), prompt, p)
+        steps = 0
+        while engine.has_work():
+            if steps == 4:
+                engine.add_request("late", prompts[4], SamplingParams(max_tokens=11, ignore_eos=True))
+            for out in engine.step():
+                if out.finished:
+                    finished[out.request_id] = (out.token_ids, out.finish_reason)
+            assumed += engine._in_flight is not None and engine._in_flight.assumed
+            steps += 1
+        runs[overlap] = finished
+        runs[f"assumed {overlap}"] = assumed
+    assert runs[True] == runs[False] and len(runs[True]) == 5
+    assert runs["assumed True"] > 0 and runs["assumed False"] == 0

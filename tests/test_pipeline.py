@@ -276,3 +276,28 @@ def test_an_auto_pipelined_engine_decodes_as_the_unpipelined_one(loaded):
     assert type(llm.engine.flights.pipeline).__name__ == "PipelineWhenItPays"
     assert _run(loaded, 0, prompts, params) == [
         (o.token_ids, o.finish_reason) for o in llm.generate(prompts, params[0])]
+
+
+def test_whole_steps_with_certain_commits_are_assumed_and_stop_the_halves():
+    """A diffusion step whose windows each have one masked position left is assumed (overlap)
+    unless halves are running; once whole steps are assumed, no halves are planned (their host
+    work hides already); a step with a wider window completes at once and halves may resume."""
+    from optimus.engine.flight import FlightRules, InFlight, PipelineFrom
+
+    def flight(positions_per_window):
+        wants = [SimpleNamespace(positions=tuple(range(n))) for n in positions_per_window]
+        return InFlight(None, None, wants, pick=object(), t_launch=0.0, overhead=0.0, captured=False,
+                        device_time=None)
+
+    rules = FlightRules(causal=False, overlap=True, pipeline=PipelineFrom(4), overlap_diffusion=True)
+    assert rules.keep(flight([1, 1]), running=8) == "pipeline"  # halves are on: a half stays a half
+    assert rules.pipelines(8)
+    rules.assumed_last = True  # a whole step was assumed (say, planned below the threshold)
+    assert not rules.pipelines(8) and rules.decoder_cap([]) is None
+    assert rules.keep(flight([1, 1, 1]), running=8) == "assume"
+    assert rules.keep(flight([1, 2]), running=8) is None  # two masked positions: commits unknown
+    assert rules.pipelines(8)  # not assumed: the halves' rule decides again
+    off = FlightRules(causal=False, overlap=False, pipeline=PipelineFrom(0), overlap_diffusion=True)
+    assert off.keep(flight([1]), running=8) is None
+    refreshing = FlightRules(causal=False, overlap=True, pipeline=PipelineFrom(0), overlap_diffusion=False)
+    assert refreshing.keep(flight([1]), running=8) is None  # dual / prefix cache: synchronous

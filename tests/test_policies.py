@@ -182,6 +182,20 @@ def test_latency_correction_does_not_drift_on_a_right_profile():
     assert corr.scale == pytest.approx(1.0, rel=0.05)
 
 
+def test_latency_correction_learns_a_knee_moved_at_the_same_slope():
+    # The device's knee is 4x nearer than profiled, at the profiled slope: no scale and stretch
+    # match it, a free slope past the knee does.
+    def device(n, rng):
+        return (0.01 + 0.01 / 384 * max(0, n - 96)) * rng.lognormvariate(0, 0.05)
+
+    corr = LatencyCorrector(PROFILE.knee)
+    _observe_device(corr, PROFILE, device, (40, 1200), 600)
+    n = np.array([48.0, 96.0, 300.0, 1000.0])
+    truth = 0.01 + 0.01 / 384 * np.maximum(0, n - 96)
+    assert corr.free_slope
+    assert np.abs(corr(PROFILE.predict_many, n, 8) / truth - 1).max() < 0.05
+
+
 # ---- the closed loop on a simulated device -----------------------------------------------
 
 def test_simulated_commits_reproduce_the_tau_table():

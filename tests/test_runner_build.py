@@ -41,7 +41,7 @@ def _reference(plan: StepPlan, feed: TokenFeed | None = None) -> tuple[dict, lis
         source = feed.sources.get(r.request_id) if feed is not None and w.window is not None else None
         if source is not None and w.start <= source[0] < w.end:
             out["input_ids"][cu[-1] + source[0] - w.start] = int(feed.tokens[source[1]])
-        out["groups"] += w.groups
+        out["groups"] += w.row_groups()
         if w.window is not None:
             open_ = [p for p in range(*w.window) if not r.committed[p]]
             if open_:

@@ -71,7 +71,7 @@ def _check_plan(plan, sched):
     for w in plan.works:
         r = w.request
         assert w.start <= w.store_end <= w.end
-        assert w.groups == sorted(w.groups)
+        assert w.row_groups() == sorted(w.row_groups())
         assert len(r.pages) * sched.allocator.page_size >= w.store_end
 
 

@@ -17,6 +17,7 @@ from optimus.engine.engine import Engine
 from optimus.engine.scoring import score_now
 from optimus.kernels.greedy import argmax_prob
 from optimus.models.registry import spec_from_config
+from optimus.parallel.group import TPGroup
 from optimus.parallel.head import ModelParallel
 from optimus.parallel.sharding import Shard, ShardingError, local_spec, vocab_bounds
 from optimus.policy.elastic.latency import LatencyProfile
@@ -88,6 +89,49 @@ def test_two_ranks_decode_the_tokens_of_one(family, tiny_checkpoint, tmp_path):
                   for e in (one, two)]
         assert scored[1].top_ids == scored[0].top_ids
         assert scored[1].logprobs == pytest.approx(scored[0].logprobs, rel=1e-4, abs=1e-5)
+    finally:
+        two.close()
+
+
+# Sampled requests of every kind, next to greedy ones (min_tokens: ids of both vocabulary halves suppressed).
+SAMPLED = {
+    "greedy": GREEDY,
+    "top_k": SamplingParams(max_tokens=8, ignore_eos=True, temperature=0.8, top_k=5, seed=3),
+    "top_p": SamplingParams(max_tokens=8, ignore_eos=True, temperature=1.0, top_p=0.7, seed=5),
+    "both": SamplingParams(max_tokens=8, ignore_eos=True, temperature=0.7, top_k=40, top_p=0.8, seed=11),
+    "min_tokens": SamplingParams(max_tokens=8, temperature=0.9, seed=2, min_tokens=6, stop_token_ids=(20, 250)),
+    "greedy_min": SamplingParams(max_tokens=8, min_tokens=4, stop_token_ids=(21, 251)),
+}
+
+
+def _sampled_script(engine: Engine) -> dict[str, tuple]:
+    engine.use_policy(make_policy("fixed:2"))
+    for i, (name, params) in enumerate(SAMPLED.items()):
+        engine.add_request(name, [5 + i, 6, 7, 8, 9 + 2 * i], params)
+    done: dict[str, tuple] = {}
+    while engine.has_work():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = (out.finish_reason, tuple(out.token_ids))
+    return done
+
+
+def test_two_ranks_sample_the_tokens_of_one_without_gathering_logits(tiny_checkpoint, tmp_path, monkeypatch):
+    """Seeded top-k / top-p / min_tokens requests: the tokens of one process, drawn on the vocabulary
+    slices: rank 0 never gathers logit rows (no ModelParallel.logits call, no gather a slice wide)."""
+    profile = LatencyProfile.synthetic(0.01, 64, 1e-4).save(tmp_path / "profile.json")
+    checkpoint = tiny_checkpoint("llada")
+    one, two = _engine(checkpoint, 1, profile, 8), _engine(checkpoint, 2, profile, 8)
+    widths, logits_calls = [], []
+    gather, logits = TPGroup.all_gather, ModelParallel.logits
+    monkeypatch.setattr(TPGroup, "all_gather", lambda g, x: widths.append(x.shape[-1]) or gather(g, x))
+    monkeypatch.setattr(ModelParallel, "logits", lambda p, x: logits_calls.append(x.shape) or logits(p, x))
+    try:
+        expected, got = _sampled_script(one), _sampled_script(two)
+        assert got == expected and set(got) == set(SAMPLED)
+        head = two.runner.model.parallel
+        assert logits_calls == [] and head.rows_gathered_whole == 0
+        assert 5 in widths and head.vocab // 2 not in widths  # the draw's winners ran; no slice crossed
     finally:
         two.close()
 

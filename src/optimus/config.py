@@ -66,8 +66,10 @@ class RunnerConfig:
                                       "eagerly (their GPU time hides the launches, and they are not padded "
                                       "to a power-of-two bucket)")
     attention_backend: str = _opt("auto", "auto | torch | triton")
-    overlap: bool = _opt(True, "causal greedy decoding: launch each step before reading the previous "
-                               "step's tokens (they feed it on the device), hiding host work behind the GPU")
+    overlap: bool = _opt(True, "greedy steps whose commits are certain (a causal model's; a diffusion step "
+                               "whose every window has one masked position left, prefix-block cache): launch the "
+                               "next step before reading their tokens (they feed it on the device), hiding host "
+                               "work behind the GPU")
     pipeline: str = _opt("off", "diffusion greedy decoding on a GPU: running requests take turns in two halves, "
                                 "each half's step launched before the other half's is read, so planning and "
                                 "commits hide behind the GPU. off | auto (when the device's latency curve says two "

@@ -3,8 +3,8 @@ left out. The forward returns zeros and the greedy pick draws random tokens and 
 so a step's wall time is its host work alone: planning (scheduler, the policy's choice), the
 batch build, the commit (a replayed acceptance regime decides how many positions each window
 commits), the finish checks, the cache cursors, the outputs and the policy learning from the
-step. The outputs and the learning run after the next forward is queued (with causal overlap,
-the whole completion of the step before does), so on a GPU they hide behind it: ``critical`` is
+step. The outputs and the learning run after the next forward is queued (with overlap, the
+whole completion of the step before does), so on a GPU they hide behind it: ``critical`` is
 the rest, the host work the device waits for between two steps (with the pipeline off). The GPU
 benchmarks report the same work as ``cpu_ms_per_step`` next to real steps.
 
@@ -42,9 +42,10 @@ EMULATED_8B = LatencyProfile.synthetic(0.011, 256, 4e-5)
 
 
 def overlapped_phases(engine: Engine) -> tuple[str, ...]:
-    """The phases that run while the device computes the step just launched: the outputs and
-    the learning; with causal overlap, the whole completion of the step before as well."""
-    if engine.flights.causal and engine.flights.overlap:
+    """The phases of the step just run that ran while the device computed the step it
+    launched: the outputs and the learning; when that step stays in flight with its commits
+    assumed (overlap), the whole completion of the step before as well."""
+    if engine._in_flight is not None and engine._in_flight.assumed:
         return "commit", "settle", "cursors", "outputs", "learning"
     return "outputs", "learning"
 
@@ -88,7 +89,6 @@ def _save(args: argparse.Namespace, bench: str, rows: list[dict], **extra) -> No
 def measure(policy: str, shape: str, requests: int, prompt_len: int, output_len: int, acceptance: str) -> dict:
     engine = _engine(policy, shape, requests, prompt_len, output_len, acceptance)
     timers = _time_phases(engine)
-    overlapped = overlapped_phases(engine)
     rng = random.Random(0)
     vocab = engine.tokenizer.vocab_size
     params = SamplingParams(max_tokens=output_len, ignore_eos=True)
@@ -105,7 +105,7 @@ def measure(policy: str, shape: str, requests: int, prompt_len: int, output_len:
         steps += 1
         if len(outs) == requests:  # every request decoding (and reporting) in this step
             full["total"].append(wall)
-            full["critical"].append(wall - sum(timers[k] for k in overlapped))
+            full["critical"].append(wall - sum(timers[k] for k in overlapped_phases(engine)))
             for k, v in timers.items():
                 full[k].append(v)
     return {"policy": policy, "requests": requests, "steps": steps,

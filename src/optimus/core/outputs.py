@@ -17,7 +17,7 @@ class RequestStats:
     tokens_committed: int = 0
     chunk_sizes: dict[int, int] = field(default_factory=dict)  # chunk size -> steps at that size
     committed_per_chunk: dict[int, int] = field(default_factory=dict)  # chunk size -> tokens committed
-    chunk_history: list[int] = field(default_factory=list)  # window size planned at each decode step, in order
+    chunk_history: list[int] = field(default_factory=list)  # window size of each decode step that committed, in order
     preemptions: int = 0
 
     @property

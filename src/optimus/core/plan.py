@@ -11,18 +11,25 @@ from optimus.core.request import Request
 class RequestWork:
     """One request's rows in a step: rows ``[start, end)``, of which ``[start, store_end)``
     are written to the cache and ``[start, final_end)`` hold final tokens (the cache cursor
-    moves there). ``groups`` is nondecreasing (see kernels.group_attention). The rows read
-    cached positions ``[0, cached_keys)`` (default: ``start``, the cache before the step)."""
+    moves there). ``groups`` is nondecreasing (see kernels.group_attention); None stands for
+    the common decode layout, the stored rows group 0 and the rest group 1 (``row_groups``).
+    The rows read cached positions ``[0, cached_keys)`` (default: ``start``, the cache before
+    the step)."""
 
     request: Request
     start: int
     end: int
     store_end: int
-    groups: list[int]
+    groups: list[int] | None
     window: tuple[int, int] | None  # predicted positions for a decode window; None for prefill
     final: int | None = None  # final_end when it differs from store_end (dual cache)
     visible: int | None = None  # cached_keys when it differs from start (dual cache)
     refresh: bool = False  # a block-start forward over the whole sequence (cache schemes)
+
+    def row_groups(self) -> list[int]:
+        if self.groups is not None:
+            return self.groups
+        return [0] * (self.store_end - self.start) + [1] * (self.end - self.store_end)
 
     @property
     def prompt_piece(self) -> bool:

@@ -89,6 +89,8 @@ class Request:
     # Finished or aborted: set by transition() (read several times per request per step).
     is_done: bool = field(default=False, init=False)
     plain_greedy: bool | None = field(default=None, init=False)  # Postprocessor.is_plain_greedy, once known
+    _bounds_at: int = field(default=-1, init=False, repr=False)  # cache_len of _bounds (window_bounds)
+    _bounds: tuple[int, int] = field(default=(0, 0), init=False, repr=False)
 
     def __post_init__(self) -> None:
         g = self.geometry
@@ -112,18 +114,21 @@ class Request:
     # ---- window geometry ----------------------------------------------------------------
     def window_start(self) -> int:
         """First predicted position of the next window."""
-        g = self.geometry
-        return max(self.cache_len + g.shift, g.canvas_start)
+        return self.window_bounds()[0]
 
     def window_bounds(self) -> tuple[int, int]:
         """(first predicted position of the next window, the end of its block clipped to the
-        canvas). Arithmetic inlined: the scheduler asks for every decoder each step."""
+        canvas). Arithmetic inlined and kept for the cache cursor it was found at: the
+        scheduler asks for every decoder several times a step (the geometry is frozen)."""
+        if self._bounds_at == self.cache_len:
+            return self._bounds
         g = self.geometry
         lo = self.cache_len + g.shift
         if lo < g.canvas_start:
             lo = g.canvas_start
         end = lo + g.block_size - (lo - g.block_origin) % g.block_size  # = g.block_end(lo)
-        return lo, (end if end < g.canvas_end else g.canvas_end)
+        self._bounds_at, self._bounds = self.cache_len, (lo, (end if end < g.canvas_end else g.canvas_end))
+        return self._bounds
 
     def max_chunk(self) -> int:
         lo, end = self.window_bounds()

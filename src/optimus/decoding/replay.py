@@ -135,11 +135,12 @@ class ReplayAcceptance:
         """Commits of windows of ``chunks`` positions with ``masked`` of them masked, drawn in
         order (one uniform each, so drawing at once or window by window is the same)."""
         u = self.stream.random(chunks.size)
-        keys, inverse = np.unique(np.stack([chunks, masked]), axis=1, return_inverse=True)
+        span = int(masked.max()) + 1 if masked.size else 1
+        keys, inverse = np.unique(chunks * span + masked, return_inverse=True)  # one int per (chunk, masked)
         inverse = inverse.reshape(-1)  # its shape differs between numpy versions
         out = np.empty(chunks.size, np.int64)
-        for j, (chunk, m) in enumerate(keys.T.tolist()):
-            values = self._draws_for(chunk, m)
+        for j, key in enumerate(keys.tolist()):
+            values = self._draws_for(*divmod(key, span))
             rows = inverse == j
             out[rows] = values[(u[rows] * values.size).astype(np.int64)]
         return np.minimum(out, masked)
@@ -169,7 +170,18 @@ class ReplayAcceptance:
         if windows.size:
             counts[windows] = self.counts(np.asarray(chunks, np.int64)[windows], lens[windows])
         window_of_row = np.repeat(np.arange(lens.size), lens)
-        order = np.lexsort((-conf, window_of_row))  # by window, most confident first
+        order = _by_window_most_confident_first(conf, window_of_row)
         owner = window_of_row[order]
         keep[order[np.arange(conf.size) - starts[owner] < counts[owner]]] = True
         return keep
+
+
+def _by_window_most_confident_first(conf: np.ndarray, window_of_row: np.ndarray) -> np.ndarray:
+    """Row order by window, then by confidence descending (equal: the earlier row first).
+    Non-negative fp32 confidences order as their bit patterns, so one stable sort of an int64
+    key (window, inverted bits) does it, about 10x faster than a two-key lexsort."""
+    conf = np.asarray(conf, np.float32)
+    if not conf.size or not conf.min() >= 0:  # negatives or NaN: the general sort
+        return np.lexsort((-conf, window_of_row))
+    bits = (conf + np.float32(0)).view(np.int32).astype(np.int64)  # + 0: -0.0 becomes 0.0
+    return np.argsort((window_of_row.astype(np.int64) << 32) | (0x7FFFFFFF - bits), kind="stable")

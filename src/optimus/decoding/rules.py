@@ -68,16 +68,22 @@ def propose(logits: torch.Tensor, draws: RowDraws) -> tuple[torch.Tensor, torch.
 
 
 def _filter(scaled: torch.Tensor, draws: RowDraws) -> torch.Tensor:
-    """Top-k, then top-p over what top-k kept (the first token always stays)."""
+    """Top-k, then top-p over what top-k kept (the first token always stays). Equal logits are
+    ranked by id (a stable sort): at the top-k or top-p boundary the lower ids stay, on every
+    device, as the vocabulary-parallel draw (parallel/sampling.py) keeps them."""
     if not bool(((draws.top_k > 0) | (draws.top_p < 1.0)).any()):
         return scaled
     vocab = scaled.shape[-1]
-    ordered, idx = torch.sort(scaled, descending=True, dim=-1)
+    ordered, idx = torch.sort(scaled, descending=True, dim=-1, stable=True)
     rank = torch.arange(vocab, device=scaled.device)[None, :]
     k = torch.where(draws.top_k > 0, draws.top_k.clamp(max=vocab), vocab)[:, None]
     ordered = ordered.masked_fill(rank >= k, float("-inf"))
     p = torch.softmax(ordered, dim=-1)
-    ordered = ordered.masked_fill(p.cumsum(-1) - p > draws.top_p[:, None], float("-inf"))
+    # Only rows with top-p: in fp32 the cumulative sum can pass 1.0 before the end, and a
+    # top-p 1 row batched with filtering rows would lose its tail (its draw would depend on
+    # which rows share its batch).
+    nucleus = (p.cumsum(-1) - p > draws.top_p[:, None]) & (draws.top_p < 1.0)[:, None]
+    ordered = ordered.masked_fill(nucleus, float("-inf"))
     return torch.empty_like(scaled).scatter_(-1, idx, ordered)
 
 
@@ -98,8 +104,14 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
 
 def gumbel_noise(draws: RowDraws, vocab: int) -> torch.Tensor:
     """[n, V] standard Gumbel noise, a pure function of (seed, position, draw, token id)."""
+    return gumbel_slice(draws, 0, vocab)
+
+
+def gumbel_slice(draws: RowDraws, lo: int, hi: int) -> torch.Tensor:
+    """[n, hi - lo]: columns [lo, hi) of ``gumbel_noise`` (each value depends on its own token
+    id only, so a rank holding a vocabulary slice draws exactly the full rows' values there)."""
     key = _mix(_mix(_mix(draws.seed * _GOLDEN + draws.position) + draws.draw))  # [n]
-    tokens = torch.arange(vocab, device=key.device, dtype=torch.int64)
+    tokens = torch.arange(lo, hi, device=key.device, dtype=torch.int64)
     bits = _shr(_mix(key[:, None] + tokens[None, :] * _GOLDEN), 40)  # 24 uniform bits
     u = (bits.float() + 0.5) * (1.0 / (1 << 24))  # in (0, 1)
     return -torch.log(-torch.log(u))

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from optimus.config import EngineConfig
 from optimus.decoding.rules import CommitRule, commit_rule_for
 from optimus.executor.kv_storage import KVCacheStorage, capacity_in_pages
-from optimus.engine.flight import PipelineRule, pipeline_rule
+from optimus.engine.flight import FlightRules, PipelineRule, pipeline_rule
 from optimus.executor.runner import ModelRunner
 from optimus.models.loader import LoadedModel, resolve_device
 from optimus.models.spec import AttentionKind, ModelSpec
@@ -39,7 +39,7 @@ class EngineParts:
     runner: ModelRunner
     policy: ChunkPolicy
     scheduler: Scheduler
-    pipeline: PipelineRule  # when diffusion steps run in two halves (engine.flight)
+    flights: FlightRules  # which launched steps stay in flight: overlap, pipelined halves (engine.flight)
     parallel: object | None = None  # parallel.launch.TensorParallel (its workers) when sharded
 
     @property
@@ -105,9 +105,10 @@ def build_parts(config: EngineConfig, loaded: LoadedModel | None = None,
     policy = build_policy(config, hardware)
     scheduler = Scheduler(config.scheduler, allocator, policy, spec.attention, scheme)
     quiet_gc()  # the parts will run a step loop
+    flights = FlightRules(spec.attention is AttentionKind.CAUSAL, config.runner.overlap,
+                          build_pipeline(config, policy, hardware), overlap_diffusion=scheme.prefills)
     return EngineParts(config, loaded, device, block_size, commit_rule or commit_rule_for(config),
-                       allocator, storage, runner, policy, scheduler, build_pipeline(config, policy, hardware),
-                       parallel)
+                       allocator, storage, runner, policy, scheduler, flights, parallel)
 
 
 def _storage(config: EngineConfig, model, device: torch.device) -> KVCacheStorage:

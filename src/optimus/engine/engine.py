@@ -22,10 +22,9 @@ from optimus.core.plan import StepPlan
 from optimus.core.request import Geometry, Request, check_request
 from optimus.decoding.rules import CommitRule
 from optimus.engine.builder import build_parts
-from optimus.engine.flight import DeviceTime, FlightRules, InFlight, host_gap
+from optimus.engine.flight import DeviceTime, InFlight, host_gap
 from optimus.engine.postprocess import Postprocessor
 from optimus.engine.stats import EngineStats
-from optimus.models.spec import AttentionKind
 
 log = logging.getLogger(__name__)
 
@@ -46,19 +45,17 @@ class Engine:
         self.config, self.loaded, self.device = config, parts.loaded, parts.device
         self.spec, self.tokenizer, self.block_size = parts.spec, parts.loaded.tokenizer, parts.block_size
         self.allocator, self.storage, self.runner = parts.allocator, parts.storage, parts.runner
-        self.policy, self.scheduler = parts.policy, parts.scheduler
+        self.policy, self.scheduler, self.flights = parts.policy, parts.scheduler, parts.flights
         self.parallel = parts.parallel  # tensor-parallel workers, or None
         self.post = Postprocessor(self.spec, self.tokenizer, parts.commit_rule, self.runner, self.scheduler,
                                   fail=self._fail)
-        self.stats = EngineStats()
-        self.max_model_len = self.spec.arch.max_position
+        self.stats, self.max_model_len = EngineStats(), self.spec.arch.max_position
         self._requests: dict[str, Request] = {}
         self._last_step_end: float | None = None  # perf_counter at the end of the latest step
         self._news: list[Request] = []  # settled or failed, not reported yet (see step)
         self._in_flight: InFlight | None = None  # launched, tokens not read yet (overlap, pipeline)
         self._last_device_time: DeviceTime | None = None  # of the latest launched step
         self.device_timer = functools.partial(DeviceTime, self.device)  # benchmarks may emulate the device
-        self.flights = FlightRules(self.spec.attention is AttentionKind.CAUSAL, config.runner.overlap, parts.pipeline)
 
     # ---- requests --------------------------------------------------------------------
     def check_request(self, prompt_ids: list[int], params: SamplingParams) -> Geometry:
@@ -91,6 +88,7 @@ class Engine:
         self._requests.pop(request_id, None)
         self._news = [n for n in self._news if n is not r]  # its final output is this one
         self.stats.refresh_gauges(self.scheduler, self.allocator)
+        self.post.account(self.stats)
         return self.post.output(r)
 
     def _fail(self, r: Request, exc: BaseException) -> None:
@@ -181,8 +179,6 @@ class Engine:
         finished ones end now, and the ones with news wait for ``_report``."""
         plan = flight.plan
         touched = {id(w.request): w.request for w in plan.works if not w.request.is_done}
-        for r in touched.values():
-            r.last_committed = 0
         self.post.commit_step(flight.plan, flight.hidden, flight.wants, flight.pick)
         t1 = time.perf_counter()
         start = flight.t_launch
@@ -193,13 +189,15 @@ class Engine:
         if flight.pipelined:  # queued behind the other half's step: the device's own times
             latency, overhead = device_s, flight.idle_before(overhead)
         self.stats.device_time_sum_s += device_s
+        # A graph capture is a one-time cost: no latency evidence (0). The host time around
+        # the step is a separate cost per step (folded in, it served worse: docs/benchmarks.md).
         if not flight.assumed:
-            # A graph capture is a one-time cost: no latency evidence (0). The host time around
-            # the step is a separate cost per step (folded in, it served worse: docs/benchmarks.md).
             self.scheduler.complete_step(plan, 0.0 if flight.captured else latency, overhead)
+        elif flight.feedback is not None:  # held since its commits were assumed at launch
+            self.scheduler.give_feedback(flight.feedback, 0.0 if flight.captured else latency, overhead)
         self._last_step_end = t1
         self.post.step_index += 1
-        self.stats.record(plan, latency)
+        self.stats.record_later(plan, latency)  # with the next report, off the critical path
         for r in touched.values():
             try:
                 if self.post.settle(r):
@@ -216,6 +214,7 @@ class Engine:
     def _report(self) -> list[RequestOutput]:
         """Outputs of the requests with news (each once), detokenized as the caller asked."""
         t0 = time.perf_counter()
+        self.post.account(self.stats)
         news, self._news = self._news, []
         outputs = []
         for r in dict.fromkeys(news):  # each once, in order (requests hash by identity)

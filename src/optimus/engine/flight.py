@@ -20,6 +20,7 @@ import torch
 from optimus.config import check_pipeline
 from optimus.core.plan import StepPlan
 from optimus.core.request import RequestState
+from optimus.policy import StepFeedback
 from optimus.executor.runner import GreedyPick, LogitRequest
 
 MAX_STEP_GAP_S = 1.0  # a longer gap between steps is the engine waiting for work, not overhead
@@ -85,21 +86,27 @@ class InFlight:
     after: DeviceTime | None = None  # the step launched just before it (the device ran it first)
     assumed: bool = False  # its commits were assumed at launch (overlap); tokens read later
     pipelined: bool = False  # left in flight while the next step ran other requests (pipeline)
+    feedback: StepFeedback | None = None  # an assumed step's policy feedback, its latency known at completion
+
+    def commits_certain(self) -> bool:
+        """Every window predicts one open position: every rule commits exactly that one, so
+        which positions commit is known before the tokens are read (a causal step always)."""
+        return all(len(w.positions) == 1 for w in self.wants)
 
     def request_ids(self) -> frozenset[str]:
         return frozenset(w.request.request_id for w in self.plan.works)
 
     def assume_commits(self, scheduler) -> None:
-        """Mark this causal step's positions committed (tokens still on the device) and advance
-        the cache cursors, so the next step can be planned before they are read."""
+        """Mark this step's positions committed (``commits_certain``; tokens still on the
+        device) and advance the cache cursors, so the next step can be planned before they are
+        read. Its policy feedback waits for its latency (``Scheduler.give_feedback``)."""
         for w in self.wants:
             r = self.plan.works[w.work_index].request
             if r.is_done:
                 continue  # finished by the step before: this row is dropped when read
             r.committed[list(w.positions)] = True
             r.last_committed = len(w.positions)
-        # Its latency is unknown yet: no evidence for the policy (a causal model has no choice).
-        scheduler.complete_step(self.plan, 0.0)
+        self.feedback = scheduler.complete_step(self.plan, 0.0, hold=True)
         self.assumed = True
 
     def idle_before(self, host_overhead: float) -> float:
@@ -228,23 +235,33 @@ class FlightRules:
     compare rules on one engine."""
 
     causal: bool  # the model predicts one position per step (its commits can be assumed)
-    overlap: bool  # runner.overlap: keep causal greedy steps in flight
+    overlap: bool  # runner.overlap: keep greedy steps whose commits are certain in flight
     pipeline: PipelineRule  # runner.pipeline: when diffusion steps run in halves
+    overlap_diffusion: bool = False  # diffusion steps too, when commits_certain (prefix-block caches)
+    assumed_last: bool = False  # the latest kept step was whole with its commits assumed
 
     def keep(self, flight: InFlight, running: int, host_s: float | None = None) -> Literal["assume", "pipeline"] | None:
-        """'assume' (overlap), 'pipeline', or None: complete it now. Only all-greedy steps
-        (picked on the device at launch) can wait. ``host_s``: the host's critical time before
-        this launch when the step before ran whole (None when it was a half in flight)."""
+        """'assume' (overlap: commits certain), 'pipeline', or None: complete it now. Only
+        all-greedy steps (picked on the device at launch) can wait. ``host_s``: the host's
+        critical time before this launch when the step before ran whole (None when it was a
+        half in flight)."""
         if not self.causal:
             self.pipeline.observe(flight, host_s, running)
         if flight.pick is None:
-            return None
-        if self.causal:
-            return "assume" if self.overlap else None
-        return "pipeline" if self.pipelines(running) else None
+            keep = None
+        elif self.causal:
+            keep = "assume" if self.overlap else None
+        elif self.pipelines(running):  # halves take turns: a half kept whole would plan the same half again
+            keep = "pipeline"
+        else:
+            keep = "assume" if self.overlap and self.overlap_diffusion and flight.commits_certain() else None
+        self.assumed_last = keep == "assume"
+        return keep
 
     def pipelines(self, running: int) -> bool:
-        return not self.causal and self.pipeline.pipelines(running)
+        """Halves, unless whole steps are being assumed: their host work hides already, and a
+        whole step does not pay the halves' second pass over a flat latency curve."""
+        return not self.causal and not self.assumed_last and self.pipeline.pipelines(running)
 
     def decoder_cap(self, running) -> int | None:
         """Most decoding requests the next step plans: half of them while pipelining."""

@@ -22,7 +22,9 @@ import torch
 from optimus.core.outputs import CommitEvent, RequestOutput
 from optimus.core.plan import RequestWork, StepPlan
 from optimus.core.request import Request
-from optimus.decoding.rules import GREEDY_TEMPERATURE, CommitRule, RowDraws, keep_many, propose
+from optimus.decoding.rules import GREEDY_TEMPERATURE, CommitRule, RowDraws, keep_many
+from optimus.engine.stats import EngineStats
+from optimus.executor.sampled_rows import propose  # rules.propose, also on a shard's undrawn rows
 from optimus.engine.stop_strings import first_stop, hold_back_stop_prefix
 from optimus.models.detokenizer import IncrementalDetokenizer
 from optimus.executor.runner import GreedyPick, LogitRequest, ModelRunner
@@ -64,6 +66,9 @@ class Postprocessor:
         self.fail = fail
         self.step_index = 0  # the engine's step counter, stamped on commit events
         self.host_commit_s = 0.0  # host time of the latest greedy commit pass
+        # Commits whose statistics and events are not yet recorded: (request, window, positions,
+        # tokens, step index), in commit order.
+        self._unaccounted: list[tuple[Request, tuple[int, int], list[int], list[int], int]] = []
         self.stream_text = True  # detokenize every output (servers); offline use turns it off
         self.final_text = True  # decode a finished answer; off where the caller detokenizes (engine process)
 
@@ -78,7 +83,10 @@ class Postprocessor:
 
     def commit_step(self, plan: StepPlan, hidden: torch.Tensor, wants: list[LogitRequest],
                     pick: GreedyPick | None) -> None:
-        """Commit the step's proposals; ``pick``: every logit row already picked greedily."""
+        """Commit the step's proposals; ``pick``: every logit row already picked greedily.
+        Every request of the plan holds its commit count of this step after it (0: none)."""
+        for w in plan.works:
+            w.request.last_committed = 0
         fast, slow = [], []
         for w in wants:
             r = plan.works[w.work_index].request
@@ -135,7 +143,7 @@ class Postprocessor:
 
     def _commit_sampled(self, plan: StepPlan, hidden: torch.Tensor, slow: list[LogitRequest]) -> None:
         """Sampled (or constrained) rows: one head call and one vectorised draw for all of them."""
-        logits = self.runner.logits(hidden[torch.from_numpy(_rows_of(slow)).to(hidden.device)])
+        logits = self.runner.sampled_logits(hidden[torch.from_numpy(_rows_of(slow)).to(hidden.device)])
         first = np.cumsum([0] + [len(w.positions) for w in slow]).tolist()
         ok, rows = [], []
         for w, lo, hi in zip(slow, first, first[1:]):
@@ -207,24 +215,36 @@ class Postprocessor:
         self._apply(work, [positions[i] for i in chosen], [tokens[i] for i in chosen])
 
     def _apply(self, work: RequestWork, positions: list[int], tokens: list[int]) -> None:
-        """Commit ``tokens`` at ``positions`` (ascending, at least one) of ``work``'s window."""
+        """Commit ``tokens`` at ``positions`` (ascending, at least one) of ``work``'s window.
+        Only what the next step's plan reads happens now; the request's statistics and commit
+        events wait for :meth:`account` (after the next launch, while the device computes)."""
         r = work.request
         canvas, committed = r.tokens, r.committed
         for pos, token in zip(positions, tokens):
             canvas[pos] = token
             committed[pos] = True
-        n = len(positions)
-        r.last_committed = n
-        stats = r.stats
-        stats.steps += 1
-        stats.tokens_committed += n
-        lo, hi = work.window
-        c = hi - lo
-        stats.chunk_sizes[c] = stats.chunk_sizes.get(c, 0) + 1
-        stats.committed_per_chunk[c] = stats.committed_per_chunk.get(c, 0) + n
-        start = r.geometry.canvas_start
-        r.events.append(CommitEvent(self.step_index, lo - start, hi - start,
-                                    tuple([p - start for p in positions]), tuple(tokens)))
+        r.last_committed = len(positions)
+        self._unaccounted.append((r, work.window, positions, tokens, self.step_index))
+
+    def account(self, engine_stats: EngineStats) -> None:
+        """Statistics and commit events of the commits made since the last call, and the
+        engine's statistics of the steps completed since (``record_later``): before any output
+        is built."""
+        engine_stats.catch_up()
+        if not self._unaccounted:
+            return
+        pending, self._unaccounted = self._unaccounted, []
+        for r, (lo, hi), positions, tokens, step in pending:
+            n, c = len(positions), hi - lo
+            stats = r.stats
+            stats.steps += 1
+            stats.chunk_history.append(c)
+            stats.tokens_committed += n
+            stats.chunk_sizes[c] = stats.chunk_sizes.get(c, 0) + 1
+            stats.committed_per_chunk[c] = stats.committed_per_chunk.get(c, 0) + n
+            start = r.geometry.canvas_start
+            r.events.append(CommitEvent(step, lo - start, hi - start, tuple([p - start for p in positions]),
+                                        tuple(tokens)))
 
     # ---- finish and report -------------------------------------------------------------
     def settle(self, r: Request) -> bool:
@@ -233,12 +253,12 @@ class Postprocessor:
         if r.is_done:
             return False
         n = min(r.contiguous_answer_len(), r.params.max_tokens)
+        if n == r.output_len:  # the answer did not grow: the finish checks would see what they saw
+            return bool(r.last_committed or r.events)
         if n > len(r.answer):  # commits are final: the answer only grows at its end
             start = r.geometry.canvas_start
             r.answer.extend(r.tokens[start + len(r.answer):start + n].tolist())
         reason, keep = self._finish_reason(r, n)
-        if reason is None and n == r.output_len and not r.events:
-            return False
         if n > 0 and r.stats.first_token_time is None:
             r.stats.first_token_time = time.monotonic()
         r.output_len = keep if reason else n
@@ -276,7 +296,8 @@ class Postprocessor:
         return r.detokenizer.finish(ids) if r.is_done else r.detokenizer.update(ids)
 
     def output(self, r: Request, text: str | None = None) -> RequestOutput:
-        """``r``'s output now; ``text`` given: that text, nothing detokenized."""
+        """``r``'s output now (the caller runs :meth:`account` first); ``text`` given: that
+        text, nothing detokenized."""
         ids = tuple(r.answer[:r.output_len])
         if text is None:
             text = self._output_text(r, ids)

@@ -26,6 +26,8 @@ class EngineStats:
     running: int = 0
     waiting: int = 0
     kv_usage: float = 0.0
+    # Completed steps not recorded yet: (plan, latency). Their requests keep last_committed until then.
+    _later: list = field(default_factory=list, repr=False, compare=False)
 
     def tau(self) -> dict[int, float]:
         """Mean tokens committed per step, by chunk size."""
@@ -60,6 +62,16 @@ class EngineStats:
             self.refresh_tokens += refreshed
             self.refresh_steps += 1
             self.refresh_step_latency_sum_s += latency
+
+    def record_later(self, plan, latency: float) -> None:
+        """Record a completed step at the next :meth:`catch_up` (the engine's next report, after
+        the next launch), so its bookkeeping stays off the critical path."""
+        self._later.append((plan, latency))
+
+    def catch_up(self) -> None:
+        for plan, latency in self._later:
+            self.record(plan, latency)
+        self._later.clear()
 
     def refresh_gauges(self, scheduler, allocator) -> None:
         self.running, self.waiting = len(scheduler.running), len(scheduler.waiting)

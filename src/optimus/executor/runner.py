@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from optimus.executor.kv_storage import KVCacheStorage
+from optimus.executor.sampled_rows import SampledRows
 from optimus.core.plan import StepPlan
 from optimus.kernels import group_attention, request_start_rows, visible_key_end, write_kv
 from optimus.models.transformer import DecoderLM
@@ -168,6 +169,18 @@ def _logit_rows(requests, windows, lo: np.ndarray, hi: np.ndarray,
     return wants, first_row[owner] + positions
 
 
+def _row_groups(works, cu: np.ndarray, pos: np.ndarray, store_end: np.ndarray) -> np.ndarray:
+    """Every row's attention group [rows] int32: the works' own lists where they have one,
+    else 0 for stored rows and 1 for the rest (RequestWork.row_groups), vectorised."""
+    explicit = [i for i, w in enumerate(works) if w.groups is not None]
+    if len(explicit) == len(works):
+        return np.fromiter(itertools.chain.from_iterable(w.groups for w in works), np.int32, int(cu[-1]))
+    groups = (pos >= store_end).astype(np.int32)
+    for i in explicit:
+        groups[cu[i]:cu[i + 1]] = works[i].groups
+    return groups
+
+
 def _fed_rows(works, cu: np.ndarray, feed: TokenFeed) -> tuple[list[int], list[int]]:
     """(step rows, feed indices) of the works that run the position whose token is in ``feed``.
     Usually their first row; not when the step before could not store its row (its pages were
@@ -283,7 +296,7 @@ class ModelRunner:
         page = table[row_req, np.minimum(pos // ps, table.shape[1] - 1)]
         slots = np.where(pos < store_ends[row_req], page * ps + pos % ps, -1)
         ids = np.concatenate([w.request.tokens[w.start:w.end] for w in works])
-        groups = np.fromiter(itertools.chain.from_iterable(w.groups for w in works), np.int32, int(cu[-1]))
+        groups = _row_groups(works, cu, pos, store_ends[row_req])
         windows = [w.window for w in works]
         carries_prompt = None in windows and plan.carries_prompt  # a prompt piece has no window
         windows, lo, hi = _window_bounds(windows)
@@ -326,6 +339,13 @@ class ModelRunner:
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.logits(hidden).float()
+
+    def sampled_logits(self, hidden: torch.Tensor) -> torch.Tensor | SampledRows:
+        """The logits a sampled draw (``sampled_rows.propose``) reads: hidden [M, d] -> [M, vocab];
+        on a tensor-parallel model, rows that are never gathered (drawn on the vocabulary slices)."""
+        if getattr(self.model, "parallel", None) is None:
+            return self.logits(hidden)
+        return SampledRows(self.model, hidden)
 
     @torch.inference_mode()
     def greedy(self, hidden: torch.Tensor, rows_per_pass: int = 1024) -> GreedyPick:

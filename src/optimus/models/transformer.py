@@ -79,6 +79,13 @@ class DecoderLM(nn.Module):
         backend = toggles.active().greedy_backend
         return argmax_prob(self._head(hidden), self._head_backend if backend == "auto" else backend)
 
+    def sample(self, hidden: torch.Tensor, draws, suppress_rows: torch.Tensor,
+               suppress_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A shard only: hidden [M, d] -> ``rules.propose``'s (tokens [M], confidence [M]) with the
+        (row, id) pairs suppressed, drawn on the vocabulary slices (parallel/sampling.py)."""
+        self.parallel.announce("sample", hidden, draws, suppress_rows, suppress_ids)
+        return self.parallel.sample(self._head(hidden), draws, suppress_rows, suppress_ids)
+
     def _head(self, hidden: torch.Tensor) -> torch.Tensor:
         # Few rows (batch-1 decoding) on a GPU: the weight-streaming kernel; else F.linear.
         return skinny_linear.linear(hidden, self.lm_head.weight, self.lm_head.bias, self._head_backend)

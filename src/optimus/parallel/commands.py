@@ -1,6 +1,6 @@
 """What rank 0 tells the workers, and the workers' loop that replays it.
 
-Every model call on rank 0 (``DecoderLM.forward``, ``logits``, ``greedy``) is announced first
+Every model call on rank 0 (``DecoderLM.forward``, ``logits``, ``greedy``, ``sample``) is announced first
 (``head.ModelParallel.announce``): its tensors, moved to the CPU, and a recipe of its attention
 backend, which the worker rebuilds over its own KV pages. Then every rank makes the same call,
 so the collectives inside (one all-reduce per sub-layer, the head's gather) pair up in order.
@@ -10,10 +10,11 @@ Invariant: rank 0 announces exactly the calls it makes, in the order it makes th
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 
+from optimus.decoding.rules import RowDraws
 from optimus.executor.kv_storage import KVCacheStorage
 from optimus.executor.runner import PagedBackend, StepBatch
 from optimus.models.dense import DenseBackend
@@ -61,6 +62,8 @@ def message(op: str, args: tuple) -> tuple:
     for a in args:
         if isinstance(a, torch.Tensor):
             out.append(a.cpu())
+        elif isinstance(a, RowDraws):
+            out.append(_to(a, torch.device("cpu")))
         elif hasattr(a, "attend"):
             out.append(recipe(a))
         else:
@@ -83,9 +86,13 @@ def serve_commands(model, storage: KVCacheStorage, group: TPGroup) -> None:
             model.logits(*args)
         elif op == "greedy":
             model.greedy(*args)
+        elif op == "sample":
+            model.sample(*args)
         else:
             raise RuntimeError(f"unknown tensor-parallel command {op!r}")
 
 
 def _to(x, device: torch.device):
+    if isinstance(x, RowDraws):
+        return replace(x, **{f.name: getattr(x, f.name).to(device) for f in fields(RowDraws)})
     return x.to(device) if isinstance(x, torch.Tensor) else x

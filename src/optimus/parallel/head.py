@@ -5,14 +5,18 @@ The head never gathers logits for a greedy pick: each rank reduces its vocabular
 (max, argmax, sum of exp(logit - max)) per row, and those three floats per row cross the wire.
 The global argmax is the first rank's with the largest max (ties go to the lower id, as
 ``argmax`` does on the whole row); its probability is 1 / sum_r s_r exp(m_r - max).
-Sampling and scoring need the whole distribution: ``logits`` gathers it (only for their rows).
+Sampled rows (``sample``) are drawn on the shards too (``sampling.py``): a few values per row
+cross, and only a top-p row its candidates cannot decide gathers its full row. Scoring
+(echo/logprobs) needs the whole distribution: ``logits`` gathers it (only for its rows).
 """
 
 from __future__ import annotations
 
 import torch
 
+from optimus.decoding.rules import RowDraws
 from optimus.parallel.group import TPGroup
+from optimus.parallel.sampling import VocabSlice, draw, gather_rows
 
 
 class ModelParallel:
@@ -20,6 +24,7 @@ class ModelParallel:
         self.group = group
         self.lo, self.hi = vocab_range
         self.vocab = vocab
+        self.rows_gathered_whole = 0  # sampled rows drawn from gathered full rows (top-p past the candidates)
 
     def announce(self, op: str, *args) -> None:
         """Rank 0: tell the workers to make the same call (a no-op on workers, who replay)."""
@@ -44,9 +49,18 @@ class ModelParallel:
         total = (every[..., 2] * (every[..., 0] - best).exp()).sum(0)
         return tokens, total.reciprocal()
 
+    def sample(self, local: torch.Tensor, draws: RowDraws, suppress_rows: torch.Tensor,
+               suppress_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """local logits [M, V/size] -> ``rules.propose``'s (tokens [M], confidence [M]) on the full rows,
+        with the (row, id) pairs ``suppress_rows``/``suppress_ids`` at -inf, without gathering them."""
+        tokens, conf, whole = draw(local, draws, self._slice, self.group.all_gather, (suppress_rows, suppress_ids))
+        self.rows_gathered_whole += whole
+        return tokens, conf
+
     def logits(self, local: torch.Tensor) -> torch.Tensor:
         """local logits [M, V/size] -> the full rows [M, V] on every rank."""
-        per = -(-self.vocab // self.group.size)
-        if local.shape[1] < per:  # the last rank's short slice
-            local = torch.nn.functional.pad(local, (0, per - local.shape[1]), value=float("-inf"))
-        return torch.cat(self.group.all_gather(local), dim=-1)[:, :self.vocab]
+        return gather_rows(local, self._slice, self.group.all_gather)
+
+    @property
+    def _slice(self) -> VocabSlice:
+        return VocabSlice(self.lo, self.hi, self.vocab, self.group.size)

@@ -95,8 +95,7 @@ class PrefixBlock:
         rows_lo, rows_hi = r.rows_for(window)
         if self.attention is AttentionKind.FULL and self.suffix_window:
             rows_hi = min(rows_hi + self.suffix_window, r.geometry.canvas_end)
-        groups = ([0] * (rows_lo - start)) + [1] * (rows_hi - rows_lo)
-        store_end = rows_lo
+        groups, store_end = None, rows_lo  # the stored rows group 0, the window's rows group 1
         if self.attention is AttentionKind.CAUSAL and ensure(r, rows_hi, False):
             store_end = rows_hi  # causal rows are final as soon as they are computed
             groups = list(range(start, rows_hi))

@@ -12,6 +12,7 @@ not moved yet): they are neither planned nor preempted, so two steps never hold 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import time
 
 from optimus.config import SchedulerConfig
@@ -85,7 +86,7 @@ class Scheduler:
         # A request with no position left to predict only awaits its in-flight step's tokens.
         decoders = [r for r in self.running
                     if r.state is RequestState.DECODING and r.request_id not in busy
-                    and r.window_start() < r.geometry.canvas_end][:max_decoders]
+                    and r.window_bounds()[0] < r.geometry.canvas_end][:max_decoders]
         decoders, leads = self._plan_leads(decoders, budget)
         fixed = sum(w.end - w.start for w in leads.values())
         chunks = self._choose_chunks(decoders, fixed, budget)
@@ -95,7 +96,6 @@ class Scheduler:
                 continue  # preempted while planning leads
             work = decode_work(r, leads.get(r.request_id), chunk, ensure)
             r.chunk = work.window[1] - work.window[0]
-            r.stats.chunk_history.append(r.chunk)
             works.append(work)
         budget -= sum(w.end - w.start for w in works)
         budget = self._plan_prefills(works, budget)
@@ -118,6 +118,8 @@ class Scheduler:
             if refresh and used and used + refresh > budget:
                 continue
             lead = self.scheme.lead_work(r, self._ensure_pages)
+            if r.window_bounds()[0] >= r.geometry.canvas_end:
+                continue  # its last window, committed by a step still in flight: it ends there
             if lead is not None:
                 out[r.request_id] = lead
                 used += lead.end - lead.start
@@ -240,16 +242,21 @@ class Scheduler:
         self.waiting.appendleft(r)
 
     # ---- after the forward pass --------------------------------------------------------
-    def complete_step(self, plan: StepPlan, latency_s: float, overhead_s: float = 0.0) -> None:
+    def complete_step(self, plan: StepPlan, latency_s: float, overhead_s: float = 0.0,
+                      hold: bool = False) -> StepFeedback | None:
         """Advance cache cursors and queue the policy's feedback. The policy reads it at
         :meth:`flush_feedback`, which the engine calls once the next step's forward is
-        launched: learning then overlaps the GPU, and choose(N+1) sees feedback up to N-1."""
+        launched: learning then overlaps the GPU, and choose(N+1) sees feedback up to N-1.
+        ``hold``: return the feedback instead, for :meth:`give_feedback` once the step's
+        latency is known (a step whose commits were assumed at launch)."""
         chunk_sizes, committed, ids, open_positions = [], [], [], []
         for w in plan.works:
             r = w.request
             if r.is_done:
                 continue
-            r.cache_len = max(r.cache_len, w.final_end)
+            final_end = w.final_end
+            if final_end > r.cache_len:
+                r.cache_len = final_end
             if w.window is None:
                 target = self._recompute_len.get(r.request_id, r.geometry.prefill_len)
                 if r.cache_len >= target:
@@ -260,14 +267,30 @@ class Scheduler:
             chunk_sizes.append(hi - lo)
             committed.append(r.last_committed)
             ids.append(r.request_id)
-            still_open = r.committed[lo:hi].tolist().count(False)  # a list: 3x cheaper than numpy on a few flags
+            if hi - lo == 1:
+                still_open = 0 if r.committed[lo] else 1
+            else:
+                still_open = r.committed[lo:hi].tolist().count(False)  # a list: 3x cheaper than numpy on a few flags
             open_positions.append(r.last_committed + still_open)
-            if not still_open and w.final_end < w.end:  # the window finished: store its rows next
+            if not still_open and final_end < w.end:  # the window finished: store its rows next
                 r.pending_store = (r.cache_len, w.window[1] - r.geometry.shift)
-        if chunk_sizes:
-            self.flush_feedback()  # never drop an unread step
-            self._feedback = StepFeedback(plan.num_tokens, latency_s, tuple(chunk_sizes), tuple(committed),
-                                          tuple(ids), tuple(open_positions), overhead_s)
+        if not chunk_sizes:
+            return None
+        feedback = StepFeedback(plan.num_tokens, latency_s, tuple(chunk_sizes), tuple(committed),
+                                tuple(ids), tuple(open_positions), overhead_s)
+        if hold:
+            return feedback
+        self.give_feedback(feedback)
+        return None
+
+    def give_feedback(self, feedback: StepFeedback, latency_s: float | None = None,
+                      overhead_s: float = 0.0) -> None:
+        """Queue a step's feedback; ``latency_s`` given: the step's latency and host overhead,
+        known only now (its feedback was held)."""
+        if latency_s is not None:
+            feedback = dataclasses.replace(feedback, latency_s=latency_s, overhead_s=overhead_s)
+        self.flush_feedback()  # never drop an unread step
+        self._feedback = feedback
 
     def discard_feedback(self) -> None:
         """Forget an unread step's feedback (its step failed and its requests ended)."""

@@ -1,7 +1,8 @@
 """The elastic controller planning on a latency profile that is wrong about the device, in
 closed loop on the simulator (CPU only, about a minute): how far below the best single policy
-it settles, which sizes it runs, and what its online correction (a scale and a stretch of the
-profile's token axis) learned.
+it settles, which sizes it runs, and what its online correction learned (a scale of the
+profile's flat part, a stretch of its token axis, and, when the steps demand it, a scale of its
+slope past the knee).
 
 The device is the H200 hinge of the SDAR-8B shape used by the regime tests (5.5 ms flat to about
 100 rows, then 23 us per row); the profiles are that hinge with its knee moved (the slope kept),
@@ -52,7 +53,8 @@ def measure(regime: str, loads: tuple[int, ...], steps: int, warmup: int) -> lis
                          "best_single": best, "best_single_tok_s": single[best],
                          "elastic_over_best": result.throughput / single[best],
                          "sizes": dict(sorted(result.size_histogram().items())),
-                         "learned_scale": policy.correction.scale, "learned_stretch": policy.correction.stretch})
+                         "learned_scale": policy.correction.scale, "learned_stretch": policy.correction.stretch,
+                         "learned_slope_ratio": policy.correction.slope_ratio})
     return rows
 
 
@@ -69,7 +71,8 @@ def main() -> None:
         sizes = ", ".join(f"{c}: {n}" for c, n in r["sizes"].items())
         print(f"{r['requests']:4d} requests, {r['profile']:<28} elastic {r['elastic_tok_s']:7.0f} tok/s = "
               f"{r['elastic_over_best']:.3f} x {r['best_single']} ({r['best_single_tok_s']:.0f}); scale "
-              f"{r['learned_scale']:.2f}, stretch {r['learned_stretch']:.2f}; windows by size {sizes}")
+              f"{r['learned_scale']:.2f}, stretch {r['learned_stretch']:.2f}, slope ratio "
+              f"{r['learned_slope_ratio']:.2f}; windows by size {sizes}")
     device = {"t0_s": DEVICE.t0, "knee": DEVICE.knee, "slope_s_per_row": DEVICE.slope, "noise": DEVICE.noise}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"bench": "elastic_profile_mismatch", "acceptance": args.acceptance,

@@ -2,8 +2,8 @@
 
 - :class:`TauEstimator`: tokens committed per step ``tau(C)`` for each chunk size, a decayed
   running mean seeded by a prior, made monotone non-decreasing in ``C`` and kept in ``[1, C]``.
-- :class:`LatencyCorrector`: a scale and a token-axis stretch of the profiled curve, learned
-  from measured step latencies.
+- :class:`LatencyCorrector`: scales of the profiled curve's flat part and slope and a stretch
+  of its token axis, learned from measured step latencies.
 - :class:`TokenLoad`: the step tokens the policy does not size (mean and unexplained spread).
 - :class:`RequestConfidence`: how each request's own commits compare with the shared ``tau``.
 
@@ -124,19 +124,23 @@ Predict = Callable[[np.ndarray, int], np.ndarray]  # (token counts [K], batch) -
 
 
 class LatencyCorrector:
-    """The profile corrected by a scale ``s`` and a stretch ``k`` of its token axis:
-    ``T(n) = s * T_profile(n / k)``. A profile measured with other cache lengths or on a busier
-    device is mostly off by these two: ``s`` moves the whole curve, ``k`` moves the knee.
+    """The profile corrected by a scale ``s`` of its flat part, a scale ``r`` of what it adds
+    past its knee ``K`` and a stretch ``k`` of its token axis. With ``x = n / k``:
+    ``T(n) = s * P(min(x, K)) + r * (P(x) - P(min(x, K)))``. On a hinge (flat ``t0`` to ``K``,
+    then slope ``b``) the device's flat level, knee and slope are ``s t0``, ``k K`` and
+    ``r b / k``: all three free, so a profile measured on another card, with other cache lengths
+    or on a busier device is matched whichever of them moved. ``r = s`` (the whole curve
+    scaled) unless the steps demand otherwise (:meth:`_refit`).
 
     Fitted to the last ``window`` measured steps every ``refit_every`` steps: a grid search
     over ``log k`` (a local gradient is zero on the flat part, so it could never find a knee
-    that sits elsewhere), ``log s`` in closed form per ``k``, least squares on ``log T``. The
-    stretch moves only when the data refute it, to the nearest stretch they do not refute, by
-    at most ``max_step`` per refit: noise within ``tie_sigmas`` cannot move it.
+    that sits elsewhere), ``s`` and ``r`` in closed form per ``k``. The stretch moves only
+    when the data refute it, to the nearest stretch they do not refute, by at most
+    ``max_step`` per refit: noise within ``tie_sigmas`` cannot move it.
     """
 
     def __init__(self, knee: float, window: int = 256, refit_every: int = 16, min_points: int = 32,
-                 max_log: float = math.log(8.0), max_step: float = math.log(1.25), grid: int = 97,
+                 max_log: float = math.log(16.0), max_step: float = math.log(1.25), grid: int = 129,
                  tie_sigmas: float = 4.0) -> None:
         if window < min_points or refit_every < 1:
             raise ValueError("latency correction needs window >= min_points and refit_every >= 1")
@@ -147,6 +151,8 @@ class LatencyCorrector:
         self.max_step = max_step
         self.grid = np.linspace(-max_log, max_log, grid)
         self.log_scale = 0.0
+        self.slope_ratio = 1.0  # r / s: 1 scales the whole curve alike
+        self.free_slope = False  # r fitted apart from s (the data demanded it at the last refit)
         self.log_stretch = 0.0
         self._points: list[tuple[float, int, float]] = []  # (tokens, batch, log seconds)
         self._since_fit = 0
@@ -161,7 +167,12 @@ class LatencyCorrector:
 
     def __call__(self, predict: Predict, n: np.ndarray, batch: int) -> np.ndarray:
         """Corrected latency at token counts ``n`` [K] with ``batch`` requests."""
-        return self.scale * predict(np.asarray(n, dtype=float) / self.stretch, batch)
+        x = np.asarray(n, dtype=float) / self.stretch
+        if self.slope_ratio == 1.0 or not x.size:
+            return self.scale * predict(x, batch)
+        both = predict(np.concatenate([np.minimum(x, self.knee), x]), batch)
+        flat, full = both[:x.size], both[x.size:]
+        return self.scale * (flat + self.slope_ratio * (full - flat))
 
     def observe(self, predict: Predict, n: int, batch: int, measured_s: float) -> None:
         if not measured_s > 0:
@@ -177,22 +188,56 @@ class LatencyCorrector:
         n = np.array([p[0] for p in self._points])
         batch = np.array([p[1] for p in self._points])
         log_t = np.array([p[2] for p in self._points])
-        stretches = np.exp(self.grid)
-        log_pred = np.empty((len(self.grid), len(n)))  # [G, W]
-        for b in np.unique(batch):
-            idx = np.nonzero(batch == b)[0]
-            x = (n[idx][None, :] / stretches[:, None]).reshape(-1)
-            log_pred[:, idx] = np.log(np.maximum(predict(x, int(b)), 1e-12)).reshape(len(self.grid), -1)
-        resid = log_t[None, :] - log_pred
-        log_s = resid.mean(axis=1)  # [G] best scale per stretch
-        sse = ((resid - log_s[:, None]) ** 2).mean(axis=1)
+        parts = self._parts(predict, n[None, :] / np.exp(self.grid)[:, None], batch)  # [G, W] each
+        whole, free = self._fit(parts, log_t, free_slope=False), self._fit(parts, log_t, free_slope=True)
+        # The slope is freed only when the data demand it: the whole-curve scale misses them by
+        # more than a tie (else the extra freedom would let any knee fit flat data, slope 0).
+        var = max(float(free[2].min()), 1e-6)
+        self.free_slope = len(n) * (whole[2].min() - free[2].min()) > self.tie_sigmas ** 2 * var
+        sse = (free if self.free_slope else whole)[2]
         # Stretches the data cannot tell from the best fit (total squared error within
         # ``tie_sigmas**2`` residual variances of it) tie.
         var = max(float(sse.min()), 1e-6)
         ties = self.grid[len(n) * (sse - sse.min()) <= self.tie_sigmas ** 2 * var]
         self.log_stretch += self._step(float(ties.min()), float(ties.max()), n)
-        log_pred_now = np.log(np.maximum(self._predict_points(predict, n, batch), 1e-12))
-        self.log_scale = float(np.mean(log_t - log_pred_now))
+        s, ratio, _ = self._fit(self._parts(predict, n[None, :] / self.stretch, batch), log_t, self.free_slope)
+        self.log_scale, self.slope_ratio = math.log(float(s[0])), float(ratio[0])
+
+    def _parts(self, predict: Predict, x: np.ndarray, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The profile at stretched token counts ``x`` [G, W] split at its knee: the flat part
+        ``P(min(x, K))`` and the excess past it, each [G, W]."""
+        flat, full = np.empty_like(x), np.empty_like(x)
+        for b in np.unique(batch):
+            idx = np.nonzero(batch == b)[0]
+            xs = x[:, idx].reshape(-1)
+            both = np.maximum(predict(np.concatenate([np.minimum(xs, self.knee), xs]), int(b)), 1e-12)
+            flat[:, idx] = both[:xs.size].reshape(len(x), -1)
+            full[:, idx] = both[xs.size:].reshape(len(x), -1)
+        return flat, np.maximum(full - flat, 0.0)
+
+    @staticmethod
+    def _fit(parts: tuple[np.ndarray, np.ndarray], log_t: np.ndarray,
+             free_slope: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per grid row [G]: ``s``, ``r / s`` and the mean squared log error against ``log_t``
+        [W]. The whole curve scaled: ``r = s``, least squares on ``log T``. A free slope:
+        least squares on the relative error, ``r >= 0`` (a tiny ridge keeps ``r = s`` where
+        no step passes the knee)."""
+        flat, excess = parts
+        if not free_slope:
+            log_pred = np.log(flat + excess)
+            log_s = (log_t[None, :] - log_pred).mean(axis=1)
+            return np.exp(log_s), np.ones_like(log_s), ((log_t[None, :] - log_pred - log_s[:, None]) ** 2).mean(axis=1)
+        t = np.exp(log_t)
+        a, c = flat / t, excess / t  # relative: each step weighs alike whatever its latency
+        ridge = 1e-6
+        aa, ac, cc = (a * a).sum(1) + ridge, (a * c).sum(1) - ridge, (c * c).sum(1) + ridge
+        ya, yc = a.sum(1), c.sum(1)
+        det = aa * cc - ac * ac
+        s, r = (cc * ya - ac * yc) / det, (aa * yc - ac * ya) / det
+        s = np.maximum(np.where(r < 0, ya / (a * a).sum(1), s), 1e-9)  # no negative slope: s alone, r = 0
+        r = np.maximum(r, 0.0)
+        log_pred = np.log(np.maximum(s[:, None] * flat + r[:, None] * excess, 1e-12))
+        return s, r / s, ((log_t[None, :] - log_pred) ** 2).mean(axis=1)
 
     def _step(self, lo: float, hi: float, n: np.ndarray) -> float:
         """Move of ``log k`` given the tied range ``[lo, hi]`` and the window's token counts.
@@ -217,18 +262,12 @@ class LatencyCorrector:
         if len(n) < self.window:
             return 0.0  # explore only on a full window: the tie range is reliable then
         knee = self.knee * self.stretch
-        if cur - lo < big and hi - cur >= big and n.max() >= 0.8 * knee and cur + big < self._ceiling:
+        flat_only, sloped_only = n.max() <= knee, n.min() >= knee  # nothing bounds the knee on one side
+        if (cur - lo < big or flat_only) and hi - cur >= big and n.max() >= 0.8 * knee and cur + big < self._ceiling:
             return big
-        if hi - cur < big and cur - lo >= big and n.min() <= 1.25 * knee and cur - big > self._floor:
+        if (hi - cur < big or sloped_only) and cur - lo >= big and n.min() <= 1.25 * knee and cur - big > self._floor:
             return -big
         return 0.0
-
-    def _predict_points(self, predict: Predict, n: np.ndarray, batch: np.ndarray) -> np.ndarray:
-        out = np.empty(len(n))
-        for b in np.unique(batch):
-            idx = np.nonzero(batch == b)[0]
-            out[idx] = predict(n[idx] / self.stretch, int(b))
-        return out
 
 
 class TokenLoad:
