@@ -14,7 +14,8 @@ from optimus.policy.elastic.latency import LatencyProfile
 from optimus.policy import RequestView, StepFeedback, StepView
 from optimus.policy.registry import make_policy
 from optimus.core.params import parse_policy_name
-from optimus.policy.elastic.controller import ElasticPolicy, _ladder, _rungs
+from optimus.policy.elastic.controller import ElasticPolicy
+from optimus.policy.elastic.ladders import build_ladder, merge_rungs
 from optimus.policy.elastic.estimators import LatencyCorrector, RequestConfidence, TauEstimator
 from optimus.policy.simulate import (
     CONCAVE_TAU, KneeDevice, SimConfig, SimResult, Simulator, TauTable, simulate, sweep,
@@ -97,7 +98,7 @@ def test_ar_costs_two_rows_per_token_and_ladders_are_concave():
     p = elastic()
     assert p._own_rows(np.array([1.0]), np.array([1.0]))[0] == 2.0  # the mask row now, the stored row next step
     assert float(p._cost(np.array([1.0]))[0]) == 2.0  # no prefill load seen yet
-    lad = _ladder(32, p.chunk_sizes, p.tau, p._rows_per_commit())
+    lad = build_ladder(32, p.chunk_sizes, p.tau, p._rows_per_commit())
     eff = np.diff(lad.taus) / np.diff(lad.costs)
     assert lad.sizes[0] == 1 and np.all(np.diff(eff) < 0)
 
@@ -360,7 +361,7 @@ def test_cached_ladders_equal_fresh_ones_after_feedback():
                                tuple(ids), tuple(out)))
     assert p._ladders, "observe should have rebuilt the ladders of the requests it saw"
     for (cap, level), cached in p._ladders.items():
-        fresh = _ladder(cap, p.chunk_sizes, lambda c, lv=level: p._tau(c, lv), p._rows_per_commit())
+        fresh = build_ladder(cap, p.chunk_sizes, lambda c, lv=level: p._tau(c, lv), p._rows_per_commit())
         for name in ("sizes", "taus", "costs", "variances", "rungs"):
             np.testing.assert_array_equal(getattr(cached, name), getattr(fresh, name))
 
@@ -370,9 +371,9 @@ def test_one_ladder_greedy_order_equals_the_general_sort():
     path sorts into (falling efficiency, oldest request first)."""
     p = elastic()
     lad = p._ladder_for((32, 1.0))
-    one = _rungs({"a": lad}, ["a"] * 3)
+    one = merge_rungs({"a": lad}, ["a"] * 3)
     # The same ladder under two keys sends the same requests through the general sort.
-    two = _rungs({"a": lad, "b": lad}, ["a", "b", "a"])
+    two = merge_rungs({"a": lad, "b": lad}, ["a", "b", "a"])
     for name in ("request", "size", "size_before", "gain", "cost", "var", "positions"):
         np.testing.assert_array_equal(getattr(one, name), getattr(two, name))
     max_chunk = np.array([32.0, 5.0, 17.0])

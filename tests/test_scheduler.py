@@ -225,3 +225,44 @@ def test_window_bounds_follow_the_block_of_the_window_start(family):
             lo = max(cache_len + g.shift, g.canvas_start)
             assert r.window_bounds() == (lo, min(g.block_end(lo), g.canvas_end))
             assert r.max_chunk() == min(g.block_end(lo), g.canvas_end) - lo
+
+
+class ScriptedSizes:
+    """Test policy: hands out chunk sizes from a script, then 1."""
+
+    name = "scripted"
+
+    def __init__(self, sizes):
+        self.sizes = list(sizes)
+
+    def choose(self, view):
+        return [self.sizes.pop(0) if self.sizes else 1 for _ in view.requests]
+
+    def observe(self, feedback):
+        pass
+
+
+@pytest.mark.parametrize("family", ["sdar", "llada", "dream"])
+def test_a_window_never_covers_only_positions_a_wider_window_committed(family):
+    """A window of 4 commits its block's positions 0, 2 and 3; the next window, of 2, commits
+    position 1 and finishes. Positions 2 and 3 are committed already: they are stored with it,
+    and the next window starts in the next block (a window over them would predict nothing)."""
+    spec = _spec(family)
+    sched = Scheduler(SchedulerConfig(), PageAllocator(64, 4), ScriptedSizes([4, 2]), spec.attention)
+    r = _request("r", spec, prompt_len=4, max_tokens=8)
+    sched.add(r)
+    while r.state is not RequestState.DECODING:
+        sched.complete_step(sched.schedule(), 0.01)
+    start = r.geometry.canvas_start
+    windows = []
+    for commits in ([start, start + 2, start + 3], [start + 1], None):
+        plan = sched.schedule()
+        (work,) = [w for w in plan.works if w.window is not None]
+        windows.append(work.window)
+        commits = commits or [work.window[0]]
+        r.committed[commits] = True
+        r.last_committed = len(commits)
+        sched.complete_step(plan, 0.01)
+    first, second, third = windows
+    assert first == (start, start + 4) and second == (start, start + 2)
+    assert third[0] == r.geometry.block_end(start)  # not (start + 2, start + 4): nothing open there

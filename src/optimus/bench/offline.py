@@ -264,6 +264,7 @@ def _policy(llm: LLM, name: str):
         return make_policy(name)
     kwargs = elastic_kwargs(llm.engine)
     kwargs["per_request"] = name != "elastic-shared"
+    kwargs["unit_steps_overlap"] = llm.engine.flights.overlaps_unit_steps
     return make_policy("elastic", **kwargs)
 
 

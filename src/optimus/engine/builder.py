@@ -21,7 +21,7 @@ from optimus.models.spec import AttentionKind, ModelSpec
 from optimus.policy.base import ChunkPolicy
 from optimus.policy.registry import make_policy
 from optimus.scheduler.pages import PageAllocator
-from optimus.scheduler.cache_schemes import make_scheme
+from optimus.scheduler.cache_schemes import CacheScheme, make_scheme
 from optimus.scheduler.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
@@ -57,10 +57,16 @@ class _Hardware:
     allocator: PageAllocator
     runner: ModelRunner
     block_size: int
+    scheme: CacheScheme
 
     @property
     def spec(self) -> ModelSpec:
         return self.loaded.spec
+
+    @property
+    def overlaps_unit_steps(self) -> bool:
+        """As FlightRules.overlaps_unit_steps of the engine these parts will make."""
+        return self.config.runner.overlap and self.scheme.prefills and self.spec.attention is not AttentionKind.CAUSAL
 
 
 # Young objects between cyclic collections. Python's default (700) runs a collection every
@@ -101,7 +107,7 @@ def build_parts(config: EngineConfig, loaded: LoadedModel | None = None,
                                            scheme.cache_only)
     runner = ModelRunner(loaded.model, storage, cache.page_size, device, config.runner.attention_backend, graphs,
                          cache_only=scheme.cache_only)
-    hardware = _Hardware(config, loaded, device, allocator, runner, block_size)
+    hardware = _Hardware(config, loaded, device, allocator, runner, block_size, scheme)
     policy = build_policy(config, hardware)
     scheduler = Scheduler(config.scheduler, allocator, policy, spec.attention, scheme)
     quiet_gc()  # the parts will run a step loop
@@ -147,7 +153,8 @@ def build_policy(config: EngineConfig, hardware) -> ChunkPolicy:
     if not config.scheduler.policy.startswith("elastic"):
         return make_policy(config.scheduler.policy)
     from optimus.policy.elastic.setup import elastic_kwargs
-    return make_policy(config.scheduler.policy, **elastic_kwargs(hardware))
+    return make_policy(config.scheduler.policy, **elastic_kwargs(hardware),
+                       unit_steps_overlap=hardware.overlaps_unit_steps)
 
 
 def build_pipeline(config: EngineConfig, policy: ChunkPolicy, hardware) -> PipelineRule:

@@ -182,7 +182,7 @@ class Engine:
         self.post.commit_step(flight.plan, flight.hidden, flight.wants, flight.pick)
         t1 = time.perf_counter()
         start = flight.t_launch
-        if flight.assumed:  # queued behind another step: it ran on the GPU from that one's end
+        if flight.assumed or self._last_step_end is not None:  # a step launched behind another ran from its end
             start = max(start, self._last_step_end or 0.0)
         latency, overhead = t1 - start, flight.overhead
         device_s = flight.device_time.seconds
@@ -192,9 +192,9 @@ class Engine:
         # A graph capture is a one-time cost: no latency evidence (0). The host time around
         # the step is a separate cost per step (folded in, it served worse: docs/benchmarks.md).
         if not flight.assumed:
-            self.scheduler.complete_step(plan, 0.0 if flight.captured else latency, overhead)
+            self.scheduler.complete_step(plan, 0.0 if flight.captured else latency, overhead, device_s=device_s)
         elif flight.feedback is not None:  # held since its commits were assumed at launch
-            self.scheduler.give_feedback(flight.feedback, 0.0 if flight.captured else latency, overhead)
+            self.scheduler.give_feedback(flight.feedback, 0.0 if flight.captured else latency, overhead, device_s)
         self._last_step_end = t1
         self.post.step_index += 1
         self.stats.record_later(plan, latency)  # with the next report, off the critical path

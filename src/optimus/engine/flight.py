@@ -258,6 +258,12 @@ class FlightRules:
         self.assumed_last = keep == "assume"
         return keep
 
+    @property
+    def overlaps_unit_steps(self) -> bool:
+        """Diffusion steps whose windows all hold one open position stay in flight (assumed)
+        while the next step is planned, unless halves are running."""
+        return not self.causal and self.overlap and self.overlap_diffusion
+
     def pipelines(self, running: int) -> bool:
         """Halves, unless whole steps are being assumed: their host work hides already, and a
         whole step does not pay the halves' second pass over a flat latency curve."""

@@ -38,6 +38,13 @@ class StepFeedback:
     # last (serving, streaming): a cost every step pays on top of its forward. 0 = unknown
     # (the engine was idle in between).
     overhead_s: float = 0.0
+    # The step's own time on the device (its forward and pick; 0 = unknown): the rest of
+    # ``latency_s`` is host work the step waited for (building the batch, committing).
+    device_s: float = 0.0
+    # Its commits were assumed at launch (every window held one open position), so the host
+    # planned the next step while the device ran it: ``latency_s`` is the time between two
+    # step ends, and ``overhead_s`` was spent while the device was busy.
+    overlapped: bool = False
 
 
 class ChunkPolicy(Protocol):

@@ -243,7 +243,7 @@ class Scheduler:
 
     # ---- after the forward pass --------------------------------------------------------
     def complete_step(self, plan: StepPlan, latency_s: float, overhead_s: float = 0.0,
-                      hold: bool = False) -> StepFeedback | None:
+                      hold: bool = False, device_s: float = 0.0) -> StepFeedback | None:
         """Advance cache cursors and queue the policy's feedback. The policy reads it at
         :meth:`flush_feedback`, which the engine calls once the next step's forward is
         launched: learning then overlaps the GPU, and choose(N+1) sees feedback up to N-1.
@@ -272,23 +272,29 @@ class Scheduler:
             else:
                 still_open = r.committed[lo:hi].tolist().count(False)  # a list: 3x cheaper than numpy on a few flags
             open_positions.append(r.last_committed + still_open)
-            if not still_open and final_end < w.end:  # the window finished: store its rows next
-                r.pending_store = (r.cache_len, w.window[1] - r.geometry.shift)
+            if not still_open and final_end < w.end:  # the window finished: store its rows next,
+                # with the positions after it that an earlier, wider window committed (its block's
+                # rest): a window over them would predict nothing
+                end, limit = hi, min(r.geometry.block_end(lo), r.geometry.canvas_end)
+                while end < limit and r.committed[end]:
+                    end += 1
+                r.pending_store = (r.cache_len, end - r.geometry.shift)
         if not chunk_sizes:
             return None
         feedback = StepFeedback(plan.num_tokens, latency_s, tuple(chunk_sizes), tuple(committed),
-                                tuple(ids), tuple(open_positions), overhead_s)
+                                tuple(ids), tuple(open_positions), overhead_s, device_s)
         if hold:
             return feedback
         self.give_feedback(feedback)
         return None
 
     def give_feedback(self, feedback: StepFeedback, latency_s: float | None = None,
-                      overhead_s: float = 0.0) -> None:
-        """Queue a step's feedback; ``latency_s`` given: the step's latency and host overhead,
-        known only now (its feedback was held)."""
+                      overhead_s: float = 0.0, device_s: float = 0.0) -> None:
+        """Queue a step's feedback; ``latency_s`` given: the timing of a step whose commits
+        were assumed at launch, known only now (its feedback was held)."""
         if latency_s is not None:
-            feedback = dataclasses.replace(feedback, latency_s=latency_s, overhead_s=overhead_s)
+            feedback = dataclasses.replace(feedback, latency_s=latency_s, overhead_s=overhead_s,
+                                           device_s=device_s, overlapped=True)
         self.flush_feedback()  # never drop an unread step
         self._feedback = feedback
 

@@ -10,11 +10,18 @@ this engine: the committed position is computed once as a mask and once more whe
 Each step the controller maximises predicted committed tokens per second
 ``J = sum_r tau(C_r) / (H + T(sum_r cost(C_r)))`` over the chunk sizes, where ``T`` is the
 profiled latency curve with an online correction, ``H`` the host time every step pays around
-its forward (scheduling, reporting, serving; measured), and ``cost`` also carries ``pi * tau(C)``: the rows
+its forward (scheduling, reporting, serving, and what the step waits for on the host: building
+the batch, committing; measured beside the device's own time where the engine reports it), and
+``cost`` also carries ``pi * tau(C)``: the rows
 the step runs for others (prefill pieces, pinned requests), measured per committed token,
 because every answer token brings its share of prompt to prefill. Allocation is greedy by
 marginal efficiency on each request's concave ladder of sizes; requests are ranked oldest
 first, so a plan maps to the same requests step after step.
+
+Where the engine overlaps steps whose windows all hold one open position (``unit_steps_overlap``:
+their commits are known at launch, so the host plans the next step while the device runs this
+one), the plan with every request at size 1 pays only the host time that did not hide behind
+the device (measured on such steps; none assumed before the first).
 
 Requests differ: a confident answer commits most of a large chunk at once, prose continued by
 a small model barely more than one token whatever the chunk. Each request therefore plans on
@@ -33,6 +40,8 @@ import numpy as np
 from optimus.policy.elastic.latency import LatencyProfile
 from optimus.policy.base import StepFeedback, StepView, override_chunk
 from optimus.policy.elastic.estimators import LatencyCorrector, RequestConfidence, TauEstimator, TokenLoad
+from optimus.policy.elastic.host_share import HostShare
+from optimus.policy.elastic.ladders import Ladder, Rungs, build_ladder, merge_rungs, store_variance
 
 DEFAULT_CHUNK_SIZES = (1, 2, 4, 8, 16, 32, 64)
 DEFAULT_KNEE = 256  # tokens; used only without a profile, until corrected online
@@ -48,51 +57,6 @@ class Plan:
     predicted_latency_s: float
     predicted_rate: float  # committed tokens per second
     retargeted: bool
-
-
-@dataclass(frozen=True)
-class _Ladder:
-    """The sizes on the upper concave hull of (cost, tau) for one planning cap: climbing it
-    one rung at a time is the greedy's order, with strictly falling marginal efficiency."""
-
-    sizes: np.ndarray  # [L] ascending, sizes[0] == 1
-    taus: np.ndarray  # [L]
-    costs: np.ndarray  # [L]
-    variances: np.ndarray  # [L] variance of the request's rows per step (store lumps)
-    # [L-1, 7] per rung (step from size j to j+1): size j+1, d tau, d cost, d variance,
-    # d positions, efficiency d tau / d cost, size j
-    rungs: np.ndarray
-
-
-def _ladder(cap: int, chunk_sizes: tuple[int, ...], tau, rows_per_commit: float) -> _Ladder:
-    """``tau``: sizes [K] -> expected commits per step [K] (the request's own curve)."""
-    sizes = np.array(sorted({c for c in chunk_sizes if c <= cap} | {1, cap}), dtype=float)
-    taus = tau(sizes)
-    costs = sizes + rows_per_commit * taus
-    variances = store_variance(sizes, taus)
-    hull = [0]
-    for j in range(1, len(sizes)):
-        if taus[j] <= taus[hull[-1]]:
-            continue  # no gain in commits: never worth its rows
-        while len(hull) >= 2:
-            a, b = hull[-2], hull[-1]
-            slope_ab = (taus[b] - taus[a]) / (costs[b] - costs[a])
-            slope_aj = (taus[j] - taus[a]) / (costs[j] - costs[a])
-            if slope_aj < slope_ab:
-                break
-            hull.pop()  # b lies on or under the chord a-j
-        hull.append(j)
-    idx = np.array(hull)
-    sizes, taus, costs, variances = sizes[idx], taus[idx], costs[idx], variances[idx]
-    dtau, dcost = np.diff(taus), np.diff(costs)
-    rungs = np.stack([sizes[1:], dtau, dcost, np.diff(variances), np.diff(sizes), dtau / dcost, sizes[:-1]], 1)
-    return _Ladder(sizes, taus, costs, variances, rungs)
-
-
-def store_variance(sizes: np.ndarray, taus: np.ndarray) -> np.ndarray:
-    """A chunk of C lasting C/tau steps is stored (C rows) in a given step with probability
-    tau/C: the rows it adds per step have variance C^2 p (1-p) = tau (C - tau)."""
-    return taus * (sizes - taus)
 
 
 def expected_latency(latency, tokens: np.ndarray, sd: np.ndarray, floor: np.ndarray | None = None) -> np.ndarray:
@@ -121,61 +85,12 @@ def expected_latency(latency, tokens: np.ndarray, sd: np.ndarray, floor: np.ndar
 
 
 @dataclass(frozen=True)
-class _Rungs:
-    """All upgrades of all elastic requests in greedy order. Index m of the cumulative arrays
-    is the allocation that applied the first m upgrades (m = 0: everyone at size 1)."""
-
-    request: np.ndarray  # [U] index into the elastic requests
-    size: np.ndarray  # [U] size the request moves up to
-    size_before: np.ndarray  # [U] size it moves up from
-    gain: np.ndarray  # [U+1] cumulative extra committed tokens per step
-    cost: np.ndarray  # [U+1] cumulative amortised tokens
-    var: np.ndarray  # [U+1] cumulative variance of the step's rows
-    positions: np.ndarray  # [U+1] cumulative planned chunk positions
-
-    def actual(self, max_chunk: np.ndarray) -> np.ndarray:
-        """[U+1] cumulative chunk positions after clipping each request to ``max_chunk`` [R]."""
-        cap = max_chunk[self.request]
-        out = np.zeros(len(self.request) + 1)
-        np.cumsum(np.minimum(self.size, cap) - np.minimum(self.size_before, cap), out=out[1:])
-        return out
-
-
-def _rungs(ladders: dict, keys: list) -> _Rungs:
-    """``keys[i]``: the key in ``ladders`` of elastic request i's ladder."""
-    groups: dict = {}
-    for i, key in enumerate(keys):
-        groups.setdefault(key, []).append(i)
-    owners, rungs, group_sizes = [], [], []
-    for key, members in groups.items():
-        lad = ladders[key]
-        if len(lad.sizes) < 2:
-            continue
-        group_sizes.append(len(members))
-        owners.append(np.repeat(members, len(lad.rungs)))  # member-major: [G * (L-1)]
-        rungs.append(np.tile(lad.rungs, (len(members), 1)))
-    if not rungs:
-        zero = np.zeros(1)
-        return _Rungs(np.zeros(0, dtype=int), np.zeros(0), np.zeros(0), zero, zero, zero, zero)
-    req, table = np.concatenate(owners), np.concatenate(rungs)
-    if len(rungs) == 1:
-        # One ladder (one request, or all at one level): its efficiency strictly falls rung
-        # by rung, so the greedy order is rung-major over the members, oldest first.
-        order = np.arange(len(req)).reshape(group_sizes[0], -1).T.reshape(-1)
-    else:
-        order = np.lexsort((req, -table[:, 5]))  # best efficiency first; ties: oldest request first
-    sums = np.zeros((len(order) + 1, 4))
-    np.cumsum(table[order, 1:5], axis=0, out=sums[1:])
-    return _Rungs(req[order], table[order, 0], table[order, 6], sums[:, 0], sums[:, 1], sums[:, 2], sums[:, 3])
-
-
-@dataclass(frozen=True)
 class _Curve:
     """The predicted rate of every allocation along the rungs, before the step's budget
     and hysteresis: what a step's requests, levels and pinned sizes imply under the
     policy's current estimates (so it can be built in observe and looked up in choose)."""
 
-    rungs: _Rungs
+    rungs: Rungs
     tokens: np.ndarray  # [U+1] amortised step tokens
     latency: np.ndarray  # [U+1] predicted seconds, host overhead included
     rate: np.ndarray  # [U+1] committed tokens per second
@@ -191,7 +106,7 @@ class ElasticPolicy:
     def __init__(self, profile: LatencyProfile | None = None, tau_prior: dict[int, float] | None = None,
                  chunk_sizes: tuple[int, ...] = DEFAULT_CHUNK_SIZES, hysteresis: float = 0.02,
                  tau_decay: float = 0.98, load_rate: float = 0.05,
-                 per_request: bool = True, name: str = "elastic") -> None:
+                 per_request: bool = True, unit_steps_overlap: bool = False, name: str = "elastic") -> None:
         if not chunk_sizes or min(chunk_sizes) < 1:
             raise ValueError("elastic policy needs chunk sizes >= 1")
         if hysteresis < 0:
@@ -206,6 +121,10 @@ class ElasticPolicy:
         self.correction = LatencyCorrector(self.profile.knee)
         self.load = TokenLoad(rate=load_rate)
         self.overhead_s = 0.0  # per-step host time outside the forward (StepFeedback.overhead_s), EMA
+        # Host time inside a step's latency beside its device time (none while the device's time
+        # is unknown: the latency curve then carries it), of whole steps and of overlapped ones.
+        self.host, self.overlapped_host = HostShare(), HostShare()
+        self.unit_steps_overlap = unit_steps_overlap
         self.confidence = RequestConfidence() if per_request else None
         self.target: int | None = None  # hysteresis state: planned positions of the elastic requests
         self.retargets = 0
@@ -217,7 +136,7 @@ class ElasticPolicy:
         # batch): valid until the next observe moves the estimates. Observe rebuilds the curve
         # of the latest choice's requests (the engine runs it while the GPU computes a step),
         # so choose, which the next step waits for, mostly looks it up.
-        self._ladders: dict[tuple[int, float], _Ladder] = {}
+        self._ladders: dict[tuple[int, float], Ladder] = {}
         self._curves: dict[tuple, _Curve] = {}
         self._latest: tuple | None = None  # (request ids, caps, pinned, batch) of the latest choice
 
@@ -281,15 +200,10 @@ class ElasticPolicy:
             # Rescaled to the shared curve, weighted by level (TauEstimator): hesitant requests weigh little.
             excess = np.array(feedback.committed, dtype=float) - 1.0
             self.tau.observe(feedback.chunk_sizes, 1.0 + excess / np.maximum(levels, 1e-9), levels)
-        if feedback.overhead_s > 0:
+        if feedback.overhead_s > 0 and not feedback.overlapped:  # an overlapped step's ran while the device computed
             self.overhead_s += self.load.rate * (feedback.overhead_s - self.overhead_s)
         if feedback.latency_s > 0 and feedback.num_tokens > 0:
-            batch = max(len(feedback.chunk_sizes), 1)
-            if self._rescale:
-                t0 = feedback.latency_s / max(1.0, feedback.num_tokens / DEFAULT_KNEE)
-                self.profile = LatencyProfile.synthetic(t0, DEFAULT_KNEE, t0 / DEFAULT_KNEE)
-                self._rescale = False
-            self.correction.observe(self.profile.predict_many, feedback.num_tokens, batch, feedback.latency_s)
+            self._observe_latency(feedback)
         choice = self._own_choice(feedback)
         if choice is not None:
             rows, var = self._own_rows(*choice)
@@ -298,6 +212,24 @@ class ElasticPolicy:
         if self._latest is not None:
             ids, caps, pinned, batch = self._latest
             self._curve_for(tuple(zip(caps, map(self._level_of, ids))), pinned, batch)
+
+    def _observe_latency(self, feedback: StepFeedback) -> None:
+        """The latency curve learns the device's time where the engine reports it (the profile
+        is the device's), and the host's share of the step apart: it does not grow with the
+        step's tokens the way the device's time does."""
+        device = feedback.device_s if 0 < feedback.device_s <= feedback.latency_s else 0.0
+        # Steps mostly of prompt rows (a window and its store run at most twice its positions)
+        # spend their host time on prompts: not what a decoding plan pays.
+        if device and feedback.num_tokens <= 2 * sum(feedback.chunk_sizes) + len(feedback.chunk_sizes):
+            (self.overlapped_host if feedback.overlapped else self.host).observe(feedback.num_tokens,
+                                                                                  feedback.latency_s - device)
+        seconds = device or feedback.latency_s
+        if self._rescale:
+            t0 = seconds / max(1.0, feedback.num_tokens / DEFAULT_KNEE)
+            self.profile = LatencyProfile.synthetic(t0, DEFAULT_KNEE, t0 / DEFAULT_KNEE)
+            self._rescale = False
+        self.correction.observe(self.profile.predict_many, feedback.num_tokens, max(len(feedback.chunk_sizes), 1),
+                                seconds)
 
     def _curve_for(self, keys: tuple, pinned: tuple, batch: int) -> _Curve:
         signature = (keys, pinned, batch)
@@ -310,7 +242,7 @@ class ElasticPolicy:
         """Predicted rate of every allocation along the greedy's rungs; ``keys``: each
         elastic request's (planning cap, level); ``batch``: all requests of the step."""
         per_commit = self._rows_per_commit()
-        rungs = _rungs({key: self._ladder_for(key) for key in set(keys)}, list(keys))
+        rungs = merge_rungs({key: self._ladder_for(key) for key in set(keys)}, list(keys))
         n = len(keys)
         # Everyone at size 1 (tau(1) = 1: one commit, 1 + per_commit rows), plus the pinned.
         base_gain, base_cost, base_var = float(n), n * (1.0 + per_commit), self.load.extra_var
@@ -324,15 +256,18 @@ class ElasticPolicy:
         lifted = np.concatenate([[0.0], np.cumsum(rungs.size_before == 1)])
         floor = n + rungs.positions + (n - lifted) + (float(np.sum(pinned)) if pinned.size else 0.0)
         # Every step also pays the host's time around it: fewer, larger steps amortise it.
-        latency = self.overhead_s + expected_latency(lambda x: self.predict_latency(x, batch), tokens,
-                                                     np.sqrt(base_var + rungs.var), floor)
+        device = expected_latency(lambda x: self.predict_latency(x, batch), tokens, np.sqrt(base_var + rungs.var),
+                                  floor)
+        latency = self.overhead_s + self.host(tokens) + device
+        if self.unit_steps_overlap and not np.any(pinned > 1):  # everyone at size 1: overlapped
+            latency[0] = self.overlapped_host(tokens[0]) + device[0]
         return _Curve(rungs, tokens, latency, (base_gain + rungs.gain) / latency)
 
-    def _ladder_for(self, key: tuple[int, float]) -> _Ladder:
+    def _ladder_for(self, key: tuple[int, float]) -> Ladder:
         lad = self._ladders.get(key)
         if lad is None:
             cap, level = key
-            lad = self._ladders[key] = _ladder(cap, self.chunk_sizes, lambda c: self._tau(c, level),
+            lad = self._ladders[key] = build_ladder(cap, self.chunk_sizes, lambda c: self._tau(c, level),
                                                self._rows_per_commit())
         return lad
 
@@ -373,7 +308,7 @@ class ElasticPolicy:
                               float(curve.latency[m]), float(rate[m]), retargeted)
         return out
 
-    def _apply_hysteresis(self, rungs: _Rungs, rate: np.ndarray, best: int, n: int) -> tuple[int, bool]:
+    def _apply_hysteresis(self, rungs: Rungs, rate: np.ndarray, best: int, n: int) -> tuple[int, bool]:
         """Keep the current target (planned chunk positions) unless the best allocation is
         predicted to be better by more than ``hysteresis``; returns (upgrades applied, moved)."""
         if self.target is not None:

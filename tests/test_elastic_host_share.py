@@ -1,0 +1,85 @@
+"""The elastic controller's step-time model: the device's time apart from the host's share of
+a step, and steps whose host work overlaps the device (every window one open position)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from optimus.policy import RequestView, StepFeedback, StepView
+from optimus.policy.elastic.controller import ElasticPolicy
+from optimus.policy.elastic.host_share import HostShare
+from optimus.policy.elastic.latency import LatencyProfile
+
+PROFILE = LatencyProfile.synthetic(0.010, 384, 0.010 / 384)  # 10 ms flat to 384 tokens
+LOW_TAU = {1: 1.0, 2: 1.1, 4: 1.25, 8: 1.4, 16: 1.5, 32: 1.6}  # a real 8B model's few commits per step
+
+
+def _view(n: int) -> StepView:
+    return StepView(tuple(RequestView(f"r{i}", 32, 32, None) for i in range(n)), 0, 1 << 20)
+
+
+def _unit_step(n: int, tokens: int, latency_s: float, device_s: float, **kw) -> StepFeedback:
+    """n requests at size 1, each committing its position."""
+    return StepFeedback(tokens, latency_s, (1,) * n, (1,) * n, tuple(f"r{i}" for i in range(n)), (1,) * n,
+                        device_s=device_s, **kw)
+
+
+def test_host_share_fits_a_line_through_the_steps():
+    share = HostShare()
+    assert share(np.array([100.0]))[0] == 0.0  # no evidence: no host time
+    share.observe(200, 0.004)
+    assert share(np.array([100.0, 400.0])).tolist() == [0.004, 0.004]  # one size: no slope
+    share = HostShare()
+    for n in (100, 300, 500) * 5:
+        share.observe(n, 0.001 + 2e-6 * n)
+    assert (share.intercept, share.slope) == (pytest.approx(0.001, rel=1e-3), pytest.approx(2e-6, rel=1e-3))
+    for n, h in ((100, 0.003), (300, 0.001)) * 40:  # more rows, less time: no slope, the mean
+        share.observe(n, h)
+    assert share.slope == 0.0 and share.intercept == pytest.approx(0.002)
+
+
+def test_the_curve_learns_the_device_and_the_host_share_apart():
+    """Steps that wait 5 ms on the host beside a device that follows the profile exactly: with the
+    device's time reported, the curve is left as it is and 5 ms is the host's; without it, the
+    curve itself is scaled up (and so over-charges the flat part, where the host share is not
+    a multiple of the device's time)."""
+    told, blind = ElasticPolicy(PROFILE, LOW_TAU), ElasticPolicy(PROFILE, LOW_TAU)
+    for i in range(200):
+        chunk = (1, 3, 7, 11)[i % 4]
+        tokens = 64 * (chunk + 1)  # windows and their stores: 128 to 768 rows, past the knee
+        device = float(PROFILE.predict(tokens, 64))
+        for p, reported in ((told, device), (blind, 0.0)):
+            p.observe(StepFeedback(tokens, device + 0.005, (chunk,) * 64, (1,) * 64,
+                                   tuple(f"r{i}" for i in range(64)), device_s=reported))
+    assert told.correction.scale == pytest.approx(1.0, abs=0.01) and told.correction.stretch == 1.0
+    assert told.host(np.array([300.0]))[0] == pytest.approx(0.005, rel=0.01)
+    assert blind.correction.scale > 1.2 and blind.host(np.array([300.0]))[0] == 0.0
+
+
+def test_prompt_steps_teach_no_host_share():
+    """A step of mostly prompt rows spends its host time on the prompts."""
+    p = ElasticPolicy(PROFILE, LOW_TAU)
+    p.observe(_unit_step(64, 16384, 0.400, 0.200))
+    assert p.host(np.array([128.0]))[0] == 0.0
+
+
+@pytest.mark.parametrize("overlaps", [True, False])
+def test_overlapped_unit_steps_win_where_whole_steps_pay_the_host(overlaps):
+    """64 requests, 3 ms of host time beside a 10 ms step, commits that barely grow with the chunk.
+    Paying the host every step, windows of 4 commit the most per second (1.25 x 64 per 13 ms);
+    where the engine overlaps steps of one open position per window, everyone at 1 pays the
+    device's 10 ms alone and wins (64 per 10 ms)."""
+    p = ElasticPolicy(PROFILE, LOW_TAU, per_request=False, unit_steps_overlap=overlaps)
+    for i in range(64):
+        tokens = (128, 256)[i % 2]
+        p.observe(_unit_step(64, tokens, 0.013, 0.010, overhead_s=0.0005))
+    sizes = p.choose(_view(64))
+    if overlaps:
+        assert sizes == [1] * 64
+    else:
+        assert sum(sizes) >= 3 * 64
+    # Overlapped steps that hid nothing cost what whole ones do: then the overlap is no reason.
+    for i in range(200):
+        p.observe(_unit_step(64, 128, 0.0135, 0.010, overlapped=True))
+    assert sum(p.choose(_view(64))) >= 3 * 64
