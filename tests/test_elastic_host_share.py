@@ -8,6 +8,7 @@ import pytest
 
 from optimus.policy import RequestView, StepFeedback, StepView
 from optimus.policy.elastic.controller import ElasticPolicy
+from optimus.policy.elastic.estimators import TokenLoad
 from optimus.policy.elastic.host_share import HostShare
 from optimus.policy.elastic.latency import LatencyProfile
 
@@ -83,3 +84,24 @@ def test_overlapped_unit_steps_win_where_whole_steps_pay_the_host(overlaps):
     for i in range(200):
         p.observe(_unit_step(64, 128, 0.0135, 0.010, overlapped=True))
     assert sum(p.choose(_view(64))) >= 3 * 64
+
+
+def test_one_admission_of_many_prompts_does_not_read_as_lasting_load():
+    """A step that prefills a whole batch of prompts (16k rows) once: within 60 steps the load
+    model is back near no extra rows and no lumps. Prompts that keep arriving (256 rows every
+    fourth step) are load and lumps: their mean and spread are learned as they are."""
+    once = TokenLoad()
+    once.observe(16384 + 128, 128, 0.0, 64)
+    for _ in range(60):
+        once.observe(128, 128, 0.0, 64)
+    assert once.extra_var ** 0.5 < 32 and once.per_commit < 0.05
+    unclipped = TokenLoad(clip=1e9)
+    unclipped.observe(16384 + 128, 128, 0.0, 64)
+    for _ in range(60):
+        unclipped.observe(128, 128, 0.0, 64)
+    assert unclipped.extra_var ** 0.5 > 500  # what the clip prevents
+    recurring = TokenLoad()
+    for i in range(300):
+        recurring.observe(128 + (256 if i % 4 == 0 else 0), 128, 0.0, 64)
+    assert recurring.extra_var ** 0.5 == pytest.approx(256 * (0.25 * 0.75) ** 0.5, rel=0.1)
+    assert recurring.per_commit == pytest.approx(64 / 64, rel=0.15)  # 64 rows a step on average, 64 commits

@@ -275,12 +275,15 @@ class TokenLoad:
     (prefill pieces, pinned requests), modelled as a number of rows *per committed token*:
     every answer token brings its share of prompt to prefill, so this load grows with the
     commit rate rather than staying fixed per step. Also the variance of the step's rows that
-    the store model does not explain. EWMAs with rate ``rate``."""
+    the store model does not explain. EWMAs with rate ``rate``, of residuals clipped to ``clip``
+    standard deviations (at least ``min_sd`` rows): one step that admits a whole batch of
+    prompts (thousands of rows) would otherwise raise the load and price every step near the
+    knee as lumpy for a hundred steps after it; lumps that recur widen the clip as they come."""
 
-    def __init__(self, rate: float = 0.05) -> None:
+    def __init__(self, rate: float = 0.05, clip: float = 16.0, min_sd: float = 32.0) -> None:
         if not 0.0 < rate <= 1.0:
             raise ValueError("token load rate must be in (0, 1]")
-        self.rate = rate
+        self.rate, self.clip, self.min_sd = rate, clip, min_sd
         self._rows = 0.0  # mean extra rows per step
         self._commits = 0.0  # mean committed tokens per step (all decoding requests)
         self._var = 0.0  # of the extra rows
@@ -295,7 +298,8 @@ class TokenLoad:
         return max(0.0, self._var - self._model_var)
 
     def observe(self, num_tokens: int, own_rows: float, own_var: float, committed: int) -> None:
-        residual = (num_tokens - own_rows) - self._rows  # unclipped: store lumps average out
+        bound = self.clip * math.sqrt(max(self._var, self.min_sd * self.min_sd))
+        residual = min(max((num_tokens - own_rows) - self._rows, -bound), bound)  # store lumps average out
         self._rows += self.rate * residual
         self._commits += self.rate * (committed - self._commits)
         self._var += self.rate * (residual * residual - self._var)
