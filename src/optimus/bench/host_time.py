@@ -52,7 +52,7 @@ def overlapped_phases(engine: Engine) -> tuple[str, ...]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shape", default="sdar-8b", help="model shape (tiny random weights: only the geometry counts)")
-    p.add_argument("--requests", type=int, default=256)
+    p.add_argument("--requests", default="256", help="comma list of running-request counts")
     p.add_argument("--prompt-len", type=int, default=256)
     p.add_argument("--output-len", type=int, default=256)
     p.add_argument("--policies", default="ar,fixed:4,fixed:32,elastic")
@@ -61,13 +61,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--emulate-device", action="store_true",
                    help="steps queue on an emulated 8B-shape device: wall time against device time, sync and pipelined")
     p.add_argument("--pipeline-min-running", type=int, default=64, help="the pipelined runs' threshold")
+    p.add_argument("--pipelines", default=None,
+                   help="emulated: comma list of off | N | auto to run each policy with (default: off, "
+                        "--pipeline-min-running and auto)")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.emulate_device:
         return _run_emulated(args)
-    rows = [measure(policy, args.shape, args.requests, args.prompt_len, args.output_len, args.acceptance)
-            for policy in args.policies.split(",")]
+    rows = [measure(policy, args.shape, requests, args.prompt_len, args.output_len, args.acceptance)
+            for requests in _loads(args) for policy in args.policies.split(",")]
     for r in rows:
         parts = ", ".join(f"{k} {r['full_batch_ms'][k]:.2f}" for k in PHASES)
         print(f"{r['policy']:<9} {r['requests']} requests: host {r['full_batch_ms']['total']:.2f} ms/step at a "
@@ -114,11 +117,16 @@ def measure(policy: str, shape: str, requests: int, prompt_len: int, output_len:
             "full_batch_ms": {k: 1e3 * float(np.median(v)) if v else 0.0 for k, v in full.items()}}
 
 
+def _loads(args: argparse.Namespace) -> list[int]:
+    return [int(n) for n in str(args.requests).split(",")]
+
+
 def _run_emulated(args: argparse.Namespace) -> int:
     rows = []
-    for policy in args.policies.split(","):
-        for pipeline in ("off", str(args.pipeline_min_running), "auto"):
-            row = measure_overlap(policy, args.shape, args.requests, args.prompt_len, args.output_len,
+    pipelines = (args.pipelines or f"off,{args.pipeline_min_running},auto").split(",")
+    for requests in _loads(args):
+        for policy, pipeline in ((p, q) for p in args.policies.split(",") for q in pipelines):
+            row = measure_overlap(policy, args.shape, requests, args.prompt_len, args.output_len,
                                   args.acceptance, pipeline)
             rows.append(row)
             print(f"{row['policy']:<18} {row['requests']} requests: wall {row['wall_ms_per_step']:.1f} ms/step, "
