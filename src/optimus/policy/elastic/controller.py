@@ -20,13 +20,9 @@ first, so a plan maps to the same requests step after step.
 
 Where the engine overlaps steps whose windows all hold one open position (``unit_steps_overlap``:
 their commits are known at launch, so the host plans the next step while the device runs this
-one), the plan with every request at size 1 pays only the host time that did not hide behind
-the device (measured on such steps; none assumed before the first).
-
-Requests differ: a confident answer commits most of a large chunk at once, prose continued by
-a small model barely more than one token whatever the chunk. Each request therefore plans on
-its own curve ``1 + L (tau(C) - 1)``, its level ``L`` measured from its own commits
-(:class:`RequestConfidence`), so one step can run some requests at 1 and others at 32.
+one), the plan with every request at size 1 pays the device's time alone. (Measured, the time
+between two overlapped steps' ends also carries whatever the host did for the steps around
+them, prompts' prefill included: a noisier price than none while the host keeps up.)
 """
 
 from __future__ import annotations
@@ -121,9 +117,9 @@ class ElasticPolicy:
         self.correction = LatencyCorrector(self.profile.knee)
         self.load = TokenLoad(rate=load_rate)
         self.overhead_s = 0.0  # per-step host time outside the forward (StepFeedback.overhead_s), EMA
-        # Host time inside a step's latency beside its device time (none while the device's time
-        # is unknown: the latency curve then carries it), of whole steps and of overlapped ones.
-        self.host, self.overlapped_host = HostShare(), HostShare()
+        # Host time inside a whole step's latency beside its device time (none while the device's
+        # time is unknown: the latency curve then carries it).
+        self.host = HostShare()
         self.unit_steps_overlap = unit_steps_overlap
         self.confidence = RequestConfidence() if per_request else None
         self.target: int | None = None  # hysteresis state: planned positions of the elastic requests
@@ -220,9 +216,9 @@ class ElasticPolicy:
         device = feedback.device_s if 0 < feedback.device_s <= feedback.latency_s else 0.0
         # Steps mostly of prompt rows (a window and its store run at most twice its positions)
         # spend their host time on prompts: not what a decoding plan pays.
-        if device and feedback.num_tokens <= 2 * sum(feedback.chunk_sizes) + len(feedback.chunk_sizes):
-            (self.overlapped_host if feedback.overlapped else self.host).observe(feedback.num_tokens,
-                                                                                  feedback.latency_s - device)
+        prompts = feedback.num_tokens > 2 * sum(feedback.chunk_sizes) + len(feedback.chunk_sizes)
+        if device and not prompts and not feedback.overlapped:
+            self.host.observe(feedback.num_tokens, feedback.latency_s - device)
         seconds = device or feedback.latency_s
         if self._rescale:
             t0 = seconds / max(1.0, feedback.num_tokens / DEFAULT_KNEE)
@@ -260,7 +256,7 @@ class ElasticPolicy:
                                   floor)
         latency = self.overhead_s + self.host(tokens) + device
         if self.unit_steps_overlap and not np.any(pinned > 1):  # everyone at size 1: overlapped
-            latency[0] = self.overlapped_host(tokens[0]) + device[0]
+            latency[0] = device[0]
         return _Curve(rungs, tokens, latency, (base_gain + rungs.gain) / latency)
 
     def _ladder_for(self, key: tuple[int, float]) -> Ladder:

@@ -9,32 +9,31 @@ import numpy as np
 
 
 class HostShare:
-    """``h(n) = a + b n`` seconds for a step of ``n`` tokens (``a, b >= 0``): least squares over
-    the last ``window`` steps. Linear, because a step's batch build and commit grow with its rows
-    while the scheduling around them grows with its requests; a prompt's whole prefill (thousands
-    of rows) then reads as many rows' host time, not as every step's. Steps of one size alone
-    give no slope: their mean, for every size (the scheduling part, per request, dominates);
-    no steps: no host time."""
+    """``h(n) = a + b n`` seconds for a step of ``n`` tokens (``a, b >= 0``), a Theil-Sen line
+    (the median of the pairwise slopes, then the median intercept) through the last ``window``
+    steps. Linear, because a step's batch build and commit grow with its rows while the
+    scheduling around them grows with its requests; medians, because one step that paid a
+    one-time cost (a first allocation, a collection) would otherwise price every step like it,
+    and a plan that avoids such steps (overlapped ones) would never see that it was wrong.
+    Fewer than ``min_steps`` steps: no host time (the plans that would pay it get tried)."""
 
-    def __init__(self, window: int = 64) -> None:
+    def __init__(self, window: int = 64, min_steps: int = 4) -> None:
         self._points: collections.deque[tuple[float, float]] = collections.deque(maxlen=window)
+        self.min_steps = min_steps
         self.intercept, self.slope = 0.0, 0.0
 
     def observe(self, tokens: int, seconds: float) -> None:
         self._points.append((float(max(tokens, 1)), max(float(seconds), 0.0)))
-        self._fit()
+        if len(self._points) >= self.min_steps:
+            self._fit()
 
     def __call__(self, tokens: np.ndarray) -> np.ndarray:
         return self.intercept + self.slope * np.asarray(tokens, dtype=float)
 
     def _fit(self) -> None:
         n, h = np.array(self._points).T
-        if np.ptp(n) == 0:
-            self.intercept, self.slope = float(h.mean()), 0.0
-            return
-        slope, intercept = np.polyfit(n, h, 1)
-        if slope < 0:  # more rows never cost the host less: the mean alone
-            slope, intercept = 0.0, h.mean()
-        elif intercept < 0:  # through the origin
-            slope, intercept = float((n * h).sum() / (n * n).sum()), 0.0
-        self.intercept, self.slope = float(intercept), float(slope)
+        i, j = np.triu_indices(len(n), 1)
+        apart = n[j] != n[i]
+        slopes = (h[j] - h[i])[apart] / (n[j] - n[i])[apart]
+        self.slope = max(0.0, float(np.median(slopes))) if slopes.size else 0.0  # more rows never cost less
+        self.intercept = max(0.0, float(np.median(h - self.slope * n)))
