@@ -241,6 +241,24 @@ def host_overlap(d: dict) -> list:
              f"{num(r['output_tok_s'])}") for r in d.get("rows", [])]
 
 
+def elastic_emulated(d: dict) -> list:
+    """Per load: every policy's tok/s and elastic's share of the best single one."""
+    out = []
+    for n in sorted({r["requests"] for r in d.get("rows", [])}):
+        rows = {r["policy"]: r for r in d["rows"] if r["requests"] == n}
+        single = {p: r["output_tok_s"] for p, r in rows.items() if p != "elastic"}
+        best = max(single, key=single.get)
+        cells = ", ".join(f"{p} {num(t)}" for p, t in single.items())
+        before = next((r["output_tok_s"] for r in d.get("before", {}).get("rows", [])
+                       if r["requests"] == n and r["policy"] == "elastic"), None)
+        was = f"; before {num(before)}" if before is not None else ""
+        label = f"{n} requests: elastic tok/s / best single (its share); the single policies"
+        out.append((label + ("; elastic before" if was else ""),
+                    f"{num(rows['elastic']['output_tok_s'])} / {num(single[best])} {best} "
+                    f"({rows['elastic']['output_tok_s'] / single[best]:.3f}); {cells}{was}"))
+    return out
+
+
 def elastic_profile_mismatch(d: dict) -> list:
     return [(f"{r['requests']} requests, profile {r['profile']}: elastic / best single tok/s "
              "(scale, stretch, slope ratio learned)",
@@ -535,6 +553,11 @@ BENCHMARKS = [
      "`optimus bench host --emulate-device`: SDAR-8B geometry, prompt 256, output 256, `real-8b` replayed; each step "
      "queued on an emulated device taking the synthetic 8B curve's time (11 ms flat to 256 tokens, then 40 us a "
      "token), synchronous and pipelined; over the steps where every request decodes.", host_overlap),
+    ("elastic_emulated", "Elastic against every single policy on an emulated device",
+     "`optimus bench host --emulate-device --pipelines off --policies ar,fixed:2,fixed:4,fixed:8,elastic "
+     "--requests 16,64,128,256`: the engine (SDAR-8B geometry, prompt and output 256, `real-8b` replayed) on the "
+     "synthetic 8B curve (11 ms flat to 256 tokens, then 40 us a token), whole steps (unit steps overlapped); "
+     "over the steps where every request decodes; one run each.", elastic_emulated),
     ("latency_fit_llada2", "Step latency models at the LLaDA2.0-mini MoE shape",
      "`optimus bench latency-fit --shape llada2-mini`: the step-time surface over batch x chunk, each step predicted "
      "from the others by each latency model (tokens: straight lines in tokens and the hinge; experts: shaped by the "
