@@ -181,9 +181,8 @@ class Engine:
         touched = {id(w.request): w.request for w in plan.works if not w.request.is_done}
         self.post.commit_step(flight.plan, flight.hidden, flight.wants, flight.pick)
         t1 = time.perf_counter()
-        start = flight.t_launch
-        if flight.assumed or self._last_step_end is not None:  # a step launched behind another ran from its end
-            start = max(start, self._last_step_end or 0.0)
+        # A step launched while another was in flight ran on the device from that one's end.
+        start = max(flight.t_launch, self._last_step_end or 0.0)
         latency, overhead = t1 - start, flight.overhead
         device_s = flight.device_time.seconds
         if flight.pipelined:  # queued behind the other half's step: the device's own times

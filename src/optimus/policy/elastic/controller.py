@@ -11,12 +11,17 @@ Each step the controller maximises predicted committed tokens per second
 ``J = sum_r tau(C_r) / (H + T(sum_r cost(C_r)))`` over the chunk sizes, where ``T`` is the
 profiled latency curve with an online correction, ``H`` the host time every step pays around
 its forward (scheduling, reporting, serving, and what the step waits for on the host: building
-the batch, committing; measured beside the device's own time where the engine reports it), and
-``cost`` also carries ``pi * tau(C)``: the rows
-the step runs for others (prefill pieces, pinned requests), measured per committed token,
-because every answer token brings its share of prompt to prefill. Allocation is greedy by
+the batch, committing; measured beside the device's own time where the engine reports it),
+and ``cost`` also carries ``pi * tau(C)``: the rows the step runs for others (prefill pieces,
+pinned requests), measured per committed token, because every answer token brings its share
+of prompt to prefill. Allocation is greedy by
 marginal efficiency on each request's concave ladder of sizes; requests are ranked oldest
 first, so a plan maps to the same requests step after step.
+
+Requests differ: a confident answer commits most of a large chunk at once, prose continued by
+a small model barely more than one token whatever the chunk. Each request therefore plans on
+its own curve ``1 + L (tau(C) - 1)``, its level ``L`` measured from its own commits
+(:class:`RequestConfidence`), so one step can run some requests at 1 and others at 32.
 
 Where the engine overlaps steps whose windows all hold one open position (``unit_steps_overlap``:
 their commits are known at launch, so the host plans the next step while the device runs this
