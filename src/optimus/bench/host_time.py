@@ -61,6 +61,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--emulate-device", action="store_true",
                    help="steps queue on an emulated 8B-shape device: wall time against device time, sync and pipelined")
     p.add_argument("--pipeline-min-running", type=int, default=64, help="the pipelined runs' threshold")
+    p.add_argument("--emulated-curve", default="0.011,256,4e-5",
+                   help="emulated: the device's hinge as T0,KNEE,SLOPE (seconds flat to KNEE tokens, then "
+                        "SLOPE seconds a token); the default is an 8B step on an H200-class card")
     p.add_argument("--pipelines", default=None,
                    help="emulated: comma list of off | N | auto to run each policy with (default: off, "
                         "--pipeline-min-running and auto)")
@@ -124,25 +127,27 @@ def _loads(args: argparse.Namespace) -> list[int]:
 def _run_emulated(args: argparse.Namespace) -> int:
     rows = []
     pipelines = (args.pipelines or f"off,{args.pipeline_min_running},auto").split(",")
+    t0, knee, slope = (float(x) for x in args.emulated_curve.split(","))
+    curve = LatencyProfile.synthetic(t0, knee, slope)
     for requests in _loads(args):
         for policy, pipeline in ((p, q) for p in args.policies.split(",") for q in pipelines):
             row = measure_overlap(policy, args.shape, requests, args.prompt_len, args.output_len,
-                                  args.acceptance, pipeline)
+                                  args.acceptance, pipeline, curve)
             rows.append(row)
             print(f"{row['policy']:<18} {row['requests']} requests: wall {row['wall_ms_per_step']:.1f} ms/step, "
                   f"device {row['device_ms_per_step']:.1f}, wall/device {row['wall_over_device']:.3f}, "
                   f"{row['output_tok_s']:.0f} tok/s ({row['steps']} steps)", flush=True)
-    _save(args, "host_overlap", rows, device_profile=EMULATED_8B.to_json())
+    _save(args, "host_overlap", rows, device_profile=curve.to_json())
     return 0
 
 
 def measure_overlap(policy: str, shape: str, requests: int, prompt_len: int, output_len: int, acceptance: str,
-                    pipeline: str) -> dict:
+                    pipeline: str, curve: LatencyProfile = EMULATED_8B) -> dict:
     """Wall and emulated device time over the steps where every request decodes (from the
     step all of them decode until the first one finishes). ``pipeline``: off | N | auto."""
-    engine = _engine(policy, shape, requests, prompt_len, output_len, acceptance)
-    engine.flights.pipeline = pipeline_rule(pipeline, EMULATED_8B.predict)
-    device = EmulatedDevice(EMULATED_8B, engine.tokenizer.vocab_size, engine.spec.arch.hidden_size).attach(engine)
+    engine = _engine(policy, shape, requests, prompt_len, output_len, acceptance, curve)
+    engine.flights.pipeline = pipeline_rule(pipeline, curve.predict)
+    device = EmulatedDevice(curve, engine.tokenizer.vocab_size, engine.spec.arch.hidden_size).attach(engine)
     rng = random.Random(0)
     vocab = engine.tokenizer.vocab_size
     params = SamplingParams(max_tokens=output_len, ignore_eos=True)
@@ -164,10 +169,11 @@ def measure_overlap(policy: str, shape: str, requests: int, prompt_len: int, out
             "wall_over_device": wall / busy, "output_tok_s": (engine.stats.tokens_committed - start[2]) / wall}
 
 
-def _engine(policy: str, shape: str, requests: int, prompt_len: int, output_len: int, acceptance: str) -> Engine:
+def _engine(policy: str, shape: str, requests: int, prompt_len: int, output_len: int, acceptance: str,
+            profile: LatencyProfile = EMULATED_8B) -> Engine:
+    """``profile``: what elastic plans with (the emulated device's curve, or an 8B step's shape)."""
     page = 16
     pages = requests * (-(-(prompt_len + output_len + 64) // page)) + 64
-    profile = EMULATED_8B  # what elastic plans with: an 8B step's shape
     path = Path(regimes.resolve(acceptance))
     profile_path = Path.home() / ".cache" / "optimus" / "host_bench_profile.json"
     profile.save(profile_path)
