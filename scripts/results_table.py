@@ -558,6 +558,9 @@ BENCHMARKS = [
      "--requests 16,64,128,256`: the engine (SDAR-8B geometry, prompt and output 256, `real-8b` replayed) on the "
      "synthetic 8B curve (11 ms flat to 256 tokens, then 40 us a token), whole steps (unit steps overlapped); "
      "over the steps where every request decodes; one run each.", elastic_emulated),
+    ("elastic_emulated_h200_hinge", "Elastic against every single policy on an emulated H200-like hinge",
+     "As `elastic_emulated`, with `--emulated-curve 0.0055,100,2.3e-5`: 5.5 ms flat to 100 tokens, then 23 us a "
+     "token (the SDAR-8B shape's hinge on an H200 used by the regime tests).", elastic_emulated),
     ("latency_fit_llada2", "Step latency models at the LLaDA2.0-mini MoE shape",
      "`optimus bench latency-fit --shape llada2-mini`: the step-time surface over batch x chunk, each step predicted "
      "from the others by each latency model (tokens: straight lines in tokens and the hinge; experts: shaped by the "
