@@ -112,3 +112,22 @@ def test_one_admission_of_many_prompts_does_not_read_as_lasting_load():
         recurring.observe(128 + (256 if i % 4 == 0 else 0), 128, 0.0, 64)
     assert recurring.extra_var ** 0.5 == pytest.approx(256 * (0.25 * 0.75) ** 0.5, rel=0.1)
     assert recurring.per_commit == pytest.approx(64 / 64, rel=0.15)  # 64 rows a step on average, 64 commits
+
+
+@pytest.mark.parametrize("family,cache_mode,overlaps", [("sdar", "auto", True), ("llada", "prefix-block", True),
+                                                         ("llada", "dual-cache", False)])
+def test_the_engine_tells_elastic_its_device_time_and_whether_unit_steps_overlap(family, cache_mode, overlaps):
+    """Built by the engine, elastic knows whether unit steps overlap (a scheme that prefills,
+    overlap on), and learns the host share of whole decoding steps from the device time the
+    engine reports (on a CPU the forward's own time inside the launch)."""
+    from fixtures.engine import tiny_loaded
+    from optimus.core.params import SamplingParams
+    from optimus.engine.llm import LLM
+
+    llm = LLM(loaded=tiny_loaded(family), policy="elastic", device="cpu", num_pages=256, page_size=4, block_size=8,
+              cache_mode=cache_mode)
+    policy = llm.engine.policy
+    assert policy.unit_steps_overlap is overlaps
+    llm.generate([[5, 6, 7, 8]] * 4, SamplingParams(max_tokens=24, ignore_eos=True))
+    seen = list(policy.host._points)
+    assert seen and all(h >= 0 for _, h in seen)  # overlapped steps (most, on sdar) teach none
