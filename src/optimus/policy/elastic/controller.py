@@ -14,9 +14,9 @@ its forward (scheduling, reporting, serving, and what the step waits for on the 
 the batch, committing; measured beside the device's own time where the engine reports it),
 and ``cost`` also carries ``pi * tau(C)``: the rows the step runs for others (prefill pieces,
 pinned requests), measured per committed token, because every answer token brings its share
-of prompt to prefill. Allocation is greedy by
-marginal efficiency on each request's concave ladder of sizes; requests are ranked oldest
-first, so a plan maps to the same requests step after step.
+of prompt to prefill. Allocation is greedy by marginal efficiency on each request's concave
+ladder of sizes (``ladders.py``); requests are ranked oldest first, so a plan maps to the same
+requests step after step.
 
 Requests differ: a confident answer commits most of a large chunk at once, prose continued by
 a small model barely more than one token whatever the chunk. Each request therefore plans on
