@@ -55,7 +55,7 @@ def test_the_curve_learns_the_device_and_the_host_share_apart():
         device = float(PROFILE.predict(tokens, 64))
         for p, reported in ((told, device), (blind, 0.0)):
             p.observe(StepFeedback(tokens, device + 0.005, (chunk,) * 64, (1,) * 64,
-                                   tuple(f"r{i}" for i in range(64)), device_s=reported))
+                                   tuple(f"r{k}" for k in range(64)), device_s=reported))
     assert told.correction.scale == pytest.approx(1.0, abs=0.01) and told.correction.stretch == 1.0
     assert told.host(np.array([300.0]))[0] == pytest.approx(0.005, rel=0.01)
     assert blind.correction.scale > 1.2 and blind.host(np.array([300.0]))[0] == 0.0
