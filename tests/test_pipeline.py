@@ -279,9 +279,10 @@ def test_an_auto_pipelined_engine_decodes_as_the_unpipelined_one(loaded):
 
 
 def test_whole_steps_with_certain_commits_are_assumed_and_stop_the_halves():
-    """A diffusion step whose windows each have one masked position left is assumed (overlap)
-    unless halves are running; once whole steps are assumed, no halves are planned (their host
-    work hides already); a step with a wider window completes at once and halves may resume."""
+    """A diffusion step whose windows each have one masked position left is assumed (overlap),
+    a half among halves too: it hides the host as halves do, without their second pass over the
+    curve. Once a step is assumed, no halves are planned; a step with a wider window completes
+    at once and halves may resume."""
     from optimus.engine.flight import FlightRules, InFlight, PipelineFrom
 
     def flight(positions_per_window):
@@ -290,10 +291,10 @@ def test_whole_steps_with_certain_commits_are_assumed_and_stop_the_halves():
                         device_time=None)
 
     rules = FlightRules(causal=False, overlap=True, pipeline=PipelineFrom(4), overlap_diffusion=True)
-    assert rules.keep(flight([1, 1]), running=8) == "pipeline"  # halves are on: a half stays a half
+    assert rules.keep(flight([1, 2]), running=8) == "pipeline"  # halves are on: commits unknown, a half stays a half
     assert rules.pipelines(8)
-    rules.assumed_last = True  # a whole step was assumed (say, planned below the threshold)
-    assert not rules.pipelines(8) and rules.decoder_cap([]) is None
+    assert rules.keep(flight([1, 1]), running=8) == "assume"  # commits certain: assumed, halves or not
+    assert not rules.pipelines(8) and rules.decoder_cap([]) is None  # whole steps from here
     assert rules.keep(flight([1, 1, 1]), running=8) == "assume"
     assert rules.keep(flight([1, 2]), running=8) is None  # two masked positions: commits unknown
     assert rules.pipelines(8)  # not assumed: the halves' rule decides again

@@ -251,17 +251,19 @@ class FlightRules:
             keep = None
         elif self.causal:
             keep = "assume" if self.overlap else None
+        elif self.overlap and self.overlap_diffusion and flight.commits_certain():
+            keep = "assume"  # hides the host as halves would, without their second pass: a half ends them
         elif self.pipelines(running):  # halves take turns: a half kept whole would plan the same half again
             keep = "pipeline"
         else:
-            keep = "assume" if self.overlap and self.overlap_diffusion and flight.commits_certain() else None
+            keep = None
         self.assumed_last = keep == "assume"
         return keep
 
     @property
     def overlaps_unit_steps(self) -> bool:
         """Diffusion steps whose windows all hold one open position stay in flight (assumed)
-        while the next step is planned, unless halves are running."""
+        while the next step is planned, halves running or not."""
         return not self.causal and self.overlap and self.overlap_diffusion
 
     def pipelines(self, running: int) -> bool:
