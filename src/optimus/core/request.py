@@ -71,6 +71,9 @@ class Request:
     committed: np.ndarray = field(default=None)  # [total] bool
     cache_len: int = 0
     pending_store: tuple[int, int] | None = None  # rows [a, b) to store next step
+    # Ends of the row segments stored one commit group at a time after the prompt (ascending):
+    # each attended to itself and the cache before it, which a recompute must repeat.
+    stored_ends: list[int] = field(default_factory=list)
     refreshed_block: int | None = None  # block end of the latest whole-canvas refresh (cache schemes)
     chunk: int = 0  # chunk size of the current window
     last_committed: int = 0  # positions committed in the latest step (policy feedback)

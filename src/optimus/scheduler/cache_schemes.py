@@ -70,6 +70,7 @@ def _store(r: Request, ensure: EnsurePages) -> RequestWork | None:
     # The stored rows count as cached from here on, so the next window (and the policy's
     # view of it) starts after them.
     r.cache_len, r.pending_store = b, None
+    r.stored_ends.append(b)
     return RequestWork(r, a, b, b, [0] * (b - a), None)
 
 
@@ -107,8 +108,9 @@ class PrefixBlock:
 
     def preempted(self, r: Request) -> int:
         target = max(r.cache_len, r.geometry.prefill_len)
-        if r.pending_store is not None:
+        if r.pending_store is not None:  # its commit group is recomputed as the segment it would have been
             target, r.pending_store = r.pending_store[1], None
+            r.stored_ends.append(target)
         r.cache_len = 0
         return target
 

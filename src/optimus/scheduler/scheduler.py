@@ -11,6 +11,7 @@ not moved yet): they are neither planned nor preempted, so two steps never hold 
 
 from __future__ import annotations
 
+import bisect
 import collections
 import dataclasses
 import time
@@ -141,16 +142,22 @@ class Scheduler:
         return [max(1, min(int(c), cap)) for c, cap in zip(self.policy.choose(view), caps)]
 
     def _prefill_groups(self, r: Request, start: int, end: int) -> list[int]:
+        """The prompt as the model reads it (block-causal: by blocks; full attention: one
+        bidirectional group); rows recomputed after it (after preemption) by the segments they
+        were stored in (``Request.stored_ends``), each seeing itself and what came before, as
+        when it was stored: exact at every chunk size."""
         if self.attention is AttentionKind.CAUSAL:
             return list(range(start, end))
-        if self.attention is AttentionKind.BLOCK_CAUSAL:
-            return [p // r.geometry.block_size for p in range(start, end)]
-        # Full attention: the prompt is one bidirectional group; recomputed rows after it (after
-        # preemption) are grouped by the block their row predicts into (row p predicts p + shift),
-        # as they were stored at C = block: exact there, an approximation for smaller chunks.
         g = r.geometry
-        return [0 if p < g.prefill_len else 1 + (p + g.shift - g.block_origin) // g.block_size
-                for p in range(start, end)]
+        block_causal = self.attention is AttentionKind.BLOCK_CAUSAL
+        after_prompt = g.prefill_len // g.block_size + 1 if block_causal else 1  # above every prompt group
+        groups = []
+        for p in range(start, end):
+            if p < g.prefill_len:
+                groups.append(p // g.block_size if block_causal else 0)
+            else:
+                groups.append(after_prompt + bisect.bisect_right(r.stored_ends, p))
+        return groups
 
     def _piece_len(self, r: Request, remaining: int, budget: int) -> int:
         n = min(remaining, self.config.prefill_chunk, budget)
