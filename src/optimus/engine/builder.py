@@ -14,14 +14,14 @@ from tqdm.auto import tqdm
 from optimus.config import EngineConfig
 from optimus.decoding.rules import CommitRule, commit_rule_for
 from optimus.executor.kv_storage import KVCacheStorage, capacity_in_pages
-from optimus.engine.flight import FlightRules, PipelineRule, pipeline_rule
+from optimus.engine.flight import FlightRules, NeverPipeline, PipelineRule, pipeline_rule
 from optimus.executor.runner import ModelRunner
 from optimus.models.loader import LoadedModel, resolve_device
 from optimus.models.spec import AttentionKind, ModelSpec
 from optimus.policy.base import ChunkPolicy
 from optimus.policy.registry import make_policy
 from optimus.scheduler.pages import PageAllocator
-from optimus.scheduler.cache_schemes import CacheScheme, make_scheme
+from optimus.scheduler.cache_schemes import make_scheme
 from optimus.scheduler.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
@@ -57,16 +57,10 @@ class _Hardware:
     allocator: PageAllocator
     runner: ModelRunner
     block_size: int
-    scheme: CacheScheme
 
     @property
     def spec(self) -> ModelSpec:
         return self.loaded.spec
-
-    @property
-    def overlaps_unit_steps(self) -> bool:
-        """As FlightRules.overlaps_unit_steps of the engine these parts will make."""
-        return self.config.runner.overlap and self.scheme.prefills and self.spec.attention is not AttentionKind.CAUSAL
 
 
 # Young objects between cyclic collections. Python's default (700) runs a collection every
@@ -107,12 +101,14 @@ def build_parts(config: EngineConfig, loaded: LoadedModel | None = None,
                                            scheme.cache_only)
     runner = ModelRunner(loaded.model, storage, cache.page_size, device, config.runner.attention_backend, graphs,
                          cache_only=scheme.cache_only)
-    hardware = _Hardware(config, loaded, device, allocator, runner, block_size, scheme)
-    policy = build_policy(config, hardware)
+    hardware = _Hardware(config, loaded, device, allocator, runner, block_size)
+    # The halves' rule reads the policy's latency curve, and the policy which steps overlap.
+    flights = FlightRules(spec.attention is AttentionKind.CAUSAL, config.runner.overlap, NeverPipeline(),
+                          overlap_diffusion=scheme.prefills)
+    policy = build_policy(config, hardware, flights.overlaps_unit_steps)
+    flights.pipeline = build_pipeline(config, policy, hardware)
     scheduler = Scheduler(config.scheduler, allocator, policy, spec.attention, scheme)
     quiet_gc()  # the parts will run a step loop
-    flights = FlightRules(spec.attention is AttentionKind.CAUSAL, config.runner.overlap,
-                          build_pipeline(config, policy, hardware), overlap_diffusion=scheme.prefills)
     return EngineParts(config, loaded, device, block_size, commit_rule or commit_rule_for(config),
                        allocator, storage, runner, policy, scheduler, flights, parallel)
 
@@ -148,13 +144,12 @@ def block_size_for(spec: ModelSpec, config: EngineConfig) -> int:
     return config.scheduler.block_size or spec.block_size or 32
 
 
-def build_policy(config: EngineConfig, hardware) -> ChunkPolicy:
+def build_policy(config: EngineConfig, hardware, unit_steps_overlap: bool) -> ChunkPolicy:
     """``hardware``: config, loaded model, device, allocator and runner (elastic times steps)."""
     if not config.scheduler.policy.startswith("elastic"):
         return make_policy(config.scheduler.policy)
     from optimus.policy.elastic.setup import elastic_kwargs
-    return make_policy(config.scheduler.policy, **elastic_kwargs(hardware),
-                       unit_steps_overlap=hardware.overlaps_unit_steps)
+    return make_policy(config.scheduler.policy, **elastic_kwargs(hardware), unit_steps_overlap=unit_steps_overlap)
 
 
 def build_pipeline(config: EngineConfig, policy: ChunkPolicy, hardware) -> PipelineRule:

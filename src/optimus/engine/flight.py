@@ -251,7 +251,7 @@ class FlightRules:
             keep = None
         elif self.causal:
             keep = "assume" if self.overlap else None
-        elif self.overlap and self.overlap_diffusion and flight.commits_certain():
+        elif self.overlaps_unit_steps and flight.commits_certain():
             keep = "assume"  # hides the host as halves would, without their second pass: a half ends them
         elif self.pipelines(running):  # halves take turns: a half kept whole would plan the same half again
             keep = "pipeline"
