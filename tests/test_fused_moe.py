@@ -47,7 +47,33 @@ def test_align_pads_each_expert_run() -> None:
     # pairs sorted by expert: e0 -> pairs 1, 4; e2 -> pairs 0, 2, 5; e3 -> pair 3; sentinel 6 pads
     assert pairs[:12].tolist() == [1, 4, 6, 6, 0, 2, 5, 6, 3, 6, 6, 6]
     assert blocks.tolist()[:3] == [0, 2, 3] and set(blocks.tolist()[3:]) == {-1}
-    assert pairs.numel() == 6 + 5 * 3 + 3  # T*k + E*(block_m - 1), rounded up to a block
+    assert pairs.numel() == 6 + 6 * 3  # T*k + (E + 1)*(block_m - 1) (id E: another rank's), rounded to a block
+
+
+def test_align_gives_the_pairs_of_another_ranks_expert_no_block() -> None:
+    pytest.importorskip("triton")
+    from optimus.kernels._fused_moe_triton import align
+
+    ids = torch.tensor([[2, 5], [5, 0]])  # 5 = E: the expert lives on another rank
+    pairs, blocks = align(ids, num_experts=5, block_m=4)
+    assert pairs[:8].tolist() == [3, 4, 4, 4, 0, 4, 4, 4]  # e0 -> pair 3, e2 -> pair 0; sentinel 4 pads
+    assert blocks.tolist()[:2] == [0, 2] and set(blocks.tolist()[2:]) == {-1}
+
+
+def _foreign(case, e: int, seed: int):
+    """The case with about half its pairs' experts on another rank (id e), and the same case
+    with those pairs' weights zeroed instead: both must give the same sum."""
+    x, w13, w2, weights, ids = case
+    away = torch.rand(ids.shape, generator=torch.Generator().manual_seed(seed)) < 0.5
+    away = away.to(ids.device)
+    return (x, w13, w2, weights, ids.masked_fill(away, e)), (x, w13, w2, weights.masked_fill(away, 0.0), ids)
+
+
+def test_reference_skips_the_pairs_of_another_ranks_experts() -> None:
+    foreign, zeroed = _foreign(make(t=9, k=3, e=6, h=16, inner=8, seed=4), 6, seed=1)
+    torch.testing.assert_close(fused_moe_reference(*foreign), fused_moe_reference(*zeroed))
+    everything_away = foreign[:4] + (torch.full_like(foreign[4], 6),)
+    assert fused_moe_reference(*everything_away).abs().max() == 0
 
 
 @pytest.fixture
@@ -74,6 +100,13 @@ def test_pair_path_matches_reference(moe_triton, t, k, e, h, inner) -> None:
     tiles = mod.PairTiles(gate_up_n=16, down_n=16, block_k=16)
     got = mod.fused_moe_pairs(*case, tiles=tiles)
     torch.testing.assert_close(got, fused_moe_reference(*case), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("t", [3, 80])  # the pair path (up to PAIRS_MAX pairs) and the grouped one
+def test_triton_skips_the_pairs_of_another_ranks_experts(moe_triton, t) -> None:
+    mod, dev = moe_triton
+    foreign, zeroed = _foreign([c.to(dev) for c in make(t, 2, 4, 32, 24, seed=t)], 4, seed=t)
+    torch.testing.assert_close(mod.fused_moe_triton(*foreign), fused_moe_reference(*zeroed), atol=2e-5, rtol=2e-5)
 
 
 def test_decode_sized_routing_takes_the_pair_path(moe_triton, monkeypatch) -> None:

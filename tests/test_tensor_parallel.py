@@ -60,9 +60,10 @@ def _timeless(engine: Engine) -> None:
     engine.policy.observe = lambda fb: observe(dataclasses.replace(fb, latency_s=0.0, overhead_s=0.0))
 
 
-def _engine(checkpoint, tp: int, profile, block: int | None) -> Engine:
+def _engine(checkpoint, tp: int, profile, block: int | None, expert_parallel: bool = False) -> Engine:
     config = engine_config(model=str(checkpoint), device="cpu", dtype="float32", num_pages=96, policy="elastic",
-                           profile_path=str(profile), tensor_parallel=tp, block_size=block)
+                           profile_path=str(profile), tensor_parallel=tp, block_size=block,
+                           expert_parallel=expert_parallel)
     engine = Engine(config)
     engine.post.stream_text = False
     _timeless(engine)
@@ -91,6 +92,44 @@ def test_two_ranks_decode_the_tokens_of_one(family, tiny_checkpoint, tmp_path):
         assert scored[1].logprobs == pytest.approx(scored[0].logprobs, rel=1e-4, abs=1e-5)
     finally:
         two.close()
+
+
+@pytest.mark.parametrize("family", sorted(MOE_FAMILIES))
+def test_two_ranks_with_experts_placed_decode_the_tokens_of_one(family, tiny_checkpoint, tmp_path):
+    """Expert parallelism: each rank holds half the routed experts whole (and half of each
+    shared expert's columns); the tokens are those of one process."""
+    checkpoint = tiny_checkpoint(family)
+    profile = LatencyProfile.synthetic(0.01, 64, 1e-4).save(tmp_path / "profile.json")
+    block = None if family.startswith("sdar") else 8
+    one, two = _engine(checkpoint, 1, profile, block), _engine(checkpoint, 2, profile, block, expert_parallel=True)
+    try:
+        sparse = next(layer.mlp for layer in two.runner.model.model.layers if hasattr(layer.mlp, "experts"))
+        full = next(layer.mlp for layer in one.runner.model.model.layers if hasattr(layer.mlp, "experts"))
+        assert sparse.placed == (0, 4) and sparse.experts.w13.shape == (4,) + tuple(full.experts.w13.shape[1:])
+        for policy in ["elastic", "fixed:2"]:
+            expected, got = _script(one, policy), _script(two, policy)
+            assert got == expected, policy
+            assert set(expected) == set(PROMPTS) and len(expected["a"][1]) == 8
+    finally:
+        two.close()
+
+
+def test_expert_parallel_places_whole_experts_and_keeps_their_names():
+    spec = spec_from_config(tiny_config("sdar_moe"))
+    name = "model.layers.0.mlp.experts.{}.down_proj.weight"  # layer 0 is sparse
+    full = torch.randn(spec.arch.hidden_size, spec.arch.moe.expert_size)
+    shards = [Shard(spec, r, 2, expert_parallel=True) for r in range(2)]
+    assert [s.expert_range for s in shards] == [(0, 4), (4, 8)]
+    assert [s.holds(name.format(5)) for s in shards] == [False, True]
+    assert shards[1].slice(name.format(5), full) is full  # whole, not a column slice
+    assert Shard(spec, 1, 2).slice(name.format(5), full).shape[1] == full.shape[1] // 2  # sliced without it
+    assert shards[0].holds("model.layers.0.mlp.gate.weight") and shards[1].holds("model.embed_tokens.weight")
+    local = shards[1].local_model().state_dict()
+    assert name.format(5) in local and name.format(3) not in local
+    with pytest.raises(ShardingError, match="not a mixture-of-experts"):
+        local_spec(spec_from_config(tiny_config("llama")), 2, experts=(0, 1))
+    with pytest.raises(ShardingError, match="num_experts=8"):
+        local_spec(spec, 3, experts=(0, 2))
 
 
 # Sampled requests of every kind, next to greedy ones (min_tokens: ids of both vocabulary halves suppressed).

@@ -100,6 +100,8 @@ def check_pipeline(text: str) -> None:
 class ParallelConfig:
     tensor_parallel: int = _opt(1, "processes (one per GPU) one engine's model is sharded over: attention heads, "
                                    "MLP and expert columns, KV pages by head, the vocabulary of the LM head")
+    expert_parallel: bool = _opt(False, "tensor parallel MoE models: place each rank's share of the routed "
+                                        "experts whole (expert parallelism) instead of slicing every expert")
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,8 @@ Plan of one call, all on the device with static shapes (no host sync, CUDA-graph
 1. ``align``: the T*k token-expert pairs are sorted by expert and each expert's run is padded
    to a multiple of BLOCK_M, into ``sorted_pairs`` [P] (P = T*k + E*(BLOCK_M-1), the most
    any routing can need; padding rows hold the sentinel T*k) and ``block_expert`` [P/BLOCK_M]
-   (-1 for blocks past the used length: their programs exit at once).
+   (-1 for blocks past the used length and for the pairs of id E, whose expert is another
+   rank's: their programs exit at once).
 2. ``_gate_up_kernel``: per (row block, column block of I) one expert's gate and up tiles
    are accumulated together in fp32 over H and silu(gate) * up is stored: ``act`` [P, I].
 3. ``_down_kernel``: per (row block, column block of H) act @ w2[e]^T, times the pair's
@@ -39,10 +40,11 @@ class MoeTiles:
 
 
 def align(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """ids [T, k] -> (sorted_pairs [P] int32, block_expert [P / block_m] int32); see the module doc."""
+    """ids [T, k] in [0, E] -> (sorted_pairs [P] int32, block_expert [P / block_m] int32); see the
+    module doc. Id E (no expert here) is sorted as one more expert whose blocks are -1."""
     flat = ids.reshape(-1).long()
     pairs = flat.numel()
-    counts = torch.zeros(num_experts, dtype=torch.long, device=ids.device)
+    counts = torch.zeros(num_experts + 1, dtype=torch.long, device=ids.device)
     counts.scatter_add_(0, flat, torch.ones_like(flat))  # bincount would read its max on the host
     padded = (counts + block_m - 1) // block_m * block_m
     padded_end = padded.cumsum(0)
@@ -51,7 +53,7 @@ def align(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tens
     sorted_expert = flat[order]
     rank = torch.arange(pairs, device=ids.device) - start[order]
     dest = (padded_end - padded)[sorted_expert] + rank
-    total = pairs + num_experts * (block_m - 1)
+    total = pairs + (num_experts + 1) * (block_m - 1)
     total = (total + block_m - 1) // block_m * block_m
     sorted_pairs = torch.full((total,), pairs, dtype=torch.int32, device=ids.device)
     sorted_pairs[dest] = order.to(torch.int32)
@@ -136,11 +138,14 @@ class PairTiles:
 
 
 @triton.jit
-def _pair_gate_up_kernel(X, W13, IDS, ACT, H, I, top_k, stride_xt, stride_we, stride_wn, stride_at,
+def _pair_gate_up_kernel(X, W13, IDS, ACT, H, I, top_k, num_experts, stride_xt, stride_we, stride_wn, stride_at,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """act[pair, cols] = silu(x_t . gate rows) * (x_t . up rows) of the pair's expert."""
+    """act[pair, cols] = silu(x_t . gate rows) * (x_t . up rows) of the pair's expert (none for
+    id num_experts: another rank's expert; the down pass skips the pair)."""
     pair, pid_n = tl.program_id(0), tl.program_id(1)
     expert = tl.load(IDS + pair).to(tl.int64)
+    if expert >= num_experts:
+        return
     token = pair // top_k
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < I
@@ -162,25 +167,28 @@ def _pair_gate_up_kernel(X, W13, IDS, ACT, H, I, top_k, stride_xt, stride_we, st
 
 
 @triton.jit
-def _pair_down_kernel(ACT, W2, IDS, WEIGHTS, OUT, H, I, top_k, stride_at, stride_we, stride_wn, stride_ot,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """out[t, cols] = sum_j weights[t, j] * (act[t*k + j] . w2[ids[t, j]] rows cols), j in order."""
+def _pair_down_kernel(ACT, W2, IDS, WEIGHTS, OUT, H, I, top_k, num_experts, stride_at, stride_we, stride_wn,
+                      stride_ot, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out[t, cols] = sum_j weights[t, j] * (act[t*k + j] . w2[ids[t, j]] rows cols), j in order,
+    over the pairs whose expert is here (id < num_experts)."""
     token, pid_n = tl.program_id(0), tl.program_id(1)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < H
     out = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for j in range(0, top_k):
         pair = token * top_k + j
-        w_base = W2 + tl.load(IDS + pair).to(tl.int64) * stride_we
-        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        for k0 in range(0, I, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            k_ok = ks < I
-            a = tl.load(ACT + pair * stride_at + ks, mask=k_ok, other=0.0).to(tl.float32)
-            w = tl.load(w_base + cols[:, None] * stride_wn + ks[None, :], mask=col_ok[:, None] & k_ok[None, :],
-                        other=0.0)
-            acc += w.to(tl.float32) * a[None, :]
-        out += tl.sum(acc, axis=1) * tl.load(WEIGHTS + pair).to(tl.float32)
+        expert = tl.load(IDS + pair).to(tl.int64)
+        if expert < num_experts:
+            w_base = W2 + expert * stride_we
+            acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+            for k0 in range(0, I, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K)
+                k_ok = ks < I
+                a = tl.load(ACT + pair * stride_at + ks, mask=k_ok, other=0.0).to(tl.float32)
+                w = tl.load(w_base + cols[:, None] * stride_wn + ks[None, :],
+                            mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+                acc += w.to(tl.float32) * a[None, :]
+            out += tl.sum(acc, axis=1) * tl.load(WEIGHTS + pair).to(tl.float32)
     tl.store(OUT + token * stride_ot + cols, out.to(OUT.dtype.element_ty), mask=col_ok)
 
 
@@ -188,15 +196,16 @@ def fused_moe_pairs(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weight
                     ids: torch.Tensor, tiles: PairTiles = PairTiles()) -> torch.Tensor:
     """The decode path (module doc): same contract as fused_moe_triton, two launches."""
     t, k = ids.shape
-    _, hidden, inner = w2.shape
+    num_experts, hidden, inner = w2.shape
     flat_ids = ids.reshape(-1).contiguous()
     act = torch.empty(t * k, inner, dtype=x.dtype, device=x.device)
     out = torch.empty(t, hidden, dtype=x.dtype, device=x.device)
     _pair_gate_up_kernel[(t * k, triton.cdiv(inner, tiles.gate_up_n))](
-        x, w13, flat_ids, act, hidden, inner, k, x.stride(0), w13.stride(0), w13.stride(1), act.stride(0),
+        x, w13, flat_ids, act, hidden, inner, k, num_experts,
+        x.stride(0), w13.stride(0), w13.stride(1), act.stride(0),
         BLOCK_N=tiles.gate_up_n, BLOCK_K=tiles.block_k, num_warps=tiles.num_warps)
     _pair_down_kernel[(t, triton.cdiv(hidden, tiles.down_n))](
-        act, w2, flat_ids, weights.reshape(-1).contiguous(), out, hidden, inner, k,
+        act, w2, flat_ids, weights.reshape(-1).contiguous(), out, hidden, inner, k, num_experts,
         act.stride(0), w2.stride(0), w2.stride(1), out.stride(0),
         BLOCK_N=tiles.down_n, BLOCK_K=tiles.block_k, num_warps=tiles.num_warps)
     return out

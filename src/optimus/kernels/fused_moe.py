@@ -1,7 +1,8 @@
 """Fused MoE: the sparse MLP of a token batch given its routing.
 
 out[t] = sum_j weights[t, j] * down_e(silu(gate_e(x_t)) * up_e(x_t)) with e = ids[t, j], expert
-weights stacked as w13 [E, 2I, H] (gate rows then up rows) and w2 [E, H, I]. Backends: "torch"
+weights stacked as w13 [E, 2I, H] (gate rows then up rows) and w2 [E, H, I]. An id equal to E
+marks a pair whose expert lives on another rank (expert parallelism): it adds nothing. Backends: "torch"
 (reference.fused_moe_reference: pairs grouped by expert, one matmul pair per touched expert;
 reads expert counts on the host), "triton" (_fused_moe_triton: pairs sorted and padded per
 expert on the device, grouped GEMMs with SiLU fused into the gate/up pass; no host sync, so it
@@ -20,7 +21,7 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
               ids: torch.Tensor, backend: str = "auto") -> torch.Tensor:
-    """x [T, H]; w13 [E, 2I, H]; w2 [E, H, I]; weights [T, k]; ids [T, k] -> [T, H] in x's dtype."""
+    """x [T, H]; w13 [E, 2I, H]; w2 [E, H, I]; weights [T, k]; ids [T, k] in [0, E] -> [T, H] in x's dtype."""
     _check(x, w13, w2, weights, ids)
     if resolve_backend(backend, x) == "torch" or x.dtype not in _DTYPES or torch.is_grad_enabled():
         return fused_moe_reference(x, w13, w2, weights, ids)

@@ -146,15 +146,17 @@ def fused_moe_reference(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, we
     """Sparse MLP: out[t] = sum_j weights[t, j] * down_e(silu(gate_e(x_t)) * up_e(x_t)), e = ids[t, j].
 
     x [T, H]; w13 [E, 2I, H] (gate rows, then up rows); w2 [E, H, I]; weights [T, k] (any
-    float dtype); ids [T, k] int. Token-expert pairs are grouped by expert and each touched
-    expert runs once on its rows (its counts are read on the host: not for CUDA graphs). The
-    expert MLP rounds to x's dtype after each matmul like nn.Linear; the weighted sum is fp32.
+    float dtype); ids [T, k] int, in [0, E]: E marks a pair whose expert is not here (another
+    rank's, under expert parallelism), which adds nothing. Token-expert pairs are grouped by
+    expert and each touched expert runs once on its rows (its counts are read on the host: not
+    for CUDA graphs). The expert MLP rounds to x's dtype after each matmul like nn.Linear; the
+    weighted sum is fp32.
     """
     t, k = ids.shape
     inner = w2.shape[2]
     flat = ids.reshape(-1).long()
     order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=w13.shape[0]).tolist()
+    counts = torch.bincount(flat, minlength=w13.shape[0] + 1).tolist()[:w13.shape[0]]
     pair_w = weights.reshape(-1).float()
     out = torch.zeros(t * k, x.shape[1], dtype=torch.float32, device=x.device)
     start = 0

@@ -353,24 +353,28 @@ def _build_model(spec: ModelSpec, family: Family, entries: Iterator[TensorEntry]
     if tied:
         expected.pop("lm_head.weight")  # shares the embedding; HF omits it or repeats it
     state: dict[str, torch.Tensor] = {}
+    seen: set[str] = set()
     for name, ours, shape, read in entries:
         if name.endswith(_IGNORED_SUFFIXES) or (tied and ours == "lm_head.weight"):
             continue
         if ours is None or ours not in expected:
             raise UnexpectedTensorError(f"unexpected tensor {name!r} in checkpoint: no such weight in a "
                                         f"{spec.family} model")
-        if ours in state:
+        if ours in seen:
             raise UnexpectedTensorError(f"tensor {name!r} appears twice in the checkpoint")
         if shape != expected[ours]:
             raise ShapeMismatchError(f"tensor {name!r} has shape {list(shape)}, expected "
                                      f"{list(expected[ours])} from config.json")
+        seen.add(ours)
+        if shard is not None and not shard.holds(ours):
+            continue  # another rank's expert: never read
         tensor = read()
         if not tensor.is_floating_point():
             raise LoadError(f"tensor {name!r} has dtype {tensor.dtype}; weights must be floating point")
         if shard is not None:  # a copy: a view would keep the whole tensor alive
             tensor = shard.slice(ours, tensor).to(device=device, dtype=dtype, copy=True)
         state[ours] = tensor.to(device=device, dtype=dtype)  # per tensor: never a whole-model fp32 copy
-    missing = sorted(set(expected) - set(state))
+    missing = sorted(set(expected) - seen)
     if missing:
         shown = ", ".join(repr(family.export(n) or n) for n in missing[:5])
         raise MissingTensorError(f"checkpoint is missing {len(missing)} tensor(s): {shown}"

@@ -54,11 +54,12 @@ class Router(nn.Module):
 
 
 class ExpertWeights(nn.Module):
-    """Stacked expert weights exposed under per-expert checkpoint names."""
+    """Stacked expert weights exposed under per-expert checkpoint names; row i of the stacks is
+    expert ``first + i`` (expert parallelism holds a range of the model's experts)."""
 
-    def __init__(self, num_experts: int, hidden: int, inner: int) -> None:
+    def __init__(self, num_experts: int, hidden: int, inner: int, first: int = 0) -> None:
         super().__init__()
-        self.num_experts, self.inner = num_experts, inner
+        self.num_experts, self.inner, self.first = num_experts, inner, first
         self.w13 = nn.Parameter(torch.empty(num_experts, 2 * inner, hidden))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, inner))
 
@@ -68,11 +69,11 @@ class ExpertWeights(nn.Module):
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         for i in range(self.num_experts):
             for proj, view in self._views(i).items():
-                destination[f"{prefix}{i}.{proj}.weight"] = view if keep_vars else view.detach()
+                destination[f"{prefix}{self.first + i}.{proj}.weight"] = view if keep_vars else view.detach()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        names = {(i, p): f"{prefix}{i}.{p}.weight" for i in range(self.num_experts) for p in _PROJ}
+        names = {(i, p): f"{prefix}{self.first + i}.{p}.weight" for i in range(self.num_experts) for p in _PROJ}
         absent = [n for n in names.values() if n not in state_dict]
         if absent:
             missing_keys.extend(absent)
@@ -96,7 +97,9 @@ class SparseMoE(nn.Module):
     def __init__(self, hidden: int, cfg: MoEConfig, shared: nn.Module | None = None) -> None:
         super().__init__()
         self.gate = Router(hidden, cfg)
-        self.experts = ExpertWeights(cfg.num_experts, hidden, cfg.expert_size)
+        self.placed = cfg.placed
+        lo, hi = cfg.held
+        self.experts = ExpertWeights(hi - lo, hidden, cfg.expert_size, first=lo)
         self.shared_experts = shared
         self.reduce = no_reduce  # once for routed + shared (a shard's shared expert does not reduce)
 
@@ -104,10 +107,20 @@ class SparseMoE(nn.Module):
         """x [T, H] -> [T, H]. ``ops`` (LayerOps) runs the shared expert's linears."""
         backend = self.backend(x)
         weights, ids = self.gate(x, backend)
+        if self.placed is not None:
+            weights, ids = self._here(weights, ids)
         out = fused_moe(x, self.experts.w13, self.experts.w2, weights, ids, backend)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x, ops)
         return self.reduce(out)
+
+    def _here(self, weights: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Routing over all experts -> over the ones held here: ids made local, and a pair whose
+        expert is another rank's gets id E_here (fused_moe skips it) and weight 0."""
+        lo, hi = self.placed
+        local = ids - lo
+        away = (local < 0) | (local >= hi - lo)
+        return weights.masked_fill(away, 0.0), local.masked_fill(away, hi - lo)
 
     @staticmethod
     def backend(x: torch.Tensor) -> str:

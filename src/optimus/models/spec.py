@@ -33,6 +33,13 @@ class MoEConfig:
     scaling: float = 1.0
     expert_bias: bool = False
     shared_size: int = 0  # intermediate size of the always-on shared expert (0: none)
+    # Expert parallelism: experts [lo, hi) of num_experts are held here, whole; the router
+    # still scores all of them. None: every expert is held.
+    placed: tuple[int, int] | None = None
+
+    @property
+    def held(self) -> tuple[int, int]:
+        return self.placed or (0, self.num_experts)
 
     def __post_init__(self) -> None:
         if not 0 < self.top_k <= self.num_experts or self.expert_size <= 0:

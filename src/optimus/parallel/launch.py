@@ -94,11 +94,11 @@ def join_watching(workers: list, join: Callable[[], TPGroup], poll_s: float = 0.
 def load_shard(config: EngineConfig, group: TPGroup) -> LoadedModel:
     """This rank's part of ``--model`` (read slice by slice: no rank holds the whole model),
     wired to the group: sub-layer outputs summed over ranks, the head vocabulary-parallel."""
-    m = config.model
+    m, placed = config.model, config.parallel.expert_parallel
     loaded = load_model(m.model, dtype=m.dtype, device=str(group.device), revision=m.revision,
-                        progress=group.leader, shard=lambda spec: Shard(spec, group.rank, group.size),
+                        progress=group.leader, shard=lambda spec: Shard(spec, group.rank, group.size, placed),
                         quantization=m.quantization)
-    attach(loaded.model, group, Shard(loaded.spec, group.rank, group.size))
+    attach(loaded.model, group, Shard(loaded.spec, group.rank, group.size, placed))
     return loaded
 
 
