@@ -285,6 +285,12 @@ def _vs_best(elastic: float, best: tuple[str, float]) -> str:
     return f"{num(elastic)} vs {num(best[1])} ({best[0]}): {pct(elastic / best[1])}"
 
 
+def _best_single(values: dict) -> tuple[str, float] | None:
+    """The best policy other than elastic (ar counts: it is a chunk size too)."""
+    single = {p: v for p, v in values.items() if p != "elastic" and v is not None}
+    return max(single.items(), key=lambda kv: kv[1]) if single else None
+
+
 def policy_sweep(d: dict) -> list:
     rows = []
     sweep = d.get("sweep", [])
@@ -293,14 +299,20 @@ def policy_sweep(d: dict) -> list:
     policies = list(dict.fromkeys(r["policy"] for r in sweep))
     for n in levels:
         at = {p: tok.get((p, n)) for p in policies}
-        best = _best_fixed(at)
+        best = _best_single(at)
         if "elastic" in policies and best and at.get("elastic") is not None:
-            rows.append((f"{requests(n)}: elastic vs best fixed (tok/s)", _vs_best(at["elastic"], best)))
+            rows.append((f"{requests(n)}: elastic vs best single policy (tok/s)", _vs_best(at["elastic"], best)))
     if len(levels) > 1 and all((p, n) in tok for p in policies for n in levels):
         sums = {p: sum(tok[(p, n)] for n in levels) for p in policies}
-        best = _best_fixed(sums)
+        best = _best_single(sums)
         if "elastic" in sums and best:
-            rows.append(("sum over concurrencies: elastic vs best fixed (tok/s)", _vs_best(sums["elastic"], best)))
+            rows.append(("sum over concurrencies: elastic vs best single policy (tok/s)",
+                         _vs_best(sums["elastic"], best)))
+    ratio = {(r["policy"], r["concurrency"]): r["wall_over_device"] for r in sweep if "wall_over_device" in r}
+    for n in (64, 256):
+        if ("elastic", n) in ratio and ("ar", n) in ratio:
+            rows.append((f"{requests(n)}: wall / device time, elastic and ar",
+                         f"{ratio[('elastic', n)]:.2f}, {ratio[('ar', n)]:.2f}"))
     if "elastic" in policies and "ar" in policies:
         gains = [tok[("elastic", n)] / tok[("ar", n)] for n in levels if ("elastic", n) in tok and ("ar", n) in tok]
         rows.append((f"elastic / ar at {' / '.join(map(str, levels))} requests",
@@ -506,7 +518,12 @@ BENCHMARKS = [
      before_after),
     ("policy_sweep_real8b", "Policies across concurrency, real-8b acceptance regime (offline)",
      "As the policy sweep, replaying the `real-8b` regime (few commits per forward, as published 8B dLLMs; "
-     "`--acceptance real-8b`), one run per point.", policy_sweep),
+     "`--acceptance real-8b`); one run per point and output 256 on the H200 (2026-12-04), the median of 3 and "
+     "output 128 on the H100 (2026-12-06).", policy_sweep),
+    ("policy_sweep_real8b_dual_cache", "Policies across concurrency on LLaDA's dual cache, real-8b regime (offline)",
+     "`optimus bench offline --experiments sweep --sweep-shape llada-8b --acceptance real-8b`: LLaDA-8B shape on its "
+     "default dual cache (refreshes included in every policy's time), prompt 256, output 128, block 32.",
+     policy_sweep),
     ("pipeline_sweep_real8b", "Pipelined half steps at high load, real-8b acceptance regime (offline)",
      "`benchmarks/gpu_pipeline_sweep.sh` (`optimus bench offline --experiments surface,sweep --policies NAME,NAME+pipeline,"
      "NAME+auto`): SDAR-8B shape, prompt 256, output 128, median of 3 runs; wall/device is a run's wall time over "
