@@ -114,6 +114,15 @@ def test_two_ranks_with_experts_placed_decode_the_tokens_of_one(family, tiny_che
         two.close()
 
 
+def test_a_vocabulary_that_leaves_a_rank_no_rows_is_refused():
+    spec = spec_from_config(tiny_config("llama"))
+    with_vocab = lambda v: dataclasses.replace(spec, arch=dataclasses.replace(spec.arch, vocab_size=v))  # noqa: E731
+    assert vocab_bounds(9, 3, 4) == (9, 9)  # ceil(9 / 4) = 3 rows each: the fourth rank gets none
+    with pytest.raises(ShardingError, match="leaves the last rank no rows.*vocab_size=1"):
+        local_spec(with_vocab(1), 2)  # the tiny model's heads split 2 ways only
+    assert local_spec(with_vocab(3), 2).arch.vocab_size == 3
+
+
 def test_expert_parallel_places_whole_experts_and_keeps_their_names():
     spec = spec_from_config(tiny_config("sdar_moe"))
     name = "model.layers.0.mlp.experts.{}.down_proj.weight"  # layer 0 is sparse

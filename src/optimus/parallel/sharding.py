@@ -51,6 +51,10 @@ def check_divisible(spec: ModelSpec, size: int, expert_parallel: bool = False) -
     bad = [f"{name}={value}" for name, value in sizes.items() if value % size]
     if bad:
         raise ShardingError(f"--tensor-parallel {size} does not divide the model's {', '.join(bad)}")
+    lo, hi = vocab_bounds(arch.vocab_size, size - 1, size)
+    if lo == hi:  # every rank's head must hold a row: the greedy pick reduces over its slice
+        raise ShardingError(f"--tensor-parallel {size} leaves the last rank no rows of the model's "
+                            f"vocab_size={arch.vocab_size} (ceil(vocab / N) rows each)")
 
 
 def local_spec(spec: ModelSpec, size: int, experts: tuple[int, int] | None = None) -> ModelSpec:
