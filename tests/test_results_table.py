@@ -38,7 +38,8 @@ def _offline(b1: float, ar1: float) -> dict:
 def _sweep() -> dict:
     rows = []
     for n, vals in ((1, {"ar": 140.0, "fixed:8": 900.0, "fixed:32": 2400.0, "elastic": 2376.0}),
-                    (16, {"ar": 1800.0, "fixed:8": 7900.0, "fixed:32": 9800.0, "elastic": 9996.0})):
+                    (16, {"ar": 1800.0, "fixed:8": 7900.0, "fixed:32": 9800.0, "elastic": 9996.0}),
+                    (256, {"ar": 8500.0, "fixed:8": 5200.0, "fixed:32": 2600.0, "elastic": 8400.0})):
         rows += [{"policy": p, "concurrency": n, "shape": "sdar-8b", "acceptance": "replayed", "output_tok_s": v}
                  for p, v in vals.items()]
     return {"device": "fake GPU", "sweep": rows, "surface": {"knee_tokens": 168.4}}
@@ -74,10 +75,15 @@ def test_tables_per_benchmark_with_a_column_per_card(rt, tmp_path):
     assert "| Llama-8B AR, batch 1 (tok/s) | 161 | not measured yet |" in offline
 
     sweep = _table(text, "Policies across concurrency (offline)")
-    assert "| 1 request: elastic vs best fixed (tok/s) | 2,376 vs 2,400 (fixed:32): 99.0% | not measured yet |" in sweep
-    assert "| 16 requests: elastic vs best fixed (tok/s) | 9,996 vs 9,800 (fixed:32): 102.0% | not measured yet |" in sweep
-    assert "| sum over concurrencies: elastic vs best fixed (tok/s) | 12,372 vs 12,200 (fixed:32): 101.4% |" \
-           " not measured yet |" in sweep
+    assert ("| 1 request: elastic vs best single policy (tok/s) | 2,376 vs 2,400 (fixed:32): 99.0% "
+            "| not measured yet |") in sweep
+    assert ("| 16 requests: elastic vs best single policy (tok/s) | 9,996 vs 9,800 (fixed:32): 102.0% "
+            "| not measured yet |") in sweep
+    # ar is a single policy too: where it is the best, elastic is held to it
+    assert ("| 256 requests: elastic vs best single policy (tok/s) | 8,400 vs 8,500 (ar): 98.8% "
+            "| not measured yet |") in sweep
+    assert ("| sum over concurrencies: elastic vs best single policy (tok/s) | 20,772 vs 14,800 (fixed:32): "
+            "140.4% | not measured yet |") in sweep
     assert "| latency knee (tokens per step) | 168 | not measured yet |" in sweep
     assert "(../benchmarks/results/h100/policy_sweep/latest_latency_surface.png)" in text
 
