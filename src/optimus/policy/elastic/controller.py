@@ -269,7 +269,7 @@ class ElasticPolicy:
         if lad is None:
             cap, level = key
             lad = self._ladders[key] = build_ladder(cap, self.chunk_sizes, lambda c: self._tau(c, level),
-                                               self._rows_per_commit())
+                                                    self._rows_per_commit())
         return lad
 
     def _own_choice(self, feedback: StepFeedback) -> tuple[np.ndarray, np.ndarray] | None:
