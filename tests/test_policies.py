@@ -17,8 +17,9 @@ from optimus.core.params import parse_policy_name
 from optimus.policy.elastic.controller import ElasticPolicy
 from optimus.policy.elastic.ladders import build_ladder, merge_rungs
 from optimus.policy.elastic.estimators import LatencyCorrector, RequestConfidence, TauEstimator
+from optimus.decoding import regimes
 from optimus.policy.simulate import (
-    CONCAVE_TAU, KneeDevice, SimConfig, SimResult, Simulator, TauTable, simulate, sweep,
+    CONCAVE_TAU, KneeDevice, ReplayTable, SimConfig, SimResult, Simulator, TauTable, simulate, sweep,
 )
 
 DEVICE = KneeDevice(t0=0.010, knee=384, slope=0.010 / 384, noise=0.1)
@@ -197,6 +198,21 @@ def test_latency_correction_learns_a_knee_moved_at_the_same_slope():
     assert np.abs(corr(PROFILE.predict_many, n, 8) / truth - 1).max() < 0.05
 
 
+def test_latency_correction_does_not_carry_a_knee_past_the_steps_it_measured():
+    # One request on an H100 (SDAR-8B shape): its window (32 rows) at 7.15 ms and its window
+    # plus a stored block (64 rows) at 7.6 ms, where the profile is flat to ~170 rows. A knee
+    # between 32 and 64 fits both; a step of 140 rows (four requests) took 8.1 ms there.
+    profile = LatencyProfile.synthetic(0.00705, 170, 2.4e-5)
+    corr = LatencyCorrector(profile.knee)
+    rng = random.Random(0)
+    for _ in range(300):
+        n = 64 if rng.random() < 0.1 else 32
+        corr.observe(profile.predict_many, n, 1, (0.00715 if n == 32 else 0.0076) * rng.lognormvariate(0, 0.003))
+    at = corr(profile.predict_many, np.array([32.0, 64.0, 140.0]), 4)
+    assert at[:2] == pytest.approx([0.00715, 0.0076], rel=0.02)  # the measured steps, fitted
+    assert at[2] < 1.15 * 0.0081  # past them: as the profile grows from the fitted edge
+
+
 # ---- the closed loop on a simulated device -----------------------------------------------
 
 def test_simulated_commits_reproduce_the_tau_table():
@@ -225,6 +241,30 @@ def _settled(policy, n: int, warmup: int, steps: int, seed: int = 1) -> tuple[Si
         totals += sim.step(record)
     return SimResult(int(totals[2]), float(totals[1]), steps, totals[0] / steps, tuple(record)), \
         policy.retargets - before
+
+
+class _BumpDevice:
+    """An H100 at the SDAR-8B shape's small steps: 7.0 ms to 32 rows, 7.6 ms at 64, then
+    6.6 us a row to 250 rows and 24 us past them."""
+
+    def step_seconds(self, n: int, rng: random.Random) -> float:
+        t = 0.0070 + 0.6e-3 * min(max(n - 32, 0), 32) / 32 + 6.6e-6 * max(0, min(n, 250) - 64)
+        return (t + 2.4e-5 * max(0, n - 250)) * rng.lognormvariate(0, 0.01)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_elastic_after_one_request_runs_the_best_size_at_four(seed):
+    """One request's steps (32 and 64 rows) teach the correction a rise the profile lacks;
+    at four requests (~140 rows at C = 32) that must not read as a knee: fixed:32 is best."""
+    table, profile = ReplayTable(regimes.load("real-8b")), LatencyProfile.synthetic(0.00705, 170, 2.4e-5)
+    policy = ElasticPolicy(profile=profile, tau_prior=regimes.load("real-8b").window_tau())
+
+    def run(p, n, steps):
+        return Simulator(p, SimConfig(num_requests=n, gen_len=256, steps=steps, warmup_steps=0, seed=seed),
+                         table, _BumpDevice()).run()
+
+    run(policy, 1, 300)
+    assert run(policy, 4, 150).throughput >= 0.98 * run(make_policy("fixed:32"), 4, 150).throughput
 
 
 @pytest.mark.parametrize("load", [24, 64])
