@@ -1,20 +1,29 @@
 #!/usr/bin/env bash
 # Elastic against every single policy in one acceptance regime, on one GPU (from the repo root):
-#   REGIME=real-8b CONCURRENCY=1,4,16,64 CARD=h200 OUT=/some/dir bash benchmarks/gpu_policy_regimes.sh
-#   REGIME=real-8b CONCURRENCY=128,256   CARD=h200 OUT=/some/dir bash benchmarks/gpu_policy_regimes.sh
+#   REGIME=real-8b CONCURRENCY=1,4,16,64 OUT=/some/dir bash benchmarks/gpu_policy_regimes.sh
+#   REGIME=real-8b CONCURRENCY=128,256   OUT=/some/dir bash benchmarks/gpu_policy_regimes.sh
 # REGIME: tasks | prose | smollm2-prose | real-8b (docs/policies.md) or an acceptance JSON.
+# CARD (h100 | h200; default: the GPU's name) picks benchmarks/results/$CARD/latency_surface.
 # Random bf16 weights at SHAPE (sdar-8b; llada-8b runs its default dual cache), prompt 256,
 # output GEN (128), block 32; every point the median of REPEATS (3) interleaved runs after a
 # warm-up; elastic plans from the card's stored latency surface. The sweep rewrites its JSON
 # after each load, so a call cut off by LIMIT_S keeps the loads it finished. On an H100
-# (2026-12-06, real-8b, seven policies) loads 1-64 took ~150 s and 128-256 ~300 s: split them
-# into two calls. The result lands in $OUT/<shape>_<regime>_<loads>.json (no commas: they do
-# not come back from the device).
+# (2026-12-06, seven policies): real-8b loads 1-64 took 160 s, tasks 74 s; real-8b and tasks
+# at 128-256 together 530 s; prose (about one commit a step at every size, so fixed:32 runs
+# 32 rows a token) needed over 185 s for 1-16 and over 330 s for 128 alone: give prose one
+# call per high load. The result lands in $OUT/<shape>_<regime>_<loads>.json (no commas: they
+# do not come back from the device).
 set -o pipefail
 OUT=${OUT:?set OUT}
 REGIME=${REGIME:?set REGIME (tasks, prose, smollm2-prose, real-8b or a file)}
 CONCURRENCY=${CONCURRENCY:-1,4,16,64}
-CARD=${CARD:-h200}
+# The card's stored latency surface is what elastic plans from: CARD follows the GPU found
+# (an H100 run planning on the H200 surface measures a profile from another card instead).
+if [ -z "$CARD" ]; then
+  case "$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)" in
+    *H100*) CARD=h100 ;; *H200*) CARD=h200 ;; *) CARD=h200 ;;
+  esac
+fi
 SHAPE=${SHAPE:-sdar-8b}
 GEN=${GEN:-128}
 REPEATS=${REPEATS:-3}
@@ -23,6 +32,7 @@ POLICIES=${POLICIES:-ar,fixed:2,fixed:4,fixed:8,fixed:16,fixed:32,elastic}
 PROFILE=${PROFILE:-benchmarks/results/$CARD/latency_surface/latest.json}
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
+echo "card $CARD, elastic plans from $PROFILE"
 name="${SHAPE}_$(basename "$REGIME" .json)_$(echo "$CONCURRENCY" | tr , -)"
 timeout "$LIMIT_S" python -m optimus.cli bench offline --experiments sweep --sweep-shape "$SHAPE" --gen-len "$GEN" \
   --acceptance "$REGIME" --profile "$PROFILE" --concurrency "$CONCURRENCY" --repeats "$REPEATS" \

@@ -322,6 +322,8 @@ def policy_sweep(d: dict) -> list:
         rows.append(("workload", f"{shape(r.get('shape', '?'))}, {r.get('acceptance', '')}"))
     if "surface" in d:
         rows.append(("latency knee (tokens per step)", f"{d['surface']['knee_tokens']:.0f}"))
+    if "profile" in d:
+        rows.append(("elastic plans from", d["profile"]))
     return rows
 
 
@@ -524,6 +526,14 @@ BENCHMARKS = [
      "`optimus bench offline --experiments sweep --sweep-shape llada-8b --acceptance real-8b`: LLaDA-8B shape on its "
      "default dual cache (refreshes included in every policy's time), prompt 256, output 128, block 32.",
      policy_sweep),
+    ("policy_sweep_tasks", "Policies across concurrency, tasks acceptance regime (offline)",
+     "`benchmarks/gpu_policy_regimes.sh` with `REGIME=tasks` (`optimus bench offline --experiments sweep "
+     "--acceptance tasks`): the shipped 22M model's commits on its held-out tasks replayed (12.4 per step at C = 32), "
+     "SDAR-8B shape, prompt 256, output 128, median of 3 interleaved runs after a warm-up.", policy_sweep),
+    ("policy_sweep_prose", "Policies across concurrency, prose acceptance regime (offline)",
+     "`benchmarks/gpu_policy_regimes.sh` with `REGIME=prose`: the 22M model's commits on free prose and chat prompts "
+     "replayed (about one per step at every chunk size), SDAR-8B shape, prompt 256, output 128, median of 3 "
+     "interleaved runs after a warm-up.", policy_sweep),
     ("pipeline_sweep_real8b", "Pipelined half steps at high load, real-8b acceptance regime (offline)",
      "`benchmarks/gpu_pipeline_sweep.sh` (`optimus bench offline --experiments surface,sweep --policies NAME,NAME+pipeline,"
      "NAME+auto`): SDAR-8B shape, prompt 256, output 128, median of 3 runs; wall/device is a run's wall time over "
