@@ -152,8 +152,24 @@ def test_request_confidence_parks_hesitant_requests_and_keeps_typical_ones():
     for _ in range(40):  # parked at C = 1: no evidence, the estimate drifts back and is tried again
         conf.observe(("prose",), (1,), (1,), np.array([1.0]))
     assert conf.level("prose") > parked
-    conf.retain(["answer"])
-    assert conf.level("noisy") == 1.0 and set(conf._excess) == {"answer"}
+    assert conf.level("answer") == 2.0  # absent for 40 steps (a pipelined half, a skipped step): kept
+    for _ in range(64):  # absent for 64 more: it has left, and is forgotten
+        conf.observe(("prose",), (1,), (1,), np.array([1.0]))
+    assert conf.level("answer") == 1.0 and set(conf._excess) == set(conf._level) == {"prose"}
+
+
+def test_a_step_that_plans_the_other_half_keeps_a_request_s_level():
+    # Pipelined half steps plan half the requests each: choosing for one half must not forget
+    # what the other half's requests taught.
+    policy = elastic()
+    for _ in range(30):
+        policy.confidence.observe(("b0",), (8,), (1,), np.array([3.0]))
+    parked = policy.confidence.level("b0")
+    assert parked <= 1 / 8
+    half = StepView(tuple(RequestView(rid, 32, 32, None, None) for rid in ("a0", "a1")), 0, 1 << 20)
+    for _ in range(3):
+        policy.choose(half)
+    assert policy.confidence.level("b0") == parked
 
 
 def _observe_device(corr: LatencyCorrector, profile: LatencyProfile, device, n_range, steps, seed=0):

@@ -171,8 +171,6 @@ class ElasticPolicy:
 
     # ---- ChunkPolicy ---------------------------------------------------------------------
     def choose(self, view: StepView) -> list[int]:
-        if self.confidence is not None:
-            self.confidence.retain(r.request_id for r in view.requests)
         out = [override_chunk(r) for r in view.requests]
         levels = [1.0 if c is not None else self._level_of(r.request_id) for c, r in zip(out, view.requests)]
         elastic = [i for i, c in enumerate(out) if c is None]

@@ -337,18 +337,27 @@ class RequestConfidence:
     Every step of the request decays ``S`` and ``E`` (by ``decay``) whether or not it brings
     evidence, so a request parked at ``C = 1`` drifts back toward ``r = 1`` and retries a
     larger chunk now and then (tens of steps apart): text that turns confident is found again.
-    Entries of requests that leave are dropped."""
+    A request not observed for ``forget_after`` observations has left (finished, or waits to
+    be recomputed): its entry is dropped. One absent from a step or a few (the other half of a
+    pipelined step, a step that did not plan it) keeps it."""
 
-    def __init__(self, prior_weight: float = 4.0, decay: float = 0.95, band: float = 2.0) -> None:
-        if prior_weight <= 0 or not 0.0 < decay <= 1.0 or band <= 1.0:
-            raise ValueError("request confidence needs prior_weight > 0, decay in (0, 1] and band > 1")
+    def __init__(self, prior_weight: float = 4.0, decay: float = 0.95, band: float = 2.0,
+                 forget_after: int = 64) -> None:
+        if prior_weight <= 0 or not 0.0 < decay <= 1.0 or band <= 1.0 or forget_after < 1:
+            raise ValueError("request confidence needs prior_weight > 0, decay in (0, 1], band > 1 "
+                             "and forget_after >= 1")
         self.prior_weight, self.decay, self.band = prior_weight, decay, band
+        self.forget_after = forget_after
         self._excess: dict[str, tuple[float, float]] = {}  # request -> (S, E)
         self._level: dict[str, float] = {}
+        self._seen: dict[str, int] = {}  # request -> the observation that last held it
+        self._observations = 0
 
     def observe(self, request_ids: tuple[str, ...], chunk_sizes: tuple[int, ...], committed: tuple[int, ...],
                 expected: np.ndarray) -> None:
         """``expected``: the shared ``tau`` at each request's chunk size (same order)."""
+        self._observations += 1
+        now = self._observations
         for rid, c, k, t in zip(request_ids, chunk_sizes, committed, expected):
             s, e = self._excess.get(rid, (0.0, 0.0))
             s, e = self.decay * s, self.decay * e
@@ -356,6 +365,11 @@ class RequestConfidence:
                 s, e = s + min(k, c) - 1, e + max(float(t) - 1.0, 0.0)
             self._excess[rid] = (s, e)
             self._level[rid] = self._move(self._level.get(rid, 1.0), self.ratio(rid))
+            self._seen[rid] = now
+        if now % self.forget_after == 0:
+            gone = [rid for rid, seen in self._seen.items() if now - seen >= self.forget_after]
+            for rid in gone:
+                del self._excess[rid], self._level[rid], self._seen[rid]
 
     def ratio(self, request_id: str) -> float:
         s, e = self._excess.get(request_id, (0.0, 0.0))
@@ -369,8 +383,3 @@ class RequestConfidence:
             return level
         return min(CONFIDENCE_LEVELS, key=lambda v: abs(math.log(v / r)))
 
-    def retain(self, request_ids) -> None:
-        """Forget every request not in ``request_ids`` (they finished or left)."""
-        keep = set(request_ids)
-        self._excess = {rid: v for rid, v in self._excess.items() if rid in keep}
-        self._level = {rid: v for rid, v in self._level.items() if rid in keep}
