@@ -13,6 +13,9 @@
 # 32 rows a token) needed over 185 s for 1-16 and over 330 s for 128 alone: give prose one
 # call per high load. The result lands in $OUT/<shape>_<regime>_<loads>.json (no commas: they
 # do not come back from the device).
+# BASE=path/to/an/older/src runs BASE_POLICIES (elastic) of that code too, after this tree's
+# sweep, same card and call: $OUT/<name>_base.json, a before/after of a controller change
+# against this call's single policies.
 set -o pipefail
 OUT=${OUT:?set OUT}
 REGIME=${REGIME:?set REGIME (tasks, prose, smollm2-prose, real-8b or a file)}
@@ -37,4 +40,9 @@ name="${SHAPE}_$(basename "$REGIME" .json)_$(echo "$CONCURRENCY" | tr , -)"
 timeout "$LIMIT_S" python -m optimus.cli bench offline --experiments sweep --sweep-shape "$SHAPE" --gen-len "$GEN" \
   --acceptance "$REGIME" --profile "$PROFILE" --concurrency "$CONCURRENCY" --repeats "$REPEATS" \
   --policies "$POLICIES" --out "$OUT/$name.json" 2>&1 | grep -v -i warn
+if [ -n "$BASE" ]; then
+  timeout "$LIMIT_S" env PYTHONPATH="$BASE" python -m optimus.cli bench offline --experiments sweep \
+    --sweep-shape "$SHAPE" --gen-len "$GEN" --acceptance "$REGIME" --profile "$PROFILE" --concurrency "$CONCURRENCY" \
+    --repeats "$REPEATS" --policies "${BASE_POLICIES:-elastic}" --out "$OUT/${name}_base.json" 2>&1 | grep -v -i warn
+fi
 rm -f "$OUT"/*.png  # the eight files that come back are for the JSONs; plots are drawn from them here
