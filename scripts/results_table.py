@@ -308,6 +308,17 @@ def policy_sweep(d: dict) -> list:
         if "elastic" in sums and best:
             rows.append(("sum over concurrencies: elastic vs best single policy (tok/s)",
                          _vs_best(sums["elastic"], best)))
+    device = {(r["policy"], r["concurrency"]): r["device_ms_per_step"] * r["steps"] for r in sweep
+              if r.get("device_ms_per_step")}
+    choice = []  # the best single policy's device time over elastic's: elastic's choices, the host left out
+    for n in levels:
+        best = _best_single({p: tok.get((p, n)) for p in policies})
+        if best and ("elastic", n) in device and (best[0], n) in device:
+            choice.append(f"{device[(best[0], n)] / device[('elastic', n)]:.3f}")
+    if choice and len(choice) == len(levels):
+        loads = " / ".join(map(str, levels))
+        rows.append((f"elastic / best single policy in device time (its choices, host left out) at {loads} requests",
+                     " / ".join(choice)))
     ratio = {(r["policy"], r["concurrency"]): r["wall_over_device"] for r in sweep if "wall_over_device" in r}
     for n in (64, 256):
         if ("elastic", n) in ratio and ("ar", n) in ratio:
