@@ -4,6 +4,8 @@ import gc
 import json
 import weakref
 
+import pytest
+
 from optimus.bench import offline
 from optimus.cli import main
 
@@ -28,6 +30,10 @@ def test_bench_offline_tiny_smoke(tmp_path):
     for r in data["sweep"]:  # each point: the median of three timed runs
         runs = sorted(r["output_tok_s_runs"])
         assert len(runs) == 3 and r["output_tok_s"] == runs[1]
+        trace = r["step_trace"]  # that run's steps, one entry each
+        assert {len(v) for v in trace.values()} == {r["steps"]}
+        assert sum(trace["rows"]) == r["tokens_computed"]
+        assert max(trace["requests"]) <= r["concurrency"] and all(d >= 0 for d in trace["device_ms"])
     assert (tmp_path / "policy_sweep.png").stat().st_size > 0
 
 
@@ -78,3 +84,19 @@ def test_surface_frees_its_engine_before_releasing_memory(monkeypatch):
     monkeypatch.setattr(offline.Target, "free_memory", recording_free)
     offline.run_surface(offline.Target("cpu", tiny=True), "sdar-8b", batches=(1,), chunks=(4,), context=16)
     assert alive_at_release == [False]
+
+
+def test_a_device_curve_from_step_traces_replays_the_measured_steps():
+    from optimus.bench.emulated_device import profile_from_traces
+
+    def row(rows, requests, ms):
+        return {"step_trace": {"rows": rows, "requests": requests, "refresh_rows": [0] * len(rows), "device_ms": ms}}
+
+    # Steps of 4 requests (64 and 128 rows) and of 60-64 requests (batch 64 after rounding).
+    profile = profile_from_traces([row([64, 64, 64, 128], [4, 4, 4, 4], [7.0, 7.2, 7.1, 7.6]),
+                                   row([256, 256, 512], [64, 60, 64], [11.0, 11.2, 15.0]), {"batch": 1}])
+    assert profile.predict(64, batch=4) == pytest.approx(0.0071)  # the median of its steps
+    assert profile.predict(128, batch=4) == pytest.approx(0.0076)
+    assert profile.predict(512, batch=64) == pytest.approx(0.015)
+    with pytest.raises(ValueError, match="no step traces"):
+        profile_from_traces([{"batch": 1}])

@@ -12,6 +12,7 @@ The tokens are random, as in ``optimus bench host``.
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -85,3 +86,18 @@ class EmulatedDevice:
         m = hidden.shape[0]
         return _EmulatedPick(torch.randint(100, self.vocab - 100, (m,), generator=self.gen),
                              torch.rand(m, generator=self.gen), self.free_at)
+
+
+def profile_from_traces(rows: list[dict]) -> LatencyProfile:
+    """A device curve from measured steps: the ``step_trace`` of ``optimus bench offline``'s
+    sweep rows (a GPU run), one point per step with a device time, its batch the step's request
+    count rounded to a power of two (so each batch's curve has points enough). An emulated
+    device built on it replays that card's step times on a CPU, where a controller change can
+    be tried before a GPU is free."""
+    pairs = [(n, ms / 1e3, 2 ** round(math.log2(k)))
+             for row in rows if row.get("step_trace")
+             for n, k, ms in zip(row["step_trace"]["rows"], row["step_trace"]["requests"],
+                                 row["step_trace"]["device_ms"]) if ms > 0 and k > 0]
+    if not pairs:
+        raise ValueError("no step traces with device times (sweep rows of `optimus bench offline`)")
+    return LatencyProfile.from_pairs(pairs, source="step traces")

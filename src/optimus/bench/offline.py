@@ -86,13 +86,17 @@ def timed_generate(llm: LLM, batch: int, prompt_len: int, gen_len: int, params: 
     reseed = getattr(llm.engine.post.commit_rule, "reseed", None)
     if reseed is not None:  # a replayed acceptance: every policy's run i draws the same commits
         reseed(seed)
+    llm.engine.stats.catch_up()  # the warm-up's last step counts there, not here
     chunks0 = dict(llm.engine.stats.chunk_size_counts)
     s0 = _snapshot(llm)
     _sync(llm)
+    llm.engine.stats.trace = []
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params)
     _sync(llm)
     wall = time.perf_counter() - t0
+    llm.engine.stats.catch_up()
+    trace, llm.engine.stats.trace = llm.engine.stats.trace, None
     s1 = _snapshot(llm)
     tokens = sum(len(o.token_ids) for o in outs)
     steps = s1["steps"] - s0["steps"]
@@ -115,7 +119,17 @@ def timed_generate(llm: LLM, batch: int, prompt_len: int, gen_len: int, params: 
             "refresh_tokens": s1["refresh_tokens"] - s0["refresh_tokens"],
             "refresh_time_share": (s1["refresh_lat"] - s0["refresh_lat"]) / max(s1["lat"] - s0["lat"], 1e-9),
             "chunk_sizes": {c: n - chunks0.get(c, 0) for c, n in sorted(llm.engine.stats.chunk_size_counts.items())
-                            if n - chunks0.get(c, 0)}}
+                            if n - chunks0.get(c, 0)},
+            "step_trace": step_trace(trace)}
+
+
+def step_trace(trace: list) -> dict:
+    """The run's steps, columns of equal length: rows computed, requests in the step, refresh
+    rows and device ms (CUDA events; on a CPU, the launches): what an emulated device replays
+    (``bench.emulated_device.profile_from_traces``)."""
+    rows, requests, refresh, _, device = zip(*trace) if trace else ((),) * 5
+    return {"rows": list(rows), "requests": list(requests), "refresh_rows": list(refresh),
+            "device_ms": [round(1e3 * d, 3) for d in device]}
 
 
 def _median(runs: list[dict]) -> dict:

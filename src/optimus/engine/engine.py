@@ -196,7 +196,7 @@ class Engine:
             self.scheduler.give_feedback(flight.feedback, 0.0 if flight.captured else latency, overhead, device_s)
         self._last_step_end = t1
         self.post.step_index += 1
-        self.stats.record_later(plan, latency)  # with the next report, off the critical path
+        self.stats.record_later(plan, latency, device_s)  # with the next report, off the critical path
         for r in touched.values():
             try:
                 if self.post.settle(r):

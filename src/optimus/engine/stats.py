@@ -26,7 +26,11 @@ class EngineStats:
     running: int = 0
     waiting: int = 0
     kv_usage: float = 0.0
-    # Completed steps not recorded yet: (plan, latency). Their requests keep last_committed until then.
+    # When a list (benchmarks): one (rows, requests, refresh rows, latency s, device s) per
+    # recorded step, what a CPU emulation of the device replays (bench offline's step_trace).
+    trace: list | None = field(default=None, repr=False, compare=False)
+    # Completed steps not recorded yet: (plan, latency, device s). Their requests keep
+    # last_committed until then.
     _later: list = field(default_factory=list, repr=False, compare=False)
 
     def tau(self) -> dict[int, float]:
@@ -37,14 +41,14 @@ class EngineStats:
     def efficiency(self) -> float:
         return self.tokens_committed / self.tokens_computed if self.tokens_computed else 0.0
 
-    def record(self, plan, latency: float) -> None:
+    def record(self, plan, latency: float, device_s: float = 0.0) -> None:
         """One completed step (``plan``: a StepPlan whose requests hold their commit counts)."""
         self.steps += 1
         self.last_step_latency_s = latency
         self.step_latency_sum_s += latency
         counts, committed_by_size = self.chunk_size_counts, self.committed_per_chunk
         computed = committed = refreshed = 0
-        for w in plan.works:  # one pass: this runs on every step's critical path
+        for w in plan.works:  # one pass per step
             n = w.end - w.start
             computed += n
             r = w.request
@@ -62,15 +66,17 @@ class EngineStats:
             self.refresh_tokens += refreshed
             self.refresh_steps += 1
             self.refresh_step_latency_sum_s += latency
+        if self.trace is not None:
+            self.trace.append((computed, len(plan.works), refreshed, latency, device_s))
 
-    def record_later(self, plan, latency: float) -> None:
+    def record_later(self, plan, latency: float, device_s: float = 0.0) -> None:
         """Record a completed step at the next :meth:`catch_up` (the engine's next report, after
         the next launch), so its bookkeeping stays off the critical path."""
-        self._later.append((plan, latency))
+        self._later.append((plan, latency, device_s))
 
     def catch_up(self) -> None:
-        for plan, latency in self._later:
-            self.record(plan, latency)
+        for plan, latency, device_s in self._later:
+            self.record(plan, latency, device_s)
         self._later.clear()
 
     def refresh_gauges(self, scheduler, allocator) -> None:
