@@ -83,3 +83,17 @@ def test_a_block_4_model_replays_a_wider_window_a_block_at_a_time():
     # Without the block the same observations would be rescaled to the wider window.
     unbounded = load_acceptance(regimes.resolve("smollm2-prose")).__class__(acceptance.by_chunk, acceptance.by_open)
     assert unbounded.window_tau()[32] > 1.3 * tau[32]
+
+
+@pytest.mark.parametrize("regime", ["real-8b", "tasks"])
+def test_replayed_draws_are_the_carried_observations_of_their_bucket(regime):
+    # Draw i of a window with m of its C positions masked commits the i-th observation of the
+    # measured bucket nearest (C, m), carried to m (Acceptance.commits_given_masked).
+    acc = load_acceptance(regimes.resolve(regime))
+    replay = ReplayAcceptance(acc, seed=5)
+    u = np.random.default_rng(5)
+    for chunk, masked in ((32, 32), (32, 7), (11, 11), (14, 3), (2, 1), (1, 1)):
+        want = acc.commits_given_masked(chunk, masked)
+        draws = u.random(64)
+        got = replay.counts(np.full(64, chunk), np.full(64, masked))
+        assert got.tolist() == [min(want[int(x * len(want))], masked) for x in draws]

@@ -124,7 +124,12 @@ class ReplayAcceptance:
             raise ValueError("acceptance profile is empty")
         self.acceptance = acceptance
         self.stream = np.random.default_rng(seed)  # one uniform per window's draw, in window order
-        self._values: dict[tuple[int, int], np.ndarray] = {}
+        # (chunk, masked) -> (observations, carried): a window draws carried[observations[i]].
+        # The observations are one array per measured bucket (thousands each), the carried
+        # table one entry per commit count: a new (chunk, masked) costs a few entries, not a
+        # pass over its bucket, inside the step that meets it first.
+        self._values: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+        self._buckets: dict[tuple, np.ndarray] = {}
 
     def reseed(self, seed: int) -> None:
         """Restart the draws: benchmark runs of different policies that choose alike then
@@ -140,21 +145,33 @@ class ReplayAcceptance:
         inverse = inverse.reshape(-1)  # its shape differs between numpy versions
         out = np.empty(chunks.size, np.int64)
         for j, key in enumerate(keys.tolist()):
-            values = self._draws_for(*divmod(key, span))
+            observed, carried = self._draws_for(*divmod(key, span))
             rows = inverse == j
-            out[rows] = values[(u[rows] * values.size).astype(np.int64)]
+            out[rows] = carried[observed[(u[rows] * observed.size).astype(np.int64)]]
         return np.minimum(out, masked)
 
-    def _draws_for(self, chunk: int, masked: int) -> np.ndarray:
-        """Every observation a window may draw, carried to its chunk and masked count."""
+    def _draws_for(self, chunk: int, masked: int) -> tuple[np.ndarray, np.ndarray]:
+        """(the observations a window may draw, each observed count carried to its chunk and
+        masked count): draw i commits ``carried[observed[i]]``."""
         key = (chunk, masked)
         if key not in self._values:
-            carried = self.acceptance.commits_given_masked(chunk, masked)
-            if carried is None:  # a profile without by_open: i.i.d. per chunk size, rescaled
-                size = self.acceptance.nearest_chunk(chunk)
-                carried = [max(1, round(k * chunk / size)) for k in self.acceptance.by_chunk[size]]
-            self._values[key] = np.array(carried, np.int64)
+            acc = self.acceptance
+            bucket = acc.masked_bucket(chunk, masked)
+            if bucket is None:  # a profile without by_open: i.i.d. per chunk size, rescaled
+                size = acc.nearest_chunk(chunk)
+                observed = self._bucket(("chunk", size), acc.by_chunk[size])
+                carried = [max(1, round(k * chunk / size)) for k in range(int(observed.max()) + 1)]
+            else:
+                obs, seen = bucket
+                observed = self._bucket((acc.nearest_chunk(chunk), seen), obs)
+                carried = [acc.carry(k, masked, seen) for k in range(int(observed.max()) + 1)]
+            self._values[key] = (observed, np.array(carried, np.int64))
         return self._values[key]
+
+    def _bucket(self, key: tuple, observations: list[int]) -> np.ndarray:
+        if key not in self._buckets:
+            self._buckets[key] = np.array(observations, np.int64)
+        return self._buckets[key]
 
     def __call__(self, conf: torch.Tensor, params: SamplingParams, chunk: int) -> torch.Tensor:
         n = conf.numel()
