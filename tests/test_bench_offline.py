@@ -100,3 +100,28 @@ def test_a_device_curve_from_step_traces_replays_the_measured_steps():
     assert profile.predict(512, batch=64) == pytest.approx(0.015)
     with pytest.raises(ValueError, match="no step traces"):
         profile_from_traces([{"batch": 1}])
+
+
+def test_a_gpu_sweep_replays_on_the_cpu_against_its_step_traces(tmp_path):
+    from optimus.bench.experiments import emulated_sweep
+    from optimus.policy.elastic.latency import LatencyProfile
+
+    # A "GPU" whose steps took 1 ms to 32 rows and 2 ms at 64, whatever the requests.
+    trace = {"rows": [8, 16, 32, 64] * 2, "requests": [1, 1, 1, 1, 2, 2, 2, 2], "refresh_rows": [0] * 8,
+             "device_ms": [1.0, 1.0, 1.0, 2.0] * 2}
+    sweep = tmp_path / "sweep.json"
+    sweep.write_text(json.dumps({"sweep": [{"shape": "sdar-8b", "concurrency": 1, "step_trace": trace},
+                                           {"shape": "sdar-8b", "concurrency": 2, "step_trace": trace}]}))
+    plan = LatencyProfile.synthetic(0.001, 32, 0.001 / 32).save(tmp_path / "surface.json")
+    out = tmp_path / "emulated.json"
+    assert emulated_sweep.main([str(sweep), "--profile", str(plan), "--policies", "fixed:4,fixed:32,elastic",
+                                "--acceptance", "tasks", "--prompt-len", "16", "--gen-len", "64", "--repeats", "1",
+                                "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    rows = {(r["policy"], r["concurrency"]): r for r in data["rows"]}
+    assert set(rows) == {(p, n) for p in ("fixed:4", "fixed:32", "elastic") for n in (1, 2)}
+    assert set(rows[("fixed:4", 1)]["chunk_sizes"]) == {"4"}
+    # The tasks regime commits 12 of a full window: whole blocks take a third of the steps.
+    assert rows[("fixed:32", 1)]["steps"] < rows[("fixed:4", 1)]["steps"]
+    assert rows[("fixed:32", 1)]["device_tok_s"] > rows[("fixed:4", 1)]["device_tok_s"]
+    assert set(data["elastic_vs_best"]) == {"1", "2"} and all(v > 0 for v in data["elastic_vs_best"].values())

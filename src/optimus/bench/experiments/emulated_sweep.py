@@ -1,0 +1,102 @@
+"""A GPU policy sweep replayed on a CPU: the engine's host side runs for real (scheduler,
+policies, the regime's replayed commits), and each step occupies an emulated device for the
+time that GPU took for steps of its rows and requests (the sweep's ``step_trace``,
+:func:`optimus.bench.emulated_device.profile_from_traces`). Elastic plans from a stored
+latency surface, as on the GPU. What a controller change does at each load, judged in device
+time (this CPU's host is not the GPU host's), before a GPU is free:
+
+  PYTHONPATH=src python -m optimus.bench.experiments.emulated_sweep SWEEP.json \\
+      --profile benchmarks/results/h100/latency_surface/latest.json --out emulated.json
+
+Loads run in the sweep's order on one engine per policy (a controller keeps what it learned
+from one load to the next), each the median of ``--repeats`` runs after a warm-up run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+from optimus.bench import host_time
+from optimus.bench.emulated_device import EmulatedDevice, profile_from_traces
+from optimus.core.params import SamplingParams
+from optimus.policy.elastic.latency import LatencyProfile
+
+POLICIES = "ar,fixed:2,fixed:4,fixed:8,fixed:16,fixed:32,elastic"
+
+
+def run_policy(policy: str, loads: list[int], device: LatencyProfile, plan: LatencyProfile, shape: str,
+               acceptance: str, prompt_len: int, gen_len: int, repeats: int) -> list[dict]:
+    """One engine for ``policy`` through every load: device tok/s of each timed run."""
+    engine = host_time._engine(policy, shape, max(loads), prompt_len, gen_len, acceptance, plan)
+    emulated = EmulatedDevice(device, engine.tokenizer.vocab_size, engine.spec.arch.hidden_size).attach(engine)
+    params = SamplingParams(max_tokens=gen_len, ignore_eos=True)
+    vocab, ids, rows = engine.tokenizer.vocab_size, iter(range(1 << 30)), []
+    for n in loads:
+        runs = []
+        for run in range(repeats + 1):  # run 0 warms up, as the GPU sweep's
+            rng = random.Random(run)
+            busy, steps, chunks = emulated.busy_s, engine.stats.steps, dict(engine.stats.chunk_size_counts)
+            for _ in range(n):
+                engine.add_request(str(next(ids)), [rng.randrange(100, vocab - 100) for _ in range(prompt_len)], params)
+            while engine.has_work():
+                engine.step()
+            if run:
+                counts = engine.stats.chunk_size_counts
+                runs.append({"device_tok_s": n * gen_len / (emulated.busy_s - busy),
+                             "steps": engine.stats.steps - steps,
+                             "chunk_sizes": {c: k - chunks.get(c, 0) for c, k in sorted(counts.items())
+                                             if k - chunks.get(c, 0)}})
+        median = sorted(runs, key=lambda r: r["device_tok_s"])[(len(runs) - 1) // 2]
+        rows.append({"policy": policy, "concurrency": n, **median,
+                     "device_tok_s_runs": [r["device_tok_s"] for r in runs]})
+        print(f"  {policy:9s} {n:4d} requests: {median['device_tok_s']:8.0f} device tok/s "
+              f"(runs {', '.join(f'{r:.0f}' for r in rows[-1]['device_tok_s_runs'])}), {median['steps']} steps",
+              flush=True)
+    return rows
+
+
+def elastic_vs_best(rows: list[dict]) -> dict[int, float]:
+    """Per load: elastic's device tok/s over the best single policy's."""
+    out = {}
+    for n in sorted({r["concurrency"] for r in rows}):
+        at = {r["policy"]: r["device_tok_s"] for r in rows if r["concurrency"] == n}
+        single = [v for p, v in at.items() if p != "elastic"]
+        if "elastic" in at and single:
+            out[n] = at["elastic"] / max(single)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("sweep", nargs="+", help="JSON files of `optimus bench offline` sweeps with step traces")
+    p.add_argument("--profile", required=True, help="the latency surface elastic plans from")
+    p.add_argument("--policies", default=POLICIES)
+    p.add_argument("--loads", default=None, help="comma list (default: the sweeps' loads, in order)")
+    p.add_argument("--shape", default=None, help="model shape (default: the sweeps')")
+    p.add_argument("--acceptance", default="real-8b", help="the regime the commits replay")
+    p.add_argument("--prompt-len", type=int, default=256)
+    p.add_argument("--gen-len", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", default=None)
+    a = p.parse_args(argv)
+    swept = [r for f in a.sweep for r in json.loads(Path(f).read_text())["sweep"]]
+    device, plan = profile_from_traces(swept), LatencyProfile.load(a.profile)
+    loads = [int(n) for n in a.loads.split(",")] if a.loads else list(dict.fromkeys(r["concurrency"] for r in swept))
+    shape = a.shape or swept[0].get("shape", "sdar-8b")
+    rows = [row for policy in a.policies.split(",")
+            for row in run_policy(policy, loads, device, plan, shape, a.acceptance, a.prompt_len, a.gen_len, a.repeats)]
+    ratios = elastic_vs_best(rows)
+    for n, ratio in ratios.items():
+        print(f"{n:4d} requests: elastic / best single policy in device time {ratio:.3f}")
+    if a.out:
+        Path(a.out).write_text(json.dumps({"bench": "emulated_sweep", "sweeps": a.sweep, "profile": a.profile,
+                                           "shape": shape, "acceptance": a.acceptance, "rows": rows,
+                                           "elastic_vs_best": ratios}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
