@@ -37,12 +37,11 @@ export PYTHONPATH=src PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 echo "card $CARD, elastic plans from $PROFILE"
 name="${SHAPE}_$(basename "$REGIME" .json)_$(echo "$CONCURRENCY" | tr , -)"
-timeout "$LIMIT_S" python -m optimus.cli bench offline --experiments sweep --sweep-shape "$SHAPE" --gen-len "$GEN" \
-  --acceptance "$REGIME" --profile "$PROFILE" --concurrency "$CONCURRENCY" --repeats "$REPEATS" \
-  --policies "$POLICIES" --out "$OUT/$name.json" 2>&1 | grep -v -i warn
-if [ -n "$BASE" ]; then
-  timeout "$LIMIT_S" env PYTHONPATH="$BASE" python -m optimus.cli bench offline --experiments sweep \
+sweep() {  # sweep SRC POLICIES OUT_JSON: the sweep with the code in SRC
+  timeout "$LIMIT_S" env PYTHONPATH="$1" python -m optimus.cli bench offline --experiments sweep \
     --sweep-shape "$SHAPE" --gen-len "$GEN" --acceptance "$REGIME" --profile "$PROFILE" --concurrency "$CONCURRENCY" \
-    --repeats "$REPEATS" --policies "${BASE_POLICIES:-elastic}" --out "$OUT/${name}_base.json" 2>&1 | grep -v -i warn
-fi
+    --repeats "$REPEATS" --policies "$2" --out "$3" 2>&1 | grep -v -i warn
+}
+sweep src "$POLICIES" "$OUT/$name.json"
+[ -n "$BASE" ] && sweep "$BASE" "${BASE_POLICIES:-elastic}" "$OUT/${name}_base.json"
 rm -f "$OUT"/*.png  # the eight files that come back are for the JSONs; plots are drawn from them here

@@ -95,11 +95,7 @@ def _save(args: argparse.Namespace, bench: str, rows: list[dict], **extra) -> No
 def measure(policy: str, shape: str, requests: int, prompt_len: int, output_len: int, acceptance: str) -> dict:
     engine = _engine(policy, shape, requests, prompt_len, output_len, acceptance)
     timers = _time_phases(engine)
-    rng = random.Random(0)
-    vocab = engine.tokenizer.vocab_size
-    params = SamplingParams(max_tokens=output_len, ignore_eos=True)
-    for i in range(requests):
-        engine.add_request(str(i), [rng.randrange(100, vocab - 100) for _ in range(prompt_len)], params)
+    add_random_requests(engine, requests, prompt_len, output_len)
     full: dict[str, list[float]] = defaultdict(list)
     steps = 0
     while engine.has_work():
@@ -118,6 +114,15 @@ def measure(policy: str, shape: str, requests: int, prompt_len: int, output_len:
             "tokens_per_step": requests * output_len / steps,
             "full_batch_steps": len(full["total"]),
             "full_batch_ms": {k: 1e3 * float(np.median(v)) if v else 0.0 for k, v in full.items()}}
+
+
+def add_random_requests(engine: Engine, n: int, prompt_len: int, output_len: int, seed: int = 0,
+                        first_id: int = 0) -> None:
+    """``n`` requests of random prompt ids (seeded), each decoding ``output_len`` tokens."""
+    rng, vocab = random.Random(seed), engine.tokenizer.vocab_size
+    params = SamplingParams(max_tokens=output_len, ignore_eos=True)
+    for i in range(first_id, first_id + n):
+        engine.add_request(str(i), [rng.randrange(100, vocab - 100) for _ in range(prompt_len)], params)
 
 
 def _loads(args: argparse.Namespace) -> list[int]:
@@ -148,11 +153,7 @@ def measure_overlap(policy: str, shape: str, requests: int, prompt_len: int, out
     engine = _engine(policy, shape, requests, prompt_len, output_len, acceptance, curve)
     engine.flights.pipeline = pipeline_rule(pipeline, curve.predict)
     device = EmulatedDevice(curve, engine.tokenizer.vocab_size, engine.spec.arch.hidden_size).attach(engine)
-    rng = random.Random(0)
-    vocab = engine.tokenizer.vocab_size
-    params = SamplingParams(max_tokens=output_len, ignore_eos=True)
-    for i in range(requests):
-        engine.add_request(str(i), [rng.randrange(100, vocab - 100) for _ in range(prompt_len)], params)
+    add_random_requests(engine, requests, prompt_len, output_len)
     start = None
     while engine.has_work():
         if start is None and sum(r.state is RequestState.DECODING for r in engine.scheduler.running) == requests:

@@ -16,12 +16,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 from pathlib import Path
 
 from optimus.bench import host_time
 from optimus.bench.emulated_device import EmulatedDevice, profile_from_traces
-from optimus.core.params import SamplingParams
 from optimus.policy.elastic.latency import LatencyProfile
 
 POLICIES = "ar,fixed:2,fixed:4,fixed:8,fixed:16,fixed:32,elastic"
@@ -32,15 +30,13 @@ def run_policy(policy: str, loads: list[int], device: LatencyProfile, plan: Late
     """One engine for ``policy`` through every load: device tok/s of each timed run."""
     engine = host_time._engine(policy, shape, max(loads), prompt_len, gen_len, acceptance, plan)
     emulated = EmulatedDevice(device, engine.tokenizer.vocab_size, engine.spec.arch.hidden_size).attach(engine)
-    params = SamplingParams(max_tokens=gen_len, ignore_eos=True)
-    vocab, ids, rows = engine.tokenizer.vocab_size, iter(range(1 << 30)), []
+    rows, added = [], 0
     for n in loads:
         runs = []
         for run in range(repeats + 1):  # run 0 warms up, as the GPU sweep's
-            rng = random.Random(run)
             busy, steps, chunks = emulated.busy_s, engine.stats.steps, dict(engine.stats.chunk_size_counts)
-            for _ in range(n):
-                engine.add_request(str(next(ids)), [rng.randrange(100, vocab - 100) for _ in range(prompt_len)], params)
+            host_time.add_random_requests(engine, n, prompt_len, gen_len, seed=run, first_id=added)
+            added += n
             while engine.has_work():
                 engine.step()
             if run:
