@@ -7,7 +7,7 @@
 # the SDAR-8B shape) once per policy and loads it over HTTP at each request rate. Random weights
 # have meaningless confidences, so each server commits per step what the measured acceptance
 # profile of the shipped default model says (--replay-acceptance; it also seeds elastic's tau)
-# and elastic plans on the card's committed latency profile (--profile-path; CARD=h100 by default:
+# and elastic plans on the card's committed latency profile (--profile-path; CARD: the GPU found,
 # benchmarks/results/$CARD/latency_surface/latest.json; without that file the server measures one
 # on its first start). Every server captures its CUDA graphs at start-up (--graph-precapture),
 # so no run pays them. Results are throughput and latency of the serving stack with replayed
@@ -16,7 +16,8 @@
 # Server packages the GPU image may lack (fastapi, uvicorn, ...) travel as wheels in .whl/
 # (gitignored; carry it), installed into a scratch folder only if an import fails.
 #
-# MODEL, EXTRA_SERVER_ARGS, POLICIES, RATES and PROMPTS override the defaults, e.g. a CPU smoke
+# MODEL, EXTRA_SERVER_ARGS, POLICIES, RATES, PROMPTS and LIMIT_S (510 s) override the defaults,
+# e.g. a CPU smoke
 # run of this script: MODEL=random-tiny:sdar-8b EXTRA_SERVER_ARGS="--device cpu --num-pages 256"
 # POLICIES=fixed:8 RATES=50 PROMPTS=4 OUT=/tmp/smoke bash benchmarks/gpu_serve_sweep.sh
 #
@@ -34,7 +35,11 @@ set -o pipefail
 OUT=${OUT:?set OUT}
 MODEL=${MODEL:-random:sdar-8b}
 ACCEPTANCE=${ACCEPTANCE:-benchmarks/results/cpu/acceptance/latest.json}
-CARD=${CARD:-h100}
+if [ -z "$CARD" ]; then  # the stored latency surface of the GPU found (as gpu_policy_regimes.sh)
+  case "$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)" in
+    *H200*) CARD=h200 ;; *) CARD=h100 ;;
+  esac
+fi
 PROFILE=${PROFILE:-benchmarks/results/$CARD/latency_surface/latest.json}
 PROFILE_ARG=""
 [ -f "$PROFILE" ] && PROFILE_ARG="--profile-path $PROFILE"
@@ -52,7 +57,7 @@ fi
 timeout 60 "$PY" -c "$SERVER_STACK, torch; print('torch', torch.__version__, 'fastapi', fastapi.__version__)" || exit 1
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-timeout 510 "$PY" -m optimus.cli bench sweep --model "$MODEL" --policies "$POLICIES" --rates "$RATES" \
+timeout "${LIMIT_S:-510}" "$PY" -m optimus.cli bench sweep --model "$MODEL" --policies "$POLICIES" --rates "$RATES" \
   --dataset random --input-len 256 --output-len 256 --num-prompts "$PROMPTS" --ignore-eos --warmup 1 \
   --slo ttft:2000,tpot:50 --startup-timeout 180 --disable-tqdm \
   --server-args "--replay-acceptance $ACCEPTANCE $PROFILE_ARG --graph-precapture --log-level warning $EXTRA_SERVER_ARGS" \
