@@ -577,6 +577,11 @@ BENCHMARKS = [
     ("serve_sweep", "Serving over HTTP (SDAR-8B shape)",
      "`optimus bench sweep` against `optimus serve --model random:sdar-8b` (`benchmarks/gpu_serve_sweep.sh`); capacity "
      "is the highest swept rate with the SLO attainment target met.", serve_sweep),
+    ("serve_sweep_real8b", "Serving over HTTP to saturation, real-8b acceptance regime (SDAR-8B shape)",
+     "`ACCEPTANCE=real-8b benchmarks/gpu_serve_sweep.sh`: as above, each server replaying the `real-8b` regime (few "
+     "commits per forward, as published 8B dLLMs), elastic planning on the card's stored latency surface; "
+     "prompt 256, output 256, 128 prompts per rate; capacity is the highest swept rate with the SLO attainment "
+     "target met.", serve_sweep),
     ("host_time", "Host work per step at 256 requests (device left out)",
      "`optimus bench host`: SDAR-8B geometry, prompt 256, output 256, `real-8b` acceptance replayed, the forward "
      "replaced by zeros; median over the steps where all 256 requests decode. The step's wall time is host work "
