@@ -361,9 +361,10 @@ def serve_sweep(d: dict) -> list:
     rates = d.get("rates") or sorted({r for _, r in tok})
     if "elastic" in pol:
         for r in rates:
-            best = _best_fixed({p: tok.get((p, r)) for p in pol})
+            best = _best_single({p: tok.get((p, r)) for p in pol})
             if best and ("elastic", r) in tok:
-                rows.append((f"{rate(r)} req/s: elastic vs best fixed (output tok/s)", _vs_best(tok[("elastic", r)], best)))
+                rows.append((f"{rate(r)} req/s: elastic vs best single policy (output tok/s)",
+                             _vs_best(tok[("elastic", r)], best)))
     top = max(rates) if rates else None
     for p, v in pol.items():
         cap = v.get("capacity")
@@ -580,8 +581,8 @@ BENCHMARKS = [
     ("serve_sweep_real8b", "Serving over HTTP to saturation, real-8b acceptance regime (SDAR-8B shape)",
      "`ACCEPTANCE=real-8b benchmarks/gpu_serve_sweep.sh`: as above, each server replaying the `real-8b` regime (few "
      "commits per forward, as published 8B dLLMs), elastic planning on the card's stored latency surface; "
-     "prompt 256, output 256, 128 prompts per rate; capacity is the highest swept rate with the SLO attainment "
-     "target met.", serve_sweep),
+     "prompt 256, output 256 (prompts per rate and rates: the last row); capacity is the highest swept rate with "
+     "the SLO attainment target met.", serve_sweep),
     ("host_time", "Host work per step at 256 requests (device left out)",
      "`optimus bench host`: SDAR-8B geometry, prompt 256, output 256, `real-8b` acceptance replayed, the forward "
      "replaced by zeros; median over the steps where all 256 requests decode. The step's wall time is host work "
