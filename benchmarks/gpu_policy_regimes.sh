@@ -37,11 +37,14 @@ export PYTHONPATH=src PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 echo "card $CARD, elastic plans from $PROFILE"
 name="${SHAPE}_$(basename "$REGIME" .json)_$(echo "$CONCURRENCY" | tr , -)"
-sweep() {  # sweep SRC POLICIES OUT_JSON: the sweep with the code in SRC
+sweep() {  # sweep SRC ACCEPTANCE POLICIES OUT_JSON: the sweep with the code in SRC
   timeout "$LIMIT_S" env PYTHONPATH="$1" python -m optimus.cli bench offline --experiments sweep \
-    --sweep-shape "$SHAPE" --gen-len "$GEN" --acceptance "$REGIME" --profile "$PROFILE" --concurrency "$CONCURRENCY" \
-    --repeats "$REPEATS" --policies "$2" --out "$3" 2>&1 | grep -v -i warn
+    --sweep-shape "$SHAPE" --gen-len "$GEN" --acceptance "$2" --profile "$PROFILE" --concurrency "$CONCURRENCY" \
+    --repeats "$REPEATS" --policies "$3" --out "$4" 2>&1 | grep -v -i warn
 }
-sweep src "$POLICIES" "$OUT/$name.json"
-[ -n "$BASE" ] && sweep "$BASE" "${BASE_POLICIES:-elastic}" "$OUT/${name}_base.json"
+sweep src "$REGIME" "$POLICIES" "$OUT/$name.json"
+if [ -n "$BASE" ]; then  # the older tree replays this tree's profile of the regime (it may lack the file)
+  ACCEPTANCE_FILE=$(PYTHONPATH=src python -c "import sys; from optimus.decoding import regimes; print(regimes.resolve(sys.argv[1]))" "$REGIME")
+  sweep "$BASE" "$ACCEPTANCE_FILE" "${BASE_POLICIES:-elastic}" "$OUT/${name}_base.json"
+fi
 rm -f "$OUT"/*.png  # the eight files that come back are for the JSONs; plots are drawn from them here
