@@ -259,6 +259,13 @@ def elastic_emulated(d: dict) -> list:
     return out
 
 
+def emulated_serving(d: dict) -> list:
+    """Per rate and policy: throughput, steps, TPOT and what kept the steps in flight."""
+    return [(f"{r['policy']}, {rate(r['rate'])} req/s: tok/s; steps x wall ms; TPOT ms; wide plans; kept in flight",
+             f"{num(r['output_tok_s'])}; {r['steps']:,} x {r['wall_ms_per_step']:.1f}; {r['mean_tpot_ms']:.1f}; "
+             f"{r['plans_with_a_wide_window']:.2f}; {r['steps_kept_in_flight']:.2f}") for r in d.get("rows", [])]
+
+
 def elastic_profile_mismatch(d: dict) -> list:
     return [(f"{r['requests']} requests, profile {r['profile']}: elastic / best single tok/s "
              "(scale, stretch, slope ratio learned)",
@@ -597,6 +604,12 @@ BENCHMARKS = [
      "`optimus bench host --emulate-device`: SDAR-8B geometry, prompt 256, output 256, `real-8b` replayed; each step "
      "queued on an emulated device taking the synthetic 8B curve's time (11 ms flat to 256 tokens, then 40 us a "
      "token), synchronous and pipelined; over the steps where every request decodes.", host_overlap),
+    ("emulated_serving", "A serving load on an emulated H200",
+     "`python -m optimus.bench.experiments.emulated_serving --profile "
+     "benchmarks/results/h200/latency_surface/latest.json --rates 20,50`: 256 requests (SDAR-8B geometry, prompt and "
+     "output 256, `real-8b` replayed) arriving as a Poisson process, each step on an emulated device following the "
+     "H200's stored surface; wide plans = plans with a window of more than one open position (such a step cannot "
+     "stay in flight while the next is planned); one run each.", emulated_serving),
     ("elastic_emulated", "Elastic against every single policy on an emulated device",
      "`optimus bench host --emulate-device --pipelines off --policies ar,fixed:2,fixed:4,fixed:8,elastic "
      "--requests 16,64,128,256`: the engine (SDAR-8B geometry, prompt and output 256, `real-8b` replayed) on the "

@@ -65,3 +65,19 @@ def test_overlap_bench_reports_wall_against_device_time():
         assert row["steps"] > 0 and row["device_s"] > 0
         # the device is never busier than the wall clock that contains it
         assert row["wall_over_device"] >= 0.99 and row["output_tok_s"] > 0
+
+
+def test_emulated_serving_tells_steps_kept_in_flight_from_wide_ones():
+    from optimus.bench.experiments.emulated_serving import serve
+    from optimus.policy.elastic.latency import LatencyProfile
+
+    device = LatencyProfile.synthetic(0.002, 256, 1e-5)
+    ar = serve("ar", 400.0, device, requests=6, prompt_len=16, output_len=32)
+    wide = serve("fixed:4", 400.0, device, requests=6, prompt_len=16, output_len=32)
+    # one open position per window: commits known at launch, steps stay in flight
+    assert ar["plans_with_a_wide_window"] == 0 and ar["steps_kept_in_flight"] > 0.9
+    # windows of 4 with open positions: the next plan waits for this step's tokens
+    assert wide["plans_with_a_wide_window"] > 0.5 and wide["steps_kept_in_flight"] < ar["steps_kept_in_flight"]
+    for row in (ar, wide):
+        assert row["output_tok_s"] > 0 and 0 < row["device_busy_share"] <= 1.01 and row["mean_tpot_ms"] > 0
+    assert wide["steps"] < ar["steps"]  # real-8b commits more than one token a window of 4
