@@ -257,6 +257,8 @@ def test_prometheus_parse_and_dllm_summary():
                               'optimus_chunk_size_choices_total{chunk_size="8"} 10\nother_total 3\n')
     after = parse_prometheus('# HELP x\noptimus_engine_steps_total 30.0\noptimus_tokens_committed_total 80\n'
                              'optimus_positions_computed_total 160\noptimus_num_requests_running 2\n'
+                             'optimus_engine_step_seconds_total 0.5\noptimus_engine_device_seconds_total 0.4\n'
+                             'optimus_engine_steps_in_flight_total 15\n'
                              'optimus_chunk_size_choices_total{chunk_size="8"} 25\n'
                              'optimus_chunk_size_choices_total{chunk_size="4"} 15\n')
     assert "other_total" not in before and after["optimus_num_requests_running"] == 2.0
@@ -267,6 +269,9 @@ def test_prometheus_parse_and_dllm_summary():
     assert s["token_efficiency"] == pytest.approx(60 / 160)
     assert s["chunk_size_share"] == {"4": 0.5, "8": 0.5} and s["mean_chunk_size"] == 6.0
     assert s["tau"] == pytest.approx(2.0)
+    # 15 of the 20 steps stayed in flight; 0.5 s of steps, 0.4 s of it on the device
+    assert s["steps_in_flight_share"] == 0.75 and s["mean_step_ms"] == pytest.approx(25.0)
+    assert s["device_over_step_time"] == pytest.approx(0.8)
 
 
 # ---- end to end against the fake server -----------------------------------------------------

@@ -74,6 +74,15 @@ def dllm_summary(deltas: dict[str, float]) -> dict:
     out: dict = {}
     if steps is not None:
         out["steps"] = steps
+        wall = deltas.get("optimus_engine_step_seconds_total")
+        device = deltas.get("optimus_engine_device_seconds_total")
+        in_flight = deltas.get("optimus_engine_steps_in_flight_total")
+        if steps and in_flight is not None:
+            out["steps_in_flight_share"] = in_flight / steps  # the rest: the next plan waited for them
+        if steps and wall:
+            out["mean_step_ms"] = 1e3 * wall / steps
+        if wall and device is not None:
+            out["device_over_step_time"] = device / wall
     if computed is not None:
         out["positions_computed"] = computed
     if committed is not None:

@@ -151,6 +151,7 @@ class Engine:
                 flight.assume_commits(self.scheduler)
             flight.pipelined = keep == "pipeline"
             self._in_flight = flight
+            self.stats.steps_in_flight += 1
         self.stats.cpu_time_sum_s += schedule_s
         return outputs
 

@@ -19,6 +19,7 @@ class EngineStats:
     step_latency_sum_s: float = 0.0
     cpu_time_sum_s: float = 0.0  # scheduling + batch building + commit bookkeeping (host side)
     device_time_sum_s: float = 0.0  # steps' forwards and picks on the device (CUDA events; CPU: launches)
+    steps_in_flight: int = 0  # steps left running while the next was planned (commits assumed, or halves)
     graph_capture_s: float = 0.0  # one-time CUDA-graph captures, inside the step latencies above
     refresh_tokens: int = 0  # rows of whole-sequence cache refreshes (dual / prefix cache)
     refresh_steps: int = 0  # steps holding at least one refresh
@@ -100,9 +101,12 @@ class EngineMetrics:
     last_step_latency_s: float = 0.0
     step_latency_sum_s: float = 0.0  # wall time of every step so far
     graph_capture_s: float = 0.0  # one-time CUDA-graph captures so far, inside the step times above
+    device_time_sum_s: float = 0.0  # the steps' time on the device
+    steps_in_flight: int = 0  # steps left running while the next was planned
 
     @classmethod
     def of(cls, stats: EngineStats, step_started: float | None) -> "EngineMetrics":
         return cls(stats.running, stats.waiting, stats.kv_usage, stats.steps, stats.tokens_computed,
                    stats.tokens_committed, dict(stats.chunk_size_counts), step_started,
-                   stats.last_step_latency_s, stats.step_latency_sum_s, stats.graph_capture_s)
+                   stats.last_step_latency_s, stats.step_latency_sum_s, stats.graph_capture_s,
+                   stats.device_time_sum_s, stats.steps_in_flight)

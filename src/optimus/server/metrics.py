@@ -53,6 +53,10 @@ class EngineCollector:
                                             m and m.step_latency_sum_s),
             "optimus_graph_capture_seconds": ("one-time CUDA-graph captures, inside the step wall time",
                                               m and m.graph_capture_s),
+            "optimus_engine_device_seconds": ("the steps' time on the device (forward and pick)",
+                                              m and m.device_time_sum_s),
+            "optimus_engine_steps_in_flight": ("steps left running on the device while the next was planned",
+                                               m and m.steps_in_flight),
         }
         for name, (doc, value) in counters.items():
             yield CounterMetricFamily(name, doc, value=float(value or 0))
