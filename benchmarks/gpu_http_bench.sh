@@ -10,7 +10,8 @@
 # as a server does, then over HTTP against `optimus serve` (engine process + front-ends) started
 # with the same engine flags, at N = 64, 256, 1024.
 # Random weights commit per step what the default model's measured acceptance says
-# (--replay-acceptance); elastic plans on the card's committed latency profile. Each row is
+# (--replay-acceptance; ACCEPTANCE=real-8b replays the regime of real 8B dLLMs instead); elastic plans
+# on the committed latency profile of the card found (CARD overrides). Each row is
 # saved as soon as it is measured, so a call cut short by its limit keeps what it finished.
 # Results land in $OUT/$TAG (default: the policies without ':' and ',', e.g. ar-fixed8).
 # ENGINE_ARGS adds engine flags to both runs, LIMIT_S bounds the call. On H100s (2026-12-05) one
@@ -24,7 +25,11 @@ OUT=${OUT:?set OUT}
 POLICY=${POLICY:?set POLICY (ar, fixed:8 or elastic)}
 MODEL=${MODEL:-random:sdar-8b}
 CONCURRENCY=${CONCURRENCY:-64,256,1024}
-CARD=${CARD:-h200}
+if [ -z "$CARD" ]; then  # the stored latency surface of the GPU found (as gpu_policy_regimes.sh)
+  case "$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)" in
+    *H100*) CARD=h100 ;; *) CARD=h200 ;;
+  esac
+fi
 ACCEPTANCE=${ACCEPTANCE:-benchmarks/results/cpu/acceptance/latest.json}
 PROFILE=${PROFILE:-benchmarks/results/$CARD/latency_surface/latest.json}
 PROFILE_ARG=""
