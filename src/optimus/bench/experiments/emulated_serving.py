@@ -66,6 +66,8 @@ def serve(policy: str, rate: float, device: LatencyProfile, requests: int = 256,
             host_time.add_random_requests(engine, 1, prompt_len, output_len, seed=seed + added, first_id=added)
             added += 1
         if not engine.has_work():
+            if added == requests:
+                break  # every request served (its last output already counted)
             time.sleep(max(0.0, arrivals[added] - now))
             continue
         outputs = engine.step()
