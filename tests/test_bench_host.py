@@ -79,5 +79,5 @@ def test_emulated_serving_tells_steps_kept_in_flight_from_wide_ones():
     # windows of 4 with open positions: the next plan waits for this step's tokens
     assert wide["plans_with_a_wide_window"] > 0.5 and wide["steps_kept_in_flight"] < ar["steps_kept_in_flight"]
     for row in (ar, wide):
-        assert row["output_tok_s"] > 0 and 0 < row["device_busy_share"] <= 1.01 and row["mean_tpot_ms"] > 0
+        assert row["output_tok_s"] > 0 and 0 < row["device_busy_share"] <= 1.0 + 1e-9 and row["mean_tpot_ms"] > 0
     assert wide["steps"] < ar["steps"]  # real-8b commits more than one token a window of 4
