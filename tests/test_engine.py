@@ -132,12 +132,29 @@ def test_extreme_temperature_and_min_tokens_do_not_break_the_engine():
     assert llm.engine.stats.running == 0 and llm.engine.stats.kv_usage == 0.0
 
 
-def test_per_request_policy_override():
-    llm = _llm("sdar", "elastic")
-    outs = llm.generate(_prompts(2), [SamplingParams(max_tokens=12, ignore_eos=True, policy="fixed:2"),
-                                      SamplingParams(max_tokens=12, ignore_eos=True, policy="ar")])
+@pytest.mark.parametrize("policy", ["elastic", "fixed:4"])  # fixed: the scheduler's shortcut must yield
+def test_per_request_policy_override(policy):
+    llm = _llm("sdar", policy)
+    outs = llm.generate(_prompts(3), [SamplingParams(max_tokens=12, ignore_eos=True, policy="fixed:2"),
+                                      SamplingParams(max_tokens=12, ignore_eos=True, policy="ar"),
+                                      SamplingParams(max_tokens=12, ignore_eos=True)])
     assert set(outs[0].stats.chunk_history) <= {1, 2} and 2 in outs[0].stats.chunk_history
     assert set(outs[1].stats.chunk_history) == {1}
+    if policy == "fixed:4":
+        assert 4 in outs[2].stats.chunk_history and max(outs[2].stats.chunk_history) == 4
+
+
+def test_outputs_handed_out_keep_their_ids_while_the_answer_grows():
+    llm = _llm("sdar", "fixed:4")
+    engine = llm.engine
+    engine.add_request("a", _prompts(1)[0], SamplingParams(max_tokens=16, ignore_eos=True))
+    seen = []
+    while engine.has_work():
+        seen += [(out, tuple(out.token_ids)) for out in engine.step()]
+    assert len(seen) > 2 and seen[-1][0].finished
+    for out, ids in seen:  # a view of the growing answer, never changed after the fact
+        assert out.token_ids == ids and len(out.token_ids) == len(ids) and list(out.token_ids) == list(ids)
+    assert all(len(a) <= len(b) for (_, a), (_, b) in zip(seen, seen[1:])) and len(seen[-1][1]) == 16
 
 
 def test_close_gives_back_the_cache_and_keeps_the_model():

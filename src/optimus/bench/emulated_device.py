@@ -7,7 +7,11 @@ once; the pick's ``read`` sleeps until the step's end (sleeping holds no interpr
 waiting on a CUDA event); the engine's device timer reads the emulated start and end. The
 engine then overlaps host work with "device" work exactly as it would on a GPU, so a CPU can
 measure how much of the host's work a schedule hides: wall time against device busy time.
-The tokens are random, as in ``optimus bench host``.
+The tokens are random, as in ``optimus bench host``; every request must be greedy.
+
+The forward's hidden rows are one value wide by default: on a GPU, taking a step's logit rows
+out of them is a kernel launch, while rows of the model's width would make it a copy on the
+host (256 x 4,096 floats a step for the 8B shape: device work counted as host time).
 """
 
 from __future__ import annotations
@@ -58,7 +62,7 @@ class EmulatedDevice:
     """Steps take ``profile.predict(tokens, requests)`` seconds, one after another; no time
     at all without a profile (the device left out: host work alone)."""
 
-    def __init__(self, profile: LatencyProfile | None, vocab: int, hidden: int, seed: int = 0) -> None:
+    def __init__(self, profile: LatencyProfile | None, vocab: int, hidden: int = 1, seed: int = 0) -> None:
         self.profile, self.vocab, self.hidden = profile, vocab, hidden
         self.gen = torch.Generator().manual_seed(seed)
         self.free_at = 0.0  # perf_counter time the queued work ends

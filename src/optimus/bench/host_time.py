@@ -152,7 +152,7 @@ def measure_overlap(policy: str, shape: str, requests: int, prompt_len: int, out
     step all of them decode until the first one finishes). ``pipeline``: off | N | auto."""
     engine = _engine(policy, shape, requests, prompt_len, output_len, acceptance, curve)
     engine.flights.pipeline = pipeline_rule(pipeline, curve.predict)
-    device = EmulatedDevice(curve, engine.tokenizer.vocab_size, engine.spec.arch.hidden_size).attach(engine)
+    device = EmulatedDevice(curve, engine.tokenizer.vocab_size).attach(engine)
     add_random_requests(engine, requests, prompt_len, output_len)
     start = None
     while engine.has_work():
@@ -184,7 +184,7 @@ def _engine(policy: str, shape: str, requests: int, prompt_len: int, output_len:
                            replay_acceptance=str(path), profile_path=str(profile_path))
     engine = Engine(config)
     engine.post.stream_text = engine.post.final_text = False  # as the engine process: front-ends detokenize
-    EmulatedDevice(None, engine.tokenizer.vocab_size, engine.spec.arch.hidden_size).attach(engine)  # no device
+    EmulatedDevice(None, engine.tokenizer.vocab_size).attach(engine)  # no device
     return engine
 
 

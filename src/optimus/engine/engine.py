@@ -165,7 +165,7 @@ class Engine:
         device_time = self.device_timer()
         hidden, wants = self.runner.run(plan, feed, on_built=device_time.start)
         pick = None
-        if all(self.post.is_plain_greedy(plan.works[w.work_index].request) for w in wants):
+        if self.post.all_plain_greedy(plan.works[w.work_index].request for w in wants):
             pick = self.runner.greedy(hidden)  # every logit row is greedy: one batched pass
         device_time.stop()
         f0 = time.perf_counter()

@@ -104,8 +104,8 @@ class InFlight:
             r = self.plan.works[w.work_index].request
             if r.is_done:
                 continue  # finished by the step before: this row is dropped when read
-            r.committed[list(w.positions)] = True
-            r.last_committed = len(w.positions)
+            r.committed[w.positions[0]] = True  # commits_certain: one position each
+            r.last_committed = 1
         self.feedback = scheduler.complete_step(self.plan, 0.0, hold=True)
         self.assumed = True
 

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
 
-from optimus.core.outputs import CommitEvent, RequestOutput
+from optimus.core.outputs import CommitEvent, RequestOutput, TokenIds
 from optimus.core.plan import RequestWork, StepPlan
 from optimus.core.request import Request
 from optimus.decoding.rules import GREEDY_TEMPERATURE, CommitRule, RowDraws, keep_many
@@ -80,6 +80,10 @@ class Postprocessor:
         if plain is None:
             plain = r.plain_greedy = r.params.temperature <= GREEDY_TEMPERATURE and not self._suppressed_ids(r)
         return plain
+
+    def all_plain_greedy(self, requests: Iterable[Request]) -> bool:
+        """Whether every one ``is_plain_greedy``: its cached flag read first, found where unknown."""
+        return all(r.plain_greedy or (r.plain_greedy is None and self.is_plain_greedy(r)) for r in requests)
 
     def commit_step(self, plan: StepPlan, hidden: torch.Tensor, wants: list[LogitRequest],
                     pick: GreedyPick | None) -> None:
@@ -281,7 +285,7 @@ class Postprocessor:
                     return "stop", i  # the stop token itself is not part of the answer
         r.stop_scanned = max(r.stop_scanned, n)
         if p.stop:
-            text = self._text(r, r.answer[:n])
+            text = self._text(r, TokenIds(r.answer, n))
             cut = first_stop(text, p.stop)
             if cut is not None:
                 r.done_text = text[:cut]
@@ -290,7 +294,7 @@ class Postprocessor:
             return "length", n
         return None, n
 
-    def _text(self, r: Request, ids: list[int]) -> str:
+    def _text(self, r: Request, ids: TokenIds) -> str:
         if r.detokenizer is None:
             r.detokenizer = IncrementalDetokenizer(self.tokenizer, r.params.skip_special_tokens)
         return r.detokenizer.finish(ids) if r.is_done else r.detokenizer.update(ids)
@@ -298,20 +302,20 @@ class Postprocessor:
     def output(self, r: Request, text: str | None = None) -> RequestOutput:
         """``r``'s output now (the caller runs :meth:`account` first); ``text`` given: that
         text, nothing detokenized."""
-        ids = tuple(r.answer[:r.output_len])
+        ids = TokenIds(r.answer, r.output_len)  # settle only extends r.answer
         if text is None:
             text = self._output_text(r, ids)
         events, r.events = tuple(r.events), []
         return RequestOutput(r.request_id, r.prompt_ids, ids, text, r.is_done, r.finish_reason,
                              r.stats, events)
 
-    def _output_text(self, r: Request, ids: tuple[int, ...]) -> str:
+    def _output_text(self, r: Request, ids: TokenIds) -> str:
         if r.done_text:
             return r.done_text
         if not r.is_done and not self.stream_text:
             return ""  # offline callers read text once, when the request finishes
         if r.is_done and r.detokenizer is None:
             skip = r.params.skip_special_tokens
-            return self.tokenizer.decode(list(ids), skip_special_tokens=skip) if self.final_text else ""
-        text = self._text(r, list(ids))
+            return self.tokenizer.decode(ids, skip_special_tokens=skip) if self.final_text else ""
+        text = self._text(r, ids)
         return hold_back_stop_prefix(text, r.params.stop) if r.params.stop and not r.is_done else text

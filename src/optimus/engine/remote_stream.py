@@ -11,7 +11,7 @@ import asyncio
 from dataclasses import dataclass, field
 
 from optimus.core.errors import QueueFullError, RequestFailedError
-from optimus.core.outputs import CommitEvent, RequestOutput, RequestStats
+from optimus.core.outputs import CommitEvent, RequestOutput, RequestStats, TokenIds
 from optimus.core.params import SamplingParams
 from optimus.engine import wire
 from optimus.engine.stop_strings import first_stop, hold_back_stop_prefix
@@ -43,7 +43,8 @@ class RemoteStream:
 
     def apply(self, base: int, new: list[int], finish: str | None, extra: dict | None) -> None:
         """One STEP item from the engine."""
-        del self.tokens[base:]
+        if base < len(self.tokens):  # a resend: a new list, the outputs handed out keep theirs (TokenIds)
+            self.tokens = self.tokens[:base]
         self.tokens.extend(new)
         if extra:
             if wire.EVENTS in extra:
@@ -63,7 +64,7 @@ class RemoteStream:
 
     def restart(self) -> None:
         """Its engine was lost before the consumer saw anything: start over on the next one."""
-        self.tokens.clear()
+        self.tokens = []  # outputs handed out keep the old list (TokenIds)
         self.events.clear()
         self.stats = RequestStats()
         self.fresh = False
@@ -96,10 +97,10 @@ class RemoteStream:
         return self.output()
 
     def output(self) -> RequestOutput:
-        ids = tuple(self.tokens)
+        ids = TokenIds(self.tokens)
         stops = self.params.stop
         if self.finished:
-            text = self.detokenizer.finish(list(ids))
+            text = self.detokenizer.finish(ids)
             cut = first_stop(text, stops) if stops and self.finish_reason == "stop" else None
             text = text if cut is None else text[:cut]
         else:

@@ -131,6 +131,7 @@ class PageTables:
 
 
 _NO_WINDOW = (0, 0)  # a work without a window predicts no position
+_REQUEST_ID = operator.attrgetter("request_id")
 # One C-level pass over the works for their scalars (a property and a nested attribute included).
 _WORK_SCALARS = operator.attrgetter("start", "end", "store_end", "cached_keys", "request.geometry.shift")
 
@@ -181,17 +182,22 @@ def _row_groups(works, cu: np.ndarray, pos: np.ndarray, store_end: np.ndarray) -
     return groups
 
 
-def _fed_rows(works, cu: np.ndarray, feed: TokenFeed) -> tuple[list[int], list[int]]:
-    """(step rows, feed indices) of the works that run the position whose token is in ``feed``.
-    Usually their first row; not when the step before could not store its row (its pages were
-    short): this step recomputes that row first, and the fed position is the one after it."""
-    rows, sources = [], []
-    for i, w in enumerate(works):
-        source = feed.sources.get(w.request.request_id) if w.window is not None else None
-        if source is not None and w.start <= source[0] < w.end:
-            rows.append(int(cu[i]) + source[0] - w.start)
-            sources.append(source[1])
-    return rows, sources
+def _fed_rows(requests, starts: np.ndarray, ends: np.ndarray, windowed: np.ndarray, cu: np.ndarray,
+              feed: TokenFeed) -> tuple[np.ndarray, np.ndarray] | tuple[()]:
+    """(step rows, feed indices) of the works with a window that run the position whose token
+    is in ``feed``, () if none. Usually their first row; not when the step before could not
+    store its row (its pages were short): this step recomputes that row first, and the fed
+    position is the one after it."""
+    found = map(feed.sources.get, map(_REQUEST_ID, requests))
+    hits = [(i, *source) for i, source in enumerate(found) if source is not None]
+    if not hits:
+        return ()
+    i, position, index = np.fromiter(itertools.chain.from_iterable(hits), np.int64, 3 * len(hits)).reshape(-1, 3).T
+    ran = windowed[i] & (starts[i] <= position) & (position < ends[i])
+    if not ran.any():
+        return ()
+    i, position = i[ran], position[ran]
+    return cu[i] + position - starts[i], index[ran]
 
 
 class PagedBackend:
@@ -301,10 +307,9 @@ class ModelRunner:
         carries_prompt = None in windows and plan.carries_prompt  # a prompt piece has no window
         windows, lo, hi = _window_bounds(windows)
         wants, logit_rows = _logit_rows(requests, windows, lo, hi, cu[:-1] - starts - shift)
-        fed_rows, fed_from = _fed_rows(works, cu, feed) if feed is not None else ([], [])
-        fed = (np.array(fed_rows, np.int64), np.array(fed_from, np.int64)) if fed_rows else ()
+        fed = _fed_rows(requests, starts, ends, hi > lo, cu, feed) if feed is not None else ()
         ids_d, pos_d, slots_d, logit_d, *fed_d = self.staging.upload((ids, pos, slots, logit_rows, *fed), np.int64)
-        if fed_rows:
+        if fed:
             ids_d[fed_d[0]] = feed.tokens[fed_d[1]]
         groups_d, cu_d, lens_d, table_d = self.staging.upload((groups, cu, visible, table), np.int32)
         batch = StepBatch(input_ids=ids_d, positions=pos_d, groups=groups_d, slots=slots_d, cu_q=cu_d,

@@ -8,6 +8,8 @@ decode new tokens (tokenizers may render a token differently after a space).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 
 class IncrementalDetokenizer:
     def __init__(self, tokenizer, skip_special_tokens: bool = True, context: int = 4) -> None:
@@ -16,7 +18,7 @@ class IncrementalDetokenizer:
         self.prefix_offset = 0
         self.read_offset = 0
 
-    def update(self, ids: list[int]) -> str:
+    def update(self, ids: Sequence[int]) -> str:
         """Feed the whole answer so far (it only ever grows); returns the text so far."""
         if len(ids) <= self.read_offset:
             return self.text
@@ -29,7 +31,7 @@ class IncrementalDetokenizer:
         self.prefix_offset = max(self.prefix_offset, self.read_offset - self.context)
         return self.text
 
-    def finish(self, ids: list[int]) -> str:
+    def finish(self, ids: Sequence[int]) -> str:
         """Final text: whatever is left, incomplete characters included."""
         full = self.tokenizer.decode(ids[self.prefix_offset:], skip_special_tokens=self.skip)
         prefix = self.tokenizer.decode(ids[self.prefix_offset:self.read_offset], skip_special_tokens=self.skip)

@@ -12,7 +12,7 @@ class FixedPolicy:
     def __init__(self, chunk: int, name: str | None = None) -> None:
         if chunk < 1:
             raise ValueError(f"chunk size must be >= 1, got {chunk}")
-        self.chunk = chunk
+        self.chunk = self.uniform_chunk = chunk
         self.name = name or ("ar" if chunk == 1 else f"fixed:{chunk}")
 
     def choose(self, view: StepView) -> list[int]:

@@ -115,7 +115,7 @@ class Scheduler:
             if prefills and r.pending_store is None:  # nothing runs before its window
                 ready.append(r)
                 continue
-            refresh = self.scheme.lead_rows(r)
+            refresh = 0 if prefills else self.scheme.lead_rows(r)
             if refresh and used and used + refresh > budget:
                 continue
             lead = self.scheme.lead_work(r, self._ensure_pages)
@@ -135,6 +135,9 @@ class Scheduler:
         caps = [r.max_chunk() for r in decoders]
         if not decoders or not self.scheme.chooses_chunks:
             return caps
+        uniform = getattr(self.policy, "uniform_chunk", None)
+        if uniform is not None and not any(r.params.policy for r in decoders):
+            return [uniform if uniform < cap else cap for cap in caps]
         # Policies honour per-request overrides themselves (and count them as load).
         views = tuple(RequestView(r.request_id, cap, r.geometry.block_size, r.chunk or None, r.params.policy)
                       for r, cap in zip(decoders, caps))

@@ -53,7 +53,7 @@ def serve(policy: str, rate: float, device: LatencyProfile, requests: int = 256,
     """``requests`` arriving at ``rate`` per second (Poisson), each served to ``output_len``."""
     engine = host_time._engine(policy, shape, requests, prompt_len, output_len, acceptance, device)
     engine.flights.pipeline = pipeline_rule("auto", device.predict)
-    emulated = EmulatedDevice(device, engine.tokenizer.vocab_size, engine.spec.arch.hidden_size).attach(engine)
+    emulated = EmulatedDevice(device, engine.tokenizer.vocab_size).attach(engine)
     plans = _PlanLog(engine.scheduler)
     arrivals = arrival_times(requests, rate, seed=seed)
     added, finished = 0, 0

@@ -29,7 +29,7 @@ def run_policy(policy: str, loads: list[int], device: LatencyProfile, plan: Late
                acceptance: str, prompt_len: int, gen_len: int, repeats: int) -> list[dict]:
     """One engine for ``policy`` through every load: device tok/s of each timed run."""
     engine = host_time._engine(policy, shape, max(loads), prompt_len, gen_len, acceptance, plan)
-    emulated = EmulatedDevice(device, engine.tokenizer.vocab_size, engine.spec.arch.hidden_size).attach(engine)
+    emulated = EmulatedDevice(device, engine.tokenizer.vocab_size).attach(engine)
     rows, added = [], 0
     for n in loads:
         runs = []
