@@ -3,8 +3,8 @@
 This machine's speed drifts by up to 2x within minutes, so `optimus bench host` runs the two
 trees in turn, round after round, and each value is the median over the rounds. The cases are
 the stored ones (benchmarks/results/cpu/host_time): the SDAR-8B geometry at 256 requests under
-`real-8b` (prompt and output 256), and the SmolLM2-135M shape (a causal model) at 512 requests
-(prompt and output 128).
+`real-8b` (prompt and output 256, and output 2048 for ar and fixed:4), and the SmolLM2-135M shape
+(a causal model) at 512 requests (prompt and output 128).
 
     python benchmarks/host_before_after.py --base 03c01f1 --rounds 3 --out host_time.json
 """
@@ -25,6 +25,7 @@ CASES = (  # (bench host arguments, what the row adds to identify its case)
     (["--policies", "ar,fixed:4,fixed:32,elastic", "--requests", "256"], {}),
     (["--policies", "ar", "--requests", "512", "--shape", "smollm2-135m", "--prompt-len", "128",
       "--output-len", "128"], {"shape": "smollm2-135m", "prompt_len": 128, "output_len": 128}),
+    (["--policies", "ar,fixed:4", "--requests", "256", "--output-len", "2048"], {"output_len": 2048}),  # long answers
 )
 
 

@@ -216,6 +216,7 @@ def host_time(d: dict) -> list:
                   if k in ms]
         value = f"{ms['total']:.1f}" + (f" ({ms['critical']:.1f} critical)" if "critical" in ms else "")
         shape = f" ({r['shape']})" if "shape" in r else ""
+        shape += f", output {r['output_len']}" if "output_len" in r else ""
         rows.append((f"{r['policy']}{shape}, {r['requests']} requests: host ms per step ({' + '.join(phases)})",
                      f"{value}: {' + '.join(f'{ms[k]:.1f}' for k in phases)}"))
     return rows
