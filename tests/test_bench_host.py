@@ -36,7 +36,7 @@ def test_emulated_steps_queue_one_after_another_and_picks_wait_for_their_step():
 
     import torch
 
-    from optimus.bench.emulated_device import EmulatedDevice
+    from optimus.engine.emulated import EmulatedDevice
     from optimus.policy.elastic.latency import LatencyProfile
 
     device = EmulatedDevice(LatencyProfile.synthetic(0.2, 64, 0.0), vocab=1000, hidden=8)
@@ -81,3 +81,26 @@ def test_emulated_serving_tells_steps_kept_in_flight_from_wide_ones():
     for row in (ar, wide):
         assert row["output_tok_s"] > 0 and 0 < row["device_busy_share"] <= 1.0 + 1e-9 and row["mean_tpot_ms"] > 0
     assert wide["steps"] < ar["steps"]  # real-8b commits more than one token a window of 4
+
+
+def test_an_engine_configured_to_emulate_a_device_steps_at_its_surface_pace(tmp_path):
+    import time
+
+    from optimus.config import engine_config
+    from optimus.core.params import SamplingParams
+    from optimus.engine.engine import Engine
+    from optimus.policy.elastic.latency import LatencyProfile
+
+    surface = LatencyProfile.synthetic(0.02, 64, 0.0).save(tmp_path / "surface.json")  # 20 ms a step
+    config = engine_config(model="random-tiny:sdar-8b", device="cpu", dtype="float32", policy="fixed:4",
+                           num_pages=64, replay_acceptance="real-8b", emulate_device=str(surface))
+    engine = Engine(config)
+    for i in range(2):
+        engine.add_request(str(i), list(range(100, 116)), SamplingParams(max_tokens=8, ignore_eos=True))
+    t0, finished = time.perf_counter(), []
+    while engine.has_work():
+        finished += [o for o in engine.step() if o.finished]
+    wall = time.perf_counter() - t0
+    assert sorted(len(o.token_ids) for o in finished) == [8, 8]
+    steps = engine.stats.steps
+    assert engine.emulated.busy_s == pytest.approx(0.02 * steps) and wall >= 0.02 * steps

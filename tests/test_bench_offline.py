@@ -87,7 +87,7 @@ def test_surface_frees_its_engine_before_releasing_memory(monkeypatch):
 
 
 def test_a_device_curve_from_step_traces_replays_the_measured_steps():
-    from optimus.bench.emulated_device import profile_from_traces
+    from optimus.bench.step_traces import profile_from_traces
 
     def row(rows, requests, ms):
         return {"step_trace": {"rows": rows, "requests": requests, "refresh_rows": [0] * len(rows), "device_ms": ms}}

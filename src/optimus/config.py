@@ -121,6 +121,10 @@ class EngineConfig:
               "acceptance profile (bench acceptance JSON) says a chunk of that size commits, instead of the "
               "requests' decoding rule; for random-weight models, whose confidences mean nothing. Also seeds "
               "elastic's tau prior unless --acceptance-profile is given")
+    emulate_device: str | None = _opt(
+        None, "benchmarks only: run no forward; each step takes the time this latency profile JSON predicts and "
+              "picks random tokens (an emulated device), so any machine serves at that card's pace. Pair with "
+              "--replay-acceptance, a random-tiny model of the shape and greedy requests")
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from optimus.bench.emulated_device import EmulatedDevice
+from optimus.engine.emulated import EmulatedDevice
 from optimus.config import engine_config
 from optimus.core.params import SamplingParams
 from optimus.core.request import RequestState

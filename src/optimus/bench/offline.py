@@ -126,7 +126,7 @@ def timed_generate(llm: LLM, batch: int, prompt_len: int, gen_len: int, params: 
 def step_trace(trace: list) -> dict:
     """The run's steps, columns of equal length: rows computed, requests in the step, refresh
     rows and device ms (CUDA events; on a CPU, the launches): what an emulated device replays
-    (``bench.emulated_device.profile_from_traces``)."""
+    (``bench.step_traces.profile_from_traces``)."""
     rows, requests, refresh, _, device = zip(*trace) if trace else ((),) * 5
     return {"rows": list(rows), "requests": list(requests), "refresh_rows": list(refresh),
             "device_ms": [round(1e3 * d, 3) for d in device]}

@@ -25,6 +25,7 @@ from optimus.engine.builder import build_parts
 from optimus.engine.flight import DeviceTime, InFlight, host_gap
 from optimus.engine.postprocess import Postprocessor
 from optimus.engine.stats import EngineStats
+from optimus.engine.emulated import emulate
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +43,10 @@ def _release(engine: "Engine") -> None:
 class Engine:
     def __init__(self, config: EngineConfig, loaded=None, commit_rule: CommitRule | None = None) -> None:
         parts = build_parts(config, loaded, commit_rule)
-        self.config, self.loaded, self.device = config, parts.loaded, parts.device
+        self.config, self.loaded, self.device, self.parallel = config, parts.loaded, parts.device, parts.parallel
         self.spec, self.tokenizer, self.block_size = parts.spec, parts.loaded.tokenizer, parts.block_size
         self.allocator, self.storage, self.runner = parts.allocator, parts.storage, parts.runner
         self.policy, self.scheduler, self.flights = parts.policy, parts.scheduler, parts.flights
-        self.parallel = parts.parallel  # tensor-parallel workers, or None
         self.post = Postprocessor(self.spec, self.tokenizer, parts.commit_rule, self.runner, self.scheduler,
                                   fail=self._fail)
         self.stats, self.max_model_len = EngineStats(), self.spec.arch.max_position
@@ -56,6 +56,7 @@ class Engine:
         self._in_flight: InFlight | None = None  # launched, tokens not read yet (overlap, pipeline)
         self._last_device_time: DeviceTime | None = None  # of the latest launched step
         self.device_timer = functools.partial(DeviceTime, self.device)  # benchmarks may emulate the device
+        self.emulated = emulate(self, config.emulate_device) if config.emulate_device else None
 
     # ---- requests --------------------------------------------------------------------
     def check_request(self, prompt_ids: list[int], params: SamplingParams) -> Geometry:

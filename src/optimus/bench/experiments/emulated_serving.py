@@ -25,7 +25,7 @@ import numpy as np
 
 from optimus.bench import host_time
 from optimus.bench.arrivals import arrival_times
-from optimus.bench.emulated_device import EmulatedDevice
+from optimus.engine.emulated import EmulatedDevice
 from optimus.engine.flight import pipeline_rule
 from optimus.policy.elastic.latency import LatencyProfile
 

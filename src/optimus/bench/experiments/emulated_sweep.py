@@ -1,7 +1,7 @@
 """A GPU policy sweep replayed on a CPU: the engine's host side runs for real (scheduler,
 policies, the regime's replayed commits), and each step occupies an emulated device for the
 time that GPU took for steps of its rows and requests (the sweep's ``step_trace``,
-:func:`optimus.bench.emulated_device.profile_from_traces`). Elastic plans from a stored
+:func:`optimus.bench.step_traces.profile_from_traces`). Elastic plans from a stored
 latency surface, as on the GPU. What a controller change does at each load, judged in device
 time (this CPU's host is not the GPU host's), before a GPU is free:
 
@@ -19,7 +19,8 @@ import json
 from pathlib import Path
 
 from optimus.bench import host_time
-from optimus.bench.emulated_device import EmulatedDevice, profile_from_traces
+from optimus.bench.step_traces import profile_from_traces
+from optimus.engine.emulated import EmulatedDevice
 from optimus.policy.elastic.latency import LatencyProfile
 
 POLICIES = "ar,fixed:2,fixed:4,fixed:8,fixed:16,fixed:32,elastic"

@@ -16,7 +16,6 @@ host (256 x 4,096 floats a step for the 8B shape: device work counted as host ti
 
 from __future__ import annotations
 
-import math
 import time
 
 import torch
@@ -58,6 +57,11 @@ class _EmulatedTime:
         return max(0.0, self.span[0] - earlier.span[1])
 
 
+def emulate(engine, profile_path: str) -> "EmulatedDevice":
+    """``EngineConfig.emulate_device``: the engine's steps take a stored surface's times."""
+    return EmulatedDevice(LatencyProfile.load(profile_path), engine.tokenizer.vocab_size).attach(engine)
+
+
 class EmulatedDevice:
     """Steps take ``profile.predict(tokens, requests)`` seconds, one after another; no time
     at all without a profile (the device left out: host work alone)."""
@@ -90,18 +94,3 @@ class EmulatedDevice:
         m = hidden.shape[0]
         return _EmulatedPick(torch.randint(100, self.vocab - 100, (m,), generator=self.gen),
                              torch.rand(m, generator=self.gen), self.free_at)
-
-
-def profile_from_traces(rows: list[dict]) -> LatencyProfile:
-    """A device curve from measured steps: the ``step_trace`` of ``optimus bench offline``'s
-    sweep rows (a GPU run), one point per step with a device time, its batch the step's request
-    count rounded to a power of two (so each batch's curve has points enough). An emulated
-    device built on it replays that card's step times on a CPU, where a controller change can
-    be tried before a GPU is free."""
-    pairs = [(n, ms / 1e3, 2 ** round(math.log2(k)))
-             for row in rows if row.get("step_trace")
-             for n, k, ms in zip(row["step_trace"]["rows"], row["step_trace"]["requests"],
-                                 row["step_trace"]["device_ms"]) if ms > 0 and k > 0]
-    if not pairs:
-        raise ValueError("no step traces with device times (sweep rows of `optimus bench offline`)")
-    return LatencyProfile.from_pairs(pairs, source="step traces")

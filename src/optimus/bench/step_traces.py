@@ -1,0 +1,23 @@
+"""A device curve from a GPU sweep's step traces, for the emulated device
+(``engine.emulated.EmulatedDevice``) to replay on a CPU."""
+
+from __future__ import annotations
+
+import math
+
+from optimus.policy.elastic.latency import LatencyProfile
+
+
+def profile_from_traces(rows: list[dict]) -> LatencyProfile:
+    """A device curve from measured steps: the ``step_trace`` of ``optimus bench offline``'s
+    sweep rows (a GPU run), one point per step with a device time, its batch the step's request
+    count rounded to a power of two (so each batch's curve has points enough). An emulated
+    device built on it replays that card's step times on a CPU, where a controller change can
+    be tried before a GPU is free."""
+    pairs = [(n, ms / 1e3, 2 ** round(math.log2(k)))
+             for row in rows if row.get("step_trace")
+             for n, k, ms in zip(row["step_trace"]["rows"], row["step_trace"]["requests"],
+                                 row["step_trace"]["device_ms"]) if ms > 0 and k > 0]
+    if not pairs:
+        raise ValueError("no step traces with device times (sweep rows of `optimus bench offline`)")
+    return LatencyProfile.from_pairs(pairs, source="step traces")
