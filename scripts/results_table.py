@@ -591,6 +591,12 @@ BENCHMARKS = [
      "commits per forward, as published 8B dLLMs), elastic planning on the card's stored latency surface; "
      "prompt 256, output 256 (prompts per rate and rates: the last row); capacity is the highest swept rate with "
      "the SLO attainment target met.", serve_sweep),
+    ("serve_sweep_emulated_h200", "The real-8b serving sweep on a CPU against an emulated H200",
+     "`benchmarks/cpu_emulated_serve_sweep.sh`: the sweep above, served by `optimus serve --emulate-device`: no "
+     "forward runs, each step takes the time the H200's own step traces give (its offline real-8b sweep) and elastic "
+     "plans on the H200's stored surface; the engine process, the HTTP front-end, the streams and the controller "
+     "are the real ones. It leaves out what the card does beyond its step times (CUDA-graph buckets, its host).",
+     serve_sweep),
     ("host_time", "Host work per step at 256 requests (device left out)",
      "`optimus bench host`: SDAR-8B geometry, prompt 256, output 256, `real-8b` acceptance replayed, the forward "
      "replaced by zeros; median over the steps where all 256 requests decode. The step's wall time is host work "

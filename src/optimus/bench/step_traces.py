@@ -21,3 +21,23 @@ def profile_from_traces(rows: list[dict]) -> LatencyProfile:
     if not pairs:
         raise ValueError("no step traces with device times (sweep rows of `optimus bench offline`)")
     return LatencyProfile.from_pairs(pairs, source="step traces")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m optimus.bench.step_traces SWEEP_JSON OUT_JSON``: the card's step curve from
+    a GPU sweep's traces, saved for ``optimus serve --emulate-device``."""
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("sweep", help="sweep JSON of `optimus bench offline` (rows with step_trace)")
+    p.add_argument("out", help="latency profile JSON to write")
+    a = p.parse_args(argv)
+    data = json.loads(open(a.sweep).read())
+    path = profile_from_traces(data.get("sweep") or data.get("rows") or []).save(a.out)
+    print(f"saved {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
