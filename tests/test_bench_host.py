@@ -81,6 +81,10 @@ def test_emulated_serving_tells_steps_kept_in_flight_from_wide_ones():
     for row in (ar, wide):
         assert row["output_tok_s"] > 0 and 0 < row["device_busy_share"] <= 1.0 + 1e-9 and row["mean_tpot_ms"] > 0
     assert wide["steps"] < ar["steps"]  # real-8b commits more than one token a window of 4
+    # elastic planning on a curve of its own while the device follows another (a card's traces)
+    slow = LatencyProfile.synthetic(0.004, 256, 2e-5)
+    planned = serve("elastic", 400.0, slow, requests=6, prompt_len=16, output_len=32, plan=device)
+    assert planned["output_tok_s"] > 0 and planned["wall_ms_per_step"] >= 3.9  # each step takes the device's 4 ms
 
 
 def test_an_engine_configured_to_emulate_a_device_steps_at_its_surface_pace(tmp_path):

@@ -49,10 +49,12 @@ class _PlanLog:
 
 
 def serve(policy: str, rate: float, device: LatencyProfile, requests: int = 256, prompt_len: int = 256,
-          output_len: int = 256, acceptance: str = "real-8b", shape: str = "sdar-8b", seed: int = 0) -> dict:
-    """``requests`` arriving at ``rate`` per second (Poisson), each served to ``output_len``."""
-    engine = host_time._engine(policy, shape, requests, prompt_len, output_len, acceptance, device)
-    engine.flights.pipeline = pipeline_rule("auto", device.predict)
+          output_len: int = 256, acceptance: str = "real-8b", shape: str = "sdar-8b", seed: int = 0,
+          plan: LatencyProfile | None = None) -> dict:
+    """``requests`` arriving at ``rate`` per second (Poisson), each served to ``output_len``;
+    elastic plans from ``plan`` (default: the device's own curve)."""
+    engine = host_time._engine(policy, shape, requests, prompt_len, output_len, acceptance, plan or device)
+    engine.flights.pipeline = pipeline_rule("auto", (plan or device).predict)
     emulated = EmulatedDevice(device, engine.tokenizer.vocab_size).attach(engine)
     plans = _PlanLog(engine.scheduler)
     arrivals = arrival_times(requests, rate, seed=seed)
@@ -97,17 +99,21 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--profile", required=True,
                    help="the latency surface the emulated device follows (and elastic plans from)")
+    p.add_argument("--device-profile", default=None,
+                   help="the emulated device follows this curve instead (e.g. a card's step traces, "
+                        "python -m optimus.bench.step_traces); elastic still plans from --profile")
     p.add_argument("--policies", default="ar,elastic")
     p.add_argument("--rates", default="20,50", help="comma list of request rates (per second)")
     p.add_argument("--requests", type=int, default=256, help="requests per rate")
     p.add_argument("--acceptance", default="real-8b")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    device = LatencyProfile.load(args.profile)
+    plan = LatencyProfile.load(args.profile)
+    device = LatencyProfile.load(args.device_profile) if args.device_profile else plan
     rows = []
     for rate in (float(r) for r in args.rates.split(",")):
         for policy in args.policies.split(","):
-            row = serve(policy, rate, device, args.requests, acceptance=args.acceptance)
+            row = serve(policy, rate, device, args.requests, acceptance=args.acceptance, plan=plan)
             rows.append(row)
             print(f"{policy:<9} {rate:5.1f} req/s: {row['output_tok_s']:6.0f} tok/s, {row['steps']} steps of "
                   f"{row['wall_ms_per_step']:.1f} ms and {row['windows_per_step']:.1f} windows, wide plans "
@@ -115,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"device busy {row['device_busy_share']:.2f}, TPOT {row['mean_tpot_ms']:.1f} ms", flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps({"bench": "emulated_serving", "profile": args.profile,
+                                              "device_profile": args.device_profile or args.profile,
                                               "acceptance": args.acceptance, "rows": rows}, indent=1))
     return 0
 
