@@ -1,5 +1,6 @@
-"""An emulated accelerator for host-side benchmarks: steps queue on it and take the time a
-latency profile says, while the host runs on.
+"""An emulated accelerator for benchmarks without the card: steps queue on it and take the time
+a latency profile says, while the host runs on. Benchmarks attach one to an engine they built;
+``--emulate-device PROFILE`` makes any engine (``optimus serve`` included) build one (:func:`emulate`).
 
 ``EmulatedDevice.attach(engine)`` replaces the runner's forward and greedy pick: a forward
 enqueues the step (it starts when the device finishes the step before, or now) and returns at
