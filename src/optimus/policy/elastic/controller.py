@@ -162,8 +162,10 @@ class ElasticPolicy:
     def _variance(self, sizes: np.ndarray, levels: np.ndarray | float = 1.0) -> np.ndarray:
         return store_variance(sizes, self._tau(sizes, levels))
 
-    def _level_of(self, request_id: str) -> float:
-        return 1.0 if self.confidence is None else self.confidence.level(request_id)
+    def _levels(self, request_ids) -> list[float]:
+        if self.confidence is None:
+            return [1.0 for _ in request_ids]
+        return self.confidence.levels(request_ids)
 
     def predict_latency(self, tokens: np.ndarray, batch: int) -> np.ndarray:
         """Corrected latency curve at step token counts ``tokens`` [K]."""
@@ -172,7 +174,8 @@ class ElasticPolicy:
     # ---- ChunkPolicy ---------------------------------------------------------------------
     def choose(self, view: StepView) -> list[int]:
         out = [override_chunk(r) for r in view.requests]
-        levels = [1.0 if c is not None else self._level_of(r.request_id) for c, r in zip(out, view.requests)]
+        own = self._levels(r.request_id for r in view.requests)
+        levels = [1.0 if c is not None else level for c, level in zip(out, own)]
         elastic = [i for i, c in enumerate(out) if c is None]
         pinned = np.array([c for c in out if c is not None], dtype=float)
         if elastic:
@@ -187,7 +190,7 @@ class ElasticPolicy:
             self.tau.observe(feedback.chunk_sizes, feedback.committed)
         else:
             sizes = np.array(feedback.chunk_sizes, dtype=float)
-            levels = np.array([self.confidence.level(rid) for rid in feedback.request_ids])
+            levels = np.array(self.confidence.levels(feedback.request_ids))
             # A window holding m masked positions can commit at most m: judge each request
             # against min(tau(C), m) over min(C, m) positions, or block tails read as hesitancy.
             expected, judged = self.tau(sizes), feedback.chunk_sizes
@@ -210,7 +213,7 @@ class ElasticPolicy:
         self._ladders, self._curves = {}, {}  # the estimates moved: rebuild what is likely next
         if self._latest is not None:
             ids, caps, pinned, batch = self._latest
-            self._curve_for(tuple(zip(caps, map(self._level_of, ids))), pinned, batch)
+            self._curve_for(tuple(zip(caps, self._levels(ids))), pinned, batch)
 
     def _observe_latency(self, feedback: StepFeedback) -> None:
         """The latency curve learns the device's time where the engine reports it (the profile

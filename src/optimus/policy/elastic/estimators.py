@@ -12,6 +12,7 @@ Both move by bounded amounts per step; that is what lets the controller's decisi
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Callable
 
@@ -62,12 +63,13 @@ class TauEstimator:
 
     def observe(self, chunk_sizes, committed, weights=None) -> None:
         """``committed``: commits per request (floats allowed); ``weights``: per request (default 1)."""
-        weights = weights if weights is not None else [1.0] * len(chunk_sizes)
-        step: dict[int, tuple[float, float]] = {}
-        for c, k, w in zip(chunk_sizes, committed, weights):
-            if c >= 1 and w > 0:
-                s, n = step.get(int(c), (0.0, 0.0))
-                step[int(c)] = (s + w * min(float(k), float(c)), n + w)
+        sizes = np.asarray(chunk_sizes, dtype=np.int64)
+        w = np.ones(sizes.size) if weights is None else np.asarray(weights, dtype=float)
+        used = (sizes >= 1) & (w > 0)
+        sizes, w = sizes[used], w[used]
+        commits = np.minimum(np.asarray(committed, dtype=float)[used], sizes)
+        sums, counts = np.bincount(sizes, w * commits), np.bincount(sizes, w)
+        step = {c: (float(sums[c]), float(counts[c])) for c in np.flatnonzero(counts).tolist()}
         for c in set(self._data) | set(step):
             s, n = self._data.get(c, (0.0, 0.0))
             if c in step:
@@ -358,14 +360,17 @@ class RequestConfidence:
         """``expected``: the shared ``tau`` at each request's chunk size (same order)."""
         self._observations += 1
         now = self._observations
-        for rid, c, k, t in zip(request_ids, chunk_sizes, committed, expected):
-            s, e = self._excess.get(rid, (0.0, 0.0))
-            s, e = self.decay * s, self.decay * e
+        decay, w0, band = self.decay, self.prior_weight, self.band
+        excess, levels, seen = self._excess, self._level, self._seen
+        for rid, c, k, t in zip(request_ids, chunk_sizes, committed, np.asarray(expected, dtype=float).tolist()):
+            s, e = excess.get(rid, (0.0, 0.0))
+            s, e = decay * s, decay * e
             if c > 1:
-                s, e = s + min(k, c) - 1, e + max(float(t) - 1.0, 0.0)
-            self._excess[rid] = (s, e)
-            self._level[rid] = self._move(self._level.get(rid, 1.0), self.ratio(rid))
-            self._seen[rid] = now
+                s, e = s + min(k, c) - 1, e + max(t - 1.0, 0.0)
+            excess[rid] = (s, e)
+            level, r = levels.get(rid, 1.0), (w0 + s) / (w0 + e)  # r = self.ratio(rid)
+            levels[rid] = level if level / band <= r <= level * band else self._move(level, r)
+            seen[rid] = now
         if now % self.forget_after == 0:
             gone = [rid for rid, seen in self._seen.items() if now - seen >= self.forget_after]
             for rid in gone:
@@ -377,6 +382,10 @@ class RequestConfidence:
 
     def level(self, request_id: str) -> float:
         return self._level.get(request_id, 1.0)
+
+    def levels(self, request_ids) -> list[float]:
+        """``level`` of each, in one pass."""
+        return list(map(self._level.get, request_ids, itertools.repeat(1.0)))
 
     def _move(self, level: float, r: float) -> float:
         if level / self.band <= r <= level * self.band:
