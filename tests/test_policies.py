@@ -453,3 +453,28 @@ def test_cached_curve_gives_the_choice_of_a_fresh_policy_state():
         p.observe(StepFeedback(sum(out) + 20, 0.01, tuple(out), tuple(rng.randint(1, c) for c in out),
                                tuple(ids), tuple(out)))
     assert p._curves, "observe should have rebuilt the latest choice's curve"
+
+
+def test_elastic_builds_the_next_curve_ahead_only_while_its_guess_holds(monkeypatch):
+    p = elastic()
+    built = {"observe": 0, "choose": 0}
+    where = ["choose"]
+    build = p._build_curve
+
+    def counted(*a):
+        built[where[0]] += 1
+        return build(*a)
+    monkeypatch.setattr(p, "_build_curve", counted)
+
+    def step(ids):
+        where[0] = "choose"
+        out = p.choose(StepView(tuple(RequestView(i, 32, 32, None) for i in ids), 0, 1 << 20))
+        where[0] = "observe"
+        p.observe(StepFeedback(sum(out) + len(ids), 0.01, tuple(out), tuple(min(2, c) for c in out), tuple(ids)))
+
+    for _ in range(20):  # the same requests every step: choose finds the curve observe built
+        step([f"r{i}" for i in range(8)])
+    assert p.guess_hits > 0.9 and built["choose"] <= 1 and built["observe"] >= 19
+    for k in range(40):  # arrivals and finishes: the batch changes every step, and observe stops guessing
+        step([f"r{i}" for i in range(8 + k % 2)])
+    assert p.guess_hits < 0.5 and built["observe"] < 19 + 40 / 2 and built["choose"] >= 40

@@ -136,10 +136,14 @@ class ElasticPolicy:
         # Ladders by (planning cap, level) and rate curves by (ladder keys, pinned sizes,
         # batch): valid until the next observe moves the estimates. Observe rebuilds the curve
         # of the latest choice's requests (the engine runs it while the GPU computes a step),
-        # so choose, which the next step waits for, mostly looks it up.
+        # so choose, which the next step waits for, mostly looks it up: while that guess holds.
+        # Under a stream of arrivals and finishes the next step's requests differ more often than
+        # not, and a curve built ahead for nothing is host time a host-bound step pays.
         self._ladders: dict[tuple[int, float], Ladder] = {}
         self._curves: dict[tuple, _Curve] = {}
         self._latest: tuple | None = None  # (request ids, caps, pinned, batch) of the latest choice
+        self._guess: tuple | None = None  # the curve signature observe expects choose to ask for
+        self.guess_hits = 1.0  # how often choose asked for it (moving average); built ahead while >= 1/2
 
     # ---- the model the decision reads ----------------------------------------------------
     def _tau(self, sizes: np.ndarray, levels: np.ndarray | float = 1.0) -> np.ndarray:
@@ -213,7 +217,10 @@ class ElasticPolicy:
         self._ladders, self._curves = {}, {}  # the estimates moved: rebuild what is likely next
         if self._latest is not None:
             ids, caps, pinned, batch = self._latest
-            self._curve_for(tuple(zip(caps, self._levels(ids))), pinned, batch)
+            guess, self._guess = (tuple(zip(caps, self._levels(ids))), pinned, batch), None
+            if self.guess_hits >= 0.5:
+                self._curve_for(*guess)
+            self._guess = guess  # judged by choose's first ask
 
     def _observe_latency(self, feedback: StepFeedback) -> None:
         """The latency curve learns the device's time where the engine reports it (the profile
@@ -235,6 +242,9 @@ class ElasticPolicy:
 
     def _curve_for(self, keys: tuple, pinned: tuple, batch: int) -> _Curve:
         signature = (keys, pinned, batch)
+        if self._guess is not None:  # the first ask since observe: was its guess right?
+            self.guess_hits += 0.1 * ((signature == self._guess) - self.guess_hits)
+            self._guess = None
         curve = self._curves.get(signature)
         if curve is None:
             curve = self._curves[signature] = self._build_curve(keys, np.array(pinned, dtype=float), batch)
