@@ -155,3 +155,16 @@ def test_elastic_on_an_moe_surface_keeps_chunks_small_until_every_expert_is_read
     assert chosen(moe, 1) == {1}
     assert min(chosen(moe, 16)) >= 16
     assert chosen(LatencyProfile.synthetic(5e-3, 256, 2e-5), 1) == {32}
+
+
+@pytest.mark.parametrize("experts", [True, False])
+def test_a_batch_per_column_predicts_as_one_batch_at_a_time(experts):
+    """What a latency refit asks for: a grid of token counts over steps of many batches."""
+    profile = surface() if experts else dataclasses.replace(surface(), routing=None)
+    rng = np.random.default_rng(0)
+    batch = rng.integers(1, 400, 60)  # below, between, on and above the grid's batches
+    batch[:4] = (1, 16, 64, 300)
+    n = rng.uniform(1, 3000, (5, 60))
+    each = np.array([[profile.predict(n[i, j], int(batch[j])) for j in range(60)] for i in range(5)])
+    assert profile.predict_many(n, batch) == pytest.approx(each, rel=1e-12)
+    assert profile.predict_many(n[0], batch) == pytest.approx(each[0], rel=1e-12)

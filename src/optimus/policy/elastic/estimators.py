@@ -122,7 +122,8 @@ class TauEstimator:
         return {int(c): float(t) for c, t in zip(sizes, taus)}
 
 
-Predict = Callable[[np.ndarray, int], np.ndarray]  # (token counts [K], batch) -> seconds [K]
+# (token counts [K] or [G, K], batch: one, or one per column [K]) -> seconds, shaped as the counts
+Predict = Callable[[np.ndarray, "int | np.ndarray"], np.ndarray]
 
 
 class LatencyCorrector:
@@ -221,13 +222,8 @@ class LatencyCorrector:
     def _parts(self, predict: Predict, x: np.ndarray, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The profile at stretched token counts ``x`` [G, W] split at its knee: the flat part
         ``P(min(x, K))`` and the excess past it, each [G, W]."""
-        flat, full = np.empty_like(x), np.empty_like(x)
-        for b in np.unique(batch):
-            idx = np.nonzero(batch == b)[0]
-            xs = x[:, idx].reshape(-1)
-            both = np.maximum(predict(np.concatenate([np.minimum(xs, self.knee), xs]), int(b)), 1e-12)
-            flat[:, idx] = both[:xs.size].reshape(len(x), -1)
-            full[:, idx] = both[xs.size:].reshape(len(x), -1)
+        both = np.maximum(predict(np.concatenate([np.minimum(x, self.knee), x]), batch), 1e-12)  # [2G, W]
+        flat, full = both[:len(x)], both[len(x):]
         return flat, np.maximum(full - flat, 0.0)
 
     @staticmethod

@@ -219,10 +219,13 @@ class LatencyProfile:
     def predict(self, n: float, batch: int | None = None) -> float:
         return float(self.predict_many(np.array([float(n)]), batch)[0])
 
-    def predict_many(self, n: np.ndarray, batch: int | None = None) -> np.ndarray:
+    def predict_many(self, n: np.ndarray, batch: int | np.ndarray | None = None) -> np.ndarray:
         """Predicted seconds for step token counts ``n`` [K] with ``batch`` requests: the
-        per-batch curves interpolated in log(batch) (clamped to the grid), else the pooled one."""
+        per-batch curves interpolated in log(batch) (clamped to the grid), else the pooled one.
+        ``batch`` may also be an array like ``n``: each count with its own batch."""
         n = np.maximum(np.asarray(n, dtype=float), 1.0)
+        if isinstance(batch, np.ndarray):
+            return self._predict_batches(n, batch)
         curves = self._by_batch
         if not curves or batch is None:
             return self._along(self._pooled, n, 1, batch or 1)
@@ -234,6 +237,35 @@ class LatencyProfile:
         lo = grid[grid.index(hi) - 1]
         w = (math.log(batch) - math.log(lo)) / (math.log(hi) - math.log(lo))
         return (1 - w) * self._along(curves[lo], n, lo, batch) + w * self._along(curves[hi], n, hi, batch)
+
+    def _predict_batches(self, n: np.ndarray, batch: np.ndarray) -> np.ndarray:
+        """``predict_many`` with a batch per count along ``n``'s last axis (``batch`` [W], ``n``
+        [W] or [G, W]). A dense profile reads each grid curve once, on the columns that blend
+        it (a latency refit asks for a grid of stretches over a window of steps of dozens of
+        batches); an experts model, whose curve depends on the batch, batch by batch."""
+        curves = self._by_batch
+        out = np.zeros_like(n)
+        if self.cost_model is not None or not curves:
+            for b in np.unique(batch):
+                part = n[..., batch == b]
+                out[..., batch == b] = self.predict_many(part.reshape(-1), int(b)).reshape(part.shape)
+            return out
+        grid = np.array(list(curves), dtype=float)
+        b = batch.astype(float)
+        hi = np.minimum(np.searchsorted(grid, b), len(grid) - 1)  # the first grid batch >= b
+        lo = np.maximum(hi - 1, 0)
+        ends = (b <= grid[0]) | (b >= grid[-1])  # clamped: the end curve alone
+        lo[ends] = hi[ends] = np.where(b[ends] <= grid[0], 0, len(grid) - 1)
+        inside = hi > lo
+        w = np.ones_like(b)
+        w[inside] = np.log(b[inside] / grid[lo[inside]]) / np.log(grid[hi[inside]] / grid[lo[inside]])
+        for g, (at, curve) in enumerate(curves.items()):
+            cols = np.flatnonzero((hi == g) | ((lo == g) & inside))
+            if cols.size:
+                coef = np.where(hi[cols] == g, w[cols], 1.0 - w[cols])
+                part = n[..., cols]
+                out[..., cols] += coef * self._along(curve, part.reshape(-1), at, at).reshape(part.shape)
+        return out
 
     def _along(self, curve: _Curve, n: np.ndarray, measured_at: int, batch: int) -> np.ndarray:
         """The curve measured at ``measured_at`` requests, read at ``n`` tokens of ``batch``
