@@ -267,6 +267,17 @@ def emulated_serving(d: dict) -> list:
              f"{r['plans_with_a_wide_window']:.2f}; {r['steps_kept_in_flight']:.2f}") for r in d.get("rows", [])]
 
 
+def slow_host(d: dict) -> list:
+    """Per policy and rate: the median output tok/s of the runs, and the code before if stored."""
+    before = d.get("before", {})
+    rows = [(f"{key} req/s: output tok/s, median (runs)",
+             f"{num(v['median_tok_s'])} ({', '.join(num(x) for x in v['runs'])})") for key, v in d["summary"].items()]
+    rows += [(f"{key} req/s, before ({before['commit']}): output tok/s, median (runs)",
+              f"{num(v['median_tok_s'])} ({', '.join(num(x) for x in v['runs'])})")
+             for key, v in before.get("summary", {}).items()]
+    return rows + [("busy loops sharing the core", str(d.get("busy_loops")))]
+
+
 def elastic_profile_mismatch(d: dict) -> list:
     return [(f"{r['requests']} requests, profile {r['profile']}: elastic / best single tok/s "
              "(scale, stretch, slope ratio learned)",
@@ -597,6 +608,11 @@ BENCHMARKS = [
      "plans on the H200's stored surface; the engine process, the HTTP front-end, the streams and the controller "
      "are the real ones. It leaves out what the card does beyond its step times (CUDA-graph buckets, its host).",
      serve_sweep),
+    ("emulated_serving_slow_host", "A serving load on an emulated H200 with a slower host",
+     "`python benchmarks/slow_host_serving.py --rates 50 --rounds 3`: `emulated_serving`'s load (256 requests, "
+     "prompt and output 256, `real-8b` replayed) on the H200 emulated from its step traces, elastic planning on its "
+     "surface, the process sharing one CPU core with busy loops (its host work about 3x as long: the card machine's "
+     "host is slower than this CPU). The H200 served elastic at 0.927 of ar at 50 req/s.", slow_host),
     ("host_time", "Host work per step at 256 requests (device left out)",
      "`optimus bench host`: SDAR-8B geometry, prompt 256, output 256, `real-8b` acceptance replayed, the forward "
      "replaced by zeros; median over the steps where all 256 requests decode. The step's wall time is host work "
