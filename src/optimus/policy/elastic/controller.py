@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import collections
 import math
+import operator
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,6 +47,7 @@ from optimus.policy.elastic.ladders import Ladder, Rungs, build_ladder, merge_ru
 
 DEFAULT_CHUNK_SIZES = (1, 2, 4, 8, 16, 32, 64)
 DEFAULT_KNEE = 256  # tokens; used only without a profile, until corrected online
+_BLOCK_SIZE, _MAX_CHUNK = operator.attrgetter("block_size"), operator.attrgetter("max_chunk")  # of RequestViews
 
 
 @dataclass(frozen=True)
@@ -296,18 +298,20 @@ class ElasticPolicy:
     # ---- the control law -----------------------------------------------------------------
     def _allocate(self, view: StepView, elastic: list[int], levels: list[float], pinned: np.ndarray) -> list[int]:
         requests = [view.requests[i] for i in elastic]
-        top = max(self.chunk_sizes)
+        n = len(requests)
+        blocks = np.fromiter(map(_BLOCK_SIZE, requests), np.int64, n)
+        max_chunks = np.fromiter(map(_MAX_CHUNK, requests), np.int64, n)
         # Planning caps ignore block ends; one ladder per (cap, confidence level).
-        caps = tuple(max(1, min(r.block_size, top)) for r in requests)
+        caps = tuple(np.clip(blocks, 1, max(self.chunk_sizes)).tolist())
         pinned_sizes, batch = tuple(pinned.tolist()), len(view.requests)
         self._latest = (tuple(r.request_id for r in requests), caps, pinned_sizes, batch)
         curve = self._curve_for(tuple(zip(caps, levels)), pinned_sizes, batch)
-        rungs, rate, n = curve.rungs, curve.rate, len(requests)
+        rungs, rate = curve.rungs, curve.rate
         fixed = view.fixed_tokens + float(np.sum(pinned)) + n
         if fixed + rungs.positions[-1] > view.token_budget:
             # The budget may bind: cut where the step's real rows (chunks clipped to the
             # block ends, never more than planned) pass it.
-            actual = fixed + rungs.actual(np.array([r.max_chunk for r in requests], dtype=float))
+            actual = fixed + rungs.actual(max_chunks.astype(float))
             feasible = int(np.searchsorted(actual, view.token_budget, side="right")) - 1
             rate = rate.copy()
             rate[max(feasible, 0) + 1:] = -np.inf
@@ -315,7 +319,7 @@ class ElasticPolicy:
         m, retargeted = self._apply_hysteresis(rungs, rate, best, n)
         sizes = np.ones(n, dtype=int)
         np.maximum.at(sizes, rungs.request[:m], rungs.size[:m].astype(int))
-        out = [int(min(s, r.max_chunk)) for s, r in zip(sizes, requests)]
+        out = np.minimum(sizes, max_chunks).tolist()
         self.last_plan = Plan(self.target or 0, int(n + rungs.positions[m]), float(curve.tokens[m]),
                               float(curve.latency[m]), float(rate[m]), retargeted)
         return out
