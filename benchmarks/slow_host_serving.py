@@ -32,13 +32,12 @@ def main() -> int:
     p.add_argument("--out", required=True)
     a = p.parse_args()
     from optimus.bench.experiments.emulated_serving import serve
-    from optimus.bench.step_traces import profile_from_traces
+    from optimus.bench.step_traces import profile_from_traces, sweep_rows
     from optimus.policy.elastic.latency import LatencyProfile
 
     results = ROOT / "benchmarks" / "results" / a.card
     plan = LatencyProfile.load(results / "latency_surface" / "latest.json")
-    sweep = json.loads((results / "policy_sweep_real8b" / "latest.json").read_text())
-    device = profile_from_traces(sweep.get("sweep") or sweep.get("rows") or [])
+    device = profile_from_traces(sweep_rows([results / "policy_sweep_real8b" / "latest.json"]))
     core = min(os.sched_getaffinity(0))
     os.sched_setaffinity(0, {core})
     loops = [subprocess.Popen([sys.executable, "-c", f"import os; os.sched_setaffinity(0, {{{core}}})\nwhile 1: pass"])

@@ -3,9 +3,16 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 from optimus.policy.elastic.latency import LatencyProfile
+
+
+def sweep_rows(paths) -> list[dict]:
+    """The rows of ``optimus bench offline`` sweep JSON files (``sweep``), one file after another."""
+    return [row for path in paths for row in json.loads(Path(path).read_text())["sweep"]]
 
 
 def profile_from_traces(rows: list[dict]) -> LatencyProfile:
@@ -27,14 +34,12 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m optimus.bench.step_traces SWEEP_JSON OUT_JSON``: the card's step curve from
     a GPU sweep's traces, saved for ``optimus serve --emulate-device``."""
     import argparse
-    import json
 
     p = argparse.ArgumentParser(description=main.__doc__)
     p.add_argument("sweep", help="sweep JSON of `optimus bench offline` (rows with step_trace)")
     p.add_argument("out", help="latency profile JSON to write")
     a = p.parse_args(argv)
-    data = json.loads(open(a.sweep).read())
-    path = profile_from_traces(data.get("sweep") or data.get("rows") or []).save(a.out)
+    path = profile_from_traces(sweep_rows([a.sweep])).save(a.out)
     print(f"saved {path}")
     return 0
 

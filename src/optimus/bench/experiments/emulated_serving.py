@@ -53,8 +53,9 @@ def serve(policy: str, rate: float, device: LatencyProfile, requests: int = 256,
           plan: LatencyProfile | None = None) -> dict:
     """``requests`` arriving at ``rate`` per second (Poisson), each served to ``output_len``;
     elastic plans from ``plan`` (default: the device's own curve)."""
-    engine = host_time._engine(policy, shape, requests, prompt_len, output_len, acceptance, plan or device)
-    engine.flights.pipeline = pipeline_rule("auto", (plan or device).predict)
+    plan = plan or device
+    engine = host_time._engine(policy, shape, requests, prompt_len, output_len, acceptance, plan)
+    engine.flights.pipeline = pipeline_rule("auto", plan.predict)
     emulated = EmulatedDevice(device, engine.tokenizer.vocab_size).attach(engine)
     plans = _PlanLog(engine.scheduler)
     arrivals = arrival_times(requests, rate, seed=seed)

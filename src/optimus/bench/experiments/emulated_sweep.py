@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 
 from optimus.bench import host_time
-from optimus.bench.step_traces import profile_from_traces
+from optimus.bench.step_traces import profile_from_traces, sweep_rows
 from optimus.engine.emulated import EmulatedDevice
 from optimus.policy.elastic.latency import LatencyProfile
 
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
-    swept = [r for f in a.sweep for r in json.loads(Path(f).read_text())["sweep"]]
+    swept = sweep_rows(a.sweep)
     device, plan = profile_from_traces(swept), LatencyProfile.load(a.profile)
     loads = [int(n) for n in a.loads.split(",")] if a.loads else list(dict.fromkeys(r["concurrency"] for r in swept))
     shape = a.shape or swept[0].get("shape", "sdar-8b")

@@ -364,17 +364,13 @@ class RequestConfidence:
             if c > 1:
                 s, e = s + min(k, c) - 1, e + max(t - 1.0, 0.0)
             excess[rid] = (s, e)
-            level, r = levels.get(rid, 1.0), (w0 + s) / (w0 + e)  # r = self.ratio(rid)
+            level, r = levels.get(rid, 1.0), (w0 + s) / (w0 + e)  # r of the class docstring
             levels[rid] = level if level / band <= r <= level * band else self._move(level, r)
             seen[rid] = now
         if now % self.forget_after == 0:
             gone = [rid for rid, seen in self._seen.items() if now - seen >= self.forget_after]
             for rid in gone:
                 del self._excess[rid], self._level[rid], self._seen[rid]
-
-    def ratio(self, request_id: str) -> float:
-        s, e = self._excess.get(request_id, (0.0, 0.0))
-        return (self.prior_weight + s) / (self.prior_weight + e)
 
     def level(self, request_id: str) -> float:
         return self._level.get(request_id, 1.0)
