@@ -545,6 +545,10 @@ BENCHMARKS = [
      "`benchmarks/gpu_http_bench.sh` (`optimus bench http`): the same closed loop, SDAR-8B shape, prompt 256, "
      "output 256, acceptance replayed from the default model, in-process and through `optimus serve`.",
      http_vs_engine),
+    ("http_vs_engine_real8b", "Serving over HTTP against the engine in-process, real-8b acceptance regime",
+     "`ACCEPTANCE=real-8b benchmarks/gpu_http_bench.sh`: as above, both sides replaying the `real-8b` regime (few "
+     "commits per forward, as published 8B dLLMs); a row measured in several calls shows the call with the median "
+     "ratio.", http_vs_engine),
     ("tp1_before_after", "One GPU before and after tensor parallelism",
      "Output tok/s, `optimus bench offline --experiments schedule4,ar --batches 1,8,32 --ar-shapes llama-8b`, "
      "the code before and after the tensor-parallel change back to back on one card, order swapped between calls.",
