@@ -14,6 +14,10 @@
 # on the committed latency profile of the card found (CARD overrides). Each row is
 # saved as soon as it is measured, so a call cut short by its limit keeps what it finished.
 # Results land in $OUT/$TAG (default: the policies without ':' and ',', e.g. ar-fixed8).
+# Both sides capture every CUDA-graph bucket at start-up (--graph-precapture, as the serving
+# sweep): with lazy capture, warm-up waves did not always meet every bucket a measured run meets
+# (an H100, 2026-12-06, real-8b: elastic's in-process run at 64 streams captured 1.26 s of graphs
+# inside its measured waves, and fixed:8's HTTP run 0.11 s in each of three calls).
 # ENGINE_ARGS adds engine flags to both runs, LIMIT_S bounds the call. On H100s (2026-12-05) one
 # policy at 64/256/1024 took 240 s (elastic) to over 420 s (ar, whose 1,024-stream HTTP side was
 # cut there); fixed:8 at 1,024 streams alone took 260 s. Keep LIMIT_S near 560, or split CONCURRENCY.
@@ -52,6 +56,6 @@ mkdir -p "$DIR"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$DIR/gpu.txt"
 timeout "$LIMIT_S" "$PY" -m optimus.cli bench http --model "$MODEL" --policies "$POLICY" --concurrency "$CONCURRENCY" \
   --input-len 256 --output-len 256 --waves 2 --startup-timeout 240 \
-  --engine-args "--replay-acceptance $ACCEPTANCE $PROFILE_ARG --max-running 1024 --max-waiting 1024 $ENGINE_ARGS" \
+  --engine-args "--replay-acceptance $ACCEPTANCE $PROFILE_ARG --graph-precapture --max-running 1024 --max-waiting 1024 $ENGINE_ARGS" \
   --server-args "$SERVER_ARGS" --out "$DIR" 2>&1 | tee "$DIR/bench.log"
 tar czf "$DIR/server_logs.tar.gz" -C "$DIR" logs && rm -r "$DIR/logs"
