@@ -28,3 +28,35 @@ def test_growth_past_n_does_not_change_it_and_it_pickles_as_a_tuple():
     assert ids == (1, 2) and TokenIds(answer) == (1, 2, 3, 4)
     restored = pickle.loads(pickle.dumps(ids))
     assert restored == (1, 2) and type(restored) is tuple
+
+
+def test_views_of_one_list_know_their_common_prefix_without_reading_it():
+    answer = [1, 2, 3]
+    short, longer = TokenIds(answer, 2), TokenIds(answer)
+    assert short.shares_list(longer) and longer.shares_list(short)
+    assert not short.shares_list(TokenIds([1, 2, 3])) and not short.shares_list((1, 2))
+
+
+def _output(ids, text, finished=False):
+    from optimus.core.outputs import RequestOutput, RequestStats
+    return RequestOutput("r", (0,), ids, text, finished, "length" if finished else None, RequestStats())
+
+
+def test_replica_deltas_rebuild_each_output_and_outputs_handed_out_never_change():
+    from optimus.replicas.messages import Rebuild, delta_of
+
+    answer = [7, 8]
+    outputs = [_output(TokenIds(answer), "ab")]
+    answer.extend([9, 10])
+    outputs.append(_output(TokenIds(answer), "abcd"))
+    outputs.append(_output(TokenIds(answer, 3), "abc", finished=True))  # a stop trims the answer back
+    outputs.append(_output(TokenIds([7, 5, 6]), "aef"))  # another list: compared id by id
+    rebuild, previous, rebuilt = Rebuild("r", (0,)), None, []
+    for out in outputs:
+        delta = delta_of(previous, out, events=False)
+        rebuilt.append(rebuild.apply(delta))
+        previous = out
+    assert [d.token_ids for d in rebuilt] == [(7, 8), (7, 8, 9, 10), (7, 8, 9), (7, 5, 6)]
+    assert [d.text for d in rebuilt] == ["ab", "abcd", "abc", "aef"]
+    assert delta_of(outputs[0], outputs[1], events=False).base == 2  # only the new ids travel
+    assert delta_of(outputs[2], outputs[3], events=False).base == 1

@@ -24,6 +24,11 @@ class TokenIds(Sequence):
     def __len__(self) -> int:
         return self._n
 
+    def shares_list(self, other) -> bool:
+        """Whether ``other`` is a view of the same list: then, by the owner's invariant, the
+        shorter of the two is a prefix of the longer (found in O(1), not by comparing ids)."""
+        return isinstance(other, TokenIds) and other._ids is self._ids
+
     def __getitem__(self, index):
         if isinstance(index, slice):
             start, stop, step = index.indices(self._n)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from optimus.core.errors import EngineDeadError, QueueFullError, RequestFailedError
-from optimus.core.outputs import CommitEvent, RequestOutput, RequestStats
+from optimus.core.outputs import CommitEvent, RequestOutput, RequestStats, TokenIds
 from optimus.engine.model_facts import ModelFacts
 from optimus.engine.stats import EngineMetrics
 
@@ -80,6 +80,8 @@ def refusal_of(exc: BaseException) -> Refusal:
 
 def _common_prefix(a, b) -> int:
     n = min(len(a), len(b))
+    if isinstance(a, TokenIds) and a.shares_list(b):  # a request's outputs: views of one growing answer
+        return n
     if a[:n] == b[:n]:
         return n
     i = 0
@@ -102,14 +104,16 @@ class Rebuild:
 
     def __init__(self, request_id: str, prompt_ids: tuple[int, ...]) -> None:
         self.request_id, self.prompt_ids = request_id, prompt_ids
-        self.ids: tuple[int, ...] = ()
+        self.ids: list[int] = []  # grows at its end; a resend replaces it (outputs handed out are views)
         self.text = ""
         self.stats = RequestStats()
 
     def apply(self, delta: StreamDelta) -> RequestOutput:
-        self.ids = self.ids[:delta.base] + delta.new_ids
+        if delta.base < len(self.ids):
+            self.ids = self.ids[:delta.base]
+        self.ids.extend(delta.new_ids)
         self.text = self.text[:delta.text_base] + delta.new_text
         if delta.stats is not None:
             self.stats = delta.stats
-        return RequestOutput(self.request_id, self.prompt_ids, self.ids, self.text, delta.finished,
+        return RequestOutput(self.request_id, self.prompt_ids, TokenIds(self.ids), self.text, delta.finished,
                              delta.finish_reason, self.stats, delta.events)
