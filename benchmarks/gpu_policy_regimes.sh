@@ -13,6 +13,11 @@
 # 32 rows a token) needed over 185 s for 1-16 and over 330 s for 128 alone: give prose one
 # call per high load. The result lands in $OUT/<shape>_<regime>_<loads>.json (no commas: they
 # do not come back from the device).
+# After each load, a fixed size larger than that load's best and below DROP_BELOW (0.5) of it is
+# left out of the higher loads (`--drop-below`; its last row says `left_out_above`): a higher
+# load only moves the best size down. In prose, fixed:16 and fixed:32 ran at 36% and 21% of ar
+# at 64 requests (H100), and were what made 128 alone take over 330 s. A later call does not
+# know what an earlier one left out: pass it POLICIES without them.
 # BASE=path/to/an/older/src runs BASE_POLICIES (elastic) of that code too, after this tree's
 # sweep, same card and call: $OUT/<name>_base.json, a before/after of a controller change
 # against this call's single policies.
@@ -33,16 +38,19 @@ REPEATS=${REPEATS:-3}
 LIMIT_S=${LIMIT_S:-280}
 POLICIES=${POLICIES:-ar,fixed:2,fixed:4,fixed:8,fixed:16,fixed:32,elastic}
 PROFILE=${PROFILE:-benchmarks/results/$CARD/latency_surface/latest.json}
+DROP_BELOW=${DROP_BELOW:-0.5}  # after each load, leave out the larger fixed sizes below this share of the best
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 echo "card $CARD, elastic plans from $PROFILE"
 name="${SHAPE}_$(basename "$REGIME" .json)_$(echo "$CONCURRENCY" | tr , -)"
-sweep() {  # sweep SRC ACCEPTANCE POLICIES OUT_JSON: the sweep with the code in SRC
-  timeout "$LIMIT_S" env PYTHONPATH="$1" python -m optimus.cli bench offline --experiments sweep \
-    --sweep-shape "$SHAPE" --gen-len "$GEN" --acceptance "$2" --profile "$PROFILE" --concurrency "$CONCURRENCY" \
-    --repeats "$REPEATS" --policies "$3" --out "$4" 2>&1 | grep -v -i warn
+sweep() {  # sweep SRC ACCEPTANCE POLICIES OUT_JSON [FLAGS...]: the sweep with the code in SRC
+  local src=$1 acceptance=$2 policies=$3 out=$4
+  shift 4
+  timeout "$LIMIT_S" env PYTHONPATH="$src" python -m optimus.cli bench offline --experiments sweep \
+    --sweep-shape "$SHAPE" --gen-len "$GEN" --acceptance "$acceptance" --profile "$PROFILE" --concurrency "$CONCURRENCY" \
+    --repeats "$REPEATS" --policies "$policies" --out "$out" "$@" 2>&1 | grep -v -i warn
 }
-sweep src "$REGIME" "$POLICIES" "$OUT/$name.json"
+sweep src "$REGIME" "$POLICIES" "$OUT/$name.json" --drop-below "$DROP_BELOW"
 if [ -n "$BASE" ]; then  # the older tree replays this tree's profile of the regime (it may lack the file)
   ACCEPTANCE_FILE=$(PYTHONPATH=src python -c "import sys; from optimus.decoding import regimes; print(regimes.resolve(sys.argv[1]))" "$REGIME")
   sweep "$BASE" "$ACCEPTANCE_FILE" "${BASE_POLICIES:-elastic}" "$OUT/${name}_base.json"

@@ -321,11 +321,14 @@ def policy_sweep(d: dict) -> list:
         best = _best_single(at)
         if "elastic" in policies and best and at.get("elastic") is not None:
             rows.append((f"{requests(n)}: elastic vs best single policy (tok/s)", _vs_best(at["elastic"], best)))
-    if len(levels) > 1 and all((p, n) in tok for p in policies for n in levels):
-        sums = {p: sum(tok[(p, n)] for n in levels) for p in policies}
+    complete = [p for p in policies if all((p, n) in tok for n in levels)]  # a sum needs every load
+    if len(levels) > 1 and "elastic" in complete:
+        sums = {p: sum(tok[(p, n)] for n in levels) for p in complete}
         best = _best_single(sums)
-        if "elastic" in sums and best:
-            rows.append(("sum over concurrencies: elastic vs best single policy (tok/s)",
+        partial = [p for p in policies if p not in complete]
+        if best:
+            rows.append(("sum over concurrencies: elastic vs best single policy (tok/s)"
+                         + (f"; {', '.join(partial)} not run at every load" if partial else ""),
                          _vs_best(sums["elastic"], best)))
     device = {(r["policy"], r["concurrency"]): r["device_ms_per_step"] * r["steps"] for r in sweep
               if r.get("device_ms_per_step")}

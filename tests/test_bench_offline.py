@@ -57,7 +57,8 @@ def test_bench_acceptance_measures_commits_per_chunk_on_the_default_model(tmp_pa
 
 
 def test_sweep_policies_share_one_engine_and_elastic_shared_plans_on_the_shared_curve(tmp_path):
-    from optimus.bench.offline import Target, _policy
+    from optimus.bench.timed_runs import Target
+    from optimus.bench.policy_sweep import _policy
 
     llm = Target(device="cpu", tiny=True).llm("sdar-8b", "fixed:32", max_running=4, block_size=32)
     assert _policy(llm, "elastic").confidence is not None
@@ -125,3 +126,43 @@ def test_a_gpu_sweep_replays_on_the_cpu_against_its_step_traces(tmp_path):
     assert rows[("fixed:32", 1)]["steps"] < rows[("fixed:4", 1)]["steps"]
     assert rows[("fixed:32", 1)]["device_tok_s"] > rows[("fixed:4", 1)]["device_tok_s"]
     assert set(data["elastic_vs_best"]) == {"1", "2"} and all(v > 0 for v in data["elastic_vs_best"].values())
+
+
+def _row(policy, tok_s):
+    return {"policy": policy, "output_tok_s": tok_s}
+
+
+def test_outgrown_leaves_out_only_larger_chunks_far_below_the_best():
+    from optimus.bench.policy_sweep import outgrown
+
+    rows = [_row("ar", 40), _row("fixed:2", 180), _row("fixed:8", 200), _row("fixed:16", 99), _row("fixed:32", 60),
+            _row("elastic", 20), _row("fixed:32+auto", 10)]
+    # below half of fixed:8 at a larger chunk: out; ar is further below, but its chunk is smaller
+    # (a higher load moves the best toward it); elastic and composite names are never left out
+    assert outgrown(rows, 0.5) == ["fixed:16", "fixed:32"]
+    assert outgrown(rows, 0.25) == []
+    assert outgrown([_row("elastic", 5)], 0.5) == []
+
+
+def test_sweep_skips_outgrown_policies_at_higher_loads(monkeypatch):
+    from optimus.bench import policy_sweep
+    from optimus.bench.timed_runs import Target
+    from optimus.decoding.replay import Acceptance
+
+    speed = {"ar": 100, "fixed:8": 120, "fixed:32": 50}  # fixed:32 below half of fixed:8 at load 1
+    ran = []
+
+    def fake_run(llm, n, *args, **kwargs):
+        name = llm.engine.policy.name
+        ran.append((name, n))
+        return {"output_tok_s": speed[name] * n, "graph_capture_s": 0.0, "steps": 1, "preemptions": 0,
+                "cpu_ms_per_step": 0.0, "wall_over_device": 1.0}
+
+    monkeypatch.setattr(policy_sweep, "timed_generate", fake_run)
+    acceptance = Acceptance({1: [1], 8: [2], 32: [4]})
+    rows = policy_sweep.run_sweep(Target(device="cpu", tiny=True), "sdar-8b", ["ar", "fixed:8", "fixed:32"], [1, 2],
+                                  acceptance, prompt_len=8, gen_len=8, repeats=1, drop_below=0.5)
+    assert ("fixed:32", 1) in ran and ("fixed:32", 2) not in ran and ("ar", 2) in ran
+    assert [(r["policy"], r["concurrency"]) for r in rows] == [("ar", 1), ("fixed:8", 1), ("fixed:32", 1),
+                                                                 ("ar", 2), ("fixed:8", 2)]
+    assert next(r for r in rows if r["policy"] == "fixed:32")["left_out_above"] == 1

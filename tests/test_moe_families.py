@@ -167,7 +167,8 @@ def test_tiny_moe_shapes_build(shape, layers):
 def test_tiny_llada2_mini_runs_schedule4(monkeypatch):
     """The offline benchmark's schedule4 (4 tokens/step, block 32) on a shrunk random MoE shape;
     engine options (moe_check's graph limit) reach the engine."""
-    from optimus.bench.offline import Target, run_schedule4
+    from optimus.bench.offline import run_schedule4
+    from optimus.bench.timed_runs import Target
 
     built = []
     make_llm = Target.llm

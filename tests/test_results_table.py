@@ -162,3 +162,13 @@ def test_every_result_folder_has_a_latest_and_its_source(rt):
             assert re.match(r"\d{4}-\d{2}-\d{2}_[0-9a-f]{7}(_[a-z0-9_]+)?[._]", old.name), old
     names = [str(p.relative_to(rt.RESULTS)) for p in rt.RESULTS.rglob("*")]
     assert not [n for n in names if re.search(r"session|phase|_final", n)], "name by date, commit and what differs"
+
+
+def test_a_policy_left_out_of_higher_loads_is_named_and_the_sum_compares_the_rest(rt):
+    d = _sweep()
+    d["sweep"] = [r for r in d["sweep"] if not (r["policy"] == "fixed:32" and r["concurrency"] == 256)]
+    rows = dict(rt.policy_sweep(d))
+    # without fixed:32's 256-request point, the sum is over ar, fixed:8 and elastic alone
+    assert rows["sum over concurrencies: elastic vs best single policy (tok/s); fixed:32 not run at every load"] == \
+        "20,772 vs 14,000 (fixed:8): 148.4%"
+    assert rows["256 requests: elastic vs best single policy (tok/s)"] == "8,400 vs 8,500 (ar): 98.8%"

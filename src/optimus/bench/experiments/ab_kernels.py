@@ -22,7 +22,7 @@ import statistics
 
 import torch
 
-from optimus.bench.offline import timed_generate
+from optimus.bench.timed_runs import timed_generate
 from optimus.bench.shapes import random_model
 from optimus.engine.llm import LLM
 from optimus.core.params import SamplingParams

@@ -13,7 +13,7 @@ import statistics
 
 import torch
 
-from optimus.bench.offline import Target, timed_generate
+from optimus.bench.timed_runs import Target, timed_generate
 from optimus.decoding.replay import ReplayAcceptance, load_acceptance
 from optimus.core.params import SamplingParams
 

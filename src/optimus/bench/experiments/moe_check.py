@@ -216,7 +216,8 @@ def run_schedule4_shapes(shapes: list[str], batches: list[int], graph_max_tokens
     step computes its requests' 32-position block windows: 32 rows a request). A batch-32 step
     (1,024 rows) is past the default graph limit (512 tokens) and runs eagerly: on llada2-mini
     that is ~1,300 launches a step, host-bound; ``graph_max_tokens`` serves it from a graph."""
-    from optimus.bench.offline import Target, run_schedule4
+    from optimus.bench.offline import run_schedule4
+    from optimus.bench.timed_runs import Target
 
     target = Target(device="cuda")
     options = {} if graph_max_tokens is None else {"graph_max_tokens": graph_max_tokens}

@@ -18,7 +18,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from optimus.bench.offline import Target, _prompts
+from optimus.bench.timed_runs import Target, random_prompts
 from optimus.core.params import SamplingParams
 
 CASES = (("llama-8b", "ar", 1, 1), ("llama-8b", "ar", 32, 1), ("llada-8b", "fixed:32", 1, 4))
@@ -56,13 +56,13 @@ def profile_case(target: Target, shape: str, policy: str, batch: int, tokens_per
     llm = target.llm(shape, policy, max_running=max(batch, 2), block_size=32)
     params = SamplingParams(max_tokens=gen, rule="topk", tokens_per_step=tokens_per_step, ignore_eos=True)
     vocab = llm.engine.spec.arch.vocab_size
-    llm.generate(_prompts(batch, 256, vocab, seed=1), params)  # compile, capture graphs
+    llm.generate(random_prompts(batch, 256, vocab, seed=1), params)  # compile, capture graphs
     timer = PhaseTimer(llm.engine.runner)
     timer.reset()
     steps0, cpu0 = llm.engine.stats.steps, llm.engine.stats.cpu_time_sum_s
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    outs = llm.generate(_prompts(batch, 256, vocab), params)
+    outs = llm.generate(random_prompts(batch, 256, vocab), params)
     torch.cuda.synchronize()
     wall = time.perf_counter() - t0
     steps = llm.engine.stats.steps - steps0
@@ -74,7 +74,7 @@ def profile_case(target: Target, shape: str, policy: str, batch: int, tokens_per
            "host_ms_per_step": 1e3 * (llm.engine.stats.cpu_time_sum_s - cpu0) / steps,
            "unaccounted_ms": step_ms - phases["body"] - phases["head"]}
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        llm.generate(_prompts(batch, 256, vocab, seed=2), SamplingParams(
+        llm.generate(random_prompts(batch, 256, vocab, seed=2), SamplingParams(
             max_tokens=min(gen, 64), rule="topk", tokens_per_step=tokens_per_step, ignore_eos=True))
     kernels = sorted(((e.key, e.device_time_total / 1e3, e.count) for e in prof.key_averages()
                       if e.device_time_total > 0), key=lambda k: -k[1])[:15]
