@@ -60,3 +60,13 @@ def test_replica_deltas_rebuild_each_output_and_outputs_handed_out_never_change(
     assert [d.text for d in rebuilt] == ["ab", "abcd", "abc", "aef"]
     assert delta_of(outputs[0], outputs[1], events=False).base == 2  # only the new ids travel
     assert delta_of(outputs[2], outputs[3], events=False).base == 1
+
+
+def test_extended_grows_in_place_and_replaces_a_list_it_must_cut():
+    from optimus.core.outputs import extended
+
+    ids = [1, 2]
+    view = TokenIds(ids)
+    assert extended(ids, 2, [3]) is ids and ids == [1, 2, 3]
+    cut = extended(ids, 1, [9])
+    assert cut == [1, 9] and cut is not ids and view == (1, 2) and ids == [1, 2, 3]

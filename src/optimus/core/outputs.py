@@ -63,6 +63,15 @@ class TokenIds(Sequence):
         return tuple, (tuple(self),)
 
 
+def extended(ids: list[int], base: int, new) -> list[int]:
+    """``ids[:base] + new`` as TokenIds' owner must: ``ids`` grown in place when it keeps every
+    item, else a new list (views already handed out keep the old one)."""
+    if base < len(ids):
+        ids = ids[:base]
+    ids.extend(new)
+    return ids
+
+
 @dataclass
 class RequestStats:
     arrival_time: float = 0.0

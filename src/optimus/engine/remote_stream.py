@@ -11,7 +11,7 @@ import asyncio
 from dataclasses import dataclass, field
 
 from optimus.core.errors import QueueFullError, RequestFailedError
-from optimus.core.outputs import CommitEvent, RequestOutput, RequestStats, TokenIds
+from optimus.core.outputs import CommitEvent, RequestOutput, RequestStats, TokenIds, extended
 from optimus.core.params import SamplingParams
 from optimus.engine import wire
 from optimus.engine.stop_strings import first_stop, hold_back_stop_prefix
@@ -43,9 +43,7 @@ class RemoteStream:
 
     def apply(self, base: int, new: list[int], finish: str | None, extra: dict | None) -> None:
         """One STEP item from the engine."""
-        if base < len(self.tokens):  # a resend: a new list, the outputs handed out keep theirs (TokenIds)
-            self.tokens = self.tokens[:base]
-        self.tokens.extend(new)
+        self.tokens = extended(self.tokens, base, new)  # a resend (base short of the end): a new list
         if extra:
             if wire.EVENTS in extra:
                 self.events.extend(wire.events_from_wire(extra[wire.EVENTS]))

@@ -49,9 +49,9 @@ class StepFeedback:
 
 class ChunkPolicy(Protocol):
     name: str
-    # Optional: the chunk every request gets, clipped to its max_chunk, when none has its own
-    # override. A policy that has one lets the scheduler skip the views (``choose`` must agree).
-    # uniform_chunk: int
+    # A policy may also have ``uniform_chunk`` (int): the chunk every request gets, clipped to its
+    # max_chunk, when none has its own override; the scheduler then skips the views (``choose``
+    # must agree).
 
     def choose(self, view: StepView) -> list[int]:
         """Chunk size per request of ``view.requests``, each in [1, max_chunk]."""

@@ -12,8 +12,13 @@ class FixedPolicy:
     def __init__(self, chunk: int, name: str | None = None) -> None:
         if chunk < 1:
             raise ValueError(f"chunk size must be >= 1, got {chunk}")
-        self.chunk = self.uniform_chunk = chunk
+        self.chunk = chunk
         self.name = name or ("ar" if chunk == 1 else f"fixed:{chunk}")
+
+    @property
+    def uniform_chunk(self) -> int:
+        """Every request's chunk, clipped to its max_chunk, when none pins its own (ChunkPolicy)."""
+        return self.chunk
 
     def choose(self, view: StepView) -> list[int]:
         c = self.chunk  # max_chunk >= 1: the minimum is a valid size

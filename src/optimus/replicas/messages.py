@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from optimus.core.errors import EngineDeadError, QueueFullError, RequestFailedError
-from optimus.core.outputs import CommitEvent, RequestOutput, RequestStats, TokenIds
+from optimus.core.outputs import CommitEvent, RequestOutput, RequestStats, TokenIds, extended
 from optimus.engine.model_facts import ModelFacts
 from optimus.engine.stats import EngineMetrics
 
@@ -109,9 +109,7 @@ class Rebuild:
         self.stats = RequestStats()
 
     def apply(self, delta: StreamDelta) -> RequestOutput:
-        if delta.base < len(self.ids):
-            self.ids = self.ids[:delta.base]
-        self.ids.extend(delta.new_ids)
+        self.ids = extended(self.ids, delta.base, delta.new_ids)
         self.text = self.text[:delta.text_base] + delta.new_text
         if delta.stats is not None:
             self.stats = delta.stats

@@ -365,10 +365,10 @@ class RequestConfidence:
                 s, e = s + min(k, c) - 1, e + max(t - 1.0, 0.0)
             excess[rid] = (s, e)
             level, r = levels.get(rid, 1.0), (w0 + s) / (w0 + e)  # r of the class docstring
-            levels[rid] = level if level / band <= r <= level * band else self._move(level, r)
+            levels[rid] = level if level / band <= r <= level * band else _nearest_level(r)
             seen[rid] = now
         if now % self.forget_after == 0:
-            gone = [rid for rid, seen in self._seen.items() if now - seen >= self.forget_after]
+            gone = [rid for rid, last in seen.items() if now - last >= self.forget_after]
             for rid in gone:
                 del self._excess[rid], self._level[rid], self._seen[rid]
 
@@ -379,8 +379,7 @@ class RequestConfidence:
         """``level`` of each, in one pass."""
         return list(map(self._level.get, request_ids, itertools.repeat(1.0)))
 
-    def _move(self, level: float, r: float) -> float:
-        if level / self.band <= r <= level * self.band:
-            return level
-        return min(CONFIDENCE_LEVELS, key=lambda v: abs(math.log(v / r)))
 
+def _nearest_level(r: float) -> float:
+    """The confidence level nearest ``r`` in log scale (a level that left its band moves there)."""
+    return min(CONFIDENCE_LEVELS, key=lambda v: abs(math.log(v / r)))
