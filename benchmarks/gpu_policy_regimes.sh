@@ -18,6 +18,9 @@
 # load only moves the best size down. In prose, fixed:16 and fixed:32 ran at 36% and 21% of ar
 # at 64 requests (H100), and were what made 128 alone take over 330 s. A later call does not
 # know what an earlier one left out: pass it POLICIES without them.
+# PROFILE names the surface elastic plans from (a path not there: the engine measures a brief one at
+# start and saves it there, as for an MoE shape, whose stored surface does not exist yet);
+# GRAPH_MAX_TOKENS raises the CUDA-graph limit (MoE shapes: steps past it run eagerly).
 # BASE=path/to/an/older/src runs BASE_POLICIES (elastic) of that code too, after this tree's
 # sweep, same card and call: $OUT/<name>_base.json, a before/after of a controller change
 # against this call's single policies.
@@ -48,7 +51,8 @@ sweep() {  # sweep SRC ACCEPTANCE POLICIES OUT_JSON [FLAGS...]: the sweep with t
   shift 4
   timeout "$LIMIT_S" env PYTHONPATH="$src" python -m optimus.cli bench offline --experiments sweep \
     --sweep-shape "$SHAPE" --gen-len "$GEN" --acceptance "$acceptance" --profile "$PROFILE" --concurrency "$CONCURRENCY" \
-    --repeats "$REPEATS" --policies "$policies" --out "$out" "$@" 2>&1 | grep -v -i warn
+    --repeats "$REPEATS" --policies "$policies" --out "$out" ${GRAPH_MAX_TOKENS:+--graph-max-tokens "$GRAPH_MAX_TOKENS"} \
+    "$@" 2>&1 | grep -v -i warn
 }
 sweep src "$REGIME" "$POLICIES" "$OUT/$name.json" --drop-below "$DROP_BELOW"
 if [ -n "$BASE" ]; then  # the older tree replays this tree's profile of the regime (it may lack the file)

@@ -158,11 +158,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tiny", action="store_true", help="shrink the shapes (smoke-test the code, e.g. on CPU)")
     p.add_argument("--quantization", choices=("fp8",), default=None,
                    help="fp8: every projection's weight kept in FP8 e4m3 (per-channel scales), as serve --quantization")
+    p.add_argument("--graph-max-tokens", type=int, default=None,
+                   help="largest step served from a CUDA graph (default: the engine's); MoE shapes run larger "
+                        "steps eagerly, about 1,300 launches a step (docs/models.md)")
     p.add_argument("--out", required=True, help="JSON file to write (sections are merged into it)")
 
 
 def run(args: argparse.Namespace) -> int:
-    target = Target(device=args.device, tiny=args.tiny, quantization=args.quantization)
+    target = Target(device=args.device, tiny=args.tiny, quantization=args.quantization,
+                    graph_max_tokens=args.graph_max_tokens)
     if target.cuda and not torch.cuda.is_available():
         raise ValueError("bench offline needs a CUDA device (or --device cpu --tiny for a smoke run)")
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
@@ -171,6 +175,7 @@ def run(args: argparse.Namespace) -> int:
     result["device"] = torch.cuda.get_device_name() if target.cuda else "cpu (tiny smoke run)"
     result["torch"] = torch.__version__
     result["quantization"] = args.quantization
+    result["graph_max_tokens"] = args.graph_max_tokens
     for exp in args.experiments.split(","):
         t0 = time.perf_counter()
         print(f"[{exp}]", flush=True)

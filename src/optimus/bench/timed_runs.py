@@ -22,6 +22,7 @@ class Target:
     device: str = "cuda"
     tiny: bool = False
     quantization: str | None = None  # "fp8": projections kept in FP8 (models.fp8.quantize_model)
+    graph_max_tokens: int | None = None  # the engines' CUDA-graph limit (None: the engine's default)
 
     @property
     def cuda(self) -> bool:
@@ -38,6 +39,8 @@ class Target:
             options.setdefault("num_pages", 4096)
         if self.cuda:  # every decoding bucket captured before any timing starts
             options.setdefault("graph_precapture", True)
+        if self.graph_max_tokens is not None:
+            options.setdefault("graph_max_tokens", self.graph_max_tokens)
         return LLM(loaded=loaded, policy=policy, commit_rule=commit_rule, device=self.device, **options)
 
     def free_memory(self) -> None:
