@@ -564,6 +564,11 @@ BENCHMARKS = [
      "`optimus bench offline --experiments sweep --sweep-shape llada-8b --acceptance real-8b`: LLaDA-8B shape on its "
      "default dual cache (refreshes included in every policy's time), prompt 256, output 128, block 32.",
      policy_sweep),
+    ("policy_sweep_real8b_llada2", "Policies across concurrency on the LLaDA2.0-mini MoE shape, real-8b regime (offline)",
+     "`benchmarks/gpu_policy_regimes.sh` with `SHAPE=llada2-mini REGIME=real-8b GRAPH_MAX_TOKENS=2048`: the "
+     "mixture-of-experts shape (block-causal, prefix-block cache), random bf16 weights, prompt 256, output 128, "
+     "block 32, median of 3 interleaved runs after a warm-up; elastic plans from a start-up profile with the "
+     "model's expert routing.", policy_sweep),
     ("policy_sweep_tasks", "Policies across concurrency, tasks acceptance regime (offline)",
      "`benchmarks/gpu_policy_regimes.sh` with `REGIME=tasks` (`optimus bench offline --experiments sweep "
      "--acceptance tasks`): the shipped 22M model's commits on its held-out tasks replayed (12.4 per step at C = 32), "
