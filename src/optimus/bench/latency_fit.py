@@ -51,8 +51,9 @@ def run(args: argparse.Namespace) -> int:
 
     engine, label, overrides = _engine(args)
     batches, chunks = _ints(args.batches), _ints(args.chunks)
-    profile = profile_latency(make_step_fn(engine, context=args.context), batches, chunks, warmup=2,
-                              repeats=args.repeats, max_tokens=args.max_tokens)
+    # Random-token rows: the routing model predicts the experts independent tokens touch.
+    step = make_step_fn(engine, context=args.context, random_rows=True)
+    profile = profile_latency(step, batches, chunks, warmup=2, repeats=args.repeats, max_tokens=args.max_tokens)
     profile = dataclasses.replace(profile, device=device_name(engine.device), model_id=label, context=args.context,
                                   routing=ExpertRouting.of(engine.spec))
     report = evaluate(profile)

@@ -1,6 +1,14 @@
 """A timed synthetic step for the latency profiler: ``batch`` requests, each with ``context``
 cached positions and one active chunk of ``chunk`` rows, through the real runner path
-(paged attention, LM head on the chunk rows)."""
+(paged attention, LM head on the chunk rows).
+
+A dLLM's chunk rows hold its mask id, as a decoding window's open positions do. The tokens
+do not change a dense model's cost, but they decide a mixture-of-experts step's: rows of one
+token route alike and read few experts, rows of random tokens read up to every expert. At the
+LLaDA2.0-mini shape on random weights (an H100, 2026-12-06) a profile of random-token rows put
+a 32-row window at 9.2 ms where decoding steps of that size took 6.1, and 4 x 32 rows at 14.3
+ms where they took 9.8: planned on it, elastic kept 4 requests at chunks of 1 and 8 while 32
+ran 19% faster. ``random_rows`` keeps random tokens (the routing model's own benchmark)."""
 
 from __future__ import annotations
 
@@ -13,14 +21,16 @@ from optimus.executor.runner import StepBatch
 
 
 def synthetic_batch(batch: int, chunk: int, context: int, page_size: int, num_pages: int,
-                    device: torch.device, vocab: int) -> StepBatch:
+                    device: torch.device, vocab: int, fill_id: int | None = None) -> StepBatch:
+    """``fill_id``: the token of every chunk row (None: random tokens)."""
     pages_per_req = max(1, -(-context // page_size))
     if pages_per_req > num_pages:
         raise ValueError(f"context {context} needs {pages_per_req} pages; the cache has {num_pages}")
     t = batch * chunk
     table = torch.arange(pages_per_req, dtype=torch.int32, device=device).repeat(batch, 1)  # shared, read-only
     return StepBatch(
-        input_ids=torch.randint(0, vocab, (t,), device=device),
+        input_ids=(torch.randint(0, vocab, (t,), device=device) if fill_id is None
+                   else torch.full((t,), fill_id, dtype=torch.long, device=device)),
         positions=(context + torch.arange(chunk, device=device)).repeat(batch),
         groups=torch.ones(t, dtype=torch.int32, device=device),
         slots=torch.full((t,), -1, dtype=torch.long, device=device),
@@ -32,17 +42,20 @@ def synthetic_batch(batch: int, chunk: int, context: int, page_size: int, num_pa
     )
 
 
-def make_step_fn(engine, context: int = 256, repeats: int = 3) -> Callable[[int, int], float]:
+def make_step_fn(engine, context: int = 256, repeats: int = 3, random_rows: bool = False
+                 ) -> Callable[[int, int], float]:
     """-> step(batch, chunk) returning the fastest of ``repeats`` forwards (seconds): on a
     shared CPU the median records other processes' load and a profile saved under load
-    would mislead the elastic policy for good."""
+    would mislead the elastic policy for good. Chunk rows hold the mask id of a dLLM unless
+    ``random_rows`` (a causal LM's rows are random tokens either way)."""
     runner = engine.runner
     vocab = engine.spec.arch.vocab_size
+    fill_id = None if random_rows else engine.spec.mask_id
 
     @torch.inference_mode()
     def step(batch: int, chunk: int) -> float:
         b = synthetic_batch(batch, chunk, context, runner.page_size, engine.allocator.num_pages,
-                            runner.device, vocab)
+                            runner.device, vocab, fill_id)
         times = []
         for _ in range(repeats):
             _sync(runner.device)
