@@ -4,11 +4,9 @@ cached positions and one active chunk of ``chunk`` rows, through the real runner
 
 A dLLM's chunk rows hold its mask id, as a decoding window's open positions do. The tokens
 do not change a dense model's cost, but they decide a mixture-of-experts step's: rows of one
-token route alike and read few experts, rows of random tokens read up to every expert. At the
-LLaDA2.0-mini shape on random weights (an H100, 2026-12-06) a profile of random-token rows put
-a 32-row window at 9.2 ms where decoding steps of that size took 6.1, and 4 x 32 rows at 14.3
-ms where they took 9.8: planned on it, elastic kept 4 requests at chunks of 1 and 8 while 32
-ran 19% faster. ``random_rows`` keeps random tokens (the routing model's own benchmark)."""
+token route alike and read few experts, rows of random tokens up to every expert (on the
+LLaDA2.0-mini shape, a random-token profile overstated decoding steps by 30-50%:
+docs/policies.md). ``random_rows`` keeps random tokens (the routing model's own benchmark)."""
 
 from __future__ import annotations
 
