@@ -219,9 +219,8 @@ def run_schedule4_shapes(shapes: list[str], batches: list[int], graph_max_tokens
     from optimus.bench.offline import run_schedule4
     from optimus.bench.timed_runs import Target
 
-    target = Target(device="cuda")
-    options = {} if graph_max_tokens is None else {"graph_max_tokens": graph_max_tokens}
-    rows = [r for shape in shapes for r in run_schedule4(target, shape, batches, **options)]
+    target = Target(device="cuda", graph_max_tokens=graph_max_tokens)
+    rows = [r for shape in shapes for r in run_schedule4(target, shape, batches)]
     for r in rows:
         r["graph_max_tokens"] = graph_max_tokens or "default"
         if r["shape"] in MOE_SHAPES:
