@@ -266,3 +266,37 @@ def test_a_window_never_covers_only_positions_a_wider_window_committed(family):
     first, second, third = windows
     assert first == (start, start + 4) and second == (start, start + 2)
     assert third[0] == r.geometry.block_end(start)  # not (start + 2, start + 4): nothing open there
+
+
+@pytest.mark.parametrize("policy", ["fixed:4", "fixed:8"])
+def test_policy_feedback_counts_the_open_positions_the_canvas_holds(policy):
+    """The commit tells the scheduler how many masked positions each window keeps; the
+    policy's feedback must equal a recount from the canvas (greedy and sampled alike)."""
+    from fixtures.engine import tiny_loaded
+
+    from optimus.config import engine_config
+    from optimus.engine.engine import Engine
+
+    engine = Engine(engine_config(policy=policy, device="cpu", num_pages=64, page_size=4, block_size=8),
+                    loaded=tiny_loaded("sdar"))
+    engine.add_request("greedy", [1, 2, 3], SamplingParams(max_tokens=16, ignore_eos=True))
+    engine.add_request("sampled", [4, 5], SamplingParams(max_tokens=16, ignore_eos=True, temperature=0.8, seed=1))
+    seen = []
+    complete = engine.scheduler.complete_step
+
+    def recounting(plan, *args, **kwargs):
+        recount = {w.request.request_id: int((~w.request.committed[w.window[0]:w.window[1]]).sum())
+                   + w.request.last_committed for w in plan.works if w.window is not None}
+        feedback = complete(plan, *args, hold=True, **{k: v for k, v in kwargs.items() if k != "hold"})
+        if feedback is not None:
+            seen.append((dict(zip(feedback.request_ids, feedback.open_positions)), recount))
+            engine.scheduler.give_feedback(feedback)
+        return None
+
+    engine.scheduler.complete_step = recounting
+    for _ in range(200):
+        engine.step()
+        if not engine.has_work():
+            break
+    assert not engine.has_work() and len(seen) > 4
+    assert all(found == recount for found, recount in seen)

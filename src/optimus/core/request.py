@@ -77,6 +77,7 @@ class Request:
     refreshed_block: int | None = None  # block end of the latest whole-canvas refresh (cache schemes)
     chunk: int = 0  # chunk size of the current window
     last_committed: int = 0  # positions committed in the latest step (policy feedback)
+    open_after: int = -1  # masked positions left in the window after the latest commit (-1: not known)
     pages: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     output_len: int = 0  # contiguous committed answer tokens reported so far (stop-trimmed)

@@ -124,12 +124,16 @@ class ReplayAcceptance:
             raise ValueError("acceptance profile is empty")
         self.acceptance = acceptance
         self.stream = np.random.default_rng(seed)  # one uniform per window's draw, in window order
-        # (chunk, masked) -> (observations, carried): a window draws carried[observations[i]].
-        # The observations are one array per measured bucket (thousands each), the carried
-        # table one entry per commit count: a new (chunk, masked) costs a few entries, not a
-        # pass over its bucket, inside the step that meets it first.
-        self._values: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
-        self._buckets: dict[tuple, np.ndarray] = {}
+        # A window of (chunk, masked) draws carried[observed[i]], for a uniform i over its bucket
+        # of observations. Flat tables, so a step's windows draw in one vectorised pass:
+        # key = _key_of[chunk, masked] (-1: not met yet); its observations are
+        # _observed[_first[key]:_first[key] + _size[key]] (buckets shared between keys), its
+        # carried table _carried[_carried_at[key]:]. A new key costs a few entries, not a pass
+        # over its bucket, inside the step that meets it first.
+        self._key_of = np.full((1, 1), -1, np.int64)
+        self._first, self._size, self._carried_at = (np.zeros(0, np.int64) for _ in range(3))
+        self._observed, self._carried = np.zeros(0, np.int64), np.zeros(0, np.int64)
+        self._bucket_at: dict[tuple, int] = {}  # bucket key -> its first index in _observed
 
     def reseed(self, seed: int) -> None:
         """Restart the draws: benchmark runs of different policies that choose alike then
@@ -140,38 +144,50 @@ class ReplayAcceptance:
         """Commits of windows of ``chunks`` positions with ``masked`` of them masked, drawn in
         order (one uniform each, so drawing at once or window by window is the same)."""
         u = self.stream.random(chunks.size)
-        span = int(masked.max()) + 1 if masked.size else 1
-        keys, inverse = np.unique(chunks * span + masked, return_inverse=True)  # one int per (chunk, masked)
-        inverse = inverse.reshape(-1)  # its shape differs between numpy versions
-        out = np.empty(chunks.size, np.int64)
-        for j, key in enumerate(keys.tolist()):
-            observed, carried = self._draws_for(*divmod(key, span))
-            rows = inverse == j
-            out[rows] = carried[observed[(u[rows] * observed.size).astype(np.int64)]]
-        return np.minimum(out, masked)
+        keys = self._keys(np.asarray(chunks, np.int64), np.asarray(masked, np.int64))
+        drawn = self._observed[self._first[keys] + (u * self._size[keys]).astype(np.int64)]
+        return np.minimum(self._carried[self._carried_at[keys] + drawn], masked)
 
-    def _draws_for(self, chunk: int, masked: int) -> tuple[np.ndarray, np.ndarray]:
-        """(the observations a window may draw, each observed count carried to its chunk and
-        masked count): draw i commits ``carried[observed[i]]``."""
-        key = (chunk, masked)
-        if key not in self._values:
-            acc = self.acceptance
-            bucket = acc.masked_bucket(chunk, masked)
-            if bucket is None:  # a profile without by_open: i.i.d. per chunk size, rescaled
-                size = acc.nearest_chunk(chunk)
-                observed = self._bucket(("chunk", size), acc.by_chunk[size])
-                carried = [max(1, round(k * chunk / size)) for k in range(int(observed.max()) + 1)]
-            else:
-                obs, seen = bucket
-                observed = self._bucket((acc.nearest_chunk(chunk), seen), obs)
-                carried = [acc.carry(k, masked, seen) for k in range(int(observed.max()) + 1)]
-            self._values[key] = (observed, np.array(carried, np.int64))
-        return self._values[key]
+    def _keys(self, chunks: np.ndarray, masked: np.ndarray) -> np.ndarray:
+        """[n] each window's key, adding the (chunk, masked) pairs not met before."""
+        if chunks.size and (chunks.max() >= self._key_of.shape[0] or masked.max() >= self._key_of.shape[1]):
+            grown = np.full((max(int(chunks.max()) + 1, self._key_of.shape[0]),
+                             max(int(masked.max()) + 1, self._key_of.shape[1])), -1, np.int64)
+            grown[:self._key_of.shape[0], :self._key_of.shape[1]] = self._key_of
+            self._key_of = grown
+        keys = self._key_of[chunks, masked]
+        if (keys < 0).any():
+            for chunk, m in {(c, m) for c, m, k in zip(chunks.tolist(), masked.tolist(), keys.tolist()) if k < 0}:
+                self._add_key(chunk, m)
+            keys = self._key_of[chunks, masked]
+        return keys
 
-    def _bucket(self, key: tuple, observations: list[int]) -> np.ndarray:
-        if key not in self._buckets:
-            self._buckets[key] = np.array(observations, np.int64)
-        return self._buckets[key]
+    def _add_key(self, chunk: int, masked: int) -> None:
+        """The observations a (chunk, masked) window may draw, and each observed count carried
+        to its chunk and masked count."""
+        acc = self.acceptance
+        bucket = acc.masked_bucket(chunk, masked)
+        if bucket is None:  # a profile without by_open: i.i.d. per chunk size, rescaled
+            size = acc.nearest_chunk(chunk)
+            first, observed = self._bucket(("chunk", size), acc.by_chunk[size])
+            carried = [max(1, round(k * chunk / size)) for k in range(int(observed.max()) + 1)]
+        else:
+            obs, seen = bucket
+            first, observed = self._bucket((acc.nearest_chunk(chunk), seen), obs)
+            carried = [acc.carry(k, masked, seen) for k in range(int(observed.max()) + 1)]
+        self._key_of[chunk, masked] = self._first.size
+        self._first = np.append(self._first, first)
+        self._size = np.append(self._size, observed.size)
+        self._carried_at = np.append(self._carried_at, self._carried.size)
+        self._carried = np.append(self._carried, np.array(carried, np.int64))
+
+    def _bucket(self, key: tuple, observations: list[int]) -> tuple[int, np.ndarray]:
+        """(its first index in the flat observations, the bucket's observations)."""
+        if key not in self._bucket_at:
+            self._bucket_at[key] = self._observed.size
+            self._observed = np.append(self._observed, np.array(observations, np.int64))
+        first = self._bucket_at[key]
+        return first, self._observed[first:first + len(observations)]
 
     def __call__(self, conf: torch.Tensor, params: SamplingParams, chunk: int) -> torch.Tensor:
         n = conf.numel()

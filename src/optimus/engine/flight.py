@@ -105,7 +105,7 @@ class InFlight:
             if r.is_done:
                 continue  # finished by the step before: this row is dropped when read
             r.committed[w.positions[0]] = True  # commits_certain: one position each
-            r.last_committed = 1
+            r.last_committed, r.open_after = 1, 0
         self.feedback = scheduler.complete_step(self.plan, 0.0, hold=True)
         self.assumed = True
 

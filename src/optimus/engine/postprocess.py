@@ -90,7 +90,8 @@ class Postprocessor:
         """Commit the step's proposals; ``pick``: every logit row already picked greedily.
         Every request of the plan holds its commit count of this step after it (0: none)."""
         for w in plan.works:
-            w.request.last_committed = 0
+            r = w.request
+            r.last_committed, r.open_after = 0, -1
         fast, slow = [], []
         for w in wants:
             r = plan.works[w.work_index].request
@@ -129,9 +130,9 @@ class Postprocessor:
         bounds = np.searchsorted(chosen, np.cumsum(lens)).tolist()
         chosen_positions, chosen_tokens = positions[chosen].tolist(), tokens.numpy()[chosen].tolist()
         a = 0
-        for work, b in zip(works, bounds):
+        for work, b, n in zip(works, bounds, lens.tolist()):
             try:
-                self._apply(work, chosen_positions[a:b], chosen_tokens[a:b])
+                self._apply(work, chosen_positions[a:b], chosen_tokens[a:b], n)
             except Exception as exc:
                 self.fail(work.request, exc)
             a = b
@@ -216,10 +217,11 @@ class Postprocessor:
             chosen = [0]  # every rule commits at least one position: no choice to make
         else:
             chosen = sorted(set(self.commit_rule(conf, r.params, work.window[1] - work.window[0]).tolist()))
-        self._apply(work, [positions[i] for i in chosen], [tokens[i] for i in chosen])
+        self._apply(work, [positions[i] for i in chosen], [tokens[i] for i in chosen], len(positions))
 
-    def _apply(self, work: RequestWork, positions: list[int], tokens: list[int]) -> None:
-        """Commit ``tokens`` at ``positions`` (ascending, at least one) of ``work``'s window.
+    def _apply(self, work: RequestWork, positions: list[int], tokens: list[int], open_before: int) -> None:
+        """Commit ``tokens`` at ``positions`` (ascending, at least one) of ``work``'s window,
+        which held ``open_before`` masked positions (the step's logit rows for it).
         Only what the next step's plan reads happens now; the request's statistics and commit
         events wait for :meth:`account` (after the next launch, while the device computes)."""
         r = work.request
@@ -227,7 +229,8 @@ class Postprocessor:
         for pos, token in zip(positions, tokens):
             canvas[pos] = token
             committed[pos] = True
-        r.last_committed = len(positions)
+        r.last_committed = n = len(positions)
+        r.open_after = open_before - n
         self._unaccounted.append((r, work.window, positions, tokens, self.step_index))
 
     def account(self, engine_stats: EngineStats) -> None:

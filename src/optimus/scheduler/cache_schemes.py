@@ -93,11 +93,14 @@ class PrefixBlock:
                     ensure: EnsurePages) -> RequestWork:
         start = lead.start if lead is not None else r.cache_len
         window = r.plan_window(chunk)
-        rows_lo, rows_hi = r.rows_for(window)
-        if self.attention is AttentionKind.FULL and self.suffix_window:
+        rows_hi = window[1] - r.geometry.shift  # rows [cache_len, rows_hi) predict the window (rows_for)
+        attention = self.attention
+        if attention is AttentionKind.BLOCK_CAUSAL:  # the common case first: no suffix, nothing stored early
+            return RequestWork(r, start, rows_hi, r.cache_len, None, window)
+        if attention is AttentionKind.FULL and self.suffix_window:
             rows_hi = min(rows_hi + self.suffix_window, r.geometry.canvas_end)
-        groups, store_end = None, rows_lo  # the stored rows group 0, the window's rows group 1
-        if self.attention is AttentionKind.CAUSAL and ensure(r, rows_hi, False):
+        groups, store_end = None, r.cache_len  # the stored rows group 0, the window's rows group 1
+        if attention is AttentionKind.CAUSAL and ensure(r, rows_hi, False):
             store_end = rows_hi  # causal rows are final as soon as they are computed
             groups = list(range(start, rows_hi))
         return RequestWork(r, start, rows_hi, store_end, groups, window)
