@@ -411,3 +411,10 @@ def test_sweep_against_real_servers_on_a_tiny_checkpoint(tmp_path):
         assert res["capacity"] == 50.0
     shares = sweep["policies"]["ar"]["runs"][0]["dllm"]["chunk_size_share"]
     assert shares == {"1": 1.0}  # policy ar: every request-step ran a chunk of 1
+
+
+def test_step_profile_reads_its_cases():
+    from optimus.bench.experiments.step_profile import parse_cases
+
+    assert parse_cases("llada2-mini:ar:1:1,llada-8b:fixed:4:8:4") == (
+        ("llada2-mini", "ar", 1, 1), ("llada-8b", "fixed:4", 8, 4))

@@ -2,8 +2,9 @@
 
     PYTHONPATH=src python -m optimus.bench.experiments.step_profile --out step_profile.json
 
-For each case (AR Llama-8B shape at batch 1 and 32, the LLaDA-8B 4-tokens-per-step schedule
-at batch 1) it times, per step: the wall clock, the model body (CUDA events around
+For each case (default: AR Llama-8B shape at batch 1 and 32, the LLaDA-8B 4-tokens-per-step
+schedule at batch 1; ``--cases SHAPE:POLICY:BATCH:TOKENS_PER_STEP,...`` others, such as
+``llada2-mini:ar:1:1``) it times, per step: the wall clock, the model body (CUDA events around
 ``ModelRunner.forward``), the LM head + argmax + copy back (``ModelRunner.greedy``), and the
 host's share (wall minus the two GPU phases, which the host waits for). A torch-profiler pass
 then lists the kernels by total GPU time. Random bf16 weights, prompt 256.
@@ -52,8 +53,21 @@ class PhaseTimer:
         return {k: sum(s.elapsed_time(e) for s, e in v) / max(len(v), 1) for k, v in self.events.items()}
 
 
-def profile_case(target: Target, shape: str, policy: str, batch: int, tokens_per_step: int, gen: int) -> dict:
-    llm = target.llm(shape, policy, max_running=max(batch, 2), block_size=32)
+def parse_cases(text: str) -> tuple[tuple[str, str, int, int], ...]:
+    """``SHAPE:POLICY:BATCH:TOKENS_PER_STEP,...`` -> the cases, as CASES holds them."""
+    cases = []
+    for item in text.split(","):
+        shape, rest = item.split(":", 1)
+        policy, batch, tokens = rest.rsplit(":", 2)  # a policy may hold a colon (fixed:4)
+        cases.append((shape, policy, int(batch), int(tokens)))
+    return tuple(cases)
+
+
+def profile_case(target: Target, shape: str, policy: str, batch: int, tokens_per_step: int, gen: int,
+                 **options) -> dict:
+    """``options``: the engine's (``cuda_graphs=False``: every kernel launched on its own, so the
+    profiler's list names each one)."""
+    llm = target.llm(shape, policy, max_running=max(batch, 2), block_size=32, **options)
     params = SamplingParams(max_tokens=gen, rule="topk", tokens_per_step=tokens_per_step, ignore_eos=True)
     vocab = llm.engine.spec.arch.vocab_size
     llm.generate(random_prompts(batch, 256, vocab, seed=1), params)  # compile, capture graphs
@@ -93,9 +107,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)
     p.add_argument("--gen", type=int, default=128, help="generated tokens per request in the timed run")
+    p.add_argument("--cases", default=None, help="SHAPE:POLICY:BATCH:TOKENS_PER_STEP,... (default: the three above)")
+    p.add_argument("--graph-max-tokens", type=int, default=None, help="CUDA-graph token limit (MoE shapes)")
+    p.add_argument("--eager", action="store_true", help="no CUDA graphs (the timings then include launch gaps)")
     args = p.parse_args()
-    target = Target()
-    rows = [profile_case(target, *case, gen=args.gen) for case in CASES]
+    target = Target(graph_max_tokens=args.graph_max_tokens)
+    cases = parse_cases(args.cases) if args.cases else CASES
+    options = {"cuda_graphs": False} if args.eager else {}
+    rows = [profile_case(target, *case, gen=args.gen, **options) for case in cases]
     with open(args.out, "w") as f:
         json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "cases": rows}, f, indent=2)
 
