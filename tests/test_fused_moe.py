@@ -134,3 +134,15 @@ def test_triton_default_tiles_for_many_rows_per_expert(moe_triton) -> None:
     mod, dev = moe_triton
     case = [c.to(dev) for c in make(70, 2, 4, 16, 16, seed=7)]
     torch.testing.assert_close(mod.fused_moe_triton(*case), fused_moe_reference(*case), atol=2e-5, rtol=2e-5)
+
+
+def test_mask_row_routing_keeps_k_distinct_experts_and_shares_them_within_a_request(monkeypatch) -> None:
+    pytest.importorskip("triton")
+    import optimus.bench.experiments.moe_check as moe_check
+
+    monkeypatch.setattr(moe_check, "DEV", "cpu")
+    ids = moe_check.local_ids(requests=4, rows=4, e=256, k=8, seed=0)
+    assert ids.shape == (16, 8) and all(len(set(row.tolist())) == 8 for row in ids)
+    per_request = [ids[4 * r:4 * r + 4].unique().numel() for r in range(4)]
+    assert all(8 <= n <= 16 for n in per_request)  # mostly the request's own 8
+    assert ids.unique().numel() > max(per_request)  # the requests differ from one another

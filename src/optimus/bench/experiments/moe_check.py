@@ -9,7 +9,9 @@
     Triton in a CUDA graph (the dispatching default, the grouped path, and the pair path at a
     few tile sizes) vs the torch reference (eager: it reads counts on the host), against the
     bytes of the touched experts' weights (what the step must read from HBM) as achieved TB/s.
-(c) schedule4 (4 tokens/step, prompt 256, output 256, block 32) at batch 1, 8, 32 on
+(c) local (``--parts local``): the same three paths on mask-row routing, where the rows of one
+    request's window share most of their experts (``local_ids``).
+(d) schedule4 (4 tokens/step, prompt 256, output 256, block 32) at batch 1, 8, 32 on
     random-weight llada2-mini and llada-8b (bench offline's run_schedule4).
 
   PYTHONPATH=src python -m optimus.bench.experiments.moe_check --out DIR
@@ -158,6 +160,47 @@ def time_decode(draws: int = 20) -> list[dict]:
     return rows
 
 
+def local_ids(requests: int, rows: int, e: int, k: int, seed: int, swap: float = 0.1) -> torch.Tensor:
+    """[requests * rows, k] routing as a dLLM's mask rows route it: the rows of one request's
+    window share one set of k experts, each row swapping each of them for another with
+    probability ``swap``. (A tiny LLaDA2 with 256 experts, top-8, put 4 requests x 4 mask rows on
+    43 experts of 128 pairs, one request's 16 rows on 15: docs/models.md.)"""
+    gen = torch.Generator(device=DEV).manual_seed(seed)
+    base = torch.rand(requests, e, device=DEV, generator=gen).argsort(-1)[:, :k]  # [R, k]
+    ids = base.repeat_interleave(rows, 0)
+    other = torch.rand(requests * rows, e, device=DEV, generator=gen).argsort(-1)[:, :k]
+    swapped = torch.rand(requests * rows, k, device=DEV, generator=gen) < swap
+    ids = torch.where(swapped, other, ids)
+    # keep k distinct experts per row: a swapped-in duplicate falls back to the base expert
+    dup = (ids[:, :, None] == ids[:, None, :]).triu(1).any(1)
+    return torch.where(dup, base.repeat_interleave(rows, 0), ids)
+
+
+def time_decode_local(shape: str = "llada2-mini", draws: int = 20) -> list[dict]:
+    """The default path, the pair (GEMV) path and the grouped path on mask-row routing
+    (``local_ids``): pairs re-read an expert that other pairs chose, grouped reads it once."""
+    e, k, h, inner = MOE_SHAPES[shape]
+    _, w13, w2, _, _ = make_inputs(shape, 1)
+    w13, w2 = w13.bfloat16(), w2.bfloat16()
+    rows_out = []
+    for requests, rows in ((1, 4), (1, 8), (1, 16), (4, 1), (4, 2), (4, 4), (4, 8), (16, 1), (16, 2)):
+        t, cases = requests * rows, []
+        for seed in range(draws):
+            x, _, _, weights, _ = make_inputs(shape, t, seed=7 * t + seed, weights_too=False)
+            cases.append((x.bfloat16(), w13, w2, weights, local_ids(requests, rows, e, k, seed)))
+        touched = sum(int(c[4].unique().numel()) for c in cases) / draws
+        weight_bytes = touched * 3 * h * inner * 2
+        ms = {"default": time_graph_ms(_rotating(fused_moe_triton, cases)),
+              "pairs": time_graph_ms(_rotating(fused_moe_pairs, cases)),
+              "grouped": time_graph_ms(_rotating(fused_moe_grouped, cases))}
+        rows_out.append({"shape": shape, "requests": requests, "rows_per_request": rows, "T": t,
+                         "touched_experts": touched, "weight_MB": weight_bytes / 1e6, "ms": ms,
+                         "TBps": {name: weight_bytes / v / 1e9 for name, v in ms.items()}})
+        print(f"  {shape} local routing {requests} x {rows} rows: {touched:.1f} experts of {t * k} pairs, "
+              f"{weight_bytes / 1e6:.0f} MB; " + ", ".join(f"{n} {v:.3f} ms" for n, v in ms.items()), flush=True)
+    return rows_out
+
+
 def time_layer(shape: str = "llada2-mini", draws: int = 20) -> list[dict]:
     """The routed MoE layer (router + experts, no shared expert) in a CUDA graph, routing in the
     Triton kernel against torch's ``route``, by the weights the layer must read: the touched
@@ -238,7 +281,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="directory for moe_check.json")
     parser.add_argument("--parts", default="kernel,schedule4",
-                        help="comma list of kernel (accuracy + decode timing) and schedule4; each part "
+                        help="comma list of kernel (accuracy + decode timing), local (decode timing on mask-row "
+                             "routing) and schedule4; each part "
                              "merges its sections into DIR/moe_check.json, so parts can run as separate commands")
     parser.add_argument("--schedule4-shapes", default="llada2-mini,llada-8b")
     parser.add_argument("--batches", default="1,8,32")
@@ -278,6 +322,11 @@ def main() -> int:
         print("the routed layer (router + experts) against its weight-read floor:")
         with torch.inference_mode():
             result["layer_timing"] = time_layer()
+        save()
+    if "local" in parts:
+        print("decode timing on mask-row routing (each request's rows share their experts):")
+        with torch.inference_mode():
+            result["decode_timing_local"] = time_decode_local()
         save()
     if "schedule4" in parts:
         print("schedule4:")
