@@ -164,7 +164,7 @@ def local_ids(requests: int, rows: int, e: int, k: int, seed: int, swap: float =
     """[requests * rows, k] routing as a dLLM's mask rows route it: the rows of one request's
     window share one set of k experts, each row swapping each of them for another with
     probability ``swap``. (A tiny LLaDA2 with 256 experts, top-8, put 4 requests x 4 mask rows on
-    43 experts of 128 pairs, one request's 16 rows on 15: docs/models.md.)"""
+    43 experts of 128 pairs, one request's 16 rows on 15: docs/models.md, "Mask rows route alike".)"""
     gen = torch.Generator(device=DEV).manual_seed(seed)
     base = torch.rand(requests, e, device=DEV, generator=gen).argsort(-1)[:, :k]  # [R, k]
     ids = base.repeat_interleave(rows, 0)
