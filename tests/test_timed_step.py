@@ -7,7 +7,7 @@ import torch
 
 from optimus.config import engine_config
 from optimus.engine.engine import Engine
-from optimus.executor.timed_step import make_step_fn
+from optimus.executor.timed_step import make_step_fn, stored_rows
 
 
 @pytest.fixture(scope="module")
@@ -30,15 +30,35 @@ def _seen_rows(engine, monkeypatch, **kwargs) -> torch.Tensor:
     return seen[-1]
 
 
-def test_chunk_rows_hold_the_mask_id(moe_engine, monkeypatch):
+def test_each_request_stores_a_few_token_rows_then_runs_its_window_of_mask_rows(moe_engine, monkeypatch):
     # An MoE step's cost follows the experts its rows route to: a window's open positions all
-    # hold the mask token, so the profile must time those rows, not random tokens.
-    rows = _seen_rows(moe_engine, monkeypatch)
-    assert rows.shape == (24,)
-    assert torch.all(rows == moe_engine.spec.mask_id)
+    # hold the mask token and route alike, the stored group's committed tokens route apart.
+    rows = _seen_rows(moe_engine, monkeypatch).view(3, 8)
+    mask = moe_engine.spec.mask_id
+    assert stored_rows(8) == 2
+    assert torch.all(rows[:, 2:] == mask)
+    assert not torch.any(rows[:, :2] == mask)
+
+
+def test_stored_rows_follow_real_commit_rates():
+    # C + tau(C) rows a step, tau from the real-8b regime: ar (1 + 1), C = 8 (8 + 1.89),
+    # C = 32 (32 + 2.68); a single row is an open window alone
+    assert [stored_rows(r) for r in (1, 2, 10, 35)] == [0, 1, 2, 3]
 
 
 def test_random_rows_on_request(moe_engine, monkeypatch):
     rows = _seen_rows(moe_engine, monkeypatch, random_rows=True)
     assert rows.shape == (24,)
     assert len(set(rows.tolist())) > 1
+
+
+def test_each_request_attends_to_a_context_of_its_own(moe_engine):
+    # Requests over one shared context run the same hidden states: their mask rows route to the
+    # same few experts, where real requests' reach many more.
+    from optimus.executor.timed_step import context_batch, context_pages
+
+    table = context_pages(3, 40, page_size=16, num_pages=64, device=torch.device("cpu"))
+    assert table.shape == (3, 3) and len(set(table.flatten().tolist())) == 9  # 3 pages each, none shared
+    prefill = context_batch(3, 40, 16, 64, torch.device("cpu"), vocab=1000, avoid_id=7)
+    assert prefill.slots.unique().numel() == 120 and not torch.any(prefill.input_ids == 7)
+    assert context_pages(8, 40, page_size=16, num_pages=10, device=torch.device("cpu")).max() < 9  # shared when short
