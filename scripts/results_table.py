@@ -167,10 +167,16 @@ def fp8_accuracy(d: dict) -> list:
 
 
 def moe_check(d: dict) -> list:
-    rows = [("Triton MoE kernel within bf16 tolerance, graph replay follows new routing", "yes" if d.get("kernel_ok") else "NO")]
+    rows = [] if "kernel_ok" not in d else [
+        ("Triton MoE kernel within bf16 tolerance, graph replay follows new routing", "yes" if d["kernel_ok"] else "NO")]
     for t in d.get("decode_timing", []):
         rows.append((f"{shape(t['shape'])} experts, {t['T']} rows ({t['touched_experts']:.0f} experts, "
                      f"{t['weight_MB']:.0f} MB): Triton ms (TB/s)", f"{t['triton_ms']:.3f} ({t['triton_TBps']:.2f})"))
+    for t in d.get("decode_timing_local", []):
+        ms = t["ms"]
+        rows.append((f"{shape(t['shape'])} experts, mask-row routing, {t['requests']} x {t['rows_per_request']} rows "
+                     f"({t['touched_experts']:.0f} experts, {t['weight_MB']:.0f} MB): default / pairs / grouped ms",
+                     f"{ms['default']:.3f} / {ms['pairs']:.3f} / {ms['grouped']:.3f}"))
     for t in d.get("layer_timing", []):
         rows.append((f"{shape(t['shape'])} routed layer, {t['T']} rows: ms, x its weight-read floor (torch routing ms)",
                      f"{t['layer_ms']:.3f}, {t['layer_over_floor']:.2f}x ({t['layer_torch_route_ms']:.3f})"))
@@ -584,7 +590,8 @@ BENCHMARKS = [
     ("moe_check", "MoE shapes: fused MoE kernel and throughput",
      "`python -m optimus.bench.experiments.moe_check`: kernel accuracy; decode expert time over 20 rotating "
      "routings per graph against the touched weights' bytes; the routed layer (router + experts) against its "
-     "weight-read floor; schedule4 on llada2-mini (with each step's weight-read floor at 4.8 TB/s) and llada-8b.", moe_check),
+     "weight-read floor; schedule4 on llada2-mini (with each step's weight-read floor at 4.8 TB/s) and llada-8b; "
+     "`--parts local`: the expert paths on mask-row routing (`local_ids`).", moe_check),
     ("sampling_throughput", "Sampled decoding against greedy",
      "`python -m optimus.bench.experiments.sampling_throughput`: random weights, every sampled request seeded "
      "(temperature 1, top-p 0.95), output tok/s.", sampling_throughput),
@@ -661,6 +668,9 @@ BENCHMARKS = [
     ("latency_fit_llada8b", "Step latency models at the dense LLaDA-8B shape",
      "`optimus bench latency-fit --shape llada-8b` (`benchmarks/gpu_latency_fit.sh`).", latency_fit),
     ("matmul", "Forward pass against the matmul rate", "`optimus bench offline --experiments matmul`.", matmul),
+    ("step_profile_moe", "Where a decoding step goes, LLaDA2.0-mini MoE shape",
+     "`python -m optimus.bench.experiments.step_profile --cases llada2-mini:ar:1:1,llada2-mini:fixed:4:4:4 "
+     "--graph-max-tokens 2048`: as below, with the profiler's top kernels in the JSON.", step_profile),
     ("step_profile", "Where a decoding step goes",
      "`python -m optimus.bench.experiments.step_profile`; gaps = wall time outside the body and head (the GPU "
      "waiting for the host); host = the host's bookkeeping per step (hidden when steps overlap).", step_profile),
