@@ -42,6 +42,7 @@ import numpy as np
 from optimus.policy.elastic.latency import LatencyProfile
 from optimus.policy.base import StepFeedback, StepView, override_chunk
 from optimus.policy.elastic.estimators import LatencyCorrector, RequestConfidence, TauEstimator, TokenLoad
+from optimus.policy.elastic.graph_buckets import GraphBuckets
 from optimus.policy.elastic.host_share import HostShare
 from optimus.policy.elastic.ladders import Ladder, Rungs, build_ladder, merge_rungs, store_variance
 
@@ -109,7 +110,8 @@ class ElasticPolicy:
     def __init__(self, profile: LatencyProfile | None = None, tau_prior: dict[int, float] | None = None,
                  chunk_sizes: tuple[int, ...] = DEFAULT_CHUNK_SIZES, hysteresis: float = 0.02,
                  tau_decay: float = 0.98, load_rate: float = 0.05,
-                 per_request: bool = True, unit_steps_overlap: bool = False, name: str = "elastic") -> None:
+                 per_request: bool = True, unit_steps_overlap: bool = False,
+                 graph_buckets: GraphBuckets | None = None, name: str = "elastic") -> None:
         if not chunk_sizes or min(chunk_sizes) < 1:
             raise ValueError("elastic policy needs chunk sizes >= 1")
         if hysteresis < 0:
@@ -122,6 +124,7 @@ class ElasticPolicy:
         self._rescale = profile is None
         self.tau = TauEstimator(self.chunk_sizes, tau_prior, decay=tau_decay, adapt_prior=True)
         self.correction = LatencyCorrector(self.profile.knee)
+        self.buckets = graph_buckets  # steps served from CUDA graphs cost their bucket (graph_buckets.py)
         self.load = TokenLoad(rate=load_rate)
         self.overhead_s = 0.0  # per-step host time outside the forward (StepFeedback.overhead_s), EMA
         # Host time inside a whole step's latency beside its device time (none while the device's
@@ -175,7 +178,11 @@ class ElasticPolicy:
 
     def predict_latency(self, tokens: np.ndarray, batch: int) -> np.ndarray:
         """Corrected latency curve at step token counts ``tokens`` [K]."""
-        return self.correction(self.profile.predict_many, tokens, batch)
+        return self.correction(self._device_curve, tokens, batch)
+
+    def _device_curve(self, tokens: np.ndarray, batch: int) -> np.ndarray:
+        """The profile at the rows the steps run: their graph buckets' where graphs serve them."""
+        return self.profile.predict_many(tokens if self.buckets is None else self.buckets.pad(tokens), batch)
 
     # ---- ChunkPolicy ---------------------------------------------------------------------
     def choose(self, view: StepView) -> list[int]:
@@ -239,7 +246,7 @@ class ElasticPolicy:
             t0 = seconds / max(1.0, feedback.num_tokens / DEFAULT_KNEE)
             self.profile = LatencyProfile.synthetic(t0, DEFAULT_KNEE, t0 / DEFAULT_KNEE)
             self._rescale = False
-        self.correction.observe(self.profile.predict_many, feedback.num_tokens, max(len(feedback.chunk_sizes), 1),
+        self.correction.observe(self._device_curve, feedback.num_tokens, max(len(feedback.chunk_sizes), 1),
                                 seconds)
 
     def _curve_for(self, keys: tuple, pinned: tuple, batch: int) -> _Curve:

@@ -45,13 +45,17 @@ def grid_cells(batches: Sequence[int], chunks: Sequence[int], max_tokens: int | 
 def profile_latency(step_fn: StepFn, batches: Sequence[int] = DEFAULT_BATCHES,
                     chunks: Sequence[int] = DEFAULT_CHUNKS, warmup: int = 2, repeats: int = 5,
                     progress: bool = True, max_tokens: int | None = None,
-                    device: str = "unknown", model_id: str = "unknown") -> LatencyProfile:
-    """Time every grid cell ``warmup`` times untimed, then ``repeats`` times; each point is
-    the median of the repeats (robust to a stray slow step). Returns the fitted profile."""
+                    device: str = "unknown", model_id: str = "unknown",
+                    extra_cells: Sequence[tuple[int, int]] = ()) -> LatencyProfile:
+    """Time every grid cell (and ``extra_cells``, (batch, chunk) each) ``warmup`` times untimed,
+    then ``repeats`` times; each point is the median of the repeats (robust to a stray slow
+    step). Returns the fitted profile."""
     if warmup < 0 or repeats < 1:
         raise ValueError("profiling needs warmup >= 0 and repeats >= 1")
     points = []
-    for batch, chunk in tqdm(grid_cells(batches, chunks, max_tokens), desc="profiling step latency", unit="step",
+    cells = grid_cells(batches, chunks, max_tokens)
+    cells += [cell for cell in extra_cells if cell not in cells]
+    for batch, chunk in tqdm(cells, desc="profiling step latency", unit="step",
                              disable=not progress):
         for _ in range(warmup):
             step_fn(batch, chunk)

@@ -14,6 +14,7 @@ import torch
 
 from optimus.decoding import regimes
 from optimus.decoding.replay import load_acceptance
+from optimus.policy.elastic.graph_buckets import GraphBuckets, eager_cell
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,16 @@ def _brief_grid(max_running: int, device: torch.device, block: int) -> tuple[lis
     if device.type != "cuda":
         batches = batches[:3]
     return batches, sorted({c for c in (1, 4, 16, 32) if c < block} | {min(block, 32)})
+
+
+def _eager_cells(engine, batches: list[int]) -> list[tuple[int, int]]:
+    """One step just past the largest CUDA graph, where steps that large can run (it runs
+    eagerly: the cliff the policy must see, graph_buckets.py); none without graphs."""
+    buckets = GraphBuckets.of(getattr(engine, "runner", None))
+    if buckets is None or engine.config.scheduler.max_tokens_per_step <= buckets.limit:
+        return []
+    cell = eager_cell(buckets.limit, batches)
+    return [] if cell is None else [cell]
 
 
 def load_or_profile(engine):
@@ -118,11 +129,12 @@ def _measure_brief(engine, path: Path, dev: str, mid: str):
     from optimus.executor.timed_step import make_step_fn
 
     batches, chunks = _brief_grid(engine.config.scheduler.max_running, engine.device, engine.block_size)
+    extra = _eager_cells(engine, batches)
     log.info("latency profile: measuring %d steps of %s on %s for the elastic policy (once: saved to %s "
              "and re-checked at each start; 'optimus profile' measures a fuller grid)",
-             len(grid_cells(batches, chunks)), mid, dev, path)
+             len(grid_cells(batches, chunks)) + len(extra), mid, dev, path)
     profile = profile_latency(make_step_fn(engine, context=BRIEF_CONTEXT), batches, chunks, warmup=1,
-                              repeats=3, progress=True)
+                              repeats=3, progress=True, extra_cells=extra)
     profile = with_routing(dataclasses.replace(profile, device=dev, model_id=mid, context=BRIEF_CONTEXT,
                                                source="start-up"), engine.spec)
     try:
@@ -155,10 +167,10 @@ def elastic_kwargs(engine) -> dict:
     """The device's latency profile, and a tau prior: the config's acceptance profile, else
     the profile whose commits the engine replays (``replay_acceptance``: the tau elastic will
     actually see), else the one shipped beside the model (``tau_profile.json``), else none
-    (learned online)."""
+    (learned online); and the CUDA-graph buckets the runner replays (graph_buckets.py)."""
     config = engine.config
     model_dir = Path(str(getattr(engine.loaded, "path", "")))
     prior = (tau_prior_from(config.acceptance_profile) or tau_prior_from(config.replay_acceptance)
              or tau_prior_from(model_dir / "tau_profile.json"))
-    return {"profile": load_or_profile(engine), "tau_prior": prior,
-            "per_request": config.scheduler.elastic_per_request}
+    return {"profile": load_or_profile(engine), "tau_prior": prior, "per_request": config.scheduler.elastic_per_request,
+            "graph_buckets": GraphBuckets.of(getattr(engine, "runner", None))}
