@@ -8,7 +8,7 @@ powers of two (batch x chunk), which are bucket sizes, and interpolating between
 1,152 rows below the 2,048-row bucket they pay for. On the LLaDA2.0-mini shape (H100, 64
 requests, graphs to 2,048 tokens) steps of 1,152 and 1,872 rows both took 27-28 ms, the
 profile's 2,048-row point 27.3, while interpolation put 1,152 rows at about 22 ms; steps of
-2,062-2,174 rows ran eagerly at 67-68 ms. The policy prices each step at its bucket
+2,062-2,174 rows ran eagerly at 67-69 ms. The policy prices each step at its bucket
 (:meth:`GraphBuckets.pad`); past the largest graph, at its own rows on the profile's eager
 points (the start-up profile times one step just past the limit: ``eager_cell``).
 """
