@@ -14,7 +14,7 @@ rows a step on average, so ``C + tau(C) = r``; under real 8B-class commit rates 
 rows (``stored_rows``). ``random_rows`` makes every row a random token (the routing model's own
 benchmark).
 
-Each request attends to a context of its own (``fill_contexts``: random tokens prefilled into
+Each request attends to a context of its own (``context_batch``: random tokens prefilled into
 its own pages before any timing). Requests sharing one context ran the same hidden states:
 their mask rows all routed to the same few experts, where real requests' reach many more (a
 tiny LLaDA2 with the real routing: 64 requests' ar steps reached 212 distinct experts a layer,
