@@ -47,8 +47,9 @@ class GraphBuckets:
 
 def eager_cell(limit: int, batches) -> tuple[int, int] | None:
     """A (batch, chunk) step just past ``limit`` tokens for the profile: the largest batch of
-    ``batches`` that divides ``limit``, one row more per request (None if none divides it)."""
+    ``batches`` that divides ``limit`` into at least 8 rows a request, one row more each (at
+    most 1/8 past the limit; None if no batch does)."""
     for b in sorted(batches, reverse=True):
-        if limit % b == 0:
+        if limit % b == 0 and limit // b >= 8:
             return b, limit // b + 1
     return None
