@@ -143,6 +143,26 @@ def test_profile_command_writes_a_loadable_profile(tiny_checkpoint, tmp_path, ca
         main(["profile", "--model", str(model), "--chunks", "0"])
 
 
+def test_profile_command_gives_each_request_a_context_of_its_own(tiny_checkpoint, tmp_path, monkeypatch):
+    # On an MoE model requests over one shared context route alike (executor/timed_step.py)
+    from optimus.cli import main
+    from optimus.executor.runner import ModelRunner
+
+    tables = []
+    forward = ModelRunner.forward
+
+    def spy(self, batch):
+        tables.append(batch.page_table.clone())
+        return forward(self, batch)
+
+    monkeypatch.setattr(ModelRunner, "forward", spy)
+    assert main(["profile", "--model", str(tiny_checkpoint("sdar")), "--batches", "1,4", "--chunks", "1",
+                 "--context", "40", "--warmup", "0", "--repeats", "1", "--out", str(tmp_path / "p.json"),
+                 "--no-progress"]) == 0
+    widest = max(tables, key=lambda t: t.shape[0])
+    assert widest.shape == (4, 3) and widest.unique().numel() == 12  # 3 pages each, none shared
+
+
 # ---- re-checking a cached profile ------------------------------------------------------------------
 def test_json_keeps_context_and_source_and_reads_older_files(tmp_path):
     p = LatencyProfile.from_pairs(grid_points(), device="d", model_id="m", context=64, source="start-up")

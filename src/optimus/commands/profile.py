@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 from pathlib import Path
 
 from optimus.policy.elastic.profiler import (
@@ -52,18 +51,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _engine(args: argparse.Namespace, page_size: int = 16):
-    """An engine with a fixed policy (no profile needed) and only the pages one synthetic
-    request's context takes: the profiling batch shares those pages read-only."""
+    """An engine with a fixed policy (no profile needed) and a cache sized as a server's: each
+    profiled request attends to a context of its own where the pages allow (timed_step: on a
+    mixture-of-experts model, requests over one shared context route alike)."""
     from optimus.config import engine_config
     from optimus.engine.engine import Engine
 
-    pages = math.ceil(args.context / page_size) + 1
     return Engine(engine_config(model=args.model, dtype=args.dtype, device=args.device, policy="fixed:1",
-                                page_size=page_size, num_pages=pages))
+                                page_size=page_size))
 
 
 def run(args: argparse.Namespace) -> int:
-    from optimus.policy.elastic.setup import device_name, model_id, with_routing
+    from optimus.policy.elastic.setup import device_name, eager_cells, model_id, with_routing
     from optimus.policy.elastic.latency import default_profile_path
     from optimus.policy.elastic.profiler import grid_cells, profile_latency
     from optimus.executor.timed_step import make_step_fn
@@ -83,7 +82,9 @@ def run(args: argparse.Namespace) -> int:
             return 0
     step = make_step_fn(engine, context=args.context, repeats=1)
     profile = profile_latency(step, batches, chunks, warmup=args.warmup, repeats=args.repeats,
-                              progress=not args.no_progress, max_tokens=args.max_tokens)
+                              progress=not args.no_progress, max_tokens=args.max_tokens,
+                              extra_cells=[(b, c) for b, c in eager_cells(engine, list(batches))
+                                           if b * c <= args.max_tokens])
     profile = with_routing(dataclasses.replace(profile, device=dev, model_id=mid, context=args.context,
                                                source="optimus profile"), engine.spec)
     _report(profile, profile.save(path), "saved")

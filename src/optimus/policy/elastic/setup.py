@@ -46,7 +46,7 @@ def _brief_grid(max_running: int, device: torch.device, block: int) -> tuple[lis
     return batches, sorted({c for c in (1, 4, 16, 32) if c < block} | {min(block, 32)})
 
 
-def _eager_cells(engine, batches: list[int]) -> list[tuple[int, int]]:
+def eager_cells(engine, batches: list[int]) -> list[tuple[int, int]]:
     """One step just past the largest CUDA graph, where steps that large can run (it runs
     eagerly: the cliff the policy must see, graph_buckets.py); none without graphs."""
     buckets = GraphBuckets.of(getattr(engine, "runner", None))
@@ -129,7 +129,7 @@ def _measure_brief(engine, path: Path, dev: str, mid: str):
     from optimus.executor.timed_step import make_step_fn
 
     batches, chunks = _brief_grid(engine.config.scheduler.max_running, engine.device, engine.block_size)
-    extra = _eager_cells(engine, batches)
+    extra = eager_cells(engine, batches)
     log.info("latency profile: measuring %d steps of %s on %s for the elastic policy (once: saved to %s "
              "and re-checked at each start; 'optimus profile' measures a fuller grid)",
              len(grid_cells(batches, chunks)) + len(extra), mid, dev, path)
