@@ -19,6 +19,13 @@ def test_steps_pad_to_their_power_of_two_bucket_up_to_the_largest_graph():
         GraphBuckets(1000)
 
 
+def test_the_policy_pads_to_the_buckets_the_runner_replays():
+    from optimus.executor.cuda_graphs import step_key
+
+    tokens = np.arange(1, 2049)
+    assert GraphBuckets(2048).pad(tokens).tolist() == [step_key(int(n), 1, 1)[0] for n in tokens]
+
+
 def test_the_eager_cell_lies_just_past_the_limit_on_the_largest_batch_that_divides_it():
     assert eager_cell(2048, [1, 4, 16, 64, 256]) == (256, 9)
     assert eager_cell(512, [1, 4, 16, 64, 256]) == (64, 9)  # 256 x 3 rows would be half again past it
@@ -74,3 +81,19 @@ def test_elastic_fills_a_bucket_instead_of_paying_for_the_next_one():
         sizes = policy.choose(StepView(views, fixed_tokens=0, token_budget=4096))
         rows[name] = sum(c + tau[c] for c in sizes)
     assert rows["plain"] > 1024 >= rows["buckets"]
+
+
+def test_the_profile_adds_the_eager_step_only_where_graphs_run_and_steps_that_large_can():
+    from types import SimpleNamespace
+
+    from optimus.policy.elastic.setup import eager_cells
+
+    def engine(graphs, budget):
+        return SimpleNamespace(runner=SimpleNamespace(graphs=graphs),
+                               config=SimpleNamespace(scheduler=SimpleNamespace(max_tokens_per_step=budget)))
+
+    graphs = SimpleNamespace(max_tokens=512)
+    assert eager_cells(engine(graphs, 8192), [1, 4, 16, 64]) == [(64, 9)]
+    assert eager_cells(engine(graphs, 512), [1, 4, 16, 64]) == []  # no step gets past the graphs
+    assert eager_cells(engine(graphs, 512), [1, 4, 16, 64], max_tokens=1024) == [(64, 9)]
+    assert eager_cells(engine(None, 8192), [1, 4, 16, 64]) == []

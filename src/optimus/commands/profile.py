@@ -83,8 +83,7 @@ def run(args: argparse.Namespace) -> int:
     step = make_step_fn(engine, context=args.context, repeats=1)
     profile = profile_latency(step, batches, chunks, warmup=args.warmup, repeats=args.repeats,
                               progress=not args.no_progress, max_tokens=args.max_tokens,
-                              extra_cells=[(b, c) for b, c in eager_cells(engine, list(batches))
-                                           if b * c <= args.max_tokens])
+                              extra_cells=eager_cells(engine, list(batches), args.max_tokens))
     profile = with_routing(dataclasses.replace(profile, device=dev, model_id=mid, context=args.context,
                                                source="optimus profile"), engine.spec)
     _report(profile, profile.save(path), "saved")

@@ -36,15 +36,22 @@ def stored_rows(rows: int) -> int:
     return 0 if rows < 2 else max(1, round(rows ** 0.28))
 
 
+def _random_tokens(n: int, vocab: int, device: torch.device, avoid_id: int | None) -> torch.Tensor:
+    """[n] random token ids, none of them ``avoid_id`` (a committed token is never the mask)."""
+    ids = torch.randint(0, vocab, (n,), device=device)
+    if avoid_id is not None:
+        ids[ids == avoid_id] = (avoid_id + 1) % vocab
+    return ids
+
+
 def synthetic_batch(batch: int, chunk: int, context: int, page_size: int, num_pages: int,
                     device: torch.device, vocab: int, fill_id: int | None = None) -> StepBatch:
     """``fill_id``: the window token (a dLLM's mask id) of each request's last ``chunk -
     stored_rows(chunk)`` rows, random tokens before them; None: random tokens in every row."""
     table = context_pages(batch, context, page_size, num_pages, device)
     t = batch * chunk
-    input_ids = torch.randint(0, vocab, (t,), device=device)
+    input_ids = _random_tokens(t, vocab, device, fill_id)
     if fill_id is not None:
-        input_ids[input_ids == fill_id] = (fill_id + 1) % vocab  # a committed token is never the mask
         window = torch.arange(chunk, device=device).repeat(batch) >= stored_rows(chunk)
         input_ids[window] = fill_id
     return StepBatch(
@@ -77,9 +84,7 @@ def context_batch(batch: int, context: int, page_size: int, num_pages: int, devi
     """A prefill of ``context`` random tokens per request into its own pages (one attention
     group per request: the cost does not matter, only the keys and values it leaves)."""
     table = context_pages(batch, context, page_size, num_pages, device)
-    ids = torch.randint(0, vocab, (batch * context,), device=device)
-    if avoid_id is not None:
-        ids[ids == avoid_id] = (avoid_id + 1) % vocab
+    ids = _random_tokens(batch * context, vocab, device, avoid_id)
     positions = torch.arange(context, device=device).repeat(batch)
     owner = torch.arange(batch, device=device).repeat_interleave(context)
     slots = table[owner, positions // page_size].long() * page_size + positions % page_size

@@ -95,8 +95,6 @@ class PrefixBlock:
         window = r.plan_window(chunk)
         rows_hi = window[1] - r.geometry.shift  # rows [cache_len, rows_hi) predict the window (rows_for)
         attention = self.attention
-        if attention is AttentionKind.BLOCK_CAUSAL:  # the common case first: no suffix, nothing stored early
-            return RequestWork(r, start, rows_hi, r.cache_len, None, window)
         if attention is AttentionKind.FULL and self.suffix_window:
             rows_hi = min(rows_hi + self.suffix_window, r.geometry.canvas_end)
         groups, store_end = None, r.cache_len  # the stored rows group 0, the window's rows group 1

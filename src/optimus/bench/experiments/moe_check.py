@@ -166,14 +166,13 @@ def local_ids(requests: int, rows: int, e: int, k: int, seed: int, swap: float =
     probability ``swap``. (A tiny LLaDA2 with 256 experts, top-8, put 4 requests x 4 mask rows on
     43 experts of 128 pairs, one request's 16 rows on 15: docs/models.md, "Mask rows route alike".)"""
     gen = torch.Generator(device=DEV).manual_seed(seed)
-    base = torch.rand(requests, e, device=DEV, generator=gen).argsort(-1)[:, :k]  # [R, k]
-    ids = base.repeat_interleave(rows, 0)
+    base = torch.rand(requests, e, device=DEV, generator=gen).argsort(-1)[:, :k].repeat_interleave(rows, 0)
     other = torch.rand(requests * rows, e, device=DEV, generator=gen).argsort(-1)[:, :k]
     swapped = torch.rand(requests * rows, k, device=DEV, generator=gen) < swap
-    ids = torch.where(swapped, other, ids)
+    ids = torch.where(swapped, other, base)
     # keep k distinct experts per row: a swapped-in duplicate falls back to the base expert
     dup = (ids[:, :, None] == ids[:, None, :]).triu(1).any(1)
-    return torch.where(dup, base.repeat_interleave(rows, 0), ids)
+    return torch.where(dup, base, ids)
 
 
 def time_decode_local(shape: str = "llada2-mini", draws: int = 20) -> list[dict]:

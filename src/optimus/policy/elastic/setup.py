@@ -46,14 +46,16 @@ def _brief_grid(max_running: int, device: torch.device, block: int) -> tuple[lis
     return batches, sorted({c for c in (1, 4, 16, 32) if c < block} | {min(block, 32)})
 
 
-def eager_cells(engine, batches: list[int]) -> list[tuple[int, int]]:
-    """One step just past the largest CUDA graph, where steps that large can run (it runs
-    eagerly: the cliff the policy must see, graph_buckets.py); none without graphs."""
+def eager_cells(engine, batches: list[int], max_tokens: int | None = None) -> list[tuple[int, int]]:
+    """One step just past the largest CUDA graph, if steps of its size can run (at most
+    ``max_tokens``; None: the engine's step budget). It runs eagerly: the cliff the policy must
+    see (graph_buckets.py). None without graphs."""
     buckets = GraphBuckets.of(getattr(engine, "runner", None))
-    if buckets is None or engine.config.scheduler.max_tokens_per_step <= buckets.limit:
+    cell = None if buckets is None else eager_cell(buckets.limit, batches)
+    if cell is None:
         return []
-    cell = eager_cell(buckets.limit, batches)
-    return [] if cell is None else [cell]
+    limit = engine.config.scheduler.max_tokens_per_step if max_tokens is None else max_tokens
+    return [cell] if cell[0] * cell[1] <= limit else []
 
 
 def load_or_profile(engine):
