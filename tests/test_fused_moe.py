@@ -146,3 +146,42 @@ def test_mask_row_routing_keeps_k_distinct_experts_and_shares_them_within_a_requ
     per_request = [ids[4 * r:4 * r + 4].unique().numel() for r in range(4)]
     assert all(8 <= n <= 16 for n in per_request)  # mostly the request's own 8
     assert ids.unique().numel() > max(per_request)  # the requests differ from one another
+
+
+@pytest.fixture
+def moe_touched(triton_device):
+    from optimus.kernels import _moe_touched_triton
+
+    return _moe_touched_triton, triton_device
+
+
+def test_touched_align_lists_each_expert_once(moe_touched) -> None:
+    mod, dev = moe_touched
+    ids = torch.tensor([[2, 0], [2, 3], [0, 2], [5, 3]], device=dev)  # 5 = E: another rank's expert
+    p2 = 16
+    buffers = [torch.full((n,), -7, dtype=torch.int32, device=dev) for n in (p2, p2, p2 + 1, p2, 1)]
+    sorted_pairs, _, slot_start, slot_expert, num_slots = buffers
+    mod._align_kernel[(1,)](ids.reshape(-1).contiguous(), *buffers, ids.numel(), 5, P2=p2)
+    assert int(num_slots) == 3
+    assert slot_expert[:3].tolist() == [0, 2, 3] and slot_start[:4].tolist() == [0, 2, 5, 7]
+    assert sorted_pairs[:7].tolist() == [1, 4, 0, 2, 5, 3, 7]  # each expert's pairs in order
+
+
+@pytest.mark.parametrize("t,k,e,h,inner", [(1, 2, 8, 40, 24), (5, 3, 5, 48, 40), (24, 2, 3, 32, 16)])
+def test_touched_path_matches_reference(moe_touched, t, k, e, h, inner) -> None:
+    """H and I off the tiles; at 24 x 2 pairs over 3 experts a run is longer than one 16-row chunk."""
+    mod, dev = moe_touched
+    case = [c.to(dev) for c in make(t, k, e, h, inner, seed=20 + t)]
+    tiles = mod.TouchedTiles(block_m=16, gate_up_n=16, down_n=16, block_k=16, num_stages=1)
+    got = mod.fused_moe_touched(*case, tiles=tiles)
+    torch.testing.assert_close(got, fused_moe_reference(*case), atol=2e-5, rtol=2e-5)
+
+
+def test_touched_path_skips_the_pairs_of_another_ranks_experts(moe_touched) -> None:
+    mod, dev = moe_touched
+    foreign, zeroed = _foreign([c.to(dev) for c in make(7, 2, 4, 32, 24, seed=5)], 4, seed=5)
+    tiles = mod.TouchedTiles(block_m=16, gate_up_n=16, down_n=16, block_k=16, num_stages=1)
+    torch.testing.assert_close(mod.fused_moe_touched(*foreign, tiles=tiles), fused_moe_reference(*zeroed),
+                               atol=2e-5, rtol=2e-5)
+    everything_away = foreign[:4] + (torch.full_like(foreign[4], 4),)
+    assert mod.fused_moe_touched(*everything_away, tiles=tiles).abs().max() == 0

@@ -9,8 +9,9 @@
     Triton in a CUDA graph (the dispatching default, the grouped path, and the pair path at a
     few tile sizes) vs the torch reference (eager: it reads counts on the host), against the
     bytes of the touched experts' weights (what the step must read from HBM) as achieved TB/s.
-(c) local (``--parts local``): the same three paths on mask-row routing, where the rows of one
-    request's window share most of their experts (``local_ids``).
+(c) local (``--parts local``): the same three paths and the touched-experts path (its accuracy,
+    graph replay and a few tile sizes) on mask-row routing, where the rows of one request's
+    window share most of their experts (``local_ids``).
 (d) schedule4 (4 tokens/step, prompt 256, output 256, block 32) at batch 1, 8, 32 on
     random-weight llada2-mini and llada-8b (bench offline's run_schedule4).
 
@@ -30,6 +31,7 @@ import torch
 
 from optimus.bench.experiments.gpu_timing import time_graph_ms
 from optimus.kernels._fused_moe_triton import PAIRS_MAX, MoeTiles, PairTiles, fused_moe_grouped, fused_moe_pairs, fused_moe_triton
+from optimus.kernels._moe_touched_triton import PAIRS_LIMIT, TouchedTiles, fused_moe_touched
 from optimus.kernels.reference import fused_moe_reference
 
 # (experts, top_k, hidden, expert inner size)
@@ -65,38 +67,41 @@ def _err(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got.float() - want.float()).abs().max() / want.float().abs().max().clamp_min(1e-12))
 
 
-def check_accuracy(tol: float = 2e-2) -> list[dict]:
+def check_accuracy(tol: float = 2e-2, paths: tuple = (("grouped", fused_moe_grouped), ("pairs", fused_moe_pairs)),
+                   max_pairs: int | None = None) -> list[dict]:
     rows = []
     for shape in MOE_SHAPES:
         for t in (1, 4, 32, 256):
             x, w13, w2, weights, ids = make_inputs(shape, t, seed=t)
+            if max_pairs is not None and ids.numel() > max_pairs:
+                continue
             exact = fused_moe_reference(x, w13, w2, weights, ids)
             bf = [a.bfloat16() for a in (x, w13, w2)]
             torch_err = _err(fused_moe_reference(*bf, weights, ids), exact)
-            for path, fn in (("grouped", fused_moe_grouped), ("pairs", fused_moe_pairs)):
+            for path, fn in paths:
                 triton_err = _err(fn(*bf, weights, ids), exact)
                 rows.append({"shape": shape, "T": t, "path": path, "triton_bf16_rel_err": triton_err,
                              "torch_bf16_rel_err": torch_err, "ok": triton_err <= max(tol, 2 * torch_err)})
     return rows
 
 
-def check_graph_replay(shape: str = "llada2-mini", t: int = 8) -> dict:
+def check_graph_replay(shape: str = "llada2-mini", t: int = 8, fn=fused_moe_triton) -> dict:
     """At t = 8 the default path is the pair path (llada2-mini: 64 pairs)."""
     x, w13, w2, weights, ids = make_inputs(shape, t, seed=1)
     x, w13, w2 = x.bfloat16(), w13.bfloat16(), w2.bfloat16()
     out = {}
     graph = torch.cuda.CUDAGraph()
-    fused_moe_triton(x, w13, w2, weights, ids)  # compile outside the capture
+    fn(x, w13, w2, weights, ids)  # compile outside the capture
     torch.cuda.synchronize()
     with torch.cuda.graph(graph):
-        out["y"] = fused_moe_triton(x, w13, w2, weights, ids)
+        out["y"] = fn(x, w13, w2, weights, ids)
     _, _, _, weights2, ids2 = make_inputs(shape, t, seed=2)
     ids.copy_(ids2)
     weights.copy_(weights2)
     graph.replay()
     torch.cuda.synchronize()
     err = _err(out["y"], fused_moe_reference(x, w13, w2, weights, ids))
-    return {"shape": shape, "T": t, "rel_err_after_new_routing": err, "ok": err < 2e-2}
+    return {"shape": shape, "T": t, "path": fn.__name__, "rel_err_after_new_routing": err, "ok": err < 2e-2}
 
 
 def _time_eager_ms(fn, reps: int = 20) -> float:
@@ -122,6 +127,11 @@ def _rotating(fn, cases: list):
     turn = itertools.cycle(cases)
     return lambda: fn(*next(turn))
 
+# Touched-path tiles (gate/up columns, down columns, K per iteration, warps, stages): the default first.
+TOUCHED_VARIANTS = (TouchedTiles(), TouchedTiles(gate_up_n=16, down_n=32), TouchedTiles(gate_up_n=64),
+                    TouchedTiles(block_k=256, num_stages=2), TouchedTiles(gate_up_n=16, down_n=64, block_k=256),
+                    TouchedTiles(num_warps=8, gate_up_n=64, down_n=128))
+
 # Grouped-path tiles timed beside the default at 8 rows and more (block_m, n, k, warps, stages).
 GROUPED_VARIANTS = (MoeTiles(16, 64, 128, 4, 4), MoeTiles(16, 128, 64, 4, 4), MoeTiles(16, 32, 128, 4, 4),
                     MoeTiles(16, 64, 128, 8, 3), MoeTiles(16, 128, 128, 8, 3))
@@ -141,6 +151,7 @@ def time_decode(draws: int = 20) -> list[dict]:
             weight_bytes = touched * 3 * h * inner * 2
             triton_ms = time_graph_ms(_rotating(fused_moe_triton, cases))
             grouped_ms = time_graph_ms(_rotating(fused_moe_grouped, cases))
+            touched_ms = time_graph_ms(_rotating(fused_moe_touched, cases))
             pairs_ms = {f"{v.gate_up_n}/{v.down_n}/{v.block_k}/w{v.num_warps}":
                         time_graph_ms(_rotating(lambda *c, v=v: fused_moe_pairs(*c, v), cases)) for v in PAIR_VARIANTS}
             grouped_ms_by_tiles = {} if t < 8 else {
@@ -150,12 +161,12 @@ def time_decode(draws: int = 20) -> list[dict]:
             rows.append({"shape": shape, "T": t, "touched_experts": touched, "weight_MB": weight_bytes / 1e6,
                          "default_path": "pairs" if t * k <= PAIRS_MAX else "grouped",
                          "triton_ms": triton_ms, "triton_TBps": weight_bytes / triton_ms / 1e9,
-                         "grouped_ms": grouped_ms, "grouped_ms_by_tiles": grouped_ms_by_tiles, "pairs_ms": pairs_ms,
+                         "grouped_ms": grouped_ms, "touched_ms": touched_ms, "grouped_ms_by_tiles": grouped_ms_by_tiles, "pairs_ms": pairs_ms,
                          "torch_ms": torch_ms, "torch_TBps": weight_bytes / torch_ms / 1e9})
             r = rows[-1]
             best = min(pairs_ms, key=pairs_ms.get)
             print(f"  {shape} T={t:3d}: {touched:5.1f} experts, {r['weight_MB']:.1f} MB; triton {triton_ms:.3f} ms "
-                  f"({r['triton_TBps']:.2f} TB/s, {r['default_path']}); grouped {grouped_ms:.3f}, pairs best "
+                  f"({r['triton_TBps']:.2f} TB/s, {r['default_path']}); grouped {grouped_ms:.3f}, touched {touched_ms:.3f}, pairs best "
                   f"{best} {pairs_ms[best]:.3f} ms; grouped tiles {grouped_ms_by_tiles}; torch {torch_ms:.3f} ms", flush=True)
     return rows
 
@@ -182,7 +193,8 @@ def time_decode_local(shape: str = "llada2-mini", draws: int = 20) -> list[dict]
     _, w13, w2, _, _ = make_inputs(shape, 1)
     w13, w2 = w13.bfloat16(), w2.bfloat16()
     rows_out = []
-    for requests, rows in ((1, 4), (1, 8), (1, 16), (4, 1), (4, 2), (4, 4), (4, 8), (16, 1), (16, 2)):
+    for requests, rows in ((1, 4), (1, 8), (1, 16), (1, 32), (4, 1), (4, 2), (4, 4), (4, 8), (16, 1), (16, 2),
+                           (8, 8), (64, 1)):
         t, cases = requests * rows, []
         for seed in range(draws):
             x, _, _, weights, _ = make_inputs(shape, t, seed=7 * t + seed, weights_too=False)
@@ -192,6 +204,9 @@ def time_decode_local(shape: str = "llada2-mini", draws: int = 20) -> list[dict]
         ms = {"default": time_graph_ms(_rotating(fused_moe_triton, cases)),
               "pairs": time_graph_ms(_rotating(fused_moe_pairs, cases)),
               "grouped": time_graph_ms(_rotating(fused_moe_grouped, cases))}
+        for v in TOUCHED_VARIANTS:
+            name = f"touched {v.gate_up_n}/{v.down_n}/{v.block_k}/w{v.num_warps}/s{v.num_stages}"
+            ms[name] = time_graph_ms(_rotating(lambda *c, v=v: fused_moe_touched(*c, v), cases))
         rows_out.append({"shape": shape, "requests": requests, "rows_per_request": rows, "T": t,
                          "touched_experts": touched, "weight_MB": weight_bytes / 1e6, "ms": ms,
                          "TBps": {name: weight_bytes / v / 1e9 for name, v in ms.items()}})
@@ -323,6 +338,15 @@ def main() -> int:
             result["layer_timing"] = time_layer()
         save()
     if "local" in parts:
+        with torch.inference_mode():
+            touched = (("touched", fused_moe_touched),)
+            result["accuracy_touched"] = check_accuracy(paths=touched, max_pairs=PAIRS_LIMIT)
+            result["accuracy_touched"].append(check_graph_replay(t=16, fn=fused_moe_touched))
+        touched_ok = all(r["ok"] for r in result["accuracy_touched"])
+        ok = ok and touched_ok
+        print(f"touched path accuracy {'PASS' if touched_ok else 'FAIL'}:")
+        for r in result["accuracy_touched"]:
+            print(f"  {json.dumps(r)}")
         print("decode timing on mask-row routing (each request's rows share their experts):")
         with torch.inference_mode():
             result["decode_timing_local"] = time_decode_local()
