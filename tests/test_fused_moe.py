@@ -102,21 +102,22 @@ def test_pair_path_matches_reference(moe_triton, t, k, e, h, inner) -> None:
     torch.testing.assert_close(got, fused_moe_reference(*case), atol=2e-5, rtol=2e-5)
 
 
-@pytest.mark.parametrize("t", [3, 80])  # the pair path (up to PAIRS_MAX pairs) and the grouped one
+@pytest.mark.parametrize("t", [3, 80, 600])  # the pair, touched and grouped paths
 def test_triton_skips_the_pairs_of_another_ranks_experts(moe_triton, t) -> None:
     mod, dev = moe_triton
     foreign, zeroed = _foreign([c.to(dev) for c in make(t, 2, 4, 32, 24, seed=t)], 4, seed=t)
     torch.testing.assert_close(mod.fused_moe_triton(*foreign), fused_moe_reference(*zeroed), atol=2e-5, rtol=2e-5)
 
 
-def test_decode_sized_routing_takes_the_pair_path(moe_triton, monkeypatch) -> None:
+def test_routing_size_picks_the_path(moe_triton, monkeypatch) -> None:
     mod, dev = moe_triton
     taken = []
-    monkeypatch.setattr(mod, "fused_moe_pairs", lambda *a, **kw: taken.append("pairs") or fused_moe_reference(*a))
-    monkeypatch.setattr(mod, "fused_moe_grouped", lambda *a, **kw: taken.append("grouped") or fused_moe_reference(*a[:5]))
-    mod.fused_moe_triton(*[c.to(dev) for c in make(mod.PAIRS_MAX // 2, 2, 4, 16, 16)])
-    mod.fused_moe_triton(*[c.to(dev) for c in make(mod.PAIRS_MAX // 2 + 1, 2, 4, 16, 16)])
-    assert taken == ["pairs", "grouped"]
+    for path in ("pairs", "touched", "grouped"):
+        monkeypatch.setattr(mod, f"fused_moe_{path}",
+                            lambda *a, path=path, **kw: taken.append(path) or fused_moe_reference(*a[:5]))
+    for pairs in (mod.PAIRS_MAX, mod.PAIRS_MAX + 2, mod.TOUCHED_MAX, mod.TOUCHED_MAX + 2):
+        mod.fused_moe_triton(*[c.to(dev) for c in make(pairs // 2, 2, 4, 16, 16)])
+    assert taken == ["pairs", "touched", "touched", "grouped"]
 
 
 def test_wrapper_routes_backends(moe_triton) -> None:

@@ -18,7 +18,9 @@ programs above cost more than the weights they read (0.09 ms for 8 experts at on
 0.55 TB/s). ``fused_moe_pairs`` skips them: one GEMV program per (pair, column block) reads its
 expert id straight from ``ids``, and the down pass sums each token's k experts in the program
 that owns its output columns. A pair re-reads an expert another pair of the step also chose;
-while pairs are few, that is rarer than the padding the grouped path would run.
+while pairs are few, that is rarer than the padding the grouped path would run. Past that, up
+to ``TOUCHED_MAX`` pairs, the touched-experts path (``_moe_touched_triton``) reads each expert
+once for all its rows without the grouped path's padding and torch sort.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+
+from optimus.kernels._moe_touched_triton import PAIRS_LIMIT, fused_moe_touched
 
 
 @dataclass(frozen=True)
@@ -123,10 +127,12 @@ def _down_kernel(ACT, W2, WEIGHTS, OUT, PAIRS, BLOCK_EXPERT, num_pairs, H, I,
              mask=valid[:, None] & col_ok[None, :])
 
 
-# Token-expert pairs up to which fused_moe_triton takes the GEMV path. H200, rotating routings
-# (moe_check): at 16 rows x top-8 pairs beat grouped on both MoE shapes (llada2-mini 0.180 vs
-# 0.223 ms, sdar-30b-a3b 0.241 vs 0.256); at 32 rows sdar-30b-a3b's grouped path wins (0.344 vs 0.411).
-PAIRS_MAX = 128
+# Token-expert pairs up to which fused_moe_triton takes the GEMV path, then the touched-experts
+# path. H200, rotating independent routings (moe_check): at 16 rows x top-8 pairs beat grouped on
+# both MoE shapes (llada2-mini 0.180 vs 0.223 ms); but a dLLM's mask rows route alike, and one
+# request's 16 rows (128 pairs, 20 experts) took 0.122 ms on either path on an H100, ~1 TB/s.
+PAIRS_MAX = 32
+TOUCHED_MAX = PAIRS_LIMIT
 
 
 @dataclass(frozen=True)
@@ -214,9 +220,12 @@ def fused_moe_pairs(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weight
 def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
                      ids: torch.Tensor, tiles: MoeTiles | None = None) -> torch.Tensor:
     """x [T, H], w13 [E, 2I, H], w2 [E, H, I] (contiguous), weights/ids [T, k] -> [T, H] in x's dtype.
-    Up to PAIRS_MAX pairs (and no tiles asked for): the GEMV path, else the grouped one."""
+    No tiles asked for: up to PAIRS_MAX pairs the GEMV path, up to TOUCHED_MAX the touched-experts
+    path, else the grouped one."""
     if tiles is None and ids.numel() <= PAIRS_MAX:
         return fused_moe_pairs(x, w13, w2, weights, ids)
+    if tiles is None and ids.numel() <= TOUCHED_MAX:
+        return fused_moe_touched(x, w13, w2, weights, ids)
     return fused_moe_grouped(x, w13, w2, weights, ids, tiles)
 
 

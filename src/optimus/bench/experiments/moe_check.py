@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import time
@@ -30,7 +31,8 @@ from pathlib import Path
 import torch
 
 from optimus.bench.experiments.gpu_timing import time_graph_ms
-from optimus.kernels._fused_moe_triton import PAIRS_MAX, MoeTiles, PairTiles, fused_moe_grouped, fused_moe_pairs, fused_moe_triton
+from optimus.kernels import _fused_moe_triton as moe_paths
+from optimus.kernels._fused_moe_triton import MoeTiles, PairTiles, fused_moe_grouped, fused_moe_pairs, fused_moe_triton
 from optimus.kernels._moe_touched_triton import PAIRS_LIMIT, TouchedTiles, fused_moe_touched
 from optimus.kernels.reference import fused_moe_reference
 
@@ -159,7 +161,8 @@ def time_decode(draws: int = 20) -> list[dict]:
                 time_graph_ms(_rotating(lambda *c, v=v: fused_moe_grouped(*c, v), cases)) for v in GROUPED_VARIANTS}
             torch_ms = _time_eager_ms(lambda: fused_moe_reference(*cases[0]))
             rows.append({"shape": shape, "T": t, "touched_experts": touched, "weight_MB": weight_bytes / 1e6,
-                         "default_path": "pairs" if t * k <= PAIRS_MAX else "grouped",
+                         "default_path": "pairs" if t * k <= moe_paths.PAIRS_MAX else
+                         "touched" if t * k <= moe_paths.TOUCHED_MAX else "grouped",
                          "triton_ms": triton_ms, "triton_TBps": weight_bytes / triton_ms / 1e9,
                          "grouped_ms": grouped_ms, "touched_ms": touched_ms, "grouped_ms_by_tiles": grouped_ms_by_tiles, "pairs_ms": pairs_ms,
                          "torch_ms": torch_ms, "torch_TBps": weight_bytes / torch_ms / 1e9})
@@ -268,7 +271,8 @@ def step_weight_bytes(shape: str, rows: int) -> float:
     return 2.0 * params
 
 
-def run_schedule4_shapes(shapes: list[str], batches: list[int], graph_max_tokens: int | None = None) -> list[dict]:
+def run_schedule4_shapes(shapes: list[str], batches: list[int], graph_max_tokens: int | None = None,
+                         dispatch: str | None = None) -> list[dict]:
     """schedule4 rows; at MoE shapes each row also gets its decode step's weight-read floor (a
     step computes its requests' 32-position block windows: 32 rows a request). A batch-32 step
     (1,024 rows) is past the default graph limit (512 tokens) and runs eagerly: on llada2-mini
@@ -277,12 +281,27 @@ def run_schedule4_shapes(shapes: list[str], batches: list[int], graph_max_tokens
     from optimus.bench.timed_runs import Target
 
     target = Target(device="cuda", graph_max_tokens=graph_max_tokens)
-    rows = [r for shape in shapes for r in run_schedule4(target, shape, batches)]
+    with moe_dispatch(dispatch):
+        rows = [r for shape in shapes for r in run_schedule4(target, shape, batches)]
     for r in rows:
         r["graph_max_tokens"] = graph_max_tokens or "default"
+        r["moe_dispatch"] = dispatch or f"{moe_paths.PAIRS_MAX}:{moe_paths.TOUCHED_MAX}"
         if r["shape"] in MOE_SHAPES:
             add_step_floor(r, hbm_bytes_per_s())
     return rows
+
+
+@contextlib.contextmanager
+def moe_dispatch(limits: str | None):
+    """``PAIRS:TOUCHED``: fused_moe_triton's pair and touched-expert path limits for the block
+    (an A/B of the dispatch in one process: the engines built inside read them at every call)."""
+    saved = moe_paths.PAIRS_MAX, moe_paths.TOUCHED_MAX
+    if limits:
+        moe_paths.PAIRS_MAX, moe_paths.TOUCHED_MAX = (int(v) for v in limits.split(":"))
+    try:
+        yield
+    finally:
+        moe_paths.PAIRS_MAX, moe_paths.TOUCHED_MAX = saved
 
 
 def add_step_floor(row: dict, bytes_per_s: float) -> None:
@@ -303,6 +322,9 @@ def main() -> int:
     parser.add_argument("--graph-max-tokens", type=int, default=None,
                         help="schedule4 engines serve steps up to this many tokens from CUDA graphs (default: the "
                              "engine's); rows from another limit are kept beside these")
+    parser.add_argument("--dispatch", default=None,
+                        help="comma list of PAIRS:TOUCHED limits to run schedule4 under (an A/B of the MoE paths "
+                             "fused_moe_triton picks; 128:0 was the dispatch before the touched path)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("moe_check needs CUDA")
@@ -354,7 +376,9 @@ def main() -> int:
     if "schedule4" in parts:
         print("schedule4:")
         shapes = args.schedule4_shapes.split(",")
-        rows = run_schedule4_shapes(shapes, [int(b) for b in args.batches.split(",")], args.graph_max_tokens)
+        batches = [int(b) for b in args.batches.split(",")]
+        rows = [r for dispatch in (args.dispatch or "").split(",")
+                for r in run_schedule4_shapes(shapes, batches, args.graph_max_tokens, dispatch or None)]
         limit = args.graph_max_tokens or "default"
         result["schedule4"] = [r for r in result.get("schedule4", [])
                                if r["shape"] not in shapes or r.get("graph_max_tokens", "default") != limit] + rows
