@@ -4,6 +4,7 @@ import gc
 import json
 import weakref
 
+import numpy as np
 import pytest
 
 from optimus.bench import offline
@@ -64,6 +65,11 @@ def test_sweep_policies_share_one_engine_and_elastic_shared_plans_on_the_shared_
     assert _policy(llm, "elastic").confidence is not None
     assert _policy(llm, "elastic-shared").confidence is None
     assert _policy(llm, "fixed:8").chunk == 8
+    for name, corrected in (("elastic", True), ("elastic-profile", False)):  # steps twice the profile's time
+        policy = _policy(llm, name)
+        for n in range(1, 65):
+            policy.correction.observe(policy._device_curve, n, 1, 2 * float(policy._device_curve(np.array([n]), 1)[0]))
+        assert (policy.correction.scale > 1.5) == corrected
 
 
 def test_surface_frees_its_engine_before_releasing_memory(monkeypatch):

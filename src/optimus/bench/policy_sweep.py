@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import math
+
 from optimus.bench.timed_runs import Target, median_run, timed_generate
 from optimus.core.params import SamplingParams, parse_policy_name
 from optimus.decoding.replay import Acceptance, ReplayAcceptance
@@ -95,7 +97,8 @@ def _pipeline_rule(llm: LLM, name: str):
 
 def _policy(llm: LLM, name: str):
     """A fresh policy for ``llm``'s engine. "elastic-shared": elastic planning every request on
-    the shared tau curve (no per-request confidence levels)."""
+    the shared tau curve (no per-request confidence levels); "elastic-profile": elastic on its
+    latency profile as measured, never corrected online (what the correction adds or costs)."""
     from optimus.policy.elastic.setup import elastic_kwargs
     from optimus.policy.registry import make_policy
 
@@ -104,4 +107,7 @@ def _policy(llm: LLM, name: str):
     kwargs = elastic_kwargs(llm.engine)
     kwargs["per_request"] = name != "elastic-shared"
     kwargs["unit_steps_overlap"] = llm.engine.flights.overlaps_unit_steps
-    return make_policy("elastic", **kwargs)
+    policy = make_policy("elastic", **kwargs)
+    if name == "elastic-profile":
+        policy.correction.refit_every = math.inf  # the correction stays the identity
+    return policy
