@@ -174,14 +174,17 @@ def moe_check(d: dict) -> list:
                      f"{t['weight_MB']:.0f} MB): Triton ms (TB/s)", f"{t['triton_ms']:.3f} ({t['triton_TBps']:.2f})"))
     for t in d.get("decode_timing_local", []):
         ms = t["ms"]
+        paths = ["default", "pairs", "grouped"] + [n for n in ms if n.startswith("touched")][:1]  # the default tiles
         rows.append((f"{shape(t['shape'])} experts, mask-row routing, {t['requests']} x {t['rows_per_request']} rows "
-                     f"({t['touched_experts']:.0f} experts, {t['weight_MB']:.0f} MB): default / pairs / grouped ms",
-                     f"{ms['default']:.3f} / {ms['pairs']:.3f} / {ms['grouped']:.3f}"))
+                     f"({t['touched_experts']:.0f} experts, {t['weight_MB']:.0f} MB): "
+                     f"{' / '.join(n.split()[0] for n in paths)} ms", " / ".join(f"{ms[n]:.3f}" for n in paths)))
     for t in d.get("layer_timing", []):
         rows.append((f"{shape(t['shape'])} routed layer, {t['T']} rows: ms, x its weight-read floor (torch routing ms)",
                      f"{t['layer_ms']:.3f}, {t['layer_over_floor']:.2f}x ({t['layer_torch_route_ms']:.3f})"))
     for r in d.get("schedule4", []):
         graphs = "" if r.get("graph_max_tokens", "default") == "default" else f", graphs to {r['graph_max_tokens']} tokens"
+        if "moe_dispatch" in r:  # PAIRS:TOUCHED limits of the MoE path (moe_check --dispatch)
+            graphs += f", MoE paths {r['moe_dispatch']}"
         rows.append((f"{shape(r['shape'])} 4 tokens/step {r['cache_mode']}{graphs}, batch {r['batch']} (tok/s)",
                      num(r["output_tok_s"])))
         if "step_floor_ms" in r:

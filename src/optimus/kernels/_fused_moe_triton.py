@@ -128,10 +128,12 @@ def _down_kernel(ACT, W2, WEIGHTS, OUT, PAIRS, BLOCK_EXPERT, num_pairs, H, I,
 
 
 # Token-expert pairs up to which fused_moe_triton takes the GEMV path, then the touched-experts
-# path. H200, rotating independent routings (moe_check): at 16 rows x top-8 pairs beat grouped on
-# both MoE shapes (llada2-mini 0.180 vs 0.223 ms); but a dLLM's mask rows route alike, and one
-# request's 16 rows (128 pairs, 20 experts) took 0.122 ms on either path on an H100, ~1 TB/s.
-PAIRS_MAX = 32
+# path. H100, llada2-mini, rotating routings (moe_check --parts local): from 32 pairs up the
+# touched path was the fastest of the three on every routing timed, 1 request x 16 mask rows
+# (128 pairs, 20 experts) 0.062 ms against 0.119 (pairs) and 0.122 (grouped), 64 requests x 1 row
+# (512 pairs, 224 experts) 0.469 against 0.626 and 0.581, and 4 x 1 rows (32 pairs on 31 experts,
+# nothing shared) 0.076 against 0.086. Below 32 pairs it was not timed: the pair path keeps them.
+PAIRS_MAX = 16
 TOUCHED_MAX = PAIRS_LIMIT
 
 
