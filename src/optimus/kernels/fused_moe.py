@@ -4,9 +4,10 @@ out[t] = sum_j weights[t, j] * down_e(silu(gate_e(x_t)) * up_e(x_t)) with e = id
 weights stacked as w13 [E, 2I, H] (gate rows then up rows) and w2 [E, H, I]. An id equal to E
 marks a pair whose expert lives on another rank (expert parallelism): it adds nothing. Backends: "torch"
 (reference.fused_moe_reference: pairs grouped by expert, one matmul pair per touched expert;
-reads expert counts on the host), "triton" (_fused_moe_triton: pairs sorted and padded per
-expert on the device, grouped GEMMs with SiLU fused into the gate/up pass; no host sync, so it
-can be captured in a CUDA graph), "auto" (triton on CUDA when Triton imports).
+reads expert counts on the host), "triton" (_fused_moe_triton: by the step's pairs, one GEMV per
+pair, one program column per touched expert (_moe_touched_triton), or pairs sorted and padded
+per expert into grouped GEMMs; SiLU fused into the gate/up pass; no host sync, so it can be
+captured in a CUDA graph), "auto" (triton on CUDA when Triton imports).
 """
 
 from __future__ import annotations
