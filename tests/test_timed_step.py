@@ -16,7 +16,7 @@ def moe_engine():
                                 num_pages=64))
 
 
-def _seen_rows(engine, monkeypatch, **kwargs) -> torch.Tensor:
+def _seen_rows(engine, monkeypatch, stored=None, **kwargs) -> torch.Tensor:
     seen = []
     forward = engine.runner.forward
 
@@ -26,7 +26,7 @@ def _seen_rows(engine, monkeypatch, **kwargs) -> torch.Tensor:
 
     monkeypatch.setattr(engine.runner, "forward", spy)
     step = make_step_fn(engine, context=16, repeats=1, **kwargs)
-    assert step(3, 8) > 0
+    assert step(3, 8, stored) > 0
     return seen[-1]
 
 
@@ -38,6 +38,24 @@ def test_each_request_stores_a_few_token_rows_then_runs_its_window_of_mask_rows(
     assert stored_rows(8) == 2
     assert torch.all(rows[:, 2:] == mask)
     assert not torch.any(rows[:, :2] == mask)
+
+
+@pytest.mark.parametrize("stored", [0, 5, 8])
+def test_a_step_may_store_any_number_of_its_rows(moe_engine, monkeypatch, stored):
+    rows = _seen_rows(moe_engine, monkeypatch, stored=stored).view(3, 8)
+    assert torch.all(rows[:, stored:] == moe_engine.spec.mask_id)
+    assert not torch.any(rows[:, :stored] == moe_engine.spec.mask_id)
+
+
+def test_the_stored_rows_experiment_times_every_cell_on_a_cpu(tmp_path):
+    import json
+
+    from optimus.bench.experiments import moe_rows
+
+    assert moe_rows.main(["--out", str(tmp_path), "--cpu-tiny", "--batches", "1,2", "--chunks", "8"]) == 0
+    cells = json.loads((tmp_path / "moe_rows.json").read_text())["cells"]
+    assert [(c["batch"], c["stored"]) for c in cells] == [(1, 0), (1, 2), (1, 4), (1, 8), (2, 0), (2, 2), (2, 4), (2, 8)]
+    assert all(c["ms"] > 0 for c in cells)
 
 
 def test_stored_rows_follow_real_commit_rates():

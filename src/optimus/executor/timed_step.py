@@ -45,14 +45,16 @@ def _random_tokens(n: int, vocab: int, device: torch.device, avoid_id: int | Non
 
 
 def synthetic_batch(batch: int, chunk: int, context: int, page_size: int, num_pages: int,
-                    device: torch.device, vocab: int, fill_id: int | None = None) -> StepBatch:
+                    device: torch.device, vocab: int, fill_id: int | None = None,
+                    stored: int | None = None) -> StepBatch:
     """``fill_id``: the window token (a dLLM's mask id) of each request's last ``chunk -
-    stored_rows(chunk)`` rows, random tokens before them; None: random tokens in every row."""
+    stored`` rows (None: ``stored_rows(chunk)``), random tokens before them; None: random
+    tokens in every row."""
     table = context_pages(batch, context, page_size, num_pages, device)
     t = batch * chunk
     input_ids = _random_tokens(t, vocab, device, fill_id)
     if fill_id is not None:
-        window = torch.arange(chunk, device=device).repeat(batch) >= stored_rows(chunk)
+        window = torch.arange(chunk, device=device).repeat(batch) >= (stored_rows(chunk) if stored is None else stored)
         input_ids[window] = fill_id
     return StepBatch(
         input_ids=input_ids,
@@ -108,13 +110,14 @@ def make_step_fn(engine, context: int = 256, repeats: int = 3, random_rows: bool
     filled = [0]  # requests whose contexts are in the cache (pages are a prefix: the largest batch covers all)
 
     @torch.inference_mode()
-    def step(batch: int, chunk: int) -> float:
+    def step(batch: int, chunk: int, stored: int | None = None) -> float:
+        """``stored``: a request's stored rows (None: ``stored_rows(chunk)``)."""
         if batch > filled[0]:
             runner.forward(context_batch(batch, context, runner.page_size, engine.allocator.num_pages,
                                          runner.device, vocab, engine.spec.mask_id))
             filled[0] = batch
         b = synthetic_batch(batch, chunk, context, runner.page_size, engine.allocator.num_pages,
-                            runner.device, vocab, fill_id)
+                            runner.device, vocab, fill_id, stored)
         times = []
         for _ in range(repeats):
             _sync(runner.device)
