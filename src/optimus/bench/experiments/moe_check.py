@@ -88,7 +88,7 @@ def check_accuracy(tol: float = 2e-2, paths: tuple = (("grouped", fused_moe_grou
 
 
 def check_graph_replay(shape: str = "llada2-mini", t: int = 8, fn=fused_moe_triton) -> dict:
-    """At t = 8 the default path is the pair path (llada2-mini: 64 pairs)."""
+    """The kernel ``fn`` replayed from a CUDA graph after new routing was copied into its inputs."""
     x, w13, w2, weights, ids = make_inputs(shape, t, seed=1)
     x, w13, w2 = x.bfloat16(), w13.bfloat16(), w2.bfloat16()
     out = {}
@@ -164,13 +164,16 @@ def time_decode(draws: int = 20) -> list[dict]:
                          "default_path": "pairs" if t * k <= moe_paths.PAIRS_MAX else
                          "touched" if t * k <= moe_paths.TOUCHED_MAX else "grouped",
                          "triton_ms": triton_ms, "triton_TBps": weight_bytes / triton_ms / 1e9,
-                         "grouped_ms": grouped_ms, "touched_ms": touched_ms, "grouped_ms_by_tiles": grouped_ms_by_tiles, "pairs_ms": pairs_ms,
+                         "grouped_ms": grouped_ms, "touched_ms": touched_ms,
+                         "grouped_ms_by_tiles": grouped_ms_by_tiles, "pairs_ms": pairs_ms,
                          "torch_ms": torch_ms, "torch_TBps": weight_bytes / torch_ms / 1e9})
             r = rows[-1]
             best = min(pairs_ms, key=pairs_ms.get)
             print(f"  {shape} T={t:3d}: {touched:5.1f} experts, {r['weight_MB']:.1f} MB; triton {triton_ms:.3f} ms "
-                  f"({r['triton_TBps']:.2f} TB/s, {r['default_path']}); grouped {grouped_ms:.3f}, touched {touched_ms:.3f}, pairs best "
-                  f"{best} {pairs_ms[best]:.3f} ms; grouped tiles {grouped_ms_by_tiles}; torch {torch_ms:.3f} ms", flush=True)
+                  f"({r['triton_TBps']:.2f} TB/s, {r['default_path']}); grouped {grouped_ms:.3f}, "
+                  f"touched {touched_ms:.3f}, pairs best "
+                  f"{best} {pairs_ms[best]:.3f} ms; grouped tiles {grouped_ms_by_tiles}; torch {torch_ms:.3f} ms",
+                  flush=True)
     return rows
 
 

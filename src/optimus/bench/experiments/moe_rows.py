@@ -22,6 +22,8 @@ import torch
 from optimus.bench.timed_runs import Target
 from optimus.executor.timed_step import make_step_fn, stored_rows
 
+CONTEXT = 256  # cached positions of each request's own context (the sweeps' prompt length)
+
 
 def stored_counts(chunk: int) -> list[int]:
     """A request's stored rows to time at ``chunk`` rows: none, the profiler's, half, all."""
@@ -53,11 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     target = Target(device="cpu", tiny=True) if args.cpu_tiny else Target(graph_max_tokens=args.graph_max_tokens)
     batches, chunks = [int(b) for b in args.batches.split(",")], [int(c) for c in args.chunks.split(",")]
     llm = target.llm(args.shape, "fixed:32", max_running=max(batches), block_size=32)
-    rows = time_cells(make_step_fn(llm.engine), batches, chunks)
+    rows = time_cells(make_step_fn(llm.engine, context=CONTEXT), batches, chunks)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    result = {"shape": args.shape, "device": torch.cuda.get_device_name() if target.cuda else "cpu (tiny)", "graph_max_tokens": args.graph_max_tokens,
-              "context": 256, "cells": rows, "wall_s": round(time.time() - t0, 1)}
+    device = torch.cuda.get_device_name() if target.cuda else "cpu (tiny)"
+    result = {"shape": args.shape, "device": device, "graph_max_tokens": args.graph_max_tokens, "context": CONTEXT,
+              "cells": rows, "wall_s": round(time.time() - t0, 1)}
     (out / "moe_rows.json").write_text(json.dumps(result, indent=1))
     print(f"wrote {out / 'moe_rows.json'}")
     return 0
