@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import os
 import shutil
@@ -170,8 +171,14 @@ def moe_check(d: dict) -> list:
     rows = [] if "kernel_ok" not in d else [
         ("Triton MoE kernel within bf16 tolerance, graph replay follows new routing", "yes" if d["kernel_ok"] else "NO")]
     for t in d.get("decode_timing", []):
+        label, value = "Triton ms (TB/s)", f"{t['triton_ms']:.3f} ({t['triton_TBps']:.2f})"
+        if "touched_ms" in t:  # the default path's time, then each path's
+            paths = {"pairs": t["pairs_ms"][next(iter(t["pairs_ms"]))], "grouped": t["grouped_ms"],
+                     "touched": t["touched_ms"]}
+            label = f"default ({t['default_path']}) ms (TB/s); pairs / grouped / touched ms"
+            value += "; " + " / ".join(f"{v:.3f}" for v in paths.values())
         rows.append((f"{shape(t['shape'])} experts, {t['T']} rows ({t['touched_experts']:.0f} experts, "
-                     f"{t['weight_MB']:.0f} MB): Triton ms (TB/s)", f"{t['triton_ms']:.3f} ({t['triton_TBps']:.2f})"))
+                     f"{t['weight_MB']:.0f} MB): {label}", value))
     for t in d.get("decode_timing_local", []):
         ms = t["ms"]
         paths = ["default", "pairs", "grouped"] + [n for n in ms if n.startswith("touched")][:1]  # the default tiles
@@ -190,6 +197,16 @@ def moe_check(d: dict) -> list:
         if "step_floor_ms" in r:
             rows.append((f"{shape(r['shape'])}{graphs} batch {r['batch']}: mean step ms, x its weight-read floor",
                          f"{r['mean_step_ms']:.2f}, {r['step_over_floor']:.2f}x"))
+    return rows
+
+
+def moe_rows(d: dict) -> list:
+    rows = []
+    for (batch, chunk), cells in itertools.groupby(d["cells"], key=lambda c: (c["batch"], c["chunk"])):
+        cells = list(cells)
+        rows.append((f"{shape(d['shape'])}, {batch} requests x {chunk} rows, of them "
+                     f"{' / '.join(str(c['stored']) for c in cells)} stored: ms a step",
+                     " / ".join(f"{c['ms']:.2f}" for c in cells)))
     return rows
 
 
@@ -595,6 +612,10 @@ BENCHMARKS = [
      "routings per graph against the touched weights' bytes; the routed layer (router + experts) against its "
      "weight-read floor; schedule4 on llada2-mini (with each step's weight-read floor at 4.8 TB/s) and llada-8b; "
      "`--parts local`: the expert paths on mask-row routing (`local_ids`).", moe_check),
+    ("moe_rows", "MoE steps: mask rows against stored rows",
+     "`python -m optimus.bench.experiments.moe_rows`: the start-up profiler's synthetic steps (each request its own "
+     "256-token context, a window of mask rows after its stored rows of random tokens) on random bf16 weights, "
+     "graphs to 2,048 tokens; the fastest of 3 after a warm-up.", moe_rows),
     ("sampling_throughput", "Sampled decoding against greedy",
      "`python -m optimus.bench.experiments.sampling_throughput`: random weights, every sampled request seeded "
      "(temperature 1, top-p 0.95), output tok/s.", sampling_throughput),

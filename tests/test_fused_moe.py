@@ -102,7 +102,7 @@ def test_pair_path_matches_reference(moe_triton, t, k, e, h, inner) -> None:
     torch.testing.assert_close(got, fused_moe_reference(*case), atol=2e-5, rtol=2e-5)
 
 
-@pytest.mark.parametrize("t", [3, 80, 600])  # the pair, touched and grouped paths
+@pytest.mark.parametrize("t", [3, 80, 600])  # the touched path, twice, and the grouped one
 def test_triton_skips_the_pairs_of_another_ranks_experts(moe_triton, t) -> None:
     mod, dev = moe_triton
     foreign, zeroed = _foreign([c.to(dev) for c in make(t, 2, 4, 32, 24, seed=t)], 4, seed=t)
@@ -115,9 +115,11 @@ def test_routing_size_picks_the_path(moe_triton, monkeypatch) -> None:
     for path in ("pairs", "touched", "grouped"):
         monkeypatch.setattr(mod, f"fused_moe_{path}",
                             lambda *a, path=path, **kw: taken.append(path) or fused_moe_reference(*a[:5]))
-    for pairs in (mod.PAIRS_MAX, mod.PAIRS_MAX + 2, mod.TOUCHED_MAX, mod.TOUCHED_MAX + 2):
+    for pairs in (2, mod.TOUCHED_MAX, mod.TOUCHED_MAX + 2):
         mod.fused_moe_triton(*[c.to(dev) for c in make(pairs // 2, 2, 4, 16, 16)])
-    assert taken == ["pairs", "touched", "touched", "grouped"]
+    monkeypatch.setattr(mod, "PAIRS_MAX", 4)  # the pair path where a limit asks for it
+    mod.fused_moe_triton(*[c.to(dev) for c in make(2, 2, 4, 16, 16)])
+    assert taken == ["touched", "touched", "grouped", "pairs"]
 
 
 def test_wrapper_routes_backends(moe_triton) -> None:

@@ -18,9 +18,10 @@ programs above cost more than the weights they read (0.09 ms for 8 experts at on
 0.55 TB/s). ``fused_moe_pairs`` skips them: one GEMV program per (pair, column block) reads its
 expert id straight from ``ids``, and the down pass sums each token's k experts in the program
 that owns its output columns. A pair re-reads an expert another pair of the step also chose;
-while pairs are few, that is rarer than the padding the grouped path would run. Past that, up
-to ``TOUCHED_MAX`` pairs, the touched-experts path (``_moe_touched_triton``) reads each expert
-once for all its rows without the grouped path's padding and torch sort.
+while pairs are few, that is rarer than the padding the grouped path would run. The
+touched-experts path (``_moe_touched_triton``) reads each expert once for all its rows without
+the grouped path's padding and torch sort; measured faster than both at every decode size, it
+takes every step up to ``TOUCHED_MAX`` pairs.
 """
 
 from __future__ import annotations
@@ -127,13 +128,13 @@ def _down_kernel(ACT, W2, WEIGHTS, OUT, PAIRS, BLOCK_EXPERT, num_pairs, H, I,
              mask=valid[:, None] & col_ok[None, :])
 
 
-# Token-expert pairs up to which fused_moe_triton takes the GEMV path, then the touched-experts
-# path. H100, llada2-mini, rotating routings (moe_check --parts local): from 32 pairs up the
-# touched path was the fastest of the three on every routing timed, 1 request x 16 mask rows
-# (128 pairs, 20 experts) 0.062 ms against 0.119 (pairs) and 0.122 (grouped), 64 requests x 1 row
-# (512 pairs, 224 experts) 0.469 against 0.626 and 0.581, and 4 x 1 rows (32 pairs on 31 experts,
-# nothing shared) 0.076 against 0.086. Below 32 pairs it was not timed: the pair path keeps them.
-PAIRS_MAX = 16
+# Token-expert pairs up to which fused_moe_triton takes the GEMV path (none), then the
+# touched-experts path. H100, rotating routings (moe_check), the touched path was the fastest on
+# every routing timed: independent rows at 1 row (8 pairs) 0.029 ms against the pair path's
+# 0.046 on llada2-mini (0.037 against 0.062 on sdar-30b-a3b), at 32 rows 0.345 against 0.393
+# (pairs) and 0.438 (grouped); mask-row routing, one request's 16 rows (128 pairs, 20 experts)
+# 0.062 against 0.119 and 0.122. The pair path stays as the measured alternative (moe_check).
+PAIRS_MAX = 0
 TOUCHED_MAX = PAIRS_LIMIT
 
 
@@ -224,7 +225,7 @@ def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weigh
     """x [T, H], w13 [E, 2I, H], w2 [E, H, I] (contiguous), weights/ids [T, k] -> [T, H] in x's dtype.
     No tiles asked for: up to PAIRS_MAX pairs the GEMV path, up to TOUCHED_MAX the touched-experts
     path, else the grouped one."""
-    if tiles is None and ids.numel() <= PAIRS_MAX:
+    if tiles is None and 0 < ids.numel() <= PAIRS_MAX:
         return fused_moe_pairs(x, w13, w2, weights, ids)
     if tiles is None and ids.numel() <= TOUCHED_MAX:
         return fused_moe_touched(x, w13, w2, weights, ids)
