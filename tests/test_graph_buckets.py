@@ -97,3 +97,31 @@ def test_the_profile_adds_the_eager_step_only_where_graphs_run_and_steps_that_la
     assert eager_cells(engine(graphs, 512), [1, 4, 16, 64]) == []  # no step gets past the graphs
     assert eager_cells(engine(graphs, 512), [1, 4, 16, 64], max_tokens=1024) == [(64, 9)]
     assert eager_cells(engine(None, 8192), [1, 4, 16, 64]) == []
+
+
+def test_a_stretched_correction_prices_the_rows_a_step_runs():
+    # The correction stretches the profile's token axis; applied before the bucket padding,
+    # a stretch of 1.5 priced 1,136 rows at the 1,024-row graph while they run the 2,048-row one
+    import math
+
+    policy = ElasticPolicy(profile=_staircase_profile(), graph_buckets=GraphBuckets(2048))
+    policy.correction.log_stretch = math.log(1.5)
+    policy.correction.slope_ratio = 1.2  # a fitted correction: stretch and slope both applied
+    one_graph = policy.predict_latency(np.array([1136.0, 1872.0, 2048.0]), 64)
+    assert one_graph[0] == pytest.approx(one_graph[1]) and one_graph[1] == pytest.approx(one_graph[2])
+    assert policy.predict_latency(np.array([1024.0]), 64)[0] < 0.9 * one_graph[0]
+
+
+def test_the_correction_learns_from_decoding_steps_only():
+    from optimus.policy.base import StepFeedback
+
+    policy = ElasticPolicy(profile=_staircase_profile(), graph_buckets=GraphBuckets(2048))
+    ids = tuple(str(i) for i in range(64))
+
+    def feedback(tokens: int) -> StepFeedback:
+        return StepFeedback(tokens, 0.03, (8,) * 64, (2,) * 64, ids, device_s=0.029)
+
+    policy.observe(feedback(4096))  # 64 prompts and one row each: not what a decoding plan pays
+    assert len(policy.correction._points) == 0
+    policy.observe(feedback(640))
+    assert [p[0] for p in policy.correction._points] == [1024.0]  # at the graph the step ran
