@@ -68,7 +68,8 @@ def test_sweep_policies_share_one_engine_and_elastic_shared_plans_on_the_shared_
     for name, corrected in (("elastic", True), ("elastic-profile", False)):  # steps twice the profile's time
         policy = _policy(llm, name)
         for n in range(1, 65):
-            policy.correction.observe(policy._profile_curve, n, 1, 2 * float(policy._profile_curve(np.array([n]), 1)[0]))
+            predict = policy.profile.predict_many
+            policy.correction.observe(predict, n, 1, 2 * float(predict(np.array([n]), 1)[0]))
         assert (policy.correction.scale > 1.5) == corrected
 
 

@@ -111,17 +111,3 @@ def test_a_stretched_correction_prices_the_rows_a_step_runs():
     assert one_graph[0] == pytest.approx(one_graph[1]) and one_graph[1] == pytest.approx(one_graph[2])
     assert policy.predict_latency(np.array([1024.0]), 64)[0] < 0.9 * one_graph[0]
 
-
-def test_the_correction_learns_from_decoding_steps_only():
-    from optimus.policy.base import StepFeedback
-
-    policy = ElasticPolicy(profile=_staircase_profile(), graph_buckets=GraphBuckets(2048))
-    ids = tuple(str(i) for i in range(64))
-
-    def feedback(tokens: int) -> StepFeedback:
-        return StepFeedback(tokens, 0.03, (8,) * 64, (2,) * 64, ids, device_s=0.029)
-
-    policy.observe(feedback(4096))  # 64 prompts and one row each: not what a decoding plan pays
-    assert len(policy.correction._points) == 0
-    policy.observe(feedback(640))
-    assert [p[0] for p in policy.correction._points] == [1024.0]  # at the graph the step ran

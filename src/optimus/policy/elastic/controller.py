@@ -178,16 +178,13 @@ class ElasticPolicy:
 
     def predict_latency(self, tokens: np.ndarray, batch: int) -> np.ndarray:
         """Corrected latency curve at step token counts ``tokens`` [K], at the rows those steps run."""
-        return self.correction(self._profile_curve, self._rows_run(tokens), batch)
-
-    def _profile_curve(self, rows: np.ndarray, batch: int) -> np.ndarray:
-        return self.profile.predict_many(rows, batch)
+        return self.correction(self.profile.predict_many, self._rows_run(tokens), batch)
 
     def _rows_run(self, tokens):
         """The rows steps of ``tokens`` run: their graph buckets' where graphs serve them. The
         correction fits and predicts on these: its stretch of the token axis must not move a
-        step across a bucket edge (a stretch of 2 fitted on 2,048-row steps priced 1,136 rows at
-        the 1,024-row graph; H100, LLaDA2.0-mini, 64 requests)."""
+        step across a bucket edge (replaying the H100 LLaDA2.0-mini sweep's steps at 64 requests
+        on a CPU, it fitted a stretch of 2, which priced 1,136 rows at the 1,024-row graph)."""
         return tokens if self.buckets is None else self.buckets.pad(tokens)
 
     # ---- ChunkPolicy ---------------------------------------------------------------------
@@ -240,14 +237,10 @@ class ElasticPolicy:
     def _observe_latency(self, feedback: StepFeedback) -> None:
         """The latency curve learns the device's time where the engine reports it (the profile
         is the device's), and the host's share of the step apart: it does not grow with the
-        step's tokens the way the device's time does. Both learn from decoding steps only."""
+        step's tokens the way the device's time does."""
         device = feedback.device_s if 0 < feedback.device_s <= feedback.latency_s else 0.0
         # Steps mostly of prompt rows (a window and its store run at most twice its positions)
-        # are not what a decoding plan pays: their host time goes to prompts, and their rows
-        # cost what prompt rows cost (on an MoE model every prompt row reaches experts of its
-        # own, where a window's mask rows share theirs: 64 requests' 4,096-row prompt steps
-        # took 44 ms where the profile's eager point put 58, and the correction fitted to them
-        # priced decoding steps of 1,136 rows below their graph's 27 ms; H100, LLaDA2.0-mini).
+        # spend their host time on prompts: not what a decoding plan pays.
         prompts = feedback.num_tokens > 2 * sum(feedback.chunk_sizes) + len(feedback.chunk_sizes)
         if device and not prompts and not feedback.overlapped:
             self.host.observe(feedback.num_tokens, feedback.latency_s - device)
@@ -256,9 +249,8 @@ class ElasticPolicy:
             t0 = seconds / max(1.0, feedback.num_tokens / DEFAULT_KNEE)
             self.profile = LatencyProfile.synthetic(t0, DEFAULT_KNEE, t0 / DEFAULT_KNEE)
             self._rescale = False
-        if not prompts:
-            self.correction.observe(self._profile_curve, float(self._rows_run(feedback.num_tokens)),
-                                    max(len(feedback.chunk_sizes), 1), seconds)
+        self.correction.observe(self.profile.predict_many, float(self._rows_run(feedback.num_tokens)),
+                                max(len(feedback.chunk_sizes), 1), seconds)
 
     def _curve_for(self, keys: tuple, pinned: tuple, batch: int) -> _Curve:
         signature = (keys, pinned, batch)
