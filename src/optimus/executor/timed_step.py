@@ -54,7 +54,8 @@ def synthetic_batch(batch: int, chunk: int, context: int, page_size: int, num_pa
     t = batch * chunk
     input_ids = _random_tokens(t, vocab, device, fill_id)
     if fill_id is not None:
-        window = torch.arange(chunk, device=device).repeat(batch) >= (stored_rows(chunk) if stored is None else stored)
+        stored = stored_rows(chunk) if stored is None else stored
+        window = torch.arange(chunk, device=device).repeat(batch) >= stored
         input_ids[window] = fill_id
     return StepBatch(
         input_ids=input_ids,
