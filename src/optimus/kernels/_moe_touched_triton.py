@@ -153,10 +153,9 @@ def fused_moe_touched(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weig
     p2 = max(triton.next_power_of_2(pairs), 16)
     dev = x.device
     flat_ids = ids.reshape(-1).contiguous()
-    index = torch.empty(2 * p2 + 1 + p2 + 1, dtype=torch.int32, device=dev)  # one allocation, four views
-    sorted_pairs, slot_start, slot_expert = index[:p2], index[p2:2 * p2 + 1], index[2 * p2 + 1:3 * p2 + 1]
-    num_slots = index[3 * p2 + 1:]
-    sorted_expert = torch.empty(p2, dtype=torch.int32, device=dev)
+    # One allocation for the align kernel's five outputs (slot_start has one entry more: an end)
+    index = torch.empty(4 * p2 + 2, dtype=torch.int32, device=dev)
+    sorted_pairs, sorted_expert, slot_start, slot_expert, num_slots = index.split([p2, p2, p2 + 1, p2, 1])
     _align_kernel[(1,)](flat_ids, sorted_pairs, sorted_expert, slot_start, slot_expert, num_slots, pairs, num_experts,
                         P2=p2)
     most_slots = min(pairs, num_experts)
