@@ -73,3 +73,23 @@ def test_router_takes_the_kernel_in_inference(triton_device, monkeypatch) -> Non
     assert calls == [1]
     assert got_ids.tolist() == want_ids.tolist()
     torch.testing.assert_close(got_w, want_w, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_padding_rows_route_to_no_expert(backend, request) -> None:
+    """Rows from ``live_rows`` on (a CUDA graph's padding: garbage hidden states) get id E and
+    weight 0, so fused_moe reads no expert for them; the live rows route as without it."""
+    from optimus.kernels.moe_route import moe_route
+
+    device = request.getfixturevalue("triton_device") if backend == "triton" else "cpu"
+    gen = torch.Generator().manual_seed(7)
+    logits = torch.randn(6, 64, generator=gen).to(device)
+    logits[4:] = float("nan")  # what an unwritten buffer may hold
+    bias = (torch.randn(64, generator=gen) * 0.1).to(device)
+    live = torch.tensor([4], dtype=torch.int32, device=device)
+    with torch.inference_mode():
+        weights, ids = moe_route(logits, bias, LLADA2, backend, live_rows=live)
+    want_w, want_ids = moe_route_reference(logits[:4].cpu(), bias.cpu(), LLADA2)
+    assert ids.cpu()[:4].tolist() == want_ids.tolist()
+    torch.testing.assert_close(weights.cpu()[:4], want_w, atol=1e-6, rtol=1e-5)
+    assert (ids.cpu()[4:] == 64).all() and (weights.cpu()[4:] == 0).all()

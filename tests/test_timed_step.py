@@ -7,7 +7,7 @@ import torch
 
 from optimus.config import engine_config
 from optimus.engine.engine import Engine
-from optimus.executor.timed_step import make_step_fn, stored_rows
+from optimus.executor.timed_step import make_step_fn, stored_rows, synthetic_batch
 
 
 @pytest.fixture(scope="module")
@@ -80,3 +80,37 @@ def test_each_request_attends_to_a_context_of_its_own(moe_engine):
     prefill = context_batch(3, 40, 16, 64, torch.device("cpu"), vocab=1000, avoid_id=7)
     assert prefill.slots.unique().numel() == 120 and not torch.any(prefill.input_ids == 7)
     assert context_pages(8, 40, page_size=16, num_pages=10, device=torch.device("cpu")).max() < 9  # shared when short
+
+
+def test_a_graphs_padding_rows_read_no_expert(moe_engine, monkeypatch):
+    """A step padded to a CUDA-graph bucket (rows past cu_q[-1], owned by no request): the MoE
+    layers route the padding to no expert (id E), and the live rows' hidden states are those of
+    the unpadded step. Routed as tokens, padding read up to k experts a row (on the H100, 24
+    padding rows made a 4-request LLaDA2.0-mini step 1.6x slower)."""
+    from dataclasses import replace
+
+    from optimus.models import moe
+
+    runner = moe_engine.runner
+    live = synthetic_batch(2, 4, 8, runner.page_size, moe_engine.allocator.num_pages, runner.device,
+                           moe_engine.spec.arch.vocab_size, moe_engine.spec.mask_id)
+    pad = 5
+    padded = replace(live, input_ids=torch.cat([live.input_ids, torch.arange(pad) * 7 + 3]),
+                     positions=torch.cat([live.positions, torch.zeros(pad, dtype=live.positions.dtype)]),
+                     groups=torch.cat([live.groups, torch.zeros(pad, dtype=live.groups.dtype)]),
+                     slots=torch.cat([live.slots, torch.full((pad,), -1, dtype=live.slots.dtype)]))
+    routed = []
+    fused = moe.fused_moe
+    monkeypatch.setattr(moe, "fused_moe", lambda x, w13, w2, weights, ids, backend: routed.append(ids.clone())
+                        or fused(x, w13, w2, weights, ids, backend))
+    with torch.inference_mode():
+        want = runner.forward(live)
+        unpadded_routes = list(routed)
+        routed.clear()
+        got = runner.forward(padded)
+    experts = moe_engine.spec.arch.moe.num_experts
+    assert routed and len(routed) == len(unpadded_routes)
+    for ids, unpadded in zip(routed, unpadded_routes):
+        assert (ids[-pad:] == experts).all()
+        assert ids[:-pad].tolist() == unpadded.tolist()
+    torch.testing.assert_close(got[:-pad], want)

@@ -209,6 +209,7 @@ class PagedBackend:
                  cache_only: bool = False) -> None:
         self.storage, self.batch, self.attention_backend = storage, batch, attention_backend
         self.cache_only = cache_only
+        self.live_rows = batch.cu_q[-1:]  # the requests' rows end here; a graph's padding follows
         self._key_end: torch.Tensor | None = None  # per-step metadata shared by every layer
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

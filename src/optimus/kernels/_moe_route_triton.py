@@ -20,9 +20,10 @@ import triton.language as tl
 
 
 @triton.jit
-def _route_kernel(LOGITS, BIAS, WEIGHTS, IDS, stride_lt, scaling, eps,
+def _route_kernel(LOGITS, BIAS, WEIGHTS, IDS, LIVE_ROWS, stride_lt, scaling, eps,
                   GROUPS: tl.constexpr, PER_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr,
-                  TOP_K: tl.constexpr, SOFTMAX: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr):
+                  TOP_K: tl.constexpr, SOFTMAX: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr,
+                  HAS_LIVE: tl.constexpr):
     token = tl.program_id(0)
     g = tl.arange(0, GROUPS)
     index = g[:, None] * PER_GROUP + tl.arange(0, PER_GROUP)[None, :]  # [GROUPS, PER_GROUP]
@@ -59,20 +60,27 @@ def _route_kernel(LOGITS, BIAS, WEIGHTS, IDS, stride_lt, scaling, eps,
         choice = tl.where(index == at, float("-inf"), choice)
     if NORM:
         picked = picked / (tl.sum(picked, axis=0) + eps)
+    if HAS_LIVE:  # a padding row: no expert (id E), weight 0
+        padding = token >= tl.load(LIVE_ROWS)
+        chosen = tl.where(padding, big, chosen)
+        picked = tl.where(padding, 0.0, picked)
     tl.store(WEIGHTS + token * TOP_K + slots, picked * scaling)
     tl.store(IDS + token * TOP_K + slots, chosen.to(tl.int64))
 
 
-def moe_route_triton(logits: torch.Tensor, bias: torch.Tensor | None, routing) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [T, E] -> (weights [T, k] fp32, ids [T, k] int64) under ``routing`` (MoeRouting)."""
+def moe_route_triton(logits: torch.Tensor, bias: torch.Tensor | None, routing,
+                     live_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [T, E] -> (weights [T, k] fp32, ids [T, k] int64) under ``routing`` (MoeRouting);
+    rows from ``live_rows`` on get id E and weight 0 (moe_route's doc)."""
     t, e = logits.shape
     groups, k = max(routing.n_group, 1), routing.top_k
     logits = logits.contiguous()
     weights = torch.empty(t, k, dtype=torch.float32, device=logits.device)
     ids = torch.empty(t, k, dtype=torch.int64, device=logits.device)
-    _route_kernel[(t,)](logits, bias if bias is not None else logits, weights, ids, logits.stride(0),
+    _route_kernel[(t,)](logits, bias if bias is not None else logits, weights, ids,
+                        live_rows if live_rows is not None else ids, logits.stride(0),
                         float(routing.scaling), 0.0 if routing.softmax else 1e-20,
                         GROUPS=groups, PER_GROUP=e // groups, TOPK_GROUP=min(routing.topk_group, groups) if groups > 1 else 1,
                         TOP_K=k, SOFTMAX=routing.softmax, HAS_BIAS=bias is not None,
-                        NORM=routing.norm_topk and k > 1, num_warps=4)
+                        NORM=routing.norm_topk and k > 1, HAS_LIVE=live_rows is not None, num_warps=4)
     return weights, ids

@@ -4,6 +4,11 @@ Backends: "torch" (reference.moe_route_reference: scores, bias, group limit, sta
 gathered and normalised weights; a dozen small launches), "triton" (_moe_route_triton: all of it
 in one launch where the expert tile fits, see ``kernel_fits``), "auto" (triton on CUDA when
 Triton imports). Both choose the same experts in the same order: ties go to the lower index.
+
+``live_rows`` ([1] int32 on the logits' device): rows from it on are a CUDA graph's padding,
+owned by no request, whose hidden states are whatever the step's buffers held. They get id E
+(no expert: fused_moe skips the pair) and weight 0, so they read no expert weights; routed as
+tokens, each would read up to k experts of its own.
 """
 
 from __future__ import annotations
@@ -36,11 +41,16 @@ def kernel_fits(num_experts: int, routing: MoeRouting) -> bool:
 
 
 def moe_route(logits: torch.Tensor, bias: torch.Tensor | None, routing: MoeRouting,
-              backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [T, E], bias [E] or None -> (weights [T, k] fp32, ids [T, k] int64)."""
+              backend: str = "auto", live_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [T, E], bias [E] or None -> (weights [T, k] fp32, ids [T, k] int64 in [0, E]);
+    ``live_rows`` as the module doc (None: every row is a token)."""
     if (resolve_backend(backend, logits) == "triton" and not torch.is_grad_enabled()
             and kernel_fits(logits.shape[1], routing)):
         from optimus.kernels._moe_route_triton import moe_route_triton
 
-        return moe_route_triton(logits, bias, routing)
-    return moe_route_reference(logits, bias, routing)
+        return moe_route_triton(logits, bias, routing, live_rows)
+    weights, ids = moe_route_reference(logits, bias, routing)
+    if live_rows is None:
+        return weights, ids
+    padding = (torch.arange(ids.shape[0], device=ids.device) >= live_rows)[:, None]
+    return weights.masked_fill(padding, 0.0), ids.masked_fill(padding, logits.shape[1])

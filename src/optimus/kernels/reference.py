@@ -57,6 +57,7 @@ def group_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
     Vectorised over requests by padding every request to the longest chunk and the longest
     cache of the step, then one masked SDPA call. Cost is R * max_q * (max_cache + max_q).
+    Rows past ``cu_q[-1]`` (a CUDA graph's padding, owned by no request) come out as zeros.
     """
     t, hq, d = q.shape
     num_req = cu_q.numel() - 1
@@ -66,16 +67,17 @@ def group_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     dev, cu = q.device, cu_q.long()
     q_lens = cu[1:] - cu[:-1]
     max_q, max_c = int(q_lens.max()), int(cache_lens.max())
-    req = torch.searchsorted(cu[1:], torch.arange(t, device=dev), right=True)
-    local = torch.arange(t, device=dev) - cu[req]
+    rows = int(cu[-1])  # the requests' rows; padding follows
+    req = torch.searchsorted(cu[1:], torch.arange(rows, device=dev), right=True)
+    local = torch.arange(rows, device=dev) - cu[req]
 
     f32 = torch.float32
-    qp = _pad_rows(q.to(f32), req, local, num_req, max_q)
-    kp = _pad_rows(k.to(f32), req, local, num_req, max_q)
-    vp = _pad_rows(v.to(f32), req, local, num_req, max_q)
+    qp = _pad_rows(q[:rows].to(f32), req, local, num_req, max_q)
+    kp = _pad_rows(k[:rows].to(f32), req, local, num_req, max_q)
+    vp = _pad_rows(v[:rows].to(f32), req, local, num_req, max_q)
     # Padded key rows get the largest group so no real query row can see them.
     big = torch.iinfo(torch.int32).max
-    gp = _pad_rows(groups.to(torch.int64), req, local, num_req, max_q, fill=big)
+    gp = _pad_rows(groups[:rows].to(torch.int64), req, local, num_req, max_q, fill=big)
 
     cache_ok = torch.arange(max_c, device=dev)[None, :] < cache_lens.long()[:, None]  # [R, C]
     # Zero the slots past each cache length: stale pages may hold NaN/inf, and a masked
@@ -92,7 +94,8 @@ def group_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     vals = torch.cat([vc, vp], dim=1).transpose(1, 2)
     out = F.scaled_dot_product_attention(qp.transpose(1, 2), keys, vals, attn_mask=mask[:, None],
                                          scale=scale, enable_gqa=hq != keys.shape[1])
-    return out.transpose(1, 2)[req, local].to(q.dtype)
+    out = out.transpose(1, 2)[req, local].to(q.dtype)
+    return out if rows == t else torch.cat([out, out.new_zeros(t - rows, hq, d)])
 
 
 # ---- fused decoder-layer elementwise ops (see fused.py). Each states the numerics its Triton

@@ -304,7 +304,13 @@ class AttentionBackend(Protocol):
     q [T, Hq, D], k/v [T, Hkv, D] are the step's new tokens after rotary embedding;
     the backend adds whatever cached context applies and returns [T, Hq, D]. With merged
     projections v (and on the torch path q/k norms' inputs) are row-strided views.
+
+    ``live_rows`` ([1] int32 on the step's device, or None when every row is a token): rows from
+    it on are a CUDA graph's padding, owned by no request; their hidden states are garbage
+    (attention never writes them), so an MoE layer must not route them to experts.
     """
+
+    live_rows: torch.Tensor | None
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor: ...
 
@@ -356,7 +362,10 @@ class DecoderLayer(nn.Module):
         stream before it), so each norm is one add+norm. Same sums as x + attn, x + mlp."""
         h, residual = ops.add_norm(x, residual, self.input_layernorm)
         h, residual = ops.add_norm(self.self_attn(h, ops, backend), residual, self.post_attention_layernorm)
-        return self.mlp(h, ops), residual
+        return self.feed_forward(h, ops, backend), residual
+
+    def feed_forward(self, h: torch.Tensor, ops: LayerOps, backend: AttentionBackend) -> torch.Tensor:
+        return self.mlp(h, ops)
 
     def fuse_projections(self) -> None:
         self.self_attn.fuse_projections()

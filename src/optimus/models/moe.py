@@ -44,13 +44,15 @@ class Router(nn.Module):
         # A parameter (not a buffer) so random-weight models initialise it; it is never trained.
         self.expert_bias = nn.Parameter(torch.zeros(cfg.num_experts), requires_grad=False) if cfg.expert_bias else None
 
-    def forward(self, x: torch.Tensor, backend: str = "torch") -> tuple[torch.Tensor, torch.Tensor]:
-        """``backend`` as fused_moe's (kernels.moe_route: one Triton launch on CUDA)."""
+    def forward(self, x: torch.Tensor, backend: str = "torch", live_rows: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``backend`` as fused_moe's (kernels.moe_route: one Triton launch on CUDA); rows from
+        ``live_rows`` on are padding and route to no expert."""
         if self.cfg.scoring == "softmax":  # Qwen3-MoE: logits in the activation dtype
             logits = F.linear(x, self.weight)
         else:  # LLaDA2.0: the gate runs in fp32
             logits = F.linear(x.float(), self.weight.float())
-        return moe_route(logits, self.expert_bias, self.routing, backend)
+        return moe_route(logits, self.expert_bias, self.routing, backend, live_rows)
 
 
 class ExpertWeights(nn.Module):
@@ -103,10 +105,11 @@ class SparseMoE(nn.Module):
         self.shared_experts = shared
         self.reduce = no_reduce  # once for routed + shared (a shard's shared expert does not reduce)
 
-    def forward(self, x: torch.Tensor, ops=None) -> torch.Tensor:
-        """x [T, H] -> [T, H]. ``ops`` (LayerOps) runs the shared expert's linears."""
+    def forward(self, x: torch.Tensor, ops=None, live_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """x [T, H] -> [T, H]. ``ops`` (LayerOps) runs the shared expert's linears; rows from
+        ``live_rows`` on (a CUDA graph's padding, AttentionBackend.live_rows) read no expert."""
         backend = self.backend(x)
-        weights, ids = self.gate(x, backend)
+        weights, ids = self.gate(x, backend, live_rows)
         if self.placed is not None:
             weights, ids = self._here(weights, ids)
         out = fused_moe(x, self.experts.w13, self.experts.w2, weights, ids, backend)

@@ -28,6 +28,9 @@ class MoEDecoderLayer(DecoderLayer):
         super().__init__(arch, layer)
         self.mlp = SparseMoE(arch.hidden_size, arch.moe)
 
+    def feed_forward(self, h: torch.Tensor, ops: LayerOps, backend: AttentionBackend) -> torch.Tensor:
+        return self.mlp(h, ops, backend.live_rows)
+
 
 class LLaDA2Attention(nn.Module):
     def __init__(self, arch: ArchConfig, layer: int) -> None:
@@ -78,6 +81,8 @@ class LLaDA2Layer(nn.Module):
         """Residual-stream form, as DecoderLayer.forward."""
         h, residual = ops.add_norm(x, residual, self.input_layernorm)
         h, residual = ops.add_norm(self.attention(h, ops, backend), residual, self.post_attention_layernorm)
+        if isinstance(self.mlp, SparseMoE):
+            return self.mlp(h, ops, backend.live_rows), residual
         return self.mlp(h, ops), residual
 
     def fuse_projections(self) -> None:

@@ -22,6 +22,8 @@ class TrainBackend:
     """The model's AttentionBackend for one training forward; ``mask`` is a BlockMask or a
     boolean tensor broadcastable to [B, H, 2L, 2L]."""
 
+    live_rows = None  # every row is a token: no padding
+
     def __init__(self, mask, batch: int) -> None:
         self.mask, self.batch = mask, batch
 
