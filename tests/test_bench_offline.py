@@ -35,6 +35,13 @@ def test_bench_offline_tiny_smoke(tmp_path):
         assert {len(v) for v in trace.values()} == {r["steps"]}
         assert sum(trace["rows"]) == r["tokens_computed"]
         assert max(trace["requests"]) <= r["concurrency"] and all(d >= 0 for d in trace["device_ms"])
+        if r["policy"].startswith("elastic"):  # its beliefs after the load, one entry per size
+            e = r["estimates"]
+            assert e["sizes"][0] == 1 and len({len(v) for k, v in e.items() if k in ("tau", "rows", "tok_s")}) == 1
+            rate = [r["concurrency"] * t / ((d + h) / 1e3) for t, d, h in zip(e["tau"], e["device_ms"], e["host_ms"])]
+            assert e["tok_s"] == pytest.approx(rate, rel=1e-2)
+        else:
+            assert "estimates" not in r
     assert (tmp_path / "policy_sweep.png").stat().st_size > 0
 
 

@@ -67,6 +67,8 @@ def run_sweep(target: Target, shape: str, policies, concurrencies, acceptance: A
         for name in active:
             r = median_run(runs[name])
             r.update(shape=shape, policy=name, concurrency=n, acceptance=f"replayed ({acceptance_name})")
+            if hasattr(controllers[name], "estimates"):  # elastic: its beliefs after the load
+                r["estimates"] = controllers[name].estimates(n)
             print(f"  sweep {shape} {name:9s} conc={n:4d}: {r['output_tok_s']:.0f} tok/s "
                   f"(runs {', '.join(f'{x:.0f}' for x in r['output_tok_s_runs'])}; {r['graph_capture_s']:.2f} s "
                   f"of graph captures), {r['steps']} steps, {r['preemptions']} preemptions, cpu {r['cpu_ms_per_step']:.2f} "

@@ -187,6 +187,25 @@ class ElasticPolicy:
         on a CPU, it fitted a stretch of 2, which priced 1,136 rows at the 1,024-row graph)."""
         return tokens if self.buckets is None else self.buckets.pad(tokens)
 
+    def estimates(self, batch: int) -> dict:
+        """What the controller currently believes, for ``batch`` requests all at one size C:
+        its tau, the rows such a step runs, the device time it predicts for them, the host time
+        around it, and the committed tokens per second that implies (what a benchmark reports
+        beside the sizes it chose, to tell a wrong belief from a wrong decision)."""
+        sizes = np.array(self.chunk_sizes, dtype=float)
+        tau = self._tau(sizes)
+        rows = batch * (sizes + self._rows_per_commit() * tau)
+        device = self.predict_latency(rows, batch)
+        host = self.overhead_s + self.host(rows)
+        if self.unit_steps_overlap:
+            host = np.where(sizes == 1, 0.0, host)
+        return {"sizes": sizes.astype(int).tolist(), "tau": tau.round(3).tolist(), "rows": rows.round(1).tolist(),
+                "device_ms": (device * 1e3).round(3).tolist(), "host_ms": (host * 1e3).round(3).tolist(),
+                "tok_s": (batch * tau / (device + host)).round(1).tolist(),
+                "host_share_ms": [round(self.host.intercept * 1e3, 4), round(self.host.slope * 1e6, 4)],
+                "overhead_ms": round(self.overhead_s * 1e3, 4),
+                "correction": [round(self.correction.scale, 4), round(self.correction.stretch, 4)]}
+
     # ---- ChunkPolicy ---------------------------------------------------------------------
     def choose(self, view: StepView) -> list[int]:
         out = [override_chunk(r) for r in view.requests]
