@@ -180,3 +180,20 @@ def test_sweep_skips_outgrown_policies_at_higher_loads(monkeypatch):
     assert [(r["policy"], r["concurrency"]) for r in rows] == [("ar", 1), ("fixed:8", 1), ("fixed:32", 1),
                                                                  ("ar", 2), ("fixed:8", 2)]
     assert next(r for r in rows if r["policy"] == "fixed:32")["left_out_above"] == 1
+
+
+def test_host_profile_profiles_each_policys_timed_runs(tmp_path):
+    """The host profile experiment: the sweep's timed runs profiled per policy, and
+    ``timed_generate`` restored after it."""
+    from optimus.bench import policy_sweep, timed_runs
+    from optimus.bench.experiments import host_profile
+
+    assert host_profile.main(["--out", str(tmp_path), "--shape", "sdar-8b", "--concurrency", "1",
+                              "--policies", "fixed:8,elastic", "--gen-len", "64", "--device", "cpu", "--tiny"]) == 0
+    text = (tmp_path / "host_profile.txt").read_text()
+    for name in ("FixedPolicy8", "ElasticPolicy"):
+        assert f"===== {name}, by cumulative" in text and f"===== {name}, by tottime" in text
+    assert "engine.py" in text and "(choose)" in text
+    assert {r["policy"] for r in json.loads((tmp_path / "host_profile_sweep.json").read_text())["sweep"]} == {
+        "fixed:8", "elastic"}
+    assert policy_sweep.timed_generate is timed_runs.timed_generate
