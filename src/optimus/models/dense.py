@@ -61,6 +61,7 @@ def attention_mask(kind: AttentionKind, q_pos: torch.Tensor, k_pos: torch.Tensor
 
 class DenseBackend:
     live_rows = None  # every row is a token: no padding
+
     def __init__(self, batch: int, length: int, mask: torch.Tensor | None,
                  cache: DenseKVCache | None = None, mode: CacheMode = CacheMode.READ,
                  replace_start: int = 0) -> None:

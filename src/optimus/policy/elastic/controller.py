@@ -202,6 +202,7 @@ class ElasticPolicy:
         return {"sizes": sizes.astype(int).tolist(), "tau": tau.round(3).tolist(), "rows": rows.round(1).tolist(),
                 "device_ms": (device * 1e3).round(3).tolist(), "host_ms": (host * 1e3).round(3).tolist(),
                 "tok_s": (batch * tau / (device + host)).round(1).tolist(),
+                # the host-share line h(n) = a + b n: a in ms, b in us per row
                 "host_share_ms": [round(self.host.intercept * 1e3, 4), round(self.host.slope * 1e6, 4)],
                 "overhead_ms": round(self.overhead_s * 1e3, 4),
                 "correction": [round(self.correction.scale, 4), round(self.correction.stretch, 4)]}
