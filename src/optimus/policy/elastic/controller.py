@@ -187,6 +187,12 @@ class ElasticPolicy:
         on a CPU, it fitted a stretch of 2, which priced 1,136 rows at the 1,024-row graph)."""
         return tokens if self.buckets is None else self.buckets.pad(tokens)
 
+    def _host_s(self, tokens: np.ndarray, everyone_unit: np.ndarray) -> np.ndarray:
+        """The host time steps of ``tokens`` [K] pay around their forwards; none where every
+        request is at size 1 (``everyone_unit`` [K]) and the engine overlaps such steps."""
+        host = self.overhead_s + self.host(tokens)
+        return np.where(everyone_unit, 0.0, host) if self.unit_steps_overlap else host
+
     def estimates(self, batch: int) -> dict:
         """What the controller currently believes, for ``batch`` requests all at one size C:
         its tau, the rows such a step runs, the device time it predicts for them, the host time
@@ -196,9 +202,7 @@ class ElasticPolicy:
         tau = self._tau(sizes)
         rows = batch * (sizes + self._rows_per_commit() * tau)
         device = self.predict_latency(rows, batch)
-        host = self.overhead_s + self.host(rows)
-        if self.unit_steps_overlap:
-            host = np.where(sizes == 1, 0.0, host)
+        host = self._host_s(rows, sizes == 1)
         return {"sizes": sizes.astype(int).tolist(), "tau": tau.round(3).tolist(), "rows": rows.round(1).tolist(),
                 "device_ms": (device * 1e3).round(3).tolist(), "host_ms": (host * 1e3).round(3).tolist(),
                 "tok_s": (batch * tau / (device + host)).round(1).tolist(),
@@ -302,9 +306,8 @@ class ElasticPolicy:
         # Every step also pays the host's time around it: fewer, larger steps amortise it.
         device = expected_latency(lambda x: self.predict_latency(x, batch), tokens, np.sqrt(base_var + rungs.var),
                                   floor)
-        latency = self.overhead_s + self.host(tokens) + device
-        if self.unit_steps_overlap and not np.any(pinned > 1):  # everyone at size 1: overlapped
-            latency[0] = device[0]
+        everyone_unit = (np.arange(len(tokens)) == 0) & (not np.any(pinned > 1))  # rung 0: all at size 1
+        latency = self._host_s(tokens, everyone_unit) + device
         return _Curve(rungs, tokens, latency, (base_gain + rungs.gain) / latency)
 
     def _ladder_for(self, key: tuple[int, float]) -> Ladder:
