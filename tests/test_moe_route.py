@@ -64,13 +64,14 @@ def test_router_takes_the_kernel_in_inference(triton_device, monkeypatch) -> Non
     torch.nn.init.normal_(router.expert_bias, std=0.1)
     x = torch.randn(3, 16, device=triton_device)
     calls = []
-    kernel = _moe_route_triton.moe_route_triton
-    monkeypatch.setattr(_moe_route_triton, "moe_route_triton", lambda *a: calls.append(1) or kernel(*a))
+    for name in ("moe_route_triton", "router_logits_triton"):
+        kernel = getattr(_moe_route_triton, name)
+        monkeypatch.setattr(_moe_route_triton, name, lambda *a, k=kernel, n=name: calls.append(n) or k(*a))
     with torch.inference_mode():
         got_w, got_ids = router(x, "triton")
         want_w, want_ids = router(x, "torch")
     router(x, "triton")  # gradients on: the reference (the kernel has no backward)
-    assert calls == [1]
+    assert calls == ["router_logits_triton", "moe_route_triton"]
     assert got_ids.tolist() == want_ids.tolist()
     torch.testing.assert_close(got_w, want_w, atol=1e-6, rtol=1e-5)
 
@@ -93,3 +94,21 @@ def test_padding_rows_route_to_no_expert(backend, request) -> None:
     assert ids.cpu()[:4].tolist() == want_ids.tolist()
     torch.testing.assert_close(weights.cpu()[:4], want_w, atol=1e-6, rtol=1e-5)
     assert (ids.cpu()[4:] == 64).all() and (weights.cpu()[4:] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rows", [1, 20])  # one 16-row tile, masked; and the 64-row tiles
+def test_router_logits_are_the_fp32_gates(triton_device, dtype, rows) -> None:
+    """The logits kernel multiplies the stored values and sums in fp32: LLaDA2.0's
+    ``linear(x.float(), weight.float())`` up to summation order, at sizes that mask every tile
+    edge (40 experts, 300 inputs: neither a multiple of its blocks)."""
+    from optimus.kernels.moe_route import router_logits
+
+    gen = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 300, generator=gen).to(dtype)
+    weight = (torch.randn(40, 300, generator=gen) * 0.05).to(dtype)
+    want = torch.nn.functional.linear(x.double(), weight.double())
+    with torch.inference_mode():
+        got = router_logits(x.to(triton_device), weight.to(triton_device), "triton")
+    assert got.dtype == torch.float32 and got.shape == (rows, 40)
+    torch.testing.assert_close(got.cpu().double(), want, atol=1e-5, rtol=1e-5)

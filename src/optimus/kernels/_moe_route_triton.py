@@ -1,4 +1,5 @@
-"""Triton MoE routing: router logits -> (combine weights, expert ids) in one launch.
+"""Triton MoE routing: router logits -> (combine weights, expert ids) in one launch, and the
+fp32 router logits of bf16 tokens and gate weights in one more.
 
 The torch reference is ``reference.moe_route_reference`` (the contract: ``moe_route.py``); this
 kernel computes the same choice for every token in one program: scores (softmax or sigmoid), the bias shift, the group limit (a
@@ -6,6 +7,13 @@ group scores the sum of its two best entries; the ``topk_group`` best groups sta
 by repeated arg-max, and the gathered, normalised, scaled weights. At decode sizes the torch
 version is a dozen small launches per layer (sort, topk, scatter, masked fill...), each costing
 more than the arithmetic; here it is one.
+
+The logits kernel reads the activations and gate weights as they are stored, widens them in
+registers and multiplies on tf32 tensor cores with fp32 sums: a bf16 or fp16 value is exact in
+tf32 and a product of two is exact in fp32, so its logits are LLaDA2.0's
+``linear(x.float(), weight.float())`` up to the order of the sums, without the two casts (at
+one row the weight's cast alone moved 3 MB a layer). (Widened rather than multiplied as bf16:
+Triton's CPU interpreter, which the tests run, mis-multiplies bf16 tiles.)
 
 Ties go to the lower index at every selection, as the reference's stable sort does, so both
 pick the same experts in the same order. Experts are laid out as a [groups, experts per group]
@@ -84,3 +92,35 @@ def moe_route_triton(logits: torch.Tensor, bias: torch.Tensor | None, routing,
                         TOP_K=k, SOFTMAX=routing.softmax, HAS_BIAS=bias is not None,
                         NORM=routing.norm_topk and k > 1, HAS_LIVE=live_rows is not None, num_warps=4)
     return weights, ids
+
+
+@triton.jit
+def _logits_kernel(X, W, OUT, T, E, H, stride_xt, stride_we, stride_ot,
+                   BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """OUT[t, e] = sum_h X[t, h] W[e, h] in fp32, one [BLOCK_T, BLOCK_E] tile per program."""
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
+    row_ok, col_ok = rows < T, cols < E
+    acc = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < H
+        x = tl.load(X + rows[:, None].to(tl.int64) * stride_xt + ks[None, :], mask=row_ok[:, None] & k_ok[None, :],
+                    other=0.0)
+        w = tl.load(W + cols[None, :] * stride_we + ks[:, None], mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+        acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision=PRECISION)
+    tl.store(OUT + rows[:, None].to(tl.int64) * stride_ot + cols[None, :], acc, mask=row_ok[:, None] & col_ok[None, :])
+
+
+def router_logits_triton(x: torch.Tensor, weight: torch.Tensor, block_e: int = 16,
+                         block_k: int = 256) -> torch.Tensor:
+    """x [T, H], weight [E, H], one dtype -> fp32 logits [T, E] (the module doc)."""
+    t, h = x.shape
+    e = weight.shape[0]
+    x, weight = x.contiguous(), weight.contiguous()
+    out = torch.empty(t, e, dtype=torch.float32, device=x.device)
+    block_t = 16 if t <= 16 else 64  # tl.dot's smallest M; taller tiles read the gate fewer times
+    _logits_kernel[(triton.cdiv(t, block_t), triton.cdiv(e, block_e))](
+        x, weight, out, t, e, h, x.stride(0), weight.stride(0), out.stride(0), BLOCK_T=block_t, BLOCK_E=block_e,
+        BLOCK_K=block_k, PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=4)
+    return out

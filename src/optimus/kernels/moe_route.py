@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from optimus.kernels.group_attention import resolve_backend
 from optimus.kernels.reference import moe_route_reference
@@ -38,6 +39,18 @@ def kernel_fits(num_experts: int, routing: MoeRouting) -> bool:
     per_group = num_experts // groups
     return (num_experts % groups == 0 and num_experts <= 1024
             and all(n & (n - 1) == 0 for n in (groups, per_group, routing.top_k)))
+
+
+def router_logits(x: torch.Tensor, weight: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """x [T, H], gate weight [E, H] -> fp32 logits [T, E], as ``linear(x.float(), weight.float())``
+    (LLaDA2.0's gate runs in fp32). "triton": one launch on the stored dtypes, fp32 accumulation
+    (_moe_route_triton's doc: the same products, so the same logits up to summation order)."""
+    if (resolve_backend(backend, x) == "triton" and not torch.is_grad_enabled() and x.dtype == weight.dtype
+            and x.dtype in (torch.bfloat16, torch.float16, torch.float32)):
+        from optimus.kernels._moe_route_triton import router_logits_triton
+
+        return router_logits_triton(x, weight)
+    return F.linear(x.float(), weight.float())
 
 
 def moe_route(logits: torch.Tensor, bias: torch.Tensor | None, routing: MoeRouting,

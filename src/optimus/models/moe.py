@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from optimus import toggles
 from optimus.kernels.fused_moe import fused_moe
-from optimus.kernels.moe_route import MoeRouting, moe_route
+from optimus.kernels.moe_route import MoeRouting, moe_route, router_logits
 from optimus.models.layers import no_reduce
 from optimus.models.spec import MoEConfig
 
@@ -51,7 +51,7 @@ class Router(nn.Module):
         if self.cfg.scoring == "softmax":  # Qwen3-MoE: logits in the activation dtype
             logits = F.linear(x, self.weight)
         else:  # LLaDA2.0: the gate runs in fp32
-            logits = F.linear(x.float(), self.weight.float())
+            logits = router_logits(x, self.weight, backend)
         return moe_route(logits, self.expert_bias, self.routing, backend, live_rows)
 
 
