@@ -97,18 +97,34 @@ def test_padding_rows_route_to_no_expert(backend, request) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("rows", [1, 20])  # one 16-row tile, masked; and the 64-row tiles
-def test_router_logits_are_the_fp32_gates(triton_device, dtype, rows) -> None:
+@pytest.mark.parametrize("rows,programs", [(1, 128), (20, 128), (20, 1)])  # inputs split in 2 parts, or whole
+def test_router_logits_are_the_fp32_gates(triton_device, dtype, rows, programs) -> None:
     """The logits kernel multiplies the stored values and sums in fp32: LLaDA2.0's
     ``linear(x.float(), weight.float())`` up to summation order, at sizes that mask every tile
-    edge (40 experts, 300 inputs: neither a multiple of its blocks)."""
-    from optimus.kernels.moe_route import router_logits
+    and split edge (40 experts, 300 inputs: neither a multiple of its blocks)."""
+    from optimus.kernels._moe_route_triton import router_logits_triton
 
     gen = torch.Generator().manual_seed(rows)
     x = torch.randn(rows, 300, generator=gen).to(dtype)
     weight = (torch.randn(40, 300, generator=gen) * 0.05).to(dtype)
     want = torch.nn.functional.linear(x.double(), weight.double())
     with torch.inference_mode():
-        got = router_logits(x.to(triton_device), weight.to(triton_device), "triton")
-    assert got.dtype == torch.float32 and got.shape == (rows, 40)
-    torch.testing.assert_close(got.cpu().double(), want, atol=1e-5, rtol=1e-5)
+        parts = router_logits_triton(x.to(triton_device), weight.to(triton_device), programs=programs)
+    assert parts.dtype == torch.float32 and parts.shape == (2 if programs > 1 else 1, rows, 40)
+    torch.testing.assert_close(parts.cpu().double().sum(0), want, atol=1e-5, rtol=1e-5)
+
+
+def test_gate_and_route_in_two_launches_matches_the_reference(triton_device) -> None:
+    """Partial logits summed inside the routing kernel choose what the fp32 gate chooses."""
+    from optimus.kernels.moe_route import gate_and_route
+
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(5, 300, generator=gen).to(torch.bfloat16)
+    weight = (torch.randn(64, 300, generator=gen) * 0.05).to(torch.bfloat16)
+    bias = torch.randn(64, generator=gen) * 0.1
+    with torch.inference_mode():
+        got_w, got_ids = gate_and_route(x.to(triton_device), weight.to(triton_device), bias.to(triton_device),
+                                        LLADA2, "triton")
+        want_w, want_ids = gate_and_route(x, weight, bias, LLADA2, "torch")
+    assert got_ids.cpu().tolist() == want_ids.tolist()
+    torch.testing.assert_close(got_w.cpu(), want_w, atol=1e-5, rtol=1e-5)

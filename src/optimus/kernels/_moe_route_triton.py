@@ -28,14 +28,16 @@ import triton.language as tl
 
 
 @triton.jit
-def _route_kernel(LOGITS, BIAS, WEIGHTS, IDS, LIVE_ROWS, stride_lt, scaling, eps,
+def _route_kernel(LOGITS, BIAS, WEIGHTS, IDS, LIVE_ROWS, stride_ls, stride_lt, scaling, eps,
                   GROUPS: tl.constexpr, PER_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr,
                   TOP_K: tl.constexpr, SOFTMAX: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr,
-                  HAS_LIVE: tl.constexpr):
+                  HAS_LIVE: tl.constexpr, SPLIT: tl.constexpr):
     token = tl.program_id(0)
     g = tl.arange(0, GROUPS)
     index = g[:, None] * PER_GROUP + tl.arange(0, PER_GROUP)[None, :]  # [GROUPS, PER_GROUP]
     logits = tl.load(LOGITS + token * stride_lt + index).to(tl.float32)
+    for s in tl.static_range(1, SPLIT):  # partial logits, summed in a fixed order
+        logits += tl.load(LOGITS + s * stride_ls + token * stride_lt + index)
     if SOFTMAX:
         e = tl.exp(logits - tl.max(tl.max(logits, axis=1), axis=0))
         scores = e / tl.sum(tl.sum(e, axis=1), axis=0)
@@ -77,50 +79,63 @@ def _route_kernel(LOGITS, BIAS, WEIGHTS, IDS, LIVE_ROWS, stride_lt, scaling, eps
 
 
 def moe_route_triton(logits: torch.Tensor, bias: torch.Tensor | None, routing,
-                     live_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [T, E] -> (weights [T, k] fp32, ids [T, k] int64) under ``routing`` (MoeRouting);
-    rows from ``live_rows`` on get id E and weight 0 (moe_route's doc)."""
-    t, e = logits.shape
+                     live_rows: torch.Tensor | None = None, num_warps: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [T, E] (or partial logits [S, T, E], summed) -> (weights [T, k] fp32, ids [T, k]
+    int64) under ``routing`` (MoeRouting); rows from ``live_rows`` on get id E and weight 0
+    (moe_route's doc). One warp per token: its reductions then need no shared memory."""
+    parts = (logits if logits.dim() == 3 else logits[None]).contiguous()
+    _, t, e = parts.shape
     groups, k = max(routing.n_group, 1), routing.top_k
-    logits = logits.contiguous()
     weights = torch.empty(t, k, dtype=torch.float32, device=logits.device)
     ids = torch.empty(t, k, dtype=torch.int64, device=logits.device)
-    _route_kernel[(t,)](logits, bias if bias is not None else logits, weights, ids,
-                        live_rows if live_rows is not None else ids, logits.stride(0),
+    _route_kernel[(t,)](parts, bias if bias is not None else parts, weights, ids,
+                        live_rows if live_rows is not None else ids, parts.stride(0), parts.stride(1),
                         float(routing.scaling), 0.0 if routing.softmax else 1e-20,
                         GROUPS=groups, PER_GROUP=e // groups, TOPK_GROUP=min(routing.topk_group, groups) if groups > 1 else 1,
                         TOP_K=k, SOFTMAX=routing.softmax, HAS_BIAS=bias is not None,
-                        NORM=routing.norm_topk and k > 1, HAS_LIVE=live_rows is not None, num_warps=4)
+                        NORM=routing.norm_topk and k > 1, HAS_LIVE=live_rows is not None, SPLIT=parts.shape[0],
+                        num_warps=num_warps)
     return weights, ids
 
 
 @triton.jit
-def _logits_kernel(X, W, OUT, T, E, H, stride_xt, stride_we, stride_ot,
+def _logits_kernel(X, W, OUT, T, E, H, k_per_split, stride_xt, stride_we, stride_os, stride_ot,
                    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-    """OUT[t, e] = sum_h X[t, h] W[e, h] in fp32, one [BLOCK_T, BLOCK_E] tile per program."""
+    """OUT[s, t, e] = sum of X[t, h] W[e, h] over split s's inputs h (``k_per_split`` of them), in
+    fp32; one [BLOCK_T, BLOCK_E] tile of one split per program."""
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
+    split = tl.program_id(2)
     row_ok, col_ok = rows < T, cols < E
     acc = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
-    for k0 in range(0, H, BLOCK_K):
+    k_end = tl.minimum(split * k_per_split + k_per_split, H)
+    for k0 in range(split * k_per_split, k_end, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ks < H
+        k_ok = ks < k_end
         x = tl.load(X + rows[:, None].to(tl.int64) * stride_xt + ks[None, :], mask=row_ok[:, None] & k_ok[None, :],
                     other=0.0)
         w = tl.load(W + cols[None, :] * stride_we + ks[:, None], mask=col_ok[None, :] & k_ok[:, None], other=0.0)
         acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision=PRECISION)
-    tl.store(OUT + rows[:, None].to(tl.int64) * stride_ot + cols[None, :], acc, mask=row_ok[:, None] & col_ok[None, :])
+    out = OUT + split * stride_os + rows[:, None].to(tl.int64) * stride_ot + cols[None, :]
+    tl.store(out, acc, mask=row_ok[:, None] & col_ok[None, :])
 
 
-def router_logits_triton(x: torch.Tensor, weight: torch.Tensor, block_e: int = 16,
-                         block_k: int = 256) -> torch.Tensor:
-    """x [T, H], weight [E, H], one dtype -> fp32 logits [T, E] (the module doc)."""
+def router_logits_triton(x: torch.Tensor, weight: torch.Tensor, block_e: int = 16, block_k: int = 128,
+                         programs: int = 128) -> torch.Tensor:
+    """x [T, H], weight [E, H], one dtype -> fp32 partial logits [S, T, E] whose sum over S is
+    the logits (the module doc). A decode step's few rows make few tiles: the inputs are split
+    in S parts (a power of two) until about ``programs`` programs read the gate together."""
     t, h = x.shape
     e = weight.shape[0]
     x, weight = x.contiguous(), weight.contiguous()
-    out = torch.empty(t, e, dtype=torch.float32, device=x.device)
     block_t = 16 if t <= 16 else 64  # tl.dot's smallest M; taller tiles read the gate fewer times
-    _logits_kernel[(triton.cdiv(t, block_t), triton.cdiv(e, block_e))](
-        x, weight, out, t, e, h, x.stride(0), weight.stride(0), out.stride(0), BLOCK_T=block_t, BLOCK_E=block_e,
-        BLOCK_K=block_k, PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=4)
+    tiles, k_blocks, split = triton.cdiv(t, block_t) * triton.cdiv(e, block_e), triton.cdiv(h, block_k), 1
+    while split * 2 <= k_blocks and tiles * split * 2 <= programs:
+        split *= 2
+    k_per_split = triton.cdiv(k_blocks, split) * block_k
+    out = torch.empty(split, t, e, dtype=torch.float32, device=x.device)
+    _logits_kernel[(triton.cdiv(t, block_t), triton.cdiv(e, block_e), split)](
+        x, weight, out, t, e, h, k_per_split, x.stride(0), weight.stride(0), out.stride(0), out.stride(1),
+        BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=block_k, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        num_warps=4)
     return out

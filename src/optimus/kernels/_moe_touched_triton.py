@@ -15,8 +15,8 @@ pairs:
    once for all its rows (in ``BLOCK_M`` row chunks): ``act`` [P2, I] at sorted positions.
 3. ``_down_kernel``: per (slot, column block of H) act @ w2[e]^T times each pair's routing
    weight, stored at the pair's row of ``pair_out`` [T*k, H] (fp32).
-4. ``_combine_kernel``: each token sums its k rows in order (no atomics), skipping pairs of
-   id E, and casts to x's dtype.
+4. ``_combine_kernel``: each token sums its k rows in a fixed order (no atomics), skipping
+   pairs of id E, and casts to x's dtype.
 
 Grids are sized for the most slots a step can have (min(T*k, E)); programs past ``num_slots``
 exit at once. Static shapes, no host sync: CUDA-graph safe.
@@ -128,16 +128,19 @@ def _down_kernel(ACT, W2, WEIGHTS, PAIR_OUT, SORTED, SLOT_START, SLOT_EXPERT, NU
 
 
 @triton.jit
-def _combine_kernel(PAIR_OUT, IDS, OUT, H, top_k, num_experts, stride_pt, stride_ot, BLOCK_N: tl.constexpr):
+def _combine_kernel(PAIR_OUT, IDS, OUT, H, top_k, num_experts, stride_pt, stride_ot,
+                    BLOCK_N: tl.constexpr, K2: tl.constexpr):
     token, pid_n = tl.program_id(0), tl.program_id(1)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < H
-    out = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for j in range(0, top_k):
-        pair = token * top_k + j
-        if tl.load(IDS + pair) < num_experts:  # another rank's expert: its row was never written
-            out += tl.load(PAIR_OUT + pair.to(tl.int64) * stride_pt + cols, mask=col_ok, other=0.0)
-    tl.store(OUT + token.to(tl.int64) * stride_ot + cols, out.to(OUT.dtype.element_ty), mask=col_ok)
+    j = tl.arange(0, K2)
+    pair = token * top_k + j
+    # All k ids and rows in one round of loads (a loop would wait on each id in turn); a pair
+    # of another rank's expert was never written: it reads as zero.
+    here = (j < top_k) & (tl.load(IDS + pair, mask=j < top_k, other=num_experts) < num_experts)
+    rows = tl.load(PAIR_OUT + pair[:, None].to(tl.int64) * stride_pt + cols[None, :],
+                   mask=here[:, None] & col_ok[None, :], other=0.0)
+    tl.store(OUT + token.to(tl.int64) * stride_ot + cols, tl.sum(rows, axis=0).to(OUT.dtype.element_ty), mask=col_ok)
 
 
 def fused_moe_touched(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
@@ -171,5 +174,6 @@ def fused_moe_touched(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weig
         hidden, inner, act.stride(0), w2.stride(0), w2.stride(1), pair_out.stride(0), BLOCK_N=tiles.down_n, **opts)
     out = torch.empty(t, hidden, dtype=x.dtype, device=dev)
     _combine_kernel[(t, triton.cdiv(hidden, 256))](pair_out, flat_ids, out, hidden, k, num_experts,
-                                                    pair_out.stride(0), out.stride(0), BLOCK_N=256)
+                                                    pair_out.stride(0), out.stride(0), BLOCK_N=256,
+                                                    K2=triton.next_power_of_2(k))
     return out

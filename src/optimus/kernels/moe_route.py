@@ -41,16 +41,18 @@ def kernel_fits(num_experts: int, routing: MoeRouting) -> bool:
             and all(n & (n - 1) == 0 for n in (groups, per_group, routing.top_k)))
 
 
-def router_logits(x: torch.Tensor, weight: torch.Tensor, backend: str = "auto") -> torch.Tensor:
-    """x [T, H], gate weight [E, H] -> fp32 logits [T, E], as ``linear(x.float(), weight.float())``
-    (LLaDA2.0's gate runs in fp32). "triton": one launch on the stored dtypes, fp32 accumulation
-    (_moe_route_triton's doc: the same products, so the same logits up to summation order)."""
+def gate_and_route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, routing: MoeRouting,
+                   backend: str = "auto", live_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, H], gate weight [E, H] -> moe_route of the fp32 logits ``linear(x.float(),
+    weight.float())`` (LLaDA2.0's gate runs in fp32). "triton": two launches on the stored
+    dtypes, the logits summed in fp32 (_moe_route_triton's doc: the same products, so the same
+    logits up to summation order)."""
     if (resolve_backend(backend, x) == "triton" and not torch.is_grad_enabled() and x.dtype == weight.dtype
-            and x.dtype in (torch.bfloat16, torch.float16, torch.float32)):
-        from optimus.kernels._moe_route_triton import router_logits_triton
+            and x.dtype in (torch.bfloat16, torch.float16, torch.float32) and kernel_fits(weight.shape[0], routing)):
+        from optimus.kernels._moe_route_triton import moe_route_triton, router_logits_triton
 
-        return router_logits_triton(x, weight)
-    return F.linear(x.float(), weight.float())
+        return moe_route_triton(router_logits_triton(x, weight), bias, routing, live_rows)
+    return moe_route(F.linear(x.float(), weight.float()), bias, routing, backend, live_rows)
 
 
 def moe_route(logits: torch.Tensor, bias: torch.Tensor | None, routing: MoeRouting,

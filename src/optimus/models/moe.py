@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from optimus import toggles
 from optimus.kernels.fused_moe import fused_moe
-from optimus.kernels.moe_route import MoeRouting, moe_route, router_logits
+from optimus.kernels.moe_route import MoeRouting, gate_and_route, moe_route
 from optimus.models.layers import no_reduce
 from optimus.models.spec import MoEConfig
 
@@ -49,10 +49,8 @@ class Router(nn.Module):
         """``backend`` as fused_moe's (kernels.moe_route: one Triton launch on CUDA); rows from
         ``live_rows`` on are padding and route to no expert."""
         if self.cfg.scoring == "softmax":  # Qwen3-MoE: logits in the activation dtype
-            logits = F.linear(x, self.weight)
-        else:  # LLaDA2.0: the gate runs in fp32
-            logits = router_logits(x, self.weight, backend)
-        return moe_route(logits, self.expert_bias, self.routing, backend, live_rows)
+            return moe_route(F.linear(x, self.weight), self.expert_bias, self.routing, backend, live_rows)
+        return gate_and_route(x, self.weight, self.expert_bias, self.routing, backend, live_rows)  # LLaDA2.0: fp32
 
 
 class ExpertWeights(nn.Module):

@@ -5,8 +5,9 @@ bf16 weights, each part timed in CUDA graphs on rotating inputs (no call finds t
 experts in L2), against the bytes it must read:
 
 - ``router_casts``: the gate as the reference runs it, ``linear(x.float(), weight.float())``,
-  then the routing kernel; ``router_kernel``: the fp32 logits kernel, then the routing kernel
-  (the engine's path), at its default tiles and a few others;
+  then the routing kernel; ``router_kernel``: the split fp32 logits kernel, then the routing
+  kernel summing its parts (the engine's path); the logits kernel alone at a few tilings, and
+  the routing kernel alone at 1, 2 and 4 warps;
 - ``experts``: fused_moe on the layer's own routing (the touched-experts path at these sizes);
 - ``shared``: the shared expert (merged gate/up linear, SiLU-mul, down linear) and its add;
 - ``shared_folded``: the routed experts with the shared expert as a (k+1)-th pair of weight 1
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 
 from optimus.bench.experiments.gpu_timing import time_graph_ms
 from optimus.bench.experiments.moe_check import MOE_SHAPES, hbm_bytes_per_s
-from optimus.kernels._moe_route_triton import router_logits_triton
+from optimus.kernels._moe_route_triton import moe_route_triton, router_logits_triton
 from optimus.kernels.fused_moe import fused_moe
 from optimus.kernels.moe_route import moe_route
 from optimus.models.layers import FusedOps, GatedMLP
@@ -39,7 +40,8 @@ from optimus.models.moe import SparseMoE
 from optimus.models.spec import MoEConfig
 
 DEV = "cuda"
-ROUTER_TILES = ((16, 256), (16, 128), (32, 256), (16, 512), (64, 128))  # (block_e, block_k)
+# The logits kernel's (block_e, block_k, programs): the default first; programs=1 never splits the inputs.
+LOGIT_TILES = ((16, 128, 128), (16, 256, 128), (16, 128, 256), (32, 128, 128), (16, 128, 64), (16, 256, 1))
 
 
 def build_layer(shape: str) -> SparseMoE:
@@ -83,9 +85,13 @@ def time_parts(layer: SparseMoE, shape: str, t: int, draws: int = 20) -> dict:
                                                  folded)),
         "layer": time_graph_ms(_rotating(lambda x: layer(x, ops), [(x,) for x in xs])),
     }
-    for be, bk in ROUTER_TILES:
-        ms[f"router_logits {be}/{bk}"] = time_graph_ms(
-            _rotating(lambda x, be=be, bk=bk: router_logits_triton(x, gate.weight, be, bk), [(x,) for x in xs]))
+    for be, bk, programs in LOGIT_TILES:
+        ms[f"logits {be}/{bk}/p{programs}"] = time_graph_ms(_rotating(
+            lambda x, be=be, bk=bk, p=programs: router_logits_triton(x, gate.weight, be, bk, p), [(x,) for x in xs]))
+    logits = [(F.linear(x.float(), gate.weight.float()),) for x in xs]
+    for warps in (1, 2, 4):
+        ms[f"route w{warps}"] = time_graph_ms(_rotating(
+            lambda lg, w=warps: moe_route_triton(lg, bias, routing, None, w), logits))
     expert_bytes = touched * 3 * h * inner * 2
     router_bytes, shared_bytes = e * h * 2, 3 * h * inner * 2
     bw = hbm_bytes_per_s()
