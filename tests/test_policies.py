@@ -16,7 +16,8 @@ from optimus.policy.registry import make_policy
 from optimus.core.params import parse_policy_name
 from optimus.policy.elastic.controller import ElasticPolicy
 from optimus.policy.elastic.ladders import build_ladder, merge_rungs
-from optimus.policy.elastic.estimators import LatencyCorrector, RequestConfidence, TauEstimator
+from optimus.policy.elastic.confidence import RequestConfidence
+from optimus.policy.elastic.estimators import LatencyCorrector, TauEstimator
 from optimus.decoding import regimes
 from optimus.policy.simulate import (
     CONCAVE_TAU, KneeDevice, ReplayTable, SimConfig, SimResult, Simulator, TauTable, simulate, sweep,

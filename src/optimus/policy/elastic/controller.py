@@ -41,14 +41,17 @@ import numpy as np
 
 from optimus.policy.elastic.latency import LatencyProfile
 from optimus.policy.base import StepFeedback, StepView, override_chunk
-from optimus.policy.elastic.estimators import LatencyCorrector, RequestConfidence, TauEstimator, TokenLoad
+from optimus.policy.elastic.confidence import RequestConfidence
+from optimus.policy.elastic.estimators import LatencyCorrector, TauEstimator, TokenLoad
 from optimus.policy.elastic.graph_buckets import GraphBuckets
 from optimus.policy.elastic.host_share import HostShare
 from optimus.policy.elastic.ladders import Ladder, Rungs, build_ladder, merge_rungs, store_variance
 
 DEFAULT_CHUNK_SIZES = (1, 2, 4, 8, 16, 32, 64)
 DEFAULT_KNEE = 256  # tokens; used only without a profile, until corrected online
-_BLOCK_SIZE, _MAX_CHUNK = operator.attrgetter("block_size"), operator.attrgetter("max_chunk")  # of RequestViews
+# fields of RequestViews
+_BLOCK_SIZE, _MAX_CHUNK = operator.attrgetter("block_size"), operator.attrgetter("max_chunk")
+_REQUEST_ID, _OVERRIDE = operator.attrgetter("request_id"), operator.attrgetter("policy_override")
 
 
 @dataclass(frozen=True)
@@ -213,16 +216,21 @@ class ElasticPolicy:
 
     # ---- ChunkPolicy ---------------------------------------------------------------------
     def choose(self, view: StepView) -> list[int]:
-        out = [override_chunk(r) for r in view.requests]
-        own = self._levels(r.request_id for r in view.requests)
-        levels = [1.0 if c is not None else level for c, level in zip(out, own)]
-        elastic = [i for i, c in enumerate(out) if c is None]
-        pinned = np.array([c for c in out if c is not None], dtype=float)
-        if elastic:
-            for i, c in zip(elastic, self._allocate(view, elastic, [levels[i] for i in elastic], pinned)):
-                out[i] = c
-        self._choices.append((frozenset(r.request_id for r in view.requests), np.array(out, dtype=float),
-                              np.array(levels)))
+        ids = tuple(map(_REQUEST_ID, view.requests))
+        levels = self._levels(ids)
+        if list(map(_OVERRIDE, view.requests)).count(None) == len(ids):  # nobody pinned: all elastic
+            out = self._allocate(view, view.requests, ids, levels, np.zeros(0)) if ids else []
+        else:
+            out = [override_chunk(r) for r in view.requests]
+            levels = [1.0 if c is not None else level for c, level in zip(out, levels)]
+            elastic = [i for i, c in enumerate(out) if c is None]
+            pinned = np.array([c for c in out if c is not None], dtype=float)
+            if elastic:
+                chosen = self._allocate(view, [view.requests[i] for i in elastic], tuple(ids[i] for i in elastic),
+                                        [levels[i] for i in elastic], pinned)
+                for i, c in zip(elastic, chosen):
+                    out[i] = c
+        self._choices.append((frozenset(ids), np.array(out, dtype=float), np.array(levels)))
         return out
 
     def observe(self, feedback: StepFeedback) -> None:
@@ -237,7 +245,7 @@ class ElasticPolicy:
             if feedback.open_positions:
                 open_ = np.array(feedback.open_positions, dtype=float)
                 expected = np.minimum(expected, open_)
-                judged = tuple(min(c, m) for c, m in zip(feedback.chunk_sizes, feedback.open_positions))
+                judged = np.minimum(feedback.chunk_sizes, feedback.open_positions)
             self.confidence.observe(feedback.request_ids, judged, feedback.committed, expected)
             # Rescaled to the shared curve, weighted by level (TauEstimator): hesitant requests weigh little.
             excess = np.array(feedback.committed, dtype=float) - 1.0
@@ -329,15 +337,16 @@ class ElasticPolicy:
         return None
 
     # ---- the control law -----------------------------------------------------------------
-    def _allocate(self, view: StepView, elastic: list[int], levels: list[float], pinned: np.ndarray) -> list[int]:
-        requests = [view.requests[i] for i in elastic]
+    def _allocate(self, view: StepView, requests, ids: tuple[str, ...], levels: list[float],
+                  pinned: np.ndarray) -> list[int]:
+        """Sizes of the elastic ``requests`` (their ``ids`` and confidence ``levels``) beside the ``pinned``."""
         n = len(requests)
         blocks = np.fromiter(map(_BLOCK_SIZE, requests), np.int64, n)
         max_chunks = np.fromiter(map(_MAX_CHUNK, requests), np.int64, n)
         # Planning caps ignore block ends; one ladder per (cap, confidence level).
         caps = tuple(np.clip(blocks, 1, max(self.chunk_sizes)).tolist())
         pinned_sizes, batch = tuple(pinned.tolist()), len(view.requests)
-        self._latest = (tuple(r.request_id for r in requests), caps, pinned_sizes, batch)
+        self._latest = (ids, caps, pinned_sizes, batch)
         curve = self._curve_for(tuple(zip(caps, levels)), pinned_sizes, batch)
         rungs, rate = curve.rungs, curve.rate
         fixed = view.fixed_tokens + float(np.sum(pinned)) + n

@@ -1,18 +1,16 @@
-"""The two slowly-moving estimates the elastic controller decides from.
+"""The slowly-moving estimates the elastic controller decides from.
 
 - :class:`TauEstimator`: tokens committed per step ``tau(C)`` for each chunk size, a decayed
   running mean seeded by a prior, made monotone non-decreasing in ``C`` and kept in ``[1, C]``.
 - :class:`LatencyCorrector`: scales of the profiled curve's flat part and slope and a stretch
   of its token axis, learned from measured step latencies.
 - :class:`TokenLoad`: the step tokens the policy does not size (mean and unexplained spread).
-- :class:`RequestConfidence`: how each request's own commits compare with the shared ``tau``.
 
-Both move by bounded amounts per step; that is what lets the controller's decisions settle.
+Each moves by bounded amounts per step; that is what lets the controller's decisions settle.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 from typing import Callable
 
@@ -60,6 +58,7 @@ class TauEstimator:
         self._prior = {int(c): (prior_weight * float(t), prior_weight) for c, t in prior.items()}
         self._data = {c: (0.0, 0.0) for c in self._prior}  # size -> (S, W) of observations
         self._table: tuple[np.ndarray, np.ndarray] | None = None
+        self._prior_cache: tuple[list[int], np.ndarray, np.ndarray, np.ndarray] | None = None
 
     def observe(self, chunk_sizes, committed, weights=None) -> None:
         """``committed``: commits per request (floats allowed); ``weights``: per request (default 1)."""
@@ -82,12 +81,8 @@ class TauEstimator:
     def table(self) -> tuple[np.ndarray, np.ndarray]:
         """Sizes [K] ascending and their monotone estimates [K], each in [1, size]."""
         if self._table is None:
-            sizes = np.array(sorted(self._data), dtype=float)
-            prior_w = np.array([self._prior.get(int(c), (0.0, 0.0))[1] for c in sizes])
-            prior_t = np.array([self._prior[int(c)][0] / self._prior[int(c)][1] if prior_w[i] > 0 else 1.0
-                                for i, c in enumerate(sizes)])
-            data_s = np.array([self._data[int(c)][0] for c in sizes])
-            data_w = np.array([self._data[int(c)][1] for c in sizes])
+            keys, sizes, prior_w, prior_t = self._prior_table()
+            data_s, data_w = np.array([self._data[c] for c in keys]).T
             if self.adapt_prior:
                 prior_t = 1.0 + self.prior_scale() * (prior_t - 1.0)
             sums, weights = prior_w * prior_t + data_s, prior_w + data_w
@@ -95,6 +90,17 @@ class TauEstimator:
             # A pooled value never exceeds the smallest size of its pool, so [1, C] still holds.
             self._table = sizes, isotonic(np.clip(means, 1.0, sizes), np.maximum(weights, 1e-12))
         return self._table
+
+    def _prior_table(self) -> tuple[list[int], np.ndarray, np.ndarray, np.ndarray]:
+        """Sizes known (ascending, as ints and floats) and the prior's weight and mean at each:
+        they change only when a new size is observed, so they are kept until then."""
+        keys = sorted(self._data)
+        if self._prior_cache is None or self._prior_cache[0] != keys:
+            prior_w = np.array([self._prior.get(c, (0.0, 0.0))[1] for c in keys])
+            prior_t = np.array([self._prior[c][0] / self._prior[c][1] if prior_w[i] > 0 else 1.0
+                                for i, c in enumerate(keys)])
+            self._prior_cache = keys, np.array(keys, dtype=float), prior_w, prior_t
+        return self._prior_cache
 
     def prior_scale(self) -> float:
         """``f``: observed excess commits over the prior's excess at the same observations
@@ -315,71 +321,3 @@ class TokenLoad:
         self._commits += self.rate * (committed - self._commits)
         self._var += self.rate * (residual * residual - self._var)
         self._model_var += self.rate * (own_var - self._model_var)
-
-
-CONFIDENCE_LEVELS = tuple(2.0 ** k for k in range(-8, 3))  # 1/256 ... 4, factors of two
-
-
-class RequestConfidence:
-    """Per request, ``r = (w0 + S) / (w0 + E)``: ``S`` its decayed excess commits
-    (``committed - 1``) and ``E`` the excess the shared estimate expected (``tau(C) - 1``), over
-    its steps with ``C > 1`` (a chunk of one always commits one: no evidence). The request plans
-    on its own curve ``1 + L (tau(C) - 1)``, ``L`` one of :data:`CONFIDENCE_LEVELS` (so the
-    planner builds one ladder per level), starting at 1 (the shared curve).
-
-    ``L`` moves only when ``r`` leaves ``[L / band, L * band]``, to the level nearest ``r`` on
-    a log scale: a Schmitt trigger per request, so the commit noise of a homogeneous population
-    does not move anyone. No level is 0: prose that commits 1.05 tokens per step at C = 32
-    still gains its 5% from a large chunk when the step is free anyway (low load).
-
-    Every step of the request decays ``S`` and ``E`` (by ``decay``) whether or not it brings
-    evidence, so a request parked at ``C = 1`` drifts back toward ``r = 1`` and retries a
-    larger chunk now and then (tens of steps apart): text that turns confident is found again.
-    A request not observed for ``forget_after`` observations has left (finished, or waits to
-    be recomputed): its entry is dropped. One absent from a step or a few (the other half of a
-    pipelined step, a step that did not plan it) keeps it."""
-
-    def __init__(self, prior_weight: float = 4.0, decay: float = 0.95, band: float = 2.0,
-                 forget_after: int = 64) -> None:
-        if prior_weight <= 0 or not 0.0 < decay <= 1.0 or band <= 1.0 or forget_after < 1:
-            raise ValueError("request confidence needs prior_weight > 0, decay in (0, 1], band > 1 "
-                             "and forget_after >= 1")
-        self.prior_weight, self.decay, self.band = prior_weight, decay, band
-        self.forget_after = forget_after
-        self._excess: dict[str, tuple[float, float]] = {}  # request -> (S, E)
-        self._level: dict[str, float] = {}
-        self._seen: dict[str, int] = {}  # request -> the observation that last held it
-        self._observations = 0
-
-    def observe(self, request_ids: tuple[str, ...], chunk_sizes: tuple[int, ...], committed: tuple[int, ...],
-                expected: np.ndarray) -> None:
-        """``expected``: the shared ``tau`` at each request's chunk size (same order)."""
-        self._observations += 1
-        now = self._observations
-        decay, w0, band = self.decay, self.prior_weight, self.band
-        excess, levels, seen = self._excess, self._level, self._seen
-        for rid, c, k, t in zip(request_ids, chunk_sizes, committed, np.asarray(expected, dtype=float).tolist()):
-            s, e = excess.get(rid, (0.0, 0.0))
-            s, e = decay * s, decay * e
-            if c > 1:
-                s, e = s + min(k, c) - 1, e + max(t - 1.0, 0.0)
-            excess[rid] = (s, e)
-            level, r = levels.get(rid, 1.0), (w0 + s) / (w0 + e)  # r of the class docstring
-            levels[rid] = level if level / band <= r <= level * band else _nearest_level(r)
-            seen[rid] = now
-        if now % self.forget_after == 0:
-            gone = [rid for rid, last in seen.items() if now - last >= self.forget_after]
-            for rid in gone:
-                del self._excess[rid], self._level[rid], self._seen[rid]
-
-    def level(self, request_id: str) -> float:
-        return self._level.get(request_id, 1.0)
-
-    def levels(self, request_ids) -> list[float]:
-        """``level`` of each, in one pass."""
-        return list(map(self._level.get, request_ids, itertools.repeat(1.0)))
-
-
-def _nearest_level(r: float) -> float:
-    """The confidence level nearest ``r`` in log scale (a level that left its band moves there)."""
-    return min(CONFIDENCE_LEVELS, key=lambda v: abs(math.log(v / r)))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -72,7 +73,11 @@ class ExpertCostModel:
         return _features(self.routing, tokens, batch)
 
     def __call__(self, tokens: np.ndarray | float, batch: np.ndarray | float = 1) -> np.ndarray:
-        return self.features(np.asarray(tokens, float), batch) @ np.array([self.a, self.w, self.c, self.d])
+        return self.features(np.asarray(tokens, float), batch) @ self.coefficients
+
+    @cached_property
+    def coefficients(self) -> np.ndarray:
+        return np.array([self.a, self.w, self.c, self.d])
 
     @classmethod
     def fit(cls, routing: ExpertRouting, tokens: np.ndarray, batch: np.ndarray, seconds: np.ndarray
@@ -86,9 +91,15 @@ class ExpertCostModel:
 
 
 def _features(routing: ExpertRouting, tokens: np.ndarray, batch) -> np.ndarray:
+    """``[..., 4]``: 1, touched / E, tokens, batch (filled in place: the planner calls this
+    every step on thousands of counts)."""
     n = np.asarray(tokens, float)
-    b = np.broadcast_to(np.asarray(batch, float), n.shape)
-    return np.stack([np.ones_like(n), routing.touched(n) / routing.experts, n, b], axis=-1)
+    out = np.empty(n.shape + (4,))
+    out[..., 0] = 1.0
+    out[..., 1] = routing.touched(n) / routing.experts
+    out[..., 2] = n
+    out[..., 3] = batch
+    return out
 
 
 def nonnegative_least_squares(x: np.ndarray, y: np.ndarray) -> tuple[float, ...]:

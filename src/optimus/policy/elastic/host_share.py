@@ -4,6 +4,7 @@ batch, committing its tokens) beside its time on the device."""
 from __future__ import annotations
 
 import collections
+import math
 
 import numpy as np
 
@@ -15,25 +16,88 @@ class HostShare:
     scheduling around them grows with its requests; medians, because one step that paid a
     one-time cost (a first allocation, a collection) would otherwise price every step like it,
     and a plan that avoids such steps (overlapped ones) would never see that it was wrong.
-    Fewer than ``min_steps`` steps: no host time (the plans that would pay it get tried)."""
+    Fewer than ``min_steps`` steps: no host time (the plans that would pay it get tried).
+
+    The fit is updated per step, not redone (it runs every step of a GPU-timed run): each
+    point's slopes to the others are kept in a ``window`` x ``window`` table and all of them
+    in one sorted array, so a step only swaps the leaving point's slopes for the new one's.
+    It equals :func:`theil_sen` on the window exactly: the same slopes (a slope is the same
+    float whichever point comes first), so the same medians."""
 
     def __init__(self, window: int = 64, min_steps: int = 4) -> None:
         self._points: collections.deque[tuple[float, float]] = collections.deque(maxlen=window)
         self.min_steps = min_steps
         self.intercept, self.slope = 0.0, 0.0
+        # Ring slot per point (slot = arrival mod window); a pair's slope, nan where the two
+        # points have equal tokens (no slope) or a slot is empty.
+        self._n, self._h = np.zeros(window), np.zeros(window)
+        self._pair = np.full((window, window), np.nan)
+        self._sorted = np.zeros(0)  # every finite entry of the pair table's upper triangle, ascending
+        self._seen = 0  # points observed
+        self._odd = 0  # non-finite seconds in the window: the batch fit then (nan must stay nan)
 
     def observe(self, tokens: int, seconds: float) -> None:
-        self._points.append((float(max(tokens, 1)), max(float(seconds), 0.0)))
+        point = (float(max(tokens, 1)), max(float(seconds), 0.0))
+        self._odd += (not math.isfinite(point[1])) - (len(self._points) == self._points.maxlen
+                                                      and not math.isfinite(self._points[0][1]))
+        self._points.append(point)
+        self._replace(self._seen % len(self._n), *point)
+        self._seen += 1
         if len(self._points) >= self.min_steps:
-            self._fit()
+            if self._odd:
+                self.intercept, self.slope = theil_sen(*np.array(self._points).T)
+            else:
+                self._fit()
 
     def __call__(self, tokens: np.ndarray) -> np.ndarray:
         return self.intercept + self.slope * np.asarray(tokens, dtype=float)
 
+    def _replace(self, slot: int, n: float, h: float) -> None:
+        """Slot ``slot`` now holds (n, h): its old slopes leave the sorted array, its new ones join."""
+        old = self._pair[slot]
+        self._sorted = _remove_sorted(self._sorted, np.sort(old[np.isfinite(old)]))
+        live = min(self._seen + 1, len(self._n))  # slots in use once this point is in
+        self._n[slot], self._h[slot] = n, h
+        dn, dh = n - self._n[:live], h - self._h[:live]
+        apart = dn != 0.0  # excludes the slot itself
+        row = np.full(len(self._n), np.nan)
+        row[:live][apart] = dh[apart] / dn[apart]
+        self._pair[slot], self._pair[:, slot] = row, row
+        new = np.sort(row[np.isfinite(row)])  # a non-finite point's slopes stay out (its steps: theil_sen)
+        self._sorted = np.insert(self._sorted, np.searchsorted(self._sorted, new), new)
+
     def _fit(self) -> None:
-        n, h = np.array(self._points).T
-        i, j = np.triu_indices(len(n), 1)
-        apart = n[j] != n[i]
-        slopes = (h[j] - h[i])[apart] / (n[j] - n[i])[apart]
-        self.slope = max(0.0, float(np.median(slopes))) if slopes.size else 0.0  # more rows never cost less
-        self.intercept = max(0.0, float(np.median(h - self.slope * n)))
+        slopes, live = self._sorted, min(self._seen, len(self._n))
+        self.slope = max(0.0, _median_of_sorted(slopes)) if slopes.size else 0.0  # more rows never cost less
+        self.intercept = max(0.0, _median(self._h[:live] - self.slope * self._n[:live]))
+
+
+def theil_sen(n: np.ndarray, h: np.ndarray) -> tuple[float, float]:
+    """(intercept, slope), each at least 0, of the Theil-Sen line through points (n, h)."""
+    i, j = np.triu_indices(len(n), 1)
+    apart = n[j] != n[i]
+    slopes = (h[j] - h[i])[apart] / (n[j] - n[i])[apart]
+    slope = max(0.0, float(np.median(slopes))) if slopes.size else 0.0
+    return max(0.0, float(np.median(h - slope * n))), slope
+
+
+def _median(values: np.ndarray) -> float:
+    """``np.median`` of a 1-d array without its checks: the middle order statistics, partitioned."""
+    mid = len(values) // 2
+    return _median_of_sorted(np.partition(values, [mid - 1, mid] if len(values) % 2 == 0 else [mid]))
+
+
+def _median_of_sorted(values: np.ndarray) -> float:
+    """``np.median`` of an array ascending at least about its middle, read off it (the same
+    mean of the middle pair)."""
+    mid = len(values) // 2
+    return float(np.mean(values[mid - 1:mid + 1])) if len(values) % 2 == 0 else float(values[mid])
+
+
+def _remove_sorted(values: np.ndarray, gone: np.ndarray) -> np.ndarray:
+    """``values`` (ascending) without one entry equal to each of ``gone`` (ascending, all present):
+    the k-th repeat of a value in ``gone`` removes the k-th entry equal to it."""
+    if not gone.size:
+        return values
+    repeat = np.arange(len(gone)) - np.searchsorted(gone, gone)
+    return np.delete(values, np.searchsorted(values, gone) + repeat)

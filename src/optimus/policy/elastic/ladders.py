@@ -24,11 +24,12 @@ class Ladder:
 
 
 def build_ladder(cap: int, chunk_sizes: tuple[int, ...], tau, rows_per_commit: float) -> Ladder:
-    """``tau``: sizes [K] -> expected commits per step [K] (the request's own curve)."""
-    sizes = np.array(sorted({c for c in chunk_sizes if c <= cap} | {1, cap}), dtype=float)
-    taus = tau(sizes)
-    costs = sizes + rows_per_commit * taus
-    variances = store_variance(sizes, taus)
+    """``tau``: sizes [K] -> expected commits per step [K] (the request's own curve). At most a
+    handful of sizes: the arithmetic runs on Python floats (the same IEEE operations as the
+    arrays', without an array call per step of it)."""
+    sizes = sorted({float(c) for c in chunk_sizes if c <= cap} | {1.0, float(cap)})
+    taus = tau(np.array(sizes)).tolist()
+    costs = [c + rows_per_commit * t for c, t in zip(sizes, taus)]
     hull = [0]
     for j in range(1, len(sizes)):
         if taus[j] <= taus[hull[-1]]:
@@ -41,11 +42,15 @@ def build_ladder(cap: int, chunk_sizes: tuple[int, ...], tau, rows_per_commit: f
                 break
             hull.pop()  # b lies on or under the chord a-j
         hull.append(j)
-    idx = np.array(hull)
-    sizes, taus, costs, variances = sizes[idx], taus[idx], costs[idx], variances[idx]
-    dtau, dcost = np.diff(taus), np.diff(costs)
-    rungs = np.stack([sizes[1:], dtau, dcost, np.diff(variances), np.diff(sizes), dtau / dcost, sizes[:-1]], 1)
-    return Ladder(sizes, taus, costs, variances, rungs)
+    sizes, taus, costs = [sizes[i] for i in hull], [taus[i] for i in hull], [costs[i] for i in hull]
+    variances = [t * (c - t) for c, t in zip(sizes, taus)]  # store_variance
+    rungs = []
+    for j in range(1, len(hull)):
+        dtau, dcost = taus[j] - taus[j - 1], costs[j] - costs[j - 1]
+        rungs.append((sizes[j], dtau, dcost, variances[j] - variances[j - 1], sizes[j] - sizes[j - 1],
+                      dtau / dcost, sizes[j - 1]))
+    return Ladder(np.array(sizes), np.array(taus), np.array(costs), np.array(variances),
+                  np.array(rungs).reshape(len(rungs), 7))
 
 
 def store_variance(sizes: np.ndarray, taus: np.ndarray) -> np.ndarray:
@@ -77,27 +82,30 @@ class Rungs:
 
 def merge_rungs(ladders: dict, keys: list) -> Rungs:
     """``keys[i]``: the key in ``ladders`` of elastic request i's ladder."""
+    groups = [(ladders[key], members) for key, members in _groups(keys).items() if len(ladders[key].sizes) >= 2]
+    if not groups:
+        zero = np.zeros(1)
+        return Rungs(np.zeros(0, dtype=int), np.zeros(0), np.zeros(0), zero, zero, zero, zero)
+    if len(groups) == 1:
+        # One ladder (one request, or all at one level): its efficiency strictly falls rung
+        # by rung, so the greedy order is rung-major over the members, oldest first.
+        lad, members = groups[0]
+        req, table = np.tile(members, len(lad.rungs)), np.repeat(lad.rungs, len(members), axis=0)
+    else:
+        req = np.concatenate([np.repeat(members, len(lad.rungs)) for lad, members in groups])  # member-major
+        table = np.concatenate([np.tile(lad.rungs, (len(members), 1)) for lad, members in groups])
+        order = np.lexsort((req, -table[:, 5]))  # best efficiency first; ties: oldest request first
+        req, table = req[order], table[order]
+    sums = np.zeros((len(req) + 1, 4))
+    np.cumsum(table[:, 1:5], axis=0, out=sums[1:])
+    return Rungs(req, table[:, 0], table[:, 6], sums[:, 0], sums[:, 1], sums[:, 2], sums[:, 3])
+
+
+def _groups(keys: list) -> dict:
+    """Each distinct key and the indices of ``keys`` holding it, ascending, in first-seen order."""
+    if keys and keys.count(keys[0]) == len(keys):  # everyone on one ladder: the common case
+        return {keys[0]: np.arange(len(keys))}
     groups: dict = {}
     for i, key in enumerate(keys):
         groups.setdefault(key, []).append(i)
-    owners, rungs, group_sizes = [], [], []
-    for key, members in groups.items():
-        lad = ladders[key]
-        if len(lad.sizes) < 2:
-            continue
-        group_sizes.append(len(members))
-        owners.append(np.repeat(members, len(lad.rungs)))  # member-major: [G * (L-1)]
-        rungs.append(np.tile(lad.rungs, (len(members), 1)))
-    if not rungs:
-        zero = np.zeros(1)
-        return Rungs(np.zeros(0, dtype=int), np.zeros(0), np.zeros(0), zero, zero, zero, zero)
-    req, table = np.concatenate(owners), np.concatenate(rungs)
-    if len(rungs) == 1:
-        # One ladder (one request, or all at one level): its efficiency strictly falls rung
-        # by rung, so the greedy order is rung-major over the members, oldest first.
-        order = np.arange(len(req)).reshape(group_sizes[0], -1).T.reshape(-1)
-    else:
-        order = np.lexsort((req, -table[:, 5]))  # best efficiency first; ties: oldest request first
-    sums = np.zeros((len(order) + 1, 4))
-    np.cumsum(table[order, 1:5], axis=0, out=sums[1:])
-    return Rungs(req[order], table[order, 0], table[order, 6], sums[:, 0], sums[:, 1], sums[:, 2], sums[:, 3])
+    return groups

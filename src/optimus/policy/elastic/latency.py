@@ -144,12 +144,14 @@ class _Curve:
             return out
         return np.where(above, self.y[-1] * hinge(n) / hinge(self.x[-1]), out)
 
-    def anchored(self, n: np.ndarray, shape: Callable[[np.ndarray], np.ndarray],
-                 shape_here: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
-        """``shape(n)`` times the ratio of the points to ``shape_here`` (the model where they
-        were measured), interpolated between them and held at the ends: exact at every point
-        when the two shapes agree, and curved like the model between and beyond them."""
-        return shape(n) * np.interp(n, self.x, self.y / np.maximum(shape_here(self.x), 1e-12))
+    def anchored(self, n: np.ndarray, shape_n: np.ndarray, ratio: np.ndarray) -> np.ndarray:
+        """``shape_n`` (a model at ``n``) times ``ratio`` (:meth:`ratio`: the points over the
+        model where they were measured), interpolated between them and held at the ends: exact
+        at every point when the two shapes agree, and curved like the model between and beyond them."""
+        return shape_n * np.interp(n, self.x, ratio)
+
+    def ratio(self, shape_here: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+        return self.y / np.maximum(shape_here(self.x), 1e-12)
 
 
 @dataclass(frozen=True)
@@ -228,15 +230,16 @@ class LatencyProfile:
             return self._predict_batches(n, batch)
         curves = self._by_batch
         if not curves or batch is None:
-            return self._along(self._pooled, n, 1, batch or 1)
+            return self._along(self._pooled, n, 1, self._shape(n, batch or 1))
+        shape = self._shape(n, batch)  # one model evaluation, shared by the curves blended
         grid = list(curves)
         if batch <= grid[0] or batch >= grid[-1]:
             end = grid[0] if batch <= grid[0] else grid[-1]
-            return self._along(curves[end], n, end, batch)
+            return self._along(curves[end], n, end, shape)
         hi = next(b for b in grid if b >= batch)
         lo = grid[grid.index(hi) - 1]
         w = (math.log(batch) - math.log(lo)) / (math.log(hi) - math.log(lo))
-        return (1 - w) * self._along(curves[lo], n, lo, batch) + w * self._along(curves[hi], n, hi, batch)
+        return (1 - w) * self._along(curves[lo], n, lo, shape) + w * self._along(curves[hi], n, hi, shape)
 
     def _predict_batches(self, n: np.ndarray, batch: np.ndarray) -> np.ndarray:
         """``predict_many`` with a batch per count along ``n``'s last axis (``batch`` [W], ``n``
@@ -247,8 +250,9 @@ class LatencyProfile:
         out = np.zeros_like(n)
         if self.cost_model is not None or not curves:
             for b in np.unique(batch):
-                part = n[..., batch == b]
-                out[..., batch == b] = self.predict_many(part.reshape(-1), int(b)).reshape(part.shape)
+                cols = batch == b
+                part = n[..., cols]
+                out[..., cols] = self.predict_many(part.reshape(-1), int(b)).reshape(part.shape)
             return out
         grid = np.array(list(curves), dtype=float)
         b = batch.astype(float)
@@ -264,18 +268,36 @@ class LatencyProfile:
             if cols.size:
                 coef = np.where(hi[cols] == g, w[cols], 1.0 - w[cols])
                 part = n[..., cols]
-                out[..., cols] += coef * self._along(curve, part.reshape(-1), at, at).reshape(part.shape)
+                out[..., cols] += coef * self._along(curve, part.reshape(-1), at, None).reshape(part.shape)
         return out
 
-    def _along(self, curve: _Curve, n: np.ndarray, measured_at: int, batch: int) -> np.ndarray:
-        """The curve measured at ``measured_at`` requests, read at ``n`` tokens of ``batch``
-        requests. MoE: the experts-touched model at ``batch`` times the curve's ratio to the
-        model (so blending two curves blends ratios, and a batch off the grid follows the
-        model). Dense: straight between points, the hinge above them, ``batch`` unused."""
+    def _shape(self, n: np.ndarray, batch: int) -> np.ndarray | None:
+        """The experts-touched model at ``n`` tokens of ``batch`` requests (None: dense)."""
         model = self.cost_model
-        if model is None:
+        return None if model is None else model(n, batch)
+
+    def _along(self, curve: _Curve, n: np.ndarray, measured_at: int, shape: np.ndarray | None) -> np.ndarray:
+        """The curve measured at ``measured_at`` requests, read at ``n`` tokens. MoE (``shape``:
+        :meth:`_shape` at ``n`` and the step's batch): the model times the curve's ratio to the
+        model (so blending two curves blends ratios, and a batch off the grid follows the
+        model). Dense (``shape`` None): straight between points, the hinge above them."""
+        if shape is None:
             return curve(n, self.fit)
-        return curve.anchored(n, lambda x: model(x, batch), lambda x: model(x, measured_at))
+        return curve.anchored(n, shape, self._ratio(curve, measured_at))
+
+    @cached_property
+    def _ratios(self) -> dict[tuple[int, int], np.ndarray]:
+        return {}  # (id of a curve of this profile, measured_at) -> its ratio to the experts model
+
+    def _ratio(self, curve: _Curve, measured_at: int) -> np.ndarray:
+        """The curve's points over the experts model where they were measured: fixed for the
+        profile's life (its curves are its own cached properties, so their ids stay theirs)."""
+        key = (id(curve), measured_at)
+        ratio = self._ratios.get(key)
+        if ratio is None:
+            model = self.cost_model
+            ratio = self._ratios[key] = curve.ratio(lambda x: model(x, measured_at))
+        return ratio
 
     # ---- measured cells ----------------------------------------------------------------
     def cells(self) -> list[tuple[int, int]]:
