@@ -209,7 +209,11 @@ class LatencyCorrector:
         n = np.array([p[0] for p in self._points])
         batch = np.array([p[1] for p in self._points])
         log_t = np.array([p[2] for p in self._points])
-        parts = self._parts(predict, n[None, :] / np.exp(self.grid)[:, None], batch)  # [G, W] each
+        # Steps repeat their (tokens, batch): graph buckets, steady loads. The profile is read
+        # once per distinct pair over the grid of stretches, then spread to the window's steps.
+        pairs, spread = np.unique(np.stack([n, batch]), axis=1, return_inverse=True)
+        parts = self._parts(predict, pairs[0][None, :] / np.exp(self.grid)[:, None], pairs[1].astype(batch.dtype))
+        parts = tuple(part[:, spread.reshape(-1)] for part in parts)  # [G, W] each
         whole, free = self._fit(parts, log_t, free_slope=False), self._fit(parts, log_t, free_slope=True)
         # The slope is freed only when the data demand it: the whole-curve scale misses them by
         # more than a tie (else the extra freedom would let any knee fit flat data, slope 0).
