@@ -210,6 +210,16 @@ def moe_rows(d: dict) -> list:
     return rows
 
 
+def moe_layer_parts(d: dict) -> list:
+    rows = []
+    for r in d.get("parts", []):
+        ms = r["ms"]
+        rows.append((f"{shape(r['shape'])}, {r['T']} rows: router casts / kernel, experts, shared, layer (ms; layer / floor)",
+                     f"{ms['router_casts']:.4f} / {ms['router_kernel']:.4f}, {ms['experts']:.4f}, {ms['shared']:.4f}, "
+                     f"{ms['layer']:.4f} ({r['layer_over_floor']:.2f}x)"))
+    return rows
+
+
 def http_vs_engine(d: dict) -> list:
     rows = []
     for r in d.get("rows", []):
@@ -616,6 +626,15 @@ BENCHMARKS = [
      "`python -m optimus.bench.experiments.moe_rows`: the start-up profiler's synthetic steps (each request its own "
      "256-token context, a window of mask rows after its stored rows of random tokens) on random bf16 weights, "
      "graphs to 2,048 tokens; the fastest of 3 after a warm-up.", moe_rows),
+    ("moe_layer_parts", "MoE layer part by part",
+     "`python -m optimus.bench.experiments.moe_layer_parts`: the LLaDA2.0-mini sparse layer (random bf16 weights) "
+     "in CUDA graphs on 20 rotating inputs: the fp32 gate as casts + linear or as the logits kernel, the routed "
+     "experts, the shared expert, the whole layer against the bytes it must read (touched experts, shared expert, "
+     "gate); the kernels at one row in the JSON.", moe_layer_parts),
+    ("host_profile", "Host time per policy, profiled",
+     "`python -m optimus.bench.experiments.host_profile`: the LLaDA2.0-mini real-8b sweep (64 and 256 requests, one "
+     "run each) with cProfile on during each policy's timed runs; the text profiles lie beside the JSON "
+     "(`latest.txt`); throughput is slowed by the profiler.", policy_sweep),
     ("sampling_throughput", "Sampled decoding against greedy",
      "`python -m optimus.bench.experiments.sampling_throughput`: random weights, every sampled request seeded "
      "(temperature 1, top-p 0.95), output tok/s.", sampling_throughput),
