@@ -243,17 +243,15 @@ class LatencyProfile:
 
     def _predict_batches(self, n: np.ndarray, batch: np.ndarray) -> np.ndarray:
         """``predict_many`` with a batch per count along ``n``'s last axis (``batch`` [W], ``n``
-        [W] or [G, W]). A dense profile reads each grid curve once, on the columns that blend
-        it (a latency refit asks for a grid of stretches over a window of steps of dozens of
-        batches); an experts model, whose curve depends on the batch, batch by batch."""
+        [W] or [G, W]): each grid curve is read once, on the columns that blend it (a latency
+        refit asks for a grid of stretches over a window of steps of dozens of batches), an
+        experts model at each column's own batch."""
         curves = self._by_batch
+        if not curves:
+            if self.cost_model is None:
+                return self._along(self._pooled, n, 1, None)
+            return self._along(self._pooled, n, 1, self.cost_model(n, batch.astype(float)))
         out = np.zeros_like(n)
-        if self.cost_model is not None or not curves:
-            for b in np.unique(batch):
-                cols = batch == b
-                part = n[..., cols]
-                out[..., cols] = self.predict_many(part.reshape(-1), int(b)).reshape(part.shape)
-            return out
         grid = np.array(list(curves), dtype=float)
         b = batch.astype(float)
         hi = np.minimum(np.searchsorted(grid, b), len(grid) - 1)  # the first grid batch >= b
@@ -263,12 +261,15 @@ class LatencyProfile:
         inside = hi > lo
         w = np.ones_like(b)
         w[inside] = np.log(b[inside] / grid[lo[inside]]) / np.log(grid[hi[inside]] / grid[lo[inside]])
+        model = self.cost_model
         for g, (at, curve) in enumerate(curves.items()):
             cols = np.flatnonzero((hi == g) | ((lo == g) & inside))
             if cols.size:
                 coef = np.where(hi[cols] == g, w[cols], 1.0 - w[cols])
                 part = n[..., cols]
-                out[..., cols] += coef * self._along(curve, part.reshape(-1), at, None).reshape(part.shape)
+                # MoE: the experts model at each column's own batch, as predict_many reads it
+                shape = None if model is None else model(part, b[cols])
+                out[..., cols] += coef * self._along(curve, part, at, shape)
         return out
 
     def _shape(self, n: np.ndarray, batch: int) -> np.ndarray | None:
