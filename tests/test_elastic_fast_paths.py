@@ -4,6 +4,7 @@ path that skips per-request overrides equals the one that reads them."""
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import random
@@ -23,11 +24,15 @@ from optimus.policy.elastic.latency import LatencyProfile
 def test_incremental_host_share_equals_the_batch_theil_sen_fit():
     rng = random.Random(0)
     for window in (4, 5, 16):
-        share = HostShare(window=window)
+        share, points = HostShare(window=window), collections.deque(maxlen=window)
         for _ in range(120):  # many evictions; repeated token counts (no slope) and zero seconds
-            share.observe(rng.choice([rng.randrange(1, 4000), 256, 512]), rng.choice([rng.random() * 1e-3, 0.0]))
-            if len(share._points) >= share.min_steps:
-                assert (share.intercept, share.slope) == theil_sen(*np.array(share._points).T)
+            point = (float(rng.choice([rng.randrange(1, 4000), 256, 512])), rng.choice([rng.random() * 1e-3, 0.0]))
+            share.observe(*point)
+            points.append(point)
+            if len(points) >= share.min_steps:
+                assert (share.intercept, share.slope) == theil_sen(*np.array(points).T)
+        share.observe(256, float("nan"))  # no measurement: the line stays
+        assert (share.intercept, share.slope) == theil_sen(*np.array(points).T)
 
 
 def test_vectorized_request_confidence_follows_the_per_request_recurrence():

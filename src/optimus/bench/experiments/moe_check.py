@@ -123,7 +123,7 @@ PAIR_VARIANTS = (PairTiles(), PairTiles(32, 32, 128), PairTiles(16, 16, 256), Pa
                  PairTiles(16, 32, 128, 8))
 
 
-def _rotating(fn, cases: list):
+def rotating(fn, cases: list):
     """A call of ``fn`` on the next case each time: time_graph_ms captures 20 calls, each on its
     own routing, so no call finds the last one's expert weights in L2 (50 MB on an H200)."""
     turn = itertools.cycle(cases)
@@ -151,14 +151,14 @@ def time_decode(draws: int = 20) -> list[dict]:
                 cases.append((x.bfloat16(), w13, w2, weights, ids))
             touched = sum(int(c[4].unique().numel()) for c in cases) / draws
             weight_bytes = touched * 3 * h * inner * 2
-            triton_ms = time_graph_ms(_rotating(fused_moe_triton, cases))
-            grouped_ms = time_graph_ms(_rotating(fused_moe_grouped, cases))
-            touched_ms = time_graph_ms(_rotating(fused_moe_touched, cases))
+            triton_ms = time_graph_ms(rotating(fused_moe_triton, cases))
+            grouped_ms = time_graph_ms(rotating(fused_moe_grouped, cases))
+            touched_ms = time_graph_ms(rotating(fused_moe_touched, cases))
             pairs_ms = {f"{v.gate_up_n}/{v.down_n}/{v.block_k}/w{v.num_warps}":
-                        time_graph_ms(_rotating(lambda *c, v=v: fused_moe_pairs(*c, v), cases)) for v in PAIR_VARIANTS}
+                        time_graph_ms(rotating(lambda *c, v=v: fused_moe_pairs(*c, v), cases)) for v in PAIR_VARIANTS}
             grouped_ms_by_tiles = {} if t < 8 else {
                 f"{v.block_m}/{v.block_n}/{v.block_k}/w{v.num_warps}/s{v.num_stages}":
-                time_graph_ms(_rotating(lambda *c, v=v: fused_moe_grouped(*c, v), cases)) for v in GROUPED_VARIANTS}
+                time_graph_ms(rotating(lambda *c, v=v: fused_moe_grouped(*c, v), cases)) for v in GROUPED_VARIANTS}
             torch_ms = _time_eager_ms(lambda: fused_moe_reference(*cases[0]))
             rows.append({"shape": shape, "T": t, "touched_experts": touched, "weight_MB": weight_bytes / 1e6,
                          "default_path": "pairs" if t * k <= moe_paths.PAIRS_MAX else
@@ -207,12 +207,12 @@ def time_decode_local(shape: str = "llada2-mini", draws: int = 20) -> list[dict]
             cases.append((x.bfloat16(), w13, w2, weights, local_ids(requests, rows, e, k, seed)))
         touched = sum(int(c[4].unique().numel()) for c in cases) / draws
         weight_bytes = touched * 3 * h * inner * 2
-        ms = {"default": time_graph_ms(_rotating(fused_moe_triton, cases)),
-              "pairs": time_graph_ms(_rotating(fused_moe_pairs, cases)),
-              "grouped": time_graph_ms(_rotating(fused_moe_grouped, cases))}
+        ms = {"default": time_graph_ms(rotating(fused_moe_triton, cases)),
+              "pairs": time_graph_ms(rotating(fused_moe_pairs, cases)),
+              "grouped": time_graph_ms(rotating(fused_moe_grouped, cases))}
         for v in TOUCHED_VARIANTS:
             name = f"touched {v.gate_up_n}/{v.down_n}/{v.block_k}/w{v.num_warps}/s{v.num_stages}"
-            ms[name] = time_graph_ms(_rotating(lambda *c, v=v: fused_moe_touched(*c, v), cases))
+            ms[name] = time_graph_ms(rotating(lambda *c, v=v: fused_moe_touched(*c, v), cases))
         rows_out.append({"shape": shape, "requests": requests, "rows_per_request": rows, "T": t,
                          "touched_experts": touched, "weight_MB": weight_bytes / 1e6, "ms": ms,
                          "TBps": {name: weight_bytes / v / 1e9 for name, v in ms.items()}})
@@ -245,8 +245,8 @@ def time_layer(shape: str = "llada2-mini", draws: int = 20) -> list[dict]:
         touched = sum(int(layer.gate(x, "torch")[1].unique().numel()) for (x,) in xs) / draws
         weight_bytes = touched * 3 * h * inner * 2 + e * h * 2
         floor_ms = weight_bytes / hbm_bytes_per_s() * 1e3
-        kernel_ms = time_graph_ms(_rotating(layer, xs))
-        torch_route_ms = time_graph_ms(_rotating(torch_routed, xs))
+        kernel_ms = time_graph_ms(rotating(layer, xs))
+        torch_route_ms = time_graph_ms(rotating(torch_routed, xs))
         rows.append({"shape": shape, "T": t, "touched_experts": touched, "weight_MB": weight_bytes / 1e6,
                      "floor_ms": floor_ms, "layer_ms": kernel_ms, "layer_over_floor": kernel_ms / floor_ms,
                      "layer_TBps": weight_bytes / kernel_ms / 1e9, "layer_torch_route_ms": torch_route_ms})

@@ -23,7 +23,6 @@ time, not the graph's launch gaps).
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 from pathlib import Path
 
@@ -31,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from optimus.bench.experiments.gpu_timing import time_graph_ms
-from optimus.bench.experiments.moe_check import MOE_SHAPES, hbm_bytes_per_s
+from optimus.bench.experiments.moe_check import DEV, MOE_SHAPES, hbm_bytes_per_s, rotating
 from optimus.kernels._moe_route_triton import moe_route_triton, router_logits_triton
 from optimus.kernels.fused_moe import fused_moe
 from optimus.kernels.moe_route import moe_route
@@ -39,7 +38,6 @@ from optimus.models.layers import FusedOps, GatedMLP
 from optimus.models.moe import SparseMoE
 from optimus.models.spec import MoEConfig
 
-DEV = "cuda"
 # The logits kernel's (block_e, block_k, programs): the default first; programs=1 never splits the inputs.
 LOGIT_TILES = ((16, 128, 128), (16, 256, 128), (16, 128, 256), (32, 128, 128), (16, 128, 64), (16, 256, 1))
 
@@ -53,11 +51,6 @@ def build_layer(shape: str) -> SparseMoE:
         torch.nn.init.normal_(p, std=h ** -0.5)
     layer.fuse_projections()
     return layer
-
-
-def _rotating(fn, cases: list):
-    turn = itertools.cycle(cases)
-    return lambda: fn(*next(turn))
 
 
 def time_parts(layer: SparseMoE, shape: str, t: int, draws: int = 20) -> dict:
@@ -75,22 +68,22 @@ def time_parts(layer: SparseMoE, shape: str, t: int, draws: int = 20) -> dict:
     folded = [(x, torch.cat([w, torch.ones(t, 1, device=DEV)], 1), torch.cat([i, torch.full((t, 1), e, device=DEV)], 1))
               for x, (w, i) in zip(xs, routed)]
     ms = {
-        "router_casts": time_graph_ms(_rotating(lambda x: moe_route(F.linear(x.float(), gate.weight.float()), bias,
+        "router_casts": time_graph_ms(rotating(lambda x: moe_route(F.linear(x.float(), gate.weight.float()), bias,
                                                                     routing, "triton"), [(x,) for x in xs])),
-        "router_kernel": time_graph_ms(_rotating(lambda x: gate(x, "triton"), [(x,) for x in xs])),
-        "experts": time_graph_ms(_rotating(lambda x, w, i: fused_moe(x, experts.w13, experts.w2, w, i, "triton"),
+        "router_kernel": time_graph_ms(rotating(lambda x: gate(x, "triton"), [(x,) for x in xs])),
+        "experts": time_graph_ms(rotating(lambda x, w, i: fused_moe(x, experts.w13, experts.w2, w, i, "triton"),
                                            cases)),
-        "shared": time_graph_ms(_rotating(lambda x: x + shared(x, ops), [(x,) for x in xs])),
-        "shared_folded": time_graph_ms(_rotating(lambda x, w, i: fused_moe(x, w13_plus, w2_plus, w, i, "triton"),
+        "shared": time_graph_ms(rotating(lambda x: x + shared(x, ops), [(x,) for x in xs])),
+        "shared_folded": time_graph_ms(rotating(lambda x, w, i: fused_moe(x, w13_plus, w2_plus, w, i, "triton"),
                                                  folded)),
-        "layer": time_graph_ms(_rotating(lambda x: layer(x, ops), [(x,) for x in xs])),
+        "layer": time_graph_ms(rotating(lambda x: layer(x, ops), [(x,) for x in xs])),
     }
     for be, bk, programs in LOGIT_TILES:
-        ms[f"logits {be}/{bk}/p{programs}"] = time_graph_ms(_rotating(
+        ms[f"logits {be}/{bk}/p{programs}"] = time_graph_ms(rotating(
             lambda x, be=be, bk=bk, p=programs: router_logits_triton(x, gate.weight, be, bk, p), [(x,) for x in xs]))
     logits = [(F.linear(x.float(), gate.weight.float()),) for x in xs]
     for warps in (1, 2, 4):
-        ms[f"route w{warps}"] = time_graph_ms(_rotating(
+        ms[f"route w{warps}"] = time_graph_ms(rotating(
             lambda lg, w=warps: moe_route_triton(lg, bias, routing, None, w), logits))
     expert_bytes = touched * 3 * h * inner * 2
     router_bytes, shared_bytes = e * h * 2, 3 * h * inner * 2

@@ -3,7 +3,6 @@ batch, committing its tokens) beside its time on the device."""
 
 from __future__ import annotations
 
-import collections
 import math
 
 import numpy as np
@@ -25,7 +24,6 @@ class HostShare:
     float whichever point comes first), so the same medians."""
 
     def __init__(self, window: int = 64, min_steps: int = 4) -> None:
-        self._points: collections.deque[tuple[float, float]] = collections.deque(maxlen=window)
         self.min_steps = min_steps
         self.intercept, self.slope = 0.0, 0.0
         # Ring slot per point (slot = arrival mod window); a pair's slope, nan where the two
@@ -34,20 +32,24 @@ class HostShare:
         self._pair = np.full((window, window), np.nan)
         self._sorted = np.zeros(0)  # every finite entry of the pair table's upper triangle, ascending
         self._seen = 0  # points observed
-        self._odd = 0  # non-finite seconds in the window: the batch fit then (nan must stay nan)
+
+    @property
+    def points(self) -> int:
+        """Steps in the window."""
+        return min(self._seen, len(self._n))
+
+    def window(self) -> tuple[np.ndarray, np.ndarray]:
+        """The window's (tokens, seconds), in ring order."""
+        return self._n[:self.points].copy(), self._h[:self.points].copy()
 
     def observe(self, tokens: int, seconds: float) -> None:
-        point = (float(max(tokens, 1)), max(float(seconds), 0.0))
-        self._odd += (not math.isfinite(point[1])) - (len(self._points) == self._points.maxlen
-                                                      and not math.isfinite(self._points[0][1]))
-        self._points.append(point)
-        self._replace(self._seen % len(self._n), *point)
+        """A step's host seconds beside its ``tokens``; a non-finite time is no measurement."""
+        if not math.isfinite(seconds):
+            return
+        self._replace(self._seen % len(self._n), float(max(tokens, 1)), max(float(seconds), 0.0))
         self._seen += 1
-        if len(self._points) >= self.min_steps:
-            if self._odd:
-                self.intercept, self.slope = theil_sen(*np.array(self._points).T)
-            else:
-                self._fit()
+        if self.points >= self.min_steps:
+            self._fit()
 
     def __call__(self, tokens: np.ndarray) -> np.ndarray:
         return self.intercept + self.slope * np.asarray(tokens, dtype=float)
@@ -63,11 +65,11 @@ class HostShare:
         row = np.full(len(self._n), np.nan)
         row[:live][apart] = dh[apart] / dn[apart]
         self._pair[slot], self._pair[:, slot] = row, row
-        new = np.sort(row[np.isfinite(row)])  # a non-finite point's slopes stay out (its steps: theil_sen)
+        new = np.sort(row[np.isfinite(row)])
         self._sorted = np.insert(self._sorted, np.searchsorted(self._sorted, new), new)
 
     def _fit(self) -> None:
-        slopes, live = self._sorted, min(self._seen, len(self._n))
+        slopes, live = self._sorted, self.points
         self.slope = max(0.0, _median_of_sorted(slopes)) if slopes.size else 0.0  # more rows never cost less
         self.intercept = max(0.0, _median(self._h[:live] - self.slope * self._n[:live]))
 
