@@ -197,3 +197,23 @@ def test_host_profile_profiles_each_policys_timed_runs(tmp_path):
     assert {r["policy"] for r in json.loads((tmp_path / "host_profile_sweep.json").read_text())["sweep"]} == {
         "fixed:8", "elastic"}
     assert policy_sweep.timed_generate is timed_runs.timed_generate
+
+
+def test_host_profile_timers_split_each_step_into_phases(tmp_path):
+    """``--timers``: per policy and load, the timed run's phases in ms per step (the warm-up's
+    steps left out), adding up to no more than the whole step; the methods restored."""
+    from optimus.bench.experiments import host_profile
+    from optimus.executor import runner
+
+    read = runner.GreedyPick.read
+    assert host_profile.main(["--out", str(tmp_path), "--shape", "sdar-8b", "--concurrency", "2",
+                              "--policies", "fixed:8,elastic", "--gen-len", "64", "--device", "cpu", "--tiny",
+                              "--timers"]) == 0
+    rows = json.loads((tmp_path / "host_phases.json").read_text())["rows"]
+    assert [(r["policy"], r["concurrency"]) for r in rows] == [("fixed:8", 2), ("elastic", 2)]
+    for r in rows:
+        ms = r["ms_per_step"]
+        assert ms["step"] > 0 and ms["schedule"] >= 0 and ms["choose"] > 0 and ms["build"] > 0
+        inside = sum(v for k, v in ms.items() if k != "step")
+        assert inside <= ms["step"] * 1.05 + 0.05  # phases nest inside the step, never overlap
+    assert runner.GreedyPick.read is read

@@ -7,7 +7,10 @@ other policies' runs left out), one profile per policy, written as text:
       --profile benchmarks/results/h100/policy_sweep_real8b_llada2/startup_profile_to_256_requests.json
 
 The sweep's own numbers (``DIR/host_profile_sweep.json``) are slowed by the profiler; read the
-profiles for shares, not the throughput. ``--device cpu --tiny`` runs it on a CPU.
+profiles for shares, not the throughput. ``--timers`` leaves the profiler off and times the
+step's phases instead (``DIR/host_phases.json``, ms per step per policy and load): what the
+host spends in each, and the part of each step the device waited on the host. ``--device cpu
+--tiny`` runs it on a CPU.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import pstats
 from pathlib import Path
 
 from optimus.bench import policy_sweep
+from optimus.bench.experiments.host_phases import PhaseTimers
 from optimus.bench.timed_runs import timed_generate
 from optimus.cli import main as cli_main
 
@@ -61,9 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--graph-max-tokens", type=int, default=2048)
     p.add_argument("--device", default=None, help="cpu (with --tiny) for a smoke run")
     p.add_argument("--tiny", action="store_true")
+    p.add_argument("--timers", action="store_true", help="phase timers instead of the profiler")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    profiles = PolicyProfiles()
+    profiles = PhaseTimers() if args.timers else PolicyProfiles()
     policy_sweep.timed_generate = profiles
     try:
         sweep = ["bench", "offline", "--experiments", "sweep", "--sweep-shape", args.shape,
@@ -75,8 +80,9 @@ def main(argv: list[str] | None = None) -> int:
         rc = cli_main(sweep)
     finally:
         policy_sweep.timed_generate = timed_generate
-    (args.out / "host_profile.txt").write_text(profiles.report())
-    print(f"wrote {args.out / 'host_profile.txt'}")
+    path = args.out / ("host_phases.json" if args.timers else "host_profile.txt")
+    path.write_text(profiles.report())
+    print(f"wrote {path}")
     return rc
 
 
