@@ -15,6 +15,7 @@ class RequestView(NamedTuple):  # a tuple: one is built per decoding request per
     block_size: int
     current_chunk: int | None  # the request's latest chunk size (a hint; policies may change it)
     policy_override: str | None = None  # 'ar' | 'fixed:C' pin this request; 'elastic'/None: the policy decides
+    remaining: int = 0  # answer positions from the window start to the end of its budget (its work left)
 
 
 @dataclass(frozen=True)

@@ -137,35 +137,6 @@ class SimResult:
     def throughput(self) -> float:
         return self.committed / self.seconds if self.seconds > 0 else 0.0
 
-    def _free_changes(self) -> list[tuple[str, int]]:
-        """(request, +1/-1) for each block-start size that differs from the same request's
-        previous block-start size (block ends cannot force those)."""
-        last: dict[str, int] = {}
-        out = []
-        for ch in self.chunk_choices:
-            if not ch.block_start:
-                continue
-            if ch.request in last and ch.size != last[ch.request]:
-                out.append((ch.request, 1 if ch.size > last[ch.request] else -1))
-            last[ch.request] = ch.size
-        return out
-
-    def switch_rate(self) -> float:
-        """Fraction of block-start choices that change the request's size."""
-        starts = sum(ch.block_start for ch in self.chunk_choices)
-        return len(self._free_changes()) / starts if starts else 0.0
-
-    def reversal_rate(self) -> float:
-        """Flip-flops: fraction of size changes that undo the direction of the request's
-        previous change (up then down, or down then up)."""
-        changes = self._free_changes()
-        direction: dict[str, int] = {}
-        reversals = 0
-        for rid, d in changes:
-            reversals += direction.get(rid, d) != d
-            direction[rid] = d
-        return reversals / len(changes) if changes else 0.0
-
     def size_histogram(self) -> dict[int, int]:
         return dict(sorted(Counter(ch.size for ch in self.chunk_choices).items()))
 
@@ -197,7 +168,7 @@ class Simulator:
         decoding = [r for r in self.requests if r.prefill == 0]
         fixed = sum(r.pending_store for r in decoding) + sum(r.prefill for r in self.requests)
         caps = [r.max_chunk() for r in decoding]
-        views = tuple(RequestView(r.request_id, cap, r.block, r.chunk or r.last_chunk or None)
+        views = tuple(RequestView(r.request_id, cap, r.block, r.chunk or r.last_chunk or None, None, r.gen_len - r.pos)
                       for r, cap in zip(decoding, caps))
         chosen = self.policy.choose(StepView(views, fixed, max(self.config.token_budget, len(views))))
         tokens = fixed

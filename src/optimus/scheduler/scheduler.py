@@ -139,7 +139,8 @@ class Scheduler:
         if uniform is not None and not any(r.params.policy for r in decoders):
             return [uniform if uniform < cap else cap for cap in caps]
         # Policies honour per-request overrides themselves (and count them as load).
-        views = tuple(RequestView(r.request_id, cap, r.geometry.block_size, r.chunk or None, r.params.policy)
+        views = tuple(RequestView(r.request_id, cap, r.geometry.block_size, r.chunk or None, r.params.policy,
+                                  r.geometry.canvas_end - r.window_bounds()[0])
                       for r, cap in zip(decoders, caps))
         view = StepView(views, fixed_tokens=fixed, token_budget=max(budget, len(views)))
         return [max(1, min(int(c), cap)) for c, cap in zip(self.policy.choose(view), caps)]

@@ -15,8 +15,8 @@ the batch, committing; measured beside the device's own time where the engine re
 and ``cost`` also carries ``pi * tau(C)``: the rows the step runs for others (prefill pieces,
 pinned requests), measured per committed token, because every answer token brings its share
 of prompt to prefill. Allocation is greedy by marginal efficiency on each request's concave
-ladder of sizes (``ladders.py``); requests are ranked oldest first, so a plan maps to the same
-requests step after step.
+ladder of sizes (``ladders.py``); equal upgrades go to the requests with the most work left
+(then the oldest), so requests that started together progress together.
 
 Requests differ: a confident answer commits most of a large chunk at once, prose continued by
 a small model barely more than one token whatever the chunk. Each request therefore plans on
@@ -52,6 +52,7 @@ DEFAULT_KNEE = 256  # tokens; used only without a profile, until corrected onlin
 # fields of RequestViews
 _BLOCK_SIZE, _MAX_CHUNK = operator.attrgetter("block_size"), operator.attrgetter("max_chunk")
 _REQUEST_ID, _OVERRIDE = operator.attrgetter("request_id"), operator.attrgetter("policy_override")
+_REMAINING = operator.attrgetter("remaining")
 
 
 @dataclass(frozen=True)
@@ -347,20 +348,25 @@ class ElasticPolicy:
         caps = tuple(np.clip(blocks, 1, max(self.chunk_sizes)).tolist())
         pinned_sizes, batch = tuple(pinned.tolist()), len(view.requests)
         self._latest = (ids, caps, pinned_sizes, batch)
-        curve = self._curve_for(tuple(zip(caps, levels)), pinned_sizes, batch)
+        keys = tuple(zip(caps, levels))
+        curve = self._curve_for(keys, pinned_sizes, batch)
         rungs, rate = curve.rungs, curve.rate
+        # The rungs rank requests of one ladder oldest first; their upgrades go to the ones with
+        # the most work left instead (request rungs.request[u] stands for assign[...]).
+        blocks_left = -(-np.fromiter(map(_REMAINING, requests), np.int64, n) // np.maximum(blocks, 1))
+        assign = _by_work_left(keys, blocks_left)
         fixed = view.fixed_tokens + float(np.sum(pinned)) + n
         if fixed + rungs.positions[-1] > view.token_budget:
             # The budget may bind: cut where the step's real rows (chunks clipped to the
             # block ends, never more than planned) pass it.
-            actual = fixed + rungs.actual(max_chunks.astype(float))
+            actual = fixed + rungs.actual(max_chunks[assign].astype(float))
             feasible = int(np.searchsorted(actual, view.token_budget, side="right")) - 1
             rate = rate.copy()
             rate[max(feasible, 0) + 1:] = -np.inf
         best = int(np.argmax(rate))  # first maximum: fewer tokens on ties
         m, retargeted = self._apply_hysteresis(rungs, rate, best, n)
         sizes = np.ones(n, dtype=int)
-        np.maximum.at(sizes, rungs.request[:m], rungs.size[:m].astype(int))
+        np.maximum.at(sizes, assign[rungs.request[:m]], rungs.size[:m].astype(int))
         out = np.minimum(sizes, max_chunks).tolist()
         self.last_plan = Plan(self.target or 0, int(n + rungs.positions[m]), float(curve.tokens[m]),
                               float(curve.latency[m]), float(rate[m]), retargeted)
@@ -379,3 +385,29 @@ class ElasticPolicy:
         self.target = int(n + rungs.positions[best])
         self.retargets += 1
         return best, True
+
+
+def _by_work_left(keys: tuple, remaining: np.ndarray) -> np.ndarray:
+    """[R] ``assign``: among the requests of one ladder (equal ``keys``), the k-th oldest's
+    place goes to the one with the k-th most work ``remaining`` (ties: the older). Equal
+    upgrades then reach the laggards first, so requests that started together finish
+    together instead of the first ones racing ahead and leaving a tail of steps too few
+    requests share. Identity when the oldest already have the most left.
+
+    The work is counted in blocks: at a finer grain the ranks swap step after step and a
+    request's size with them, which the closed-loop simulations (chunks kept until they
+    finish) priced at 1-3% at 16-64 requests; by blocks they cost nothing there, and kept
+    most of the gain in a batch that starts together (docs/policies.md)."""
+    n = len(keys)
+    order = np.argsort(-remaining, kind="stable")
+    if n == 0 or keys.count(keys[0]) == n:  # one ladder: the common case
+        return order
+    assign = np.arange(n)
+    members: dict = {}
+    for i, key in enumerate(keys):
+        members.setdefault(key, []).append(i)
+    for group in members.values():
+        if len(group) > 1:
+            group = np.array(group)
+            assign[group] = group[np.argsort(-remaining[group], kind="stable")]
+    return assign
