@@ -31,6 +31,9 @@ def test_bench_offline_tiny_smoke(tmp_path):
     for r in data["sweep"]:  # each point: the median of three timed runs
         runs = sorted(r["output_tok_s_runs"])
         assert len(runs) == 3 and r["output_tok_s"] == runs[1]
+        each = r["runs"]  # every run's steps and times, in run order
+        assert len(each) == 3 and r["steps"] in [x["steps"] for x in each]
+        assert [r["concurrency"] * GEN / x["wall_s"] for x in each] == pytest.approx(r["output_tok_s_runs"], rel=1e-3)
         trace = r["step_trace"]  # that run's steps, one entry each
         assert {len(v) for v in trace.values()} == {r["steps"]}
         assert sum(trace["rows"]) == r["tokens_computed"]
