@@ -79,7 +79,7 @@ def test_overlapped_unit_steps_win_where_whole_steps_pay_the_host(overlaps):
     where the engine overlaps steps of one open position per window, everyone at 1 pays the
     device's 10 ms alone and wins (64 per 10 ms)."""
     p = ElasticPolicy(PROFILE, LOW_TAU, per_request=False, unit_steps_overlap=overlaps)
-    for i in range(64):
+    for i in range(128):  # the 256-row steps hold prompt rows: their host time is no evidence
         tokens = (128, 256)[i % 2]
         p.observe(_unit_step(64, tokens, 0.013, 0.010, overhead_s=0.0005))
     sizes = p.choose(_view(64))
@@ -131,3 +131,18 @@ def test_the_engine_tells_elastic_its_device_time_and_whether_unit_steps_overlap
     llm.generate([[5, 6, 7, 8]] * 4, SamplingParams(max_tokens=24, ignore_eos=True))
     tokens, seconds = policy.host.window()
     assert tokens.size and (seconds >= 0).all()  # overlapped steps (most, on sdar) teach none
+
+
+def test_prompt_steps_do_not_set_the_host_time_decoding_steps_pay():
+    """A batch that arrives at once spends its first steps on prompts (thousands of rows, a
+    long plan and build each): their host time between steps is not what a decoding plan pays,
+    and must not price the decoding steps after them (which at size 1 overlap and so never
+    correct it)."""
+    p = ElasticPolicy(PROFILE, LOW_TAU)
+    ids = tuple(f"r{i}" for i in range(16))
+    for _ in range(50):  # 16 decoding requests beside 4,000 prompt rows, 8 ms between steps
+        p.observe(StepFeedback(4096, 0.050, (4,) * 16, (1,) * 16, ids, overhead_s=0.008, device_s=0.045))
+    assert p.overhead_s == 0.0
+    for _ in range(50):  # decoding alone, 1 ms between steps
+        p.observe(StepFeedback(16 * 5, 0.011, (4,) * 16, (1,) * 16, ids, overhead_s=0.001, device_s=0.010))
+    assert p.overhead_s == pytest.approx(0.001, rel=0.1)

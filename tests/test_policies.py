@@ -413,13 +413,13 @@ def test_elastic_amortises_per_step_host_overhead_with_larger_steps():
     knee, where the curve alone makes small chunks cheapest per token, a large overhead makes
     fewer, larger steps pay. It is learned from StepFeedback.overhead_s (an average)."""
     p = elastic(per_request=False)
-    for _ in range(200):
-        p.observe(StepFeedback(64, 0.0, (1,), (1,), ("r0",), (), overhead_s=0.040))
+    for _ in range(200):  # one request decoding (a window of one and its store), 40 ms between steps
+        p.observe(StepFeedback(2, 0.0, (1,), (1,), ("r0",), (), overhead_s=0.040))
     assert p.overhead_s == pytest.approx(0.040, rel=1e-3)
     busy = view(96)
     plain = elastic(per_request=False)
     assert sum(p.choose(busy)) > sum(plain.choose(busy))
-    idle = StepFeedback(64, 0.0, (1,), (1,), ("r0",), ())  # overhead 0 = unknown: no evidence
+    idle = StepFeedback(2, 0.0, (1,), (1,), ("r0",), ())  # overhead 0 = unknown: no evidence
     p.observe(idle)
     assert p.overhead_s == pytest.approx(0.040, rel=1e-3)
 

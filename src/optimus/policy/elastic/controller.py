@@ -251,10 +251,15 @@ class ElasticPolicy:
             # Rescaled to the shared curve, weighted by level (TauEstimator): hesitant requests weigh little.
             excess = np.array(feedback.committed, dtype=float) - 1.0
             self.tau.observe(feedback.chunk_sizes, 1.0 + excess / np.maximum(levels, 1e-9), levels)
-        if feedback.overhead_s > 0 and not feedback.overlapped:  # an overlapped step's ran while the device computed
+        prompts = _mostly_prompts(feedback)
+        # An overlapped step's host time ran while the device computed; a prompt step's went to
+        # its prompts (in a batch that arrives at once, all of it: then decoding steps that
+        # overlap, at size 1, priced the others with it: 4.7 ms a step on the H100 at 256
+        # requests, where they pay 1.6).
+        if feedback.overhead_s > 0 and not feedback.overlapped and not prompts:
             self.overhead_s += self.load.rate * (feedback.overhead_s - self.overhead_s)
         if feedback.latency_s > 0 and feedback.num_tokens > 0:
-            self._observe_latency(feedback)
+            self._observe_latency(feedback, prompts)
         choice = self._own_choice(feedback)
         if choice is not None:
             rows, var = self._own_rows(*choice)
@@ -267,14 +272,11 @@ class ElasticPolicy:
                 self._curve_for(*guess)
             self._guess = guess  # judged by choose's first ask
 
-    def _observe_latency(self, feedback: StepFeedback) -> None:
+    def _observe_latency(self, feedback: StepFeedback, prompts: bool) -> None:
         """The latency curve learns the device's time where the engine reports it (the profile
         is the device's), and the host's share of the step apart: it does not grow with the
         step's tokens the way the device's time does."""
         device = feedback.device_s if 0 < feedback.device_s <= feedback.latency_s else 0.0
-        # Steps mostly of prompt rows (a window and its store run at most twice its positions)
-        # spend their host time on prompts: not what a decoding plan pays.
-        prompts = feedback.num_tokens > 2 * sum(feedback.chunk_sizes) + len(feedback.chunk_sizes)
         if device and not prompts and not feedback.overlapped:
             self.host.observe(feedback.num_tokens, feedback.latency_s - device)
         seconds = device or feedback.latency_s
@@ -385,6 +387,12 @@ class ElasticPolicy:
         self.target = int(n + rungs.positions[best])
         self.retargets += 1
         return best, True
+
+
+def _mostly_prompts(feedback: StepFeedback) -> bool:
+    """A step mostly of prompt rows (a window and its store run at most twice its positions):
+    its host time went to the prompts, not what a decoding plan pays."""
+    return feedback.num_tokens > 2 * sum(feedback.chunk_sizes) + len(feedback.chunk_sizes)
 
 
 def _by_work_left(keys: tuple, remaining: np.ndarray) -> np.ndarray:
