@@ -173,7 +173,7 @@ def test_sweep_skips_outgrown_policies_at_higher_loads(monkeypatch):
         name = llm.engine.policy.name
         ran.append((name, n))
         return {"output_tok_s": speed[name] * n, "graph_capture_s": 0.0, "steps": 1, "preemptions": 0,
-                "cpu_ms_per_step": 0.0, "wall_over_device": 1.0}
+                "cpu_ms_per_step": 0.0, "wall_over_device": 1.0, "wall_s": 8 / speed[name], "device_ms_per_step": 1.0}
 
     monkeypatch.setattr(policy_sweep, "timed_generate", fake_run)
     acceptance = Acceptance({1: [1], 8: [2], 32: [4]})
