@@ -45,7 +45,7 @@ from optimus.policy.elastic.confidence import RequestConfidence
 from optimus.policy.elastic.estimators import LatencyCorrector, TauEstimator, TokenLoad
 from optimus.policy.elastic.graph_buckets import GraphBuckets
 from optimus.policy.elastic.host_share import HostShare
-from optimus.policy.elastic.ladders import Ladder, Rungs, build_ladder, merge_rungs, store_variance
+from optimus.policy.elastic.ladders import Ladder, Rungs, build_ladder, by_work_left, merge_rungs, store_variance
 
 DEFAULT_CHUNK_SIZES = (1, 2, 4, 8, 16, 32, 64)
 DEFAULT_KNEE = 256  # tokens; used only without a profile, until corrected online
@@ -356,7 +356,7 @@ class ElasticPolicy:
         # The rungs rank requests of one ladder oldest first; their upgrades go to the ones with
         # the most work left instead (request rungs.request[u] stands for assign[...]).
         blocks_left = -(-np.fromiter(map(_REMAINING, requests), np.int64, n) // np.maximum(blocks, 1))
-        assign = _by_work_left(keys, blocks_left)
+        assign = by_work_left(keys, blocks_left)
         fixed = view.fixed_tokens + float(np.sum(pinned)) + n
         if fixed + rungs.positions[-1] > view.token_budget:
             # The budget may bind: cut where the step's real rows (chunks clipped to the
@@ -393,29 +393,3 @@ def _mostly_prompts(feedback: StepFeedback) -> bool:
     """A step mostly of prompt rows (a window and its store run at most twice its positions):
     its host time went to the prompts, not what a decoding plan pays."""
     return feedback.num_tokens > 2 * sum(feedback.chunk_sizes) + len(feedback.chunk_sizes)
-
-
-def _by_work_left(keys: tuple, remaining: np.ndarray) -> np.ndarray:
-    """[R] ``assign``: among the requests of one ladder (equal ``keys``), the k-th oldest's
-    place goes to the one with the k-th most work ``remaining`` (ties: the older). Equal
-    upgrades then reach the laggards first, so requests that started together finish
-    together instead of the first ones racing ahead and leaving a tail of steps too few
-    requests share. Identity when the oldest already have the most left.
-
-    The work is counted in blocks: at a finer grain the ranks swap step after step and a
-    request's size with them, which the closed-loop simulations (chunks kept until they
-    finish) priced at 1-3% at 16-64 requests; by blocks they cost nothing there, and kept
-    most of the gain in a batch that starts together (docs/policies.md)."""
-    n = len(keys)
-    order = np.argsort(-remaining, kind="stable")
-    if n == 0 or keys.count(keys[0]) == n:  # one ladder: the common case
-        return order
-    assign = np.arange(n)
-    members: dict = {}
-    for i, key in enumerate(keys):
-        members.setdefault(key, []).append(i)
-    for group in members.values():
-        if len(group) > 1:
-            group = np.array(group)
-            assign[group] = group[np.argsort(-remaining[group], kind="stable")]
-    return assign
