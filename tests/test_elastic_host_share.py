@@ -146,3 +146,17 @@ def test_prompt_steps_do_not_set_the_host_time_decoding_steps_pay():
     for _ in range(50):  # decoding alone, 1 ms between steps
         p.observe(StepFeedback(16 * 5, 0.011, (4,) * 16, (1,) * 16, ids, overhead_s=0.001, device_s=0.010))
     assert p.overhead_s == pytest.approx(0.001, rel=0.1)
+
+
+def test_one_pause_between_steps_does_not_price_every_step():
+    """A collection or a slow report between two steps (80 ms once among 1 ms gaps) must not
+    raise the host time a decoding plan pays; a lasting change moves it within the window."""
+    p = ElasticPolicy(PROFILE, LOW_TAU)
+    ids = tuple(f"r{i}" for i in range(4))
+    step = lambda gap: StepFeedback(4 * 9, 0.006, (8,) * 4, (2,) * 4, ids, overhead_s=gap, device_s=0.005)  # noqa: E731
+    for gap in [0.001] * 40 + [0.080] + [0.001] * 3:
+        p.observe(step(gap))
+    assert p.overhead_s == pytest.approx(0.001)
+    for _ in range(20):
+        p.observe(step(0.003))
+    assert p.overhead_s == pytest.approx(0.003)

@@ -49,6 +49,7 @@ from optimus.policy.elastic.ladders import Ladder, Rungs, build_ladder, by_work_
 
 DEFAULT_CHUNK_SIZES = (1, 2, 4, 8, 16, 32, 64)
 DEFAULT_KNEE = 256  # tokens; used only without a profile, until corrected online
+OVERHEAD_WINDOW = 32  # decoding steps whose host time between steps the estimate is the median of
 # fields of RequestViews
 _BLOCK_SIZE, _MAX_CHUNK = operator.attrgetter("block_size"), operator.attrgetter("max_chunk")
 _REQUEST_ID, _OVERRIDE = operator.attrgetter("request_id"), operator.attrgetter("policy_override")
@@ -130,7 +131,11 @@ class ElasticPolicy:
         self.correction = LatencyCorrector(self.profile.knee)
         self.buckets = graph_buckets  # steps served from CUDA graphs cost their bucket (graph_buckets.py)
         self.load = TokenLoad(rate=load_rate)
-        self.overhead_s = 0.0  # per-step host time outside the forward (StepFeedback.overhead_s), EMA
+        # Per-step host time outside the forward (StepFeedback.overhead_s), the median of recent
+        # decoding steps': one pause in an average priced every whole step, and plans at size 1,
+        # which overlap, never measured it again (on the H100 one request then stayed at size 1).
+        self.overhead_s = 0.0
+        self._overheads: collections.deque[float] = collections.deque(maxlen=OVERHEAD_WINDOW)
         # Host time inside a whole step's latency beside its device time (none while the device's
         # time is unknown: the latency curve then carries it).
         self.host = HostShare()
@@ -253,11 +258,11 @@ class ElasticPolicy:
             self.tau.observe(feedback.chunk_sizes, 1.0 + excess / np.maximum(levels, 1e-9), levels)
         prompts = _mostly_prompts(feedback)
         # An overlapped step's host time ran while the device computed; a prompt step's went to
-        # its prompts (in a batch that arrives at once, all of it: then decoding steps that
-        # overlap, at size 1, priced the others with it: 4.7 ms a step on the H100 at 256
-        # requests, where they pay 1.6).
+        # its prompts (a batch arriving at once priced decoding steps 4.7 ms on the H100 at 256
+        # requests, where they pay 1.6-3).
         if feedback.overhead_s > 0 and not feedback.overlapped and not prompts:
-            self.overhead_s += self.load.rate * (feedback.overhead_s - self.overhead_s)
+            self._overheads.append(feedback.overhead_s)
+            self.overhead_s = float(np.median(self._overheads))
         if feedback.latency_s > 0 and feedback.num_tokens > 0:
             self._observe_latency(feedback, prompts)
         choice = self._own_choice(feedback)
