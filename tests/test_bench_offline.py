@@ -196,7 +196,8 @@ def test_host_profile_profiles_each_policys_timed_runs(tmp_path):
     text = (tmp_path / "host_profile.txt").read_text()
     for name in ("FixedPolicy8", "ElasticPolicy"):
         assert f"===== {name}, by cumulative" in text and f"===== {name}, by tottime" in text
-    assert "engine.py" in text and "(choose)" in text
+    # the policy's own work: its learning, and the next step planned while the device computes
+    assert "engine.py" in text and "(observe)" in text and "(plan_ahead)" in text
     assert {r["policy"] for r in json.loads((tmp_path / "host_profile_sweep.json").read_text())["sweep"]} == {
         "fixed:8", "elastic"}
     assert policy_sweep.timed_generate is timed_runs.timed_generate

@@ -498,3 +498,30 @@ def test_elastic_builds_the_next_curve_ahead_only_while_its_guess_holds(monkeypa
     for k in range(40):  # arrivals and finishes: the batch changes every step, and observe stops guessing
         step([f"r{i}" for i in range(8 + k % 2)])
     assert p.guess_hits < 0.5 and built["observe"] < 19 + 40 / 2 and built["choose"] >= 40
+
+
+def test_a_plan_made_ahead_is_the_choice_the_step_would_make_clipped_to_its_windows():
+    """``plan_ahead`` (block-size caps, no budget) then ``choose``: the same sizes a fresh
+    choice from the same state gives the step, clipped to its windows' block ends, and the
+    same choice recorded for learning; a step of other requests, or one the plan does not fit,
+    is chosen afresh."""
+    ids = [f"r{i}" for i in range(12)]
+    ahead = StepView(tuple(RequestView(r, 32, 32, None, None, 64) for r in ids), 0, 1 << 30)
+    caps = [32, 5, 32, 3, 32, 32, 17, 32, 1, 32, 32, 8]
+    step = StepView(tuple(RequestView(r, c, 32, None, None, 64) for r, c in zip(ids, caps)), 4, 4096)
+    planned, fresh = elastic(), elastic()
+    planned.plan_ahead(ahead)
+    allocate, planned._allocate = planned._allocate, None  # the step itself plans nothing
+    assert planned.choose(step) == fresh.choose(step)
+    planned._allocate = allocate
+    assert len(set(fresh.choose(step))) >= 2  # a mixed plan, clipped where the windows end
+    assert planned.ahead_hits == 1.0 and planned._choices[-1][1].tolist() == fresh._choices[-1][1].tolist()
+    other = StepView(step.requests[1:], 4, 4096)
+    planned.plan_ahead(ahead)
+    out = planned.choose(other)  # chosen afresh: every request of this step, within its window
+    assert len(out) == 11 and all(1 <= c <= r.max_chunk for c, r in zip(out, other.requests))
+    assert planned.ahead_hits < 1.0 and planned._choices[-1][0] == frozenset(ids[1:])
+    tight = StepView(step.requests, 4, 100)
+    planned.plan_ahead(ahead)
+    out = planned.choose(tight)
+    assert 4 + sum(out) <= 100

@@ -300,3 +300,41 @@ def test_policy_feedback_counts_the_open_positions_the_canvas_holds(policy):
             break
     assert not engine.has_work() and len(seen) > 4
     assert all(found == recount for found, recount in seen)
+
+
+class _AheadPolicy(FixedPolicy):
+    """fixed:2 that records the views it is handed ahead of a step."""
+
+    uniform_chunk = None  # the scheduler asks choose with views
+
+    def __init__(self):
+        super().__init__(2)
+        self.ahead = []
+
+    def plan_ahead(self, view):
+        self.ahead.append(view)
+
+
+def test_plan_ahead_hands_the_policy_the_running_decoders_on_block_caps():
+    """While the device computes a step the policy may plan the next: every decoding request,
+    oldest first, on its block size (the block ends it will reach are not known yet), with no
+    token budget, and with the work each has left."""
+    spec = _spec("sdar")
+    policy = _AheadPolicy()
+    sched = Scheduler(SchedulerConfig(), PageAllocator(64, 4), policy, spec.attention)
+    for rid in ("a", "b"):
+        sched.add(_request(rid, spec, 4, 16, block=8))
+    runner = FakeRunner()
+    while len(sched.running) < 2 or not all(r.state is RequestState.DECODING for r in sched.running):
+        plan = sched.schedule()
+        runner.run(plan)
+        sched.complete_step(plan, 0.01)
+    sched.plan_ahead()
+    (view,) = policy.ahead
+    assert [v.request_id for v in view.requests] == ["a", "b"]
+    assert [(v.max_chunk, v.block_size) for v in view.requests] == [(8, 8), (8, 8)]
+    assert view.token_budget >= 1 << 20 and view.fixed_tokens == 0
+    assert [v.remaining for v in view.requests] == [r.geometry.canvas_end - r.window_bounds()[0] for r in sched.running]
+    sched.running[0].params = SamplingParams(max_tokens=16, policy="ar")  # a pinned request: no plan ahead
+    sched.plan_ahead()
+    assert len(policy.ahead) == 1

@@ -209,5 +209,5 @@ def _time_phases(engine: Engine) -> dict[str, float]:
     wrap(engine.post, "settle", "settle")  # finish checks: which requests end before the next plan
     wrap(engine, "_report", "outputs")  # the requests' outputs, after the next launch
     wrap(engine.scheduler, "complete_step", "cursors")  # cache cursors, the policy's feedback queued
-    wrap(engine.scheduler, "flush_feedback", "learning")  # the policy learns from it
+    wrap(engine.scheduler, "learn_and_plan_ahead", "learning")  # the policy learns from it, plans the next step
     return timers

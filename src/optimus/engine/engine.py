@@ -170,7 +170,7 @@ class Engine:
             pick = self.runner.greedy(hidden)  # every logit row is greedy: one batched pass
         device_time.stop()
         f0 = time.perf_counter()
-        self.scheduler.flush_feedback()  # the previous step's learning, while the GPU runs this one
+        self.scheduler.learn_and_plan_ahead()  # while the GPU runs this step
         self.stats.cpu_time_sum_s += self.runner.last_build_s + time.perf_counter() - f0
         after, self._last_device_time = self._last_device_time, device_time
         return InFlight(plan, hidden, wants, pick, t0, overhead, captured=self.runner.capture_s > capture0,

@@ -145,6 +145,28 @@ class Scheduler:
         view = StepView(views, fixed_tokens=fixed, token_budget=max(budget, len(views)))
         return [max(1, min(int(c), cap)) for c, cap in zip(self.policy.choose(view), caps)]
 
+    def learn_and_plan_ahead(self) -> None:
+        """The previous step's learning (:meth:`flush_feedback`), then from it the next step's
+        chunk sizes (:meth:`plan_ahead`): what the engine runs while the device computes."""
+        self.flush_feedback()
+        self.plan_ahead()
+
+    def plan_ahead(self) -> None:
+        """Let a policy with ``plan_ahead`` plan the next step now, while the device computes
+        this one, from the feedback the next step's choice would read (the engine calls it
+        after :meth:`flush_feedback`): the running decoders on block-size caps, with no budget
+        (neither is known before this step commits). ``choose`` checks the plan against the
+        step it is asked for."""
+        plan = getattr(self.policy, "plan_ahead", None)
+        if plan is None or self.attention is AttentionKind.CAUSAL:
+            return
+        decoders = [r for r in self.running if r.state is RequestState.DECODING
+                    and r.window_bounds()[0] < r.geometry.canvas_end]
+        if decoders and not any(r.params.policy for r in decoders):
+            plan(StepView(tuple(RequestView(r.request_id, r.geometry.block_size, r.geometry.block_size, None, None,
+                                            r.geometry.canvas_end - r.window_bounds()[0]) for r in decoders),
+                          fixed_tokens=0, token_budget=1 << 30))
+
     def _prefill_groups(self, r: Request, start: int, end: int) -> list[int]:
         """The prompt as the model reads it (block-causal: by blocks; full attention: one
         bidirectional group); rows recomputed after it (after preemption) by the segments they

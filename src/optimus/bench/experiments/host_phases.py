@@ -5,7 +5,8 @@ around the engine's methods (no profiler: the steps keep their real pace).
 Phases (``ms_per_step``): ``schedule`` (the plan, the policy's choice inside it: ``choose``),
 ``build`` (the batch's tensors), ``launch`` (the forward's launch beside its build), ``wait``
 (the host blocked on the device for the step's tokens), ``commit`` (committing, beside the
-wait), ``settle``, ``cursors``, ``outputs``, ``learning`` (the policy's observe), and ``step``
+wait), ``settle``, ``cursors``, ``outputs``, ``learning`` (the policy's observe, and its choice
+for the next step where it plans ahead), and ``step``
 (the whole ``Engine.step``). ``exposed_ms`` is the wall time per step the device did not
 compute: what the host's critical path cost.
 """
@@ -20,7 +21,7 @@ from optimus.bench.timed_runs import timed_generate
 from optimus.executor import runner as runner_module
 
 # (object attribute path from the engine, method, phase)
-_WRAPPED = (("scheduler", "schedule", "schedule"), ("scheduler", "flush_feedback", "learning"),
+_WRAPPED = (("scheduler", "schedule", "schedule"), ("scheduler", "learn_and_plan_ahead", "learning"),
             ("scheduler", "complete_step", "cursors"), ("runner", "build", "build"), ("runner", "run", "run"),
             ("post", "commit_step", "commit_all"), ("post", "settle", "settle"), ("", "_report", "outputs"),
             ("", "step", "step"))

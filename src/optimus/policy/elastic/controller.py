@@ -42,7 +42,7 @@ import numpy as np
 from optimus.policy.elastic.latency import LatencyProfile
 from optimus.policy.base import StepFeedback, StepView, override_chunk
 from optimus.policy.elastic.confidence import RequestConfidence
-from optimus.policy.elastic.estimators import LatencyCorrector, TauEstimator, TokenLoad
+from optimus.policy.elastic.estimators import LatencyCorrector, TauEstimator, TokenLoad, expected_latency
 from optimus.policy.elastic.graph_buckets import GraphBuckets
 from optimus.policy.elastic.host_share import HostShare
 from optimus.policy.elastic.ladders import Ladder, Rungs, build_ladder, by_work_left, merge_rungs, store_variance
@@ -66,31 +66,6 @@ class Plan:
     predicted_latency_s: float
     predicted_rate: float  # committed tokens per second
     retargeted: bool
-
-
-def expected_latency(latency, tokens: np.ndarray, sd: np.ndarray, floor: np.ndarray | None = None) -> np.ndarray:
-    """E[T(N)] for step rows N of mean ``tokens`` and sd ``sd`` [K]: steps whose rows scatter
-    around a knee cost more than the curve at their mean.
-
-    The scatter is lumps on top of a floor the step always runs (``floor`` [K]: its chunk
-    rows and the stores of size-1 requests): prompts arriving whole, chunks stored whole. So N
-    is modelled as the floor plus a two-point lump, 0 or ``a`` with probability ``q``, which
-    matches the mean and the variance (``a = mu + var / mu``, ``q = mu / a``) and never goes
-    below the floor. A symmetric law would put mass under the floor, on the flat part of the
-    curve, and charge small steps near a knee for a convexity their rows never reach. Without
-    ``floor``: 3-point Gauss-Hermite on a normal law."""
-    k = len(tokens)
-    if floor is None:
-        h = math.sqrt(3.0) * sd
-        t = latency(np.concatenate([tokens, np.maximum(tokens - h, 1.0), tokens + h]))
-        return (4.0 * t[:k] + t[k:2 * k] + t[2 * k:]) / 6.0
-    floor = np.minimum(np.maximum(floor, 1.0), tokens)
-    mu = tokens - floor
-    lumpy = mu > 1e-9
-    a = np.where(lumpy, mu + sd * sd / np.where(lumpy, mu, 1.0), 0.0)
-    q = np.where(lumpy, mu / np.where(lumpy, a, 1.0), 0.0)
-    t = latency(np.concatenate([floor, floor + a, tokens]))
-    return np.where(lumpy, (1.0 - q) * t[:k] + q * t[k:2 * k], t[2 * k:])
 
 
 @dataclass(frozen=True)
@@ -131,9 +106,8 @@ class ElasticPolicy:
         self.correction = LatencyCorrector(self.profile.knee)
         self.buckets = graph_buckets  # steps served from CUDA graphs cost their bucket (graph_buckets.py)
         self.load = TokenLoad(rate=load_rate)
-        # Per-step host time outside the forward (StepFeedback.overhead_s), the median of recent
-        # decoding steps': one pause in an average priced every whole step, and plans at size 1,
-        # which overlap, never measured it again (on the H100 one request then stayed at size 1).
+        # Host time outside the forward (StepFeedback.overhead_s), the median of recent decoding steps':
+        # an average priced every step by one pause, and overlapped size-1 plans never re-measure it.
         self.overhead_s = 0.0
         self._overheads: collections.deque[float] = collections.deque(maxlen=OVERHEAD_WINDOW)
         # Host time inside a whole step's latency beside its device time (none while the device's
@@ -158,6 +132,10 @@ class ElasticPolicy:
         self._latest: tuple | None = None  # (request ids, caps, pinned, batch) of the latest choice
         self._guess: tuple | None = None  # the curve signature observe expects choose to ask for
         self.guess_hits = 1.0  # how often choose asked for it (moving average); built ahead while >= 1/2
+        # The next step's (request ids, levels, planned sizes), made by plan_ahead; how often a
+        # step took it (moving average); steps since the last plan while under half were taken.
+        self._ahead: tuple[tuple[str, ...], np.ndarray, np.ndarray] | None = None
+        self.ahead_hits, self._ahead_skipped = 1.0, 0
 
     # ---- the model the decision reads ----------------------------------------------------
     def _tau(self, sizes: np.ndarray, levels: np.ndarray | float = 1.0) -> np.ndarray:
@@ -221,8 +199,28 @@ class ElasticPolicy:
                 "correction": [round(self.correction.scale, 4), round(self.correction.stretch, 4)]}
 
     # ---- ChunkPolicy ---------------------------------------------------------------------
+    def plan_ahead(self, view: StepView) -> None:
+        """Plan the next step now, off its critical path (``Scheduler.plan_ahead``: block-size
+        caps, no budget); ``choose`` takes the plan, clipped, if asked for the same requests and
+        it fits the budget. While under half the plans are taken (requests come and go every
+        step), one step in eight plans ahead: a plan made for nothing costs a host-bound step."""
+        self._ahead, self._ahead_skipped = None, (self._ahead_skipped + 1) % 8
+        if self.ahead_hits >= 0.5 or not self._ahead_skipped:
+            ids = tuple(map(_REQUEST_ID, view.requests))
+            levels = self._levels(ids)
+            self._ahead = ids, np.array(levels), np.array(self._allocate(view, view.requests, ids, levels, np.zeros(0)))
+
     def choose(self, view: StepView) -> list[int]:
         ids = tuple(map(_REQUEST_ID, view.requests))
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            out = np.minimum(ahead[2], np.fromiter(map(_MAX_CHUNK, view.requests), np.int64, len(ids))) \
+                if ahead[0] == ids else None
+            hit = out is not None and view.fixed_tokens + int(out.sum()) <= view.token_budget
+            self.ahead_hits += 0.1 * (hit - self.ahead_hits)
+            if hit:
+                self._choices.append((frozenset(ids), out.astype(float), ahead[1]))
+                return out.tolist()
         levels = self._levels(ids)
         if list(map(_OVERRIDE, view.requests)).count(None) == len(ids):  # nobody pinned: all elastic
             out = self._allocate(view, view.requests, ids, levels, np.zeros(0)) if ids else []
@@ -257,9 +255,8 @@ class ElasticPolicy:
             excess = np.array(feedback.committed, dtype=float) - 1.0
             self.tau.observe(feedback.chunk_sizes, 1.0 + excess / np.maximum(levels, 1e-9), levels)
         prompts = _mostly_prompts(feedback)
-        # An overlapped step's host time ran while the device computed; a prompt step's went to
-        # its prompts (a batch arriving at once priced decoding steps 4.7 ms on the H100 at 256
-        # requests, where they pay 1.6-3).
+        # An overlapped step's host time ran beside the device; a prompt step's went to its prompts
+        # (a batch arriving at once priced decoding steps 4.7 ms on the H100 at 256 requests, not 1.6-3).
         if feedback.overhead_s > 0 and not feedback.overlapped and not prompts:
             self._overheads.append(feedback.overhead_s)
             self.overhead_s = float(np.median(self._overheads))

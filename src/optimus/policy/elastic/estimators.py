@@ -5,6 +5,7 @@
 - :class:`LatencyCorrector`: scales of the profiled curve's flat part and slope and a stretch
   of its token axis, learned from measured step latencies.
 - :class:`TokenLoad`: the step tokens the policy does not size (mean and unexplained spread).
+- :func:`expected_latency`: a step's expected time when its rows scatter around their mean.
 
 Each moves by bounded amounts per step; that is what lets the controller's decisions settle.
 """
@@ -325,3 +326,28 @@ class TokenLoad:
         self._commits += self.rate * (committed - self._commits)
         self._var += self.rate * (residual * residual - self._var)
         self._model_var += self.rate * (own_var - self._model_var)
+
+
+def expected_latency(latency, tokens: np.ndarray, sd: np.ndarray, floor: np.ndarray | None = None) -> np.ndarray:
+    """E[T(N)] for step rows N of mean ``tokens`` and sd ``sd`` [K]: steps whose rows scatter
+    around a knee cost more than the curve at their mean.
+
+    The scatter is lumps on top of a floor the step always runs (``floor`` [K]: its chunk
+    rows and the stores of size-1 requests): prompts arriving whole, chunks stored whole. So N
+    is modelled as the floor plus a two-point lump, 0 or ``a`` with probability ``q``, which
+    matches the mean and the variance (``a = mu + var / mu``, ``q = mu / a``) and never goes
+    below the floor. A symmetric law would put mass under the floor, on the flat part of the
+    curve, and charge small steps near a knee for a convexity their rows never reach. Without
+    ``floor``: 3-point Gauss-Hermite on a normal law."""
+    k = len(tokens)
+    if floor is None:
+        h = math.sqrt(3.0) * sd
+        t = latency(np.concatenate([tokens, np.maximum(tokens - h, 1.0), tokens + h]))
+        return (4.0 * t[:k] + t[k:2 * k] + t[2 * k:]) / 6.0
+    floor = np.minimum(np.maximum(floor, 1.0), tokens)
+    mu = tokens - floor
+    lumpy = mu > 1e-9
+    a = np.where(lumpy, mu + sd * sd / np.where(lumpy, mu, 1.0), 0.0)
+    q = np.where(lumpy, mu / np.where(lumpy, a, 1.0), 0.0)
+    t = latency(np.concatenate([floor, floor + a, tokens]))
+    return np.where(lumpy, (1.0 - q) * t[:k] + q * t[k:2 * k], t[2 * k:])
