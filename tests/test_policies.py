@@ -501,27 +501,23 @@ def test_elastic_builds_the_next_curve_ahead_only_while_its_guess_holds(monkeypa
 
 
 def test_a_plan_made_ahead_is_the_choice_the_step_would_make_clipped_to_its_windows():
-    """``plan_ahead`` (block-size caps, no budget) then ``choose``: the same sizes a fresh
-    choice from the same state gives the step, clipped to its windows' block ends, and the
-    same choice recorded for learning; a step of other requests, or one the plan does not fit,
-    is chosen afresh."""
+    """``plan_ahead`` (block-size caps, no budget) then ``take_ahead``: the sizes a fresh choice
+    from the same state gives the step, clipped to its windows' block ends, with the same choice
+    recorded for learning; for other requests, or a budget the plan does not fit, None (the step
+    asks ``choose``), and the plan is gone either way."""
     ids = [f"r{i}" for i in range(12)]
     ahead = StepView(tuple(RequestView(r, 32, 32, None, None, 64) for r in ids), 0, 1 << 30)
     caps = [32, 5, 32, 3, 32, 32, 17, 32, 1, 32, 32, 8]
     step = StepView(tuple(RequestView(r, c, 32, None, None, 64) for r, c in zip(ids, caps)), 4, 4096)
     planned, fresh = elastic(), elastic()
     planned.plan_ahead(ahead)
-    allocate, planned._allocate = planned._allocate, None  # the step itself plans nothing
-    assert planned.choose(step) == fresh.choose(step)
-    planned._allocate = allocate
-    assert len(set(fresh.choose(step))) >= 2  # a mixed plan, clipped where the windows end
-    assert planned.ahead_hits == 1.0 and planned._choices[-1][1].tolist() == fresh._choices[-1][1].tolist()
-    other = StepView(step.requests[1:], 4, 4096)
+    expected = fresh.choose(step)
+    assert len(set(expected)) >= 2 and min(expected) == 1  # a mixed plan, clipped where windows end
+    assert planned.take_ahead(tuple(ids), caps, 4, 4096) == expected
+    assert planned._choices[-1][1].tolist() == fresh._choices[-1][1].tolist()
+    assert planned.take_ahead(tuple(ids), caps, 4, 4096) is None  # consumed
     planned.plan_ahead(ahead)
-    out = planned.choose(other)  # chosen afresh: every request of this step, within its window
-    assert len(out) == 11 and all(1 <= c <= r.max_chunk for c, r in zip(out, other.requests))
-    assert planned.ahead_hits < 1.0 and planned._choices[-1][0] == frozenset(ids[1:])
-    tight = StepView(step.requests, 4, 100)
+    assert planned.take_ahead(tuple(ids[1:]), caps[1:], 4, 4096) is None  # other requests
     planned.plan_ahead(ahead)
-    out = planned.choose(tight)
-    assert 4 + sum(out) <= 100
+    assert planned.take_ahead(tuple(ids), caps, 4, 100) is None  # does not fit
+    assert planned.ahead_hits < 1.0

@@ -314,6 +314,10 @@ class _AheadPolicy(FixedPolicy):
     def plan_ahead(self, view):
         self.ahead.append(view)
 
+    def take_ahead(self, request_ids, max_chunks, fixed_tokens, token_budget):
+        self.asked = request_ids, max_chunks
+        return [1] * len(request_ids)
+
 
 def test_plan_ahead_hands_the_policy_the_running_decoders_on_block_caps():
     """While the device computes a step the policy may plan the next: every decoding request,
@@ -335,6 +339,9 @@ def test_plan_ahead_hands_the_policy_the_running_decoders_on_block_caps():
     assert [(v.max_chunk, v.block_size) for v in view.requests] == [(8, 8), (8, 8)]
     assert view.token_budget >= 1 << 20 and view.fixed_tokens == 0
     assert [v.remaining for v in view.requests] == [r.geometry.canvas_end - r.window_bounds()[0] for r in sched.running]
+    plan = sched.schedule()  # the step asks for the plan before building views: all at 1 here
+    assert policy.asked == (("a", "b"), [r.max_chunk() for r in sched.running])
+    assert [w.window[1] - w.window[0] for w in plan.works if w.window] == [1, 1]
     sched.running[0].params = SamplingParams(max_tokens=16, policy="ar")  # a pinned request: no plan ahead
     sched.plan_ahead()
     assert len(policy.ahead) == 1

@@ -53,8 +53,9 @@ class ChunkPolicy(Protocol):
     # A policy may also have ``uniform_chunk`` (int): the chunk every request gets, clipped to its
     # max_chunk, when none has its own override; the scheduler then skips the views (``choose``
     # must agree). It may have ``plan_ahead(view)``: the scheduler's view of the next step, taken
-    # while the device computes this one (block-size caps, no budget: ``Scheduler.plan_ahead``);
-    # ``choose`` then checks a plan made from it against the step it is asked for.
+    # while the device computes this one (block-size caps, no budget: ``Scheduler.plan_ahead``),
+    # and ``take_ahead(request_ids, max_chunks, fixed_tokens, token_budget)``: that plan for the
+    # step, clipped, or None (then ``choose``), asked before the step's views are built.
 
     def choose(self, view: StepView) -> list[int]:
         """Chunk size per request of ``view.requests``, each in [1, max_chunk]."""

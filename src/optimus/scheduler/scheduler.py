@@ -138,6 +138,11 @@ class Scheduler:
         uniform = getattr(self.policy, "uniform_chunk", None)
         if uniform is not None and not any(r.params.policy for r in decoders):
             return [uniform if uniform < cap else cap for cap in caps]
+        take_ahead = getattr(self.policy, "take_ahead", None)  # a plan made while the last step ran
+        if take_ahead is not None:
+            chunks = take_ahead(tuple(r.request_id for r in decoders), caps, fixed, max(budget, len(decoders)))
+            if chunks is not None:
+                return chunks
         # Policies honour per-request overrides themselves (and count them as load).
         views = tuple(RequestView(r.request_id, cap, r.geometry.block_size, r.chunk or None, r.params.policy,
                                   r.geometry.canvas_end - r.window_bounds()[0])
@@ -155,8 +160,8 @@ class Scheduler:
         """Let a policy with ``plan_ahead`` plan the next step now, while the device computes
         this one, from the feedback the next step's choice would read (the engine calls it
         after :meth:`flush_feedback`): the running decoders on block-size caps, with no budget
-        (neither is known before this step commits). ``choose`` checks the plan against the
-        step it is asked for."""
+        (neither is known before this step commits). The next step asks the policy's
+        ``take_ahead`` for it before it builds its views."""
         plan = getattr(self.policy, "plan_ahead", None)
         if plan is None or self.attention is AttentionKind.CAUSAL:
             return

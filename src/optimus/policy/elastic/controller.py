@@ -132,8 +132,7 @@ class ElasticPolicy:
         self._latest: tuple | None = None  # (request ids, caps, pinned, batch) of the latest choice
         self._guess: tuple | None = None  # the curve signature observe expects choose to ask for
         self.guess_hits = 1.0  # how often choose asked for it (moving average); built ahead while >= 1/2
-        # The next step's (request ids, levels, planned sizes), made by plan_ahead; how often a
-        # step took it (moving average); steps since the last plan while under half were taken.
+        # plan_ahead's (request ids, levels, sizes); how often a step took it (moving average).
         self._ahead: tuple[tuple[str, ...], np.ndarray, np.ndarray] | None = None
         self.ahead_hits, self._ahead_skipped = 1.0, 0
 
@@ -200,27 +199,31 @@ class ElasticPolicy:
 
     # ---- ChunkPolicy ---------------------------------------------------------------------
     def plan_ahead(self, view: StepView) -> None:
-        """Plan the next step now, off its critical path (``Scheduler.plan_ahead``: block-size
-        caps, no budget); ``choose`` takes the plan, clipped, if asked for the same requests and
-        it fits the budget. While under half the plans are taken (requests come and go every
-        step), one step in eight plans ahead: a plan made for nothing costs a host-bound step."""
+        """Plan the next step off its critical path (``Scheduler.plan_ahead``). While under half
+        the plans are taken, one step in eight plans: a plan for nothing costs a host-bound step."""
         self._ahead, self._ahead_skipped = None, (self._ahead_skipped + 1) % 8
         if self.ahead_hits >= 0.5 or not self._ahead_skipped:
             ids = tuple(map(_REQUEST_ID, view.requests))
             levels = self._levels(ids)
             self._ahead = ids, np.array(levels), np.array(self._allocate(view, view.requests, ids, levels, np.zeros(0)))
 
+    def take_ahead(self, request_ids: tuple[str, ...], max_chunks: list[int], fixed_tokens: int,
+                   token_budget: int) -> list[int] | None:
+        """The plan made ahead for these requests (this order), clipped to ``max_chunks``, if it
+        fits the budget beside ``fixed_tokens``; else None (ask ``choose``). Consumes the plan."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is None:
+            return None
+        out = np.minimum(ahead[2], max_chunks) if ahead[0] == request_ids else None
+        hit = out is not None and fixed_tokens + int(out.sum()) <= token_budget
+        self.ahead_hits += 0.1 * (hit - self.ahead_hits)
+        if not hit:
+            return None
+        self._choices.append((frozenset(request_ids), out.astype(float), ahead[1]))
+        return out.tolist()
+
     def choose(self, view: StepView) -> list[int]:
         ids = tuple(map(_REQUEST_ID, view.requests))
-        ahead, self._ahead = self._ahead, None
-        if ahead is not None:
-            out = np.minimum(ahead[2], np.fromiter(map(_MAX_CHUNK, view.requests), np.int64, len(ids))) \
-                if ahead[0] == ids else None
-            hit = out is not None and view.fixed_tokens + int(out.sum()) <= view.token_budget
-            self.ahead_hits += 0.1 * (hit - self.ahead_hits)
-            if hit:
-                self._choices.append((frozenset(ids), out.astype(float), ahead[1]))
-                return out.tolist()
         levels = self._levels(ids)
         if list(map(_OVERRIDE, view.requests)).count(None) == len(ids):  # nobody pinned: all elastic
             out = self._allocate(view, view.requests, ids, levels, np.zeros(0)) if ids else []
