@@ -163,7 +163,7 @@ class Scheduler:
         (neither is known before this step commits). The next step asks the policy's
         ``take_ahead`` for it before it builds its views."""
         plan = getattr(self.policy, "plan_ahead", None)
-        if plan is None or self.attention is AttentionKind.CAUSAL:
+        if plan is None or self.attention is AttentionKind.CAUSAL or not self.scheme.chooses_chunks:
             return
         decoders = [r for r in self.running if r.state is RequestState.DECODING
                     and r.window_bounds()[0] < r.geometry.canvas_end]
