@@ -188,20 +188,24 @@ def _engine(policy: str, shape: str, requests: int, prompt_len: int, output_len:
     return engine
 
 
+def timed(inner, totals: dict[str, float], phase: str):
+    """``inner`` adding its wall time to ``totals[phase]`` on every call."""
+
+    def timed_call(*a, **kw):
+        t0 = time.perf_counter()
+        try:
+            return inner(*a, **kw)
+        finally:
+            totals[phase] += time.perf_counter() - t0
+    return timed_call
+
+
 def _time_phases(engine: Engine) -> dict[str, float]:
     """Wrap the step's host phases with accumulating timers (reset per step by the caller)."""
     timers = dict.fromkeys(PHASES, 0.0)
 
     def wrap(obj, name: str, phase: str) -> None:
-        inner = getattr(obj, name)
-
-        def timed(*a, **kw):
-            t0 = time.perf_counter()
-            try:
-                return inner(*a, **kw)
-            finally:
-                timers[phase] += time.perf_counter() - t0
-        setattr(obj, name, timed)
+        setattr(obj, name, timed(getattr(obj, name), timers, phase))
 
     wrap(engine.scheduler, "schedule", "schedule")
     wrap(engine.runner, "build", "build")

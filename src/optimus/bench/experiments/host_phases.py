@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import collections
 import json
-import time
 
+from optimus.bench.host_time import timed
 from optimus.bench.timed_runs import timed_generate
 from optimus.executor import runner as runner_module
 
@@ -47,15 +47,7 @@ class PhaseTimers:
         engine.scheduler._choose_chunks = self._timed(engine.scheduler._choose_chunks, "choose")
 
     def _timed(self, inner, phase: str):
-        totals = self.totals
-
-        def timed(*a, **kw):
-            t0 = time.perf_counter()
-            try:
-                return inner(*a, **kw)
-            finally:
-                totals[phase] += time.perf_counter() - t0
-        return timed
+        return timed(inner, self.totals, phase)
 
     def __call__(self, llm, batch: int, *args, **kwargs) -> dict:
         engine = llm.engine

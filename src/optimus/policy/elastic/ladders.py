@@ -123,16 +123,8 @@ def by_work_left(keys: tuple, remaining: np.ndarray) -> np.ndarray:
     request's size with them, which the closed-loop simulations (chunks kept until they
     finish) priced at 1-3% at 16-64 requests; by blocks they cost nothing there, and kept
     most of the gain in a batch that starts together (docs/policies.md)."""
-    n = len(keys)
-    order = np.argsort(-remaining, kind="stable")
-    if n == 0 or keys.count(keys[0]) == n:  # one ladder: the common case
-        return order
-    assign = np.arange(n)
-    members: dict = {}
-    for i, key in enumerate(keys):
-        members.setdefault(key, []).append(i)
-    for group in members.values():
-        if len(group) > 1:
-            group = np.array(group)
-            assign[group] = group[np.argsort(-remaining[group], kind="stable")]
+    assign = np.arange(len(keys))
+    for members in _groups(list(keys)).values():  # each ladder's requests, oldest first
+        members = np.asarray(members)
+        assign[members] = members[np.argsort(-remaining[members], kind="stable")]
     return assign
