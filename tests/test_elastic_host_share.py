@@ -160,3 +160,32 @@ def test_one_pause_between_steps_does_not_price_every_step():
     for _ in range(20):
         p.observe(step(0.003))
     assert p.overhead_s == pytest.approx(0.003)
+
+
+def test_whole_steps_are_tried_until_their_gap_is_measured_a_few_times():
+    """One long gap at the start (a first call, a collection) is no price yet: fewer than
+    StepGaps.min_steps whole steps measured leaves the host time at none."""
+    p = ElasticPolicy(PROFILE, LOW_TAU, per_request=False, unit_steps_overlap=True)
+    p.observe(StepFeedback(3, 0.011, (2,), (1,), ("r0",), (2,), overhead_s=0.035, device_s=0.010))
+    assert p.overhead_s == 0.0 and p.choose(_view(1)) != [1]
+
+
+def test_a_gap_priced_too_high_is_unlocked_by_the_overlapped_steps_it_chose():
+    """One request; whole steps of 16 commit 1.5 for 10 ms of device and 1 ms of host time,
+    overlapped size-1 steps 1 for 10 ms. The first whole steps met 35 ms gaps (one-time costs):
+    size 1 then looks best, and size-1 steps overlap, so no whole step re-measures the gap. The
+    overlapped steps' own gaps (1.5 ms, which hold everything a whole step's gap does) bound it,
+    and the policy goes back to whole steps at the 1 ms they really pay."""
+    p = ElasticPolicy(PROFILE, LOW_TAU, per_request=False, unit_steps_overlap=True)
+    whole_gaps = [0.035] * 4
+    sizes = []
+    for _ in range(60):
+        size = p.choose(_view(1))[0]
+        sizes.append(size)
+        unit = size == 1
+        gap = 0.0015 if unit else (whole_gaps.pop(0) if whole_gaps else 0.001)
+        committed = 1 if unit else min(2, size)
+        p.observe(StepFeedback(size + committed, 0.010 + (0.0 if unit else 0.001), (size,), (committed,), ("r0",),
+                               (size,), overhead_s=gap, device_s=0.010, overlapped=unit))
+    assert 1 in sizes[:20]  # the 35 ms gaps did price whole steps out
+    assert min(sizes[-20:]) > 1 and p.overhead_s == pytest.approx(0.001)

@@ -44,12 +44,11 @@ from optimus.policy.base import StepFeedback, StepView, override_chunk
 from optimus.policy.elastic.confidence import RequestConfidence
 from optimus.policy.elastic.estimators import LatencyCorrector, TauEstimator, TokenLoad, expected_latency
 from optimus.policy.elastic.graph_buckets import GraphBuckets
-from optimus.policy.elastic.host_share import HostShare
+from optimus.policy.elastic.host_share import HostShare, StepGaps
 from optimus.policy.elastic.ladders import Ladder, Rungs, build_ladder, by_work_left, merge_rungs, store_variance
 
 DEFAULT_CHUNK_SIZES = (1, 2, 4, 8, 16, 32, 64)
 DEFAULT_KNEE = 256  # tokens; used only without a profile, until corrected online
-OVERHEAD_WINDOW = 32  # decoding steps whose host time between steps the estimate is the median of
 # fields of RequestViews
 _BLOCK_SIZE, _MAX_CHUNK = operator.attrgetter("block_size"), operator.attrgetter("max_chunk")
 _REQUEST_ID, _OVERRIDE = operator.attrgetter("request_id"), operator.attrgetter("policy_override")
@@ -106,10 +105,7 @@ class ElasticPolicy:
         self.correction = LatencyCorrector(self.profile.knee)
         self.buckets = graph_buckets  # steps served from CUDA graphs cost their bucket (graph_buckets.py)
         self.load = TokenLoad(rate=load_rate)
-        # Host time outside the forward (StepFeedback.overhead_s), the median of recent decoding steps':
-        # an average priced every step by one pause, and overlapped size-1 plans never re-measure it.
-        self.overhead_s = 0.0
-        self._overheads: collections.deque[float] = collections.deque(maxlen=OVERHEAD_WINDOW)
+        self.gaps = StepGaps()  # host time between steps, outside the forward (StepFeedback.overhead_s)
         # Host time inside a whole step's latency beside its device time (none while the device's
         # time is unknown: the latency curve then carries it).
         self.host = HostShare()
@@ -137,6 +133,11 @@ class ElasticPolicy:
         self.ahead_hits, self._ahead_skipped = 1.0, 0
 
     # ---- the model the decision reads ----------------------------------------------------
+    @property
+    def overhead_s(self) -> float:
+        """Host seconds between two whole steps (:class:`StepGaps`)."""
+        return self.gaps.seconds
+
     def _tau(self, sizes: np.ndarray, levels: np.ndarray | float = 1.0) -> np.ndarray:
         """Expected commits per step at ``sizes`` of requests at confidence ``levels``."""
         return np.clip(1.0 + levels * (self.tau(sizes) - 1.0), 1.0, np.maximum(sizes, 1.0))
@@ -258,11 +259,10 @@ class ElasticPolicy:
             excess = np.array(feedback.committed, dtype=float) - 1.0
             self.tau.observe(feedback.chunk_sizes, 1.0 + excess / np.maximum(levels, 1e-9), levels)
         prompts = _mostly_prompts(feedback)
-        # An overlapped step's host time ran beside the device; a prompt step's went to its prompts
-        # (a batch arriving at once priced decoding steps 4.7 ms on the H100 at 256 requests, not 1.6-3).
-        if feedback.overhead_s > 0 and not feedback.overlapped and not prompts:
-            self._overheads.append(feedback.overhead_s)
-            self.overhead_s = float(np.median(self._overheads))
+        # A prompt step's host time went to its prompts (a batch arriving at once priced decoding
+        # steps 4.7 ms on the H100 at 256 requests, not 1.6-3).
+        if not prompts:
+            self.gaps.observe(feedback.overhead_s, feedback.overlapped)
         if feedback.latency_s > 0 and feedback.num_tokens > 0:
             self._observe_latency(feedback, prompts)
         choice = self._own_choice(feedback)

@@ -3,6 +3,7 @@ batch, committing its tokens) beside its time on the device."""
 
 from __future__ import annotations
 
+import collections
 import math
 
 import numpy as np
@@ -72,6 +73,33 @@ class HostShare:
         slopes, live = self._sorted, self.points
         self.slope = max(0.0, _median_of_sorted(slopes)) if slopes.size else 0.0  # more rows never cost less
         self.intercept = max(0.0, _median(self._h[:live] - self.slope * self._n[:live]))
+
+
+class StepGaps:
+    """The host's time between steps that a whole step pays (``StepFeedback.overhead_s``): the
+    median gap of the last ``window`` whole decoding steps, so that one pause (a collection, a
+    first call) does not price every step; none before ``min_steps`` of them.
+
+    A gap before an overlapped step holds all of that and more (the report and assumed commits
+    of the step in flight), so the median of those bounds it from above. The bound is what
+    unlocks a wrong estimate: priced too high, whole steps lose to overlapped size-1 steps,
+    and a policy that then runs only those would never measure a whole step's gap again (on
+    the H100, one 35 ms gap at the start held LLaDA2.0-mini at size 1 through a whole sweep)."""
+
+    def __init__(self, window: int = 32, min_steps: int = 4) -> None:
+        self.min_steps = min_steps
+        self._whole: collections.deque[float] = collections.deque(maxlen=window)
+        self._overlapped: collections.deque[float] = collections.deque(maxlen=window)
+        self.seconds = 0.0
+
+    def observe(self, gap_s: float, overlapped: bool) -> None:
+        """A decoding step's gap since the step before it; 0 (unknown) and non-finite are none."""
+        if not (gap_s > 0 and math.isfinite(gap_s)):
+            return
+        (self._overlapped if overlapped else self._whole).append(gap_s)
+        whole = float(np.median(self._whole)) if len(self._whole) >= self.min_steps else 0.0
+        bound = float(np.median(self._overlapped)) if len(self._overlapped) >= self.min_steps else math.inf
+        self.seconds = min(whole, bound)
 
 
 def theil_sen(n: np.ndarray, h: np.ndarray) -> tuple[float, float]:
