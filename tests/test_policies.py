@@ -218,6 +218,17 @@ def test_latency_correction_does_not_drift_on_a_right_profile():
     assert corr.scale == pytest.approx(1.0, rel=0.05)
 
 
+def test_a_refuted_stretch_is_left_at_the_first_refit_that_refutes_it():
+    """One request decoding one chunk size runs steps of one token count: nothing bounds the
+    knee, and exploring raised the stretch tenfold (LLaDA2.0-mini replayed on a CPU). The
+    next load's steps refute it; the stretch goes at once to the nearest one they leave,
+    not a quarter a refit, which spent a whole load planning on a tenfold stretch."""
+    corr = LatencyCorrector(PROFILE.knee)
+    corr.log_stretch = math.log(10.0)
+    _observe_device(corr, PROFILE, lambda n, rng: DEVICE.step_seconds(n, rng), (200, 1400), corr.min_points)
+    assert abs(math.log(corr.stretch)) < math.log(1.25)
+
+
 def test_latency_correction_learns_a_knee_moved_at_the_same_slope():
     # The device's knee is 4x nearer than profiled, at the profiled slope: no scale and stretch
     # match it, a free slope past the knee does.

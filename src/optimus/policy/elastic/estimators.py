@@ -152,9 +152,10 @@ class LatencyCorrector:
 
     Fitted to the last ``window`` measured steps every ``refit_every`` steps: a grid search
     over ``log k`` (a local gradient is zero on the flat part, so it could never find a knee
-    that sits elsewhere), ``s`` and ``r`` in closed form per ``k``. The stretch moves only
-    when the data refute it, to the nearest stretch they do not refute, by at most
-    ``max_step`` per refit: noise within ``tie_sigmas`` cannot move it.
+    that sits elsewhere), ``s`` and ``r`` in closed form per ``k``. The stretch moves when the
+    data refute it, at once to the nearest stretch they do not refute (steps of one size can
+    explore it tenfold, and a quarter per refit then spent a whole load planning on that), and
+    explores by ``max_step`` per refit: noise within ``tie_sigmas`` cannot move it.
     """
 
     def __init__(self, knee: float, window: int = 256, refit_every: int = 16, min_points: int = 32,
@@ -264,7 +265,7 @@ class LatencyCorrector:
     def _step(self, lo: float, hi: float, n: np.ndarray) -> float:
         """Move of ``log k`` given the tied range ``[lo, hi]`` and the window's token counts.
 
-        Refuted (outside the range): move to its nearest edge, at most ``max_step``. Fitting,
+        Refuted (outside the range): move to its nearest edge. Fitting,
         pinned on one side, open on the other, and the steps reach the modelled knee: flat
         data there say only that the real knee is at least here, sloped data only that it is
         at most here (a line through the origin fits any nearer knee), and the only way to
@@ -277,10 +278,10 @@ class LatencyCorrector:
         self._floor, self._ceiling = self._floor - relax, self._ceiling + relax
         if cur < lo - tol / 2:
             self._floor = max(self._floor, cur)  # cur and below are refuted
-            return min(big, lo - cur)
+            return lo - cur
         if cur > hi + tol / 2:
             self._ceiling = min(self._ceiling, cur)  # cur and above are refuted
-            return -min(big, cur - hi)
+            return hi - cur
         if len(n) < self.window:
             return 0.0  # explore only on a full window: the tie range is reliable then
         knee = self.knee * self.stretch
