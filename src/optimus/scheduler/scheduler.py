@@ -145,7 +145,7 @@ class Scheduler:
                 return chunks
         # Policies honour per-request overrides themselves (and count them as load).
         views = tuple(RequestView(r.request_id, cap, r.geometry.block_size, r.chunk or None, r.params.policy,
-                                  r.geometry.canvas_end - r.window_bounds()[0])
+                                  _work_left(r))
                       for r, cap in zip(decoders, caps))
         view = StepView(views, fixed_tokens=fixed, token_budget=max(budget, len(views)))
         return [max(1, min(int(c), cap)) for c, cap in zip(self.policy.choose(view), caps)]
@@ -165,12 +165,11 @@ class Scheduler:
         plan = getattr(self.policy, "plan_ahead", None)
         if plan is None or self.attention is AttentionKind.CAUSAL or not self.scheme.chooses_chunks:
             return
-        decoders = [r for r in self.running if r.state is RequestState.DECODING
-                    and r.window_bounds()[0] < r.geometry.canvas_end]
-        if decoders and not any(r.params.policy for r in decoders):
-            plan(StepView(tuple(RequestView(r.request_id, r.geometry.block_size, r.geometry.block_size, None, None,
-                                            r.geometry.canvas_end - r.window_bounds()[0]) for r in decoders),
-                          fixed_tokens=0, token_budget=1 << 30))
+        decoders = [(r, left) for r in self.running if r.state is RequestState.DECODING and (left := _work_left(r)) > 0]
+        if decoders and not any(r.params.policy for r, _ in decoders):
+            views = tuple(RequestView(r.request_id, r.geometry.block_size, r.geometry.block_size, None, None, left)
+                          for r, left in decoders)
+            plan(StepView(views, fixed_tokens=0, token_budget=1 << 30))
 
     def _prefill_groups(self, r: Request, start: int, end: int) -> list[int]:
         """The prompt as the model reads it (block-causal: by blocks; full attention: one
@@ -344,3 +343,8 @@ class Scheduler:
         if self._feedback is not None:
             feedback, self._feedback = self._feedback, None
             self.policy.observe(feedback)
+
+
+def _work_left(r: Request) -> int:
+    """Answer positions from ``r``'s window start to the end of its canvas (RequestView.remaining)."""
+    return r.geometry.canvas_end - r.window_bounds()[0]
