@@ -180,6 +180,7 @@ def _graphs(config: EngineConfig, spec: ModelSpec, model, storage: KVCacheStorag
         # a causal one, its one new token.
         keys = graphs.decode_keys(2 * block_size if spec.attention is not AttentionKind.CAUSAL else 1)
         log.info("capturing %d CUDA graphs", len(keys))
-        with tqdm(total=len(keys), desc="CUDA graphs", unit="graph", leave=False) as bar:
+        # disable=None: a bar on a terminal only; in a log its carriage returns glue lines together
+        with tqdm(total=len(keys), desc="CUDA graphs", unit="graph", leave=False, disable=None) as bar:
             graphs.precapture(keys, progress=lambda key: bar.update())
     return graphs
