@@ -265,13 +265,13 @@ class LatencyCorrector:
     def _step(self, lo: float, hi: float, n: np.ndarray) -> float:
         """Move of ``log k`` given the tied range ``[lo, hi]`` and the window's token counts.
 
-        Refuted (outside the range): move to its nearest edge. Fitting,
-        pinned on one side, open on the other, and the steps reach the modelled knee: flat
-        data there say only that the real knee is at least here, sloped data only that it is
-        at most here (a line through the origin fits any nearer knee), and the only way to
-        find it is to go and look: explore one ``max_step`` to the open side. Otherwise stay:
-        noise inside the range moves nothing. A refuted stretch bounds later explorations
-        (the bounds relax slowly), so exploring cannot become a cycle.
+        Refuted (outside the range): move to its nearest edge. Fitting, pinned on one side,
+        open on the other, and the steps reach the modelled knee: flat data there say only
+        that the real knee is at least here, sloped data only that it is at most here (a line
+        through the origin fits any nearer knee), and the only way to find it is to go and
+        look: explore one ``max_step`` to the open side. Otherwise stay: noise inside the range
+        moves nothing. A refuted stretch bounds later explorations (the bounds relax slowly),
+        so exploring cannot become a cycle.
         """
         cur, tol, big = self.log_stretch, self.grid[1] - self.grid[0], self.max_step
         relax = big / 1024  # a refuted exploration may be retried after ~1000 refits
