@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from optimus.core.canvases import Canvases
 from optimus.core.params import SamplingParams
 from optimus.core.plan import RequestWork, StepPlan
 from optimus.core.request import Geometry, Request
@@ -128,12 +129,22 @@ def _work(r: Request, rng: random.Random) -> RequestWork:
     return RequestWork(r, start, end, store_end, [0] * cut + [1] * (end - start - cut), (lo, hi), visible=visible)
 
 
+@pytest.mark.parametrize("shared", [False, True], ids=["own-arrays", "canvases"])
 @pytest.mark.parametrize("seed", range(4))
-def test_build_matches_reference_over_steps(seed):
+def test_build_matches_reference_over_steps(seed, shared):
     """Consecutive builds on one runner: page lists grow at their end, are replaced by new lists
-    (preemption, sometimes shorter), requests reorder, leave and arrive."""
+    (preemption, sometimes shorter), requests reorder, leave and arrive. ``shared``: the
+    requests' canvases live in one small Canvases (it compacts and grows as they are adopted;
+    the build reads them with one indexed read), one request of the pool excepted (the build
+    falls back to a slice per request when it runs)."""
     rng = random.Random(seed)
     pool = [_request(f"r{i}", rng.choice((0, 1)), rng) for i in range(12)]
+    canvases = None
+    if shared:
+        canvases = Canvases(capacity=2 * TOTAL, slots=2)
+        for r in pool[1:]:
+            canvases.adopt(r)
+        assert all(r.tokens.base is canvases.tokens for r in pool[1:])
     next_page = iter(range(1, 10**6))
     runner, order = _runner(), pool[:6]
     for step in range(40):
@@ -142,7 +153,7 @@ def test_build_matches_reference_over_steps(seed):
             order = rng.sample(pool, rng.randrange(1, len(pool)))
         elif move < 0.3:
             rng.shuffle(order)
-        plan = StepPlan([_work(r, rng) for r in order])
+        plan = StepPlan([_work(r, rng) for r in order], canvases)
         for w in plan.works:
             r = w.request
             if rng.random() < 0.1:

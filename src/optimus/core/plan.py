@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from optimus.core.canvases import Canvases
 from optimus.core.request import Request
 
 
@@ -48,6 +49,7 @@ class RequestWork:
 @dataclass
 class StepPlan:
     works: list[RequestWork]
+    canvases: Canvases | None = None  # where its requests' canvases live (the scheduler's), if anywhere
 
     @property
     def carries_prompt(self) -> bool:

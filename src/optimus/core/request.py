@@ -93,6 +93,7 @@ class Request:
     # Finished or aborted: set by transition() (read several times per request per step).
     is_done: bool = field(default=False, init=False)
     plain_greedy: bool | None = field(default=None, init=False)  # Postprocessor.is_plain_greedy, once known
+    slot: int = field(default=-1, init=False)  # its columns in the scheduler's Canvases (-1: not adopted)
     _bounds_at: int = field(default=-1, init=False, repr=False)  # cache_len of _bounds (window_bounds)
     _bounds: tuple[int, int] = field(default=(0, 0), init=False, repr=False)
 

@@ -13,12 +13,14 @@ that request only, through ``fail``; the engine reports it with the step's news.
 from __future__ import annotations
 
 import itertools
+import operator
 import time
 from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
 
+from optimus.core.canvases import Canvases
 from optimus.core.outputs import CommitEvent, RequestOutput, TokenIds
 from optimus.core.plan import RequestWork, StepPlan
 from optimus.core.request import Request
@@ -32,6 +34,7 @@ from optimus.models.spec import ModelSpec
 from optimus.scheduler.scheduler import Scheduler
 
 
+_SLOT = operator.attrgetter("slot")
 # Sampled rows go through the head in passes of about this many rows: each pass holds [rows,
 # vocab] fp32 logits and int64 noise (1,024 x 152k: 0.6 + 1.2 GB), never a whole step's worth.
 SAMPLED_ROWS_PER_PASS = 1024
@@ -66,9 +69,10 @@ class Postprocessor:
         self.fail = fail
         self.step_index = 0  # the engine's step counter, stamped on commit events
         self.host_commit_s = 0.0  # host time of the latest greedy commit pass
-        # Commits whose statistics and events are not yet recorded: (request, window, positions,
-        # tokens, step index), in commit order.
-        self._unaccounted: list[tuple[Request, tuple[int, int], list[int], list[int], int]] = []
+        # Commits whose statistics and events are not yet recorded, in commit order: (works,
+        # their committed positions and tokens laid end to end, where each work's end there,
+        # step index).
+        self._unaccounted: list[tuple[list[RequestWork], list[int], list[int], list[int], int]] = []
         self.stream_text = True  # detokenize every output (servers); offline use turns it off
         self.final_text = True  # decode a finished answer; off where the caller detokenizes (engine process)
 
@@ -127,7 +131,12 @@ class Postprocessor:
             return
         positions = np.fromiter(itertools.chain.from_iterable(w.positions for w in fast), np.int64, keep.size)
         chosen = np.flatnonzero(keep)
-        bounds = np.searchsorted(chosen, np.cumsum(lens)).tolist()
+        ends = np.searchsorted(chosen, np.cumsum(lens))
+        canvases = plan.canvases
+        if canvases is not None and canvases.holds(w.request for w in works):
+            self._apply_all(works, canvases, positions, chosen, tokens.numpy()[chosen], lens, ends)
+            return
+        bounds = ends.tolist()
         chosen_positions, chosen_tokens = positions[chosen].tolist(), tokens.numpy()[chosen].tolist()
         a = 0
         for work, b, n in zip(works, bounds, lens.tolist()):
@@ -136,6 +145,25 @@ class Postprocessor:
             except Exception as exc:
                 self.fail(work.request, exc)
             a = b
+
+    def _apply_all(self, works: list[RequestWork], canvases: Canvases, positions: np.ndarray, chosen: np.ndarray,
+                   tokens: np.ndarray, lens: np.ndarray, ends: np.ndarray) -> None:
+        """:meth:`_apply` for every work at once, their canvases in ``canvases``: ``positions``
+        [M] the windows' masked positions laid end to end (``lens`` [n] a window), ``chosen``
+        the indices of those committed (``ends`` [n]: where each window's end in it), ``tokens``
+        theirs. One indexed write each for tokens and flags; a loop only sets two counters."""
+        requests = [w.request for w in works]
+        owner = np.repeat(np.arange(len(works)), lens)[chosen]
+        base = canvases.base[np.fromiter(map(_SLOT, requests), np.int64, len(requests))]
+        committed_positions = positions[chosen]
+        at = base[owner] + committed_positions
+        canvases.tokens[at] = tokens
+        canvases.committed[at] = True
+        counts = np.diff(ends, prepend=0)
+        for r, n, left in zip(requests, counts.tolist(), (lens - counts).tolist()):
+            r.last_committed, r.open_after = n, left
+        self._unaccounted.append((works, committed_positions.tolist(), tokens.tolist(), ends.tolist(),
+                                  self.step_index))
 
     def _commit_each(self, works: list[RequestWork], fast: list[LogitRequest], tokens: torch.Tensor,
                      conf: torch.Tensor) -> None:
@@ -231,7 +259,7 @@ class Postprocessor:
             committed[pos] = True
         r.last_committed = n = len(positions)
         r.open_after = open_before - n
-        self._unaccounted.append((r, work.window, positions, tokens, self.step_index))
+        self._unaccounted.append(([work], positions, tokens, [n], self.step_index))
 
     def account(self, engine_stats: EngineStats) -> None:
         """Statistics and commit events of the commits made since the last call, and the
@@ -241,17 +269,21 @@ class Postprocessor:
         if not self._unaccounted:
             return
         pending, self._unaccounted = self._unaccounted, []
-        for r, (lo, hi), positions, tokens, step in pending:
-            n, c = len(positions), hi - lo
-            stats = r.stats
-            stats.steps += 1
-            stats.chunk_history.append(c)
-            stats.tokens_committed += n
-            stats.chunk_sizes[c] = stats.chunk_sizes.get(c, 0) + 1
-            stats.committed_per_chunk[c] = stats.committed_per_chunk.get(c, 0) + n
-            start = r.geometry.canvas_start
-            r.events.append(CommitEvent(step, lo - start, hi - start, tuple([p - start for p in positions]),
-                                        tuple(tokens)))
+        for works, positions, tokens, ends, step in pending:
+            a = 0
+            for work, b in zip(works, ends):
+                r, (lo, hi) = work.request, work.window
+                n, c = b - a, hi - lo
+                stats = r.stats
+                stats.steps += 1
+                stats.chunk_history.append(c)
+                stats.tokens_committed += n
+                stats.chunk_sizes[c] = stats.chunk_sizes.get(c, 0) + 1
+                stats.committed_per_chunk[c] = stats.committed_per_chunk.get(c, 0) + n
+                start = r.geometry.canvas_start
+                r.events.append(CommitEvent(step, lo - start, hi - start, tuple([p - start for p in positions[a:b]]),
+                                            tuple(tokens[a:b])))
+                a = b
 
     # ---- finish and report -------------------------------------------------------------
     def settle(self, r: Request) -> bool:

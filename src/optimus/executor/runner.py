@@ -132,6 +132,7 @@ class PageTables:
 
 _NO_WINDOW = (0, 0)  # a work without a window predicts no position
 _REQUEST_ID = operator.attrgetter("request_id")
+_SLOT = operator.attrgetter("slot")
 # One C-level pass over the works for their scalars (a property and a nested attribute included).
 _WORK_SCALARS = operator.attrgetter("start", "end", "store_end", "cached_keys", "request.geometry.shift")
 
@@ -150,24 +151,35 @@ def _window_bounds(windows: list) -> tuple[list[tuple[int, int]], np.ndarray, np
     return windows, lo_hi[:, 0], lo_hi[:, 1]
 
 
-def _logit_rows(requests, windows, lo: np.ndarray, hi: np.ndarray,
+def _logit_rows(open_: np.ndarray, lo: np.ndarray, width: np.ndarray,
                 first_row: np.ndarray) -> tuple[list[LogitRequest], np.ndarray]:
     """The rows whose logits a step needs: each decode window's masked positions, in work
-    order. ``windows[i] = (lo[i], hi[i])``, (0, 0) without a window; work i's position p is
-    predicted by step row ``first_row[i] + p``. -> (one LogitRequest per window with any,
-    their rows [M] int64)."""
-    width = hi - lo
-    if not width.any():
-        return [], np.zeros(0, np.int64)
-    open_ = ~np.concatenate([r.committed[a:b] for r, (a, b) in zip(requests, windows)])
+    order. Work i's window is ``[lo[i], lo[i] + width[i])`` (width 0: no window) and
+    ``open_`` [sum(width)] bool its positions' masked flags, the windows laid end to end; work
+    i's position p is predicted by step row ``first_row[i] + p``. -> (one LogitRequest per
+    window with any, their rows [M] int64)."""
+    n = width.size
     found = np.flatnonzero(open_)  # open positions, as offsets into the windows laid end to end
-    owner = np.repeat(np.arange(len(requests)), width)[found]  # nondecreasing
+    if not found.size:
+        return [], np.zeros(0, np.int64)
+    owner = np.repeat(np.arange(n), width)[found]  # nondecreasing
     positions = lo[owner] + found - (np.cumsum(width) - width)[owner]
-    bounds = np.searchsorted(owner, np.arange(len(requests) + 1))
+    bounds = np.searchsorted(owner, np.arange(n + 1))
     served = np.flatnonzero(bounds[1:] > bounds[:-1])  # the windows with an open position
     firsts, lasts, position_list = bounds[served].tolist(), bounds[served + 1].tolist(), positions.tolist()
     wants = [LogitRequest(i, tuple(position_list[a:b]), a) for i, a, b in zip(served.tolist(), firsts, lasts)]
     return wants, first_row[owner] + positions
+
+
+def _window_flags(requests, windows, lo: np.ndarray, width: np.ndarray, base: np.ndarray | None,
+                  canvases) -> np.ndarray:
+    """The masked flags of every window's positions, laid end to end [sum(width)] bool: one
+    indexed read of the shared canvases where every request lives there (``base``: each
+    request's span start), else a slice per request."""
+    if base is None:
+        return ~np.concatenate([r.committed[a:b] for r, (a, b) in zip(requests, windows)] or [np.zeros(0, bool)])
+    starts = np.repeat(base + lo - (np.cumsum(width) - width), width)
+    return ~canvases.committed[starts + np.arange(starts.size)]
 
 
 def _row_groups(works, cu: np.ndarray, pos: np.ndarray, store_end: np.ndarray) -> np.ndarray:
@@ -302,12 +314,18 @@ class ModelRunner:
         table = self.page_tables.build([r.pages for r in requests])
         page = table[row_req, np.minimum(pos // ps, table.shape[1] - 1)]
         slots = np.where(pos < store_ends[row_req], page * ps + pos % ps, -1)
-        ids = np.concatenate([w.request.tokens[w.start:w.end] for w in works])
+        canvases = plan.canvases if plan.canvases is not None and plan.canvases.holds(requests) else None
+        base = canvases.base[np.fromiter(map(_SLOT, requests), np.int64, n)] if canvases is not None else None
+        if base is None:
+            ids = np.concatenate([w.request.tokens[w.start:w.end] for w in works])
+        else:  # one read over every request's span
+            ids = canvases.tokens[base[row_req] + pos]
         groups = _row_groups(works, cu, pos, store_ends[row_req])
         windows = [w.window for w in works]
         carries_prompt = None in windows and plan.carries_prompt  # a prompt piece has no window
         windows, lo, hi = _window_bounds(windows)
-        wants, logit_rows = _logit_rows(requests, windows, lo, hi, cu[:-1] - starts - shift)
+        open_ = _window_flags(requests, windows, lo, hi - lo, base, canvases)
+        wants, logit_rows = _logit_rows(open_, lo, hi - lo, cu[:-1] - starts - shift)
         fed = _fed_rows(requests, starts, ends, hi > lo, cu, feed) if feed is not None else ()
         ids_d, pos_d, slots_d, logit_d, *fed_d = self.staging.upload((ids, pos, slots, logit_rows, *fed), np.int64)
         if fed:

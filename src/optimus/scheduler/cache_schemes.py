@@ -49,8 +49,10 @@ class CacheScheme(Protocol):
         with their pages reserved (may preempt); None if there are none or pages are short."""
         ...
 
-    def decode_work(self, r: Request, lead: RequestWork | None, chunk: int,
+    def decode_work(self, r: Request, lead: RequestWork | None, window: tuple[int, int],
                     ensure: EnsurePages) -> RequestWork:
+        """r's rows this step for ``window`` (``Request.plan_window`` at the chunk chosen; the
+        whole block where the scheme does not choose chunks), after ``lead``."""
         ...
 
     def admit_tokens(self, r: Request, target: int) -> int:
@@ -89,10 +91,9 @@ class PrefixBlock:
     def lead_work(self, r: Request, ensure: EnsurePages) -> RequestWork | None:
         return _store(r, ensure) if r.pending_store is not None else None
 
-    def decode_work(self, r: Request, lead: RequestWork | None, chunk: int,
+    def decode_work(self, r: Request, lead: RequestWork | None, window: tuple[int, int],
                     ensure: EnsurePages) -> RequestWork:
         start = lead.start if lead is not None else r.cache_len
-        window = r.plan_window(chunk)
         rows_hi = window[1] - r.geometry.shift  # rows [cache_len, rows_hi) predict the window (rows_for)
         attention = self.attention
         if attention is AttentionKind.FULL and self.suffix_window:
@@ -162,9 +163,8 @@ class PrefixCache(_Refreshing):
         # Stores only the prefix before the block: rows [0, cache_len).
         return self._refresh(r, ensure, lambda q: q.cache_len) if self._refresh_due(r) else None
 
-    def decode_work(self, r: Request, lead: RequestWork | None, chunk: int,
+    def decode_work(self, r: Request, lead: RequestWork | None, window: tuple[int, int],
                     ensure: EnsurePages) -> RequestWork:
-        window = r.plan_window(r.max_chunk())
         if lead is not None:
             return RequestWork(r, 0, lead.end, lead.store_end, lead.groups, window, refresh=True)
         # The block and everything after it, against the stored prefix; nothing stored.
@@ -183,9 +183,8 @@ class DualCache(_Refreshing):
             return self._refresh(r, ensure, lambda q: q.geometry.canvas_end)
         return _store(r, ensure) if r.pending_store is not None else None
 
-    def decode_work(self, r: Request, lead: RequestWork | None, chunk: int,
+    def decode_work(self, r: Request, lead: RequestWork | None, window: tuple[int, int],
                     ensure: EnsurePages) -> RequestWork:
-        window = r.plan_window(chunk)
         rows_lo, rows_hi = r.rows_for(window)
         start = lead.start if lead is not None else rows_lo
         end = lead.end if lead is not None and lead.end > rows_hi else rows_hi

@@ -14,16 +14,24 @@ from __future__ import annotations
 import bisect
 import collections
 import dataclasses
+import itertools
+import operator
 import time
+
+import numpy as np
 
 from optimus.config import SchedulerConfig
 from optimus.scheduler.cache_schemes import CacheScheme, PrefixBlock
 from optimus.scheduler.pages import PageAllocator
 from optimus.policy import ChunkPolicy, RequestView, StepFeedback, StepView
+from optimus.core.canvases import Canvases
 from optimus.core.errors import QueueFullError
 from optimus.core.plan import RequestWork, StepPlan
 from optimus.core.request import Request, RequestState
 from optimus.models.spec import AttentionKind
+
+
+_SLOT, _CACHE_LEN = operator.attrgetter("slot"), operator.attrgetter("cache_len")
 
 
 class Scheduler:
@@ -39,6 +47,7 @@ class Scheduler:
         self.running: list[Request] = []  # admission order (oldest first)
         self._recompute_len: dict[str, int] = {}
         self._busy: frozenset[str] = frozenset()  # request ids of the step in flight (see schedule)
+        self.canvases = Canvases()  # every queued and running request's canvas (array paths of a step)
 
     # ---- queue management ------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -47,6 +56,7 @@ class Scheduler:
         free_slots = max(0, self.config.max_running - len(self.running))
         if len(self.waiting) >= self.config.max_waiting + free_slots:
             raise QueueFullError(f"waiting queue is full ({self.config.max_waiting} requests)")
+        self.canvases.adopt(request)
         self.waiting.append(request)
 
     def abort(self, request_id: str) -> Request | None:
@@ -71,6 +81,7 @@ class Scheduler:
             self.allocator.free(r.pages)
             r.pages = []
         self._recompute_len.pop(r.request_id, None)
+        self.canvases.release(r)
 
     def finish(self, r: Request, reason: str) -> None:
         r.transition(RequestState.FINISHED)
@@ -90,18 +101,18 @@ class Scheduler:
                     and r.window_bounds()[0] < r.geometry.canvas_end][:max_decoders]
         decoders, leads = self._plan_leads(decoders, budget)
         fixed = sum(w.end - w.start for w in leads.values())
-        chunks = self._choose_chunks(decoders, fixed, budget)
+        bounds = self._window_bounds(decoders)
+        chunks = self._choose_chunks(decoders, (bounds[1] - bounds[0]).tolist(), fixed, budget)
         decode_work, ensure = self.scheme.decode_work, self._ensure_pages
-        for r, chunk in zip(decoders, chunks):
+        for r, window in zip(decoders, self._plan_windows(decoders, bounds, chunks)):
             if r.state is not RequestState.DECODING:
                 continue  # preempted while planning leads
-            work = decode_work(r, leads.get(r.request_id), chunk, ensure)
-            r.chunk = work.window[1] - work.window[0]
-            works.append(work)
+            works.append(decode_work(r, leads.get(r.request_id), window, ensure))
+            r.chunk = window[1] - window[0]
         budget -= sum(w.end - w.start for w in works)
         budget = self._plan_prefills(works, budget)
         self._admit(works, budget)
-        return StepPlan(works)
+        return StepPlan(works, self.canvases)
 
     def _plan_leads(self, decoders: list[Request], budget: int) -> tuple[list[Request], dict[str, RequestWork]]:
         """Reserve pages for the rows each decoder runs before its window (a finished window's
@@ -128,11 +139,32 @@ class Scheduler:
                 ready.append(r)
         return ready, out
 
-    def _choose_chunks(self, decoders: list[Request], fixed: int, budget: int) -> list[int]:
-        """Each decoder's chunk size, in order, within [1, its max_chunk]."""
+    def _window_bounds(self, decoders: list[Request]) -> tuple[np.ndarray, np.ndarray]:
+        """Each decoder's ``Request.window_bounds`` as two arrays [n]: found on the canvases'
+        columns at once where every decoder lives there."""
+        n = len(decoders)
+        if self.canvases.holds(decoders):
+            slots = np.fromiter(map(_SLOT, decoders), np.int64, n)
+            return self.canvases.window_bounds(slots, np.fromiter(map(_CACHE_LEN, decoders), np.int64, n))
+        lo_end = np.fromiter(itertools.chain.from_iterable(r.window_bounds() for r in decoders), np.int64, 2 * n)
+        return lo_end[0::2], lo_end[1::2]
+
+    def _plan_windows(self, decoders: list[Request], bounds: tuple[np.ndarray, np.ndarray],
+                      chunks: list[int]) -> list[tuple[int, int]]:
+        """Each decoder's window for its chunk (``Request.plan_window``), vectorised like
+        :meth:`_window_bounds`."""
+        if not self.canvases.holds(decoders):
+            return [r.plan_window(c) for r, c in zip(decoders, chunks)]
+        slots = np.fromiter(map(_SLOT, decoders), np.int64, len(decoders))
+        lo, end = bounds
+        hi = self.canvases.plan_windows(slots, lo, end, np.asarray(chunks, np.int64))
+        return list(zip(lo.tolist(), hi.tolist()))
+
+    def _choose_chunks(self, decoders: list[Request], caps: list[int], fixed: int, budget: int) -> list[int]:
+        """Each decoder's chunk size, in order, within [1, its cap] (``caps``: each one's
+        ``max_chunk``)."""
         if self.attention is AttentionKind.CAUSAL:
             return [1] * len(decoders)  # a causal LM predicts one position per step
-        caps = [r.max_chunk() for r in decoders]
         if not decoders or not self.scheme.chooses_chunks:
             return caps
         uniform = getattr(self.policy, "uniform_chunk", None)
