@@ -2,6 +2,7 @@
 contents through compaction and slot growth, and get arrays of their own back on release."""
 
 import numpy as np
+import pytest
 
 from optimus.core.canvases import Canvases
 from optimus.core.params import SamplingParams
@@ -66,6 +67,11 @@ def test_adopt_and_release_are_idempotent():
     other = Canvases()
     other.release(r)  # never adopted there: nothing happens
     assert r.slot == -1
+    canvases.adopt(r)
+    with pytest.raises(ValueError, match="another scheduler"):
+        other.adopt(r)
+    other.release(r)  # not its own: nothing happens
+    assert r.tokens.base is canvases.tokens
 
 
 def test_windows_on_the_columns_match_each_requests_own():

@@ -15,6 +15,7 @@ request (a compaction moves every span) must fetch it again from the request.
 
 from __future__ import annotations
 
+import operator
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
     from optimus.core.request import Request
 
 # Per-slot columns: the span's start and the geometry the step plan reads (core.request.Geometry).
+_SLOT = operator.attrgetter("slot")
 COLUMNS = ("base", "canvas_start", "canvas_end", "block_size", "block_origin", "shift")
 
 
@@ -42,8 +44,10 @@ class Canvases:
 
     def adopt(self, r: Request) -> None:
         """Move ``r``'s canvas into the arrays (no-op if it is already here)."""
-        if r.slot >= 0:
+        if self._live.get(r.slot) is r:
             return
+        if r.slot >= 0:
+            raise ValueError(f"request {r.request_id} is held by another scheduler's canvases")
         g = r.geometry
         n = g.canvas_end
         if self._end + n > self.tokens.size:
@@ -129,6 +133,7 @@ class Canvases:
         return hi
 
     def holds(self, requests) -> bool:
-        """Whether every one of ``requests`` is adopted here (then the array paths apply)."""
-        live = self._live
-        return all(live.get(r.slot) is r for r in requests)
+        """Whether every one of ``requests`` is adopted (then the array paths apply). A request
+        is adopted by one Canvases at most, its scheduler's, and a step plan carries only its
+        scheduler's: a slot is enough to tell (one C-level pass, several times a step)."""
+        return min(map(_SLOT, requests), default=0) >= 0

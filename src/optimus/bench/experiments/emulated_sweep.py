@@ -21,15 +21,21 @@ from pathlib import Path
 from optimus.bench import host_time
 from optimus.bench.step_traces import profile_from_traces, sweep_rows
 from optimus.engine.emulated import EmulatedDevice
+from optimus.policy.elastic.graph_buckets import GraphBuckets
 from optimus.policy.elastic.latency import LatencyProfile
 
 POLICIES = "ar,fixed:2,fixed:4,fixed:8,fixed:16,fixed:32,elastic"
 
 
 def run_policy(policy: str, loads: list[int], device: LatencyProfile, plan: LatencyProfile, shape: str,
-               acceptance: str, prompt_len: int, gen_len: int, repeats: int) -> list[dict]:
-    """One engine for ``policy`` through every load: device tok/s of each timed run."""
+               acceptance: str, prompt_len: int, gen_len: int, repeats: int,
+               graph_max_tokens: int | None = None) -> list[dict]:
+    """One engine for ``policy`` through every load: device tok/s of each timed run.
+    ``graph_max_tokens``: the GPU run's CUDA-graph limit, so elastic prices steps at their
+    graph buckets as it did there (a CPU engine has no graphs)."""
     engine = host_time._engine(policy, shape, max(loads), prompt_len, gen_len, acceptance, plan)
+    if graph_max_tokens and hasattr(engine.policy, "buckets"):
+        engine.policy.buckets = GraphBuckets(graph_max_tokens)
     emulated = EmulatedDevice(device, engine.tokenizer.vocab_size).attach(engine)
     rows, added = [], 0
     for n in loads:
@@ -77,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-len", type=int, default=256)
     p.add_argument("--gen-len", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--graph-max-tokens", type=int, default=None,
+                   help="the GPU run's CUDA-graph limit (elastic then prices steps at their buckets, as there)")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     swept = sweep_rows(a.sweep)
@@ -84,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     loads = [int(n) for n in a.loads.split(",")] if a.loads else list(dict.fromkeys(r["concurrency"] for r in swept))
     shape = a.shape or swept[0].get("shape", "sdar-8b")
     rows = [row for policy in a.policies.split(",")
-            for row in run_policy(policy, loads, device, plan, shape, a.acceptance, a.prompt_len, a.gen_len, a.repeats)]
+            for row in run_policy(policy, loads, device, plan, shape, a.acceptance, a.prompt_len, a.gen_len, a.repeats,
+                                   a.graph_max_tokens)]
     ratios = elastic_vs_best(rows)
     for n, ratio in ratios.items():
         print(f"{n:4d} requests: elastic / best single policy in device time {ratio:.3f}")
