@@ -12,6 +12,7 @@
 import pytest
 import torch
 
+from optimus.core.canvases import Canvases
 from optimus.engine.llm import LLM
 from optimus.core.params import SamplingParams
 from optimus.models.dense import dense_forward
@@ -111,14 +112,17 @@ def test_preemption_keeps_greedy_answers_exact(family, policy, opts):
     """A cache too small for every request at once: requests are preempted, their pages freed
     and their rows recomputed into other pages, while the others' page lists grow and the batch
     order changes (the runner reuses page-table rows across steps). The answers equal an
-    unpressed run's, at C = block and below it."""
+    unpressed run's, at C = block and below it. The pressed run's canvases start too small for
+    one request (Canvases compacts and grows while requests come and go)."""
     loaded = tiny_loaded(family)
     if family == "sdar":
         assert loaded.spec.block_size == 4
     params = [SamplingParams(max_tokens=24, threshold=0.3, ignore_eos=True)] * len(PROMPTS)
     roomy = LLM(loaded=loaded, policy=policy, device="cpu", num_pages=512, page_size=4, **opts)
     tight = LLM(loaded=loaded, policy=policy, device="cpu", num_pages=22, page_size=4, **opts)
+    tight.engine.scheduler.canvases = canvases = Canvases(capacity=16, slots=1)
     expected = [list(o.token_ids) for o in roomy.generate(PROMPTS, params)]
     outs = tight.generate(PROMPTS, params)
     assert sum(o.stats.preemptions for o in outs) > 0
+    assert canvases.tokens.size > 16 and len(canvases) == 0  # grew; every finished request released
     assert [list(o.token_ids) for o in outs] == expected
