@@ -23,8 +23,8 @@ import numpy as np
 if TYPE_CHECKING:
     from optimus.core.request import Request
 
-# Per-slot columns: the span's start and the geometry the step plan reads (core.request.Geometry).
 _SLOT = operator.attrgetter("slot")
+# Per-slot columns: the span's start and the geometry the step plan reads (core.request.Geometry).
 COLUMNS = ("base", "canvas_start", "canvas_end", "block_size", "block_origin", "shift")
 
 

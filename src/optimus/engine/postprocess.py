@@ -150,8 +150,8 @@ class Postprocessor:
                    tokens: np.ndarray, lens: np.ndarray, ends: np.ndarray) -> None:
         """:meth:`_apply` for every work at once, their canvases in ``canvases``: ``positions``
         [M] the windows' masked positions laid end to end (``lens`` [n] a window), ``chosen``
-        the indices of those committed (``ends`` [n]: where each window's end in it), ``tokens``
-        theirs. One indexed write each for tokens and flags; a loop only sets two counters."""
+        the indices of those committed (``ends`` [n]: where each window's commits end in
+        ``chosen``), ``tokens`` theirs. One indexed write each for tokens and flags; a loop only sets two counters."""
         requests = [w.request for w in works]
         owner = np.repeat(np.arange(len(works)), lens)[chosen]
         base = canvases.base[np.fromiter(map(_SLOT, requests), np.int64, len(requests))]
