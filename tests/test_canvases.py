@@ -51,7 +51,8 @@ def test_adopted_canvases_keep_their_contents_through_compaction_and_release():
             np.testing.assert_array_equal(canvases.tokens[start:start + g.canvas_end], tokens)
             assert (canvases.canvas_start[s], canvases.canvas_end[s], canvases.block_size[s]) == \
                    (g.canvas_start, g.canvas_end, g.block_size)
-    assert canvases.holds(requests[:2]) and not canvases.holds(requests[:3])
+    assert canvases.slots(requests[:2]).tolist() == [r.slot for r in requests[:2]]
+    assert canvases.slots(requests[:3]) is None  # one released: the per-request paths apply
 
 
 def test_adopt_and_release_are_idempotent():

@@ -132,8 +132,11 @@ class Canvases:
             hi[late[stretch]] = first_open[stretch] + 1
         return hi
 
-    def holds(self, requests) -> bool:
-        """Whether every one of ``requests`` is adopted (then the array paths apply). A request
-        is adopted by one Canvases at most, its scheduler's, and a step plan carries only its
-        scheduler's: a slot is enough to tell (one C-level pass, several times a step)."""
-        return min(map(_SLOT, requests), default=0) >= 0
+    @staticmethod
+    def slots(requests) -> np.ndarray | None:
+        """``requests``' slots [n] (one C-level pass), or None unless every one is adopted (then
+        the array paths apply). A request is adopted by one Canvases at most, its scheduler's,
+        and a step plan carries only its scheduler's, so a slot is enough to tell."""
+        requests = list(requests)
+        slots = np.fromiter(map(_SLOT, requests), np.int64, len(requests))
+        return slots if not slots.size or slots.min() >= 0 else None

@@ -13,7 +13,6 @@ that request only, through ``fail``; the engine reports it with the step's news.
 from __future__ import annotations
 
 import itertools
-import operator
 import time
 from collections.abc import Callable, Iterable
 
@@ -34,7 +33,6 @@ from optimus.models.spec import ModelSpec
 from optimus.scheduler.scheduler import Scheduler
 
 
-_SLOT = operator.attrgetter("slot")
 # Sampled rows go through the head in passes of about this many rows: each pass holds [rows,
 # vocab] fp32 logits and int64 noise (1,024 x 152k: 0.6 + 1.2 GB), never a whole step's worth.
 SAMPLED_ROWS_PER_PASS = 1024
@@ -133,8 +131,10 @@ class Postprocessor:
         chosen = np.flatnonzero(keep)
         ends = np.searchsorted(chosen, np.cumsum(lens))
         canvases = plan.canvases
-        if canvases is not None and canvases.holds(w.request for w in works):
-            self._apply_all(works, canvases, positions, chosen, tokens.numpy()[chosen], lens, ends)
+        slots = canvases.slots(w.request for w in works) if canvases is not None else None
+        if slots is not None:
+            self._apply_all(works, canvases, canvases.base[slots], positions, chosen, tokens.numpy()[chosen], lens,
+                            ends)
             return
         bounds = ends.tolist()
         chosen_positions, chosen_tokens = positions[chosen].tolist(), tokens.numpy()[chosen].tolist()
@@ -146,15 +146,15 @@ class Postprocessor:
                 self.fail(work.request, exc)
             a = b
 
-    def _apply_all(self, works: list[RequestWork], canvases: Canvases, positions: np.ndarray, chosen: np.ndarray,
-                   tokens: np.ndarray, lens: np.ndarray, ends: np.ndarray) -> None:
-        """:meth:`_apply` for every work at once, their canvases in ``canvases``: ``positions``
+    def _apply_all(self, works: list[RequestWork], canvases: Canvases, base: np.ndarray, positions: np.ndarray,
+                   chosen: np.ndarray, tokens: np.ndarray, lens: np.ndarray, ends: np.ndarray) -> None:
+        """:meth:`_apply` for every work at once, their canvases in ``canvases`` (``base`` [n]:
+        each one's span start there): ``positions``
         [M] the windows' masked positions laid end to end (``lens`` [n] a window), ``chosen``
         the indices of those committed (``ends`` [n]: where each window's commits end in
         ``chosen``), ``tokens`` theirs. One indexed write each for tokens and flags; a loop only sets two counters."""
         requests = [w.request for w in works]
         owner = np.repeat(np.arange(len(works)), lens)[chosen]
-        base = canvases.base[np.fromiter(map(_SLOT, requests), np.int64, len(requests))]
         committed_positions = positions[chosen]
         at = base[owner] + committed_positions
         canvases.tokens[at] = tokens

@@ -132,7 +132,6 @@ class PageTables:
 
 _NO_WINDOW = (0, 0)  # a work without a window predicts no position
 _REQUEST_ID = operator.attrgetter("request_id")
-_SLOT = operator.attrgetter("slot")
 # One C-level pass over the works for their scalars (a property and a nested attribute included).
 _WORK_SCALARS = operator.attrgetter("start", "end", "store_end", "cached_keys", "request.geometry.shift")
 
@@ -314,8 +313,9 @@ class ModelRunner:
         table = self.page_tables.build([r.pages for r in requests])
         page = table[row_req, np.minimum(pos // ps, table.shape[1] - 1)]
         slots = np.where(pos < store_ends[row_req], page * ps + pos % ps, -1)
-        canvases = plan.canvases if plan.canvases is not None and plan.canvases.holds(requests) else None
-        base = canvases.base[np.fromiter(map(_SLOT, requests), np.int64, n)] if canvases is not None else None
+        canvases = plan.canvases
+        held = canvases.slots(requests) if canvases is not None else None  # their canvas columns
+        base = canvases.base[held] if held is not None else None
         if base is None:
             ids = np.concatenate([w.request.tokens[w.start:w.end] for w in works])
         else:  # one read over every request's span

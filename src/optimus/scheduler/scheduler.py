@@ -31,7 +31,7 @@ from optimus.core.request import Request, RequestState
 from optimus.models.spec import AttentionKind
 
 
-_SLOT, _CACHE_LEN = operator.attrgetter("slot"), operator.attrgetter("cache_len")
+_CACHE_LEN = operator.attrgetter("cache_len")
 
 
 class Scheduler:
@@ -101,10 +101,11 @@ class Scheduler:
                     and r.window_bounds()[0] < r.geometry.canvas_end][:max_decoders]
         decoders, leads = self._plan_leads(decoders, budget)
         fixed = sum(w.end - w.start for w in leads.values())
-        bounds = self._window_bounds(decoders)
+        slots = self.canvases.slots(decoders)
+        bounds = self._window_bounds(decoders, slots)
         chunks = self._choose_chunks(decoders, (bounds[1] - bounds[0]).tolist(), fixed, budget)
         decode_work, ensure = self.scheme.decode_work, self._ensure_pages
-        for r, window in zip(decoders, self._plan_windows(decoders, bounds, chunks)):
+        for r, window in zip(decoders, self._plan_windows(decoders, slots, bounds, chunks)):
             if r.state is not RequestState.DECODING:
                 continue  # preempted while planning leads
             works.append(decode_work(r, leads.get(r.request_id), window, ensure))
@@ -139,23 +140,21 @@ class Scheduler:
                 ready.append(r)
         return ready, out
 
-    def _window_bounds(self, decoders: list[Request]) -> tuple[np.ndarray, np.ndarray]:
+    def _window_bounds(self, decoders: list[Request], slots: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         """Each decoder's ``Request.window_bounds`` as two arrays [n]: found on the canvases'
-        columns at once where every decoder lives there."""
+        columns at once where every decoder lives there (``slots``, ``Canvases.slots``)."""
         n = len(decoders)
-        if self.canvases.holds(decoders):
-            slots = np.fromiter(map(_SLOT, decoders), np.int64, n)
+        if slots is not None:
             return self.canvases.window_bounds(slots, np.fromiter(map(_CACHE_LEN, decoders), np.int64, n))
         lo_end = np.fromiter(itertools.chain.from_iterable(r.window_bounds() for r in decoders), np.int64, 2 * n)
         return lo_end[0::2], lo_end[1::2]
 
-    def _plan_windows(self, decoders: list[Request], bounds: tuple[np.ndarray, np.ndarray],
+    def _plan_windows(self, decoders: list[Request], slots: np.ndarray | None, bounds: tuple[np.ndarray, np.ndarray],
                       chunks: list[int]) -> list[tuple[int, int]]:
         """Each decoder's window for its chunk (``Request.plan_window``), vectorised like
         :meth:`_window_bounds`."""
-        if not self.canvases.holds(decoders):
+        if slots is None:
             return [r.plan_window(c) for r, c in zip(decoders, chunks)]
-        slots = np.fromiter(map(_SLOT, decoders), np.int64, len(decoders))
         lo, end = bounds
         hi = self.canvases.plan_windows(slots, lo, end, np.asarray(chunks, np.int64))
         return list(zip(lo.tolist(), hi.tolist()))

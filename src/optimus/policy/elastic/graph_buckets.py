@@ -67,14 +67,13 @@ def padded_row_cost(arch) -> float:
     a dense model; on an MoE model its routed experts' are left out (a padding row routes to none).
     Attention over the cache is left out too (it grows with the context, not with the weights)."""
     h, moe = arch.hidden_size, arch.moe
-    attention = h * (2 * arch.num_heads + 2 * arch.num_kv_heads) * arch.head_dim  # q, k, v, o
-    dense_mlp = 3 * h * arch.intermediate_size
     if moe is None:
         return 1.0
+    attention = h * (2 * arch.num_heads + 2 * arch.num_kv_heads) * arch.head_dim  # q, k, v, o
     sparse = len(moe.layers)
     shared = attention + h * moe.num_experts + 3 * h * moe.shared_size  # router and shared expert
     routed = 3 * h * moe.expert_size * moe.top_k
-    per_layer_dense = attention + dense_mlp
+    per_layer_dense = attention + 3 * h * arch.intermediate_size
     real = (arch.num_layers - sparse) * per_layer_dense + sparse * (shared + routed)
     padded = (arch.num_layers - sparse) * per_layer_dense + sparse * shared
     return padded / real
