@@ -111,36 +111,3 @@ def test_a_stretched_correction_prices_the_rows_a_step_runs():
     assert one_graph[0] == pytest.approx(one_graph[1]) and one_graph[1] == pytest.approx(one_graph[2])
     assert policy.predict_latency(np.array([1024.0]), 64)[0] < 0.9 * one_graph[0]
 
-
-
-def test_a_padding_row_costs_its_share_of_a_real_one():
-    pad = GraphBuckets(2048, padded_cost=0.25).pad(np.array([600.0, 1024.0, 1152.0, 2049.0]))
-    assert pad.tolist() == [600 + 0.25 * 424, 1024, 1152 + 0.25 * 896, 2049]  # past the graphs: own rows
-    with pytest.raises(ValueError):
-        GraphBuckets(2048, padded_cost=1.5)
-
-
-def test_a_padding_row_of_an_moe_model_pays_all_but_the_routed_experts():
-    from optimus.models.shapes import shape_config, spec_from_config
-    from optimus.policy.elastic.graph_buckets import padded_row_cost
-
-    assert padded_row_cost(spec_from_config(shape_config("sdar-8b")).arch) == 1.0  # dense: a whole row
-    arch = spec_from_config(shape_config("llada2-mini")).arch
-    h, moe = arch.hidden_size, arch.moe
-    attention = h * (2 * 16 + 2 * 4) * 128
-    shared = attention + h * 256 + 3 * h * 512  # router, shared expert
-    routed = 3 * h * 512 * 8
-    dense_layer = attention + 3 * h * 5120  # the leading dense layer
-    assert moe.layers == tuple(range(1, 20))
-    expected = (dense_layer + 19 * shared) / (dense_layer + 19 * (shared + routed))
-    assert padded_row_cost(arch) == pytest.approx(expected)
-    assert 0.35 < expected < 0.45
-
-
-def test_an_moe_step_is_priced_between_its_own_rows_and_its_bucket():
-    profile = _staircase_profile()
-    own = ElasticPolicy(profile=profile).predict_latency(np.array([1152.0]), 64)[0]
-    bucket = ElasticPolicy(profile=profile, graph_buckets=GraphBuckets(2048)).predict_latency(np.array([1152.0]), 64)[0]
-    moe = ElasticPolicy(profile=profile, graph_buckets=GraphBuckets(2048, 0.4)).predict_latency(np.array([1152.0]), 64)[0]
-    assert own < moe < bucket
-    assert moe == pytest.approx(profile.predict(1152 + 0.4 * 896, 64))

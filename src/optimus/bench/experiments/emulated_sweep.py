@@ -21,7 +21,7 @@ from pathlib import Path
 from optimus.bench import host_time
 from optimus.bench.step_traces import profile_from_traces, sweep_rows
 from optimus.engine.emulated import EmulatedDevice
-from optimus.policy.elastic.graph_buckets import GraphBuckets, padded_row_cost
+from optimus.policy.elastic.graph_buckets import GraphBuckets
 from optimus.policy.elastic.latency import LatencyProfile
 
 POLICIES = "ar,fixed:2,fixed:4,fixed:8,fixed:16,fixed:32,elastic"
@@ -35,7 +35,7 @@ def run_policy(policy: str, loads: list[int], device: LatencyProfile, plan: Late
     graph buckets as it did there (a CPU engine has no graphs)."""
     engine = host_time._engine(policy, shape, max(loads), prompt_len, gen_len, acceptance, plan)
     if graph_max_tokens and hasattr(engine.policy, "buckets"):
-        engine.policy.buckets = GraphBuckets(graph_max_tokens, padded_row_cost(engine.spec.arch))
+        engine.policy.buckets = GraphBuckets(graph_max_tokens)
     emulated = EmulatedDevice(device, engine.tokenizer.vocab_size).attach(engine)
     rows, added = [], 0
     for n in loads:

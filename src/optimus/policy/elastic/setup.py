@@ -50,7 +50,7 @@ def eager_cells(engine, batches: list[int], max_tokens: int | None = None) -> li
     """One step just past the largest CUDA graph, if steps of its size can run (at most
     ``max_tokens``; None: the engine's step budget). It runs eagerly: the cliff the policy must
     see (graph_buckets.py). None without graphs."""
-    buckets = GraphBuckets.of(getattr(engine, "runner", None))  # its limit is all this reads
+    buckets = GraphBuckets.of(getattr(engine, "runner", None))
     cell = None if buckets is None else eager_cell(buckets.limit, batches)
     if cell is None:
         return []
@@ -175,4 +175,4 @@ def elastic_kwargs(engine) -> dict:
     prior = (tau_prior_from(config.acceptance_profile) or tau_prior_from(config.replay_acceptance)
              or tau_prior_from(model_dir / "tau_profile.json"))
     return {"profile": load_or_profile(engine), "tau_prior": prior, "per_request": config.scheduler.elastic_per_request,
-            "graph_buckets": GraphBuckets.of(getattr(engine, "runner", None), engine.spec.arch)}
+            "graph_buckets": GraphBuckets.of(getattr(engine, "runner", None))}
