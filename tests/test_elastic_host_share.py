@@ -87,8 +87,9 @@ def test_overlapped_unit_steps_win_where_whole_steps_pay_the_host(overlaps):
         assert sizes == [1] * 64
     else:
         assert sum(sizes) >= 3 * 64
-    # The time between two overlapped steps' ends is no whole step's host share.
-    for i in range(200):
+    # The time between two overlapped steps' ends is no whole step's host share (and fewer
+    # than forget_after steps in a row that teach none leave the window as it was).
+    for i in range(p.host.forget_after // 2):
         p.observe(_unit_step(64, 128, 0.020, 0.010, overlapped=True, overhead_s=0.005))
     assert p.host(np.array([128.0]))[0] == pytest.approx(0.003) and p.overhead_s == pytest.approx(0.0005, rel=0.05)
 
@@ -189,3 +190,45 @@ def test_a_gap_priced_too_high_is_unlocked_by_the_overlapped_steps_it_chose():
                                (size,), overhead_s=gap, device_s=0.010, overlapped=unit))
     assert 1 in sizes[:20]  # the 35 ms gaps did price whole steps out
     assert min(sizes[-20:]) > 1 and p.overhead_s == pytest.approx(0.001)
+
+
+
+def test_host_share_forgets_a_window_no_step_has_added_to_lately():
+    share = HostShare(forget_after=8)
+    for n, h in ((32, 0.0), (16, 0.0), (292, 0.012), (528, 0.022)):
+        share.observe(n, h)
+    for _ in range(7):
+        share.idle_step()
+    assert share.slope > 20e-6 and share.points == 4
+    share.observe(32, 0.001)  # a step that taught: the count starts again
+    for _ in range(7):
+        share.idle_step()
+    assert share.points == 5
+    share.idle_step()
+    assert share.points == 0 and share(np.array([292.0]))[0] == 0.0
+
+
+def test_a_few_early_whole_steps_do_not_hold_elastic_at_size_one_for_good():
+    """16 requests; whole steps pay a host line that two large early steps made steep (41 us a
+    row), and the size-1 steps after them overlap (they teach no host share). Within
+    ``forget_after`` such steps elastic tries size 16 again, which the device's curve favours
+    (2 commits in the same 10 ms); when steps there keep paying 12 ms on the host, it goes
+    back to size 1."""
+    p = ElasticPolicy(PROFILE, LOW_TAU, per_request=False, unit_steps_overlap=True)
+    ids = tuple(f"r{i}" for i in range(16))
+
+    def step(size: int, tokens: int, host_s: float, overlapped: bool = False) -> StepFeedback:
+        commits = 1 if size == 1 else 2  # about the curve's 1.5-1.6 at sizes 16 and 32
+        return StepFeedback(tokens, 0.010 + host_s, (size,) * 16, (commits,) * 16, ids, (size,) * 16,
+                            device_s=0.010, overlapped=overlapped)
+
+    for size, tokens, host_s in ((1, 32, 0.0), (1, 16, 0.0), (1, 32, 0.0), (16, 292, 0.012), (32, 528, 0.022)):
+        p.observe(step(size, tokens, host_s))
+    for _ in range(p.host.forget_after - 1):
+        p.observe(step(1, 32, 0.0, overlapped=True))
+    assert p.choose(_view(16)) == [1] * 16
+    p.observe(step(1, 32, 0.0, overlapped=True))
+    assert min(p.choose(_view(16))) >= 8
+    for _ in range(6):
+        p.observe(step(16, 292, 0.012))
+    assert p.choose(_view(16)) == [1] * 16

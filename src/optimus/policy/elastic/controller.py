@@ -106,8 +106,7 @@ class ElasticPolicy:
         self.buckets = graph_buckets  # steps served from CUDA graphs cost their bucket (graph_buckets.py)
         self.load = TokenLoad(rate=load_rate)
         self.gaps = StepGaps()  # host time between steps, outside the forward (StepFeedback.overhead_s)
-        # Host time inside a whole step's latency beside its device time (none while the device's
-        # time is unknown: the latency curve then carries it).
+        # Host time in a whole step's latency beside its device time (none while that is unknown).
         self.host = HostShare()
         self.unit_steps_overlap = unit_steps_overlap
         self.confidence = RequestConfidence() if per_request else None
@@ -278,12 +277,13 @@ class ElasticPolicy:
             self._guess = guess  # judged by choose's first ask
 
     def _observe_latency(self, feedback: StepFeedback, prompts: bool) -> None:
-        """The latency curve learns the device's time where the engine reports it (the profile
-        is the device's), and the host's share of the step apart: it does not grow with the
-        step's tokens the way the device's time does."""
+        """The latency curve learns the device's time where the engine reports it (the profile is
+        the device's), the host's share apart: it does not grow with tokens as the device's does."""
         device = feedback.device_s if 0 < feedback.device_s <= feedback.latency_s else 0.0
         if device and not prompts and not feedback.overlapped:
             self.host.observe(feedback.num_tokens, feedback.latency_s - device)
+        else:
+            self.host.idle_step()
         seconds = device or feedback.latency_s
         if self._rescale:
             t0 = seconds / max(1.0, feedback.num_tokens / DEFAULT_KNEE)

@@ -17,6 +17,12 @@ class HostShare:
     one-time cost (a first allocation, a collection) would otherwise price every step like it,
     and a plan that avoids such steps (overlapped ones) would never see that it was wrong.
     Fewer than ``min_steps`` steps: no host time (the plans that would pay it get tried).
+    After ``forget_after`` steps in a row that taught none (:meth:`idle_step`), the window is
+    emptied: steps at one open position a window overlap and teach nothing, so a policy held
+    there by a wrong line would keep it for good. On the H100 (LLaDA2.0-mini, 16 requests)
+    elastic ended a sweep on a line of 26 us a row and no intercept (its other runs: 0.3-0.9 us
+    and 0.4-0.8 ms), priced size 16's host time at 8 ms (fixed:16 measured 1.3 ms a step) and
+    ran size 1 in every run, 0.89x fixed:16.
 
     The fit is updated per step, not redone (it runs every step of a GPU-timed run): each
     point's slopes to the others are kept in a ``window`` x ``window`` table and all of them
@@ -24,8 +30,11 @@ class HostShare:
     It equals :func:`theil_sen` on the window exactly: the same slopes (a slope is the same
     float whichever point comes first), so the same medians."""
 
-    def __init__(self, window: int = 64, min_steps: int = 4) -> None:
-        self.min_steps = min_steps
+    def __init__(self, window: int = 64, min_steps: int = 4, forget_after: int = 128) -> None:
+        self.min_steps, self.forget_after = min_steps, forget_after
+        self._empty(window)
+
+    def _empty(self, window: int) -> None:
         self.intercept, self.slope = 0.0, 0.0
         # Ring slot per point (slot = arrival mod window); a pair's slope, nan where the two
         # points have equal tokens (no slope) or a slot is empty.
@@ -33,6 +42,7 @@ class HostShare:
         self._pair = np.full((window, window), np.nan)
         self._sorted = np.zeros(0)  # every finite entry of the pair table's upper triangle, ascending
         self._seen = 0  # points observed
+        self._idle = 0  # steps since the last point
 
     @property
     def points(self) -> int:
@@ -48,9 +58,15 @@ class HostShare:
         if not math.isfinite(seconds):
             return
         self._replace(self._seen % len(self._n), float(max(tokens, 1)), max(float(seconds), 0.0))
-        self._seen += 1
+        self._seen, self._idle = self._seen + 1, 0
         if self.points >= self.min_steps:
             self._fit()
+
+    def idle_step(self) -> None:
+        """A step that taught no host share (overlapped, mostly prompts, or no device time)."""
+        self._idle += 1
+        if self._idle >= self.forget_after and self._seen:
+            self._empty(len(self._n))
 
     def __call__(self, tokens: np.ndarray) -> np.ndarray:
         return self.intercept + self.slope * np.asarray(tokens, dtype=float)
