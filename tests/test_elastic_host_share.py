@@ -192,7 +192,6 @@ def test_a_gap_priced_too_high_is_unlocked_by_the_overlapped_steps_it_chose():
     assert min(sizes[-20:]) > 1 and p.overhead_s == pytest.approx(0.001)
 
 
-
 def test_host_share_forgets_a_window_no_step_has_added_to_lately():
     share = HostShare(forget_after=8)
     for n, h in ((32, 0.0), (16, 0.0), (292, 0.012), (528, 0.022)):
