@@ -21,8 +21,8 @@
 # --num-pages 256" POLICIES=fixed:8 RATES=50 PROMPTS=4 OUT=/tmp/smoke bash benchmarks/gpu_serve_sweep.sh
 # Regime c (few commits per forward, as real 8B dLLMs): ACCEPTANCE=real-8b RATES=20,30,40,50 PROMPTS=256
 # (an H200, 2026-12-06: four policies in about 350 s; fixed:32 takes longest). PROMPTS must be well
-# above the server's 256 running requests to find a capacity: at 256 nothing ever queued, so every
-# policy met the SLO at every rate (that run's capacities are lower bounds). Output 256 at ar's
+# above the server's 256 running requests to find a capacity: at 256, elastic, ar and fixed:8 barely
+# queued (TTFT p99 under 0.7 s at every rate) and met the SLO at every rate (lower bounds). Output 256 at ar's
 # 8,782 tok/s on the H200 (offline, 256 requests) drains about 34 req/s: PROMPTS=768 at
 # RATES=25,35,45,55 (31, 22, 17 and 14 s of arrivals a rate) should bracket it, about two
 # minutes a policy, so two policies a call.
