@@ -149,10 +149,10 @@ class Postprocessor:
     def _apply_all(self, works: list[RequestWork], canvases: Canvases, base: np.ndarray, positions: np.ndarray,
                    chosen: np.ndarray, tokens: np.ndarray, lens: np.ndarray, ends: np.ndarray) -> None:
         """:meth:`_apply` for every work at once, their canvases in ``canvases`` (``base`` [n]:
-        each one's span start there): ``positions``
-        [M] the windows' masked positions laid end to end (``lens`` [n] a window), ``chosen``
-        the indices of those committed (``ends`` [n]: where each window's commits end in
-        ``chosen``), ``tokens`` theirs. One indexed write each for tokens and flags; a loop only sets two counters."""
+        each one's span start there): ``positions`` [M] the windows' masked positions laid end
+        to end (``lens`` [n] a window), ``chosen`` the indices of those committed (``ends`` [n]:
+        where each window's commits end in ``chosen``), ``tokens`` theirs. One indexed write
+        each for tokens and flags; a loop only sets two counters."""
         requests = [w.request for w in works]
         owner = np.repeat(np.arange(len(works)), lens)[chosen]
         committed_positions = positions[chosen]
