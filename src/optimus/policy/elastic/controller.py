@@ -309,21 +309,21 @@ class ElasticPolicy:
         rungs = merge_rungs({key: self._ladder_for(key) for key in set(keys)}, list(keys))
         n = len(keys)
         # Everyone at size 1 (tau(1) = 1: one commit, 1 + per_commit rows), plus the pinned.
-        base_gain, base_cost, base_var = float(n), n * (1.0 + per_commit), self.load.extra_var
+        base_gain, base_cost, base_var = float(n), n * (1.0 + per_commit), 0.0
         if pinned.size:
             base_gain += float(np.sum(self.tau(pinned)))
             base_cost += float(np.sum(self._cost(pinned)))
             base_var += float(np.sum(self._variance(pinned)))
         tokens = base_cost + rungs.cost
         # Rows every step runs whatever arrives: the chunks, and one store row per request at
-        # size 1 (a chunk of one is stored whole every step; larger ones in lumps).
+        # size 1. Above them two lumps: larger chunks' stores, the load others bring per commit.
         lifted = np.concatenate([[0.0], np.cumsum(rungs.size_before == 1)])
         floor = n + rungs.positions + (n - lifted) + (float(np.sum(pinned)) if pinned.size else 0.0)
-        # Every step also pays the host's time around it: fewer, larger steps amortise it.
-        device = expected_latency(lambda x: self.predict_latency(x, batch), tokens, np.sqrt(base_var + rungs.var),
-                                  floor)
+        load = self.load.per_commit * (base_gain + rungs.gain)
+        lumps = [(np.maximum(tokens - floor - load, 0.0), base_var + rungs.var), (load, self.load.extra_var)]
+        device = expected_latency(lambda x: self.predict_latency(x, batch), floor, lumps)
         everyone_unit = (np.arange(len(tokens)) == 0) & (not np.any(pinned > 1))  # rung 0: all at size 1
-        latency = self._host_s(tokens, everyone_unit) + device
+        latency = self._host_s(tokens, everyone_unit) + device  # the host's time too: larger steps amortise it
         return _Curve(rungs, tokens, latency, (base_gain + rungs.gain) / latency)
 
     def _ladder_for(self, key: tuple[int, float]) -> Ladder:
