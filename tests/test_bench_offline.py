@@ -17,7 +17,7 @@ def test_bench_offline_tiny_smoke(tmp_path):
     acc.write_text(json.dumps({"distribution": {"1": [1], "8": [2, 3], "32": [4, 6]}}))
     out = tmp_path / "offline.json"
     rc = main(["bench", "offline", "--device", "cpu", "--tiny", "--experiments", "schedule4,sweep",
-               "--batches", "2", "--concurrency", "1,3", "--policies", "ar,fixed:8,elastic,elastic-shared",
+               "--batches", "2", "--concurrency", "1,3", "--policies", "ar,fixed:8,elastic,elastic-shared,elastic-traced",
                "--acceptance", str(acc), "--profile", str(tmp_path / "profile.json"), "--out", str(out),
                "--repeats", "3", "--prompt-len", "64", "--gen-len", str(GEN)])
     assert rc == 0
@@ -25,7 +25,7 @@ def test_bench_offline_tiny_smoke(tmp_path):
     row = data["schedule4"][0]
     assert row["output_tokens"] == 2 * GEN and row["tokens_committed"] == 2 * GEN
     assert row["steps"] >= GEN // 4  # 4 committed per step at most
-    assert {r["policy"] for r in data["sweep"]} == {"ar", "fixed:8", "elastic", "elastic-shared"}
+    assert {r["policy"] for r in data["sweep"]} == {"ar", "fixed:8", "elastic", "elastic-shared", "elastic-traced"}
     ar = next(r for r in data["sweep"] if r["policy"] == "ar" and r["concurrency"] == 1)
     assert ar["steps"] >= GEN  # one token per step
     for r in data["sweep"]:  # each point: the median of three timed runs
@@ -45,6 +45,13 @@ def test_bench_offline_tiny_smoke(tmp_path):
             assert e["tok_s"] == pytest.approx(rate, rel=1e-2)
         else:
             assert "estimates" not in r
+        if r["policy"] == "elastic-traced":  # every decision of each run: all requests sized, every size priced
+            assert len(r["decisions"]) == 3 and all(
+                run and all(sum(d["sizes"].values()) == d["batch"] <= r["concurrency"]
+                            and len(d["uniform_tok_s"]) == len(r["estimates"]["sizes"]) for d in run)
+                for run in r["decisions"])
+        else:
+            assert "decisions" not in r
     assert (tmp_path / "policy_sweep.png").stat().st_size > 0
 
 

@@ -139,7 +139,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--concurrency", default="1,8,32,128,256")
     p.add_argument("--policies", default="ar,fixed:4,fixed:8,fixed:16,fixed:32,fixed:64,elastic",
                    help="comma list of ar, fixed:C, elastic, elastic-shared (elastic on one shared tau curve), "
-                        "elastic-profile (on its latency profile, never corrected online); "
+                        "elastic-profile (on its latency profile, never corrected online), elastic-traced (its every "
+                        "decision recorded in the row's decisions); "
                         "NAME+pipeline runs NAME with the running requests in two pipelined halves, NAME+auto pipelined "
                         "where the device's latency curve says halves pay")
     p.add_argument("--acceptance", default=None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+from optimus.bench.decision_trace import DecisionTrace
 from optimus.bench.timed_runs import Target, median_run, timed_generate
 from optimus.core.params import SamplingParams, parse_policy_name
 from optimus.decoding.replay import Acceptance, ReplayAcceptance
@@ -12,6 +13,7 @@ from optimus.engine.flight import pipeline_rule
 from optimus.engine.llm import LLM
 
 PIPELINED, AUTO_PIPELINED = "+pipeline", "+auto"
+TRACED = "elastic-traced"  # elastic, its every decision recorded (bench.decision_trace)
 
 
 def outgrown(rows: list[dict], fraction: float) -> list[str]:
@@ -53,6 +55,7 @@ def run_sweep(target: Target, shape: str, policies, concurrencies, acceptance: A
     llm = target.llm(shape, "fixed:32", commit_rule=ReplayAcceptance(acceptance), max_running=max(concurrencies),
                      block_size=32, profile_path=profile_path, acceptance_profile=acceptance_path)
     controllers = {name: _policy(llm, name.removesuffix(PIPELINED).removesuffix(AUTO_PIPELINED)) for name in policies}
+    traces = {name: DecisionTrace(controllers[name]) for name in policies if name == TRACED}
     rules = {name: _pipeline_rule(llm, name) for name in policies}  # each keeps what it learned
     rows, active = [], list(policies)
     for n in concurrencies:
@@ -61,6 +64,8 @@ def run_sweep(target: Target, shape: str, policies, concurrencies, acceptance: A
             for name in active:
                 llm.engine.use_policy(controllers[name])
                 llm.engine.flights.pipeline = rules[name]
+                if name in traces:
+                    traces[name].start()  # the warm-up's decisions go with run 0
                 runs[name].append(timed_generate(llm, n, prompt_len, gen_len, params, full_warmup=True,
                                                  warmup=i == 0, seed=i))
         load_rows = []
@@ -69,6 +74,8 @@ def run_sweep(target: Target, shape: str, policies, concurrencies, acceptance: A
             r.update(shape=shape, policy=name, concurrency=n, acceptance=f"replayed ({acceptance_name})")
             if hasattr(controllers[name], "estimates"):  # elastic: its beliefs after the load
                 r["estimates"] = controllers[name].estimates(n)
+            if name in traces:  # every run's decisions, in run order
+                r["decisions"], traces[name].runs = traces[name].runs[1:], [[]]
             print(f"  sweep {shape} {name:9s} conc={n:4d}: {r['output_tok_s']:.0f} tok/s "
                   f"(runs {', '.join(f'{x:.0f}' for x in r['output_tok_s_runs'])}; {r['graph_capture_s']:.2f} s "
                   f"of graph captures), {r['steps']} steps, {r['preemptions']} preemptions, cpu {r['cpu_ms_per_step']:.2f} "
@@ -100,7 +107,8 @@ def _pipeline_rule(llm: LLM, name: str):
 def _policy(llm: LLM, name: str):
     """A fresh policy for ``llm``'s engine. "elastic-shared": elastic planning every request on
     the shared tau curve (no per-request confidence levels); "elastic-profile": elastic on its
-    latency profile as measured, never corrected online (what the correction adds or costs)."""
+    latency profile as measured, never corrected online (what the correction adds or costs);
+    "elastic-traced": elastic, its decisions recorded (host time the others do not pay)."""
     from optimus.policy.elastic.setup import elastic_kwargs
     from optimus.policy.registry import make_policy
 

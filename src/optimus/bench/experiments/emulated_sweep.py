@@ -20,6 +20,8 @@ from pathlib import Path
 
 from optimus.bench import host_time
 from optimus.bench.step_traces import profile_from_traces, sweep_rows
+from optimus.bench.decision_trace import DecisionTrace
+from optimus.bench.policy_sweep import TRACED
 from optimus.engine.emulated import EmulatedDevice
 from optimus.policy.elastic.graph_buckets import GraphBuckets
 from optimus.policy.elastic.latency import LatencyProfile
@@ -33,7 +35,9 @@ def run_policy(policy: str, loads: list[int], device: LatencyProfile, plan: Late
     """One engine for ``policy`` through every load: device tok/s of each timed run.
     ``graph_max_tokens``: the GPU run's CUDA-graph limit, so elastic prices steps at their
     graph buckets as it did there (a CPU engine has no graphs)."""
-    engine = host_time._engine(policy, shape, max(loads), prompt_len, gen_len, acceptance, plan)
+    engine = host_time._engine("elastic" if policy == TRACED else policy, shape, max(loads), prompt_len, gen_len,
+                               acceptance, plan)
+    trace = DecisionTrace(engine.policy) if policy == TRACED else None
     if graph_max_tokens and hasattr(engine.policy, "buckets"):
         engine.policy.buckets = GraphBuckets(graph_max_tokens)
     emulated = EmulatedDevice(device, engine.tokenizer.vocab_size).attach(engine)
@@ -42,6 +46,8 @@ def run_policy(policy: str, loads: list[int], device: LatencyProfile, plan: Late
         runs = []
         for run in range(repeats + 1):  # run 0 warms up, as the GPU sweep's
             busy, steps, chunks = emulated.busy_s, engine.stats.steps, dict(engine.stats.chunk_size_counts)
+            if trace:
+                trace.start()
             host_time.add_random_requests(engine, n, prompt_len, gen_len, seed=run, first_id=added)
             added += n
             while engine.has_work():
@@ -51,10 +57,13 @@ def run_policy(policy: str, loads: list[int], device: LatencyProfile, plan: Late
                 runs.append({"device_tok_s": n * gen_len / (emulated.busy_s - busy),
                              "steps": engine.stats.steps - steps,
                              "chunk_sizes": {c: k - chunks.get(c, 0) for c, k in sorted(counts.items())
-                                             if k - chunks.get(c, 0)}})
+                                             if k - chunks.get(c, 0)},
+                             **({"decisions": trace.runs[-1]} if trace else {})})
         median = sorted(runs, key=lambda r: r["device_tok_s"])[(len(runs) - 1) // 2]
         rows.append({"policy": policy, "concurrency": n, **median,
                      "device_tok_s_runs": [r["device_tok_s"] for r in runs]})
+        if trace:  # every run's decisions, in run order
+            rows[-1]["decisions"] = [r["decisions"] for r in runs]
         print(f"  {policy:9s} {n:4d} requests: {median['device_tok_s']:8.0f} device tok/s "
               f"(runs {', '.join(f'{r:.0f}' for r in rows[-1]['device_tok_s_runs'])}), {median['steps']} steps",
               flush=True)
@@ -66,9 +75,10 @@ def elastic_vs_best(rows: list[dict]) -> dict[int, float]:
     out = {}
     for n in sorted({r["concurrency"] for r in rows}):
         at = {r["policy"]: r["device_tok_s"] for r in rows if r["concurrency"] == n}
-        single = [v for p, v in at.items() if p != "elastic"]
-        if "elastic" in at and single:
-            out[n] = at["elastic"] / max(single)
+        elastic = at.get("elastic", at.get(TRACED))
+        single = [v for p, v in at.items() if not p.startswith("elastic")]
+        if elastic is not None and single:
+            out[n] = elastic / max(single)
     return out
 
 
