@@ -349,8 +349,11 @@ def expected_latency(latency, floor: np.ndarray, lumps: list[tuple[np.ndarray, n
         law = _lump_law(np.broadcast_to(np.asarray(mean, dtype=float), floor.shape), np.asarray(var, dtype=float))
         points = [p + x for x, _ in law for p in points]
         weights = [w * q for _, q in law for w in weights]
-    t = latency(np.concatenate(points)).reshape(len(points), -1)
-    return np.sum(np.stack(weights) * t, axis=0)
+    # Most points carry no weight (a two-point lump's third, an absent lump's): only the
+    # others are read off the curve, a host cost every plan pays.
+    x, w = np.concatenate(points), np.concatenate(weights)
+    live = w > 0
+    return np.bincount(np.nonzero(live)[0] % len(floor), weights=w[live] * latency(x[live]), minlength=len(floor))
 
 
 def _lump_law(mean: np.ndarray, var: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
