@@ -19,9 +19,9 @@ import json
 from pathlib import Path
 
 from optimus.bench import host_time
-from optimus.bench.step_traces import profile_from_traces, sweep_rows
 from optimus.bench.decision_trace import DecisionTrace
 from optimus.bench.policy_sweep import TRACED
+from optimus.bench.step_traces import profile_from_traces, sweep_rows
 from optimus.engine.emulated import EmulatedDevice
 from optimus.policy.elastic.graph_buckets import GraphBuckets
 from optimus.policy.elastic.latency import LatencyProfile
