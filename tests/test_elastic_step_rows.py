@@ -64,3 +64,24 @@ def test_after_a_burst_of_prompts_elastic_leaves_a_size_the_next_bucket_makes_wo
     assert np.sqrt(policy.load.extra_var) > 400 and policy.load.per_commit > 1  # the burst still weighs
     view = StepView(tuple(RequestView(f"r{i}", 32, 32, None) for i in range(64)), 0, 1 << 20)
     assert policy.choose(view) == [1] * 64
+
+
+def test_a_rare_lump_is_no_larger_than_the_largest_step_so_its_cost_grows_with_its_mean():
+    """Just after 256 prompts were prefilled (four steps of 4,096 rows) the load's spread is
+    4,300 rows. Unbounded, its rare lump of ``mu + var / mu`` rows comes with probability
+    ``~ mu^2 / var``: a plan bringing twice the load (twice the commits) paid four times the
+    lump, and elastic held 256 LLaDA2.0-mini requests at C = 1. No step runs more rows than
+    the largest the engine ran: there the lump's cost grows with its mean, as the load does."""
+    latency = _buckets({512: 20.0, 1024: 25.0, 2048: 35.0, 4096: 90.0, 1 << 20: 200.0})
+    floor, var = np.array([512.0]), np.array([4300.0 ** 2])
+
+    def extra(mean: float, ceiling: float) -> float:
+        t = expected_latency(latency, floor, [(np.array([mean]), var)], ceiling)[0]
+        return t - latency(floor)[0]
+
+    unbounded = extra(1400.0, np.inf) / extra(700.0, np.inf)
+    bounded = extra(1400.0, 4096.0) / extra(700.0, 4096.0)
+    assert unbounded == pytest.approx(4.0, rel=0.1) and bounded == pytest.approx(2.0, rel=0.05)
+    law = _lump_law(np.array([700.0]), var, np.array([4096.0 - 512.0]))
+    x, q = np.array([p[0][0] for p in law]), np.array([p[1][0] for p in law])
+    assert x.max() == 4096.0 - 512.0 and (q * x).sum() == pytest.approx(700.0)  # the mean is kept

@@ -321,7 +321,7 @@ class ElasticPolicy:
         floor = n + rungs.positions + (n - lifted) + (float(np.sum(pinned)) if pinned.size else 0.0)
         load = self.load.per_commit * (base_gain + rungs.gain)
         lumps = [(np.maximum(tokens - floor - load, 0.0), base_var + rungs.var), (load, self.load.extra_var)]
-        device = expected_latency(lambda x: self.predict_latency(x, batch), floor, lumps)
+        device = expected_latency(lambda x: self.predict_latency(x, batch), floor, lumps, self.load.largest)
         everyone_unit = (np.arange(len(tokens)) == 0) & (not np.any(pinned > 1))  # rung 0: all at size 1
         latency = self._host_s(tokens, everyone_unit) + device  # the host's time too: larger steps amortise it
         return _Curve(rungs, tokens, latency, (base_gain + rungs.gain) / latency)

@@ -311,6 +311,7 @@ class TokenLoad:
         self._commits = 0.0  # mean committed tokens per step (all decoding requests)
         self._var = 0.0  # of the extra rows
         self._model_var = 0.0  # the part of it the store model predicts
+        self.largest = math.inf  # rows of the largest step seen (none yet: unbounded)
 
     @property
     def per_commit(self) -> float:
@@ -321,6 +322,7 @@ class TokenLoad:
         return max(0.0, self._var - self._model_var)
 
     def observe(self, num_tokens: int, own_rows: float, own_var: float, committed: int) -> None:
+        self.largest = num_tokens if math.isinf(self.largest) else max(self.largest, num_tokens)
         bound = self.clip * math.sqrt(max(self._var, self.min_sd * self.min_sd))
         residual = min(max((num_tokens - own_rows) - self._rows, -bound), bound)  # store lumps average out
         self._rows += self.rate * residual
@@ -329,7 +331,8 @@ class TokenLoad:
         self._model_var += self.rate * (own_var - self._model_var)
 
 
-def expected_latency(latency, floor: np.ndarray, lumps: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+def expected_latency(latency, floor: np.ndarray, lumps: list[tuple[np.ndarray, np.ndarray]],
+                     ceiling: float = math.inf) -> np.ndarray:
     """E[T(N)] for steps of ``floor`` [K] rows plus independent ``lumps``, each a (mean,
     variance) pair of [K] arrays: steps whose rows scatter around a knee (or a graph bucket's
     edge) cost more than the curve at their mean.
@@ -342,11 +345,19 @@ def expected_latency(latency, floor: np.ndarray, lumps: list[tuple[np.ndarray, n
     huge when it is. One two-point law for both put 99% of the steps on the bare floor (256
     rows, the 256-row graph) while every such step ran 330-415 rows on the 512-row graph:
     elastic priced C = 4 at 11-13 ms where the H100 took 14 (SDAR-8B, 64 requests, regime
-    real-8b), and held C = 4 at 0.83 of ar."""
+    real-8b), and held C = 4 at 0.83 of ar.
+
+    No step runs more than ``ceiling`` rows (the largest the engine ran): a rare lump is at
+    most the room above the floor, and comes more often instead. Unbounded, a lump's expected
+    cost grows with the square of its mean (``q ~ mu^2 / var``): while four steps of 4,096
+    prompt rows still weighed on the load (sd 4,300 rows), plans that commit more paid for
+    lumps of 8,000-12,000 rows, and elastic kept 256 LLaDA2.0-mini requests at C = 1 for 70
+    steps where C = 4 and 8 were 5-15% faster (CPU replay of the H100's steps)."""
     floor = np.maximum(np.asarray(floor, dtype=float), 1.0)
     points, weights = [floor], [np.ones_like(floor)]
+    room = np.maximum(ceiling - floor, 0.0)
     for mean, var in lumps:
-        law = _lump_law(np.broadcast_to(np.asarray(mean, dtype=float), floor.shape), np.asarray(var, dtype=float))
+        law = _lump_law(np.broadcast_to(np.asarray(mean, dtype=float), floor.shape), np.asarray(var, dtype=float), room)
         points = [p + x for x, _ in law for p in points]
         weights = [w * q for _, q in law for w in weights]
     # Most points carry no weight (a two-point lump's third, an absent lump's): only the
@@ -356,17 +367,18 @@ def expected_latency(latency, floor: np.ndarray, lumps: list[tuple[np.ndarray, n
     return np.bincount(np.nonzero(live)[0] % len(floor), weights=w[live] * latency(x[live]), minlength=len(floor))
 
 
-def _lump_law(mean: np.ndarray, var: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+def _lump_law(mean: np.ndarray, var: np.ndarray, room: np.ndarray | float = math.inf) -> list[tuple[np.ndarray, np.ndarray]]:
     """Three (rows, probability) points [K] with this mean and variance, all >= 0. Where the
     spread is under the mean (a sum of many small lumps, near normal): 3-point Gauss-Hermite,
     ``mu`` and ``mu +- sqrt(3 var)`` at 2/3, 1/6, 1/6, the low point clipped at zero. Where it
     is larger (one lump, rarely there: a chunk of 32 stored whole, a batch of prompts): 0 or
-    ``a = mu + var / mu`` with probability ``q = mu / a``; a symmetric law would put mass
-    under zero, on the flat part of the curve, and charge small steps near a knee for a
-    convexity their rows never reach."""
+    ``a = mu + var / mu`` with probability ``q = mu / a``, ``a`` at most ``room`` (but never
+    under ``mu``: the mean is kept, the variance gives); a symmetric law would put mass under
+    zero, on the flat part of the curve, and charge small steps near a knee for a convexity
+    their rows never reach."""
     mu, var = np.maximum(mean, 0.0), np.maximum(var, 0.0)
     lumpy = mu > 1e-9
-    a = np.where(lumpy, mu + var / np.where(lumpy, mu, 1.0), 0.0)
+    a = np.where(lumpy, np.minimum(mu + var / np.where(lumpy, mu, 1.0), np.maximum(room, mu)), 0.0)
     q = np.where(lumpy, mu / np.where(lumpy, a, 1.0), 0.0)
     near_normal = var < mu * mu
     h = np.sqrt(3.0 * var)
