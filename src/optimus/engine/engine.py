@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import gc
 import logging
+import operator
 import time
 from dataclasses import replace
 
@@ -28,6 +29,8 @@ from optimus.engine.stats import EngineStats
 from optimus.engine.emulated import emulate
 
 log = logging.getLogger(__name__)
+_REQUEST = operator.attrgetter("request")
+_IS_DONE = operator.attrgetter("is_done")
 
 
 def _release(engine: "Engine") -> None:
@@ -180,7 +183,7 @@ class Engine:
         """Commit a launched step's tokens (waiting for them), then settle its requests: the
         finished ones end now, and the ones with news wait for ``_report``."""
         plan = flight.plan
-        touched = {id(w.request): w.request for w in plan.works if not w.request.is_done}
+        touched = list(dict.fromkeys(map(_REQUEST, plan.works)))
         self.post.commit_step(flight.plan, flight.hidden, flight.wants, flight.pick)
         t1 = time.perf_counter()
         # A step launched while another was in flight ran on the device from that one's end.
@@ -199,15 +202,10 @@ class Engine:
         self._last_step_end = t1
         self.post.step_index += 1
         self.stats.record_later(plan, latency, device_s)  # with the next report, off the critical path
-        for r in touched.values():
-            try:
-                if self.post.settle(r):
-                    self._news.append(r)
-            except Exception as exc:  # stop checks of one request
-                self._fail(r, exc)
-                continue
-            if r.is_done:
-                self._requests.pop(r.request_id, None)
+        news = self.post.settle_all(touched)
+        self._news += news
+        for r in filter(_IS_DONE, news):
+            self._requests.pop(r.request_id, None)
         self.stats.cpu_time_sum_s += self.post.host_commit_s + time.perf_counter() - t1
         self.stats.graph_capture_s = self.runner.capture_s
         self.stats.refresh_gauges(self.scheduler, self.allocator)

@@ -13,6 +13,7 @@ that request only, through ``fail``; the engine reports it with the step's news.
 from __future__ import annotations
 
 import itertools
+import operator
 import time
 from collections.abc import Callable, Iterable
 
@@ -24,6 +25,7 @@ from optimus.core.outputs import CommitEvent, RequestOutput, TokenIds
 from optimus.core.plan import RequestWork, StepPlan
 from optimus.core.request import Request
 from optimus.decoding.rules import GREEDY_TEMPERATURE, CommitRule, RowDraws, keep_many
+from optimus.engine.answer_scan import scan_answers
 from optimus.engine.stats import EngineStats
 from optimus.executor.sampled_rows import propose  # rules.propose, also on a shard's undrawn rows
 from optimus.engine.stop_strings import first_stop, hold_back_stop_prefix
@@ -36,11 +38,21 @@ from optimus.scheduler.scheduler import Scheduler
 # Sampled rows go through the head in passes of about this many rows: each pass holds [rows,
 # vocab] fp32 logits and int64 noise (1,024 x 152k: 0.6 + 1.2 GB), never a whole step's worth.
 SAMPLED_ROWS_PER_PASS = 1024
+_IS_DONE = operator.attrgetter("is_done")
+_OUTPUT_LEN = operator.attrgetter("output_len")
+_STOP_IDS = operator.attrgetter("stop_ids")
 
 
 def _rows_of(wants: list[LogitRequest]) -> np.ndarray:
     """The logit rows of ``wants``, one after another."""
     return np.concatenate([np.arange(w.offset, w.offset + len(w.positions)) for w in wants])
+
+
+def _extend_answer(r: Request, n: int) -> None:
+    """``r.answer`` to at least ``n`` ids (commits are final: the answer only grows at its end)."""
+    if n > len(r.answer):
+        start = r.geometry.canvas_start
+        r.answer.extend(r.tokens[start + len(r.answer):start + n].tolist())
 
 
 def _by_rows(wants: list[LogitRequest], limit: int) -> list[list[LogitRequest]]:
@@ -286,6 +298,52 @@ class Postprocessor:
                 a = b
 
     # ---- finish and report -------------------------------------------------------------
+    def settle_all(self, requests: list[Request]) -> list[Request]:
+        """:meth:`settle` each of ``requests`` -> those with news, in order. Where all of them
+        live on the scheduler's canvases, one array pass (``answer_scan``) settles the quiet
+        ones (their answers grew and nothing can end them); only the rest run :meth:`settle`.
+        A request whose own checks raise ends through ``fail`` (reported with its news there)."""
+        requests = list(itertools.filterfalse(_IS_DONE, requests))
+        canvases = self.scheduler.canvases
+        slots = canvases.slots(requests) if requests else None
+        if slots is None:
+            return [r for r in requests if self._guarded_settle(r)]
+        scan = scan_answers(canvases, slots, requests, self._stop_union(requests))
+        news = scan.grew.copy()
+        quiet = np.flatnonzero(scan.quiet)
+        first_tokens = quiet[np.fromiter(map(_OUTPUT_LEN, requests), np.int64, len(requests))[quiet] == 0]
+        for i, n in zip(quiet.tolist(), scan.length[quiet].tolist()):
+            r = requests[i]
+            r.output_len = r.frontier = r.stop_scanned = n  # the answer list grows at output()
+        for i in first_tokens.tolist():
+            requests[i].stats.first_token_time = time.monotonic()
+        for i in np.flatnonzero(~scan.quiet & (scan.grew | ~scan.found)).tolist():
+            news[i] = self._guarded_settle(requests[i])
+        for i in np.flatnonzero(~scan.grew & scan.found).tolist():
+            r = requests[i]
+            news[i] = bool(r.last_committed or r.events)
+        return list(itertools.compress(requests, news.tolist()))
+
+    def _guarded_settle(self, r: Request) -> bool:
+        try:
+            return self.settle(r)
+        except Exception as exc:  # stop checks of one request
+            self.fail(r, exc)
+            return False
+
+    def _stop_union(self, requests: list[Request]) -> frozenset[int]:
+        sets = list(map(_STOP_IDS, requests))
+        if None in sets:
+            sets = [self._stop_ids(r) for r in requests]
+        return frozenset().union(*sets)
+
+    def _stop_ids(self, r: Request) -> frozenset[int]:
+        """The ids that end ``r``'s answer (found once)."""
+        if r.stop_ids is None:
+            p = r.params
+            r.stop_ids = frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else frozenset(self.spec.eos_ids))
+        return r.stop_ids
+
     def settle(self, r: Request) -> bool:
         """Finish ``r`` if its answer is complete; whether it has news to report (``output``).
         The cheap half of reporting: the step after may be planned once every request settled."""
@@ -294,9 +352,7 @@ class Postprocessor:
         n = min(r.contiguous_answer_len(), r.params.max_tokens)
         if n == r.output_len:  # the answer did not grow: the finish checks would see what they saw
             return bool(r.last_committed or r.events)
-        if n > len(r.answer):  # commits are final: the answer only grows at its end
-            start = r.geometry.canvas_start
-            r.answer.extend(r.tokens[start + len(r.answer):start + n].tolist())
+        _extend_answer(r, n)
         reason, keep = self._finish_reason(r, n)
         if n > 0 and r.stats.first_token_time is None:
             r.stats.first_token_time = time.monotonic()
@@ -310,9 +366,7 @@ class Postprocessor:
         """Over the contiguous answer of ``n`` tokens -> (reason or None, tokens to keep).
         Only the tokens not scanned before are read (stop ids), so a step costs O(new)."""
         p = r.params
-        if r.stop_ids is None:
-            r.stop_ids = frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else frozenset(self.spec.eos_ids))
-        stop_ids = r.stop_ids
+        stop_ids = self._stop_ids(r)
         first = max(r.stop_scanned, p.min_tokens)
         if stop_ids and first < n:
             for i, token in enumerate(r.answer[first:n], first):
@@ -337,7 +391,8 @@ class Postprocessor:
     def output(self, r: Request, text: str | None = None) -> RequestOutput:
         """``r``'s output now (the caller runs :meth:`account` first); ``text`` given: that
         text, nothing detokenized."""
-        ids = TokenIds(r.answer, r.output_len)  # settle only extends r.answer
+        _extend_answer(r, r.output_len)
+        ids = TokenIds(r.answer, r.output_len)  # the list only grows
         if text is None:
             text = self._output_text(r, ids)
         events, r.events = tuple(r.events), []
