@@ -66,14 +66,14 @@ def test_a_request_whose_stop_check_raises_ends_alone(monkeypatch):
     engine = _engine()
     engine.add_request("ok", [1, 2, 3], SamplingParams(max_tokens=10, ignore_eos=True))
     engine.add_request("bad", [4, 5, 6], SamplingParams(max_tokens=10, ignore_eos=True, stop=("zz",)))
-    real = engine.post._text
+    real = engine.post.settler.text
 
     def text(r, ids):
         if r.request_id == "bad":
             raise TypeError("simulated detokenizer failure")
         return real(r, ids)
 
-    monkeypatch.setattr(engine.post, "_text", text)
+    monkeypatch.setattr(engine.post.settler, "text", text)
     done = _run(engine)
     assert done["bad"].finish_reason == "error"
     assert done["ok"].finish_reason == "length" and len(done["ok"].token_ids) == 10

@@ -13,7 +13,8 @@ from optimus.core.canvases import Canvases
 from optimus.core.params import SamplingParams
 from optimus.core.plan import RequestWork, StepPlan
 from optimus.core.request import Geometry, Request
-from optimus.executor.runner import LogitRequest, ModelRunner, TokenFeed
+from optimus.executor.logit_wants import LogitRequest
+from optimus.executor.runner import ModelRunner, TokenFeed
 
 PAGE = 4
 TOTAL = 40  # positions of every test request's canvas

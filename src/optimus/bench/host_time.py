@@ -210,7 +210,7 @@ def _time_phases(engine: Engine) -> dict[str, float]:
     wrap(engine.scheduler, "schedule", "schedule")
     wrap(engine.runner, "build", "build")
     wrap(engine.post, "commit_step", "commit")
-    wrap(engine.post, "settle_all", "settle")  # finish checks: which requests end before the next plan
+    wrap(engine.post.settler, "settle_all", "settle")  # finish checks: which requests end before the next plan
     wrap(engine, "_report", "outputs")  # the requests' outputs, after the next launch
     wrap(engine.scheduler, "complete_step", "cursors")  # cache cursors, the policy's feedback queued
     wrap(engine.scheduler, "learn_and_plan_ahead", "learning")  # the policy learns from it, plans the next step

@@ -19,7 +19,6 @@ import torch
 from optimus.config import EngineConfig
 from optimus.core.outputs import RequestOutput
 from optimus.core.params import SamplingParams
-from optimus.core.plan import StepPlan
 from optimus.core.request import Geometry, Request, check_request
 from optimus.decoding.rules import CommitRule
 from optimus.engine.builder import build_parts
@@ -169,7 +168,7 @@ class Engine:
         device_time = self.device_timer()
         hidden, wants = self.runner.run(plan, feed, on_built=device_time.start)
         pick = None
-        if self.post.all_plain_greedy(plan.works[w.work_index].request for w in wants):
+        if self.post.all_plain_greedy(map(_REQUEST, wants.works(plan))):
             pick = self.runner.greedy(hidden)  # every logit row is greedy: one batched pass
         device_time.stop()
         f0 = time.perf_counter()
@@ -202,7 +201,7 @@ class Engine:
         self._last_step_end = t1
         self.post.step_index += 1
         self.stats.record_later(plan, latency, device_s)  # with the next report, off the critical path
-        news = self.post.settle_all(touched)
+        news = self.post.settler.settle_all(touched)
         self._news += news
         for r in filter(_IS_DONE, news):
             self._requests.pop(r.request_id, None)

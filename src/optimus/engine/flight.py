@@ -21,7 +21,8 @@ from optimus.config import check_pipeline
 from optimus.core.plan import StepPlan
 from optimus.core.request import RequestState
 from optimus.policy import StepFeedback
-from optimus.executor.runner import GreedyPick, LogitRequest
+from optimus.executor.logit_wants import LogitWants
+from optimus.executor.runner import GreedyPick
 
 MAX_STEP_GAP_S = 1.0  # a longer gap between steps is the engine waiting for work, not overhead
 
@@ -77,7 +78,7 @@ class InFlight:
 
     plan: StepPlan
     hidden: torch.Tensor  # [M, d]
-    wants: list[LogitRequest]
+    wants: LogitWants
     pick: GreedyPick | None
     t_launch: float  # perf_counter when the host started building it
     overhead: float  # host time between the previous step's end and this launch

@@ -15,7 +15,7 @@ from __future__ import annotations
 import itertools
 import operator
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -25,12 +25,12 @@ from optimus.core.outputs import CommitEvent, RequestOutput, TokenIds
 from optimus.core.plan import RequestWork, StepPlan
 from optimus.core.request import Request
 from optimus.decoding.rules import GREEDY_TEMPERATURE, CommitRule, RowDraws, keep_many
-from optimus.engine.answer_scan import scan_answers
+from optimus.engine.settle import Settler, extend_answer
 from optimus.engine.stats import EngineStats
 from optimus.executor.sampled_rows import propose  # rules.propose, also on a shard's undrawn rows
-from optimus.engine.stop_strings import first_stop, hold_back_stop_prefix
-from optimus.models.detokenizer import IncrementalDetokenizer
-from optimus.executor.runner import GreedyPick, LogitRequest, ModelRunner
+from optimus.engine.stop_strings import hold_back_stop_prefix
+from optimus.executor.logit_wants import LogitRequest, LogitWants
+from optimus.executor.runner import GreedyPick, ModelRunner
 from optimus.models.spec import ModelSpec
 from optimus.scheduler.scheduler import Scheduler
 
@@ -39,20 +39,13 @@ from optimus.scheduler.scheduler import Scheduler
 # vocab] fp32 logits and int64 noise (1,024 x 152k: 0.6 + 1.2 GB), never a whole step's worth.
 SAMPLED_ROWS_PER_PASS = 1024
 _IS_DONE = operator.attrgetter("is_done")
-_OUTPUT_LEN = operator.attrgetter("output_len")
-_STOP_IDS = operator.attrgetter("stop_ids")
+_REQUEST = operator.attrgetter("request")
+_WINDOW = operator.attrgetter("window")
 
 
 def _rows_of(wants: list[LogitRequest]) -> np.ndarray:
     """The logit rows of ``wants``, one after another."""
     return np.concatenate([np.arange(w.offset, w.offset + len(w.positions)) for w in wants])
-
-
-def _extend_answer(r: Request, n: int) -> None:
-    """``r.answer`` to at least ``n`` ids (commits are final: the answer only grows at its end)."""
-    if n > len(r.answer):
-        start = r.geometry.canvas_start
-        r.answer.extend(r.tokens[start + len(r.answer):start + n].tolist())
 
 
 def _by_rows(wants: list[LogitRequest], limit: int) -> list[list[LogitRequest]]:
@@ -77,6 +70,7 @@ class Postprocessor:
         self.runner = runner
         self.scheduler = scheduler
         self.fail = fail
+        self.settler = Settler(spec, tokenizer, scheduler, fail)  # finish checks, before the next plan
         self.step_index = 0  # the engine's step counter, stamped on commit events
         self.host_commit_s = 0.0  # host time of the latest greedy commit pass
         # Commits whose statistics and events are not yet recorded, in commit order: (works,
@@ -99,19 +93,26 @@ class Postprocessor:
         """Whether every one ``is_plain_greedy``: its cached flag read first, found where unknown."""
         return all(r.plain_greedy or (r.plain_greedy is None and self.is_plain_greedy(r)) for r in requests)
 
-    def commit_step(self, plan: StepPlan, hidden: torch.Tensor, wants: list[LogitRequest],
-                    pick: GreedyPick | None) -> None:
+    def commit_step(self, plan: StepPlan, hidden: torch.Tensor, wants: LogitWants, pick: GreedyPick | None) -> None:
         """Commit the step's proposals; ``pick``: every logit row already picked greedily.
         Every request of the plan holds its commit count of this step after it (0: none)."""
         for w in plan.works:
             r = w.request
             r.last_committed, r.open_after = 0, -1
+        h0 = time.perf_counter()
+        if pick is not None and isinstance(wants, LogitWants):
+            works = wants.works(plan)
+            if not any(map(_IS_DONE, map(_REQUEST, works))):  # the usual step: every window at once
+                tokens, conf = pick.read()
+                h0 = time.perf_counter()
+                self._commit_greedy(plan, wants, works, wants.lens, wants.positions, tokens, conf)
+                self.host_commit_s = time.perf_counter() - h0
+                return
         fast, slow = [], []
         for w in wants:
             r = plan.works[w.work_index].request
             if not r.is_done:  # finished or aborted while the step was in flight: drop its rows
                 (fast if self.is_plain_greedy(r) else slow).append(w)
-        h0 = time.perf_counter()
         if fast:
             if pick is not None:  # every logit row was picked at launch, in row order
                 tokens, conf = pick.read()
@@ -122,28 +123,30 @@ class Postprocessor:
                 index = torch.from_numpy(_rows_of(fast)).to(hidden.device)
                 tokens, conf = self.runner.greedy(hidden[index]).read()
             h0 = time.perf_counter()
-            self._commit_greedy(plan, fast, tokens, conf)
+            lens = np.fromiter((len(w.positions) for w in fast), np.int64, len(fast))
+            positions = np.fromiter(itertools.chain.from_iterable(w.positions for w in fast), np.int64,
+                                    int(lens.sum()))
+            self._commit_greedy(plan, fast, [plan.works[w.work_index] for w in fast], lens, positions, tokens, conf)
         self.host_commit_s = time.perf_counter() - h0
         for part in _by_rows(slow, SAMPLED_ROWS_PER_PASS):
             self._commit_sampled(plan, hidden, part)
 
-    def _commit_greedy(self, plan: StepPlan, fast: list[LogitRequest], tokens: torch.Tensor,
-                       conf: torch.Tensor) -> None:
-        """Greedy rows, ``fast``'s one after another in ``tokens``/``conf`` [M]: the commit rule
+    def _commit_greedy(self, plan: StepPlan, fast: Sequence[LogitRequest], works: list[RequestWork], lens: np.ndarray,
+                       positions: np.ndarray, tokens: torch.Tensor, conf: torch.Tensor) -> None:
+        """Greedy windows: ``fast``'s, of ``works``, ``lens`` [n] rows each, their masked
+        ``positions`` and rows laid end to end in ``tokens``/``conf`` [M]. The commit rule
         decides every window in one pass (rules.keep_many), then each request takes its commits."""
-        works = [plan.works[w.work_index] for w in fast]
-        lens = np.fromiter((len(w.positions) for w in fast), np.int64, len(fast))
+        windows = np.fromiter(itertools.chain.from_iterable(map(_WINDOW, works)), np.int64, 2 * len(works))
         try:
             keep = keep_many(self.commit_rule, conf.float().numpy(), lens, [w.request.params for w in works],
-                             [w.window[1] - w.window[0] for w in works])
+                             windows[1::2] - windows[0::2])
         except Exception:  # noqa: BLE001 - a request's own numerics or parameters: found one by one
             self._commit_each(works, fast, tokens, conf)
             return
-        positions = np.fromiter(itertools.chain.from_iterable(w.positions for w in fast), np.int64, keep.size)
         chosen = np.flatnonzero(keep)
         ends = np.searchsorted(chosen, np.cumsum(lens))
         canvases = plan.canvases
-        slots = canvases.slots(w.request for w in works) if canvases is not None else None
+        slots = canvases.slots(map(_REQUEST, works)) if canvases is not None else None
         if slots is not None:
             self._apply_all(works, canvases, canvases.base[slots], positions, chosen, tokens.numpy()[chosen], lens,
                             ends)
@@ -165,7 +168,7 @@ class Postprocessor:
         to end (``lens`` [n] a window), ``chosen`` the indices of those committed (``ends`` [n]:
         where each window's commits end in ``chosen``), ``tokens`` theirs. One indexed write
         each for tokens and flags; a loop only sets two counters."""
-        requests = [w.request for w in works]
+        requests = list(map(_REQUEST, works))
         owner = np.repeat(np.arange(len(works)), lens)[chosen]
         committed_positions = positions[chosen]
         at = base[owner] + committed_positions
@@ -297,101 +300,11 @@ class Postprocessor:
                                             tuple(tokens[a:b])))
                 a = b
 
-    # ---- finish and report -------------------------------------------------------------
-    def settle_all(self, requests: list[Request]) -> list[Request]:
-        """:meth:`settle` each of ``requests`` -> those with news, in order. Where all of them
-        live on the scheduler's canvases, one array pass (``answer_scan``) settles the quiet
-        ones (their answers grew and nothing can end them); only the rest run :meth:`settle`.
-        A request whose own checks raise ends through ``fail`` (reported with its news there)."""
-        requests = list(itertools.filterfalse(_IS_DONE, requests))
-        canvases = self.scheduler.canvases
-        slots = canvases.slots(requests) if requests else None
-        if slots is None:
-            return [r for r in requests if self._guarded_settle(r)]
-        scan = scan_answers(canvases, slots, requests, self._stop_union(requests))
-        news = scan.grew.copy()
-        quiet = np.flatnonzero(scan.quiet)
-        first_tokens = quiet[np.fromiter(map(_OUTPUT_LEN, requests), np.int64, len(requests))[quiet] == 0]
-        for i, n in zip(quiet.tolist(), scan.length[quiet].tolist()):
-            r = requests[i]
-            r.output_len = r.frontier = r.stop_scanned = n  # the answer list grows at output()
-        for i in first_tokens.tolist():
-            requests[i].stats.first_token_time = time.monotonic()
-        for i in np.flatnonzero(~scan.quiet & (scan.grew | ~scan.found)).tolist():
-            news[i] = self._guarded_settle(requests[i])
-        for i in np.flatnonzero(~scan.grew & scan.found).tolist():
-            r = requests[i]
-            news[i] = bool(r.last_committed or r.events)
-        return list(itertools.compress(requests, news.tolist()))
-
-    def _guarded_settle(self, r: Request) -> bool:
-        try:
-            return self.settle(r)
-        except Exception as exc:  # stop checks of one request
-            self.fail(r, exc)
-            return False
-
-    def _stop_union(self, requests: list[Request]) -> frozenset[int]:
-        sets = list(map(_STOP_IDS, requests))
-        if None in sets:
-            sets = [self._stop_ids(r) for r in requests]
-        return frozenset().union(*sets)
-
-    def _stop_ids(self, r: Request) -> frozenset[int]:
-        """The ids that end ``r``'s answer (found once)."""
-        if r.stop_ids is None:
-            p = r.params
-            r.stop_ids = frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else frozenset(self.spec.eos_ids))
-        return r.stop_ids
-
-    def settle(self, r: Request) -> bool:
-        """Finish ``r`` if its answer is complete; whether it has news to report (``output``).
-        The cheap half of reporting: the step after may be planned once every request settled."""
-        if r.is_done:
-            return False
-        n = min(r.contiguous_answer_len(), r.params.max_tokens)
-        if n == r.output_len:  # the answer did not grow: the finish checks would see what they saw
-            return bool(r.last_committed or r.events)
-        _extend_answer(r, n)
-        reason, keep = self._finish_reason(r, n)
-        if n > 0 and r.stats.first_token_time is None:
-            r.stats.first_token_time = time.monotonic()
-        r.output_len = keep if reason else n
-        if reason is not None:
-            r.stats.finish_time = time.monotonic()
-            self.scheduler.finish(r, reason)
-        return True
-
-    def _finish_reason(self, r: Request, n: int) -> tuple[str | None, int]:
-        """Over the contiguous answer of ``n`` tokens -> (reason or None, tokens to keep).
-        Only the tokens not scanned before are read (stop ids), so a step costs O(new)."""
-        p = r.params
-        stop_ids = self._stop_ids(r)
-        first = max(r.stop_scanned, p.min_tokens)
-        if stop_ids and first < n:
-            for i, token in enumerate(r.answer[first:n], first):
-                if token in stop_ids:
-                    return "stop", i  # the stop token itself is not part of the answer
-        r.stop_scanned = max(r.stop_scanned, n)
-        if p.stop:
-            text = self._text(r, TokenIds(r.answer, n))
-            cut = first_stop(text, p.stop)
-            if cut is not None:
-                r.done_text = text[:cut]
-                return "stop", n
-        if n >= p.max_tokens:
-            return "length", n
-        return None, n
-
-    def _text(self, r: Request, ids: TokenIds) -> str:
-        if r.detokenizer is None:
-            r.detokenizer = IncrementalDetokenizer(self.tokenizer, r.params.skip_special_tokens)
-        return r.detokenizer.finish(ids) if r.is_done else r.detokenizer.update(ids)
-
+    # ---- report ------------------------------------------------------------------------
     def output(self, r: Request, text: str | None = None) -> RequestOutput:
         """``r``'s output now (the caller runs :meth:`account` first); ``text`` given: that
         text, nothing detokenized."""
-        _extend_answer(r, r.output_len)
+        extend_answer(r, r.output_len)
         ids = TokenIds(r.answer, r.output_len)  # the list only grows
         if text is None:
             text = self._output_text(r, ids)
@@ -407,5 +320,5 @@ class Postprocessor:
         if r.is_done and r.detokenizer is None:
             skip = r.params.skip_special_tokens
             return self.tokenizer.decode(ids, skip_special_tokens=skip) if self.final_text else ""
-        text = self._text(r, ids)
+        text = self.settler.text(r, ids)
         return hold_back_stop_prefix(text, r.params.stop) if r.params.stop and not r.is_done else text

@@ -8,13 +8,13 @@ import operator
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import numpy as np
 
 import torch
 
 from optimus.executor.kv_storage import KVCacheStorage
+from optimus.executor.logit_wants import LogitRequest, LogitWants, logit_wants  # noqa: F401 - LogitRequest: feed()'s items
 from optimus.executor.sampled_rows import SampledRows
 from optimus.core.plan import StepPlan
 from optimus.kernels import group_attention, request_start_rows, visible_key_end, write_kv
@@ -74,14 +74,6 @@ class GreedyPick:
         sources = {plan.works[w.work_index].request.request_id: (w.positions[0], w.offset)
                    for w in wants if len(w.positions) == 1}
         return TokenFeed(self.tokens, sources)
-
-
-class LogitRequest(NamedTuple):  # a tuple: one is built per decoding request per step
-    """Which predicted positions of a work item the rows of ``logits[offset:offset+n]`` serve."""
-
-    work_index: int
-    positions: tuple[int, ...]
-    offset: int
 
 
 class PageTables:
@@ -148,26 +140,6 @@ def _window_bounds(windows: list) -> tuple[list[tuple[int, int]], np.ndarray, np
         windows = [w or _NO_WINDOW for w in windows]
     lo_hi = np.fromiter(itertools.chain.from_iterable(windows), np.int64, 2 * len(windows)).reshape(-1, 2)
     return windows, lo_hi[:, 0], lo_hi[:, 1]
-
-
-def _logit_rows(open_: np.ndarray, lo: np.ndarray, width: np.ndarray,
-                first_row: np.ndarray) -> tuple[list[LogitRequest], np.ndarray]:
-    """The rows whose logits a step needs: each decode window's masked positions, in work
-    order. Work i's window is ``[lo[i], lo[i] + width[i])`` (width 0: no window) and
-    ``open_`` [sum(width)] bool its positions' masked flags, the windows laid end to end; work
-    i's position p is predicted by step row ``first_row[i] + p``. -> (one LogitRequest per
-    window with any, their rows [M] int64)."""
-    n = width.size
-    found = np.flatnonzero(open_)  # open positions, as offsets into the windows laid end to end
-    if not found.size:
-        return [], np.zeros(0, np.int64)
-    owner = np.repeat(np.arange(n), width)[found]  # nondecreasing
-    positions = lo[owner] + found - (np.cumsum(width) - width)[owner]
-    bounds = np.searchsorted(owner, np.arange(n + 1))
-    served = np.flatnonzero(bounds[1:] > bounds[:-1])  # the windows with an open position
-    firsts, lasts, position_list = bounds[served].tolist(), bounds[served + 1].tolist(), positions.tolist()
-    wants = [LogitRequest(i, tuple(position_list[a:b]), a) for i, a, b in zip(served.tolist(), firsts, lasts)]
-    return wants, first_row[owner] + positions
 
 
 def _window_flags(requests, windows, lo: np.ndarray, width: np.ndarray, base: np.ndarray | None,
@@ -298,8 +270,8 @@ class ModelRunner:
         self.staging = HostStaging(device)
         self.page_tables = PageTables()
 
-    def build(self, plan: StepPlan, feed: TokenFeed | None = None) -> tuple[StepBatch, list[LogitRequest]]:
-        """Vectorised over rows and requests: per request, a few slices and one LogitRequest.
+    def build(self, plan: StepPlan, feed: TokenFeed | None = None) -> tuple[StepBatch, LogitWants]:
+        """Vectorised over rows and requests: per request, a few slices.
         A work whose first row is a position in ``feed`` reads that row's token from it."""
         works, ps = plan.works, self.page_size
         n = len(works)
@@ -325,7 +297,7 @@ class ModelRunner:
         carries_prompt = None in windows and plan.carries_prompt  # a prompt piece has no window
         windows, lo, hi = _window_bounds(windows)
         open_ = _window_flags(requests, windows, lo, hi - lo, base, canvases)
-        wants, logit_rows = _logit_rows(open_, lo, hi - lo, cu[:-1] - starts - shift)
+        wants, logit_rows = logit_wants(open_, lo, hi - lo, cu[:-1] - starts - shift)
         fed = _fed_rows(requests, starts, ends, hi > lo, cu, feed) if feed is not None else ()
         ids_d, pos_d, slots_d, logit_d, *fed_d = self.staging.upload((ids, pos, slots, logit_rows, *fed), np.int64)
         if fed:
@@ -349,7 +321,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, plan: StepPlan, feed: TokenFeed | None = None,
-            on_built: Callable[[], None] | None = None) -> tuple[torch.Tensor, list[LogitRequest]]:
+            on_built: Callable[[], None] | None = None) -> tuple[torch.Tensor, LogitWants]:
         """-> (final hidden states [M, d] of the rows whose logits are needed, what each serves).
         ``on_built`` runs between the batch build and the forward (a device timer's start)."""
         t0 = time.perf_counter()

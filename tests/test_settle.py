@@ -1,4 +1,4 @@
-"""The array pass that settles a step's quiet requests (engine/answer_scan.py) decides exactly
+"""The array pass that settles a step's quiet requests (engine/settle.py) decides exactly
 what settling each request alone decides: same answers, finish reasons, texts and outputs."""
 
 import numpy as np
@@ -7,8 +7,8 @@ import pytest
 from fixtures.engine import tiny_loaded
 from optimus.core.canvases import Canvases
 from optimus.core.params import SamplingParams
-from optimus.engine import postprocess
-from optimus.engine.answer_scan import scan_answers
+from optimus.engine import settle
+from optimus.engine.settle import scan_answers
 from optimus.engine.llm import LLM
 
 
@@ -48,7 +48,7 @@ def test_settling_in_arrays_equals_settling_each_request(monkeypatch, policy):
         else:
             params.append(p)
     in_arrays = _run(loaded, prompts, params, policy)
-    monkeypatch.setattr(postprocess, "scan_answers", _unused)
+    monkeypatch.setattr(settle, "scan_answers", _unused)
     monkeypatch.setattr(Canvases, "slots", staticmethod(lambda requests: None))  # one request at a time
     one_by_one = _run(loaded, prompts, params, policy)
     assert in_arrays == one_by_one
