@@ -6,12 +6,14 @@ sit in two steps at once (neither planned nor preempted while its step is in fli
 import random
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 from optimus.config import SchedulerConfig
 from optimus.core.params import SamplingParams
 from optimus.core.request import Request, RequestState, make_geometry
 from optimus.engine.llm import LLM
+from optimus.executor.logit_wants import LogitWants
 from optimus.policy.fixed import FixedPolicy
 from optimus.scheduler.pages import PageAllocator
 from optimus.scheduler.scheduler import Scheduler
@@ -286,7 +288,8 @@ def test_whole_steps_with_certain_commits_are_assumed_and_stop_the_halves():
     from optimus.engine.flight import FlightRules, InFlight, PipelineFrom
 
     def flight(positions_per_window):
-        wants = [SimpleNamespace(positions=tuple(range(n))) for n in positions_per_window]
+        bounds = np.cumsum([0, *positions_per_window])
+        wants = LogitWants(np.arange(len(positions_per_window)), bounds, np.arange(bounds[-1]))
         return InFlight(None, None, wants, pick=object(), t_launch=0.0, overhead=0.0, captured=False,
                         device_time=None)
 

@@ -92,7 +92,7 @@ class InFlight:
     def commits_certain(self) -> bool:
         """Every window predicts one open position: every rule commits exactly that one, so
         which positions commit is known before the tokens are read (a causal step always)."""
-        return all(len(w.positions) == 1 for w in self.wants)
+        return self.wants.rows == len(self.wants)  # one row per window, each window at least one
 
     def request_ids(self) -> frozenset[str]:
         return frozenset(w.request.request_id for w in self.plan.works)

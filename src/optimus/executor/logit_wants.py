@@ -40,6 +40,11 @@ class LogitWants(Sequence):
         return cls(np.zeros(0, np.int64), np.zeros(1, np.int64), np.zeros(0, np.int64))
 
     @property
+    def rows(self) -> int:
+        """Logit rows over every window (M)."""
+        return self.positions.size
+
+    @property
     def lens(self) -> np.ndarray:
         """[k] each window's rows (>= 1)."""
         return np.diff(self.bounds)
