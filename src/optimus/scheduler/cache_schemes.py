@@ -193,6 +193,21 @@ class DualCache(_Refreshing):
                            visible=r.geometry.canvas_end, refresh=lead is not None and lead.refresh)
 
 
+def decode_works(scheme: CacheScheme, requests: list[Request], leads: dict[str, RequestWork],
+                 windows: list[tuple[int, int]], ensure: EnsurePages) -> list[RequestWork]:
+    """``scheme.decode_work`` of each request for its window, after its lead (``leads`` by
+    request id). Where the prefix-block scheme runs a non-causal model without suffix rows, a
+    decode work is just the window's rows after the lead, nothing stored: built inline, not
+    by a call per request (a step at 256 requests builds 256)."""
+    get = leads.get
+    if isinstance(scheme, PrefixBlock) and scheme.attention is not AttentionKind.CAUSAL and not (
+            scheme.attention is AttentionKind.FULL and scheme.suffix_window):
+        return [RequestWork(r, lead.start if (lead := get(r.request_id)) is not None else r.cache_len,
+                            hi - r.geometry.shift, r.cache_len, None, (lo, hi))
+                for r, (lo, hi) in zip(requests, windows)]
+    return [scheme.decode_work(r, get(r.request_id), window, ensure) for r, window in zip(requests, windows)]
+
+
 def make_scheme(name: str, attention: AttentionKind, suffix_window: int = 0) -> CacheScheme:
     """The scheme named by ``--cache-mode``; ``auto``: dual cache for full-attention models,
     prefix-block (exact) for causal and block-causal ones."""

@@ -21,7 +21,7 @@ import time
 import numpy as np
 
 from optimus.config import SchedulerConfig
-from optimus.scheduler.cache_schemes import CacheScheme, PrefixBlock
+from optimus.scheduler.cache_schemes import CacheScheme, PrefixBlock, decode_works
 from optimus.scheduler.pages import PageAllocator
 from optimus.policy import ChunkPolicy, RequestView, StepFeedback, StepView
 from optimus.core.canvases import Canvases
@@ -104,12 +104,13 @@ class Scheduler:
         slots = self.canvases.slots(decoders)
         bounds = self._window_bounds(decoders, slots)
         chunks = self._choose_chunks(decoders, (bounds[1] - bounds[0]).tolist(), fixed, budget)
-        decode_work, ensure = self.scheme.decode_work, self._ensure_pages
-        for r, window in zip(decoders, self._plan_windows(decoders, slots, bounds, chunks)):
-            if r.state is not RequestState.DECODING:
-                continue  # preempted while planning leads
-            works.append(decode_work(r, leads.get(r.request_id), window, ensure))
-            r.chunk = window[1] - window[0]
+        windows = self._plan_windows(decoders, slots, bounds, chunks)
+        if any(r.state is not RequestState.DECODING for r in decoders):  # preempted while planning leads
+            kept = [i for i, r in enumerate(decoders) if r.state is RequestState.DECODING]
+            decoders, windows = [decoders[i] for i in kept], [windows[i] for i in kept]
+        works += decode_works(self.scheme, decoders, leads, windows, self._ensure_pages)
+        for r, (lo, hi) in zip(decoders, windows):
+            r.chunk = hi - lo
         budget -= sum(w.end - w.start for w in works)
         budget = self._plan_prefills(works, budget)
         self._admit(works, budget)
@@ -119,15 +120,13 @@ class Scheduler:
         """Reserve pages for the rows each decoder runs before its window (a finished window's
         commit group, a cache refresh), preempting if short. A refresh that does not fit the
         budget waits for a later step, unless it is the step's first (progress)."""
+        if self.scheme.prefills:  # a scheme that prefills never refreshes: only stores lead
+            return self._plan_stores(decoders)
         out, ready, used = {}, [], 0
-        prefills = self.scheme.prefills  # a scheme that prefills never refreshes
         for r in decoders:
             if r.state is not RequestState.DECODING:
                 continue
-            if prefills and r.pending_store is None:  # nothing runs before its window
-                ready.append(r)
-                continue
-            refresh = 0 if prefills else self.scheme.lead_rows(r)
+            refresh = self.scheme.lead_rows(r)
             if refresh and used and used + refresh > budget:
                 continue
             lead = self.scheme.lead_work(r, self._ensure_pages)
@@ -138,6 +137,21 @@ class Scheduler:
                 used += lead.end - lead.start
             if not (refresh and lead is None):  # a refresh short of pages waits
                 ready.append(r)
+        return ready, out
+
+    def _plan_stores(self, decoders: list[Request]) -> tuple[list[Request], dict[str, RequestWork]]:
+        """:meth:`_plan_leads` where the only lead is a finished window's store: the requests
+        with one store it (pages reserved, may preempt); the rest run their window alone."""
+        out, ended = {}, set()
+        for r in [r for r in decoders if r.pending_store is not None]:
+            if r.state is not RequestState.DECODING:
+                continue  # preempted by an earlier store
+            lead = self.scheme.lead_work(r, self._ensure_pages)
+            if r.window_bounds()[0] >= r.geometry.canvas_end:
+                ended.add(r.request_id)  # its last window, committed by a step still in flight: it ends there
+            elif lead is not None:
+                out[r.request_id] = lead
+        ready = [r for r in decoders if r.state is RequestState.DECODING and r.request_id not in ended]
         return ready, out
 
     def _window_bounds(self, decoders: list[Request], slots: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
