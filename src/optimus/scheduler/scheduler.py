@@ -11,7 +11,6 @@ not moved yet): they are neither planned nor preempted, so two steps never hold 
 
 from __future__ import annotations
 
-import bisect
 import collections
 import dataclasses
 import itertools
@@ -23,6 +22,7 @@ import numpy as np
 from optimus.config import SchedulerConfig
 from optimus.scheduler.cache_schemes import CacheScheme, PrefixBlock, decode_works
 from optimus.scheduler.pages import PageAllocator
+from optimus.scheduler.prefill import piece_len, prefill_groups
 from optimus.policy import ChunkPolicy, RequestView, StepFeedback, StepView
 from optimus.core.canvases import Canvases
 from optimus.core.errors import QueueFullError
@@ -32,6 +32,7 @@ from optimus.models.spec import AttentionKind
 
 
 _CACHE_LEN = operator.attrgetter("cache_len")
+_STATE = operator.attrgetter("state")
 
 
 class Scheduler:
@@ -95,10 +96,7 @@ class Scheduler:
         self._busy = busy
         budget = self.config.max_tokens_per_step
         works: list[RequestWork] = []
-        # A request with no position left to predict only awaits its in-flight step's tokens.
-        decoders = [r for r in self.running
-                    if r.state is RequestState.DECODING and r.request_id not in busy
-                    and r.window_bounds()[0] < r.geometry.canvas_end][:max_decoders]
+        decoders = self._decoders(busy)[:max_decoders]
         decoders, leads = self._plan_leads(decoders, budget)
         fixed = sum(w.end - w.start for w in leads.values())
         slots = self.canvases.slots(decoders)
@@ -115,6 +113,20 @@ class Scheduler:
         budget = self._plan_prefills(works, budget)
         self._admit(works, budget)
         return StepPlan(works, self.canvases)
+
+    def _decoders(self, busy: frozenset[str]) -> list[Request]:
+        """The running requests that decode this step, in order: not in ``busy``, and with a
+        position left to predict (one with none only awaits its in-flight step's tokens).
+        Found on the canvases' columns where every running request lives there."""
+        running = self.running
+        slots = self.canvases.slots(running) if running and not busy else None
+        if slots is None:
+            return [r for r in running if r.state is RequestState.DECODING and r.request_id not in busy
+                    and r.window_bounds()[0] < r.geometry.canvas_end]
+        lo, _ = self.canvases.window_bounds(slots, np.fromiter(map(_CACHE_LEN, running), np.int64, len(running)))
+        decoding = np.fromiter(map(operator.is_, map(_STATE, running), itertools.repeat(RequestState.DECODING)),
+                               bool, len(running))
+        return list(itertools.compress(running, (decoding & (lo < self.canvases.canvas_end[slots])).tolist()))
 
     def _plan_leads(self, decoders: list[Request], budget: int) -> tuple[list[Request], dict[str, RequestWork]]:
         """Reserve pages for the rows each decoder runs before its window (a finished window's
@@ -216,42 +228,18 @@ class Scheduler:
                           for r, left in decoders)
             plan(StepView(views, fixed_tokens=0, token_budget=1 << 30))
 
-    def _prefill_groups(self, r: Request, start: int, end: int) -> list[int]:
-        """The prompt as the model reads it (block-causal: by blocks; full attention: one
-        bidirectional group); rows recomputed after it (after preemption) by the segments they
-        were stored in (``Request.stored_ends``), each seeing itself and what came before, as
-        when it was stored: exact at every chunk size."""
-        if self.attention is AttentionKind.CAUSAL:
-            return list(range(start, end))
-        g = r.geometry
-        block_causal = self.attention is AttentionKind.BLOCK_CAUSAL
-        after_prompt = g.prefill_len // g.block_size + 1 if block_causal else 1  # above every prompt group
-        groups = []
-        for p in range(start, end):
-            if p < g.prefill_len:
-                groups.append(p // g.block_size if block_causal else 0)
-            else:
-                groups.append(after_prompt + bisect.bisect_right(r.stored_ends, p))
-        return groups
-
-    def _piece_len(self, r: Request, remaining: int, budget: int) -> int:
-        n = min(remaining, self.config.prefill_chunk, budget)
-        if self.attention is AttentionKind.BLOCK_CAUSAL and n < remaining:
-            n -= (r.cache_len + n) % r.geometry.block_size  # pieces end on block boundaries
-        return max(n, 0)
-
     def _plan_prefills(self, works: list[RequestWork], budget: int) -> int:
         prefilling = [r for r in self.running
                       if r.state is RequestState.PREFILLING and r.request_id not in self._busy]
         for r in prefilling:
             target = self._recompute_len.get(r.request_id, r.geometry.prefill_len)
-            n = self._piece_len(r, target - r.cache_len, budget)
+            n = piece_len(self.attention, self.config.prefill_chunk, r, target - r.cache_len, budget)
             if n <= 0:
                 continue
             if not self._ensure_pages(r, r.cache_len + n, preempt=False):
                 break
             a, b = r.cache_len, r.cache_len + n
-            works.append(RequestWork(r, a, b, b, self._prefill_groups(r, a, b), None))
+            works.append(RequestWork(r, a, b, b, prefill_groups(self.attention, r, a, b), None))
             budget -= n
         return budget
 
@@ -291,11 +279,11 @@ class Scheduler:
                 r.transition(RequestState.DECODING)
                 continue
             r.transition(RequestState.PREFILLING)
-            n = self._piece_len(r, target, budget)
+            n = piece_len(self.attention, self.config.prefill_chunk, r, target, budget)
             if n <= 0:
                 continue
             self._ensure_pages(r, n, preempt=False)
-            works.append(RequestWork(r, 0, n, n, self._prefill_groups(r, 0, n), None))
+            works.append(RequestWork(r, 0, n, n, prefill_groups(self.attention, r, 0, n), None))
             budget -= n
 
     def _ensure_pages(self, r: Request, num_tokens: int, preempt: bool = True) -> bool:
