@@ -15,15 +15,16 @@ from __future__ import annotations
 
 import collections
 import json
+import operator
 
 from optimus.bench.host_time import timed
 from optimus.bench.timed_runs import timed_generate
 from optimus.executor import runner as runner_module
 
-# (object attribute path from the engine, method, phase)
+# (attribute path from the engine, dotted, method, phase)
 _WRAPPED = (("scheduler", "schedule", "schedule"), ("scheduler", "learn_and_plan_ahead", "learning"),
             ("scheduler", "complete_step", "cursors"), ("runner", "build", "build"), ("runner", "run", "run"),
-            ("post", "commit_step", "commit_all"), ("post", "settle", "settle"), ("", "_report", "outputs"),
+            ("post", "commit_step", "commit_all"), ("post.settler", "settle_all", "settle"), ("", "_report", "outputs"),
             ("", "step", "step"))
 
 
@@ -41,7 +42,7 @@ class PhaseTimers:
             return
         self._engines.add(id(engine))
         for path, name, phase in _WRAPPED:
-            owner = getattr(engine, path) if path else engine
+            owner = operator.attrgetter(path)(engine) if path else engine
             setattr(owner, name, self._timed(getattr(owner, name), phase))
         # The policy object changes between policies: its choice is timed on the scheduler's side.
         engine.scheduler._choose_chunks = self._timed(engine.scheduler._choose_chunks, "choose")
