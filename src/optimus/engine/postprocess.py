@@ -2,10 +2,10 @@
 
 Commit: greedy requests share one batched LM-head pass (picked at launch when every row is
 greedy) and one pass of the commit rule over all their windows (``rules.keep_many``); sampled or
-constrained (``min_tokens``) rows share one head call and one vectorised draw. Settle: the
-contiguous committed answer is scanned for stop ids (only what was not scanned before) and stop
-strings and cut at ``max_tokens``; a finished request ends here. Output: the answer, detokenized
-incrementally, as a ``RequestOutput`` (the engine builds it after the next step's launch).
+constrained (``min_tokens``) rows share one head call and one vectorised draw. Settle
+(``engine/settle.py``): the finish checks, a finished request ends there. Output: the answer,
+detokenized incrementally, as a ``RequestOutput`` (the engine builds it after the next step's
+launch).
 
 Failures in one request's own code (sampling, constraint, commit, stop checks, detokenizing) end
 that request only, through ``fail``; the engine reports it with the step's news."""

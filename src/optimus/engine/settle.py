@@ -37,6 +37,9 @@ _STOP_IDS = operator.attrgetter("stop_ids")
 
 
 class Settler:
+    """The finish checks of a step's requests, before the next step is planned; the
+    incremental text they and the outputs read (``text``)."""
+
     def __init__(self, spec: ModelSpec, tokenizer, scheduler: Scheduler,
                  fail: Callable[[Request, BaseException], None]) -> None:
         self.spec, self.tokenizer, self.scheduler, self.fail = spec, tokenizer, scheduler, fail

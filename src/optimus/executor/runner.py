@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from optimus.executor.kv_storage import KVCacheStorage
-from optimus.executor.logit_wants import LogitRequest, LogitWants, logit_wants  # noqa: F401 - LogitRequest: feed()'s items
+from optimus.executor.logit_wants import LogitWants, logit_wants
 from optimus.executor.sampled_rows import SampledRows
 from optimus.core.plan import StepPlan
 from optimus.kernels import group_attention, request_start_rows, visible_key_end, write_kv
@@ -69,7 +69,7 @@ class GreedyPick:
             self._ready = None
         return self._host
 
-    def feed(self, wants: list[LogitRequest], plan: StepPlan) -> TokenFeed:
+    def feed(self, wants: LogitWants, plan: StepPlan) -> TokenFeed:
         """The picks of single-position wants, as next-step inputs (causal decoding)."""
         sources = {plan.works[w.work_index].request.request_id: (w.positions[0], w.offset)
                    for w in wants if len(w.positions) == 1}
