@@ -1,4 +1,4 @@
-"""A step's decode works built at once (cache_schemes.decode_works) equal the scheme's
+"""A step's decode works built at once (CacheScheme.decode_works) equal the scheme's
 decode_work request by request, leads and shifted rows included."""
 
 import random
@@ -10,7 +10,7 @@ from optimus.core.params import SamplingParams
 from optimus.core.plan import RequestWork
 from optimus.core.request import Request, make_geometry
 from optimus.models.spec import AttentionKind
-from optimus.scheduler.cache_schemes import PrefixBlock, decode_works
+from optimus.scheduler.cache_schemes import PrefixBlock
 
 
 def _fields(w: RequestWork) -> tuple:
@@ -39,4 +39,4 @@ def test_decode_works_equal_each_requests_decode_work(attention, shift, suffix):
         requests.append(r)
     ensure = lambda r, n, preempt: True  # noqa: E731 - pages are never short here
     expected = [scheme.decode_work(r, leads.get(r.request_id), w, ensure) for r, w in zip(requests, windows)]
-    assert [_fields(w) for w in decode_works(scheme, requests, leads, windows, ensure)] == [_fields(w) for w in expected]
+    assert [_fields(w) for w in scheme.decode_works(requests, leads, windows, ensure)] == [_fields(w) for w in expected]

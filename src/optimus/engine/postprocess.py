@@ -100,7 +100,7 @@ class Postprocessor:
             r = w.request
             r.last_committed, r.open_after = 0, -1
         h0 = time.perf_counter()
-        if pick is not None and isinstance(wants, LogitWants):
+        if pick is not None:
             works = wants.works(plan)
             if not any(map(_IS_DONE, map(_REQUEST, works))):  # the usual step: every window at once
                 tokens, conf = pick.read()

@@ -55,6 +55,12 @@ class CacheScheme(Protocol):
         whole block where the scheme does not choose chunks), after ``lead``."""
         ...
 
+    def decode_works(self, requests: list[Request], leads: dict[str, RequestWork],
+                     windows: list[tuple[int, int]], ensure: EnsurePages) -> list[RequestWork]:
+        """:meth:`decode_work` of each request for its window, after its lead (``leads`` by
+        request id): a step's decoders at once."""
+        ...
+
     def admit_tokens(self, r: Request, target: int) -> int:
         """KV tokens r must be able to hold to be admitted (``target``: rows to prefill)."""
         ...
@@ -62,6 +68,12 @@ class CacheScheme(Protocol):
     def preempted(self, r: Request) -> int:
         """Reset r's cache state after its pages were freed; -> rows to recompute."""
         ...
+
+
+def _each_decode_work(scheme: CacheScheme, requests: list[Request], leads: dict[str, RequestWork],
+                      windows: list[tuple[int, int]], ensure: EnsurePages) -> list[RequestWork]:
+    """``decode_works`` as one ``decode_work`` call per request."""
+    return [scheme.decode_work(r, leads.get(r.request_id), w, ensure) for r, w in zip(requests, windows)]
 
 
 def _store(r: Request, ensure: EnsurePages) -> RequestWork | None:
@@ -104,6 +116,18 @@ class PrefixBlock:
             groups = list(range(start, rows_hi))
         return RequestWork(r, start, rows_hi, store_end, groups, window)
 
+    def decode_works(self, requests: list[Request], leads: dict[str, RequestWork],
+                     windows: list[tuple[int, int]], ensure: EnsurePages) -> list[RequestWork]:
+        """Non-causal without suffix rows, a decode work is the window's rows after the lead,
+        nothing stored: built inline, not by a call per request (a step at 256 requests
+        builds 256)."""
+        if self.attention is AttentionKind.CAUSAL or (self.attention is AttentionKind.FULL and self.suffix_window):
+            return _each_decode_work(self, requests, leads, windows, ensure)
+        get = leads.get
+        return [RequestWork(r, lead.start if (lead := get(r.request_id)) is not None else r.cache_len,
+                            hi - r.geometry.shift, r.cache_len, None, (lo, hi))
+                for r, (lo, hi) in zip(requests, windows)]
+
     def admit_tokens(self, r: Request, target: int) -> int:
         # The whole prompt plus one block: never admit a request that would force a preemption.
         return target + r.geometry.block_size
@@ -121,6 +145,10 @@ class _Refreshing:
     """Shared by the Fast-dLLM schemes: no prefill; a whole-sequence forward at each block start."""
 
     prefills = False
+
+    def decode_works(self, requests: list[Request], leads: dict[str, RequestWork],
+                     windows: list[tuple[int, int]], ensure: EnsurePages) -> list[RequestWork]:
+        return _each_decode_work(self, requests, leads, windows, ensure)
 
     def _refresh_due(self, r: Request) -> bool:
         """Whether r's next window (after any pending store) opens a block not yet refreshed."""
@@ -191,21 +219,6 @@ class DualCache(_Refreshing):
         # Every row is written (its slot replaced), but only rows before the window are final.
         return RequestWork(r, start, end, end, [1] * (end - start), window, final=rows_lo,
                            visible=r.geometry.canvas_end, refresh=lead is not None and lead.refresh)
-
-
-def decode_works(scheme: CacheScheme, requests: list[Request], leads: dict[str, RequestWork],
-                 windows: list[tuple[int, int]], ensure: EnsurePages) -> list[RequestWork]:
-    """``scheme.decode_work`` of each request for its window, after its lead (``leads`` by
-    request id). Where the prefix-block scheme runs a non-causal model without suffix rows, a
-    decode work is just the window's rows after the lead, nothing stored: built inline, not
-    by a call per request (a step at 256 requests builds 256)."""
-    get = leads.get
-    if isinstance(scheme, PrefixBlock) and scheme.attention is not AttentionKind.CAUSAL and not (
-            scheme.attention is AttentionKind.FULL and scheme.suffix_window):
-        return [RequestWork(r, lead.start if (lead := get(r.request_id)) is not None else r.cache_len,
-                            hi - r.geometry.shift, r.cache_len, None, (lo, hi))
-                for r, (lo, hi) in zip(requests, windows)]
-    return [scheme.decode_work(r, get(r.request_id), window, ensure) for r, window in zip(requests, windows)]
 
 
 def make_scheme(name: str, attention: AttentionKind, suffix_window: int = 0) -> CacheScheme:

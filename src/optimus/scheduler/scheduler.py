@@ -20,7 +20,7 @@ import time
 import numpy as np
 
 from optimus.config import SchedulerConfig
-from optimus.scheduler.cache_schemes import CacheScheme, PrefixBlock, decode_works
+from optimus.scheduler.cache_schemes import CacheScheme, PrefixBlock
 from optimus.scheduler.pages import PageAllocator
 from optimus.scheduler.prefill import piece_len, prefill_groups
 from optimus.policy import ChunkPolicy, RequestView, StepFeedback, StepView
@@ -106,7 +106,7 @@ class Scheduler:
         if any(r.state is not RequestState.DECODING for r in decoders):  # preempted while planning leads
             kept = [i for i, r in enumerate(decoders) if r.state is RequestState.DECODING]
             decoders, windows = [decoders[i] for i in kept], [windows[i] for i in kept]
-        works += decode_works(self.scheme, decoders, leads, windows, self._ensure_pages)
+        works += self.scheme.decode_works(decoders, leads, windows, self._ensure_pages)
         for r, (lo, hi) in zip(decoders, windows):
             r.chunk = hi - lo
         budget -= sum(w.end - w.start for w in works)
