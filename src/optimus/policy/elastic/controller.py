@@ -24,10 +24,11 @@ its own curve ``1 + L (tau(C) - 1)``, its level ``L`` measured from its own comm
 (:class:`RequestConfidence`), so one step can run some requests at 1 and others at 32.
 
 Where the engine overlaps steps whose windows all hold one open position (``unit_steps_overlap``:
-their commits are known at launch, so the host plans the next step while the device runs this
-one), the plan with every request at size 1 pays the device's time alone. (Measured, the time
-between two overlapped steps' ends also carries whatever the host did for the steps around
-them, prompts' prefill included: a noisier price than none while the host keeps up.)
+commits known at launch, the host plans step N+1 while the device runs N), the plan with
+everyone at size 1 pays the device's time alone (measured between overlapped steps' ends, the
+time also carries the host's work for the steps around them: noisier than none while it keeps up).
+Where graphs serve the steps, a bucket measured lately is priced at what it measured
+(:class:`BucketMemory`), others at the corrected profile.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ import numpy as np
 
 from optimus.policy.elastic.latency import LatencyProfile
 from optimus.policy.base import StepFeedback, StepView, override_chunk
+from optimus.policy.elastic.bucket_memory import BucketMemory
 from optimus.policy.elastic.confidence import RequestConfidence
 from optimus.policy.elastic.estimators import LatencyCorrector, TauEstimator, TokenLoad, expected_latency
 from optimus.policy.elastic.graph_buckets import GraphBuckets
@@ -104,6 +106,7 @@ class ElasticPolicy:
         self.tau = TauEstimator(self.chunk_sizes, tau_prior, decay=tau_decay, adapt_prior=True)
         self.correction = LatencyCorrector(self.profile.knee)
         self.buckets = graph_buckets  # steps served from CUDA graphs cost their bucket (graph_buckets.py)
+        self.memory = BucketMemory()  # what each bucket measured, where graphs serve the steps
         self.load = TokenLoad(rate=load_rate)
         self.gaps = StepGaps()  # host time between steps, outside the forward (StepFeedback.overhead_s)
         # Host time in a whole step's latency beside its device time (none while that is unknown).
@@ -116,12 +119,10 @@ class ElasticPolicy:
         # Choices not yet observed, oldest first: (request ids, sizes, confidence levels). The
         # engine observes step N after choosing step N+1, so two may be pending.
         self._choices: collections.deque[tuple[frozenset, np.ndarray, np.ndarray]] = collections.deque(maxlen=4)
-        # Ladders by (planning cap, level) and rate curves by (ladder keys, pinned sizes,
-        # batch): valid until the next observe moves the estimates. Observe rebuilds the curve
-        # of the latest choice's requests (the engine runs it while the GPU computes a step),
-        # so choose, which the next step waits for, mostly looks it up: while that guess holds.
-        # Under a stream of arrivals and finishes the next step's requests differ more often than
-        # not, and a curve built ahead for nothing is host time a host-bound step pays.
+        # Ladders by (planning cap, level), rate curves by (ladder keys, pinned, batch): valid
+        # until observe moves the estimates. Observe rebuilds the latest choice's curve while
+        # the GPU runs, so choose mostly looks it up: while that guess holds (under arrivals and
+        # finishes it mostly does not, and a curve built for nothing costs a host-bound step).
         self._ladders: dict[tuple[int, float], Ladder] = {}
         self._curves: dict[tuple, _Curve] = {}
         self._latest: tuple | None = None  # (request ids, caps, pinned, batch) of the latest choice
@@ -164,7 +165,11 @@ class ElasticPolicy:
 
     def predict_latency(self, tokens: np.ndarray, batch: int) -> np.ndarray:
         """Corrected latency curve at step token counts ``tokens`` [K], at the rows those steps run."""
-        return self.correction(self.profile.predict_many, self._rows_run(tokens), batch)
+        rows = self._rows_run(tokens)
+        corrected = self.correction(self.profile.predict_many, rows, batch)
+        if self.buckets is None:
+            return corrected
+        return self.memory.apply(rows, corrected, lambda n: self.profile.predict_many(n, batch))
 
     def _rows_run(self, tokens):
         """The rows steps of ``tokens`` run: their graph buckets' where graphs serve them. The
@@ -289,8 +294,10 @@ class ElasticPolicy:
             t0 = seconds / max(1.0, feedback.num_tokens / DEFAULT_KNEE)
             self.profile = LatencyProfile.synthetic(t0, DEFAULT_KNEE, t0 / DEFAULT_KNEE)
             self._rescale = False
-        self.correction.observe(self.profile.predict_many, float(self._rows_run(feedback.num_tokens)),
-                                max(len(feedback.chunk_sizes), 1), seconds)
+        rows, batch = float(self._rows_run(feedback.num_tokens)), max(len(feedback.chunk_sizes), 1)
+        self.correction.observe(self.profile.predict_many, rows, batch, seconds)
+        if self.buckets is not None and feedback.num_tokens <= self.buckets.limit and not prompts:
+            self.memory.observe(rows, seconds, float(self.profile.predict_many(np.array([rows]), batch)[0]))
 
     def _curve_for(self, keys: tuple, pinned: tuple, batch: int) -> _Curve:
         signature = (keys, pinned, batch)
