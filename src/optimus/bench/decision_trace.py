@@ -4,7 +4,7 @@ The sweep row's ``estimates`` show the controller's beliefs after a load, with i
 few requests behind them; a controller that chose a worse size in the steady state may hold
 sound beliefs by then. This records, at every allocation: the requests and their confidence
 levels, the sizes chosen, the plan's predicted rate, and the controller's predicted rate of
-every uniform size at that batch (``ElasticPolicy.estimates``), with the state behind it (the
+every uniform size at that batch (``beliefs.uniform_beliefs``), with the state behind it (the
 prefill load per commit and its spread, the host line, the latency correction). Recording
 costs host time on the traced steps, so a traced policy's rate is not a benchmark number.
 """
@@ -12,6 +12,8 @@ costs host time on the traced steps, so a traced policy's rate is not a benchmar
 from __future__ import annotations
 
 import numpy as np
+
+from optimus.policy.elastic.beliefs import uniform_beliefs
 
 
 class DecisionTrace:
@@ -34,7 +36,7 @@ class DecisionTrace:
 
     def _record(self, batch: int, sizes: list[int], levels: list[float]) -> None:
         p, plan = self.policy, self.policy.last_plan
-        beliefs = p.estimates(batch)
+        beliefs = uniform_beliefs(p, batch)
         chosen = np.bincount(np.asarray(sizes, dtype=int)) if sizes else np.zeros(1, dtype=int)
         self.runs[-1].append({
             "batch": batch, "sizes": {int(c): int(k) for c, k in enumerate(chosen) if k},

@@ -11,6 +11,8 @@ from optimus.core.params import SamplingParams, parse_policy_name
 from optimus.decoding.replay import Acceptance, ReplayAcceptance
 from optimus.engine.flight import pipeline_rule
 from optimus.engine.llm import LLM
+from optimus.policy.elastic.beliefs import uniform_beliefs
+from optimus.policy.elastic.controller import ElasticPolicy
 
 PIPELINED, AUTO_PIPELINED = "+pipeline", "+auto"
 TRACED = "elastic-traced"  # elastic, its every decision recorded (bench.decision_trace)
@@ -72,8 +74,8 @@ def run_sweep(target: Target, shape: str, policies, concurrencies, acceptance: A
         for name in active:
             r = median_run(runs[name])
             r.update(shape=shape, policy=name, concurrency=n, acceptance=f"replayed ({acceptance_name})")
-            if hasattr(controllers[name], "estimates"):  # elastic: its beliefs after the load
-                r["estimates"] = controllers[name].estimates(n)
+            if isinstance(controllers[name], ElasticPolicy):  # its beliefs after the load
+                r["estimates"] = uniform_beliefs(controllers[name], n)
             if name in traces:  # every run's decisions, in run order
                 r["decisions"], traces[name].runs = traces[name].runs[1:], [[]]
             print(f"  sweep {shape} {name:9s} conc={n:4d}: {r['output_tok_s']:.0f} tok/s "

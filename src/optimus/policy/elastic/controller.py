@@ -184,24 +184,6 @@ class ElasticPolicy:
         host = self.overhead_s + self.host(tokens)
         return np.where(everyone_unit, 0.0, host) if self.unit_steps_overlap else host
 
-    def estimates(self, batch: int) -> dict:
-        """What the controller currently believes, for ``batch`` requests all at one size C:
-        its tau, the rows such a step runs, the device time it predicts for them, the host time
-        around it, and the committed tokens per second that implies (what a benchmark reports
-        beside the sizes it chose, to tell a wrong belief from a wrong decision)."""
-        sizes = np.array(self.chunk_sizes, dtype=float)
-        tau = self._tau(sizes)
-        rows = batch * (sizes + self._rows_per_commit() * tau)
-        device = self.predict_latency(rows, batch)
-        host = self._host_s(rows, sizes == 1)
-        return {"sizes": sizes.astype(int).tolist(), "tau": tau.round(3).tolist(), "rows": rows.round(1).tolist(),
-                "device_ms": (device * 1e3).round(3).tolist(), "host_ms": (host * 1e3).round(3).tolist(),
-                "tok_s": (batch * tau / (device + host)).round(1).tolist(),
-                # the host-share line h(n) = a + b n: a in ms, b in us per row
-                "host_share_ms": [round(self.host.intercept * 1e3, 4), round(self.host.slope * 1e6, 4)],
-                "overhead_ms": round(self.overhead_s * 1e3, 4),
-                "correction": [round(self.correction.scale, 4), round(self.correction.stretch, 4)]}
-
     # ---- ChunkPolicy ---------------------------------------------------------------------
     def plan_ahead(self, view: StepView) -> None:
         """Plan the next step off its critical path (``Scheduler.plan_ahead``). While under half
