@@ -36,7 +36,7 @@ def plot_offline(json_path: str | Path, out_dir: str | Path) -> list[Path]:
             ax.plot([r["concurrency"] for r in pr], [r["output_tok_s"] for r in pr], "o-", label=policy,
                     lw=2.5 if policy == "elastic" else 1.2)
         ax.set(xscale="log", xlabel="concurrency (requests)", ylabel="output tokens / s",
-               title=f"{rows[0]['shape']}, acceptance replayed from the default model ({device})")
+               title=f"{rows[0]['shape']}, acceptance {rows[0].get('acceptance', 'replayed')} ({device})")
         ax.legend(fontsize=8)
         written.append(_save(fig, out_dir / "policy_sweep.png"))
     return written
