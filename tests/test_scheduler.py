@@ -345,3 +345,25 @@ def test_plan_ahead_hands_the_policy_the_running_decoders_on_block_caps():
     sched.running[0].params = SamplingParams(max_tokens=16, policy="ar")  # a pinned request: no plan ahead
     sched.plan_ahead()
     assert len(policy.ahead) == 1
+
+
+def test_the_policy_is_told_whether_prompt_rows_may_join_the_step():
+    # The policy prices the prefill load others bring only while some prompt waits
+    class Recording(FixedPolicy):
+        uniform_chunk = None  # ask choose every step
+
+        def choose(self, view):
+            self.seen.append(view.load_pending)
+            return super().choose(view)
+
+    spec, alloc, sched = _make("sdar", pages=256, max_tokens_per_step=32, prefill_chunk=8)
+    sched.policy = policy = Recording(2)
+    policy.seen = []
+    sched.add(_request("short", spec, 4, 40))
+    runner = FakeRunner()
+    _drive(sched, runner, 3)
+    assert policy.seen and not any(policy.seen)  # one request, its prompt done: nothing joins
+    sched.add(_request("long", spec, 40, 8))  # 40-token prompt, 8 rows a step
+    policy.seen = []
+    _drive(sched, runner, 3)
+    assert policy.seen[:3] == [True, True, True]

@@ -23,6 +23,10 @@ class StepView:
     requests: tuple[RequestView, ...]  # decoding requests that need a chunk this step, oldest first
     fixed_tokens: int  # tokens already in this step (prefill pieces, commit groups)
     token_budget: int  # hard cap on tokens per step: fixed_tokens + sum(chunks) <= token_budget
+    # Whether rows for others may join this step beyond fixed_tokens: prompts waiting to be
+    # prefilled (admitted or queued), cache refreshes. False: the step runs only its chunks,
+    # their stores and fixed_tokens (after a burst of prompts is prefilled, nothing else comes).
+    load_pending: bool = True
 
 
 @dataclass(frozen=True)

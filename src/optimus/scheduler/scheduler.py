@@ -204,7 +204,7 @@ class Scheduler:
         views = tuple(RequestView(r.request_id, cap, r.geometry.block_size, r.chunk or None, r.params.policy,
                                   _work_left(r))
                       for r, cap in zip(decoders, caps))
-        view = StepView(views, fixed_tokens=fixed, token_budget=max(budget, len(views)))
+        view = StepView(views, fixed_tokens=fixed, token_budget=max(budget, len(views)), load_pending=self._load_pending())
         return [max(1, min(int(c), cap)) for c, cap in zip(self.policy.choose(view), caps)]
 
     def learn_and_plan_ahead(self) -> None:
@@ -226,7 +226,13 @@ class Scheduler:
         if decoders and not any(r.params.policy for r, _ in decoders):
             views = tuple(RequestView(r.request_id, r.geometry.block_size, r.geometry.block_size, None, None, left)
                           for r, left in decoders)
-            plan(StepView(views, fixed_tokens=0, token_budget=1 << 30))
+            plan(StepView(views, fixed_tokens=0, token_budget=1 << 30, load_pending=self._load_pending()))
+
+    def _load_pending(self) -> bool:
+        """Whether rows for others may join a step: a prompt queued or being prefilled, or a
+        scheme that refreshes its cache."""
+        return (bool(self.waiting) or not self.scheme.prefills
+                or any(r.state is RequestState.PREFILLING for r in self.running))
 
     def _plan_prefills(self, works: list[RequestWork], budget: int) -> int:
         prefilling = [r for r in self.running

@@ -125,7 +125,7 @@ class ElasticPolicy:
         # finishes it mostly does not, and a curve built for nothing costs a host-bound step).
         self._ladders: dict[tuple[int, float], Ladder] = {}
         self._curves: dict[tuple, _Curve] = {}
-        self._latest: tuple | None = None  # (request ids, caps, pinned, batch) of the latest choice
+        self._latest: tuple | None = None  # (request ids, caps, pinned, batch, load pending) of the latest choice
         self._guess: tuple | None = None  # the curve signature observe expects choose to ask for
         self.guess_hits = 1.0  # how often choose asked for it (moving average); built ahead while >= 1/2
         # plan_ahead's (request ids, levels, sizes); how often a step took it (moving average).
@@ -257,8 +257,8 @@ class ElasticPolicy:
             self.load.observe(feedback.num_tokens, rows, var, sum(feedback.committed))
         self._ladders, self._curves = {}, {}  # the estimates moved: rebuild what is likely next
         if self._latest is not None:
-            ids, caps, pinned, batch = self._latest
-            guess, self._guess = (tuple(zip(caps, self._levels(ids))), pinned, batch), None
+            ids, caps, pinned, batch, load_pending = self._latest
+            guess, self._guess = (tuple(zip(caps, self._levels(ids))), pinned, batch, load_pending), None
             if self.guess_hits >= 0.5:
                 self._curve_for(*guess)
             self._guess = guess  # judged by choose's first ask
@@ -281,19 +281,20 @@ class ElasticPolicy:
         if self.buckets is not None and feedback.num_tokens <= self.buckets.limit and not prompts:
             self.memory.observe(rows, seconds, float(self.profile.predict_many(np.array([rows]), batch)[0]))
 
-    def _curve_for(self, keys: tuple, pinned: tuple, batch: int) -> _Curve:
-        signature = (keys, pinned, batch)
+    def _curve_for(self, keys: tuple, pinned: tuple, batch: int, load_pending: bool) -> _Curve:
+        signature = (keys, pinned, batch, load_pending)
         if self._guess is not None:  # the first ask since observe: was its guess right?
             self.guess_hits += 0.1 * ((signature == self._guess) - self.guess_hits)
             self._guess = None
         curve = self._curves.get(signature)
         if curve is None:
-            curve = self._curves[signature] = self._build_curve(keys, np.array(pinned, dtype=float), batch)
+            curve = self._curves[signature] = self._build_curve(keys, np.array(pinned, dtype=float), batch, load_pending)
         return curve
 
-    def _build_curve(self, keys: tuple, pinned: np.ndarray, batch: int) -> _Curve:
+    def _build_curve(self, keys: tuple, pinned: np.ndarray, batch: int, load_pending: bool) -> _Curve:
         """Predicted rate of every allocation along the greedy's rungs; ``keys``: each
-        elastic request's (planning cap, level); ``batch``: all requests of the step."""
+        elastic request's (planning cap, level); ``batch``: all requests of the step;
+        ``load``: whether rows for others may join the step (``StepView.load_pending``)."""
         per_commit = self._rows_per_commit()
         rungs = merge_rungs({key: self._ladder_for(key) for key in set(keys)}, list(keys))
         n = len(keys)
@@ -309,7 +310,9 @@ class ElasticPolicy:
         lifted = np.concatenate([[0.0], np.cumsum(rungs.size_before == 1)])
         floor = n + rungs.positions + (n - lifted) + (float(np.sum(pinned)) if pinned.size else 0.0)
         load = self.load.per_commit * (base_gain + rungs.gain)
-        lumps = [(np.maximum(tokens - floor - load, 0.0), base_var + rungs.var), (load, self.load.extra_var)]
+        lumps = [(np.maximum(tokens - floor - load, 0.0), base_var + rungs.var)]
+        if load_pending:  # a step prefills only prompts that wait: after a burst, none comes
+            lumps.append((load, self.load.extra_var))
         device = expected_latency(lambda x: self.predict_latency(x, batch), floor, lumps, self.load.largest)
         everyone_unit = (np.arange(len(tokens)) == 0) & (not np.any(pinned > 1))  # rung 0: all at size 1
         latency = self._host_s(tokens, everyone_unit) + device  # the host's time too: larger steps amortise it
@@ -343,9 +346,9 @@ class ElasticPolicy:
         # Planning caps ignore block ends; one ladder per (cap, confidence level).
         caps = tuple(np.clip(blocks, 1, max(self.chunk_sizes)).tolist())
         pinned_sizes, batch = tuple(pinned.tolist()), len(view.requests)
-        self._latest = (ids, caps, pinned_sizes, batch)
+        self._latest = (ids, caps, pinned_sizes, batch, view.load_pending)
         keys = tuple(zip(caps, levels))
-        curve = self._curve_for(keys, pinned_sizes, batch)
+        curve = self._curve_for(keys, pinned_sizes, batch, view.load_pending)
         rungs, rate = curve.rungs, curve.rate
         # The rungs rank requests of one ladder oldest first; their upgrades go to the ones with
         # the most work left instead (request rungs.request[u] stands for assign[...]).

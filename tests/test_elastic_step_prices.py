@@ -1,5 +1,5 @@
-"""Elastic prices a graph bucket it measured lately at what it measured, whatever one smooth
-correction of the profile fits to the steps around it."""
+"""Elastic prices a step at what its graph bucket measured lately, whatever one smooth
+correction of the profile fits, and prices no prefill load once no prompt waits."""
 
 from __future__ import annotations
 
@@ -92,3 +92,25 @@ def test_the_controller_runs_the_bucket_that_measured_faster_where_the_profile_s
         chosen[steps] = set(policy.choose(StepView(views, fixed_tokens=0, token_budget=4096)))
     assert chosen[0] != {1}  # the profile's prices: the test can tell the two apart
     assert chosen[40] == {1}
+
+
+def test_once_no_prompt_waits_the_controller_stops_pricing_the_prefill_a_burst_brought():
+    # Just after a burst of prompts is prefilled, the load per commit is still the burst's
+    # (rows of prompt for every commit): a step looks large whatever its chunks, and larger
+    # chunks ride in it. With nothing left to prefill the step runs its chunks and stores
+    # alone: on the H100, upgrades there pushed 128 requests' steps from the 256-row graph
+    # (10.6 ms) to the 512-row one (16 ms) for five or six steps of every run.
+    measured = LatencyProfile(tuple(LatencyPoint(t, ms / 1e3, 64) for t, ms in
+                                    ((64, 8.0), (128, 8.45), (256, 9.84), (512, 14.0), (1024, 22.0), (2048, 40.0))))
+    views = tuple(RequestView(f"r{i}", 32, 32, None, None) for i in range(64))
+    chosen = {}
+    for pending in (True, False):
+        policy = ElasticPolicy(profile=measured, tau_prior=REAL_8B_TAU, per_request=False,
+                               graph_buckets=GraphBuckets(1024), unit_steps_overlap=True)
+        for _ in range(8):  # steps of 300 prompt rows beside 64 requests at size 1 (128 rows)
+            policy.gaps.observe(1.26e-3, False)
+            policy.load.observe(428, 128.0, 0.0, 64)
+        view = StepView(views, fixed_tokens=0, token_budget=4096, load_pending=pending)
+        chosen[pending] = set(policy.choose(view))
+    assert chosen[True] != {1}  # the lump priced: larger chunks ride in a large step
+    assert chosen[False] == {1}
