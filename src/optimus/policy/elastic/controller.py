@@ -294,7 +294,7 @@ class ElasticPolicy:
     def _build_curve(self, keys: tuple, pinned: np.ndarray, batch: int, load_pending: bool) -> _Curve:
         """Predicted rate of every allocation along the greedy's rungs; ``keys``: each
         elastic request's (planning cap, level); ``batch``: all requests of the step;
-        ``load``: whether rows for others may join the step (``StepView.load_pending``)."""
+        ``load_pending``: whether rows for others may join the step (``StepView.load_pending``)."""
         per_commit = self._rows_per_commit()
         rungs = merge_rungs({key: self._ladder_for(key) for key in set(keys)}, list(keys))
         n = len(keys)
