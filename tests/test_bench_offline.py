@@ -36,6 +36,8 @@ def test_bench_offline_tiny_smoke(tmp_path):
         assert [r["concurrency"] * GEN / x["wall_s"] for x in each] == pytest.approx(r["output_tok_s_runs"], rel=1e-3)
         trace = r["step_trace"]  # that run's steps, one entry each
         assert {len(v) for v in trace.values()} == {r["steps"]}
+        for x in each:  # every run's own steps and chunk sizes
+            assert {len(v) for v in x["step_trace"].values()} == {x["steps"]} and x["chunk_sizes"]
         assert sum(trace["rows"]) == r["tokens_computed"]
         assert max(trace["requests"]) <= r["concurrency"] and all(d >= 0 for d in trace["device_ms"])
         if r["policy"].startswith("elastic"):  # its beliefs after the load, one entry per size
@@ -180,7 +182,8 @@ def test_sweep_skips_outgrown_policies_at_higher_loads(monkeypatch):
         name = llm.engine.policy.name
         ran.append((name, n))
         return {"output_tok_s": speed[name] * n, "graph_capture_s": 0.0, "steps": 1, "preemptions": 0,
-                "cpu_ms_per_step": 0.0, "wall_over_device": 1.0, "wall_s": 8 / speed[name], "device_ms_per_step": 1.0}
+                "cpu_ms_per_step": 0.0, "wall_over_device": 1.0, "wall_s": 8 / speed[name], "device_ms_per_step": 1.0,
+                "chunk_sizes": {}, "step_trace": {}}
 
     monkeypatch.setattr(policy_sweep, "timed_generate", fake_run)
     acceptance = Acceptance({1: [1], 8: [2], 32: [4]})

@@ -122,13 +122,15 @@ def step_trace(trace: list) -> dict:
 
 def median_run(runs: list[dict]) -> dict:
     """The run with the median throughput; every run's rate kept under ``output_tok_s_runs``,
-    and its steps, device time and graph captures under ``runs`` (in run order: run i of
-    every policy replays the same draws, so runs pair across policies)."""
+    and its steps, device time, graph captures, chunk sizes and step trace under ``runs`` (in
+    run order: run i of every policy replays the same draws, so runs pair across policies; a
+    run far from the median is then readable step by step)."""
     row = dict(sorted(runs, key=lambda r: r["output_tok_s"])[(len(runs) - 1) // 2])
     row["output_tok_s_runs"] = [r["output_tok_s"] for r in runs]
     row["runs"] = [{"steps": r["steps"], "wall_s": round(r["wall_s"], 5),
                     "device_ms_per_step": round(r["device_ms_per_step"], 4),
-                    "graph_capture_s": round(r["graph_capture_s"], 4)} for r in runs]
+                    "graph_capture_s": round(r["graph_capture_s"], 4), "chunk_sizes": r["chunk_sizes"],
+                    "step_trace": r["step_trace"]} for r in runs]
     return row
 
 
