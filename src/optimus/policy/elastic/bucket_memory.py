@@ -38,20 +38,20 @@ class BucketMemory:
         self._count: dict[float, int] = {}
         self._last: dict[float, int] = {}  # the step that last measured each bucket
         self._steps = 0
+        self._table: tuple[np.ndarray, np.ndarray] | None = None  # (buckets, ratios) it prices; None: stale
 
     def observe(self, bucket: float, measured_s: float, profiled_s: float) -> None:
         """One decoding step run on graph ``bucket`` (rows) that took ``measured_s`` where the
         profile says ``profiled_s``."""
         self._steps += 1
+        self._table = None
         if not (measured_s > 0 and profiled_s > 0):
             return
-        x = math.log(measured_s / profiled_s)
-        count = self._count.get(bucket, 0)
-        # The first steps average plainly, later ones move the average by ``rate``.
-        weight = max(self.rate, 1.0 / (count + 1)) if self._fresh(bucket) else 1.0
-        if weight == 1.0:
-            count = 0
-        self._log_ratio[bucket] = self._log_ratio.get(bucket, 0.0) + weight * (x - self._log_ratio.get(bucket, 0.0))
+        # The first steps average plainly, later ones move the average by ``rate``; a bucket
+        # forgotten starts afresh.
+        count = self._count.get(bucket, 0) if self._fresh(bucket) else 0
+        prev = self._log_ratio.get(bucket, 0.0)
+        self._log_ratio[bucket] = prev + max(self.rate, 1.0 / (count + 1)) * (math.log(measured_s / profiled_s) - prev)
         self._count[bucket] = count + 1
         self._last[bucket] = self._steps
 
@@ -66,11 +66,12 @@ class BucketMemory:
     def apply(self, rows: np.ndarray, corrected: np.ndarray, profiled: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
         """Latency of steps on graph buckets ``rows`` [K]: the profile's (``profiled(rows)``)
         times the bucket's ratio where it remembers the bucket, else ``corrected`` [K]."""
-        known = self.known()
-        if not known:
+        if self._table is None:  # built once between two observed steps (many curves read it)
+            known = self.known()
+            self._table = np.array(sorted(known)), np.array([known[b] for b in sorted(known)])
+        buckets, ratios = self._table
+        if not buckets.size:
             return corrected
-        buckets = np.array(sorted(known))
-        ratios = np.array([known[b] for b in buckets])
         rows = np.asarray(rows, dtype=float)
         at = np.minimum(np.searchsorted(buckets, rows), len(buckets) - 1)
         hit = buckets[at] == rows
