@@ -367,3 +367,28 @@ def test_the_policy_is_told_whether_prompt_rows_may_join_the_step():
     policy.seen = []
     _drive(sched, runner, 3)
     assert policy.seen[:3] == [True, True, True]
+
+
+def test_wide_chunks_leave_a_full_step_to_the_prompts_that_wait():
+    # A chunk wider than 1 would push a waiting prompt's rows into a step of their own: while
+    # prompts fill the step, the policy's budget holds only one position per decoder.
+    class Recording(FixedPolicy):
+        uniform_chunk = None  # ask choose every step
+
+        def choose(self, view):
+            self.seen.append((len(view.requests), view.fixed_tokens, view.token_budget))
+            return super().choose(view)
+
+    spec, alloc, sched = _make("sdar", pages=256, max_tokens_per_step=32, prefill_chunk=16, max_running=8)
+    sched.policy = policy = Recording(4)
+    policy.seen = []
+    sched.add(_request("first", spec, 4, 64))
+    runner = FakeRunner()
+    _drive(sched, runner, 2)
+    assert policy.seen[-1][2] == 32  # no prompt waits: the whole step is the policy's
+    for i in range(3):  # 48 prompt rows, 16 a step each: more than the step holds
+        sched.add(_request(f"long{i}", spec, 16, 8))
+    policy.seen = []
+    _drive(sched, runner, 1)
+    n, fixed, budget = policy.seen[0]
+    assert n == 1 and budget == fixed + n

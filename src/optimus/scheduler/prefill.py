@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+from collections.abc import Iterable
 
 from optimus.core.request import Request
 from optimus.models.spec import AttentionKind
@@ -34,3 +35,14 @@ def piece_len(attention: AttentionKind, prefill_chunk: int, r: Request, remainin
     if attention is AttentionKind.BLOCK_CAUSAL and n < remaining:
         n -= (r.cache_len + n) % r.geometry.block_size
     return max(n, 0)
+
+
+def next_pieces(remaining: Iterable[int], prefill_chunk: int, budget: int) -> int:
+    """Rows of the next piece of each prompt (``remaining``: rows each has left, in the order
+    they would be prefilled), counted up to ``budget``."""
+    rows = 0
+    for left in remaining:
+        if rows >= budget:
+            break
+        rows += min(left, prefill_chunk)
+    return min(rows, budget)

@@ -3,7 +3,9 @@
 Pure Python over :class:`Request` objects, so it is unit-testable with a fake model runner.
 Order of a step: running decoders first (their stored chunk + active window, sized by the
 chunk policy), then prompt pieces of prefilling requests (chunked prefill shares the token
-budget), then admission of waiting requests while pages and budget remain.
+budget), then admission of waiting requests while pages and budget remain. A chunk policy
+gets one position per decoder of the budget that waiting prompts would fill: a wider chunk
+would push a prompt's rows into one more step of their own (often eager, past the graphs).
 
 A step may leave out ``busy`` requests (those of a step still in flight, whose cursors have
 not moved yet): they are neither planned nor preempted, so two steps never hold one request.
@@ -22,7 +24,7 @@ import numpy as np
 from optimus.config import SchedulerConfig
 from optimus.scheduler.cache_schemes import CacheScheme, PrefixBlock
 from optimus.scheduler.pages import PageAllocator
-from optimus.scheduler.prefill import piece_len, prefill_groups
+from optimus.scheduler.prefill import next_pieces, piece_len, prefill_groups
 from optimus.policy import ChunkPolicy, RequestView, StepFeedback, StepView
 from optimus.core.canvases import Canvases
 from optimus.core.errors import QueueFullError
@@ -38,9 +40,7 @@ _STATE = operator.attrgetter("state")
 class Scheduler:
     def __init__(self, config: SchedulerConfig, allocator: PageAllocator, policy: ChunkPolicy,
                  attention: AttentionKind, scheme: CacheScheme | None = None) -> None:
-        self.config = config
-        self.allocator = allocator
-        self.policy = policy
+        self.config, self.allocator, self.policy = config, allocator, policy
         self.scheme = scheme if scheme is not None else PrefixBlock(attention, config.suffix_window)
         self._feedback: StepFeedback | None = None  # completed, not yet observed (complete_step)
         self.attention = attention
@@ -93,9 +93,7 @@ class Scheduler:
     def schedule(self, busy: frozenset[str] = frozenset(), max_decoders: int | None = None) -> StepPlan:
         """Plan a step over the running requests not in ``busy`` (request ids), the oldest
         ``max_decoders`` decoders at most (None: all of them), then prefills and admissions."""
-        self._busy = busy
-        budget = self.config.max_tokens_per_step
-        works: list[RequestWork] = []
+        self._busy, budget, works = busy, self.config.max_tokens_per_step, []
         decoders = self._decoders(busy)[:max_decoders]
         decoders, leads = self._plan_leads(decoders, budget)
         fixed = sum(w.end - w.start for w in leads.values())
@@ -195,6 +193,7 @@ class Scheduler:
         uniform = getattr(self.policy, "uniform_chunk", None)
         if uniform is not None and not any(r.params.policy for r in decoders):
             return [uniform if uniform < cap else cap for cap in caps]
+        budget = max(budget - self._prompt_rows_waiting(budget), fixed + len(decoders))
         take_ahead = getattr(self.policy, "take_ahead", None)  # a plan made while the last step ran
         if take_ahead is not None:
             chunks = take_ahead(tuple(r.request_id for r in decoders), caps, fixed, max(budget, len(decoders)))
@@ -228,6 +227,19 @@ class Scheduler:
                           for r, left in decoders)
             plan(StepView(views, fixed_tokens=0, token_budget=1 << 30, load_pending=self._load_pending()))
 
+    def _prefill_target(self, r: Request) -> int:
+        """Rows ``r`` prefills: its prompt, or what it recomputes after a preemption."""
+        return self._recompute_len.get(r.request_id, r.geometry.prefill_len)
+
+    def _prompt_rows_waiting(self, budget: int) -> int:
+        """Prompt rows a step would prefill with the whole ``budget`` to itself (at most that):
+        each started prompt's next piece, then those of the requests admission may start."""
+        started = (self._prefill_target(r) - r.cache_len for r in self.running
+                   if r.state is RequestState.PREFILLING and r.request_id not in self._busy)
+        admissible = itertools.islice(self.waiting, max(self.config.max_running - len(self.running), 0))
+        return next_pieces(itertools.chain(started, map(self._prefill_target, admissible)),
+                           self.config.prefill_chunk, budget)
+
     def _load_pending(self) -> bool:
         """Whether rows for others may join a step: a prompt queued or being prefilled, or a
         scheme that refreshes its cache."""
@@ -238,8 +250,7 @@ class Scheduler:
         prefilling = [r for r in self.running
                       if r.state is RequestState.PREFILLING and r.request_id not in self._busy]
         for r in prefilling:
-            target = self._recompute_len.get(r.request_id, r.geometry.prefill_len)
-            n = piece_len(self.attention, self.config.prefill_chunk, r, target - r.cache_len, budget)
+            n = piece_len(self.attention, self.config.prefill_chunk, r, self._prefill_target(r) - r.cache_len, budget)
             if n <= 0:
                 continue
             if not self._ensure_pages(r, r.cache_len + n, preempt=False):
@@ -270,7 +281,7 @@ class Scheduler:
         running = collections.Counter(r.fairness_key for r in self.running) if self.waiting else None
         while self.waiting and len(self.running) < self.config.max_running:
             r = self._next_waiting(running)
-            target = self._recompute_len.get(r.request_id, r.geometry.prefill_len)
+            target = self._prefill_target(r)
             need = self.allocator.pages_for(self.scheme.admit_tokens(r, target))
             if need > self.allocator.free_pages:
                 break
@@ -334,8 +345,7 @@ class Scheduler:
             if final_end > r.cache_len:
                 r.cache_len = final_end
             if w.window is None:
-                target = self._recompute_len.get(r.request_id, r.geometry.prefill_len)
-                if r.cache_len >= target:
+                if r.cache_len >= self._prefill_target(r):
                     self._recompute_len.pop(r.request_id, None)
                     r.transition(RequestState.DECODING)
                 continue
