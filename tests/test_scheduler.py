@@ -392,3 +392,27 @@ def test_wide_chunks_leave_a_full_step_to_the_prompts_that_wait():
     _drive(sched, runner, 1)
     n, fixed, budget = policy.seen[0]
     assert n == 1 and budget == fixed + n
+
+
+@pytest.mark.parametrize("pages_left", [True, False])
+def test_prompts_that_cannot_start_leave_the_step_to_the_chunks(pages_left):
+    class Recording(FixedPolicy):
+        uniform_chunk = None
+
+        def choose(self, view):
+            self.seen.append((view.fixed_tokens, view.token_budget))
+            return super().choose(view)
+
+    spec, alloc, sched = _make("sdar", pages=64, max_tokens_per_step=32, prefill_chunk=16, max_running=8)
+    sched.policy = policy = Recording(4)
+    policy.seen = []
+    sched.add(_request("first", spec, 4, 4))  # its prompt and its one block fit the pages admission reserves
+    _drive(sched, FakeRunner(), 1)
+    if not pages_left:
+        alloc.allocate(alloc.free_pages)
+    for i in range(3):
+        sched.add(_request(f"late{i}", spec, 16, 8))
+    sched.schedule()
+    fixed, budget = policy.seen[-1]
+    assert budget == (fixed + 1 if pages_left else 32)  # 48 prompt rows wait for a 32-row step
+    assert len(sched.waiting) == (1 if pages_left else 3)

@@ -232,13 +232,14 @@ class Scheduler:
         return self._recompute_len.get(r.request_id, r.geometry.prefill_len)
 
     def _prompt_rows_waiting(self, budget: int) -> int:
-        """Prompt rows a step would prefill with the whole ``budget`` to itself (at most that):
-        each started prompt's next piece, then those of the requests admission may start."""
+        """Prompt rows a step would prefill with the whole ``budget`` to itself: each started
+        prompt's next piece, then those of the requests the free slots may admit, at most what
+        the budget and the free pages hold (short of pages, prompts wait whatever chunks run)."""
         started = (self._prefill_target(r) - r.cache_len for r in self.running
                    if r.state is RequestState.PREFILLING and r.request_id not in self._busy)
         admissible = itertools.islice(self.waiting, max(self.config.max_running - len(self.running), 0))
-        return next_pieces(itertools.chain(started, map(self._prefill_target, admissible)),
-                           self.config.prefill_chunk, budget)
+        room = min(budget, self.allocator.free_pages * self.allocator.page_size)
+        return next_pieces(itertools.chain(started, map(self._prefill_target, admissible)), self.config.prefill_chunk, room)
 
     def _load_pending(self) -> bool:
         """Whether rows for others may join a step: a prompt queued or being prefilled, or a
