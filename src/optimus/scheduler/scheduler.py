@@ -4,8 +4,7 @@ Pure Python over :class:`Request` objects, so it is unit-testable with a fake mo
 Order of a step: running decoders first (their stored chunk + active window, sized by the
 chunk policy), then prompt pieces of prefilling requests (chunked prefill shares the token
 budget), then admission of waiting requests while pages and budget remain. A chunk policy
-gets one position per decoder of the budget that waiting prompts would fill: a wider chunk
-would push a prompt's rows into one more step of their own (often eager, past the graphs).
+plans in what waiting prompts leave of the budget (one position per decoder at least).
 
 A step may leave out ``busy`` requests (those of a step still in flight, whose cursors have
 not moved yet): they are neither planned nor preempted, so two steps never hold one request.
@@ -196,14 +195,14 @@ class Scheduler:
         budget = max(budget - self._prompt_rows_waiting(budget), fixed + len(decoders))
         take_ahead = getattr(self.policy, "take_ahead", None)  # a plan made while the last step ran
         if take_ahead is not None:
-            chunks = take_ahead(tuple(r.request_id for r in decoders), caps, fixed, max(budget, len(decoders)))
+            chunks = take_ahead(tuple(r.request_id for r in decoders), caps, fixed, budget)
             if chunks is not None:
                 return chunks
         # Policies honour per-request overrides themselves (and count them as load).
         views = tuple(RequestView(r.request_id, cap, r.geometry.block_size, r.chunk or None, r.params.policy,
                                   _work_left(r))
                       for r, cap in zip(decoders, caps))
-        view = StepView(views, fixed_tokens=fixed, token_budget=max(budget, len(views)), load_pending=self._load_pending())
+        view = StepView(views, fixed_tokens=fixed, token_budget=budget, load_pending=self._load_pending())
         return [max(1, min(int(c), cap)) for c, cap in zip(self.policy.choose(view), caps)]
 
     def learn_and_plan_ahead(self) -> None:
@@ -232,11 +231,10 @@ class Scheduler:
         return self._recompute_len.get(r.request_id, r.geometry.prefill_len)
 
     def _prompt_rows_waiting(self, budget: int) -> int:
-        """Prompt rows a step would prefill with the whole ``budget`` to itself: each started
-        prompt's next piece, then those of the requests the free slots may admit, at most what
-        the budget and the free pages hold (short of pages, prompts wait whatever chunks run)."""
-        started = (self._prefill_target(r) - r.cache_len for r in self.running
-                   if r.state is RequestState.PREFILLING and r.request_id not in self._busy)
+        """Prompt rows a step would prefill with the whole ``budget`` to itself (a wider chunk
+        would push them into a step of their own): each started prompt's next piece, then those
+        of the requests the free slots may admit, at most what the budget and free pages hold."""
+        started = (self._prefill_target(r) - r.cache_len for r in self._prefilling())
         admissible = itertools.islice(self.waiting, max(self.config.max_running - len(self.running), 0))
         room = min(budget, self.allocator.free_pages * self.allocator.page_size)
         return next_pieces(itertools.chain(started, map(self._prefill_target, admissible)), self.config.prefill_chunk, room)
@@ -247,10 +245,12 @@ class Scheduler:
         return (bool(self.waiting) or not self.scheme.prefills
                 or any(r.state is RequestState.PREFILLING for r in self.running))
 
+    def _prefilling(self) -> list[Request]:
+        """The running requests with prompt rows left to prefill, outside the step in flight."""
+        return [r for r in self.running if r.state is RequestState.PREFILLING and r.request_id not in self._busy]
+
     def _plan_prefills(self, works: list[RequestWork], budget: int) -> int:
-        prefilling = [r for r in self.running
-                      if r.state is RequestState.PREFILLING and r.request_id not in self._busy]
-        for r in prefilling:
+        for r in self._prefilling():
             n = piece_len(self.attention, self.config.prefill_chunk, r, self._prefill_target(r) - r.cache_len, budget)
             if n <= 0:
                 continue
