@@ -155,3 +155,32 @@ def test_cache_mode_is_checked(llada):
         _engine(llada, "everything")
     with pytest.raises(ValueError, match="full-attention"):
         _engine(tiny_loaded("sdar"), "dual-cache")
+
+
+class _Recording:
+    """A fixed chunk policy that keeps every view and feedback it is given."""
+
+    def __init__(self, chunk: int) -> None:
+        self.name, self.chunk, self.views, self.feedback = f"fixed:{chunk}", chunk, [], []
+
+    def choose(self, view):
+        self.views.append(view)
+        return [min(self.chunk, r.max_chunk) for r in view.requests]
+
+    def observe(self, feedback) -> None:
+        self.feedback.append(feedback)
+
+
+@pytest.mark.parametrize("mode", ["dual-cache", "prefix-block"])
+def test_policy_sees_the_refresh_rows_ahead_and_in_feedback(llada, mode):
+    """A scheme that refreshes tells the policy what one refresh recomputes (prompt + canvas)
+    before any step runs, and each step reports the refresh rows it ran beyond the windows."""
+    llm, policy = _engine(llada, mode), _Recording(4)
+    llm.engine.use_policy(policy)
+    prompt = PROMPTS[1]
+    _answers(llm, [prompt], SamplingParams(max_tokens=GEN, rule="topk", tokens_per_step=2, ignore_eos=True))
+    total = len(prompt) + GEN
+    refreshing = mode == "dual-cache"
+    assert policy.views and {v.refresh_rows for v in policy.views} == {float(total) if refreshing else 0.0}
+    # one refresh per block, each over the whole sequence but its 4-position window
+    assert sum(fb.refresh_rows for fb in policy.feedback) == (GEN // BLOCK * (total - 4) if refreshing else 0)

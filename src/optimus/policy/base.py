@@ -27,6 +27,10 @@ class StepView:
     # prefilled (admitted or queued), cache refreshes. False: the step runs only its chunks,
     # their stores and fixed_tokens (after a burst of prompts is prefilled, nothing else comes).
     load_pending: bool = True
+    # Rows one decoding request's block-start refresh recomputes (prompt + canvas, the mean over
+    # the requests; 0: the cache scheme never refreshes). Known ahead, one per block of commits:
+    # a load per committed token the policy need not learn from the steps' rows.
+    refresh_rows: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,8 @@ class StepFeedback:
     # planned the next step while the device ran it: ``latency_s`` is the time between two
     # step ends, and ``overhead_s`` was spent while the device was busy.
     overlapped: bool = False
+    # Rows the step's block-start refreshes ran beyond their windows (StepView.refresh_rows).
+    refresh_rows: int = 0
 
 
 class ChunkPolicy(Protocol):

@@ -44,6 +44,10 @@ class CacheScheme(Protocol):
         """Rows a refresh would add before r's window this step (0: none due)."""
         ...
 
+    def refresh_rows(self, r: Request) -> int:
+        """Rows each of r's block-start refreshes recomputes (0: the scheme never refreshes)."""
+        ...
+
     def lead_work(self, r: Request, ensure: EnsurePages) -> RequestWork | None:
         """The rows r must run before its window this step (a stored window, a refresh),
         with their pages reserved (may preempt); None if there are none or pages are short."""
@@ -98,6 +102,9 @@ class PrefixBlock:
     chooses_chunks: bool = True
 
     def lead_rows(self, r: Request) -> int:
+        return 0
+
+    def refresh_rows(self, r: Request) -> int:
         return 0
 
     def lead_work(self, r: Request, ensure: EnsurePages) -> RequestWork | None:
@@ -157,7 +164,10 @@ class _Refreshing:
         return r.refreshed_block != g.block_end(max(cursor + g.shift, g.canvas_start))
 
     def lead_rows(self, r: Request) -> int:
-        return r.geometry.canvas_end if self._refresh_due(r) else 0
+        return self.refresh_rows(r) if self._refresh_due(r) else 0
+
+    def refresh_rows(self, r: Request) -> int:
+        return r.geometry.canvas_end
 
     def admit_tokens(self, r: Request, target: int) -> int:
         return r.geometry.canvas_end

@@ -24,7 +24,8 @@ from optimus.config import SchedulerConfig
 from optimus.scheduler.cache_schemes import CacheScheme, PrefixBlock
 from optimus.scheduler.pages import PageAllocator
 from optimus.scheduler.prefill import next_pieces, piece_len, prefill_groups
-from optimus.policy import ChunkPolicy, RequestView, StepFeedback, StepView
+from optimus.scheduler.views import ahead_view, refresh_rows, step_view, work_left
+from optimus.policy import ChunkPolicy, StepFeedback
 from optimus.core.canvases import Canvases
 from optimus.core.errors import QueueFullError
 from optimus.core.plan import RequestWork, StepPlan
@@ -199,10 +200,7 @@ class Scheduler:
             if chunks is not None:
                 return chunks
         # Policies honour per-request overrides themselves (and count them as load).
-        views = tuple(RequestView(r.request_id, cap, r.geometry.block_size, r.chunk or None, r.params.policy,
-                                  _work_left(r))
-                      for r, cap in zip(decoders, caps))
-        view = StepView(views, fixed_tokens=fixed, token_budget=budget, load_pending=self._load_pending())
+        view = step_view(decoders, caps, fixed, budget, self._load_pending(), refresh_rows(self.scheme, decoders))
         return [max(1, min(int(c), cap)) for c, cap in zip(self.policy.choose(view), caps)]
 
     def learn_and_plan_ahead(self) -> None:
@@ -220,11 +218,10 @@ class Scheduler:
         plan = getattr(self.policy, "plan_ahead", None)
         if plan is None or self.attention is AttentionKind.CAUSAL or not self.scheme.chooses_chunks:
             return
-        decoders = [(r, left) for r in self.running if r.state is RequestState.DECODING and (left := _work_left(r)) > 0]
+        decoders = [(r, left) for r in self.running if r.state is RequestState.DECODING and (left := work_left(r)) > 0]
         if decoders and not any(r.params.policy for r, _ in decoders):
-            views = tuple(RequestView(r.request_id, r.geometry.block_size, r.geometry.block_size, None, None, left)
-                          for r, left in decoders)
-            plan(StepView(views, fixed_tokens=0, token_budget=1 << 30, load_pending=self._load_pending()))
+            refresh = refresh_rows(self.scheme, [r for r, _ in decoders])
+            plan(ahead_view(decoders, self._load_pending(), refresh))
 
     def _prefill_target(self, r: Request) -> int:
         """Rows ``r`` prefills: its prompt, or what it recomputes after a preemption."""
@@ -337,7 +334,7 @@ class Scheduler:
         launched: learning then overlaps the GPU, and choose(N+1) sees feedback up to N-1.
         ``hold``: return the feedback instead, for :meth:`give_feedback` once the step's
         latency is known (a step whose commits were assumed at launch)."""
-        chunk_sizes, committed, ids, open_positions = [], [], [], []
+        chunk_sizes, committed, ids, open_positions, refreshed = [], [], [], [], 0
         for w in plan.works:
             r = w.request
             if r.is_done:
@@ -351,6 +348,8 @@ class Scheduler:
                     r.transition(RequestState.DECODING)
                 continue
             lo, hi = w.window
+            if w.refresh:
+                refreshed += w.end - w.start - (hi - lo)
             chunk_sizes.append(hi - lo)
             committed.append(r.last_committed)
             ids.append(r.request_id)
@@ -368,7 +367,7 @@ class Scheduler:
         if not chunk_sizes:
             return None
         feedback = StepFeedback(plan.num_tokens, latency_s, tuple(chunk_sizes), tuple(committed),
-                                tuple(ids), tuple(open_positions), overhead_s, device_s)
+                                tuple(ids), tuple(open_positions), overhead_s, device_s, refresh_rows=refreshed)
         if hold:
             return feedback
         self.give_feedback(feedback)
@@ -394,7 +393,3 @@ class Scheduler:
             feedback, self._feedback = self._feedback, None
             self.policy.observe(feedback)
 
-
-def _work_left(r: Request) -> int:
-    """Answer positions from ``r``'s window start to the end of its canvas (RequestView.remaining)."""
-    return r.geometry.canvas_end - r.window_bounds()[0]

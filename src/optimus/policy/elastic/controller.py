@@ -36,7 +36,6 @@ from __future__ import annotations
 import collections
 import math
 import operator
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -48,6 +47,7 @@ from optimus.policy.elastic.estimators import LatencyCorrector, TauEstimator, To
 from optimus.policy.elastic.graph_buckets import GraphBuckets
 from optimus.policy.elastic.host_share import HostShare, StepGaps
 from optimus.policy.elastic.ladders import Ladder, Rungs, build_ladder, by_work_left, merge_rungs, store_variance
+from optimus.policy.elastic.plans import Curve, Plan
 
 DEFAULT_CHUNK_SIZES = (1, 2, 4, 8, 16, 32, 64)
 DEFAULT_KNEE = 256  # tokens; used only without a profile, until corrected online
@@ -55,30 +55,6 @@ DEFAULT_KNEE = 256  # tokens; used only without a profile, until corrected onlin
 _BLOCK_SIZE, _MAX_CHUNK = operator.attrgetter("block_size"), operator.attrgetter("max_chunk")
 _REQUEST_ID, _OVERRIDE = operator.attrgetter("request_id"), operator.attrgetter("policy_override")
 _REMAINING = operator.attrgetter("remaining")
-
-
-@dataclass(frozen=True)
-class Plan:
-    """What the controller decided in its latest step (for statistics and logs)."""
-
-    target_positions: int  # the hysteresis state: planned chunk positions of the elastic requests
-    positions: int  # planned chunk positions this step (before clipping to the block ends)
-    predicted_tokens: float  # amortised step tokens, P + sum(cost)
-    predicted_latency_s: float
-    predicted_rate: float  # committed tokens per second
-    retargeted: bool
-
-
-@dataclass(frozen=True)
-class _Curve:
-    """The predicted rate of every allocation along the rungs, before the step's budget
-    and hysteresis: what a step's requests, levels and pinned sizes imply under the
-    policy's current estimates (so it can be built in observe and looked up in choose)."""
-
-    rungs: Rungs
-    tokens: np.ndarray  # [U+1] amortised step tokens
-    latency: np.ndarray  # [U+1] predicted seconds, host overhead included
-    rate: np.ndarray  # [U+1] committed tokens per second
 
 
 class ElasticPolicy:
@@ -107,7 +83,8 @@ class ElasticPolicy:
         self.correction = LatencyCorrector(self.profile.knee)
         self.buckets = graph_buckets  # steps served from CUDA graphs cost their bucket (graph_buckets.py)
         self.memory = BucketMemory()  # what each bucket measured, where graphs serve the steps
-        self.load = TokenLoad(rate=load_rate)
+        self.load = TokenLoad(rate=load_rate)  # learned: the rows others bring (prefill pieces)
+        self.refresh = (0.0, 0.0)  # known: a refresh's rows and their share per commit (StepView.refresh_rows)
         self.gaps = StepGaps()  # host time between steps, outside the forward (StepFeedback.overhead_s)
         # Host time in a whole step's latency beside its device time (none while that is unknown).
         self.host = HostShare()
@@ -124,7 +101,7 @@ class ElasticPolicy:
         # the GPU runs, so choose mostly looks it up: while that guess holds (under arrivals and
         # finishes it mostly does not, and a curve built for nothing costs a host-bound step).
         self._ladders: dict[tuple[int, float], Ladder] = {}
-        self._curves: dict[tuple, _Curve] = {}
+        self._curves: dict[tuple, Curve] = {}
         self._latest: tuple | None = None  # (request ids, caps, pinned, batch, load pending) of the latest choice
         self._guess: tuple | None = None  # the curve signature observe expects choose to ask for
         self.guess_hits = 1.0  # how often choose asked for it (moving average); built ahead while >= 1/2
@@ -153,7 +130,16 @@ class ElasticPolicy:
         return sizes + self._rows_per_commit() * self.tau(sizes)
 
     def _rows_per_commit(self) -> float:
-        return 1.0 + self.load.per_commit  # each commit's store row, plus its share of prefill
+        return 1.0 + self.load.per_commit + self.refresh[1]  # its store row, its share of prefill and refreshes
+
+    def _see_refreshes(self, refresh_rows: float, blocks: np.ndarray) -> None:
+        """A cache scheme that refreshes recomputes ``refresh_rows`` once per block of commits: a
+        known load per commit. Learned from the steps' rows instead, it swung between 8 and 22
+        rows per commit with the refresh waves (LLaDA-8B shape, dual cache, 128 requests, CPU
+        replay of the H100's steps; the truth: 12), and the plan with it."""
+        refresh = (refresh_rows, refresh_rows / max(float(np.mean(blocks)), 1.0) if refresh_rows else 0.0)
+        if refresh != self.refresh:
+            self.refresh, self._ladders, self._curves = refresh, {}, {}
 
     def _variance(self, sizes: np.ndarray, levels: np.ndarray | float = 1.0) -> np.ndarray:
         return store_variance(sizes, self._tau(sizes, levels))
@@ -254,7 +240,7 @@ class ElasticPolicy:
         choice = self._own_choice(feedback)
         if choice is not None:
             rows, var = self._own_rows(*choice)
-            self.load.observe(feedback.num_tokens, rows, var, sum(feedback.committed))
+            self.load.observe(feedback.num_tokens - feedback.refresh_rows, rows, var, sum(feedback.committed))
         self._ladders, self._curves = {}, {}  # the estimates moved: rebuild what is likely next
         if self._latest is not None:
             ids, caps, pinned, batch, load_pending = self._latest
@@ -281,7 +267,7 @@ class ElasticPolicy:
         if self.buckets is not None and feedback.num_tokens <= self.buckets.limit and not prompts:
             self.memory.observe(rows, seconds, float(self.profile.predict_many(np.array([rows]), batch)[0]))
 
-    def _curve_for(self, keys: tuple, pinned: tuple, batch: int, load_pending: bool) -> _Curve:
+    def _curve_for(self, keys: tuple, pinned: tuple, batch: int, load_pending: bool) -> Curve:
         signature = (keys, pinned, batch, load_pending)
         if self._guess is not None:  # the first ask since observe: was its guess right?
             self.guess_hits += 0.1 * ((signature == self._guess) - self.guess_hits)
@@ -291,7 +277,7 @@ class ElasticPolicy:
             curve = self._curves[signature] = self._build_curve(keys, np.array(pinned, dtype=float), batch, load_pending)
         return curve
 
-    def _build_curve(self, keys: tuple, pinned: np.ndarray, batch: int, load_pending: bool) -> _Curve:
+    def _build_curve(self, keys: tuple, pinned: np.ndarray, batch: int, load_pending: bool) -> Curve:
         """Predicted rate of every allocation along the greedy's rungs; ``keys``: each
         elastic request's (planning cap, level); ``batch``: all requests of the step;
         ``load_pending``: whether rows for others may join the step (``StepView.load_pending``)."""
@@ -310,13 +296,16 @@ class ElasticPolicy:
         lifted = np.concatenate([[0.0], np.cumsum(rungs.size_before == 1)])
         floor = n + rungs.positions + (n - lifted) + (float(np.sum(pinned)) if pinned.size else 0.0)
         load = self.load.per_commit * (base_gain + rungs.gain)
-        lumps = [(np.maximum(tokens - floor - load, 0.0), base_var + rungs.var)]
+        refreshes = self.refresh[1] * (base_gain + rungs.gain)
+        lumps = [(np.maximum(tokens - floor - load - refreshes, 0.0), base_var + rungs.var)]
         if load_pending:  # a step prefills only prompts that wait: after a burst, none comes
             lumps.append((load, self.load.extra_var))
+        if self.refresh[0]:  # each request refreshes in few steps, all its rows at once
+            lumps.append((refreshes, self.refresh[0] * refreshes))
         device = expected_latency(lambda x: self.predict_latency(x, batch), floor, lumps, self.load.largest)
         everyone_unit = (np.arange(len(tokens)) == 0) & (not np.any(pinned > 1))  # rung 0: all at size 1
         latency = self._host_s(tokens, everyone_unit) + device  # the host's time too: larger steps amortise it
-        return _Curve(rungs, tokens, latency, (base_gain + rungs.gain) / latency)
+        return Curve(rungs, tokens, latency, (base_gain + rungs.gain) / latency)
 
     def _ladder_for(self, key: tuple[int, float]) -> Ladder:
         lad = self._ladders.get(key)
@@ -345,6 +334,7 @@ class ElasticPolicy:
         max_chunks = np.fromiter(map(_MAX_CHUNK, requests), np.int64, n)
         # Planning caps ignore block ends; one ladder per (cap, confidence level).
         caps = tuple(np.clip(blocks, 1, max(self.chunk_sizes)).tolist())
+        self._see_refreshes(view.refresh_rows, blocks)
         pinned_sizes, batch = tuple(pinned.tolist()), len(view.requests)
         self._latest = (ids, caps, pinned_sizes, batch, view.load_pending)
         keys = tuple(zip(caps, levels))
@@ -389,4 +379,4 @@ class ElasticPolicy:
 def _mostly_prompts(feedback: StepFeedback) -> bool:
     """A step mostly of prompt rows (a window and its store run at most twice its positions):
     its host time went to the prompts, not what a decoding plan pays."""
-    return feedback.num_tokens > 2 * sum(feedback.chunk_sizes) + len(feedback.chunk_sizes)
+    return feedback.num_tokens - feedback.refresh_rows > 2 * sum(feedback.chunk_sizes) + len(feedback.chunk_sizes)
