@@ -3,11 +3,13 @@ known ahead from the scheduler's view, not learned from the steps' rows."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from optimus.policy import RequestView, StepFeedback, StepView
 from optimus.policy.elastic.controller import ElasticPolicy
 from optimus.policy.elastic.latency import LatencyProfile
+from optimus.policy.elastic.refreshes import RefreshLoad
 
 N, BLOCK, REFRESH = 64, 32, 384  # requests, block, rows of one refresh (prompt 256 + canvas 128)
 
@@ -53,3 +55,20 @@ def test_refresh_waves_do_not_move_the_learned_load():
         q.observe(StepFeedback(2 * N + refreshed, 0.02, (1,) * N, (1,) * N, tuple(f"r{i}" for i in range(N))))
         per_commit.append(q.load.per_commit)
     assert max(per_commit[30:]) - min(per_commit[30:]) > 1.0
+
+
+def test_refresh_spread_is_learned_from_the_waves():
+    """Requests in step refresh together: a wave of all of them every few steps, none between.
+    The dispersion (variance over mean of a step's refresh rows) starts at one refresh's rows,
+    as for independent requests, and learns the wave's size."""
+    load = RefreshLoad(rate=0.05)
+    load.see(REFRESH, np.full(N, BLOCK))
+    assert load.per_commit == REFRESH / BLOCK and load.dispersion == REFRESH
+    every = BLOCK // 2  # requests committing 2 a step end a block every 16 steps
+    wave = N * REFRESH
+    for step in range(400):
+        load.observe(wave if step % every == 0 else 0, 2 * N)
+    expected = wave * (1 - 1 / every)  # var / mean of a wave of `wave` rows with probability 1/every
+    assert load.dispersion == pytest.approx(expected, rel=0.35)
+    mean, var = load.lump(np.array([2.0 * N]))
+    assert mean[0] == pytest.approx(2 * N * REFRESH / BLOCK) and var[0] == pytest.approx(load.dispersion * mean[0])

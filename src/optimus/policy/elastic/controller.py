@@ -48,6 +48,7 @@ from optimus.policy.elastic.graph_buckets import GraphBuckets
 from optimus.policy.elastic.host_share import HostShare, StepGaps
 from optimus.policy.elastic.ladders import Ladder, Rungs, build_ladder, by_work_left, merge_rungs, store_variance
 from optimus.policy.elastic.plans import Curve, Plan
+from optimus.policy.elastic.refreshes import RefreshLoad
 
 DEFAULT_CHUNK_SIZES = (1, 2, 4, 8, 16, 32, 64)
 DEFAULT_KNEE = 256  # tokens; used only without a profile, until corrected online
@@ -84,7 +85,7 @@ class ElasticPolicy:
         self.buckets = graph_buckets  # steps served from CUDA graphs cost their bucket (graph_buckets.py)
         self.memory = BucketMemory()  # what each bucket measured, where graphs serve the steps
         self.load = TokenLoad(rate=load_rate)  # learned: the rows others bring (prefill pieces)
-        self.refresh = (0.0, 0.0)  # known: a refresh's rows and their share per commit (StepView.refresh_rows)
+        self.refreshes = RefreshLoad(rate=load_rate)  # known ahead (StepView.refresh_rows), their spread learned
         self.gaps = StepGaps()  # host time between steps, outside the forward (StepFeedback.overhead_s)
         # Host time in a whole step's latency beside its device time (none while that is unknown).
         self.host = HostShare()
@@ -130,16 +131,7 @@ class ElasticPolicy:
         return sizes + self._rows_per_commit() * self.tau(sizes)
 
     def _rows_per_commit(self) -> float:
-        return 1.0 + self.load.per_commit + self.refresh[1]  # its store row, its share of prefill and refreshes
-
-    def _see_refreshes(self, refresh_rows: float, blocks: np.ndarray) -> None:
-        """A cache scheme that refreshes recomputes ``refresh_rows`` once per block of commits: a
-        known load per commit. Learned from the steps' rows instead, it swung between 8 and 22
-        rows per commit with the refresh waves (LLaDA-8B shape, dual cache, 128 requests, CPU
-        replay of the H100's steps; the truth: 12), and the plan with it."""
-        refresh = (refresh_rows, refresh_rows / max(float(np.mean(blocks)), 1.0) if refresh_rows else 0.0)
-        if refresh != self.refresh:
-            self.refresh, self._ladders, self._curves = refresh, {}, {}
+        return 1.0 + self.load.per_commit + self.refreshes.per_commit  # its store, its share of prefill and refreshes
 
     def _variance(self, sizes: np.ndarray, levels: np.ndarray | float = 1.0) -> np.ndarray:
         return store_variance(sizes, self._tau(sizes, levels))
@@ -240,7 +232,9 @@ class ElasticPolicy:
         choice = self._own_choice(feedback)
         if choice is not None:
             rows, var = self._own_rows(*choice)
-            self.load.observe(feedback.num_tokens - feedback.refresh_rows, rows, var, sum(feedback.committed))
+            # the refreshes' rows are known, as the requests' own are: the load learns the rest
+            self.load.observe(feedback.num_tokens, rows + feedback.refresh_rows, var, sum(feedback.committed))
+        self.refreshes.observe(feedback.refresh_rows, sum(feedback.committed))
         self._ladders, self._curves = {}, {}  # the estimates moved: rebuild what is likely next
         if self._latest is not None:
             ids, caps, pinned, batch, load_pending = self._latest
@@ -296,12 +290,12 @@ class ElasticPolicy:
         lifted = np.concatenate([[0.0], np.cumsum(rungs.size_before == 1)])
         floor = n + rungs.positions + (n - lifted) + (float(np.sum(pinned)) if pinned.size else 0.0)
         load = self.load.per_commit * (base_gain + rungs.gain)
-        refreshes = self.refresh[1] * (base_gain + rungs.gain)
-        lumps = [(np.maximum(tokens - floor - load - refreshes, 0.0), base_var + rungs.var)]
+        refreshes = self.refreshes.lump(base_gain + rungs.gain)
+        lumps = [(np.maximum(tokens - floor - load - refreshes[0], 0.0), base_var + rungs.var)]
         if load_pending:  # a step prefills only prompts that wait: after a burst, none comes
             lumps.append((load, self.load.extra_var))
-        if self.refresh[0]:  # each request refreshes in few steps, all its rows at once
-            lumps.append((refreshes, self.refresh[0] * refreshes))
+        if self.refreshes.rows:
+            lumps.append(refreshes)
         device = expected_latency(lambda x: self.predict_latency(x, batch), floor, lumps, self.load.largest)
         everyone_unit = (np.arange(len(tokens)) == 0) & (not np.any(pinned > 1))  # rung 0: all at size 1
         latency = self._host_s(tokens, everyone_unit) + device  # the host's time too: larger steps amortise it
@@ -334,7 +328,8 @@ class ElasticPolicy:
         max_chunks = np.fromiter(map(_MAX_CHUNK, requests), np.int64, n)
         # Planning caps ignore block ends; one ladder per (cap, confidence level).
         caps = tuple(np.clip(blocks, 1, max(self.chunk_sizes)).tolist())
-        self._see_refreshes(view.refresh_rows, blocks)
+        if self.refreshes.see(view.refresh_rows, blocks):
+            self._ladders, self._curves = {}, {}
         pinned_sizes, batch = tuple(pinned.tolist()), len(view.requests)
         self._latest = (ids, caps, pinned_sizes, batch, view.load_pending)
         keys = tuple(zip(caps, levels))
