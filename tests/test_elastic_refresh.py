@@ -72,3 +72,12 @@ def test_refresh_spread_is_learned_from_the_waves():
     assert load.dispersion == pytest.approx(expected, rel=0.35)
     mean, var = load.lump(np.array([2.0 * N]))
     assert mean[0] == pytest.approx(2 * N * REFRESH / BLOCK) and var[0] == pytest.approx(load.dispersion * mean[0])
+
+
+def test_small_moves_of_the_refresh_rows_keep_the_price():
+    load = RefreshLoad()
+    blocks = np.full(N, BLOCK)
+    assert load.see(REFRESH, blocks)
+    assert not load.see(REFRESH * 1.03, blocks) and load.rows == REFRESH  # a request of another length came
+    assert load.see(REFRESH * 1.2, blocks) and load.per_commit == pytest.approx(1.2 * REFRESH / BLOCK)
+    assert load.see(0.0, blocks) and load.per_commit == 0.0 and not load.see(0.0, blocks)

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 
+TOLERANCE = 0.05  # relative move of the refresh rows that reprices the plans
+
 
 class RefreshLoad:
     def __init__(self, rate: float = 0.05) -> None:
@@ -29,11 +31,15 @@ class RefreshLoad:
 
     def see(self, refresh_rows: float, blocks: np.ndarray) -> bool:
         """The step view's refresh rows (``StepView.refresh_rows``) at these block sizes;
-        -> whether the price per commit changed."""
+        -> whether the price changed. A move under ``TOLERANCE`` keeps the old one: with
+        requests of unequal lengths the mean moves whenever one arrives or ends, and each
+        change costs the plans cached for the step (a host cost on every one)."""
         per_commit = refresh_rows / max(float(np.mean(blocks)), 1.0) if refresh_rows and len(blocks) else 0.0
-        changed = (refresh_rows, per_commit) != (self.rows, self.per_commit)
+        if abs(refresh_rows - self.rows) <= TOLERANCE * self.rows and abs(per_commit - self.per_commit) <= (
+                TOLERANCE * self.per_commit) and bool(refresh_rows) == bool(self.rows):
+            return False
         self.rows, self.per_commit = refresh_rows, per_commit
-        return changed
+        return True
 
     @property
     def dispersion(self) -> float:
