@@ -392,4 +392,3 @@ class Scheduler:
         if self._feedback is not None:
             feedback, self._feedback = self._feedback, None
             self.policy.observe(feedback)
-

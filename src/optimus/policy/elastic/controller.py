@@ -14,7 +14,8 @@ its forward (scheduling, reporting, serving, and what the step waits for on the 
 the batch, committing; measured beside the device's own time where the engine reports it),
 and ``cost`` also carries ``pi * tau(C)``: the rows the step runs for others (prefill pieces,
 pinned requests), measured per committed token, because every answer token brings its share
-of prompt to prefill. Allocation is greedy by marginal efficiency on each request's concave
+of prompt to prefill, and ``rho * tau(C)``: a cache scheme's block-start refreshes, known
+ahead (``refreshes.py``). Allocation is greedy by marginal efficiency on each request's concave
 ladder of sizes (``ladders.py``); equal upgrades go to the requests with the most work left
 (then the oldest), so requests that started together progress together.
 
