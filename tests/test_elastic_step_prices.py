@@ -45,8 +45,12 @@ def test_apply_prices_remembered_buckets_and_leaves_the_rest_to_the_correction()
     memory = BucketMemory(min_steps=1)
     memory.observe(256.0, 2.0, 1.0)
     rows = np.array([128.0, 256.0, 300.0])
-    out = memory.apply(rows, np.array([7.0, 7.0, 7.0]), lambda n: np.full(len(n), 5.0))
+    out = memory.apply(rows, rows, np.array([7.0, 7.0, 7.0]), lambda n: np.full(len(n), 5.0))
     assert out.tolist() == [7.0, 10.0, 7.0]
+    # eager steps, kept by band: 600 rows (band 1,024) priced at the profile's 600 rows times its ratio
+    memory.observe(1024.0, 3.0, 1.0)
+    out = memory.apply(np.array([1024.0, 2048.0]), np.array([600.0, 1500.0]), np.array([7.0, 7.0]), lambda n: n / 100)
+    assert out.tolist() == pytest.approx([18.0, 7.0])
 
 
 def _feedback(rows: int, size: int, ms: float) -> StepFeedback:
@@ -70,10 +74,16 @@ def test_decoding_steps_teach_each_bucket_its_own_latency():
     policy.correction.log_stretch = math.log(1.3)  # what a burst of prompts left the correction at
     predicted = policy.predict_latency(np.array([128.0, 256.0]), 64) * 1e3
     assert predicted == pytest.approx([MEASURED_MS[128], MEASURED_MS[256]], rel=1e-3)
-    # a step mostly of prompt rows, or one past the largest graph, teaches no bucket
-    policy.observe(StepFeedback(1024, 0.05, (1,), (1,), ("p",), (1,), device_s=0.05))
-    policy.observe(_feedback(2048, 16, 40.0))
+    # a step mostly of prompt rows teaches no bucket
+    for _ in range(4):
+        policy.observe(StepFeedback(1024, 0.05, (1,), (1,), ("p",), (1,), device_s=0.05))
     assert set(policy.memory.known()) == {128.0, 256.0}
+    # eager steps past the largest graph (1,024) teach their band: launches pace them, not rows
+    profiled = policy.profile.predict_many(np.array([1500.0]), 64)[0]
+    for rows in (1100, 1300, 1700, 2000):
+        policy.observe(_feedback(rows, 16, 2e3 * float(policy.profile.predict_many(np.array([rows * 1.0]), 64)[0])))
+    assert set(policy.memory.known()) == {128.0, 256.0, 2048.0}
+    assert policy.predict_latency(np.array([1500.0]), 64)[0] == pytest.approx(2 * profiled, rel=1e-6)
 
 
 def test_the_controller_runs_the_bucket_that_measured_faster_where_the_profile_says_otherwise():

@@ -13,7 +13,10 @@ priced the two within its 2% hysteresis, and 64-request elastic ran 0.92-0.95 of
 profiled time (same bucket, same batch: the profile carries the batch's attention cost) over
 decoding steps, and prices a bucket measured within its memory at the profile times that
 ratio. Buckets it does not remember keep the correction's price: optimistic past what was
-measured, so the controller still goes and measures them.
+measured, so the controller still goes and measures them. Steps past the largest graph run
+eagerly, launch by launch, and are kept by band (``GraphBuckets.key``): the host's launch pace,
+not their rows, sets their time (on an H100, LLaDA-8B dual-cache steps of 520-592 rows took
+16-39 ms eagerly where the 512-row graph takes 14).
 """
 
 from __future__ import annotations
@@ -41,8 +44,8 @@ class BucketMemory:
         self._table: tuple[np.ndarray, np.ndarray] | None = None  # (buckets, ratios) it prices; None: stale
 
     def observe(self, bucket: float, measured_s: float, profiled_s: float) -> None:
-        """One decoding step run on graph ``bucket`` (rows) that took ``measured_s`` where the
-        profile says ``profiled_s``."""
+        """One decoding step under ``bucket`` (``GraphBuckets.key``: its graph's rows, or its band
+        of eager steps) that took ``measured_s`` where the profile says ``profiled_s``."""
         self._steps += 1
         self._table = None
         if not (measured_s > 0 and profiled_s > 0):
@@ -63,16 +66,18 @@ class BucketMemory:
         return {b: math.exp(x) for b, x in self._log_ratio.items()
                 if self._count[b] >= self.min_steps and self._fresh(b)}
 
-    def apply(self, rows: np.ndarray, corrected: np.ndarray, profiled: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
-        """Latency of steps on graph buckets ``rows`` [K]: the profile's (``profiled(rows)``)
-        times the bucket's ratio where it remembers the bucket, else ``corrected`` [K]."""
+    def apply(self, keys: np.ndarray, rows: np.ndarray, corrected: np.ndarray,
+              profiled: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+        """Latency of steps under ``keys`` [K] (``GraphBuckets.key``) that run ``rows`` [K]: the
+        profile's (``profiled(rows)``) times the key's ratio where it remembers the key, else
+        ``corrected`` [K]."""
         if self._table is None:  # built once between two observed steps (many curves read it)
             known = self.known()
             self._table = np.array(sorted(known)), np.array([known[b] for b in sorted(known)])
         buckets, ratios = self._table
         if not buckets.size:
             return corrected
-        rows = np.asarray(rows, dtype=float)
-        at = np.minimum(np.searchsorted(buckets, rows), len(buckets) - 1)
-        hit = buckets[at] == rows
-        return np.where(hit, profiled(rows) * ratios[at], corrected) if hit.any() else corrected
+        keys = np.asarray(keys, dtype=float)
+        at = np.minimum(np.searchsorted(buckets, keys), len(buckets) - 1)
+        hit = buckets[at] == keys
+        return np.where(hit, profiled(np.asarray(rows, dtype=float)) * ratios[at], corrected) if hit.any() else corrected

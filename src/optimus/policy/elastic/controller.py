@@ -148,7 +148,7 @@ class ElasticPolicy:
         corrected = self.correction(self.profile.predict_many, rows, batch)
         if self.buckets is None:
             return corrected
-        return self.memory.apply(rows, corrected, lambda n: self.profile.predict_many(n, batch))
+        return self.memory.apply(self.buckets.key(tokens), rows, corrected, lambda n: self.profile.predict_many(n, batch))
 
     def _rows_run(self, tokens):
         """The rows steps of ``tokens`` run: their graph buckets' where graphs serve them. The
@@ -259,8 +259,9 @@ class ElasticPolicy:
             self._rescale = False
         rows, batch = float(self._rows_run(feedback.num_tokens)), max(len(feedback.chunk_sizes), 1)
         self.correction.observe(self.profile.predict_many, rows, batch, seconds)
-        if self.buckets is not None and feedback.num_tokens <= self.buckets.limit and not prompts:
-            self.memory.observe(rows, seconds, float(self.profile.predict_many(np.array([rows]), batch)[0]))
+        if self.buckets is not None and not prompts:  # eager steps too, by band: their launches pace them
+            key = float(self.buckets.key(feedback.num_tokens))
+            self.memory.observe(key, seconds, float(self.profile.predict_many(np.array([rows]), batch)[0]))
 
     def _curve_for(self, keys: tuple, pinned: tuple, batch: int, load_pending: bool) -> Curve:
         signature = (keys, pinned, batch, load_pending)
