@@ -418,3 +418,18 @@ def test_step_profile_reads_its_cases():
 
     assert parse_cases("llada2-mini:ar:1:1,llada-8b:fixed:4:8:4") == (
         ("llada2-mini", "ar", 1, 1), ("llada-8b", "fixed:4", 8, 4))
+
+
+def test_free_port_avoids_the_ports_the_kernel_hands_out_and_skips_a_taken_one():
+    import random
+    import socket
+
+    from optimus.bench.server_process import QUIET_PORTS
+
+    first = free_port(rng=random.Random(7))
+    assert first in QUIET_PORTS
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as held:
+        held.bind(("127.0.0.1", first))
+        held.listen()
+        second = free_port(rng=random.Random(7))  # the same draw: its first port is taken now
+    assert second in QUIET_PORTS and second != first

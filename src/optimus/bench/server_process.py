@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -35,7 +36,23 @@ class ServerLaunch:
                 "--host", self.host, "--port", str(port), *self.extra_args]
 
 
-def free_port(host: str = "127.0.0.1") -> int:
+# Ports the kernel never hands out on its own (below its ephemeral range, 32768 up by default)
+# and above Ray's default worker ports (10002-19999). A port the kernel picked (bind to 0) is free
+# only until someone else asks: `serve --replicas` starts a local Ray instance before it binds,
+# and Ray's processes took the picked port in a test run (errno 98, server exit 3).
+QUIET_PORTS = range(20000, 32768)
+
+
+def free_port(host: str = "127.0.0.1", rng: random.Random | None = None) -> int:
+    """A port free on ``host`` now, from QUIET_PORTS where one is (else any the kernel picks)."""
+    rng = rng or random.Random()
+    for port in rng.sample(QUIET_PORTS, 64):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
