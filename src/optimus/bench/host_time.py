@@ -171,8 +171,10 @@ def measure_overlap(policy: str, shape: str, requests: int, prompt_len: int, out
 
 
 def _engine(policy: str, shape: str, requests: int, prompt_len: int, output_len: int, acceptance: str,
-            profile: LatencyProfile = EMULATED_8B) -> Engine:
-    """``profile``: what elastic plans with (the emulated device's curve, or an 8B step's shape)."""
+            profile: LatencyProfile = EMULATED_8B, token_budget: int | None = None) -> Engine:
+    """``profile``: what elastic plans with (the emulated device's curve, or an 8B step's shape).
+    ``token_budget``: a step's rows at most (None: room for every request's whole block, so
+    the host work of full-batch steps is what is timed)."""
     page = 16
     pages = requests * (-(-(prompt_len + output_len + 64) // page)) + 64
     path = Path(regimes.resolve(acceptance))
@@ -180,7 +182,7 @@ def _engine(policy: str, shape: str, requests: int, prompt_len: int, output_len:
     profile.save(profile_path)
     config = engine_config(model=f"random-tiny:{shape}", device="cpu", dtype="float32", policy=policy,
                            num_pages=pages, max_running=requests, max_waiting=requests,
-                           max_tokens_per_step=max(8192, requests * 64), prefill_chunk=prompt_len,
+                           max_tokens_per_step=token_budget or max(8192, requests * 64), prefill_chunk=prompt_len,
                            replay_acceptance=str(path), profile_path=str(profile_path))
     engine = Engine(config)
     engine.post.stream_text = engine.post.final_text = False  # as the engine process: front-ends detokenize

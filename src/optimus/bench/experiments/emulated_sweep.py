@@ -22,6 +22,7 @@ from optimus.bench import host_time
 from optimus.bench.decision_trace import DecisionTrace
 from optimus.bench.policy_sweep import TRACED
 from optimus.bench.step_traces import profile_from_traces, sweep_rows
+from optimus.config import SchedulerConfig
 from optimus.engine.emulated import EmulatedDevice
 from optimus.policy.elastic.graph_buckets import GraphBuckets
 from optimus.policy.elastic.latency import LatencyProfile
@@ -35,8 +36,9 @@ def run_policy(policy: str, loads: list[int], device: LatencyProfile, plan: Late
     """One engine for ``policy`` through every load: device tok/s of each timed run.
     ``graph_max_tokens``: the GPU run's CUDA-graph limit, so elastic prices steps at their
     graph buckets as it did there (a CPU engine has no graphs)."""
+    # the GPU sweep's engine: the default step budget, so prompts are admitted as there
     engine = host_time._engine("elastic" if policy == TRACED else policy, shape, max(loads), prompt_len, gen_len,
-                               acceptance, plan)
+                               acceptance, plan, token_budget=SchedulerConfig().max_tokens_per_step)
     trace = DecisionTrace(engine.policy) if policy == TRACED else None
     if graph_max_tokens and hasattr(engine.policy, "buckets"):
         engine.policy.buckets = GraphBuckets(graph_max_tokens)
