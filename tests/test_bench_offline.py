@@ -154,6 +154,27 @@ def test_a_gpu_sweep_replays_on_the_cpu_against_its_step_traces(tmp_path):
     assert set(data["elastic_vs_best"]) == {"1", "2"} and all(v > 0 for v in data["elastic_vs_best"].values())
 
 
+def test_the_cpu_replay_admits_prompts_within_the_gpu_sweeps_step_budget():
+    from optimus.bench.experiments.emulated_sweep import run_policy
+    from optimus.config import SchedulerConfig
+    from optimus.policy.elastic.latency import LatencyProfile
+
+    class Recording:  # the emulated device's curve, noting every step's rows
+        def __init__(self):
+            self.rows, self.curve = [], LatencyProfile.synthetic(0.001, 32, 0.001 / 32)
+
+        def predict(self, rows, batch=1):
+            self.rows.append(rows)
+            return self.curve.predict(rows, batch=batch)
+
+    device = Recording()
+    run_policy("fixed:4", [256], device, device.curve, "sdar-8b", "tasks", prompt_len=64, gen_len=4, repeats=1)
+    # 256 prompts of 64 rows are 16,384 rows: the GPU sweep's engine prefills them over four
+    # steps of its default budget, not in one
+    budget = SchedulerConfig().max_tokens_per_step
+    assert max(device.rows) == budget and sum(r == budget for r in device.rows) >= 4
+
+
 def _row(policy, tok_s):
     return {"policy": policy, "output_tok_s": tok_s}
 
