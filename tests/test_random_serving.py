@@ -187,15 +187,18 @@ def test_engine_commits_what_the_replayed_profile_says(four_per_step):
 def test_server_on_a_random_shape_replays_acceptance(tmp_path, four_per_step):
     from optimus.bench.prometheus import counter_deltas, dllm_summary, parse_prometheus
 
+    # Steps paced at 8 ms on an emulated device: the real tiny forward takes about a millisecond,
+    # and a front-end slower than the engine merges outputs into fewer frames (a fresh-clone run
+    # saw 3 frames for 64 steps), so the streaming check below needs a known pace.
+    pace = LatencyProfile.synthetic(0.008, 4096, 0.0).save(tmp_path / "pace.json")
     argv = serve_argv("random-tiny:sdar-8b", "--policy", "fixed:8", "--replay-acceptance", str(four_per_step),
-                      "--num-pages", "64", "--log-level", "warning")
+                      "--emulate-device", str(pace), "--num-pages", "64", "--log-level", "warning")
     with ServerProcess(argv, tmp_path / "server.log") as server, \
             httpx.Client(base_url=server.url, timeout=60) as http:
         server.wait_healthy()
         assert http.get("/v1/models").json()["data"][0]["id"] == "random-tiny:sdar-8b"
         before = parse_prometheus(http.get("/metrics").text)
-        # 256 tokens, about 64 steps: a front-end slower than the engine merges outputs into one
-        # frame (each carries the answer so far), and at 64 tokens a busy CI machine saw 4 frames.
+        # 256 tokens, about 64 steps (0.5 s): each frame carries what was committed since the last.
         body = {"model": "random-tiny:sdar-8b", "prompt": "the quick brown fox", "max_tokens": 256,
                 "stream": True, "stream_options": {"include_usage": True}}
         with http.stream("POST", "/v1/completions", json=body) as r:
