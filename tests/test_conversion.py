@@ -3,6 +3,7 @@ trainer, and adapter directories the loader merges over their base."""
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 from types import SimpleNamespace
@@ -142,6 +143,28 @@ def test_self_chat_keeps_finished_distinct_questions_and_finished_answers():
     convs = generate_conversations(FakeLLM(), SelfChatConfig(conversations=5), end_of_turn=2, log=lambda _: None)
     assert [c.question for c in convs] == ["What is the sea?"]
     assert convs[0].answer_ids == (9, 10, 2)
+
+
+def test_self_chat_runs_rounds_of_distinct_questions_within_its_budget():
+    tok = load_model("default", device="cpu", progress=False).tokenizer
+    seeds_asked = []
+
+    class FakeLLM:
+        tokenizer = tok
+
+        def generate(self, prompts, params):
+            if isinstance(params, list):  # question seeds 0 and 1 repeat across the two rounds
+                seeds_asked.extend(p.seed for p in params)
+                return [SimpleNamespace(text=f"Question number {p.seed % 2}?", finish_reason="stop", token_ids=())
+                        for p in params]
+            return [SimpleNamespace(text="", finish_reason="stop", token_ids=(9,)) for _ in prompts]
+
+    cfg = SelfChatConfig(conversations=6, round_size=2)
+    convs = generate_conversations(FakeLLM(), cfg, end_of_turn=2, log=lambda _: None)
+    assert seeds_asked == list(range(6)) and [c.question for c in convs] == ["Question number 0?", "Question number 1?"]
+    seeds_asked.clear()
+    generate_conversations(FakeLLM(), dataclasses.replace(cfg, seconds=1e-9), end_of_turn=2, log=lambda _: None)
+    assert seeds_asked == [0, 1]  # the first round overran the budget: no second
 
 
 def test_fit_converts_a_base_end_to_end(base, tmp_path):

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Convert SmolLM2-135M-Instruct (the pinned Q4_1 GGUF behind the smollm2-135m alias) into a
 # block-diffusion model on one GPU, in three phases (each fits one device call):
-#   gen    the base writes and answers its own questions (python -m optimus_lab.train selfchat)
+#   gen    the base writes and answers its own questions (python -m optimus_lab.train selfchat), in
+#          rounds of ROUND prompts, within GEN_SECONDS when set
 #   sweep  short runs at blocks 4, 8, 16, 32 side by side, each checked at C = block
 #   main   a long run at BLOCK (kept at its lowest held-out loss), then the chat300 table, the
 #          tau-by-chunk curve, the acceptance profile on chat300's open prose prompts (the
@@ -20,7 +21,8 @@ case "$1" in
 gen)
   python -m optimus_lab.train selfchat --base smollm2-135m --out "$WORK/data" --conversations "${N:-10000}" \
     --mask-id 16 --seq-len 1024 --block 32 --max-running "${MAX_RUNNING:-512}" \
-    --max-answer-tokens "${MAX_ANSWER:-512}" --device cuda | tee "$RESULTS/selfchat.json"
+    --max-answer-tokens "${MAX_ANSWER:-512}" --seconds "${GEN_SECONDS:-0}" --round-size "${ROUND:-4096}" \
+    --device cuda | tee "$RESULTS/selfchat.json"
   ;;
 sweep)
   # The first run compiles alone (about 100 s) and fills inductor's cache; the other three then

@@ -35,12 +35,13 @@ def _selfchat(args) -> None:
     from optimus.engine.llm import LLM
     from optimus_lab.train.selfchat import SelfChatConfig, generate_conversations, write_dataset
     llm = LLM(args.base, policy="ar", device=args.device, max_running=args.max_running,
-              max_waiting=max(1024, args.conversations))  # generate() queues every request at once
+              max_waiting=max(1024, args.round_size))  # generate() queues a round's requests at once
     tok = llm.tokenizer
     ids = {"mask_id": args.mask_id, "eos_id": tok.end_of_turn_id, "fill_id": tok.token_to_id(args.fill_token)}
     if None in ids.values():
         raise SystemExit(f"{args.base}: the tokenizer lacks an end-of-turn token or {args.fill_token!r}: {ids}")
-    cfg = SelfChatConfig(conversations=args.conversations, max_answer_tokens=args.max_answer_tokens, seed=args.seed)
+    cfg = SelfChatConfig(conversations=args.conversations, max_answer_tokens=args.max_answer_tokens, seed=args.seed,
+                         seconds=args.seconds, round_size=args.round_size)
     convs = generate_conversations(llm, cfg, ids["eos_id"])
     print(json.dumps(write_dataset(convs, Path(args.out), cfg, ids, args.seq_len, args.block)))
 
@@ -134,6 +135,9 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("--max-running", type=int, default=512)
     c.add_argument("--device", default="cuda")
     c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--seconds", type=float, default=0.0,
+                   help="time budget: no round starts that would end past it (0: none)")
+    c.add_argument("--round-size", type=int, default=4096, help="question prompts per round")
     for q in (p, f, c):
         q.add_argument("--vocab-size", type=int, default=8192)
         q.add_argument("--seq-len", type=int, default=512)

@@ -41,6 +41,8 @@ class SelfChatConfig:
     top_p: float = 0.95
     seed: int = 0
     val_every: int = 50  # every n-th conversation is held out
+    seconds: float = 0.0  # > 0: stop starting rounds once the next would end past this budget
+    round_size: int = 4096  # question prompts per round (a round's answers are generated before the next)
 
 
 def question_prefix(tokenizer) -> str:
@@ -49,32 +51,47 @@ def question_prefix(tokenizer) -> str:
     return rendered[:rendered.index(_SENTINEL)]
 
 
-def _questions(llm, cfg: SelfChatConfig, end_of_turn: int, log) -> list[str]:
+def _questions(llm, cfg: SelfChatConfig, first: int, count: int, end_of_turn: int) -> list[str]:
+    """Questions sampled for prompts ``first .. first + count`` (each prompt's own seed)."""
     prefix = llm.tokenizer.encode(question_prefix(llm.tokenizer))
     params = [SamplingParams(max_tokens=cfg.max_question_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                              seed=cfg.seed * 1_000_003 + i, stop_token_ids=(end_of_turn,))
-              for i in range(cfg.conversations)]
-    start = time.perf_counter()
-    outs = llm.generate([prefix] * cfg.conversations, params)
-    questions = [o.text.strip() for o in outs if o.finish_reason == "stop"]
-    unique = [q for q in dict.fromkeys(questions) if len(q) >= 8]
-    log(f"questions: {len(unique)} kept of {len(outs)} in {time.perf_counter() - start:.0f}s")
-    return unique
+              for i in range(first, first + count)]
+    outs = llm.generate([prefix] * count, params)
+    return [q for o in outs if o.finish_reason == "stop" and len(q := o.text.strip()) >= 8]
 
 
-def generate_conversations(llm, cfg: SelfChatConfig, end_of_turn: int, log=print) -> list[Conversation]:
-    """``llm``: an ``optimus.engine.llm.LLM`` over an AR chat model (policy ``ar``)."""
-    questions = _questions(llm, cfg, end_of_turn, log)
+def _answers(llm, cfg: SelfChatConfig, questions: list[str], end_of_turn: int) -> list[Conversation]:
     tok = llm.tokenizer
     prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True))
                for q in questions]
-    start = time.perf_counter()
     outs = llm.generate(prompts, SamplingParams(max_tokens=cfg.max_answer_tokens, temperature=0.0,
                                                 stop_token_ids=(end_of_turn,)))
-    convs = [Conversation(q, tuple(p), tuple(o.token_ids) + (end_of_turn,))
-             for q, p, o in zip(questions, prompts, outs) if o.finish_reason == "stop" and o.token_ids]
+    return [Conversation(q, tuple(p), tuple(o.token_ids) + (end_of_turn,))
+            for q, p, o in zip(questions, prompts, outs) if o.finish_reason == "stop" and o.token_ids]
+
+
+def generate_conversations(llm, cfg: SelfChatConfig, end_of_turn: int, log=print) -> list[Conversation]:
+    """``llm``: an ``optimus.engine.llm.LLM`` over an AR chat model (policy ``ar``). Rounds of
+    ``cfg.round_size`` prompts (questions, then their answers) until ``cfg.conversations``
+    prompts are used or, with ``cfg.seconds``, the next round would overrun the budget: a
+    bounded run keeps everything finished so far. Questions are distinct across rounds."""
+    start, seen, convs, first = time.perf_counter(), set(), [], 0
+    while first < cfg.conversations:
+        round_start = time.perf_counter()
+        count = min(cfg.round_size, cfg.conversations - first)
+        fresh = [q for q in dict.fromkeys(_questions(llm, cfg, first, count, end_of_turn)) if q not in seen]
+        seen.update(fresh)
+        done = _answers(llm, cfg, fresh, end_of_turn)
+        convs += done
+        first += count
+        took, elapsed = time.perf_counter() - round_start, time.perf_counter() - start
+        log(f"round to prompt {first}: {len(fresh)} new questions, {len(done)} finished answers "
+            f"({sum(len(c.answer_ids) for c in done)} tokens) in {took:.0f}s; {len(convs)} in all, {elapsed:.0f}s")
+        if cfg.seconds and elapsed + took > cfg.seconds:
+            break
     tokens = sum(len(c.answer_ids) for c in convs)
-    log(f"answers: {len(convs)} finished of {len(outs)}, {tokens} tokens, "
+    log(f"answers: {len(convs)} finished of {len(seen)} questions from {first} prompts, {tokens} tokens, "
         f"{tokens / max(1e-9, time.perf_counter() - start):.0f} tok/s")
     return convs
 
