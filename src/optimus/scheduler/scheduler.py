@@ -24,6 +24,7 @@ from optimus.config import SchedulerConfig
 from optimus.scheduler.cache_schemes import CacheScheme, PrefixBlock
 from optimus.scheduler.pages import PageAllocator
 from optimus.scheduler.prefill import next_pieces, piece_len, prefill_groups
+from optimus.scheduler.refresh_waves import RefreshWaves
 from optimus.scheduler.views import ahead_view, refresh_rows, step_view, work_left
 from optimus.policy import ChunkPolicy, StepFeedback
 from optimus.core.canvases import Canvases
@@ -49,6 +50,7 @@ class Scheduler:
         self._recompute_len: dict[str, int] = {}
         self._busy: frozenset[str] = frozenset()  # request ids of the step in flight (see schedule)
         self.canvases = Canvases()  # every queued and running request's canvas (array paths of a step)
+        self.refresh_waves = RefreshWaves(config.refresh_wave_wait, config.refresh_wave_min_decoders)
 
     # ---- queue management ------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -133,11 +135,12 @@ class Scheduler:
         if self.scheme.prefills:  # a scheme that prefills never refreshes: only stores lead
             return self._plan_stores(decoders)
         out, ready, used = {}, [], 0
+        held = self.refresh_waves.held(decoders, self.scheme.lead_rows, budget)
         for r in decoders:
             if r.state is not RequestState.DECODING:
                 continue
             refresh = self.scheme.lead_rows(r)
-            if refresh and used and used + refresh > budget:
+            if refresh and (r.request_id in held or (used and used + refresh > budget)):
                 continue
             lead = self.scheme.lead_work(r, self._ensure_pages)
             if r.window_bounds()[0] >= r.geometry.canvas_end:
