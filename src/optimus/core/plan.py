@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import operator
+from dataclasses import dataclass, field
+
+import numpy as np
 
 from optimus.core.canvases import Canvases
 from optimus.core.request import Request
@@ -46,10 +49,33 @@ class RequestWork:
         return self.start if self.visible is None else self.visible
 
 
+_REQUEST = operator.attrgetter("request")
+
+
 @dataclass
 class StepPlan:
+    """A step's works, in order. The works never change once planned, so what several stages
+    of the step read of them (their requests, the requests' canvas slots) is found once."""
+
     works: list[RequestWork]
     canvases: Canvases | None = None  # where its requests' canvases live (the scheduler's), if anywhere
+    _requests: list[Request] | None = field(default=None, init=False, repr=False, compare=False)
+    _slots: tuple[np.ndarray | None] | None = field(default=None, init=False, repr=False, compare=False)
+
+    def requests(self) -> list[Request]:
+        """Each work's request, in work order (not to be modified)."""
+        if self._requests is None:
+            self._requests = list(map(_REQUEST, self.works))
+        return self._requests
+
+    def slots(self) -> np.ndarray | None:
+        """``Canvases.slots`` of :meth:`requests` in :attr:`canvases` (None: not every one is
+        adopted there, or no canvases). Found at the first call: valid while none of the requests
+        has ended (an ended request's slot may be given to another)."""
+        if self._slots is None:
+            held = self.canvases.slots(self.requests()) if self.canvases is not None else None
+            self._slots = (held,)
+        return self._slots[0]
 
     @property
     def carries_prompt(self) -> bool:

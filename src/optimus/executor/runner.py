@@ -153,13 +153,27 @@ def _window_flags(requests, windows, lo: np.ndarray, width: np.ndarray, base: np
     return ~canvases.committed[starts + np.arange(starts.size)]
 
 
-def _row_groups(works, cu: np.ndarray, pos: np.ndarray, store_end: np.ndarray) -> np.ndarray:
+def _stored_slots(table: np.ndarray, row_req: np.ndarray, pos: np.ndarray, stored: np.ndarray,
+                  page_size: int) -> np.ndarray:
+    """Every row's cache slot [rows] int64, -1 where the row is not ``stored``: only the stored
+    rows look their page up in ``table`` (a decode step stores a few of its thousands of rows).
+    ``row_req``/``pos`` [rows]: each row's request (table row) and position."""
+    slots = np.full(pos.size, -1, np.int64)
+    rows = np.flatnonzero(stored)
+    if rows.size:
+        at = pos[rows]
+        page = table[row_req[rows], np.minimum(at // page_size, table.shape[1] - 1)]
+        slots[rows] = page * page_size + at % page_size
+    return slots
+
+
+def _row_groups(works, cu: np.ndarray, stored: np.ndarray) -> np.ndarray:
     """Every row's attention group [rows] int32: the works' own lists where they have one,
     else 0 for stored rows and 1 for the rest (RequestWork.row_groups), vectorised."""
     explicit = [i for i, w in enumerate(works) if w.groups is not None]
     if len(explicit) == len(works):
         return np.fromiter(itertools.chain.from_iterable(w.groups for w in works), np.int32, int(cu[-1]))
-    groups = (pos >= store_end).astype(np.int32)
+    groups = (~stored).astype(np.int32)
     for i in explicit:
         groups[cu[i]:cu[i + 1]] = works[i].groups
     return groups
@@ -275,24 +289,24 @@ class ModelRunner:
         A work whose first row is a position in ``feed`` reads that row's token from it."""
         works, ps = plan.works, self.page_size
         n = len(works)
-        requests = [w.request for w in works]
+        requests = plan.requests()
         starts, ends, store_ends, visible, shift = _work_scalars(works)
         lens = ends - starts
         cu = np.zeros(n + 1, np.int64)
         np.cumsum(lens, out=cu[1:])
         row_req = np.repeat(np.arange(n), lens)
-        pos = starts[row_req] + np.arange(cu[-1]) - cu[row_req]
+        pos = (starts - cu[:-1])[row_req] + np.arange(cu[-1])
+        stored = pos < store_ends[row_req]
         table = self.page_tables.build([r.pages for r in requests])
-        page = table[row_req, np.minimum(pos // ps, table.shape[1] - 1)]
-        slots = np.where(pos < store_ends[row_req], page * ps + pos % ps, -1)
+        slots = _stored_slots(table, row_req, pos, stored, ps)
         canvases = plan.canvases
-        held = canvases.slots(requests) if canvases is not None else None  # their canvas columns
+        held = plan.slots()  # their canvas columns
         base = canvases.base[held] if held is not None else None
         if base is None:
             ids = np.concatenate([w.request.tokens[w.start:w.end] for w in works])
         else:  # one read over every request's span
             ids = canvases.tokens[base[row_req] + pos]
-        groups = _row_groups(works, cu, pos, store_ends[row_req])
+        groups = _row_groups(works, cu, stored)
         windows = [w.window for w in works]
         carries_prompt = None in windows and plan.carries_prompt  # a prompt piece has no window
         windows, lo, hi = _window_bounds(windows)

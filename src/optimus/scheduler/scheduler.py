@@ -35,6 +35,7 @@ from optimus.models.spec import AttentionKind
 
 _CACHE_LEN = operator.attrgetter("cache_len")
 _STATE = operator.attrgetter("state")
+_START, _END = operator.attrgetter("start"), operator.attrgetter("end")
 
 
 class Scheduler:
@@ -49,6 +50,7 @@ class Scheduler:
         self._recompute_len: dict[str, int] = {}
         self._busy: frozenset[str] = frozenset()  # request ids of the step in flight (see schedule)
         self.canvases = Canvases()  # every queued and running request's canvas (array paths of a step)
+        self._preemptions = 0  # so far: a plan checks its decoders' states only after one
 
     # ---- queue management ------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -94,20 +96,21 @@ class Scheduler:
         """Plan a step over the running requests not in ``busy`` (request ids), the oldest
         ``max_decoders`` decoders at most (None: all of them), then prefills and admissions."""
         self._busy, budget, works = busy, self.config.max_tokens_per_step, []
-        decoders = self._decoders(busy)[:max_decoders]
+        decoders, preempted = self._decoders(busy)[:max_decoders], self._preemptions
         decoders, leads = self._plan_leads(decoders, budget)
         fixed = sum(w.end - w.start for w in leads.values())
         slots = self.canvases.slots(decoders)
         bounds = self._window_bounds(decoders, slots)
         chunks = self._choose_chunks(decoders, (bounds[1] - bounds[0]).tolist(), fixed, budget)
         windows = self._plan_windows(decoders, slots, bounds, chunks)
-        if any(r.state is not RequestState.DECODING for r in decoders):  # preempted while planning leads
+        if self._preemptions != preempted and any(r.state is not RequestState.DECODING for r in decoders):
+            # preempted while planning leads
             kept = [i for i, r in enumerate(decoders) if r.state is RequestState.DECODING]
             decoders, windows = [decoders[i] for i in kept], [windows[i] for i in kept]
         works += self.scheme.decode_works(decoders, leads, windows, self._ensure_pages)
         for r, (lo, hi) in zip(decoders, windows):
             r.chunk = hi - lo
-        budget -= sum(w.end - w.start for w in works)
+        budget -= sum(map(_END, works)) - sum(map(_START, works))
         budget = self._plan_prefills(works, budget)
         self._admit(works, budget)
         return StepPlan(works, self.canvases)
@@ -322,6 +325,7 @@ class Scheduler:
         self.allocator.free(r.pages)
         r.pages = []
         r.stats.preemptions += 1
+        self._preemptions += 1
         self.running.remove(r)
         r.transition(RequestState.WAITING)
         self.waiting.appendleft(r)
