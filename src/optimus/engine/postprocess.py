@@ -40,7 +40,6 @@ from optimus.scheduler.scheduler import Scheduler
 SAMPLED_ROWS_PER_PASS = 1024
 _IS_DONE = operator.attrgetter("is_done")
 _REQUEST = operator.attrgetter("request")
-_WINDOW = operator.attrgetter("window")
 
 
 def _rows_of(wants: list[LogitRequest]) -> np.ndarray:
@@ -146,10 +145,10 @@ class Postprocessor:
         them ended), ``lens`` [n] rows each, their masked ``positions`` and rows laid end to end in
         ``tokens``/``conf`` [M]. The commit rule decides every window in one pass
         (rules.keep_many), then each request takes its commits."""
-        windows = np.fromiter(itertools.chain.from_iterable(map(_WINDOW, works)), np.int64, 2 * len(works))
+        columns = plan.columns()
         try:
             keep = keep_many(self.commit_rule, conf.float().numpy(), lens, [w.request.params for w in works],
-                             windows[1::2] - windows[0::2])
+                             (columns.hi - columns.lo)[work_index])
         except Exception:  # noqa: BLE001 - a request's own numerics or parameters: found one by one
             _clear_commit_counts(plan)  # a request that fails commits nothing
             self._commit_each(works, fast, tokens, conf)
