@@ -203,10 +203,35 @@ class ReplayAcceptance:
         if windows.size:
             counts[windows] = self.counts(np.asarray(chunks, np.int64)[windows], lens[windows])
         window_of_row = np.repeat(np.arange(lens.size), lens)
+        if _keep_most_confident_padded(conf, starts, lens, counts, window_of_row, keep):
+            return keep
         order = _by_window_most_confident_first(conf, window_of_row)
         owner = window_of_row[order]
         keep[order[np.arange(conf.size) - starts[owner] < counts[owner]]] = True
         return keep
+
+
+def _keep_most_confident_padded(conf: np.ndarray, starts: np.ndarray, lens: np.ndarray, counts: np.ndarray,
+                                window_of_row: np.ndarray, keep: np.ndarray) -> bool:
+    """Mark each window's ``counts`` most confident rows (equal confidences: the earlier row
+    first) in ``keep``, by one row-wise sort of the windows padded to the widest; False (nothing
+    marked) where confidences may be negative or NaN, or padding would more than quadruple the
+    rows. Each row's key is unique in its window: (inverted confidence bits, offset), so the
+    ``counts[i]``-th smallest key of window i bounds exactly the rows it commits."""
+    conf = np.asarray(conf, np.float32)
+    width = int(lens.max(initial=0))
+    if not conf.size or lens.size * width > 4 * conf.size + 1024 or not conf.min() >= 0:
+        return False
+    offset = np.arange(conf.size) - starts[window_of_row]
+    bits = (conf + np.float32(0)).view(np.int32).astype(np.int64)  # + 0: -0.0 becomes 0.0
+    keys = ((0x7FFFFFFF - bits) << 32) | offset  # ascending: most confident first, then the earlier row
+    padded = np.full((lens.size, width), np.iinfo(np.int64).max)
+    padded[window_of_row, offset] = keys
+    padded.sort(axis=1)
+    take = np.minimum(counts, lens)
+    bound = np.where(take > 0, padded[np.arange(lens.size), np.maximum(take - 1, 0)], -1)
+    keep |= keys <= bound[window_of_row]
+    return True
 
 
 def _by_window_most_confident_first(conf: np.ndarray, window_of_row: np.ndarray) -> np.ndarray:

@@ -182,7 +182,7 @@ class Engine:
         """Commit a launched step's tokens (waiting for them), then settle its requests: the
         finished ones end now, and the ones with news wait for ``_report``."""
         plan = flight.plan
-        touched = list(dict.fromkeys(map(_REQUEST, plan.works)))
+        touched = list(dict.fromkeys(plan.requests()))  # each once (one work a request, as planned)
         self.post.commit_step(flight.plan, flight.hidden, flight.wants, flight.pick)
         t1 = time.perf_counter()
         # A step launched while another was in flight ran on the device from that one's end.
@@ -201,7 +201,8 @@ class Engine:
         self._last_step_end = t1
         self.post.step_index += 1
         self.stats.record_later(plan, latency, device_s)  # with the next report, off the critical path
-        news = self.post.settler.settle_all(touched)
+        held = plan.slots() if len(touched) == len(plan.works) and plan.canvases is self.scheduler.canvases else None
+        news = self.post.settler.settle_all(touched, held)
         self._news += news
         for r in filter(_IS_DONE, news):
             self._requests.pop(r.request_id, None)

@@ -40,7 +40,6 @@ from optimus.scheduler.scheduler import Scheduler
 SAMPLED_ROWS_PER_PASS = 1024
 _IS_DONE = operator.attrgetter("is_done")
 _REQUEST = operator.attrgetter("request")
-_WINDOW = operator.attrgetter("window")
 
 
 def _rows_of(wants: list[LogitRequest]) -> np.ndarray:
@@ -59,6 +58,12 @@ def _by_rows(wants: list[LogitRequest], limit: int) -> list[list[LogitRequest]]:
         parts[-1].append(w)
         rows += len(w.positions)
     return parts
+
+
+def _clear_commit_counts(plan: StepPlan) -> None:
+    """Every request of ``plan`` at no commit yet this step (its commit, if any, sets both)."""
+    for r in plan.requests():
+        r.last_committed, r.open_after = 0, -1
 
 
 class Postprocessor:
@@ -96,18 +101,18 @@ class Postprocessor:
     def commit_step(self, plan: StepPlan, hidden: torch.Tensor, wants: LogitWants, pick: GreedyPick | None) -> None:
         """Commit the step's proposals; ``pick``: every logit row already picked greedily.
         Every request of the plan holds its commit count of this step after it (0: none)."""
-        for w in plan.works:
-            r = w.request
-            r.last_committed, r.open_after = 0, -1
         h0 = time.perf_counter()
         if pick is not None:
             works = wants.works(plan)
             if not any(map(_IS_DONE, map(_REQUEST, works))):  # the usual step: every window at once
+                if len(works) < len(plan.works) or plan.slots() is None:  # else _apply_all sets them all
+                    _clear_commit_counts(plan)
                 tokens, conf = pick.read()
                 h0 = time.perf_counter()
-                self._commit_greedy(plan, wants, works, wants.lens, wants.positions, tokens, conf)
+                self._commit_greedy(plan, wants, works, wants.work_index, wants.lens, wants.positions, tokens, conf)
                 self.host_commit_s = time.perf_counter() - h0
                 return
+        _clear_commit_counts(plan)
         fast, slow = [], []
         for w in wants:
             r = plan.works[w.work_index].request
@@ -126,27 +131,36 @@ class Postprocessor:
             lens = np.fromiter((len(w.positions) for w in fast), np.int64, len(fast))
             positions = np.fromiter(itertools.chain.from_iterable(w.positions for w in fast), np.int64,
                                     int(lens.sum()))
-            self._commit_greedy(plan, fast, [plan.works[w.work_index] for w in fast], lens, positions, tokens, conf)
+            index = [w.work_index for w in fast]
+            self._commit_greedy(plan, fast, [plan.works[i] for i in index], np.array(index, np.int64), lens, positions,
+                                tokens, conf)
         self.host_commit_s = time.perf_counter() - h0
         for part in _by_rows(slow, SAMPLED_ROWS_PER_PASS):
             self._commit_sampled(plan, hidden, part)
 
-    def _commit_greedy(self, plan: StepPlan, fast: Sequence[LogitRequest], works: list[RequestWork], lens: np.ndarray,
-                       positions: np.ndarray, tokens: torch.Tensor, conf: torch.Tensor) -> None:
-        """Greedy windows: ``fast``'s, of ``works``, ``lens`` [n] rows each, their masked
-        ``positions`` and rows laid end to end in ``tokens``/``conf`` [M]. The commit rule
-        decides every window in one pass (rules.keep_many), then each request takes its commits."""
-        windows = np.fromiter(itertools.chain.from_iterable(map(_WINDOW, works)), np.int64, 2 * len(works))
+    def _commit_greedy(self, plan: StepPlan, fast: Sequence[LogitRequest], works: list[RequestWork],
+                       work_index: np.ndarray, lens: np.ndarray, positions: np.ndarray, tokens: torch.Tensor,
+                       conf: torch.Tensor) -> None:
+        """Greedy windows: ``fast``'s, of ``works`` (the plan's works ``work_index`` [n], none of
+        them ended), ``lens`` [n] rows each, their masked ``positions`` and rows laid end to end in
+        ``tokens``/``conf`` [M]. The commit rule decides every window in one pass
+        (rules.keep_many), then each request takes its commits."""
+        columns = plan.columns()
         try:
             keep = keep_many(self.commit_rule, conf.float().numpy(), lens, [w.request.params for w in works],
-                             windows[1::2] - windows[0::2])
+                             (columns.hi - columns.lo)[work_index])
         except Exception:  # noqa: BLE001 - a request's own numerics or parameters: found one by one
+            _clear_commit_counts(plan)  # a request that fails commits nothing
             self._commit_each(works, fast, tokens, conf)
             return
         chosen = np.flatnonzero(keep)
         ends = np.searchsorted(chosen, np.cumsum(lens))
         canvases = plan.canvases
-        slots = canvases.slots(map(_REQUEST, works)) if canvases is not None else None
+        held = plan.slots()  # valid for the requests of works: none ended
+        if held is not None:
+            slots = held[work_index]
+        else:
+            slots = canvases.slots(map(_REQUEST, works)) if canvases is not None else None
         if slots is not None:
             self._apply_all(works, canvases, canvases.base[slots], positions, chosen, tokens.numpy()[chosen], lens,
                             ends)

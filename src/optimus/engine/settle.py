@@ -44,14 +44,18 @@ class Settler:
                  fail: Callable[[Request, BaseException], None]) -> None:
         self.spec, self.tokenizer, self.scheduler, self.fail = spec, tokenizer, scheduler, fail
 
-    def settle_all(self, requests: list[Request]) -> list[Request]:
+    def settle_all(self, requests: list[Request], slots: np.ndarray | None = None) -> list[Request]:
         """:meth:`settle` each of ``requests`` -> those with news, in order. Where all of them
         live on the scheduler's canvases, one array pass (:func:`scan_answers`) settles the quiet
         ones (their answers grew and nothing can end them); only the rest run :meth:`settle`.
-        A request whose own checks raise ends through ``fail`` (reported with its news there)."""
-        requests = list(itertools.filterfalse(_IS_DONE, requests))
-        canvases = self.scheduler.canvases
-        slots = canvases.slots(requests) if requests else None
+        A request whose own checks raise ends through ``fail`` (reported with its news there).
+        ``slots``: the requests' slots there, if known (valid for the ones not ended)."""
+        live = list(itertools.filterfalse(_IS_DONE, requests))
+        if slots is not None and len(live) < len(requests):
+            slots = slots[~np.fromiter(map(_IS_DONE, requests), bool, len(requests))]
+        requests, canvases = live, self.scheduler.canvases
+        if slots is None or not requests:
+            slots = canvases.slots(requests) if requests else None
         if slots is None:
             return [r for r in requests if self._guarded_settle(r)]
         scan = scan_answers(canvases, slots, requests, self._stop_union(requests))

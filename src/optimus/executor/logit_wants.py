@@ -50,7 +50,10 @@ class LogitWants(Sequence):
         return np.diff(self.bounds)
 
     def works(self, plan) -> list:
-        """The plan's RequestWork of each window, in order."""
+        """The plan's RequestWork of each window, in order (not to be modified: where every
+        work has a window, the plan's own list)."""
+        if self.work_index.size == len(plan.works):  # increasing indices, as many as works: all of them
+            return plan.works
         return list(map(plan.works.__getitem__, self.work_index.tolist()))
 
     def _list(self) -> list[LogitRequest]:
@@ -90,7 +93,9 @@ def logit_wants(open_: np.ndarray, lo: np.ndarray, width: np.ndarray,
     if not found.size:
         return LogitWants.empty(), np.zeros(0, np.int64)
     owner = np.repeat(np.arange(n), width)[found]  # nondecreasing
-    positions = lo[owner] + found - (np.cumsum(width) - width)[owner]
+    to_position = lo - (np.cumsum(width) - width)  # [n] an offset of window i -> its position
+    positions = to_position[owner] + found
     bounds = np.searchsorted(owner, np.arange(n + 1))
     served = np.flatnonzero(bounds[1:] > bounds[:-1])  # the windows with an open position
-    return LogitWants(served, np.append(bounds[served], found.size), positions), first_row[owner] + positions
+    rows = (first_row + to_position)[owner] + found
+    return LogitWants(served, np.append(bounds[served], found.size), positions), rows

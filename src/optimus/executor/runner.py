@@ -122,44 +122,41 @@ class PageTables:
         return np.fromiter(map(row_of.get, map(id, pages), itertools.repeat(-1)), np.int64, len(pages))
 
 
-_NO_WINDOW = (0, 0)  # a work without a window predicts no position
 _REQUEST_ID = operator.attrgetter("request_id")
-# One C-level pass over the works for their scalars (a property and a nested attribute included).
-_WORK_SCALARS = operator.attrgetter("start", "end", "store_end", "cached_keys", "request.geometry.shift")
 
 
-def _work_scalars(works) -> np.ndarray:
-    """[5, n] int64: each work's start, end, store_end, cached_keys and its rows' shift."""
-    flat = np.fromiter(itertools.chain.from_iterable(map(_WORK_SCALARS, works)), np.int64, 5 * len(works))
-    return flat.reshape(-1, 5).T
-
-
-def _window_bounds(windows: list) -> tuple[list[tuple[int, int]], np.ndarray, np.ndarray]:
-    """-> (windows with None as (0, 0), their lo [n] int64, their hi [n] int64)."""
-    if None in windows:
-        windows = [w or _NO_WINDOW for w in windows]
-    lo_hi = np.fromiter(itertools.chain.from_iterable(windows), np.int64, 2 * len(windows)).reshape(-1, 2)
-    return windows, lo_hi[:, 0], lo_hi[:, 1]
-
-
-def _window_flags(requests, windows, lo: np.ndarray, width: np.ndarray, base: np.ndarray | None,
-                  canvases) -> np.ndarray:
+def _window_flags(requests, lo: np.ndarray, width: np.ndarray, base: np.ndarray | None, canvases) -> np.ndarray:
     """The masked flags of every window's positions, laid end to end [sum(width)] bool: one
     indexed read of the shared canvases where every request lives there (``base``: each
     request's span start), else a slice per request."""
     if base is None:
-        return ~np.concatenate([r.committed[a:b] for r, (a, b) in zip(requests, windows)] or [np.zeros(0, bool)])
+        spans = zip(requests, lo.tolist(), (lo + width).tolist())
+        return ~np.concatenate([r.committed[a:b] for r, a, b in spans] or [np.zeros(0, bool)])
     starts = np.repeat(base + lo - (np.cumsum(width) - width), width)
     return ~canvases.committed[starts + np.arange(starts.size)]
 
 
-def _row_groups(works, cu: np.ndarray, pos: np.ndarray, store_end: np.ndarray) -> np.ndarray:
+def _stored_slots(table: np.ndarray, row_req: np.ndarray, pos: np.ndarray, stored: np.ndarray,
+                  page_size: int) -> np.ndarray:
+    """Every row's cache slot [rows] int64, -1 where the row is not ``stored``: only the stored
+    rows look their page up in ``table`` (a decode step stores a few of its thousands of rows).
+    ``row_req``/``pos`` [rows]: each row's request (table row) and position."""
+    slots = np.full(pos.size, -1, np.int64)
+    rows = np.flatnonzero(stored)
+    if rows.size:
+        at = pos[rows]
+        page = table[row_req[rows], np.minimum(at // page_size, table.shape[1] - 1)]
+        slots[rows] = page * page_size + at % page_size
+    return slots
+
+
+def _row_groups(works, cu: np.ndarray, stored: np.ndarray) -> np.ndarray:
     """Every row's attention group [rows] int32: the works' own lists where they have one,
     else 0 for stored rows and 1 for the rest (RequestWork.row_groups), vectorised."""
     explicit = [i for i, w in enumerate(works) if w.groups is not None]
     if len(explicit) == len(works):
         return np.fromiter(itertools.chain.from_iterable(w.groups for w in works), np.int32, int(cu[-1]))
-    groups = (pos >= store_end).astype(np.int32)
+    groups = (~stored).astype(np.int32)
     for i in explicit:
         groups[cu[i]:cu[i + 1]] = works[i].groups
     return groups
@@ -275,28 +272,29 @@ class ModelRunner:
         A work whose first row is a position in ``feed`` reads that row's token from it."""
         works, ps = plan.works, self.page_size
         n = len(works)
-        requests = [w.request for w in works]
-        starts, ends, store_ends, visible, shift = _work_scalars(works)
+        requests = plan.requests()
+        columns = plan.columns()
+        starts, ends, store_ends, visible, shift = (columns.start, columns.end, columns.store_end,
+                                                    columns.cached_keys, columns.shift)
         lens = ends - starts
         cu = np.zeros(n + 1, np.int64)
         np.cumsum(lens, out=cu[1:])
         row_req = np.repeat(np.arange(n), lens)
-        pos = starts[row_req] + np.arange(cu[-1]) - cu[row_req]
+        pos = (starts - cu[:-1])[row_req] + np.arange(cu[-1])
+        stored = pos < store_ends[row_req]
         table = self.page_tables.build([r.pages for r in requests])
-        page = table[row_req, np.minimum(pos // ps, table.shape[1] - 1)]
-        slots = np.where(pos < store_ends[row_req], page * ps + pos % ps, -1)
+        slots = _stored_slots(table, row_req, pos, stored, ps)
         canvases = plan.canvases
-        held = canvases.slots(requests) if canvases is not None else None  # their canvas columns
+        held = plan.slots()  # their canvas columns
         base = canvases.base[held] if held is not None else None
         if base is None:
             ids = np.concatenate([w.request.tokens[w.start:w.end] for w in works])
         else:  # one read over every request's span
             ids = canvases.tokens[base[row_req] + pos]
-        groups = _row_groups(works, cu, pos, store_ends[row_req])
-        windows = [w.window for w in works]
-        carries_prompt = None in windows and plan.carries_prompt  # a prompt piece has no window
-        windows, lo, hi = _window_bounds(windows)
-        open_ = _window_flags(requests, windows, lo, hi - lo, base, canvases)
+        groups = _row_groups(works, cu, stored)
+        carries_prompt = not columns.windowed.all() and plan.carries_prompt  # a prompt piece has no window
+        lo, hi = columns.lo, columns.hi  # (0, 0) for a work without a window
+        open_ = _window_flags(requests, lo, hi - lo, base, canvases)
         wants, logit_rows = logit_wants(open_, lo, hi - lo, cu[:-1] - starts - shift)
         fed = _fed_rows(requests, starts, ends, hi > lo, cu, feed) if feed is not None else ()
         ids_d, pos_d, slots_d, logit_d, *fed_d = self.staging.upload((ids, pos, slots, logit_rows, *fed), np.int64)

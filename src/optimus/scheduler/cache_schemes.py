@@ -21,14 +21,20 @@ against the step's token budget before chunk sizes are chosen, like stored windo
 
 from __future__ import annotations
 
+import itertools
+import operator
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
-from optimus.core.plan import RequestWork
+import numpy as np
+
+from optimus.core.plan import RequestWork, WorkColumns
 from optimus.core.request import Request
 from optimus.models.spec import AttentionKind
 
 SCHEMES = ("auto", "dual-cache", "prefix-cache", "prefix-block")
+
+_SLOT, _REQUEST, _START = operator.attrgetter("slot"), operator.attrgetter("request"), operator.attrgetter("start")
 
 # (request, tokens of KV it must hold, may preempt others) -> whether its pages now cover them
 EnsurePages = Callable[[Request, int, bool], bool]
@@ -123,17 +129,47 @@ class PrefixBlock:
             groups = list(range(start, rows_hi))
         return RequestWork(r, start, rows_hi, store_end, groups, window)
 
+    @property
+    def _plain_decode(self) -> bool:
+        """Non-causal without suffix rows: a decode work is the window's rows after the lead,
+        nothing stored."""
+        attention = self.attention
+        return not (attention is AttentionKind.CAUSAL or (attention is AttentionKind.FULL and self.suffix_window))
+
     def decode_works(self, requests: list[Request], leads: dict[str, RequestWork],
                      windows: list[tuple[int, int]], ensure: EnsurePages) -> list[RequestWork]:
-        """Non-causal without suffix rows, a decode work is the window's rows after the lead,
-        nothing stored: built inline, not by a call per request (a step at 256 requests
-        builds 256)."""
-        if self.attention is AttentionKind.CAUSAL or (self.attention is AttentionKind.FULL and self.suffix_window):
+        """Plain decode works (:attr:`_plain_decode`) are built inline, not by a call per
+        request (a step at 256 requests builds 256)."""
+        if not self._plain_decode:
             return _each_decode_work(self, requests, leads, windows, ensure)
         get = leads.get
         return [RequestWork(r, lead.start if (lead := get(r.request_id)) is not None else r.cache_len,
                             hi - r.geometry.shift, r.cache_len, None, (lo, hi))
                 for r, (lo, hi) in zip(requests, windows)]
+
+    def decode_columns(self, requests: list[Request], leads: dict[str, RequestWork], slots: np.ndarray,
+                       cache_len: np.ndarray, lo: np.ndarray, hi: np.ndarray,
+                       shift: np.ndarray) -> tuple[list[RequestWork], WorkColumns] | None:
+        """:meth:`decode_works` for the windows [lo, hi) from arrays [n] (the requests' canvas
+        slots, cursors and shifts), with the works' columns; None unless the works are plain
+        and every lead's request is among ``requests``."""
+        if not self._plain_decode:
+            return None
+        start = cache_len
+        if leads:  # a lead's rows come first: the work starts where the lead does
+            index_of = np.full(int(slots.max()) + 1, -1, np.int64)
+            index_of[slots] = np.arange(slots.size)
+            lead_slots = np.fromiter(map(_SLOT, map(_REQUEST, leads.values())), np.int64, len(leads))
+            at = index_of[np.minimum(lead_slots, index_of.size - 1)]
+            if (at < 0).any() or not np.array_equal(slots[at], lead_slots):
+                return None
+            start = cache_len.copy()
+            start[at] = np.fromiter(map(_START, leads.values()), np.int64, len(leads))
+        end = hi - shift
+        works = list(map(RequestWork, requests, start.tolist(), end.tolist(), cache_len.tolist(),
+                         itertools.repeat(None), zip(lo.tolist(), hi.tolist())))
+        return works, WorkColumns(start, end, cache_len, cache_len, start, shift, lo, hi, np.ones(lo.size, bool),
+                                  np.zeros(lo.size, bool))
 
     def admit_tokens(self, r: Request, target: int) -> int:
         # The whole prompt plus one block: never admit a request that would force a preemption.

@@ -22,6 +22,7 @@ import numpy as np
 
 from optimus.config import SchedulerConfig
 from optimus.scheduler.cache_schemes import CacheScheme, PrefixBlock
+from optimus.scheduler.cursors import advance_each
 from optimus.scheduler.pages import PageAllocator
 from optimus.scheduler.prefill import next_pieces, piece_len, prefill_groups
 from optimus.scheduler.refresh_waves import RefreshWaves
@@ -29,13 +30,14 @@ from optimus.scheduler.views import ahead_view, refresh_rows, step_view, work_le
 from optimus.policy import ChunkPolicy, StepFeedback
 from optimus.core.canvases import Canvases
 from optimus.core.errors import QueueFullError
-from optimus.core.plan import RequestWork, StepPlan
+from optimus.core.plan import RequestWork, StepPlan, WorkColumns
 from optimus.core.request import Request, RequestState
 from optimus.models.spec import AttentionKind
 
 
 _CACHE_LEN = operator.attrgetter("cache_len")
 _STATE = operator.attrgetter("state")
+_START, _END = operator.attrgetter("start"), operator.attrgetter("end")
 
 
 class Scheduler:
@@ -51,6 +53,7 @@ class Scheduler:
         self._busy: frozenset[str] = frozenset()  # request ids of the step in flight (see schedule)
         self.canvases = Canvases()  # every queued and running request's canvas (array paths of a step)
         self.refresh_waves = RefreshWaves(config.refresh_wave_wait, config.refresh_wave_min_decoders)
+        self._preemptions = 0  # so far: a plan checks its decoders' states only after one
 
     # ---- queue management ------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -96,23 +99,40 @@ class Scheduler:
         """Plan a step over the running requests not in ``busy`` (request ids), the oldest
         ``max_decoders`` decoders at most (None: all of them), then prefills and admissions."""
         self._busy, budget, works = busy, self.config.max_tokens_per_step, []
-        decoders = self._decoders(busy)[:max_decoders]
+        decoders, preempted = self._decoders(busy)[:max_decoders], self._preemptions
         decoders, leads = self._plan_leads(decoders, budget)
         fixed = sum(w.end - w.start for w in leads.values())
         slots = self.canvases.slots(decoders)
-        bounds = self._window_bounds(decoders, slots)
+        cache_len = np.fromiter(map(_CACHE_LEN, decoders), np.int64, len(decoders))
+        bounds = self._window_bounds(decoders, slots, cache_len)
         chunks = self._choose_chunks(decoders, (bounds[1] - bounds[0]).tolist(), fixed, budget)
-        windows = self._plan_windows(decoders, slots, bounds, chunks)
-        if any(r.state is not RequestState.DECODING for r in decoders):  # preempted while planning leads
+        lo, hi = self._plan_windows(decoders, slots, bounds, chunks)
+        if self._preemptions != preempted and any(r.state is not RequestState.DECODING for r in decoders):
+            # preempted while planning leads
             kept = [i for i, r in enumerate(decoders) if r.state is RequestState.DECODING]
-            decoders, windows = [decoders[i] for i in kept], [windows[i] for i in kept]
-        works += self.scheme.decode_works(decoders, leads, windows, self._ensure_pages)
-        for r, (lo, hi) in zip(decoders, windows):
-            r.chunk = hi - lo
-        budget -= sum(w.end - w.start for w in works)
+            decoders, lo, hi, slots = [decoders[i] for i in kept], lo[kept], hi[kept], None
+        decode, head = self._decode_works(decoders, leads, slots, cache_len, lo, hi)
+        works += decode
+        for r, chunk in zip(decoders, (hi - lo).tolist()):
+            r.chunk = chunk
+        budget -= sum(map(_END, works)) - sum(map(_START, works))
         budget = self._plan_prefills(works, budget)
         self._admit(works, budget)
-        return StepPlan(works, self.canvases)
+        return StepPlan(works, self.canvases, head)
+
+    def _decode_works(self, decoders: list[Request], leads: dict[str, RequestWork], slots: np.ndarray | None,
+                      cache_len: np.ndarray, lo: np.ndarray,
+                      hi: np.ndarray) -> tuple[list[RequestWork], WorkColumns | None]:
+        """The decoders' works for their windows [lo, hi) [n] after their leads, and the works'
+        columns where the scheme makes them from arrays (every decoder on the canvases: ``slots``;
+        ``cache_len`` [n] their cursors)."""
+        at_once = getattr(self.scheme, "decode_columns", None)
+        if at_once is not None and slots is not None:
+            made = at_once(decoders, leads, slots, cache_len, lo, hi, self.canvases.shift[slots])
+            if made is not None:
+                return made
+        windows = list(zip(lo.tolist(), hi.tolist()))
+        return self.scheme.decode_works(decoders, leads, windows, self._ensure_pages), None
 
     def _decoders(self, busy: frozenset[str]) -> list[Request]:
         """The running requests that decode this step, in order: not in ``busy``, and with a
@@ -167,24 +187,26 @@ class Scheduler:
         ready = [r for r in decoders if r.state is RequestState.DECODING and r.request_id not in ended]
         return ready, out
 
-    def _window_bounds(self, decoders: list[Request], slots: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    def _window_bounds(self, decoders: list[Request], slots: np.ndarray | None,
+                       cache_len: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Each decoder's ``Request.window_bounds`` as two arrays [n]: found on the canvases'
-        columns at once where every decoder lives there (``slots``, ``Canvases.slots``)."""
+        columns at once where every decoder lives there (``slots``, ``Canvases.slots``; its
+        cursors ``cache_len`` [n])."""
         n = len(decoders)
         if slots is not None:
-            return self.canvases.window_bounds(slots, np.fromiter(map(_CACHE_LEN, decoders), np.int64, n))
+            return self.canvases.window_bounds(slots, cache_len)
         lo_end = np.fromiter(itertools.chain.from_iterable(r.window_bounds() for r in decoders), np.int64, 2 * n)
         return lo_end[0::2], lo_end[1::2]
 
     def _plan_windows(self, decoders: list[Request], slots: np.ndarray | None, bounds: tuple[np.ndarray, np.ndarray],
-                      chunks: list[int]) -> list[tuple[int, int]]:
-        """Each decoder's window for its chunk (``Request.plan_window``), vectorised like
-        :meth:`_window_bounds`."""
+                      chunks: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Each decoder's window for its chunk (``Request.plan_window``) as (lo, hi) [n],
+        vectorised like :meth:`_window_bounds`."""
         if slots is None:
-            return [r.plan_window(c) for r, c in zip(decoders, chunks)]
+            lo_hi = np.array([r.plan_window(c) for r, c in zip(decoders, chunks)], np.int64).reshape(-1, 2)
+            return lo_hi[:, 0], lo_hi[:, 1]
         lo, end = bounds
-        hi = self.canvases.plan_windows(slots, lo, end, np.asarray(chunks, np.int64))
-        return list(zip(lo.tolist(), hi.tolist()))
+        return lo, self.canvases.plan_windows(slots, lo, end, np.asarray(chunks, np.int64))
 
     def _choose_chunks(self, decoders: list[Request], caps: list[int], fixed: int, budget: int) -> list[int]:
         """Each decoder's chunk size, in order, within [1, its cap] (``caps``: each one's
@@ -325,6 +347,7 @@ class Scheduler:
         self.allocator.free(r.pages)
         r.pages = []
         r.stats.preemptions += 1
+        self._preemptions += 1
         self.running.remove(r)
         r.transition(RequestState.WAITING)
         self.waiting.appendleft(r)
@@ -337,44 +360,21 @@ class Scheduler:
         launched: learning then overlaps the GPU, and choose(N+1) sees feedback up to N-1.
         ``hold``: return the feedback instead, for :meth:`give_feedback` once the step's
         latency is known (a step whose commits were assumed at launch)."""
-        chunk_sizes, committed, ids, open_positions, refreshed = [], [], [], [], 0
-        for w in plan.works:
-            r = w.request
-            if r.is_done:
-                continue
-            final_end = w.final_end
-            if final_end > r.cache_len:
-                r.cache_len = final_end
-            if w.window is None:
-                if r.cache_len >= self._prefill_target(r):
-                    self._recompute_len.pop(r.request_id, None)
-                    r.transition(RequestState.DECODING)
-                continue
-            lo, hi = w.window
-            if w.refresh:
-                refreshed += w.end - w.start - (hi - lo)
-            chunk_sizes.append(hi - lo)
-            committed.append(r.last_committed)
-            ids.append(r.request_id)
-            still_open = r.open_after  # found by the commit, else counted
-            if still_open < 0:
-                still_open = r.committed[lo:hi].tolist().count(False)  # a list: 3x cheaper than numpy on a few flags
-            open_positions.append(r.last_committed + still_open)
-            if not still_open and final_end < w.end:  # the window finished: store its rows next,
-                # with the positions after it that an earlier, wider window committed (its block's
-                # rest): a window over them would predict nothing
-                end, limit = hi, min(r.geometry.block_end(lo), r.geometry.canvas_end)
-                while end < limit and r.committed[end]:
-                    end += 1
-                r.pending_store = (r.cache_len, end - r.geometry.shift)
-        if not chunk_sizes:
+        done = advance_each(plan, self._prefilled)
+        if not done.chunk_sizes:
             return None
-        feedback = StepFeedback(plan.num_tokens, latency_s, tuple(chunk_sizes), tuple(committed),
-                                tuple(ids), tuple(open_positions), overhead_s, device_s, refresh_rows=refreshed)
+        feedback = StepFeedback(done.rows, latency_s, done.chunk_sizes, done.committed, done.request_ids,
+                                done.open_positions, overhead_s, device_s, refresh_rows=done.refresh_rows)
         if hold:
             return feedback
         self.give_feedback(feedback)
         return None
+
+    def _prefilled(self, r: Request) -> None:
+        """After a prompt piece of ``r``: it decodes once its prefill target is cached."""
+        if r.cache_len >= self._prefill_target(r):
+            self._recompute_len.pop(r.request_id, None)
+            r.transition(RequestState.DECODING)
 
     def give_feedback(self, feedback: StepFeedback, latency_s: float | None = None,
                       overhead_s: float = 0.0, device_s: float = 0.0) -> None:
