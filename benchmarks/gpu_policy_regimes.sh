@@ -21,6 +21,7 @@
 # PROFILE names the surface elastic plans from (a path not there: the engine measures a brief one at
 # start and saves it there, as for an MoE shape, whose stored surface does not exist yet);
 # GRAPH_MAX_TOKENS raises the CUDA-graph limit (MoE shapes: steps past it run eagerly).
+# REFRESH_WAVE_WAIT (dual cache): steps a due refresh may wait for others to fill a step with it.
 # BASE=path/to/an/older/src runs BASE_POLICIES (elastic) of that code too, after this tree's
 # sweep, same card and call: $OUT/<name>_base.json, a before/after of a controller change
 # against this call's single policies.
@@ -52,6 +53,7 @@ sweep() {  # sweep SRC ACCEPTANCE POLICIES OUT_JSON [FLAGS...]: the sweep with t
   timeout "$LIMIT_S" env PYTHONPATH="$src" python -m optimus.cli bench offline --experiments sweep \
     --sweep-shape "$SHAPE" --gen-len "$GEN" --acceptance "$acceptance" --profile "$PROFILE" --concurrency "$CONCURRENCY" \
     --repeats "$REPEATS" --policies "$policies" --out "$out" ${GRAPH_MAX_TOKENS:+--graph-max-tokens "$GRAPH_MAX_TOKENS"} \
+    ${REFRESH_WAVE_WAIT:+--refresh-wave-wait "$REFRESH_WAVE_WAIT"} \
     "$@" 2>&1 | grep -v -i warn
 }
 sweep src "$REGIME" "$POLICIES" "$OUT/$name.json" --drop-below "$DROP_BELOW"

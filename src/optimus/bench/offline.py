@@ -163,12 +163,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--graph-max-tokens", type=int, default=None,
                    help="largest step served from a CUDA graph (default: the engine's); MoE shapes run larger "
                         "steps eagerly, about 1,300 launches a step (docs/models.md)")
+    p.add_argument("--refresh-wave-wait", type=int, default=0,
+                   help="dual and prefix cache: steps a due refresh may wait for others (the scheduler's "
+                        "refresh_wave_wait)")
     p.add_argument("--out", required=True, help="JSON file to write (sections are merged into it)")
 
 
 def run(args: argparse.Namespace) -> int:
     target = Target(device=args.device, tiny=args.tiny, quantization=args.quantization,
-                    graph_max_tokens=args.graph_max_tokens)
+                    graph_max_tokens=args.graph_max_tokens, refresh_wave_wait=args.refresh_wave_wait)
     if target.cuda and not torch.cuda.is_available():
         raise ValueError("bench offline needs a CUDA device (or --device cpu --tiny for a smoke run)")
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
@@ -178,6 +181,7 @@ def run(args: argparse.Namespace) -> int:
     result["torch"] = torch.__version__
     result["quantization"] = args.quantization
     result["graph_max_tokens"] = args.graph_max_tokens
+    result["refresh_wave_wait"] = args.refresh_wave_wait
     for exp in args.experiments.split(","):
         t0 = time.perf_counter()
         print(f"[{exp}]", flush=True)
