@@ -52,9 +52,9 @@ class SchedulerConfig:
                                    "block-causal models are cached exactly and take auto or prefix-block")
     suffix_window: int = _opt(0, "prefix-block on full-attention models: mask positions after the chunk, "
                                  "computed but not stored")
-    refresh_wave_wait: int = _opt(0, "dual and prefix cache: steps a due refresh may wait for others to fill a "
-                                     "step with it (0: refresh at once)")
-    refresh_wave_min_decoders: int = _opt(96, "dual and prefix cache: refreshes wait for a wave only in steps "
+    refresh_wave_wait: int = _opt(2, "dual and prefix cache: steps a due refresh may wait for others about to be "
+                                     "due, to share a step with them (0: refresh at once)")
+    refresh_wave_min_decoders: int = _opt(64, "dual and prefix cache: refreshes wait for a wave only in steps "
                                               "of this many decoders or more")
     elastic_per_request: bool = _opt(True, "elastic: plan each request on its own measured confidence level "
                                            "(off: one shared tau curve for every request)")

@@ -163,9 +163,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--graph-max-tokens", type=int, default=None,
                    help="largest step served from a CUDA graph (default: the engine's); MoE shapes run larger "
                         "steps eagerly, about 1,300 launches a step (docs/models.md)")
-    p.add_argument("--refresh-wave-wait", type=int, default=0,
-                   help="dual and prefix cache: steps a due refresh may wait for others (the scheduler's "
-                        "refresh_wave_wait)")
+    p.add_argument("--refresh-wave-wait", type=int, default=None,
+                   help="dual and prefix cache: steps a due refresh may wait for others (default: the scheduler's "
+                        "refresh_wave_wait; 0: off)")
     p.add_argument("--out", required=True, help="JSON file to write (sections are merged into it)")
 
 

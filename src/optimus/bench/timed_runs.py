@@ -23,7 +23,7 @@ class Target:
     tiny: bool = False
     quantization: str | None = None  # "fp8": projections kept in FP8 (models.fp8.quantize_model)
     graph_max_tokens: int | None = None  # the engines' CUDA-graph limit (None: the engine's default)
-    refresh_wave_wait: int = 0  # dual and prefix cache: steps a due refresh may wait for a fuller step
+    refresh_wave_wait: int | None = None  # dual and prefix cache: steps a due refresh may wait (None: the engine's)
 
     @property
     def cuda(self) -> bool:
@@ -42,7 +42,8 @@ class Target:
             options.setdefault("graph_precapture", True)
         if self.graph_max_tokens is not None:
             options.setdefault("graph_max_tokens", self.graph_max_tokens)
-        options.setdefault("refresh_wave_wait", self.refresh_wave_wait)
+        if self.refresh_wave_wait is not None:
+            options.setdefault("refresh_wave_wait", self.refresh_wave_wait)
         return LLM(loaded=loaded, policy=policy, commit_rule=commit_rule, device=self.device, **options)
 
     def free_memory(self) -> None:

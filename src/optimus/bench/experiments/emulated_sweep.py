@@ -32,14 +32,15 @@ POLICIES = "ar,fixed:2,fixed:4,fixed:8,fixed:16,fixed:32,elastic"
 
 def run_policy(policy: str, loads: list[int], device: LatencyProfile, plan: LatencyProfile, shape: str,
                acceptance: str, prompt_len: int, gen_len: int, repeats: int,
-               graph_max_tokens: int | None = None, refresh_waves: tuple[int, int] = (0, 0)) -> list[dict]:
+               graph_max_tokens: int | None = None, refresh_waves: tuple[int, int] | None = None) -> list[dict]:
     """One engine for ``policy`` through every load: device tok/s of each timed run.
     ``graph_max_tokens``: the GPU run's CUDA-graph limit, so elastic prices steps at their
     graph buckets as it did there (a CPU engine has no graphs)."""
     # the GPU sweep's engine: the default step budget, so prompts are admitted as there
     engine = host_time._engine("elastic" if policy == TRACED else policy, shape, max(loads), prompt_len, gen_len,
                                acceptance, plan, token_budget=SchedulerConfig().max_tokens_per_step)
-    engine.scheduler.refresh_waves.max_wait, engine.scheduler.refresh_waves.min_decoders = refresh_waves
+    if refresh_waves is not None:
+        engine.scheduler.refresh_waves.max_wait, engine.scheduler.refresh_waves.min_decoders = refresh_waves
     trace = DecisionTrace(engine.policy) if policy == TRACED else None
     if graph_max_tokens and hasattr(engine.policy, "buckets"):
         engine.policy.buckets = GraphBuckets(graph_max_tokens)
@@ -98,18 +99,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--graph-max-tokens", type=int, default=None,
                    help="the GPU run's CUDA-graph limit (elastic then prices steps at their buckets, as there)")
-    p.add_argument("--refresh-waves", default="0,0",
+    p.add_argument("--refresh-waves", default=None,
                    help="WAIT,MIN_DECODERS: steps a due cache refresh may wait for a fuller step, from how many "
-                        "decoders on (the scheduler's refresh_wave_wait and refresh_wave_min_decoders)")
+                        "decoders on (default: the scheduler's refresh_wave_wait and refresh_wave_min_decoders; "
+                        "0,0: off)")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     swept = sweep_rows(a.sweep)
     device, plan = profile_from_traces(swept), LatencyProfile.load(a.profile)
     loads = [int(n) for n in a.loads.split(",")] if a.loads else list(dict.fromkeys(r["concurrency"] for r in swept))
     shape = a.shape or swept[0].get("shape", "sdar-8b")
+    waves = tuple(int(x) for x in a.refresh_waves.split(",")) if a.refresh_waves else None
     rows = [row for policy in a.policies.split(",")
             for row in run_policy(policy, loads, device, plan, shape, a.acceptance, a.prompt_len, a.gen_len, a.repeats,
-                                   a.graph_max_tokens, tuple(int(x) for x in a.refresh_waves.split(",")))]
+                                   a.graph_max_tokens, waves)]
     ratios = elastic_vs_best(rows)
     for n, ratio in ratios.items():
         print(f"{n:4d} requests: elastic / best single policy in device time {ratio:.3f}")
