@@ -97,6 +97,13 @@ class WorkColumns:
         return WorkColumns(*(np.concatenate([getattr(self, f), getattr(other, f)]) for f in self.__dataclass_fields__))
 
 
+def rows_of(works: list[RequestWork], columns: WorkColumns | None = None) -> int:
+    """The works' rows, from ``columns`` where those are every work's."""
+    if columns is not None and len(columns) == len(works):
+        return int(columns.end.sum() - columns.start.sum())
+    return sum(w.end - w.start for w in works)
+
+
 @dataclass
 class StepPlan:
     """A step's works, in order. The works never change once planned, so what several stages

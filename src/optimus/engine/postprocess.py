@@ -22,6 +22,7 @@ import torch
 
 from optimus.core.canvases import Canvases
 from optimus.core.outputs import CommitEvent, RequestOutput, TokenIds
+from optimus.core.params import SamplingParams
 from optimus.core.plan import RequestWork, StepPlan
 from optimus.core.request import Request
 from optimus.decoding.rules import GREEDY_TEMPERATURE, CommitRule, RowDraws, keep_many
@@ -147,7 +148,7 @@ class Postprocessor:
         (rules.keep_many), then each request takes its commits."""
         columns = plan.columns()
         try:
-            keep = keep_many(self.commit_rule, conf.float().numpy(), lens, [w.request.params for w in works],
+            keep = keep_many(self.commit_rule, conf.float().numpy(), lens, _ParamsOf(works),
                              (columns.hi - columns.lo)[work_index])
         except Exception:  # noqa: BLE001 - a request's own numerics or parameters: found one by one
             _clear_commit_counts(plan)  # a request that fails commits nothing
@@ -336,3 +337,26 @@ class Postprocessor:
             return self.tokenizer.decode(ids, skip_special_tokens=skip) if self.final_text else ""
         text = self.settler.text(r, ids)
         return hold_back_stop_prefix(text, r.params.stop) if r.params.stop and not r.is_done else text
+
+
+class _ParamsOf(Sequence):
+    """The works' requests' SamplingParams [n], listed at the first read (a replayed acceptance
+    never reads them: a list of 256 would be built for nothing every step)."""
+
+    def __init__(self, works: list[RequestWork]) -> None:
+        self.works = works
+        self._params: list[SamplingParams] | None = None
+
+    def _listed(self) -> list[SamplingParams]:
+        if self._params is None:
+            self._params = [w.request.params for w in self.works]
+        return self._params
+
+    def __len__(self) -> int:
+        return len(self.works)
+
+    def __getitem__(self, i):
+        return self._listed()[i]
+
+    def __iter__(self):
+        return iter(self._listed())

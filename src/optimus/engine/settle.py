@@ -31,8 +31,6 @@ from optimus.scheduler.scheduler import Scheduler
 _IS_DONE = operator.attrgetter("is_done")
 _FRONTIER = operator.attrgetter("frontier")
 _OUTPUT_LEN = operator.attrgetter("output_len")
-_MAX_TOKENS = operator.attrgetter("params.max_tokens")
-_STOP_STRINGS = operator.attrgetter("params.stop")
 _STOP_IDS = operator.attrgetter("stop_ids")
 
 
@@ -86,7 +84,7 @@ class Settler:
         sets = list(map(_STOP_IDS, requests))
         if None in sets:
             sets = [self._stop_ids(r) for r in requests]
-        return frozenset().union(*sets)
+        return frozenset().union(*set(sets))  # requests alike share equal sets: each joined once
 
     def _stop_ids(self, r: Request) -> frozenset[int]:
         """The ids that end ``r``'s answer (found once)."""
@@ -172,16 +170,14 @@ def scan_answers(canvases: Canvases, slots: np.ndarray, requests: list, stop_ids
     frontier = np.fromiter(map(_FRONTIER, requests), np.int64, n)
     start, end, base = canvases.canvas_start[slots], canvases.canvas_end[slots], canvases.base[slots]
     span = int(canvases.block_size[slots].max(initial=0)) + 1
-    at = (start + frontier)[:, None] + np.arange(span)  # [n, span] absolute positions
-    inside = at < end[:, None]
-    flags = inside & canvases.committed[base[:, None] + np.minimum(at, (end - 1)[:, None])]
+    flags = _committed_ahead(canvases, base + start + frontier, end - start - frontier, span)
     found = ~flags.all(1)
-    max_tokens = np.fromiter(map(_MAX_TOKENS, requests), np.int64, n)
+    max_tokens = np.array([r.params.max_tokens for r in requests], np.int64)  # faster than a dotted attrgetter
     length = np.minimum(frontier + flags.argmin(1), max_tokens)
     reported = np.fromiter(map(_OUTPUT_LEN, requests), np.int64, n)
     grew = found & (length > reported)
     quiet = grew & (length < max_tokens)
-    quiet &= ~np.fromiter(map(bool, map(_STOP_STRINGS, requests)), bool, n)
+    quiet[[i for i, r in enumerate(requests) if r.params.stop]] = False
     if stop_ids and quiet.any():
         rows = np.flatnonzero(quiet)
         news = length[rows] - reported[rows]  # >= 1 each
@@ -191,3 +187,15 @@ def scan_answers(canvases: Canvases, slots: np.ndarray, requests: list, stop_ids
         hit = np.isin(tokens, np.fromiter(stop_ids, np.int64, len(stop_ids)))
         quiet[owner[hit]] = False
     return AnswerScan(found, reported, length, grew, quiet)
+
+
+def _committed_ahead(canvases: Canvases, first: np.ndarray, room: np.ndarray, span: int) -> np.ndarray:
+    """[n, span] bool: the committed flags of ``span`` positions from each flat index ``first``
+    [n] of :attr:`Canvases.committed`, False from the ``room`` [n]-th on (past the canvas)."""
+    flat = canvases.committed
+    inside = np.arange(span) < room[:, None]
+    if first.size and first.max() + span <= flat.size:  # one gather of whole rows of a strided view
+        step = flat.strides[0]  # row i of the view: flat[i:i + span] (sliding_window_view, without its checks)
+        return np.ndarray((flat.size - span + 1, span), flat.dtype, flat, 0, (step, step))[first] & inside
+    at = first[:, None] + np.minimum(np.arange(span), np.maximum(room - 1, 0)[:, None])
+    return flat[np.minimum(at, flat.size - 1)] & inside

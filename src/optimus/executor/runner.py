@@ -95,13 +95,7 @@ class PageTables:
     def build(self, pages: list[list[int]]) -> np.ndarray:
         """-> the table (not to be written to: the next step copies rows from it)."""
         counts = np.fromiter(map(len, pages), np.int64, len(pages))
-        table = np.zeros((len(pages), max(int(counts.max(initial=0)), 1)), np.int64)
-        prev = self._previous_rows(pages)
-        kept = np.flatnonzero(prev >= 0)
-        had = np.zeros(len(pages), np.int64)  # leading pages already in the previous table
-        had[kept] = self._counts[prev[kept]]
-        width = min(table.shape[1], self._table.shape[1])  # the previous rows hold zeros past it
-        table[kept, :width] = self._table[prev[kept], :width]
+        table, had = self._previous_table(pages, max(int(counts.max(initial=0)), 1))
         grown = np.flatnonzero(counts > had)
         if grown.size:
             tails = [pages[i][h:] for i, h in zip(grown.tolist(), had[grown].tolist())]
@@ -113,13 +107,21 @@ class PageTables:
         self._lists, self._counts, self._table = pages, counts, table
         return table
 
-    def _previous_rows(self, pages: list[list[int]]) -> np.ndarray:
-        """[n] int64: the row of each list in the previous table, -1 where it had none."""
-        old = self._lists
-        if len(old) == len(pages) and all(map(operator.is_, old, pages)):
-            return np.arange(len(pages))  # the usual step: the same requests in the same order
-        row_of = dict(zip(map(id, old), range(len(old))))
-        return np.fromiter(map(row_of.get, map(id, pages), itertools.repeat(-1)), np.int64, len(pages))
+    def _previous_table(self, pages: list[list[int]], width: int) -> tuple[np.ndarray, np.ndarray]:
+        """(a new table [n, width] holding each list's row of the previous table, zeros for a
+        list it did not have; [n] int64 the leading pages of each list it holds so)."""
+        old, table = self._table, np.zeros((len(pages), width), np.int64)
+        common = min(width, old.shape[1])  # the previous rows hold zeros past it
+        if len(self._lists) == len(pages) and all(map(operator.is_, self._lists, pages)):
+            table[:, :common] = old[:, :common]  # the usual step: the same requests in the same order
+            return table, self._counts
+        row_of = dict(zip(map(id, self._lists), range(len(self._lists))))
+        prev = np.fromiter(map(row_of.get, map(id, pages), itertools.repeat(-1)), np.int64, len(pages))
+        kept = np.flatnonzero(prev >= 0)
+        had = np.zeros(len(pages), np.int64)
+        had[kept] = self._counts[prev[kept]]
+        table[kept, :common] = old[prev[kept], :common]
+        return table, had
 
 
 _REQUEST_ID = operator.attrgetter("request_id")

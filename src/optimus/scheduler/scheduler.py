@@ -30,14 +30,13 @@ from optimus.scheduler.views import ahead_view, refresh_rows, step_view, work_le
 from optimus.policy import ChunkPolicy, StepFeedback
 from optimus.core.canvases import Canvases
 from optimus.core.errors import QueueFullError
-from optimus.core.plan import RequestWork, StepPlan, WorkColumns
+from optimus.core.plan import RequestWork, StepPlan, WorkColumns, rows_of
 from optimus.core.request import Request, RequestState
 from optimus.models.spec import AttentionKind
 
 
 _CACHE_LEN = operator.attrgetter("cache_len")
 _STATE = operator.attrgetter("state")
-_START, _END = operator.attrgetter("start"), operator.attrgetter("end")
 
 
 class Scheduler:
@@ -115,7 +114,7 @@ class Scheduler:
         works += decode
         for r, chunk in zip(decoders, (hi - lo).tolist()):
             r.chunk = chunk
-        budget -= sum(map(_END, works)) - sum(map(_START, works))
+        budget -= rows_of(works, head)
         budget = self._plan_prefills(works, budget)
         self._admit(works, budget)
         return StepPlan(works, self.canvases, head)
@@ -175,7 +174,7 @@ class Scheduler:
     def _plan_stores(self, decoders: list[Request]) -> tuple[list[Request], dict[str, RequestWork]]:
         """:meth:`_plan_leads` where the only lead is a finished window's store: the requests
         with one store it (pages reserved, may preempt); the rest run their window alone."""
-        out, ended = {}, set()
+        out, ended, preempted = {}, set(), self._preemptions
         for r in [r for r in decoders if r.pending_store is not None]:
             if r.state is not RequestState.DECODING:
                 continue  # preempted by an earlier store
@@ -184,8 +183,9 @@ class Scheduler:
                 ended.add(r.request_id)  # its last window, committed by a step still in flight: it ends there
             elif lead is not None:
                 out[r.request_id] = lead
-        ready = [r for r in decoders if r.state is RequestState.DECODING and r.request_id not in ended]
-        return ready, out
+        if not ended and self._preemptions == preempted:
+            return decoders, out  # all still decoding (every decoder was; only a preemption changes that)
+        return [r for r in decoders if r.state is RequestState.DECODING and r.request_id not in ended], out
 
     def _window_bounds(self, decoders: list[Request], slots: np.ndarray | None,
                        cache_len: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
