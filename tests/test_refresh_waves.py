@@ -58,6 +58,13 @@ def test_the_wait_restarts_once_a_request_has_refreshed():
     assert waves.held(decoders, _rows({"0"}), budget=1000) == {"0"}  # due anew: a fresh wait
 
 
+def test_steps_below_min_decoders_do_not_count_as_waiting():
+    waves, few, many = RefreshWaves(max_wait=2, min_decoders=3), _decoders(2), _decoders(3)
+    assert [waves.held(many, _rows({"0"}), budget=1000) for _ in range(2)] == [{"0"}, {"0"}]
+    assert waves.held(few, _rows({"0"}), budget=1000) == frozenset()  # too few decoders: it refreshes now
+    assert waves.held(many, _rows({"0"}), budget=1000) == {"0"}  # due again later: a fresh wait
+
+
 PROMPTS = [[5, 9, 13], [3] * 11, list(range(20, 37)), [7]]
 
 

@@ -7,27 +7,17 @@ what the whole loop body does."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from optimus.core.plan import StepPlan
 from optimus.core.request import Request
+from optimus.policy import StepFeedback
 
 
-@dataclass(frozen=True)
-class StepOutcome:
-    """Per decoding request of the step, in work order (StepFeedback's fields)."""
-
-    rows: int  # rows the step ran (StepPlan.num_tokens)
-    chunk_sizes: tuple[int, ...]
-    committed: tuple[int, ...]
-    request_ids: tuple[str, ...]
-    open_positions: tuple[int, ...]
-    refresh_rows: int  # rows the step's refreshes ran beyond their windows
-
-
-def advance_each(plan: StepPlan, prefilled: Callable[[Request], None]) -> StepOutcome:
+def advance_each(plan: StepPlan, prefilled: Callable[[Request], None], latency_s: float, overhead_s: float,
+                 device_s: float) -> StepFeedback | None:
     """Move the cursors request by request; ``prefilled(r)`` after each prompt piece (the
-    scheduler's check whether ``r``'s prefill is complete)."""
+    scheduler's check whether ``r``'s prefill is complete). -> the step's feedback for the
+    policy, with its timings (None: no request decoded)."""
     chunk_sizes, committed, ids, open_positions, refreshed = [], [], [], [], 0
     for w in plan.works:
         r = w.request
@@ -56,5 +46,7 @@ def advance_each(plan: StepPlan, prefilled: Callable[[Request], None]) -> StepOu
             while end < limit and r.committed[end]:
                 end += 1
             r.pending_store = (r.cache_len, end - r.geometry.shift)
-    return StepOutcome(plan.num_tokens, tuple(chunk_sizes), tuple(committed), tuple(ids), tuple(open_positions),
-                       refreshed)
+    if not chunk_sizes:
+        return None
+    return StepFeedback(plan.num_tokens, latency_s, tuple(chunk_sizes), tuple(committed), tuple(ids),
+                        tuple(open_positions), overhead_s, device_s, refresh_rows=refreshed)

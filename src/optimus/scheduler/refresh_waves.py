@@ -31,6 +31,7 @@ class RefreshWaves:
     def held(self, decoders: Sequence[Request], lead_rows: Callable[[Request], int], budget: int) -> frozenset[str]:
         """Ids of the decoders whose due refresh waits this step (called once per planned step)."""
         if self.max_wait <= 0 or len(decoders) < self.min_decoders:
+            self._due_since.clear()  # a wait counts only the steps it could be held in
             return frozenset()
         self._step += 1
         due = {r.request_id: rows for r in decoders if (rows := lead_rows(r))}

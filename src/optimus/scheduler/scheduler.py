@@ -360,11 +360,9 @@ class Scheduler:
         launched: learning then overlaps the GPU, and choose(N+1) sees feedback up to N-1.
         ``hold``: return the feedback instead, for :meth:`give_feedback` once the step's
         latency is known (a step whose commits were assumed at launch)."""
-        done = advance_each(plan, self._prefilled)
-        if not done.chunk_sizes:
+        feedback = advance_each(plan, self._prefilled, latency_s, overhead_s, device_s)
+        if feedback is None:
             return None
-        feedback = StepFeedback(done.rows, latency_s, done.chunk_sizes, done.committed, done.request_ids,
-                                done.open_positions, overhead_s, device_s, refresh_rows=done.refresh_rows)
         if hold:
             return feedback
         self.give_feedback(feedback)
