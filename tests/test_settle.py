@@ -94,6 +94,8 @@ def test_a_scan_finds_each_frontier_and_sends_every_possible_finish_to_the_exact
     canvases.tokens[60 + 4 + 4] = 99  # request 3's answer position 4
     requests = [_Request(0, 0, 16), _Request(0, 0, 16), _Request(8, 8, 16), _Request(2, 2, 16),
                 _Request(0, 0, 16, stop=("x",))]
+    for i, r in enumerate(requests):  # the columns the finish checks read, as Canvases.adopt writes them
+        canvases.max_tokens[i], canvases.stop_strings[i] = r.params.max_tokens, bool(r.params.stop)
     scan = scan_answers(canvases, np.array(slots), requests, frozenset({99}))
     assert scan.found.all()
     assert scan.length.tolist() == [3, 3, 16, 6, 2]

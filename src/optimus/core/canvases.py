@@ -3,8 +3,8 @@ positions of all its requests with one indexed operation each instead of one cal
 
 A request the scheduler holds is *adopted*: its ``tokens`` and ``committed`` become views of a
 span of :attr:`Canvases.tokens` / :attr:`Canvases.committed`, and ``Request.slot`` indexes the
-per-request columns here (``base``, the span's start, and the frozen geometry the step plan
-reads). Absolute position ``p`` of the request in slot ``s`` lives at ``base[s] + p``.
+per-request columns here (``base``, the span's start, the frozen geometry the step plan
+reads, and the parameters the finish checks read). Absolute position ``p`` of the request in slot ``s`` lives at ``base[s] + p``.
 
 Invariants: an adopted request's views are exactly ``tokens[base[s]:base[s] + canvas_end]``
 (re-pointed whenever the arrays are compacted or grown); a request is adopted at most once and
@@ -24,8 +24,11 @@ if TYPE_CHECKING:
     from optimus.core.request import Request
 
 _SLOT = operator.attrgetter("slot")
-# Per-slot columns: the span's start and the geometry the step plan reads (core.request.Geometry).
-COLUMNS = ("base", "canvas_start", "canvas_end", "block_size", "block_origin", "shift")
+# Per-slot columns: the span's start, the geometry the step plan reads (core.request.Geometry),
+# and what the finish checks read of the request's (frozen) parameters: its max_tokens, and 1
+# where it has stop strings.
+COLUMNS = ("base", "canvas_start", "canvas_end", "block_size", "block_origin", "shift", "max_tokens",
+           "stop_strings")
 
 
 class Canvases:
@@ -60,7 +63,9 @@ class Canvases:
         self.committed[base:base + n] = r.committed
         self._end += n
         self._used += n
-        for name, value in zip(COLUMNS, (base, g.canvas_start, n, g.block_size, g.block_origin, g.shift)):
+        values = (base, g.canvas_start, n, g.block_size, g.block_origin, g.shift, r.params.max_tokens,
+                  bool(r.params.stop))
+        for name, value in zip(COLUMNS, values):
             getattr(self, name)[slot] = value
         self._live[slot] = r
         r.slot = slot

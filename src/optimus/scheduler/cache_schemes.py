@@ -29,7 +29,7 @@ from typing import Callable, Protocol
 import numpy as np
 
 from optimus.core.plan import RequestWork, WorkColumns
-from optimus.core.request import Request
+from optimus.core.request import Request, RequestState
 from optimus.models.spec import AttentionKind
 
 SCHEMES = ("auto", "dual-cache", "prefix-cache", "prefix-block")
@@ -58,6 +58,9 @@ class CacheScheme(Protocol):
         """The rows r must run before its window this step (a stored window, a refresh),
         with their pages reserved (may preempt); None if there are none or pages are short."""
         ...
+
+    # A scheme that ``prefills`` has stores as its only leads, and plans them at once:
+    # ``store_leads(requests, ensure, page_tokens) -> {request id: lead}`` (PrefixBlock).
 
     def decode_work(self, r: Request, lead: RequestWork | None, window: tuple[int, int],
                     ensure: EnsurePages) -> RequestWork:
@@ -91,11 +94,15 @@ def _store(r: Request, ensure: EnsurePages) -> RequestWork | None:
     a, b = r.pending_store
     if not ensure(r, b, True):
         return None
-    # The stored rows count as cached from here on, so the next window (and the policy's
-    # view of it) starts after them.
+    return _stored(r, a, b)
+
+
+def _stored(r: Request, a: int, b: int) -> RequestWork:
+    """r's store of rows [a, b), its pages reserved. The stored rows count as cached from here
+    on, so the next window (and the policy's view of it) starts after them."""
     r.cache_len, r.pending_store = b, None
     r.stored_ends.append(b)
-    return RequestWork(r, a, b, b, [0] * (b - a), None)
+    return RequestWork(r, a, b, b, None, None)  # groups None: every row group 0
 
 
 @dataclass(frozen=True)
@@ -115,6 +122,20 @@ class PrefixBlock:
 
     def lead_work(self, r: Request, ensure: EnsurePages) -> RequestWork | None:
         return _store(r, ensure) if r.pending_store is not None else None
+
+    def store_leads(self, requests: list[Request], ensure: EnsurePages, page_tokens: int) -> dict[str, RequestWork]:
+        """:meth:`lead_work` of each of ``requests`` (each with a pending store) that still
+        decodes when its turn comes (an earlier one's store may preempt it), by request id; one
+        whose pages are short is left out. Pages that already hold the store (``page_tokens``
+        a page) are not asked for: most stores stay in the pages their request holds."""
+        out = {}
+        for r in requests:
+            if r.state is not RequestState.DECODING:
+                continue
+            a, b = r.pending_store
+            if len(r.pages) * page_tokens >= b or ensure(r, b, True):
+                out[r.request_id] = _stored(r, a, b)
+        return out
 
     def decode_work(self, r: Request, lead: RequestWork | None, window: tuple[int, int],
                     ensure: EnsurePages) -> RequestWork:

@@ -174,18 +174,18 @@ class Scheduler:
     def _plan_stores(self, decoders: list[Request]) -> tuple[list[Request], dict[str, RequestWork]]:
         """:meth:`_plan_leads` where the only lead is a finished window's store: the requests
         with one store it (pages reserved, may preempt); the rest run their window alone."""
-        out, ended, preempted = {}, set(), self._preemptions
-        for r in [r for r in decoders if r.pending_store is not None]:
-            if r.state is not RequestState.DECODING:
-                continue  # preempted by an earlier store
-            lead = self.scheme.lead_work(r, self._ensure_pages)
-            if r.window_bounds()[0] >= r.geometry.canvas_end:
-                ended.add(r.request_id)  # its last window, committed by a step still in flight: it ends there
-            elif lead is not None:
-                out[r.request_id] = lead
+        preempted = self._preemptions
+        out = self.scheme.store_leads([r for r in decoders if r.pending_store is not None], self._ensure_pages,
+                                      self.allocator.page_size)
+        # A store up to the canvas end was the last window, committed by a step still in flight:
+        # the request ends there (its next window would start at the canvas end).
+        ended = [rid for rid, w in out.items() if w.end + w.request.geometry.shift >= w.request.geometry.canvas_end]
+        for rid in ended:
+            del out[rid]
         if not ended and self._preemptions == preempted:
             return decoders, out  # all still decoding (every decoder was; only a preemption changes that)
-        return [r for r in decoders if r.state is RequestState.DECODING and r.request_id not in ended], out
+        gone = set(ended)
+        return [r for r in decoders if r.state is RequestState.DECODING and r.request_id not in gone], out
 
     def _window_bounds(self, decoders: list[Request], slots: np.ndarray | None,
                        cache_len: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
