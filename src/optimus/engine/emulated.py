@@ -4,9 +4,10 @@ a latency profile says, while the host runs on. Benchmarks attach one to an engi
 
 ``EmulatedDevice.attach(engine)`` replaces the runner's forward and greedy pick: a forward
 enqueues the step (it starts when the device finishes the step before, or now) and returns at
-once; the pick's ``read`` sleeps until the step's end (sleeping holds no interpreter lock, like
-waiting on a CUDA event); the engine's device timer reads the emulated start and end. The
-engine then overlaps host work with "device" work exactly as it would on a GPU, so a CPU can
+once; the pick's ``read`` sleeps until just before the step's end and spins the rest (sleeping
+holds no interpreter lock, like waiting on a CUDA event; the short spin keeps a sleep's
+overshoot out); the engine's device timer reads the emulated start and end. The engine then
+overlaps host work with "device" work exactly as it would on a GPU, so a CPU can
 measure how much of the host's work a schedule hides: wall time against device busy time.
 The tokens are random, as in ``optimus bench host``; every request must be greedy.
 
@@ -25,6 +26,11 @@ from optimus.executor.runner import GreedyPick
 from optimus.policy.elastic.latency import LatencyProfile
 
 
+# The last part of a wait spins: a sleep overshoots its end by about 0.1 ms (at times by
+# milliseconds) on a shared machine, which a wait on a CUDA event does not.
+SPIN_S = 3e-4
+
+
 class _EmulatedPick(GreedyPick):
     def __init__(self, tokens: torch.Tensor, conf: torch.Tensor, ready_at: float) -> None:
         super().__init__(tokens, conf)
@@ -32,8 +38,10 @@ class _EmulatedPick(GreedyPick):
 
     def read(self) -> tuple[torch.Tensor, torch.Tensor]:
         wait = self.ready_at - time.perf_counter()
-        if wait > 0:
-            time.sleep(wait)
+        if wait > SPIN_S:
+            time.sleep(wait - SPIN_S)
+        while time.perf_counter() < self.ready_at:
+            pass
         return super().read()
 
 
