@@ -258,6 +258,12 @@ def host_time(d: dict) -> list:
     return rows
 
 
+def host_interleaved(d: dict) -> list:
+    return [(f"{r['policy']}, {r['requests']} requests: critical host ms against {d['base']}, before / now (median "
+             f"ratio of paired steps)", f"{r['critical_ms_before']:.2f} / {r['critical_ms_now']:.2f} "
+             f"({r['paired_ratio']:.3f})") for r in d.get("rows", [])]
+
+
 def fp8_speed(d: dict) -> list:
     rows = []
     off = d.get("offline", {})
@@ -681,6 +687,12 @@ BENCHMARKS = [
      "alone; the named phases are part of it; critical = all but what runs while the device computes the step "
      "just launched (the outputs and the policy's learning; with causal overlap, the whole completion of the step "
      "before).", host_time),
+    ("host_interleaved", "Host work per step against an earlier commit, step by step",
+     "`python benchmarks/host_interleaved.py --base COMMIT`: `optimus bench host`'s setup (SDAR-8B geometry, prompt "
+     "and output 256, `real-8b` replayed) for this tree and an earlier commit in one process, their steps in turn; "
+     "each pair's critical host time compared (the same step of the same run on both), the median ratio reported. "
+     "Immune to the machine's drift; the absolute times run higher than a single engine's (two share the caches).",
+     host_interleaved),
     ("fp8_speed", "FP8 weights against bf16",
      "`benchmarks/gpu_fp8.sh`: the FP8 linear kernel per 8B projection shape against cuBLAS bf16, and "
      "`optimus bench offline --experiments schedule4,ar` in bf16 and with `--quantization fp8` (random weights, "
