@@ -4,7 +4,8 @@ positions of all its requests with one indexed operation each instead of one cal
 A request the scheduler holds is *adopted*: its ``tokens`` and ``committed`` become views of a
 span of :attr:`Canvases.tokens` / :attr:`Canvases.committed`, and ``Request.slot`` indexes the
 per-request columns here (``base``, the span's start, the frozen geometry the step plan
-reads, and the parameters the finish checks read). Absolute position ``p`` of the request in slot ``s`` lives at ``base[s] + p``.
+reads, and the parameters the finish checks read). Absolute position ``p`` of the request in
+slot ``s`` lives at ``base[s] + p``.
 
 Invariants: an adopted request's views are exactly ``tokens[base[s]:base[s] + canvas_end]``
 (re-pointed whenever the arrays are compacted or grown); a request is adopted at most once and
