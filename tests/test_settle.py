@@ -10,11 +10,14 @@ from optimus.core.params import SamplingParams
 from optimus.engine import settle
 from optimus.engine.settle import scan_answers
 from optimus.engine.llm import LLM
+from optimus.policy.elastic.controller import ElasticPolicy
+from optimus.policy.elastic.host_share import StepGaps
+from optimus.policy.elastic.latency import LatencyProfile
 
 
-def _run(loaded, prompts, params, policy):
+def _run(loaded, prompts, params, policy, **options):
     """Every output of every step, as (request id, ids, finished, reason, text), and the finals."""
-    llm = LLM(loaded=loaded, policy=policy, device="cpu", num_pages=256, page_size=4, block_size=8)
+    llm = LLM(loaded=loaded, policy=policy, device="cpu", num_pages=256, page_size=4, block_size=8, **options)
     engine = llm.engine
     engine.post.stream_text = True
     for i, (prompt, p) in enumerate(zip(prompts, params)):
@@ -26,13 +29,24 @@ def _run(loaded, prompts, params, policy):
     return steps
 
 
+def _timing_blind(monkeypatch, tmp_path) -> dict:
+    """Elastic planning on a fixed curve and learning nothing from step times: settling one by
+    one is slower, and a run's chunk sizes must not follow its timing (they would decide other
+    tokens). Its choices still follow the commits, so they mix sizes. -> the engine options."""
+    monkeypatch.setattr(ElasticPolicy, "_observe_latency", lambda self, feedback, prompts: None)
+    monkeypatch.setattr(StepGaps, "observe", lambda self, gap_s, overlapped: None)
+    path = LatencyProfile.synthetic(0.002, 64, 3e-5).save(tmp_path / "profile.json")
+    return {"profile_path": str(path)}
+
+
 @pytest.mark.parametrize("policy", ["fixed:3", "fixed:8", "elastic"])
-def test_settling_in_arrays_equals_settling_each_request(monkeypatch, policy):
+def test_settling_in_arrays_equals_settling_each_request(monkeypatch, tmp_path, policy):
+    options = _timing_blind(monkeypatch, tmp_path) if policy == "elastic" else {}
     loaded = tiny_loaded("sdar")
     rng = np.random.default_rng(0)
     prompts = [rng.integers(1, 200, int(rng.integers(2, 19))).tolist() for _ in range(12)]
     free = [SamplingParams(max_tokens=int(m), ignore_eos=True) for m in rng.integers(3, 20, 12)]
-    finals = [s[-1] for s in _finals(_run(loaded, prompts, free, policy))]
+    finals = [s[-1] for s in _finals(_run(loaded, prompts, free, policy, **options))]
     params = []
     for i, (p, (_, answer, _, _, text)) in enumerate(zip(free, finals)):
         kind = i % 6
@@ -47,10 +61,10 @@ def test_settling_in_arrays_equals_settling_each_request(monkeypatch, policy):
             params.append(SamplingParams(max_tokens=p.max_tokens))
         else:
             params.append(p)
-    in_arrays = _run(loaded, prompts, params, policy)
+    in_arrays = _run(loaded, prompts, params, policy, **options)
     monkeypatch.setattr(settle, "scan_answers", _unused)
     monkeypatch.setattr(Canvases, "slots", staticmethod(lambda requests: None))  # one request at a time
-    one_by_one = _run(loaded, prompts, params, policy)
+    one_by_one = _run(loaded, prompts, params, policy, **options)
     assert in_arrays == one_by_one
     reasons = {f[3] for f in (s[-1] for s in _finals(in_arrays))}
     assert {"stop", "length"} <= reasons  # the stop paths were taken
