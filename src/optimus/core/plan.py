@@ -114,6 +114,7 @@ class StepPlan:
     # The columns of the first works, where the planner made those works from arrays (the rest
     # are read off the works when first needed).
     head_columns: WorkColumns | None = None
+    head_slots: np.ndarray | None = None  # the first works' requests' canvas slots, where the planner has them
     _columns: WorkColumns | None = field(default=None, init=False, repr=False, compare=False)
     _requests: list[Request] | None = field(default=None, init=False, repr=False, compare=False)
     _slots: tuple[np.ndarray | None] | None = field(default=None, init=False, repr=False, compare=False)
@@ -129,7 +130,11 @@ class StepPlan:
         adopted there, or no canvases). Found at the first call: valid while none of the requests
         has ended (an ended request's slot may be given to another)."""
         if self._slots is None:
-            held = self.canvases.slots(self.requests()) if self.canvases is not None else None
+            head = self.head_slots
+            if head is not None and len(head) == len(self.works):
+                held = head
+            else:
+                held = self.canvases.slots(self.requests()) if self.canvases is not None else None
             self._slots = (held,)
         return self._slots[0]
 
@@ -149,4 +154,5 @@ class StepPlan:
 
     @property
     def num_tokens(self) -> int:
-        return sum(w.end - w.start for w in self.works)
+        """The step's rows, from the works' columns (found once, shared with the batch build)."""
+        return rows_of(self.works, self.columns())

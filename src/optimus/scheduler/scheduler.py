@@ -98,10 +98,12 @@ class Scheduler:
         """Plan a step over the running requests not in ``busy`` (request ids), the oldest
         ``max_decoders`` decoders at most (None: all of them), then prefills and admissions."""
         self._busy, budget, works = busy, self.config.max_tokens_per_step, []
-        decoders, preempted = self._decoders(busy)[:max_decoders], self._preemptions
-        decoders, leads = self._plan_leads(decoders, budget)
+        found, held = self._decoders(busy)
+        found, preempted = found[:max_decoders], self._preemptions
+        decoders, leads = self._plan_leads(found, budget)
         fixed = sum(w.end - w.start for w in leads.values())
-        slots = self.canvases.slots(decoders)
+        # where the leads ended no one, the decoders' slots were found with them
+        slots = held[:len(found)] if held is not None and decoders is found else self.canvases.slots(decoders)
         cache_len = np.fromiter(map(_CACHE_LEN, decoders), np.int64, len(decoders))
         bounds = self._window_bounds(decoders, slots, cache_len)
         chunks = self._choose_chunks(decoders, (bounds[1] - bounds[0]).tolist(), fixed, budget)
@@ -117,7 +119,7 @@ class Scheduler:
         budget -= rows_of(works, head)
         budget = self._plan_prefills(works, budget)
         self._admit(works, budget)
-        return StepPlan(works, self.canvases, head)
+        return StepPlan(works, self.canvases, head, slots)
 
     def _decode_works(self, decoders: list[Request], leads: dict[str, RequestWork], slots: np.ndarray | None,
                       cache_len: np.ndarray, lo: np.ndarray,
@@ -133,19 +135,21 @@ class Scheduler:
         windows = list(zip(lo.tolist(), hi.tolist()))
         return self.scheme.decode_works(decoders, leads, windows, self._ensure_pages), None
 
-    def _decoders(self, busy: frozenset[str]) -> list[Request]:
+    def _decoders(self, busy: frozenset[str]) -> tuple[list[Request], np.ndarray | None]:
         """The running requests that decode this step, in order: not in ``busy``, and with a
-        position left to predict (one with none only awaits its in-flight step's tokens).
-        Found on the canvases' columns where every running request lives there."""
+        position left to predict (one with none only awaits its in-flight step's tokens); and
+        their canvas slots. Found on the canvases' columns where every running request lives
+        there (else no slots)."""
         running = self.running
         slots = self.canvases.slots(running) if running and not busy else None
         if slots is None:
             return [r for r in running if r.state is RequestState.DECODING and r.request_id not in busy
-                    and r.window_bounds()[0] < r.geometry.canvas_end]
+                    and r.window_bounds()[0] < r.geometry.canvas_end], None
         lo, _ = self.canvases.window_bounds(slots, np.fromiter(map(_CACHE_LEN, running), np.int64, len(running)))
         decoding = np.fromiter(map(operator.is_, map(_STATE, running), itertools.repeat(RequestState.DECODING)),
                                bool, len(running))
-        return list(itertools.compress(running, (decoding & (lo < self.canvases.canvas_end[slots])).tolist()))
+        keep = decoding & (lo < self.canvases.canvas_end[slots])
+        return list(itertools.compress(running, keep.tolist())), slots[keep]
 
     def _plan_leads(self, decoders: list[Request], budget: int) -> tuple[list[Request], dict[str, RequestWork]]:
         """Reserve pages for the rows each decoder runs before its window (a finished window's
